@@ -1,0 +1,67 @@
+# syntax=docker/dockerfile:1
+# ZKEB API image: uv builds a locked virtualenv, a slim runtime runs `zkeb serve` (granian).
+#   docker build --build-arg VERSION=0.1.0 --build-arg COMMIT="$(git rev-parse HEAD)" \
+#     --build-arg BUILD_DATE="$(date -u +%Y-%m-%dT%H:%M:%SZ)" -t zkeb-api .
+# Base images are pinned by tag; Dependabot/Renovate can add digests (docs/operations.md).
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+FROM ghcr.io/astral-sh/uv:0.13.9 AS uv
+
+# ---------------------------------------------------------------------------
+FROM ${PYTHON_IMAGE} AS builder
+ENV UV_COMPILE_BYTECODE=1 \
+    UV_LINK_MODE=copy \
+    UV_NO_CACHE=1 \
+    UV_PYTHON_DOWNLOADS=never \
+    UV_PROJECT_ENVIRONMENT=/app/.venv
+COPY --from=uv /uv /usr/local/bin/uv
+WORKDIR /src
+# Dependencies first: this layer is reused until pyproject.toml or uv.lock change.
+COPY pyproject.toml uv.lock ./
+RUN uv sync --locked --no-dev --no-editable --no-install-project
+# Then the project itself, installed as a wheel (no source tree in the runtime).
+COPY README.md ./
+COPY src ./src
+RUN uv sync --locked --no-dev --no-editable
+
+# ---------------------------------------------------------------------------
+FROM ${PYTHON_IMAGE} AS runtime
+ARG VERSION=0.0.0+unknown
+ARG COMMIT=unknown
+ARG BUILD_DATE=unknown
+LABEL org.opencontainers.image.title="zkeb-api" \
+      org.opencontainers.image.description="ZKEB zero-knowledge encrypted backup server" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${COMMIT}" \
+      org.opencontainers.image.created="${BUILD_DATE}"
+
+RUN groupadd --system --gid 10001 zkeb \
+    && useradd --system --uid 10001 --gid zkeb --home-dir /app --no-create-home \
+       --shell /usr/sbin/nologin zkeb \
+    && install -d -o zkeb -g zkeb -m 0750 /var/lib/zkeb
+
+ENV PATH="/app/.venv/bin:${PATH}" \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PORT=3000 \
+    ZKEB_ENV=production \
+    ZKEB_DATA_DIR=/var/lib/zkeb \
+    ZKEB_VERSION=${VERSION} \
+    ZKEB_COMMIT=${COMMIT} \
+    ZKEB_BUILD_DATE=${BUILD_DATE}
+
+WORKDIR /app
+# Root-owned and read-only for the service user: the code cannot be rewritten at runtime.
+COPY --from=builder /app/.venv /app/.venv
+COPY db/migrations /app/db/migrations
+
+USER 10001:10001
+EXPOSE 3000
+STOPSIGNAL SIGTERM
+HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('PORT', '3000') + '/api/health/live', timeout=4)"]
+# CMD, not ENTRYPOINT: Railway's preDeployCommand (`zkeb db upgrade`) and
+# `docker run IMAGE zkeb ...` replace it. `zkeb serve` runs granian in-process
+# (PID 1), which drains in-flight requests on SIGTERM.
+CMD ["zkeb", "serve", "--host", "0.0.0.0"]
