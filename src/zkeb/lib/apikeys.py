@@ -13,7 +13,7 @@ __all__ = ("API_KEY_PREFIX", "PUBLIC_PREFIX_LENGTH", "generate_api_key", "hash_a
 API_KEY_PREFIX = "zkeb_"
 PUBLIC_PREFIX_LENGTH = 12
 _KEY_BYTES = 32
-_KEY_PATTERN = re.compile(r"^zkeb_[A-Za-z0-9_-]{43}$")
+_KEY_PATTERN = re.compile(r"zkeb_[A-Za-z0-9_-]{43}")
 
 
 def generate_api_key() -> str:
@@ -23,7 +23,7 @@ def generate_api_key() -> str:
 
 def public_prefix(key: str) -> str | None:
     """The short, non-secret lookup prefix of a well-formed key, or None for anything else."""
-    if not _KEY_PATTERN.match(key):
+    if not _KEY_PATTERN.fullmatch(key):
         return None
     return key[len(API_KEY_PREFIX) : len(API_KEY_PREFIX) + PUBLIC_PREFIX_LENGTH]
 

@@ -1,0 +1,1 @@
+"""ZKEB: a zero-knowledge encrypted backup server."""

@@ -1,0 +1,21 @@
+"""The ASGI application factory: `granian --interface asgi --factory zkeb.app:create_app`."""
+
+from __future__ import annotations
+
+from litestar import Litestar
+
+from zkeb.core import CorePlugin
+from zkeb.core.requestid import RequestIdMiddleware
+from zkeb.domain.health import HealthPlugin
+from zkeb.settings import Settings, get_settings
+
+__all__ = ("create_app",)
+
+
+def create_app(settings: Settings | None = None) -> Litestar:
+    """Build the ZKEB app: the core plugin and, through it, one plugin per domain."""
+    settings = settings or get_settings()
+    app = Litestar(plugins=[CorePlugin(settings, domains=[HealthPlugin()])], debug=False)
+    # Outermost, so routing errors (404, 405) carry the request id too.
+    app.asgi_handler = RequestIdMiddleware(app.asgi_handler)
+    return app

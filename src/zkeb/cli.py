@@ -1,0 +1,195 @@
+"""The `zkeb` command line: serve, database migrations and administration."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Callable
+from functools import wraps
+from typing import Any, TypeVar
+
+import click
+
+from zkeb.settings import Settings, SettingsError
+
+__all__ = ("main",)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _load_settings() -> Settings:
+    try:
+        return Settings.from_env()
+    except SettingsError as exc:
+        raise click.ClickException(f"configuration error: {exc}") from None
+
+
+def _warn_dev_secrets(settings: Settings) -> None:
+    if settings.secrets.generated_dev_secrets:
+        click.secho(
+            f"WARNING: using DEVELOPMENT secrets generated in {settings.data_dir / 'dev-secrets.json'}.\n"
+            "         Never use them in production: set ZKEB_ENV=production and real secrets.",
+            fg="yellow",
+            bold=True,
+            err=True,
+        )
+
+
+def _database_url(settings: Settings) -> str:
+    """The configured database, or the embedded one (started now, kept for this process's lifetime)."""
+    if settings.database_url:
+        return settings.database_url
+    from zkeb.core.migrations import start_embedded_postgres  # noqa: PLC0415 - slow import, only when needed
+
+    click.echo(f"Starting embedded PostgreSQL in {settings.data_dir / 'pgdata'} ...", err=True)
+    return start_embedded_postgres(settings.data_dir)
+
+
+def _friendly_errors(func: F) -> F:
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except OSError as exc:
+            raise click.ClickException(f"cannot reach the database: {exc.strerror or exc}") from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@click.group()
+@click.version_option(package_name="zkeb")
+def main() -> None:
+    """ZKEB: zero-knowledge encrypted backup server."""
+
+
+@main.command()
+@click.option("--host", default=None, help="Interface to listen on (HOST, default 0.0.0.0).")
+@click.option("--port", type=int, default=None, help="Port (PORT, default 3000).")
+@click.option("--workers", type=int, default=None, help="Worker processes (WEB_CONCURRENCY, default 1).")
+def serve(host: str | None, port: int | None, workers: int | None) -> None:
+    """Run the API under granian; SIGTERM drains in-flight requests before exiting."""
+    from granian import Granian  # noqa: PLC0415
+    from granian.constants import Interfaces  # noqa: PLC0415
+
+    from zkeb.core.migrations import run_alembic  # noqa: PLC0415
+
+    settings = _load_settings()
+    _warn_dev_secrets(settings)
+    url = _database_url(settings)
+    if settings.auto_migrate:
+        run_alembic(settings, url, "upgrade", "head")
+    # Workers inherit the resolved database and do not migrate again.
+    os.environ["DATABASE_URL"] = url.replace("postgresql+asyncpg://", "postgresql://", 1)
+    os.environ["ZKEB_AUTO_MIGRATE"] = "false"
+    server = Granian(
+        "zkeb.app:create_app",
+        factory=True,
+        interface=Interfaces.ASGI,
+        address=host or settings.host,
+        port=port or settings.port,
+        workers=workers or int(os.environ.get("WEB_CONCURRENCY", "1")),
+        workers_kill_timeout=max(int(settings.shutdown_grace_seconds), 1),
+        respawn_failed_workers=True,
+        log_access=False,
+    )
+    click.echo(f"ZKEB listening on http://{host or settings.host}:{port or settings.port}", err=True)
+    server.serve()
+
+
+@main.group()
+def db() -> None:
+    """Database schema migrations (Alembic)."""
+
+
+@db.command()
+@click.argument("revision", default="head")
+@_friendly_errors
+def upgrade(revision: str) -> None:
+    """Upgrade the schema to REVISION (default: head)."""
+    from zkeb.core.migrations import run_alembic  # noqa: PLC0415
+
+    settings = _load_settings()
+    run_alembic(settings, _database_url(settings), "upgrade", revision)
+
+
+@db.command()
+@click.argument("revision", default="-1")
+@_friendly_errors
+def downgrade(revision: str) -> None:
+    """Downgrade the schema to REVISION (default: one step; `base` removes everything)."""
+    from zkeb.core.migrations import run_alembic  # noqa: PLC0415
+
+    settings = _load_settings()
+    run_alembic(settings, _database_url(settings), "downgrade", revision)
+
+
+@db.command()
+@_friendly_errors
+def current() -> None:
+    """Show the schema revision the database is at."""
+    from zkeb.core.migrations import run_alembic  # noqa: PLC0415
+
+    settings = _load_settings()
+    run_alembic(settings, _database_url(settings), "current", True)
+
+
+@db.command()
+def history() -> None:
+    """List the migrations."""
+    from zkeb.core.migrations import run_alembic  # noqa: PLC0415
+
+    settings = _load_settings()
+    run_alembic(settings, _database_url(settings), "history", True)
+
+
+@main.group()
+def admin() -> None:
+    """Administration: organizations and their first keys."""
+
+
+@admin.command("create-org")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@_friendly_errors
+def create_org(name: str, *, as_json: bool) -> None:
+    """Create organization NAME and print its first org admin API key (shown once)."""
+    name = name.strip()
+    if not name or len(name) > 200:
+        raise click.BadParameter("must be 1 to 200 characters", param_hint="NAME")
+    settings = _load_settings()
+    url = _database_url(settings)
+    if settings.auto_migrate:
+        from zkeb.core.migrations import run_alembic  # noqa: PLC0415
+
+        run_alembic(settings, url, "upgrade", "head")
+    organization_id, key = asyncio.run(_create_org(settings, url, name))
+    if as_json:
+        click.echo(json.dumps({"organization_id": organization_id, "api_key": key}))
+        return
+    click.echo(f"Organization {name!r} created: {organization_id}")
+    click.echo(f"Org admin API key (shown once, store it now): {key}")
+
+
+async def _create_org(settings: Settings, url: str, name: str) -> tuple[str, str]:
+    from sqlalchemy.ext.asyncio import async_sessionmaker  # noqa: PLC0415
+
+    from zkeb.core.database import create_app_engine  # noqa: PLC0415
+    from zkeb.core.tenancy import install_tenant_setter  # noqa: PLC0415
+    from zkeb.domain.accounts.services import OrganizationService  # noqa: PLC0415
+
+    install_tenant_setter()
+    engine = create_app_engine(settings, url)
+    try:
+        async with async_sessionmaker(engine, expire_on_commit=False)() as session:
+            organization, admin_key = await OrganizationService(session=session).create_with_admin_key(
+                name, salt=settings.secrets.api_key_salt
+            )
+            return str(organization.id), admin_key.key
+    finally:
+        await engine.dispose()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

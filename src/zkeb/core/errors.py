@@ -1,0 +1,135 @@
+"""RFC 9457 problem details for every error the service answers.
+
+Domains raise `ProblemError` subclasses (or Litestar's HTTP exceptions); one handler turns each into
+`application/problem+json` carrying the request id. Unexpected exceptions become a 500 whose body says
+nothing about the failure beyond the request id; the traceback goes to the log.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextvars import ContextVar
+from http import HTTPStatus
+from typing import Any, ClassVar
+
+from litestar import MediaType, Request, Response
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.types import ExceptionHandlersMap
+
+__all__ = (
+    "PROBLEM_JSON",
+    "ConflictError",
+    "NotFoundError",
+    "ProblemError",
+    "ServiceUnavailableError",
+    "UnprocessableError",
+    "exception_handlers",
+    "problem_response",
+    "request_id_var",
+    "trace_id_var",
+)
+
+logger = logging.getLogger("zkeb.errors")
+
+PROBLEM_JSON = "application/problem+json"
+#: The current request's id, set by the request-id middleware.
+request_id_var: ContextVar[str | None] = ContextVar("zkeb_request_id", default=None)
+#: The current trace id (hex), set by the telemetry middleware when tracing is on.
+trace_id_var: ContextVar[str | None] = ContextVar("zkeb_trace_id", default=None)
+
+
+class ProblemError(HTTPException):
+    """An HTTP error answered as problem details; `extra` members are added to the body."""
+
+    status_code: int = 400
+    problem_type: ClassVar[str] = "about:blank"
+
+    def __init__(
+        self,
+        detail: str = "",
+        *,
+        status_code: int | None = None,
+        headers: dict[str, str] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(detail=detail, status_code=status_code or self.status_code, headers=headers)
+        self.problem_extra = extra or {}
+
+
+class NotFoundError(ProblemError):
+    """The resource does not exist, or belongs to another tenant (which must not be revealed)."""
+
+    status_code: int = 404
+
+
+class ConflictError(ProblemError):
+    """The request conflicts with the resource's state."""
+
+    status_code: int = 409
+
+
+class UnprocessableError(ProblemError):
+    """The request is well-formed but its content is invalid."""
+
+    status_code: int = 422
+
+
+class ServiceUnavailableError(ProblemError):
+    """A dependency is down; the client may retry."""
+
+    status_code: int = 503
+
+
+def problem_response(
+    request: Request[Any, Any, Any],
+    status: int,
+    detail: str | None,
+    *,
+    headers: dict[str, str] | None = None,
+    extra: dict[str, Any] | None = None,
+    problem_type: str = "about:blank",
+) -> Response[dict[str, Any]]:
+    """A problem+json response for `request`."""
+    title = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "Error"
+    body: dict[str, Any] = {"type": problem_type, "title": title, "status": status}
+    if detail and detail != title:
+        body["detail"] = detail
+    body["instance"] = request.url.path
+    if extra:
+        body.update(extra)
+    request_id = request_id_var.get()
+    if request_id:
+        body["request_id"] = request_id
+    trace_id = trace_id_var.get()
+    if trace_id:
+        body["trace_id"] = trace_id
+    return Response(content=body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
+
+
+def _http_exception_handler(request: Request[Any, Any, Any], exc: HTTPException) -> Response[dict[str, Any]]:
+    extra: dict[str, Any] = {}
+    if isinstance(exc, ProblemError):
+        extra.update(exc.problem_extra)
+        problem_type = exc.problem_type
+    else:
+        problem_type = "about:blank"
+    if isinstance(exc, ValidationException) and exc.extra:
+        extra["errors"] = exc.extra
+    detail = exc.detail
+    if exc.status_code == 413 and detail in {"", HTTPStatus(413).phrase}:
+        detail = "The request body is larger than this endpoint accepts"
+    headers = dict(exc.headers or {})
+    return problem_response(request, exc.status_code, detail, headers=headers, extra=extra, problem_type=problem_type)
+
+
+def _unexpected_exception_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
+    logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return problem_response(request, 500, "An unexpected error occurred; quote the request id when reporting it")
+
+
+def exception_handlers() -> ExceptionHandlersMap:
+    """The handlers every ZKEB app registers."""
+    return {HTTPException: _http_exception_handler, Exception: _unexpected_exception_handler}
+
+
+_ = MediaType

@@ -1,0 +1,106 @@
+"""Schema migrations (Alembic through advanced-alchemy) and the embedded PostgreSQL default."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+from advanced_alchemy.alembic.commands import AlembicCommands
+from alembic.script import ScriptDirectory
+from sqlalchemy import text
+from sqlalchemy.exc import ProgrammingError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from zkeb.core.database import (
+    RUNTIME_ROLE,
+    VERSION_TABLE,
+    create_owner_engine,
+    migrations_dir,
+    provision_runtime_role,
+    sqlalchemy_config,
+)
+from zkeb.settings import Settings, normalize_database_url
+
+__all__ = (
+    "alembic_commands",
+    "current_revision",
+    "head_revision",
+    "provision_runtime_login",
+    "run_alembic",
+    "start_embedded_postgres",
+)
+
+logger = logging.getLogger("zkeb.migrations")
+
+
+def start_embedded_postgres(data_dir: Path) -> str:
+    """Start (or join) the embedded PostgreSQL in `data_dir/pgdata` and return its asyncpg URL.
+
+    pgserver keeps one server per data directory and stops it when the last process using it exits.
+    """
+    import pgserver  # noqa: PLC0415 - only needed without DATABASE_URL
+
+    pgdata = data_dir / "pgdata"
+    pgdata.parent.mkdir(parents=True, exist_ok=True)
+    server = pgserver.get_server(pgdata, cleanup_mode="stop")
+    return normalize_database_url(server.get_uri())
+
+
+def alembic_commands(settings: Settings, url: str) -> AlembicCommands:
+    """advanced-alchemy's Alembic commands, run as the schema owner."""
+    return AlembicCommands(sqlalchemy_config(create_owner_engine(settings, url)))
+
+
+def run_alembic(settings: Settings, url: str, command: str, *args: Any) -> None:
+    """Run an Alembic command in a fresh thread (Alembic's env runs its own event loop).
+
+    After an upgrade, the runtime role is (re)provisioned so the app can log in as it.
+    """
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            getattr(alembic_commands(settings, url), command)(*args)
+            if command == "upgrade":
+                asyncio.run(provision_runtime_login(settings, url))
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=target, name=f"alembic-{command}")
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
+
+
+async def provision_runtime_login(settings: Settings, url: str) -> None:
+    """Connect as the owner and set the runtime role's login password (no-op before the first migration)."""
+    engine = create_owner_engine(settings, url)
+    try:
+        async with engine.connect() as connection:
+            exists = (
+                await connection.execute(text("SELECT 1 FROM pg_roles WHERE rolname = :r"), {"r": RUNTIME_ROLE})
+            ).scalar_one_or_none()
+            if exists:
+                await provision_runtime_role(connection, url)
+    finally:
+        await engine.dispose()
+
+
+def head_revision() -> str | None:
+    """The newest revision in `db/migrations` (read from disk, no database needed)."""
+    script = ScriptDirectory(str(migrations_dir()))
+    return script.get_current_head()
+
+
+async def current_revision(connection: AsyncConnection) -> str | None:
+    """The revision the connected database is at, or None before the first migration."""
+    try:
+        async with connection.begin_nested():
+            result = await connection.execute(text(f"SELECT version_num FROM {VERSION_TABLE}"))  # noqa: S608
+            return result.scalar_one_or_none()
+    except ProgrammingError:
+        return None

@@ -1,0 +1,68 @@
+"""The core plugin: shared infrastructure, plus the list of domain plugins (and nothing of their insides)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from advanced_alchemy.extensions.litestar import SQLAlchemyPlugin
+from litestar.config.app import AppConfig
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import ScalarRenderPlugin, SwaggerRenderPlugin
+from litestar.openapi.spec import Components, SecurityScheme, Server
+from litestar.plugins import InitPluginProtocol
+
+from zkeb.core.database import create_app_engine, sqlalchemy_config
+from zkeb.core.errors import exception_handlers
+from zkeb.core.migrations import start_embedded_postgres
+from zkeb.core.redis import create_redis
+from zkeb.core.runtime import Runtime
+from zkeb.core.tenancy import install_tenant_setter
+from zkeb.settings import Settings
+
+__all__ = ("CorePlugin",)
+
+API_DESCRIPTION = """\
+ZKEB stores client-side encrypted backups. Devices encrypt locally and upload only ciphertext, an
+encrypted metadata blob and an Ed25519 signature; ZKEB verifies the signature before a backup becomes
+visible and streams the ciphertext back on restore. Errors are RFC 9457 `application/problem+json`.
+"""
+
+
+class CorePlugin(InitPluginProtocol):
+    """Wires settings, database, Redis, errors, request ids and OpenAPI, then adds each domain plugin."""
+
+    def __init__(self, settings: Settings, domains: Sequence[InitPluginProtocol]) -> None:
+        self.settings = settings
+        self.domains = tuple(domains)
+
+    def on_app_init(self, app_config: AppConfig) -> AppConfig:
+        """Configure the app; domain plugins run after this one and add their own routes."""
+        settings = self.settings
+        install_tenant_setter()
+        url = settings.database_url or start_embedded_postgres(settings.data_dir)
+        engine = create_app_engine(settings, url)
+        runtime = Runtime(settings=settings, database_url=url, engine=engine, redis=create_redis(settings))
+        app_config.state["runtime"] = runtime
+        app_config.on_startup.append(runtime.startup)
+        app_config.on_shutdown.append(runtime.shutdown)
+        app_config.exception_handlers = {**exception_handlers(), **app_config.exception_handlers}
+        app_config.openapi_config = OpenAPIConfig(
+            title="ZKEB API",
+            version=settings.version,
+            description=API_DESCRIPTION,
+            path="/schema",
+            render_plugins=[ScalarRenderPlugin(), SwaggerRenderPlugin()],
+            servers=[Server(url="/", description="This server")],
+            components=Components(
+                security_schemes={
+                    "BearerAuth": SecurityScheme(
+                        type="http",
+                        scheme="bearer",
+                        description="An API key (`zkeb_...`) or a device token from `POST /api/v1/auth/token`.",
+                    )
+                }
+            ),
+        )
+        app_config.plugins.append(SQLAlchemyPlugin(config=sqlalchemy_config(engine)))
+        app_config.plugins.extend(self.domains)
+        return app_config

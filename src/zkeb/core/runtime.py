@@ -1,0 +1,80 @@
+"""What one running app holds: settings, the database engine, the Redis client and its lifecycle flags."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+from litestar.datastructures import State
+from redis.asyncio import Redis
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from zkeb.core.database import check_runtime_role
+from zkeb.core.migrations import head_revision, provision_runtime_login, run_alembic
+from zkeb.settings import Settings
+
+__all__ = ("Runtime", "get_runtime")
+
+logger = logging.getLogger("zkeb.runtime")
+
+
+@dataclass
+class Runtime:
+    """The process-wide resources of one app instance, kept in `app.state.runtime`."""
+
+    settings: Settings
+    database_url: str
+    engine: AsyncEngine
+    redis: Redis | None
+    schema_head: str | None = field(default_factory=head_revision)
+    started_at: float = field(default_factory=time.monotonic)
+    draining: bool = False
+    role_checked: bool = False
+
+    async def startup(self) -> None:
+        """Migrate when configured to, then refuse to serve unless row-level security cannot be bypassed.
+
+        A database that is unreachable at start is not fatal: readiness answers 503 and the role check
+        runs once the database answers. A role that could bypass row-level security is fatal.
+        """
+        if self.settings.auto_migrate:
+            await asyncio.to_thread(run_alembic, self.settings, self.database_url, "upgrade", "head")
+        try:
+            await provision_runtime_login(self.settings, self.database_url)
+            await self.ensure_role_checked()
+        except (OSError, TimeoutError, DBAPIError) as exc:
+            if isinstance(exc, DBAPIError) and not exc.connection_invalidated and not _is_connect_error(exc):
+                raise
+            logger.warning("database unreachable at start (%s); readiness answers 503 until it is", type(exc).__name__)
+
+    async def ensure_role_checked(self) -> None:
+        """Run the runtime-role self-check once per process.
+
+        Raises:
+            RuntimeRoleError: the role could bypass tenant isolation.
+        """
+        if self.role_checked:
+            return
+        async with asyncio.timeout(5), self.engine.connect() as connection:
+            await check_runtime_role(connection)
+        self.role_checked = True
+
+    async def shutdown(self) -> None:
+        """Stop answering ready, then release the pools."""
+        self.draining = True
+        if self.redis is not None:
+            await self.redis.aclose()
+        await self.engine.dispose()
+
+
+def _is_connect_error(exc: DBAPIError) -> bool:
+    return isinstance(exc.orig, OSError) or "connect" in type(exc.orig).__name__.lower()
+
+
+def get_runtime(state: State) -> Runtime:
+    """The app's `Runtime` from its state."""
+    runtime: Runtime = state.runtime
+    return runtime

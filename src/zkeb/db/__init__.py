@@ -1,0 +1,1 @@
+"""Database layer: SQLAlchemy models and the names of the tenant tables."""

@@ -1,0 +1,39 @@
+"""SQLAlchemy models, one module per aggregate."""
+
+from __future__ import annotations
+
+from zkeb.db.models.accounts import ApiKey, Device, DeviceProof, Organization, Project
+from zkeb.db.models.audit import AuditChainHead, AuditEvent
+from zkeb.db.models.backups import Backup, BackupChunk, Payload, PayloadNonce, UploadSession
+
+__all__ = (
+    "TENANT_TABLES",
+    "ApiKey",
+    "AuditChainHead",
+    "AuditEvent",
+    "Backup",
+    "BackupChunk",
+    "Device",
+    "DeviceProof",
+    "Organization",
+    "Payload",
+    "PayloadNonce",
+    "Project",
+    "UploadSession",
+)
+
+#: Every table holding tenant data; row-level security is enabled and forced on each.
+TENANT_TABLES = (
+    "organizations",
+    "projects",
+    "api_keys",
+    "devices",
+    "device_proofs",
+    "payloads",
+    "backup_chunks",
+    "backups",
+    "payload_nonces",
+    "upload_sessions",
+    "audit_events",
+    "audit_chain_heads",
+)

@@ -1,0 +1,1 @@
+"""Domains: health, accounts, backups and audit; each is a Litestar plugin."""

@@ -1,0 +1,1 @@
+"""Accounts domain: organizations, projects, API keys, devices and device tokens."""

@@ -1,0 +1,87 @@
+"""Health endpoints. None needs a credential; all are cheap and bounded by the probe timeout."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from litestar import Controller, Response, get
+from litestar.datastructures import State
+
+from zkeb.core.runtime import get_runtime
+from zkeb.domain.health.schemas import DependencyCheck, HealthReport, Liveness, Readiness, VersionInfo
+from zkeb.domain.health.services import HealthService
+
+__all__ = ("HealthController",)
+
+_NO_STORE = {"Cache-Control": "no-store"}
+
+
+def _status_code(healthy: bool) -> int:
+    return 200 if healthy else 503
+
+
+class HealthController(Controller):
+    """Liveness, readiness and dependency probes in the reference deployment's layout."""
+
+    path = "/api"
+    tags = ["health"]  # noqa: RUF012 - Litestar's declared attribute
+    security = []  # noqa: RUF012
+    opt = {"exclude_from_rate_limit": True}  # noqa: RUF012
+
+    @get("/health", summary="Overall health", description="`healthy` (200) or `unhealthy` (503) with every check.")
+    async def health(self, state: State) -> Response[HealthReport]:
+        """Probe every dependency."""
+        runtime = get_runtime(state)
+        service = HealthService(runtime)
+        database, redis = await asyncio.gather(service.database(), service.redis())
+        healthy = database.status == "healthy" and redis.status != "unhealthy" and not runtime.draining
+        report = HealthReport(
+            status="healthy" if healthy else "unhealthy",
+            version=runtime.settings.version,
+            uptime_seconds=round(time.monotonic() - runtime.started_at, 3),
+            checks={"database": database, "redis": redis},
+        )
+        return Response(report, status_code=_status_code(healthy), headers=_NO_STORE)
+
+    @get("/health/live", summary="Liveness", description="200 while the process serves requests.")
+    async def live(self) -> Response[Liveness]:
+        """Answer while the event loop runs."""
+        return Response(Liveness(), headers=_NO_STORE)
+
+    @get(
+        "/health/ready",
+        summary="Readiness",
+        description="503 when the database is unreachable, its schema is behind the code, or the server is draining.",
+    )
+    async def ready(self, state: State) -> Response[Readiness]:
+        """Whether a load balancer should route traffic here."""
+        reasons = await HealthService(get_runtime(state)).readiness_reasons()
+        body = Readiness(status="not_ready" if reasons else "ready", reasons=reasons)
+        return Response(body, status_code=_status_code(not reasons), headers=_NO_STORE)
+
+    @get("/health/db", summary="Database probe")
+    async def database(self, state: State) -> Response[DependencyCheck]:
+        """Connectivity, latency, schema revision and pool usage."""
+        check = await HealthService(get_runtime(state)).database()
+        return Response(check, status_code=_status_code(check.status == "healthy"), headers=_NO_STORE)
+
+    @get("/health/redis", summary="Redis probe", description="`disabled` (200) when no Redis is configured.")
+    async def redis(self, state: State) -> Response[DependencyCheck]:
+        """PING latency."""
+        check = await HealthService(get_runtime(state)).redis()
+        return Response(check, status_code=_status_code(check.status != "unhealthy"), headers=_NO_STORE)
+
+    @get("/version", summary="Version", description="Version, commit, build date and database schema revision.")
+    async def version(self, state: State) -> VersionInfo:
+        """Build metadata and the schema revision the database is at."""
+        runtime = get_runtime(state)
+        check = await HealthService(runtime).database()
+        settings = runtime.settings
+        return VersionInfo(
+            version=settings.version,
+            commit=settings.commit,
+            build_date=settings.build_date,
+            schema_revision=check.schema_revision,
+            schema_head=runtime.schema_head,
+        )

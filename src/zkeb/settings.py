@@ -1,0 +1,294 @@
+"""Typed settings built once from the environment.
+
+Every variable is named as in DESIGN.md and the reference deployment design. Errors name the
+variable and never echo a secret's value.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal, cast
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from zkeb.lib.sizes import parse_size
+
+__all__ = ("Settings", "SettingsError", "get_settings", "normalize_database_url")
+
+logger = logging.getLogger("zkeb.settings")
+
+REQUIRED_IN_PRODUCTION = ("DATABASE_URL", "ZKEB_MASTER_ENCRYPTION_KEY", "JWT_SECRET", "API_KEY_SALT")
+DEV_SECRET_NAMES = ("ZKEB_MASTER_ENCRYPTION_KEY", "JWT_SECRET", "API_KEY_SALT")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+# libpq options asyncpg understands as connect() keywords; the rest of a platform URL's query is dropped.
+_SSLMODES = frozenset({"disable", "allow", "prefer", "require", "verify-ca", "verify-full"})
+
+
+Environment = Literal["development", "production", "test"]
+
+
+class SettingsError(ValueError):
+    """A configuration value is missing or invalid; the message names the variable."""
+
+
+@dataclass(frozen=True, slots=True)
+class Secrets:
+    """The service's secrets, each with its optional rotation partner (`*_NEW`)."""
+
+    master_key: str = field(repr=False)
+    master_key_new: str | None = field(default=None, repr=False)
+    jwt_secret: str = field(default="", repr=False)
+    jwt_secret_new: str | None = field(default=None, repr=False)
+    api_key_salt: str = field(default="", repr=False)
+    api_key_salt_new: str | None = field(default=None, repr=False)
+    generated_dev_secrets: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Runtime configuration for one ZKEB process."""
+
+    env: Environment
+    port: int
+    host: str
+    log_level: str
+    data_dir: Path
+    database_url: str | None
+    redis_url: str | None
+    secrets: Secrets
+    max_upload_size: int
+    request_timeout_ms: int
+    db_pool_size: int
+    redis_max_retries: int
+    enable_rate_limiting: bool
+    enable_audit_logs: bool
+    rate_limit_per_minute: int
+    token_rate_limit_per_minute: int
+    cors_origins: tuple[str, ...]
+    metrics_port: int | None
+    metrics_token: str | None = field(repr=False)
+    shutdown_grace_seconds: float
+    default_project_quota: int | None
+    trash_retention_days: int
+    auto_migrate: bool
+    version: str
+    commit: str
+    build_date: str
+
+    @property
+    def is_production(self) -> bool:
+        """Whether the production guard applies."""
+        return self.env == "production"
+
+    @property
+    def uses_embedded_database(self) -> bool:
+        """Whether no `DATABASE_URL` was given, so an embedded PostgreSQL serves the data dir."""
+        return self.database_url is None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Build and validate settings from an environment mapping (default: `os.environ`).
+
+        Raises:
+            SettingsError: a variable is missing or invalid; the message names it.
+        """
+        env_map = os.environ if environ is None else environ
+        reader = _EnvReader(env_map)
+        env = cast("Environment", reader.choice("ZKEB_ENV", ("development", "production", "test"), "development"))
+        data_dir = Path(reader.text("ZKEB_DATA_DIR", "./.zkeb")).expanduser().resolve()
+        raw_db_url = reader.optional("DATABASE_URL")
+        if env == "production":
+            missing = [name for name in REQUIRED_IN_PRODUCTION if not reader.optional(name)]
+            if missing:
+                msg = f"ZKEB_ENV=production requires {', '.join(missing)} to be set"
+                raise SettingsError(msg)
+        secrets_ = _load_secrets(reader, data_dir, production=env == "production")
+        quota = reader.optional("DEFAULT_PROJECT_QUOTA")
+        metrics_port = reader.optional("METRICS_PORT")
+        return cls(
+            env=env,
+            port=reader.integer("PORT", 3000, minimum=1, maximum=65535),
+            host=reader.text("HOST", "0.0.0.0"),  # noqa: S104 - a container's service must listen on all interfaces
+            log_level=reader.choice("LOG_LEVEL", LOG_LEVELS, "INFO", upper=True),
+            data_dir=data_dir,
+            database_url=normalize_database_url(raw_db_url) if raw_db_url else None,
+            redis_url=reader.optional("REDIS_URL"),
+            secrets=secrets_,
+            max_upload_size=reader.size("MAX_UPLOAD_SIZE", "100MB"),
+            request_timeout_ms=reader.integer("REQUEST_TIMEOUT", 30000, minimum=100),
+            db_pool_size=reader.integer("DB_POOL_SIZE", 10, minimum=1, maximum=500),
+            redis_max_retries=reader.integer("REDIS_MAX_RETRIES", 3, minimum=0, maximum=100),
+            enable_rate_limiting=reader.flag("ENABLE_RATE_LIMITING", default=True),
+            enable_audit_logs=reader.flag("ENABLE_AUDIT_LOGS", default=True),
+            rate_limit_per_minute=reader.integer("RATE_LIMIT_PER_MINUTE", 600, minimum=1),
+            token_rate_limit_per_minute=reader.integer("TOKEN_RATE_LIMIT_PER_MINUTE", 30, minimum=1),
+            cors_origins=tuple(o.strip() for o in reader.text("CORS_ORIGINS", "").split(",") if o.strip()),
+            metrics_port=reader.integer("METRICS_PORT", 0, minimum=1, maximum=65535) if metrics_port else None,
+            metrics_token=reader.optional("METRICS_TOKEN"),
+            shutdown_grace_seconds=reader.number("SHUTDOWN_GRACE_SECONDS", 30.0, minimum=0.0),
+            default_project_quota=reader.size("DEFAULT_PROJECT_QUOTA", "0") if quota else None,
+            trash_retention_days=reader.integer("TRASH_RETENTION_DAYS", 30, minimum=0),
+            auto_migrate=reader.flag("ZKEB_AUTO_MIGRATE", default=raw_db_url is None),
+            version=reader.text("ZKEB_VERSION", _package_version()),
+            commit=reader.text("ZKEB_COMMIT", "unknown"),
+            build_date=reader.text("ZKEB_BUILD_DATE", "unknown"),
+        )
+
+
+def normalize_database_url(url: str) -> str:
+    """Map a platform-style PostgreSQL URL onto SQLAlchemy's asyncpg dialect.
+
+    Accepts `postgres://`, `postgresql://` and `postgresql+asyncpg://`. libpq's `sslmode` becomes
+    asyncpg's `ssl`; other libpq-only query options are dropped.
+
+    Raises:
+        SettingsError: the URL is not a PostgreSQL URL.
+    """
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in {"postgres", "postgresql", "postgresql+asyncpg"}:
+        msg = "DATABASE_URL must be a postgres:// or postgresql:// URL"
+        raise SettingsError(msg)
+    query: list[tuple[str, str]] = []
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        if key in {"sslmode", "ssl"}:
+            if value not in _SSLMODES:
+                msg = f"DATABASE_URL has an unknown sslmode {value!r}"
+                raise SettingsError(msg)
+            query.append(("ssl", value))
+        elif key in {"host", "port", "connect_timeout", "application_name"}:
+            query.append((key, value))
+    if not parts.hostname and not any(k == "host" for k, _ in query):
+        msg = "DATABASE_URL has no host"
+        raise SettingsError(msg)
+    return urlunsplit(("postgresql+asyncpg", parts.netloc, parts.path, urlencode(query), ""))
+
+
+class _EnvReader:
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._env = environ
+
+    def optional(self, name: str) -> str | None:
+        value = self._env.get(name)
+        if value is None:
+            return None
+        return value.strip() or None
+
+    def text(self, name: str, default: str) -> str:
+        return self.optional(name) or default
+
+    def choice(self, name: str, allowed: tuple[str, ...], default: str, *, upper: bool = False) -> str:
+        value = self.text(name, default)
+        value = value.upper() if upper else value.lower()
+        if value not in allowed:
+            msg = f"{name} must be one of {', '.join(allowed)} (got {value!r})"
+            raise SettingsError(msg)
+        return value
+
+    def integer(self, name: str, default: int, *, minimum: int | None = None, maximum: int | None = None) -> int:
+        raw = self.optional(name)
+        if raw is None:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            msg = f"{name} must be an integer (got {raw!r})"
+            raise SettingsError(msg) from None
+        if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+            msg = f"{name} must be between {minimum} and {maximum} (got {value})"
+            raise SettingsError(msg)
+        return value
+
+    def number(self, name: str, default: float, *, minimum: float) -> float:
+        raw = self.optional(name)
+        if raw is None:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            msg = f"{name} must be a number (got {raw!r})"
+            raise SettingsError(msg) from None
+        if value < minimum:
+            msg = f"{name} must be at least {minimum} (got {value})"
+            raise SettingsError(msg)
+        return value
+
+    def flag(self, name: str, *, default: bool) -> bool:
+        raw = self.optional(name)
+        if raw is None:
+            return default
+        if raw.lower() in _TRUE:
+            return True
+        if raw.lower() in _FALSE:
+            return False
+        msg = f"{name} must be true or false (got {raw!r})"
+        raise SettingsError(msg)
+
+    def size(self, name: str, default: str) -> int:
+        raw = self.text(name, default)
+        try:
+            return parse_size(raw)
+        except ValueError as exc:
+            msg = f"{name} must be a size such as 100MB or 64KiB (got {raw!r}): {exc}"
+            raise SettingsError(msg) from None
+
+
+def _load_secrets(reader: _EnvReader, data_dir: Path, *, production: bool) -> Secrets:
+    values = {name: reader.optional(name) for name in DEV_SECRET_NAMES}
+    generated = False
+    if not production and not all(values.values()):
+        stored = _dev_secrets(data_dir)
+        generated = True
+        values = {name: value or stored[name] for name, value in values.items()}
+    return Secrets(
+        master_key=values["ZKEB_MASTER_ENCRYPTION_KEY"] or "",
+        master_key_new=reader.optional("ZKEB_MASTER_ENCRYPTION_KEY_NEW"),
+        jwt_secret=values["JWT_SECRET"] or "",
+        jwt_secret_new=reader.optional("JWT_SECRET_NEW"),
+        api_key_salt=values["API_KEY_SALT"] or "",
+        api_key_salt_new=reader.optional("API_KEY_SALT_NEW"),
+        generated_dev_secrets=generated,
+    )
+
+
+def _dev_secrets(data_dir: Path) -> dict[str, str]:
+    """Load, or create once, development secrets persisted in the data dir (mode 0600)."""
+    path = data_dir / "dev-secrets.json"
+    if path.exists():
+        stored: dict[str, str] = json.loads(path.read_text())
+        if all(stored.get(name) for name in DEV_SECRET_NAMES):
+            return stored
+    data_dir.mkdir(parents=True, exist_ok=True)
+    stored = {name: base64.b64encode(secrets.token_bytes(32)).decode() for name in DEV_SECRET_NAMES}
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(stored, fh)
+    logger.warning(
+        "DEVELOPMENT SECRETS GENERATED in %s: never use them in production (set ZKEB_ENV=production and real secrets)",
+        path,
+    )
+    return stored
+
+
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version  # noqa: PLC0415
+
+    try:
+        return version("zkeb")
+    except PackageNotFoundError:
+        return "0.0.0"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, built once from `os.environ`."""
+    return Settings.from_env()

