@@ -6,17 +6,25 @@ security policies filter every query, including one that forgets its own `WHERE 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar
 from typing import Any
 from uuid import UUID
 
 from sqlalchemy import event, text
 from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.orm import Session, SessionTransaction
 
-__all__ = ("TENANT_INFO_KEY", "current_tenant", "install_tenant_setter", "set_tenant", "tenant_scope")
+__all__ = (
+    "TENANT_INFO_KEY",
+    "current_tenant",
+    "install_tenant_setter",
+    "set_tenant",
+    "tenant_scope",
+    "tenant_transaction",
+)
 
 TENANT_INFO_KEY = "zkeb_org_id"
 _SET_TENANT = text("SELECT set_config('zkeb.org_id', :org_id, true)")
@@ -58,3 +66,11 @@ def install_tenant_setter() -> None:
     if not _installed:
         event.listen(Session, "after_begin", _set_tenant_on_begin)
         _installed = True
+
+
+@asynccontextmanager
+async def tenant_transaction(engine: AsyncEngine, org_id: UUID) -> AsyncIterator[AsyncConnection]:
+    """A Core (non-ORM) transaction acting for `org_id`, for short lookups outside a request session."""
+    async with engine.begin() as connection:
+        await connection.execute(_SET_TENANT, {"org_id": str(org_id)})
+        yield connection

@@ -1,0 +1,91 @@
+"""Principals and guards shared by every domain.
+
+The accounts domain's authentication middleware resolves `Authorization: Bearer ...` into a
+`Principal` (`request.user`) and sets the tenant for the request; domains protect routes with the
+guards below. Unknown or other-tenant resources answer 404 (never 403), which services ensure by
+looking rows up under row-level security.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+from uuid import UUID
+
+from litestar.connection import ASGIConnection
+from litestar.exceptions import NotAuthorizedException
+from litestar.handlers.base import BaseRouteHandler
+
+from zkeb.core.errors import NotFoundError
+
+__all__ = (
+    "Principal",
+    "PrincipalKind",
+    "principal_of",
+    "requires_backup_access",
+    "requires_org_admin",
+)
+
+PrincipalKind = Literal["org_admin", "project", "device"]
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling: an org admin key, a project key, or a device token.
+
+    `credential_id` identifies the credential (API key id or token `jti`) for audit and logs; it is
+    never the secret itself.
+    """
+
+    kind: PrincipalKind
+    organization_id: UUID
+    credential_id: str
+    project_id: UUID | None = None
+    device_id: UUID | None = None
+    device_id_hash: bytes | None = None
+
+    @property
+    def actor_type(self) -> str:
+        """The audit log's name for this kind of principal."""
+        return {"org_admin": "org_admin_key", "project": "project_key", "device": "device"}[self.kind]
+
+    def can_act_for_device(self, device_id_hash: bytes) -> bool:
+        """A project key acts for any device of its project; a device only for itself."""
+        return self.kind != "device" or self.device_id_hash == device_id_hash
+
+    def require_project(self, project_id: UUID) -> None:
+        """Refuse (404) a project this principal does not belong to; org admins reach every project of theirs.
+
+        Raises:
+            NotFoundError: the project is not this principal's.
+        """
+        if self.kind != "org_admin" and self.project_id != project_id:
+            raise NotFoundError("project not found")
+
+
+def principal_of(connection: ASGIConnection[Any, Any, Any, Any]) -> Principal:
+    """The authenticated principal of a request.
+
+    Raises:
+        NotAuthorizedException: the request carries no valid credential (401).
+    """
+    user = connection.scope.get("user")
+    if not isinstance(user, Principal):
+        raise NotAuthorizedException("a valid bearer credential is required", headers={"WWW-Authenticate": "Bearer"})
+    return user
+
+
+def requires_org_admin(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    """Guard: only an organization admin key.
+
+    Raises:
+        NotFoundError: a project key or device on an admin route (the route's resources are not theirs).
+    """
+    if principal_of(connection).kind != "org_admin":
+        raise NotFoundError("not found")
+
+
+def requires_backup_access(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    """Guard: a project key or a device token (backups belong to a project)."""
+    if principal_of(connection).kind not in ("project", "device"):
+        raise NotFoundError("not found")

@@ -1,0 +1,122 @@
+"""Device tokens: short-lived HS256 JWTs for one device, with a key id so rotated secrets still verify."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from uuid import UUID
+
+import jwt
+
+__all__ = (
+    "AUDIENCE",
+    "ISSUER",
+    "MAX_TOKEN_LIFETIME",
+    "DeviceClaims",
+    "InvalidDeviceTokenError",
+    "issue_device_token",
+    "secret_key_id",
+    "verify_device_token",
+)
+
+ISSUER = "zkeb"
+AUDIENCE = "zkeb-api"
+ALGORITHM = "HS256"
+MAX_TOKEN_LIFETIME = timedelta(minutes=15)
+
+
+class InvalidDeviceTokenError(ValueError):
+    """The token is malformed, forged, expired, or signed with a secret this server no longer holds."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceClaims:
+    """What a verified device token says."""
+
+    device_id: UUID
+    organization_id: UUID
+    project_id: UUID
+    device_id_hash: bytes
+    token_id: str
+    expires_at: datetime
+
+
+def secret_key_id(secret: str) -> str:
+    """A stable, non-reversible id for a JWT secret (the token's `kid`)."""
+    return "k-" + hashlib.sha256(b"zkeb-jwt-kid\x00" + secret.encode()).hexdigest()[:16]
+
+
+def issue_device_token(
+    secret: str,
+    *,
+    device_id: UUID,
+    organization_id: UUID,
+    project_id: UUID,
+    device_id_hash: bytes,
+    lifetime: timedelta = MAX_TOKEN_LIFETIME,
+    now: datetime | None = None,
+) -> tuple[str, int]:
+    """Sign a token for one device; returns the token and its lifetime in seconds."""
+    lifetime = min(lifetime, MAX_TOKEN_LIFETIME)
+    issued = now or datetime.now(UTC)
+    claims = {
+        "iss": ISSUER,
+        "aud": AUDIENCE,
+        "sub": str(device_id),
+        "org": str(organization_id),
+        "prj": str(project_id),
+        "dih": device_id_hash.hex(),
+        "iat": int(issued.timestamp()),
+        "exp": int((issued + lifetime).timestamp()),
+        "jti": uuid.uuid4().hex,
+    }
+    token = jwt.encode(claims, secret, algorithm=ALGORITHM, headers={"kid": secret_key_id(secret)})
+    return token, int(lifetime.total_seconds())
+
+
+def verify_device_token(token: str, secrets: tuple[str, ...]) -> DeviceClaims:
+    """Verify signature (HS256 only), `kid`, `iss`, `aud`, `exp`, `nbf` and the claim shapes.
+
+    Raises:
+        InvalidDeviceTokenError: for any failure; the message is safe to log (no token material).
+    """
+    try:
+        header = jwt.get_unverified_header(token)
+    except jwt.PyJWTError:
+        raise InvalidDeviceTokenError("malformed token") from None
+    if header.get("alg") != ALGORITHM:
+        raise InvalidDeviceTokenError("algorithm not allowed")
+    by_kid = {secret_key_id(secret): secret for secret in secrets if secret}
+    secret = by_kid.get(str(header.get("kid")))
+    if secret is None:
+        raise InvalidDeviceTokenError("unknown key id")
+    try:
+        claims = jwt.decode(
+            token,
+            secret,
+            algorithms=[ALGORITHM],
+            audience=AUDIENCE,
+            issuer=ISSUER,
+            options={"require": ["exp", "iat", "sub", "jti", "iss", "aud"]},
+        )
+        issued = datetime.fromtimestamp(claims["iat"], UTC)
+        expires = datetime.fromtimestamp(claims["exp"], UTC)
+        if expires - issued > MAX_TOKEN_LIFETIME:
+            raise InvalidDeviceTokenError("lifetime too long")
+        device_id_hash = bytes.fromhex(claims["dih"])
+        if len(device_id_hash) != 32:
+            raise InvalidDeviceTokenError("bad device hash")
+        return DeviceClaims(
+            device_id=UUID(claims["sub"]),
+            organization_id=UUID(claims["org"]),
+            project_id=UUID(claims["prj"]),
+            device_id_hash=device_id_hash,
+            token_id=str(claims["jti"]),
+            expires_at=expires,
+        )
+    except jwt.PyJWTError as exc:
+        raise InvalidDeviceTokenError(type(exc).__name__) from None
+    except (KeyError, TypeError, ValueError):
+        raise InvalidDeviceTokenError("bad claims") from None
