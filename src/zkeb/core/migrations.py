@@ -41,7 +41,11 @@ def start_embedded_postgres(data_dir: Path) -> str:
 
     pgserver keeps one server per data directory and stops it when the last process using it exits.
     """
-    import pgserver  # noqa: PLC0415 - only needed without DATABASE_URL
+    try:
+        import pgserver  # noqa: PLC0415 - only needed without DATABASE_URL
+    except ImportError:
+        msg = "DATABASE_URL is not set and the embedded PostgreSQL is not installed: pip install 'zkeb[embedded]'"
+        raise RuntimeError(msg) from None
 
     pgdata = data_dir / "pgdata"
     pgdata.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,98 @@
+"""`zkeb serve` end to end: the embedded default comes up ready, SIGTERM exits cleanly, production guards."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+ZKEB = [sys.executable, "-m", "zkeb"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("ZKEB_", "DATABASE_", "REDIS_", "JWT_", "API_KEY"))
+    }
+    env.update(extra)
+    return env
+
+
+def _wait_ready(url: str, process: subprocess.Popen[bytes], deadline_s: float) -> httpx.Response:
+    deadline = time.monotonic() + deadline_s
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"server exited early with {process.returncode}")
+        try:
+            response = httpx.get(url, timeout=2)
+            if response.status_code == 200:
+                return response
+        except httpx.HTTPError as exc:
+            last = exc
+        time.sleep(0.3)
+    pytest.fail(f"not ready within {deadline_s}s: {last}")
+
+
+def test_serve_with_no_environment_starts_embedded_postgres_and_becomes_ready(tmp_path: Path) -> None:
+    port = _free_port()
+    data_dir = tmp_path / "data"
+    env = _clean_env(ZKEB_DATA_DIR=str(data_dir), HOST="127.0.0.1", PORT=str(port))
+    process = subprocess.Popen([*ZKEB, "serve"], env=env, cwd=tmp_path, stderr=subprocess.PIPE)
+    try:
+        ready = _wait_ready(f"http://127.0.0.1:{port}/api/health/ready", process, deadline_s=60)
+        assert ready.json()["status"] == "ready"
+        health = httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=5).json()
+        assert health["checks"]["database"]["schema_revision"] == health["checks"]["database"]["schema_head"]
+        assert (data_dir / "pgdata" / "PG_VERSION").exists()
+        assert (data_dir / "dev-secrets.json").exists()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0, stderr.decode()[-2000:]
+    assert b"DEVELOPMENT secrets" in stderr
+    # The embedded server stopped with the last process that used it.
+    assert not (data_dir / "pgdata" / "postmaster.pid").exists()
+
+
+def test_production_refuses_to_start_without_secrets(tmp_path: Path) -> None:
+    env = _clean_env(ZKEB_ENV="production", ZKEB_DATA_DIR=str(tmp_path), DATABASE_URL="postgres://u@127.0.0.1:1/x")
+    result = subprocess.run([*ZKEB, "serve"], env=env, capture_output=True, timeout=60, check=False)
+    assert result.returncode != 0
+    message = result.stderr.decode()
+    for name in ("ZKEB_MASTER_ENCRYPTION_KEY", "JWT_SECRET", "API_KEY_SALT"):
+        assert name in message
+    assert "Traceback" not in message
+    assert not (tmp_path / "dev-secrets.json").exists()
+
+
+def test_db_commands_work_against_a_database_url(empty_database_url: str, tmp_path: Path) -> None:
+    env = _clean_env(DATABASE_URL=empty_database_url, ZKEB_DATA_DIR=str(tmp_path))
+    upgrade = subprocess.run([*ZKEB, "db", "upgrade"], env=env, capture_output=True, timeout=120, check=False)
+    assert upgrade.returncode == 0, upgrade.stderr.decode()
+    current = subprocess.run([*ZKEB, "db", "current"], env=env, capture_output=True, timeout=60, check=False)
+    assert current.returncode == 0
+    assert b"0001 (head)" in current.stdout
+    down = subprocess.run([*ZKEB, "db", "downgrade", "base"], env=env, capture_output=True, timeout=120, check=False)
+    assert down.returncode == 0, down.stderr.decode()
+
+
+def test_unreachable_database_is_a_clear_error_not_a_traceback(tmp_path: Path) -> None:
+    env = _clean_env(DATABASE_URL="postgresql://postgres@127.0.0.1:1/nowhere", ZKEB_DATA_DIR=str(tmp_path))
+    result = subprocess.run([*ZKEB, "db", "upgrade"], env=env, capture_output=True, timeout=60, check=False)
+    assert result.returncode != 0
+    assert b"cannot reach the database" in result.stderr
+    assert b"Traceback" not in result.stderr
