@@ -7,6 +7,7 @@ variable and never echo a secret's value.
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 import logging
 import os
@@ -83,6 +84,8 @@ class Settings:
     version: str
     commit: str
     build_date: str
+    #: Proxies whose `X-Forwarded-For`/`X-Forwarded-Proto` are believed (`TRUSTED_PROXIES`, IPs or CIDRs).
+    trusted_proxies: tuple[str, ...] = ()
 
     @property
     def is_production(self) -> bool:
@@ -141,6 +144,7 @@ class Settings:
             version=reader.text("ZKEB_VERSION", _package_version()),
             commit=reader.text("ZKEB_COMMIT", "unknown"),
             build_date=reader.text("ZKEB_BUILD_DATE", "unknown"),
+            trusted_proxies=reader.networks("TRUSTED_PROXIES"),
         )
 
 
@@ -232,6 +236,16 @@ class _EnvReader:
             return False
         msg = f"{name} must be true or false (got {raw!r})"
         raise SettingsError(msg)
+
+    def networks(self, name: str) -> tuple[str, ...]:
+        items = tuple(item.strip() for item in self.text(name, "").split(",") if item.strip())
+        for item in items:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                msg = f"{name} must be a comma-separated list of IP addresses or CIDR networks (got {item!r})"
+                raise SettingsError(msg) from None
+        return items
 
     def size(self, name: str, default: str) -> int:
         raw = self.text(name, default)
