@@ -7,6 +7,7 @@ from litestar import Litestar
 from zkeb.core import CorePlugin
 from zkeb.core.requestid import RequestIdMiddleware
 from zkeb.domain.accounts import AccountsPlugin
+from zkeb.domain.audit import AuditPlugin
 from zkeb.domain.health import HealthPlugin
 from zkeb.settings import Settings, get_settings
 
@@ -16,7 +17,9 @@ __all__ = ("create_app",)
 def create_app(settings: Settings | None = None) -> Litestar:
     """Build the ZKEB app: the core plugin and, through it, one plugin per domain."""
     settings = settings or get_settings()
-    app = Litestar(plugins=[CorePlugin(settings, domains=[HealthPlugin(), AccountsPlugin()])], debug=False)
+    app = Litestar(
+        plugins=[CorePlugin(settings, domains=[HealthPlugin(), AccountsPlugin(), AuditPlugin()])], debug=False
+    )
     # Outermost, so routing errors (404, 405) carry the request id too.
     app.asgi_handler = RequestIdMiddleware(app.asgi_handler)
     return app

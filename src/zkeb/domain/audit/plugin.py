@@ -1,0 +1,74 @@
+"""Registers the audit domain: its routes and the periodic chain-head log."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from litestar import Litestar
+from litestar.config.app import AppConfig
+from litestar.plugins import InitPluginProtocol
+
+from zkeb.core.runtime import get_runtime
+from zkeb.domain.audit.controllers import AuditController
+from zkeb.domain.audit.services import log_chain_heads
+
+__all__ = ("AuditPlugin", "ChainHeadLogger")
+
+logger = logging.getLogger("zkeb.audit")
+
+#: How often every organization's chain head is logged (seconds).
+HEAD_LOG_INTERVAL_SECONDS = 900.0
+
+
+class ChainHeadLogger:
+    """Logs every chain head every `interval` seconds and once at shutdown, for anchoring outside the database.
+
+    Each worker process logs; the lines are identical apart from timing, so duplicates are harmless.
+    """
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._task: asyncio.Task[None] | None = None
+
+    async def _log_once(self, app: Litestar) -> None:
+        try:
+            await log_chain_heads(get_runtime(app.state).engine)
+        except Exception:
+            logger.warning("could not log audit chain heads", exc_info=True)
+
+    async def _run(self, app: Litestar) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            await self._log_once(app)
+
+    async def start(self, app: Litestar) -> None:
+        """Start the periodic task (startup hook)."""
+        if get_runtime(app.state).settings.enable_audit_logs and self.interval > 0:
+            self._task = asyncio.create_task(self._run(app), name="zkeb-audit-head-logger")
+
+    async def stop(self, app: Litestar) -> None:
+        """Stop the task and log the heads one last time (shutdown hook, before the engine is disposed)."""
+        if self._task is None:
+            return
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._task = None
+        await self._log_once(app)
+
+
+class AuditPlugin(InitPluginProtocol):
+    """The audit log's routes and its chain-head logger."""
+
+    def __init__(self, head_log_interval: float = HEAD_LOG_INTERVAL_SECONDS) -> None:
+        self.head_logger = ChainHeadLogger(head_log_interval)
+
+    def on_app_init(self, app_config: AppConfig) -> AppConfig:
+        """Add the audit controller and the head logger's lifespan hooks."""
+        app_config.route_handlers.append(AuditController)
+        app_config.on_startup.append(self.head_logger.start)
+        # Shutdown hooks run in reverse order: this one runs before the core plugin disposes the engine.
+        app_config.on_shutdown.append(self.head_logger.stop)
+        return app_config
