@@ -8,7 +8,15 @@ import hmac
 import re
 import secrets
 
-__all__ = ("API_KEY_PREFIX", "PUBLIC_PREFIX_LENGTH", "generate_api_key", "hash_api_key", "public_prefix")
+__all__ = (
+    "API_KEY_PREFIX",
+    "PUBLIC_PREFIX_LENGTH",
+    "generate_api_key",
+    "hash_api_key",
+    "matching_salt",
+    "public_prefix",
+    "salts_in_use",
+)
 
 API_KEY_PREFIX = "zkeb_"
 PUBLIC_PREFIX_LENGTH = 12
@@ -31,3 +39,20 @@ def public_prefix(key: str) -> str | None:
 def hash_api_key(salt: str, key: str) -> bytes:
     """HMAC-SHA256(salt, key): what the database stores instead of the key."""
     return hmac.new(salt.encode(), key.encode(), hashlib.sha256).digest()
+
+
+def salts_in_use(salt: str, salt_new: str | None) -> tuple[str, ...]:
+    """The salts a stored hash may be under, preferred first: `API_KEY_SALT_NEW` (when set), then `API_KEY_SALT`."""
+    return tuple(s for s in (salt_new, salt) if s)
+
+
+def matching_salt(key: str, stored_hash: bytes, salts: tuple[str, ...]) -> int | None:
+    """The index in `salts` of the salt `stored_hash` was computed under for `key`, or None.
+
+    Every salt is tried with a constant-time comparison, so the time taken does not depend on which matched.
+    """
+    found: int | None = None
+    for index, salt in enumerate(salts):
+        if hmac.compare_digest(bytes(stored_hash), hash_api_key(salt, key)) and found is None:
+            found = index
+    return found

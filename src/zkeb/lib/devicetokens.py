@@ -18,6 +18,8 @@ __all__ = (
     "InvalidDeviceTokenError",
     "issue_device_token",
     "secret_key_id",
+    "signing_secret",
+    "verification_secrets",
     "verify_device_token",
 )
 
@@ -46,6 +48,16 @@ class DeviceClaims:
 def secret_key_id(secret: str) -> str:
     """A stable, non-reversible id for a JWT secret (the token's `kid`)."""
     return "k-" + hashlib.sha256(b"zkeb-jwt-kid\x00" + secret.encode()).hexdigest()[:16]
+
+
+def signing_secret(secret: str, secret_new: str | None) -> str:
+    """The secret that signs new tokens: `JWT_SECRET_NEW` while set (the one being rotated to), else `JWT_SECRET`."""
+    return secret_new or secret
+
+
+def verification_secrets(secret: str, secret_new: str | None) -> tuple[str, ...]:
+    """Every secret a token may be signed with: `JWT_SECRET_NEW` (when set) and `JWT_SECRET`."""
+    return tuple(s for s in (secret_new, secret) if s)
 
 
 def issue_device_token(
@@ -101,14 +113,13 @@ def verify_device_token(token: str, secrets: tuple[str, ...]) -> DeviceClaims:
             issuer=ISSUER,
             options={"require": ["exp", "iat", "sub", "jti", "iss", "aud"]},
         )
+    except jwt.PyJWTError as exc:
+        raise InvalidDeviceTokenError(type(exc).__name__) from None
+    try:
         issued = datetime.fromtimestamp(claims["iat"], UTC)
         expires = datetime.fromtimestamp(claims["exp"], UTC)
-        if expires - issued > MAX_TOKEN_LIFETIME:
-            raise InvalidDeviceTokenError("lifetime too long")
         device_id_hash = bytes.fromhex(claims["dih"])
-        if len(device_id_hash) != 32:
-            raise InvalidDeviceTokenError("bad device hash")
-        return DeviceClaims(
+        result = DeviceClaims(
             device_id=UUID(claims["sub"]),
             organization_id=UUID(claims["org"]),
             project_id=UUID(claims["prj"]),
@@ -116,7 +127,10 @@ def verify_device_token(token: str, secrets: tuple[str, ...]) -> DeviceClaims:
             token_id=str(claims["jti"]),
             expires_at=expires,
         )
-    except jwt.PyJWTError as exc:
-        raise InvalidDeviceTokenError(type(exc).__name__) from None
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, OverflowError, OSError):
         raise InvalidDeviceTokenError("bad claims") from None
+    if expires - issued > MAX_TOKEN_LIFETIME:
+        raise InvalidDeviceTokenError("lifetime too long")
+    if len(device_id_hash) != 32:
+        raise InvalidDeviceTokenError("bad device hash")
+    return result

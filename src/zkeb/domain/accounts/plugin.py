@@ -7,6 +7,12 @@ from litestar.middleware import DefineMiddleware
 from litestar.plugins import InitPluginProtocol
 
 from zkeb.domain.accounts.authentication import AUTH_EXCLUDED_PATHS, BearerAuthenticationMiddleware
+from zkeb.domain.accounts.controllers import (
+    ApiKeyController,
+    AuthTokenController,
+    DeviceController,
+    ProjectController,
+)
 
 __all__ = ("AccountsPlugin",)
 
@@ -23,4 +29,5 @@ class AccountsPlugin(InitPluginProtocol):
                 exclude_from_auth_key="exclude_from_auth",
             )
         )
+        app_config.route_handlers.extend([ProjectController, ApiKeyController, DeviceController, AuthTokenController])
         return app_config
