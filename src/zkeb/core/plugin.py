@@ -13,9 +13,12 @@ from litestar.plugins import InitPluginProtocol
 
 from zkeb.core.database import create_app_engine, sqlalchemy_config
 from zkeb.core.errors import exception_handlers
+from zkeb.core.logging import configure_logging, install_access_log, log_format
+from zkeb.core.metrics import install_metrics, observe_request
 from zkeb.core.migrations import start_embedded_postgres
 from zkeb.core.redis import create_redis
 from zkeb.core.runtime import Runtime
+from zkeb.core.telemetry import instrument_app
 from zkeb.core.tenancy import install_tenant_setter
 from zkeb.settings import Settings
 
@@ -38,6 +41,7 @@ class CorePlugin(InitPluginProtocol):
     def on_app_init(self, app_config: AppConfig) -> AppConfig:
         """Configure the app; domain plugins run after this one and add their own routes."""
         settings = self.settings
+        configure_logging(settings.log_level, log_format(settings.env))
         install_tenant_setter()
         url = settings.database_url or start_embedded_postgres(settings.data_dir)
         engine = create_app_engine(settings, url)
@@ -64,5 +68,8 @@ class CorePlugin(InitPluginProtocol):
             ),
         )
         app_config.plugins.append(SQLAlchemyPlugin(config=sqlalchemy_config(engine)))
+        instrument_app(app_config, settings, engine, runtime.redis)
+        install_metrics(app_config, settings, engine)
+        install_access_log(app_config, on_complete=[observe_request])
         app_config.plugins.extend(self.domains)
         return app_config

@@ -1,0 +1,348 @@
+"""Prometheus metrics and the `/metrics` endpoint.
+
+Exposure: `/metrics` is **not public by default**. Either
+- `METRICS_TOKEN` is set: `GET /metrics` on the API port answers to `Authorization: Bearer <METRICS_TOKEN>`
+  (401 otherwise), or
+- `METRICS_PORT` is set: `zkeb serve` serves `/metrics` on that port (bind it to a private network only),
+  and `/metrics` on the API port answers 404 unless a token is also set.
+With neither, `/metrics` answers 404.
+
+Several granian workers: `zkeb serve` points `PROMETHEUS_MULTIPROC_DIR` at a fresh directory whenever it runs
+more than one worker or `METRICS_PORT` is set (a worker is a separate process even when alone), so every
+scrape aggregates every worker (prometheus_client's multiprocess mode). Set it yourself to choose the directory;
+it must be empty at start and writable.
+
+Metric objects for the domains (import and increment them; all live in prometheus_client's default registry):
+
+| object | metric | labels |
+| --- | --- | --- |
+| `BACKUPS_CREATED` | `zkeb_backups_created_total` | `method` = `single` or `tus` |
+| `BACKUPS_FAILED` | `zkeb_backups_failed_total` | `method`, `reason` (see `record_backup_failed`) |
+| `BACKUP_BYTES_UPLOADED` | `zkeb_backup_bytes_uploaded_total` | |
+| `BACKUP_BYTES_RESTORED` | `zkeb_backup_bytes_restored_total` | |
+| `BACKUP_PAYLOAD_SIZE` | `zkeb_backup_payload_size_bytes` (histogram) | |
+| `TUS_SESSIONS_CREATED` | `zkeb_tus_sessions_created_total` | |
+| `TUS_SESSIONS_EXPIRED` | `zkeb_tus_sessions_expired_total` | |
+| `REDIS_ERRORS` | `zkeb_redis_errors_total` | `operation` |
+`record_backup_created()`, `record_backup_failed()` and `record_bytes_restored()` wrap the common cases.
+`zkeb_tus_sessions_open` is sampled from the database; request, pool and process metrics are recorded here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from litestar import Controller, Request, Response, get
+from litestar.config.app import AppConfig
+from litestar.datastructures import State
+from litestar.exceptions import NotAuthorizedException
+from litestar.openapi.spec import Components, SecurityScheme
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client import multiprocess as prometheus_multiprocess
+from sqlalchemy import event, text
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.pool import QueuePool
+
+from zkeb.core.errors import NotFoundError
+from zkeb.core.logging import AccessRecord
+from zkeb.core.runtime import get_runtime
+from zkeb.settings import Settings
+
+__all__ = (
+    "BACKUPS_CREATED",
+    "BACKUPS_FAILED",
+    "BACKUP_BYTES_RESTORED",
+    "BACKUP_BYTES_UPLOADED",
+    "BACKUP_PAYLOAD_SIZE",
+    "METRICS_SECURITY_SCHEME",
+    "MULTIPROC_ENV",
+    "REDIS_ERRORS",
+    "TUS_SESSIONS_CREATED",
+    "TUS_SESSIONS_EXPIRED",
+    "MetricsController",
+    "install_metrics",
+    "multiprocess_dir",
+    "observe_request",
+    "prepare_multiprocess_dir",
+    "record_backup_created",
+    "record_backup_failed",
+    "record_bytes_restored",
+    "remove_multiprocess_dir",
+    "render_metrics",
+    "start_metrics_listener",
+)
+
+logger = logging.getLogger("zkeb.metrics")
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+METRICS_SECURITY_SCHEME = "MetricsToken"
+_KIB, _MIB = 1024, 1024 * 1024
+
+# --- HTTP -------------------------------------------------------------------------------------------------------
+HTTP_REQUESTS = Counter(
+    "zkeb_http_requests_total", "HTTP requests answered, by route template and status.", ["method", "route", "status"]
+)
+HTTP_REQUEST_DURATION = Histogram(
+    "zkeb_http_request_duration_seconds",
+    "Time from request start to the last response byte, by route template and status.",
+    ["method", "route", "status"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+)
+HTTP_REQUEST_BYTES = Counter("zkeb_http_request_body_bytes_total", "Request body bytes received.", ["route"])
+HTTP_RESPONSE_BYTES = Counter("zkeb_http_response_body_bytes_total", "Response body bytes sent.", ["route"])
+RATE_LIMITED = Counter("zkeb_rate_limited_requests_total", "Requests answered 429 (rate limited).", ["route"])
+
+# --- dependencies -----------------------------------------------------------------------------------------------
+DB_POOL_IN_USE = Gauge(
+    "zkeb_db_pool_connections_in_use", "Database connections checked out of the pool.", multiprocess_mode="livesum"
+)
+DB_POOL_SIZE = Gauge("zkeb_db_pool_size", "Configured pool size (DB_POOL_SIZE).", multiprocess_mode="livesum")
+DB_POOL_MAX = Gauge(
+    "zkeb_db_pool_connections_max", "Most connections the pool may open (size + overflow).", multiprocess_mode="livesum"
+)
+REDIS_ERRORS = Counter("zkeb_redis_errors_total", "Redis commands that failed after retries.", ["operation"])
+
+# --- backups (incremented by the backups domain) ---------------------------------------------------------------
+BACKUPS_CREATED = Counter("zkeb_backups_created_total", "Backups committed.", ["method"])
+BACKUPS_FAILED = Counter("zkeb_backups_failed_total", "Backup uploads refused or failed.", ["method", "reason"])
+BACKUP_BYTES_UPLOADED = Counter("zkeb_backup_bytes_uploaded_total", "Payload bytes of committed backups.")
+BACKUP_BYTES_RESTORED = Counter("zkeb_backup_bytes_restored_total", "Payload bytes streamed back to clients.")
+BACKUP_PAYLOAD_SIZE = Histogram(
+    "zkeb_backup_payload_size_bytes",
+    "Payload size of committed backups.",
+    buckets=(_KIB, 16 * _KIB, 256 * _KIB, _MIB, 4 * _MIB, 16 * _MIB, 64 * _MIB, 256 * _MIB, 1024 * _MIB),
+)
+TUS_SESSIONS_CREATED = Counter("zkeb_tus_sessions_created_total", "tus upload sessions created.")
+TUS_SESSIONS_EXPIRED = Counter("zkeb_tus_sessions_expired_total", "Expired tus upload sessions purged.")
+TUS_SESSIONS_OPEN = Gauge(
+    "zkeb_tus_sessions_open", "Unexpired, uncompleted tus upload sessions (all tenants).", multiprocess_mode="livemax"
+)
+
+# --- process ------------------------------------------------------------------------------------------------------
+PROCESS_MEMORY = Gauge(
+    "zkeb_process_resident_memory_bytes", "Resident memory of the serving processes.", multiprocess_mode="livesum"
+)
+PROCESS_CPU = Counter("zkeb_process_cpu_seconds_total", "CPU time (user + system) of the serving processes.")
+BUILD_INFO = Gauge(
+    "zkeb_build_info", "Version and commit of the running build.", ["version", "commit"], multiprocess_mode="max"
+)
+
+_OPEN_SESSIONS = text("SELECT zkeb_open_upload_sessions()")
+
+
+def record_backup_created(method: str, payload_size: int) -> None:
+    """Count one committed backup of `payload_size` bytes (`method`: `single` or `tus`)."""
+    BACKUPS_CREATED.labels(method=method).inc()
+    BACKUP_BYTES_UPLOADED.inc(payload_size)
+    BACKUP_PAYLOAD_SIZE.observe(payload_size)
+
+
+def record_backup_failed(method: str, reason: str) -> None:
+    """Count one refused or failed upload (`reason`: signature, nonce_reuse, quota, validation, checksum, error)."""
+    BACKUPS_FAILED.labels(method=method, reason=reason).inc()
+
+
+def record_bytes_restored(size: int) -> None:
+    """Count payload bytes sent back to a client."""
+    BACKUP_BYTES_RESTORED.inc(size)
+
+
+def observe_request(record: AccessRecord) -> None:
+    """Record one finished request (an access-log observer)."""
+    status = str(record.status)
+    HTTP_REQUESTS.labels(record.method, record.route, status).inc()
+    HTTP_REQUEST_DURATION.labels(record.method, record.route, status).observe(record.duration_s)
+    if record.bytes_in:
+        HTTP_REQUEST_BYTES.labels(record.route).inc(record.bytes_in)
+    if record.bytes_out:
+        HTTP_RESPONSE_BYTES.labels(record.route).inc(record.bytes_out)
+    if record.status == 429:
+        RATE_LIMITED.labels(record.route).inc()
+
+
+class _ProcessSampler:
+    """Resident memory and CPU time of this process, from /proc when available."""
+
+    def __init__(self) -> None:
+        self._cpu_seen = 0.0
+        self._page_size = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+    def sample(self) -> None:
+        times = os.times()
+        cpu = times.user + times.system
+        if cpu > self._cpu_seen:
+            PROCESS_CPU.inc(cpu - self._cpu_seen)
+            self._cpu_seen = cpu
+        PROCESS_MEMORY.set(self._resident_bytes())
+
+    def _resident_bytes(self) -> int:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            return int(Path("/proc/self/statm").read_text().split()[1]) * self._page_size
+        import resource  # noqa: PLC0415 - only where /proc is missing
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+_sampler = _ProcessSampler()
+
+
+def multiprocess_dir() -> str | None:
+    """The multiprocess directory in use, if any."""
+    return os.environ.get(MULTIPROC_ENV) or None
+
+
+def render_metrics() -> bytes:
+    """The Prometheus text exposition: this process's registry, or every worker's in multiprocess mode."""
+    _sampler.sample()
+    if multiprocess_dir():
+        registry = CollectorRegistry()
+        prometheus_multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return generate_latest(registry)
+    return generate_latest(REGISTRY)
+
+
+async def _refresh_database_gauges(engine: AsyncEngine) -> None:
+    try:
+        async with asyncio.timeout(2), engine.connect() as connection:
+            TUS_SESSIONS_OPEN.set((await connection.execute(_OPEN_SESSIONS)).scalar_one())
+    except Exception as exc:  # noqa: BLE001 - a scrape must answer even when the database does not
+        logger.debug("could not sample open upload sessions", extra={"error": type(exc).__name__})
+
+
+def _bearer_matches(request: Request[Any, Any, Any], token: str) -> bool:
+    scheme, _, credential = request.headers.get("authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(credential.strip().encode(), token.encode())
+
+
+class MetricsController(Controller):
+    """`GET /metrics`: Prometheus text behind `METRICS_TOKEN`."""
+
+    path = "/metrics"
+    tags = ["observability"]  # noqa: RUF012 - Litestar's declared attribute
+    security = [{METRICS_SECURITY_SCHEME: []}]  # noqa: RUF012
+    opt = {"exclude_from_auth": True, "exclude_from_rate_limit": True}  # noqa: RUF012
+    include_in_schema = True
+
+    @get(
+        "/",
+        summary="Prometheus metrics",
+        description=(
+            "Prometheus text exposition format. Answers only to `Authorization: Bearer <METRICS_TOKEN>`; "
+            "404 when `METRICS_TOKEN` is not set (then metrics are served on `METRICS_PORT` only, if at all)."
+        ),
+        media_type="text/plain; version=0.0.4; charset=utf-8",
+    )
+    async def metrics(self, request: Request[Any, Any, Any], state: State) -> Response[bytes]:
+        """Render every metric of every worker."""
+        runtime = get_runtime(state)
+        token = runtime.settings.metrics_token
+        if not token:
+            raise NotFoundError("metrics are not served on this port")
+        if not _bearer_matches(request, token):
+            raise NotAuthorizedException(
+                "metrics need 'Authorization: Bearer <METRICS_TOKEN>'", headers={"WWW-Authenticate": "Bearer"}
+            )
+        await _refresh_database_gauges(runtime.engine)
+        body = await asyncio.to_thread(render_metrics)
+        return Response(body, media_type=CONTENT_TYPE_LATEST, headers={"Cache-Control": "no-store"})
+
+
+def _watch_pool(engine: AsyncEngine, settings: Settings) -> None:
+    pool = engine.sync_engine.pool
+    if not isinstance(pool, QueuePool):
+        return
+    DB_POOL_SIZE.set(pool.size())
+    DB_POOL_MAX.set(pool.size() + max(settings.db_pool_size // 2, 1))
+
+    def update(*_: Any) -> None:
+        DB_POOL_IN_USE.set(pool.checkedout())
+
+    event.listen(pool, "checkout", update)
+    event.listen(pool, "checkin", update)
+
+
+def install_metrics(app_config: AppConfig, settings: Settings, engine: AsyncEngine) -> None:
+    """Add `/metrics`, pool gauges and, in multiprocess mode, a sampler that keeps this worker's gauges fresh."""
+    app_config.route_handlers.append(MetricsController)
+    _watch_pool(engine, settings)
+    BUILD_INFO.labels(version=settings.version, commit=settings.commit).set(1)
+    sampler: asyncio.Task[None] | None = None
+
+    async def sample_forever() -> None:
+        while True:
+            _sampler.sample()
+            await _refresh_database_gauges(engine)
+            await asyncio.sleep(15)
+
+    async def start_sampler() -> None:
+        nonlocal sampler
+        # Only multiprocess mode needs it: otherwise each scrape samples its own process.
+        if multiprocess_dir():
+            sampler = asyncio.get_running_loop().create_task(sample_forever())
+
+    async def stop_sampler() -> None:
+        if sampler is not None:
+            sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sampler
+        if multiprocess_dir():
+            prometheus_multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
+
+    app_config.on_startup.append(start_sampler)
+    app_config.on_shutdown.append(stop_sampler)
+    components = app_config.openapi_config.components if app_config.openapi_config else None
+    if isinstance(components, Components) and components.security_schemes is not None:
+        components.security_schemes[METRICS_SECURITY_SCHEME] = SecurityScheme(
+            type="http", scheme="bearer", description="`METRICS_TOKEN`, for Prometheus scrapes of `/metrics`."
+        )
+
+
+def prepare_multiprocess_dir(*, needed: bool) -> str | None:
+    """For `zkeb serve`, before workers start: use `PROMETHEUS_MULTIPROC_DIR`, or create one when `needed`.
+
+    The directory is emptied: stale files of a previous run would be summed into this one's metrics.
+    """
+    directory = multiprocess_dir()
+    if directory is None and not needed:
+        return None
+    if directory is None:
+        directory = tempfile.mkdtemp(prefix="zkeb-prometheus-")
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    for entry in path.glob("*.db"):
+        entry.unlink()
+    os.environ[MULTIPROC_ENV] = directory
+    return directory
+
+
+def start_metrics_listener(host: str, port: int) -> None:
+    """Serve every worker's metrics on `host:port` from a daemon thread (the `zkeb serve` parent process).
+
+    Requires multiprocess mode (`prepare_multiprocess_dir`).
+    """
+    from prometheus_client import start_http_server  # noqa: PLC0415
+
+    registry = CollectorRegistry()
+    prometheus_multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    start_http_server(port, addr=host, registry=registry)
+
+
+def remove_multiprocess_dir(directory: str) -> None:
+    """Remove a directory `prepare_multiprocess_dir` created (best effort, at exit)."""
+    shutil.rmtree(directory, ignore_errors=True)

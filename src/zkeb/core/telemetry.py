@@ -1,0 +1,278 @@
+"""OpenTelemetry tracing, configured only through the standard `OTEL_*` variables.
+
+Tracing is **off** unless asked for: with no `OTEL_TRACES_EXPORTER` and no `OTEL_EXPORTER_OTLP_ENDPOINT` (or
+`..._TRACES_ENDPOINT`), no tracer provider is installed, no middleware or instrumentation is added, and the
+OpenTelemetry API stays the no-op it is by default (near-zero overhead).
+
+When on:
+- `OTEL_TRACES_EXPORTER`: `otlp` (the default once an OTLP endpoint is set), `console` (spans as JSON on
+  stdout, for development), or both (`otlp,console`); `none` turns tracing off.
+- `OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL`: `http/protobuf` (default) or `grpc`. Endpoint, headers, timeout,
+  compression and certificates are read by the official exporters from `OTEL_EXPORTER_OTLP_[TRACES_]*`.
+- `OTEL_SERVICE_NAME` / `OTEL_RESOURCE_ATTRIBUTES` name the service (default `zkeb-api`; `service.version` and
+  `deployment.environment.name` come from the settings unless given); `OTEL_TRACES_SAMPLER[_ARG]` pick the
+  sampler (SDK default `parentbased_always_on`); `OTEL_BSP_*` tune the batch processor; `OTEL_SDK_DISABLED=true`
+  wins over everything.
+
+Per request: a server span from Litestar's OpenTelemetry plugin (named `METHOD /route/{template}`, W3C
+`traceparent` honoured, `traceresponse` header returned), client spans from the official SQLAlchemy (statement
+text only, never parameters) and Redis (command names only) instrumentations, and whatever child spans the
+domains open with `trace.get_tracer("zkeb.<domain>")`. The trace id goes into `trace_id_var` (problem+json
+bodies) and the access log. Spans are flushed when the app shuts down (granian's SIGTERM included).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, cast
+
+from litestar.config.app import AppConfig
+from litestar.enums import ScopeType
+from litestar.middleware import DefineMiddleware
+from litestar.plugins.opentelemetry import OpenTelemetryConfig, OpenTelemetryPlugin
+from litestar.types import ASGIApp, Receive, Scope, Send
+from opentelemetry import trace
+from opentelemetry.instrumentation.propagators import TraceResponsePropagator, set_global_response_propagator
+from opentelemetry.instrumentation.redis import RedisInstrumentor
+from opentelemetry.instrumentation.sqlalchemy.engine import EngineTracer
+from opentelemetry.instrumentation.sqlalchemy.version import __version__ as sqlalchemy_instrumentation_version
+from opentelemetry.metrics import NoOpMeterProvider
+from opentelemetry.sdk.resources import OTELResourceDetector, Resource
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SimpleSpanProcessor, SpanExporter
+from opentelemetry.semconv.attributes.http_attributes import HTTP_ROUTE
+from opentelemetry.trace import Span, format_span_id, format_trace_id
+from redis.asyncio import Redis
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from zkeb.core.errors import trace_id_var
+from zkeb.settings import Settings, SettingsError
+
+__all__ = (
+    "DEFAULT_SERVICE_NAME",
+    "SPAN_CONTEXT_SCOPE_KEY",
+    "TracingConfig",
+    "active_tracer_provider",
+    "install_tracer_provider",
+    "instrument_app",
+    "setup_tracing",
+    "uninstall_tracer_provider",
+)
+
+logger = logging.getLogger("zkeb.telemetry")
+
+DEFAULT_SERVICE_NAME = "zkeb-api"
+#: Key in the ASGI scope under which the server span's `(trace_id, span_id)` (hex) are kept for the access log.
+SPAN_CONTEXT_SCOPE_KEY = "zkeb.trace"
+_EXPORTERS = frozenset({"otlp", "console", "none"})
+_PROTOCOLS = frozenset({"http/protobuf", "grpc"})
+_TRUE = frozenset({"1", "true", "yes", "on"})
+
+
+@dataclass(frozen=True, slots=True)
+class TracingConfig:
+    """What the `OTEL_*` variables ask for."""
+
+    exporters: tuple[str, ...]
+    protocol: str = "http/protobuf"
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any exporter is configured."""
+        return bool(self.exporters)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> TracingConfig:
+        """Read the standard variables (default: `os.environ`).
+
+        Raises:
+            SettingsError: an unknown exporter or protocol; the message names the variable.
+        """
+        env = os.environ if environ is None else environ
+        if env.get("OTEL_SDK_DISABLED", "").strip().lower() in _TRUE:
+            return cls(exporters=())
+        raw = env.get("OTEL_TRACES_EXPORTER", "").strip().lower()
+        if not raw:
+            has_endpoint = any(env.get(n, "").strip() for n in _ENDPOINT_VARS)
+            raw = "otlp" if has_endpoint else "none"
+        names = tuple(dict.fromkeys(n.strip() for n in raw.split(",") if n.strip()))
+        unknown = [n for n in names if n not in _EXPORTERS]
+        if unknown:
+            msg = f"OTEL_TRACES_EXPORTER must be otlp, console or none (got {', '.join(unknown)!r})"
+            raise SettingsError(msg)
+        protocol_var = next((n for n in _PROTOCOL_VARS if env.get(n, "").strip()), None)
+        protocol = env.get(protocol_var, "").strip().lower() if protocol_var else "http/protobuf"
+        if protocol not in _PROTOCOLS:
+            msg = f"{protocol_var} must be http/protobuf or grpc (got {protocol!r})"
+            raise SettingsError(msg)
+        return cls(exporters=tuple(n for n in names if n != "none"), protocol=protocol)
+
+
+_ENDPOINT_VARS = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
+_PROTOCOL_VARS = ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL")
+
+
+def _otlp_exporter(protocol: str) -> SpanExporter:
+    # Imported on demand: the gRPC exporter pulls in grpcio, which only its users should pay for.
+    if protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (  # noqa: PLC0415
+            OTLPSpanExporter as GrpcSpanExporter,
+        )
+
+        return GrpcSpanExporter()
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter  # noqa: PLC0415
+
+    return OTLPSpanExporter()
+
+
+def _resource(settings: Settings) -> Resource:
+    from_env = OTELResourceDetector().detect().attributes
+    defaults: dict[str, Any] = {
+        "service.name": DEFAULT_SERVICE_NAME,
+        "service.version": settings.version,
+        "deployment.environment.name": settings.env,
+    }
+    # The environment wins over our defaults (Resource.create would let explicit attributes win instead).
+    return Resource.create({**defaults, **dict(from_env)})
+
+
+@dataclass(slots=True)
+class _TracingState:
+    provider: TracerProvider
+    owned: bool
+
+
+_state: _TracingState | None = None
+
+
+def install_tracer_provider(provider: TracerProvider, *, owned: bool = False) -> None:
+    """Make `provider` the one ZKEB apps created from now on instrument with (and the global one if none is).
+
+    The OpenTelemetry API lets the global provider be set once per process; a later call here still changes
+    what new apps use, but spans opened through the global API keep going to the first provider.
+    """
+    global _state  # noqa: PLW0603 - tracing is process-wide by nature
+    _state = _TracingState(provider=provider, owned=owned)
+    if not isinstance(trace.get_tracer_provider(), TracerProvider):
+        trace.set_tracer_provider(provider)
+    set_global_response_propagator(TraceResponsePropagator())  # type: ignore[no-untyped-call]
+
+
+def uninstall_tracer_provider() -> None:
+    """Stop instrumenting apps created from now on (already-built apps keep their instrumentation)."""
+    global _state  # noqa: PLW0603
+    _state = None
+    set_global_response_propagator(None)  # type: ignore[no-untyped-call]
+
+
+def active_tracer_provider() -> TracerProvider | None:
+    """The provider ZKEB instruments with, or None when tracing is off."""
+    return _state.provider if _state else None
+
+
+def setup_tracing(settings: Settings, environ: Mapping[str, str] | None = None) -> TracerProvider | None:
+    """Create the process's tracer provider from the `OTEL_*` variables, once; None when tracing is off.
+
+    Raises:
+        SettingsError: a tracing variable is invalid.
+    """
+    if _state is not None:
+        return _state.provider
+    config = TracingConfig.from_env(environ)
+    if not config.enabled:
+        return None
+    provider = TracerProvider(resource=_resource(settings))
+    processors: list[SpanProcessor] = []
+    if "otlp" in config.exporters:
+        processors.append(BatchSpanProcessor(_otlp_exporter(config.protocol)))
+    if "console" in config.exporters:
+        processors.append(SimpleSpanProcessor(ConsoleSpanExporter()))
+    for processor in processors:
+        provider.add_span_processor(processor)
+    install_tracer_provider(provider, owned=True)
+    logger.info(
+        "tracing on",
+        extra={"exporters": ",".join(config.exporters), "protocol": config.protocol},
+    )
+    return provider
+
+
+def _on_server_span(span: Span, scope: dict[str, Any]) -> None:
+    """Expose the trace id to problem+json bodies and the access log (the OpenTelemetry server request hook)."""
+    context = span.get_span_context()
+    if context.is_valid:
+        trace_id = format_trace_id(context.trace_id)
+        trace_id_var.set(trace_id)
+        scope[SPAN_CONTEXT_SCOPE_KEY] = (trace_id, format_span_id(context.span_id))
+
+
+class SpanRouteMiddleware:
+    """Names the server span after the matched route template (`GET /api/v1/backups/{backup_id}`).
+
+    Litestar's OpenTelemetry middleware runs before routing, so it only knows the raw path, whose ids would
+    make every span name unique. This route-level middleware runs after routing.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == ScopeType.HTTP:
+            span = trace.get_current_span()
+            template = scope.get("path_template")
+            if template and span.is_recording():
+                span.update_name(f"{scope['method']} {template}")
+                span.set_attribute(HTTP_ROUTE, template)
+        await self.app(scope, receive, send)
+
+
+def _span_details(scope: Scope) -> tuple[str, dict[str, Any]]:
+    # The raw path is not a route: until routing names the span, it is just the method.
+    method = str(scope.get("method", "")).strip()
+    return (method or str(scope["type"])), {}
+
+
+def instrument_app(
+    app_config: AppConfig, settings: Settings, engine: AsyncEngine, redis: Redis | None
+) -> TracerProvider | None:
+    """Add server spans, database and Redis client spans, and span flushing on shutdown when tracing is on.
+
+    Returns:
+        The tracer provider in use, or None when tracing is off (nothing is added then).
+    """
+    provider = setup_tracing(settings)
+    if provider is None:
+        return None
+    app_config.plugins.append(
+        OpenTelemetryPlugin(
+            OpenTelemetryConfig(
+                tracer_provider=provider,
+                meter_provider=NoOpMeterProvider(),
+                # Per-message receive/send spans would add one span per body chunk of an upload.
+                exclude_spans=["receive", "send"],
+                scopes={ScopeType.HTTP},
+                scope_span_details_extractor=_span_details,
+                server_request_hook_handler=cast("Any", _on_server_span),
+            )
+        )
+    )
+    app_config.middleware.insert(0, DefineMiddleware(SpanRouteMiddleware))
+    tracer = trace.get_tracer(
+        "opentelemetry.instrumentation.sqlalchemy", sqlalchemy_instrumentation_version, tracer_provider=provider
+    )
+    meter = NoOpMeterProvider().get_meter("zkeb")
+    EngineTracer(  # type: ignore[no-untyped-call]
+        tracer, engine.sync_engine, meter.create_up_down_counter("db.client.connections.usage")
+    )
+    if redis is not None:
+        RedisInstrumentor.instrument_client(redis, tracer_provider=provider)
+
+    async def flush_spans() -> None:
+        await asyncio.to_thread(provider.force_flush, 5000)
+
+    app_config.on_shutdown.append(flush_spans)
+    return provider
