@@ -6,8 +6,10 @@ from litestar import Litestar
 
 from zkeb.core import CorePlugin
 from zkeb.core.requestid import RequestIdMiddleware
+from zkeb.core.security import SecurityHeadersMiddleware
 from zkeb.domain.accounts import AccountsPlugin
 from zkeb.domain.audit import AuditPlugin
+from zkeb.domain.backups import BackupsPlugin
 from zkeb.domain.health import HealthPlugin
 from zkeb.settings import Settings, get_settings
 
@@ -18,8 +20,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
     """Build the ZKEB app: the core plugin and, through it, one plugin per domain."""
     settings = settings or get_settings()
     app = Litestar(
-        plugins=[CorePlugin(settings, domains=[HealthPlugin(), AccountsPlugin(), AuditPlugin()])], debug=False
+        plugins=[CorePlugin(settings, domains=[HealthPlugin(), AccountsPlugin(), AuditPlugin(), BackupsPlugin()])],
+        debug=False,
     )
-    # Outermost, so routing errors (404, 405) carry the request id too.
-    app.asgi_handler = RequestIdMiddleware(app.asgi_handler)
+    # Outermost, so routing errors (404, 405) carry the request id and the security headers too.
+    app.asgi_handler = SecurityHeadersMiddleware(RequestIdMiddleware(app.asgi_handler), settings)
     return app

@@ -1,0 +1,330 @@
+"""Backups HTTP API: single-shot upload, metadata, listing, streamed restore and deletion."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+from typing import Any
+from uuid import UUID
+
+import msgspec
+from litestar import Controller, Request, Response, delete, get, post
+from litestar.datastructures import State
+from litestar.exceptions import ClientException
+from litestar.params import Parameter
+from litestar.response import Stream
+from opentelemetry import trace
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from zkeb.core.auth import Principal, principal_of, requires_backup_access
+from zkeb.core.errors import ProblemError
+from zkeb.domain.backups.context import backups_context
+from zkeb.domain.backups.schemas import (
+    BackupEnvelope,
+    BackupList,
+    BackupRead,
+    EnvelopeJson,
+    EnvelopeMsgpack,
+    field_of_validation_error,
+    invalid_field,
+    parse_device_id_hash_hex,
+    validate_envelope,
+)
+from zkeb.domain.backups.services import BackupService, backup_read, backup_read_msgpack, verify_backup_signature
+from zkeb.domain.backups.storage import ChunkPipeline, plan_read, raw_connection, stream_plaintext
+from zkeb.lib.ranges import RangeNotSatisfiableError, etag_matches, parse_range
+
+__all__ = ("BackupController", "ContainerController", "UnsupportedMediaTypeError")
+
+tracer = trace.get_tracer("zkeb.backups")
+
+#: Largest single-shot body (the envelope with its payload); larger payloads go through tus.
+SINGLE_SHOT_MAX_BODY = 16 * 1024 * 1024
+MSGPACK = "application/msgpack"
+_MSGPACK_TYPES = frozenset({MSGPACK, "application/x-msgpack", "application/vnd.msgpack"})
+_JSON = "application/json"
+
+
+class UnsupportedMediaTypeError(ProblemError):
+    """The body's content type is not one this endpoint reads."""
+
+    status_code: int = 415
+
+
+class PayloadRangeError(ProblemError):
+    """The requested byte range selects nothing of the payload."""
+
+    status_code: int = 416
+
+
+def _media_type(request: Request[Any, Any, Any]) -> str:
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+def _wants_msgpack(request: Request[Any, Any, Any]) -> bool:
+    accept = request.headers.get("accept", "")
+    return any(part.split(";", 1)[0].strip().lower() in _MSGPACK_TYPES for part in accept.split(","))
+
+
+def _backup_response(request: Request[Any, Any, Any], backup: Any, status_code: int = 200) -> Response[Any]:
+    headers = {"Cache-Control": "no-store", "Vary": "Accept"}
+    if status_code == 201:
+        headers["Location"] = f"/api/v1/backups/{backup.id}"
+    if _wants_msgpack(request):
+        return Response(
+            msgspec.msgpack.encode(backup_read_msgpack(backup)),
+            media_type=MSGPACK,
+            status_code=status_code,
+            headers=headers,
+        )
+    return Response(backup_read(backup), status_code=status_code, headers=headers)
+
+
+def _decode_envelope(media_type: str, body: bytes) -> tuple[BackupEnvelope, memoryview | bytes]:
+    """Decode and validate a single-shot body; the msgpack payload stays a view into `body`."""
+    try:
+        if media_type in _MSGPACK_TYPES:
+            packed = msgspec.msgpack.decode(body, type=EnvelopeMsgpack)
+            device_id_hash: bytes | memoryview = packed.device_id_hash
+            source: EnvelopeMsgpack | EnvelopeJson = packed
+        else:
+            source = msgspec.json.decode(body, type=EnvelopeJson)
+            device_id_hash = parse_device_id_hash_hex(source.device_id_hash)
+    except msgspec.ValidationError as exc:
+        field = field_of_validation_error(exc)
+        if field is None:
+            raise ProblemError(f"the body is not an envelope: {exc}", status_code=422) from None
+        raise invalid_field(field, str(exc)) from None
+    except msgspec.DecodeError:
+        raise ClientException(
+            "the body is not valid " + ("msgpack" if media_type in _MSGPACK_TYPES else "JSON")
+        ) from None
+    envelope = validate_envelope(
+        container_id=source.container_id,
+        device_id_hash=device_id_hash,
+        payload_nonce=source.payload_nonce,
+        payload_auth_tag=source.payload_auth_tag,
+        metadata=source.metadata,
+        metadata_nonce=source.metadata_nonce,
+        metadata_auth_tag=source.metadata_auth_tag,
+        signature=source.signature,
+        backup_timestamp=source.backup_timestamp,
+    )
+    return envelope, source.payload
+
+
+def _require_project(principal: Principal) -> UUID:
+    assert principal.project_id is not None  # requires_backup_access admits project keys and devices only
+    return principal.project_id
+
+
+class BackupController(Controller):
+    """Backups of the caller's project (a project key) or of the caller's own device (a device token)."""
+
+    path = "/api/v1/backups"
+    tags = ["backups"]  # noqa: RUF012 - Litestar's declared attribute
+    guards = [requires_backup_access]  # noqa: RUF012
+    security = [{"BearerAuth": []}]  # noqa: RUF012
+
+    @post(
+        "/",
+        status_code=201,
+        request_max_body_size=SINGLE_SHOT_MAX_BODY,
+        summary="Upload a backup in one request",
+        description=(
+            "The whole envelope in one body of at most 16 MiB: `application/msgpack` (bytes as `bin`) or "
+            "`application/json` (bytes as standard base64, `device_id_hash` as lowercase hex). The device's "
+            "signature is verified before anything is stored. 201 with the backup (no payload); 409 when the "
+            "device already used `payload_nonce` in this project; 413 over 16 MiB (before the body is read when "
+            "`Content-Length` tells); 415 for another content type; 422 naming an invalid field or a bad signature. "
+            "Larger payloads: tus at `/api/v1/uploads`."
+        ),
+    )
+    async def create_backup(
+        self, request: Request[Any, Any, Any], db_session: AsyncSession, state: State
+    ) -> Response[BackupRead]:
+        """Verify and store a single-shot upload."""
+        principal = principal_of(request)
+        project_id = _require_project(principal)
+        context = backups_context(state)
+        media_type = _media_type(request)
+        if media_type not in _MSGPACK_TYPES and media_type != _JSON:
+            raise UnsupportedMediaTypeError("send the envelope as application/msgpack or application/json")
+        with tracer.start_as_current_span("backups.receive", attributes={"zkeb.project_id": str(project_id)}) as span:
+            body = await request.body()
+            span.set_attribute("zkeb.bytes", len(body))
+        envelope, payload = _decode_envelope(media_type, body)
+        size = len(payload)
+        if size < 1:
+            raise invalid_field("payload", "must not be empty")
+        if size > context.settings.max_upload_size:
+            raise ProblemError(
+                f"payload exceeds MAX_UPLOAD_SIZE ({context.settings.max_upload_size} bytes)", status_code=413
+            )
+        service = BackupService(session=db_session)
+        device = await service.device_for_upload(principal, envelope.device_id_hash)
+        await service.ensure_nonce_unused(project_id, envelope.device_id_hash, envelope.payload_nonce)
+        with tracer.start_as_current_span("backups.hash", attributes={"zkeb.bytes": size}):
+            payload_sha256 = hashlib.sha256(payload).digest()
+        verify_backup_signature(
+            envelope,
+            project_id=project_id,
+            public_key=device.public_key,
+            payload_sha256=payload_sha256,
+            payload_size=size,
+        )
+        new = service.add_payload(
+            organization_id=principal.organization_id, project_id=project_id, crypto=context.crypto
+        )
+        await db_session.commit()
+        try:
+            with tracer.start_as_current_span("backups.encrypt_and_store", attributes={"zkeb.bytes": size}) as span:
+                async with (
+                    raw_connection(context.engine) as connection,
+                    ChunkPipeline(
+                        connection, organization_id=principal.organization_id, payload_id=new.id, cipher=new.cipher
+                    ) as pipeline,
+                ):
+                    await pipeline.write(payload)
+                    await pipeline.close()
+                span.set_attribute("zkeb.chunk_count", pipeline.next_seq)
+            backup = await service.commit_backup(
+                organization_id=principal.organization_id,
+                project_id=project_id,
+                device=device,
+                envelope=envelope,
+                payload_id=new.id,
+                payload_size=size,
+                payload_sha256=payload_sha256,
+                chunk_count=pipeline.next_seq,
+            )
+        except BaseException:
+            await asyncio.shield(service.delete_payload(new.id))
+            raise
+        return _backup_response(request, backup, status_code=201)
+
+    @get(
+        "/",
+        summary="List backups",
+        description="Newest first. Pass `next_cursor` back as `cursor` for the next page; `limit` is 1..100.",
+    )
+    async def list_backups(
+        self,
+        request: Request[Any, Any, Any],
+        db_session: AsyncSession,
+        *,
+        container_id: UUID | None = None,
+        device_id_hash: str | None = Parameter(default=None, description="lowercase hex SHA-256 of the device id"),
+        cursor: str | None = Parameter(default=None, max_length=200),
+        limit: int = Parameter(default=50, ge=1, le=100),
+    ) -> BackupList:
+        """A page of backups."""
+        principal = principal_of(request)
+        device_hash = parse_device_id_hash_hex(device_id_hash) if device_id_hash is not None else None
+        backups, next_cursor = await BackupService(session=db_session).list_visible(
+            principal, container_id=container_id, device_id_hash=device_hash, cursor=cursor, limit=limit
+        )
+        return BackupList(items=[backup_read(b) for b in backups], next_cursor=next_cursor)
+
+    @get(
+        "/{backup_id:uuid}",
+        summary="A backup's envelope (without payload)",
+        description="JSON, or msgpack with `Accept: application/msgpack`.",
+    )
+    async def get_backup(
+        self, request: Request[Any, Any, Any], db_session: AsyncSession, backup_id: UUID
+    ) -> Response[BackupRead]:
+        """One backup's envelope."""
+        backup = await BackupService(session=db_session).get_visible(principal_of(request), backup_id)
+        return _backup_response(request, backup)
+
+    @get(
+        "/{backup_id:uuid}/payload",
+        summary="Download a backup's payload",
+        description=(
+            "Streams the ciphertext as `application/octet-stream`. `ETag` is the payload's SHA-256 (hex); "
+            "`If-None-Match` answers 304; one `Range` answers 206 (only the chunks it needs are decrypted), an "
+            "unsatisfiable one 416 with `Content-Range: bytes */size`."
+        ),
+        media_type="application/octet-stream",
+    )
+    async def download_payload(
+        self, request: Request[Any, Any, Any], db_session: AsyncSession, state: State, backup_id: UUID
+    ) -> Response[Any]:
+        """Stream a payload, whole or one byte range."""
+        principal = principal_of(request)
+        context = backups_context(state)
+        service = BackupService(session=db_session)
+        backup = await service.get_visible(principal, backup_id)
+        size = backup.encrypted_payload_size
+        etag = f'"{backup.payload_sha256.hex()}"'
+        headers = {
+            "ETag": etag,
+            "Repr-Digest": f"sha-256=:{base64.b64encode(backup.payload_sha256).decode()}:",
+            "Cache-Control": "no-store",
+            "Content-Disposition": f'attachment; filename="{backup.id}.bin"',
+            "X-Content-Type-Options": "nosniff",
+            "Accept-Ranges": "bytes",
+        }
+        if etag_matches(request.headers.get("if-none-match"), etag):
+            return Response(b"", status_code=304, headers=headers)
+        try:
+            byte_range = parse_range(request.headers.get("range"), size)
+        except RangeNotSatisfiableError as exc:
+            raise PayloadRangeError(
+                "the range selects no byte of the payload", headers={"Content-Range": exc.content_range}
+            ) from None
+        key, spans = await service.payload_layout(backup)
+        await db_session.commit()
+        cipher = context.crypto.cipher(backup.payload_id, key)
+        steps = plan_read(spans, byte_range)
+        length = size if byte_range is None else byte_range.length
+        headers["Content-Length"] = str(length)
+        if byte_range is not None:
+            headers["Content-Range"] = byte_range.content_range(size)
+        content = stream_plaintext(
+            context.engine,
+            organization_id=principal.organization_id,
+            payload_id=backup.payload_id,
+            cipher=cipher,
+            steps=steps,
+            attributes={
+                "zkeb.backup_id": str(backup.id),
+                "zkeb.project_id": str(backup.project_id),
+                "zkeb.bytes_requested": length,
+                "zkeb.chunk_count": len(steps),
+            },
+        )
+        return Stream(
+            content,
+            status_code=206 if byte_range is not None else 200,
+            media_type="application/octet-stream",
+            headers=headers,
+        )
+
+    @delete("/{backup_id:uuid}", summary="Delete a backup", description="204; its payload's chunks are deleted.")
+    async def delete_backup(self, request: Request[Any, Any, Any], db_session: AsyncSession, backup_id: UUID) -> None:
+        """Delete one backup."""
+        await BackupService(session=db_session).delete_backup(principal_of(request), backup_id)
+
+
+class ContainerController(Controller):
+    """Per-container views of backups."""
+
+    path = "/api/v1/containers"
+    tags = ["backups"]  # noqa: RUF012
+    guards = [requires_backup_access]  # noqa: RUF012
+    security = [{"BearerAuth": []}]  # noqa: RUF012
+
+    @get(
+        "/{container_id:uuid}/backups/latest",
+        summary="The newest backup of a container",
+        description="404 when the container has no backup visible to the caller. JSON or msgpack by `Accept`.",
+    )
+    async def latest_backup(
+        self, request: Request[Any, Any, Any], db_session: AsyncSession, container_id: UUID
+    ) -> Response[BackupRead]:
+        """The latest backup of one container."""
+        backup = await BackupService(session=db_session).latest_in_container(principal_of(request), container_id)
+        return _backup_response(request, backup)

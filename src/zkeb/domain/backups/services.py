@@ -1,0 +1,390 @@
+"""Backup services: who may act for which device, payload rows, the commit step, queries and deletion.
+
+Every call runs in the request's ORM session, whose transactions act for the principal's organization (row-level
+security), and commits its own short unit of work: nothing here holds a transaction across an upload.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from uuid import UUID
+
+from advanced_alchemy.repository import SQLAlchemyAsyncRepository
+from advanced_alchemy.service import SQLAlchemyAsyncRepositoryService
+from litestar.exceptions import ClientException
+from opentelemetry import trace
+from sqlalchemy import delete, literal, select, tuple_, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+from uuid_utils.compat import uuid7
+
+from zkeb.core.auth import Principal
+from zkeb.core.errors import ConflictError, NotFoundError
+from zkeb.db.models import Backup, BackupChunk, Device, Payload, PayloadNonce, UploadSession
+from zkeb.domain.backups.schemas import BackupEnvelope, BackupRead, BackupReadMsgpack, invalid_field
+from zkeb.domain.backups.storage import ChunkSpan, PayloadCrypto, PayloadKey
+from zkeb.lib.atrest import ChunkCipher
+from zkeb.lib.envelope import backup_signed_message, format_rfc3339_utc, verify_ed25519
+
+__all__ = (
+    "BackupService",
+    "NewPayload",
+    "backup_read",
+    "backup_read_msgpack",
+    "decode_cursor",
+    "encode_cursor",
+    "verify_backup_signature",
+)
+
+logger = logging.getLogger("zkeb.backups")
+tracer = trace.get_tracer("zkeb.backups")
+
+_NONCE_CONSTRAINT = "uq_payload_nonces"
+
+
+@dataclass(frozen=True, slots=True)
+class NewPayload:
+    """A payload row just created for an upload, with the cipher for its chunks."""
+
+    id: UUID
+    cipher: ChunkCipher
+
+
+def verify_backup_signature(
+    envelope: BackupEnvelope, *, project_id: UUID, public_key: bytes, payload_sha256: bytes, payload_size: int
+) -> None:
+    """Check the device's Ed25519 signature over DESIGN.md's message (which binds the project id).
+
+    Raises:
+        UnprocessableError: the signature does not verify (422 naming `signature`).
+    """
+    with tracer.start_as_current_span(
+        "backups.verify_signature", attributes={"zkeb.payload_size": payload_size}
+    ) as span:
+        message = backup_signed_message(
+            project_id=project_id,
+            container_id=envelope.container_id,
+            device_id_hash=envelope.device_id_hash,
+            backup_timestamp=envelope.backup_timestamp,
+            payload_nonce=envelope.payload_nonce,
+            payload_auth_tag=envelope.payload_auth_tag,
+            payload_sha256=payload_sha256,
+            payload_size=payload_size,
+            metadata_nonce=envelope.metadata_nonce,
+            metadata_auth_tag=envelope.metadata_auth_tag,
+            metadata_sha256=_sha256(envelope.metadata),
+            metadata_size=len(envelope.metadata),
+        )
+        valid = verify_ed25519(public_key, envelope.signature, message)
+        span.set_attribute("zkeb.outcome", "valid" if valid else "invalid")
+    if not valid:
+        raise invalid_field(
+            "signature", "does not verify with the device's public key over this envelope, project and payload"
+        )
+
+
+def _sha256(data: bytes) -> bytes:
+    import hashlib  # noqa: PLC0415 - keeps the module's imports about services
+
+    return hashlib.sha256(data).digest()
+
+
+def encode_cursor(backup: Backup) -> str:
+    """An opaque keyset cursor after `backup` (newest-first order)."""
+    raw = f"{backup.created_at.isoformat()}|{backup.id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, UUID]:
+    """The position a cursor from `encode_cursor` stands for.
+
+    Raises:
+        ClientException: the cursor is malformed (400).
+    """
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        created, _, identifier = raw.partition("|")
+        position = (datetime.fromisoformat(created), UUID(identifier))
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise ClientException("cursor is malformed; pass back next_cursor unchanged") from None
+    if position[0].tzinfo is None:
+        raise ClientException("cursor is malformed; pass back next_cursor unchanged")
+    return position
+
+
+def backup_read(backup: Backup) -> BackupRead:
+    """A backup as its JSON body."""
+    return BackupRead(
+        id=backup.id,
+        project_id=backup.project_id,
+        container_id=backup.container_id,
+        device_id_hash=backup.device_id_hash.hex(),
+        payload_nonce=backup.payload_nonce,
+        payload_auth_tag=backup.payload_auth_tag,
+        metadata=backup.metadata_,
+        metadata_nonce=backup.metadata_nonce,
+        metadata_auth_tag=backup.metadata_auth_tag,
+        signature=backup.signature,
+        backup_timestamp=format_rfc3339_utc(backup.backup_timestamp),
+        encrypted_payload_size=backup.encrypted_payload_size,
+        payload_sha256=backup.payload_sha256.hex(),
+        created_at=backup.created_at,
+    )
+
+
+def backup_read_msgpack(backup: Backup) -> BackupReadMsgpack:
+    """A backup as its msgpack body (`device_id_hash` as `bin`)."""
+    body = backup_read(backup)
+    return BackupReadMsgpack(
+        **{f: getattr(body, f) for f in body.__struct_fields__ if f != "device_id_hash"},
+        device_id_hash=backup.device_id_hash,
+    )
+
+
+class BackupService(SQLAlchemyAsyncRepositoryService[Backup]):
+    """Committed backups and the rows an upload needs on its way to becoming one."""
+
+    class Repo(SQLAlchemyAsyncRepository[Backup]):
+        """Backup repository."""
+
+        model_type = Backup
+
+    repository_type = Repo
+
+    @property
+    def session(self) -> AsyncSession:
+        """The unit of work (the request's session)."""
+        session: AsyncSession = self.repository.session
+        return session
+
+    # --- uploads -------------------------------------------------------------------------------------------------
+
+    async def device_for_upload(self, principal: Principal, device_id_hash: bytes) -> Device:
+        """The enrolled, unrevoked device an upload acts for.
+
+        A project key may act for any device of its project; a device token only for its own `device_id_hash`.
+
+        Raises:
+            UnprocessableError: unknown or revoked device, or another device than the token's (422 naming
+                `device_id_hash`).
+        """
+        if not principal.can_act_for_device(device_id_hash):
+            raise invalid_field("device_id_hash", "a device token may only upload for its own device")
+        device = await self.session.scalar(
+            select(Device).where(
+                Device.project_id == principal.project_id,
+                Device.device_id_hash == device_id_hash,
+                Device.revoked_at.is_(None),
+            )
+        )
+        if device is None:
+            raise invalid_field("device_id_hash", "is not an enrolled, unrevoked device of this project")
+        return device
+
+    async def ensure_nonce_unused(self, project_id: UUID, device_id_hash: bytes, nonce: bytes) -> None:
+        """Refuse a `payload_nonce` the device already used in the project (checked again at commit).
+
+        Raises:
+            ConflictError: the nonce was used before (409).
+        """
+        used = await self.session.scalar(
+            select(PayloadNonce.id).where(
+                PayloadNonce.project_id == project_id,
+                PayloadNonce.device_id_hash == device_id_hash,
+                PayloadNonce.nonce == nonce,
+            )
+        )
+        if used is not None:
+            raise _nonce_conflict()
+
+    def add_payload(self, *, organization_id: UUID, project_id: UUID, crypto: PayloadCrypto) -> NewPayload:
+        """Stage a payload row with a fresh wrapped data key (the caller commits)."""
+        payload_id = uuid7()
+        key, cipher = crypto.new_key(payload_id)
+        self.session.add(
+            Payload(
+                id=payload_id,
+                organization_id=organization_id,
+                project_id=project_id,
+                key_id=key.key_id,
+                wrapped_key=key.wrapped_key,
+            )
+        )
+        return NewPayload(payload_id, cipher)
+
+    async def commit_backup(
+        self,
+        *,
+        organization_id: UUID,
+        project_id: UUID,
+        device: Device,
+        envelope: BackupEnvelope,
+        payload_id: UUID,
+        payload_size: int,
+        payload_sha256: bytes,
+        chunk_count: int,
+        upload_id: UUID | None = None,
+    ) -> Backup:
+        """The commit step: one transaction makes the backup visible, records its nonce and seals its payload.
+
+        The signature has been verified by the caller. This is where per-project quota and per-container
+        retention belong (lifecycle): they run inside this same transaction.
+
+        Raises:
+            ConflictError: the `payload_nonce` was committed meanwhile by another upload (409).
+        """
+        backup = Backup(
+            id=uuid7(),
+            organization_id=organization_id,
+            project_id=project_id,
+            device_id=device.id,
+            payload_id=payload_id,
+            container_id=envelope.container_id,
+            device_id_hash=envelope.device_id_hash,
+            encrypted_payload_size=payload_size,
+            payload_sha256=payload_sha256,
+            payload_nonce=envelope.payload_nonce,
+            payload_auth_tag=envelope.payload_auth_tag,
+            metadata_=envelope.metadata,
+            metadata_nonce=envelope.metadata_nonce,
+            metadata_auth_tag=envelope.metadata_auth_tag,
+            signature=envelope.signature,
+            backup_timestamp=envelope.backup_timestamp,
+        )
+        with tracer.start_as_current_span(
+            "backups.commit",
+            attributes={
+                "zkeb.backup_id": str(backup.id),
+                "zkeb.project_id": str(project_id),
+                "zkeb.bytes": payload_size,
+            },
+        ) as span:
+            session = self.session
+            try:
+                session.add(
+                    PayloadNonce(
+                        organization_id=organization_id,
+                        project_id=project_id,
+                        device_id_hash=envelope.device_id_hash,
+                        nonce=envelope.payload_nonce,
+                        backup_id=backup.id,
+                    )
+                )
+                await session.flush()
+                await session.execute(
+                    update(Payload)
+                    .where(Payload.id == payload_id)
+                    .values(size=payload_size, sha256=payload_sha256, chunk_count=chunk_count)
+                )
+                if upload_id is not None:
+                    await session.execute(delete(UploadSession).where(UploadSession.id == upload_id))
+                session.add(backup)
+                await session.flush()
+                await session.commit()
+            except IntegrityError as exc:
+                await session.rollback()
+                span.set_attribute("zkeb.outcome", "conflict")
+                if _NONCE_CONSTRAINT in str(exc.orig):
+                    raise _nonce_conflict() from None
+                raise
+            span.set_attribute("zkeb.outcome", "committed")
+        return backup
+
+    async def delete_payload(self, payload_id: UUID) -> None:
+        """Delete a payload that no backup references, its chunks and upload session with it, and commit."""
+        await self.session.rollback()
+        await self.session.execute(delete(Payload).where(Payload.id == payload_id))
+        await self.session.commit()
+
+    # --- queries -------------------------------------------------------------------------------------------------
+
+    def _visible(self, principal: Principal) -> list[object]:
+        conditions: list[object] = [Backup.project_id == principal.project_id, Backup.deleted_at.is_(None)]
+        if principal.kind == "device":
+            conditions.append(Backup.device_id_hash == principal.device_id_hash)
+        return conditions
+
+    async def get_visible(self, principal: Principal, backup_id: UUID) -> Backup:
+        """A backup the principal may see.
+
+        Raises:
+            NotFoundError: unknown, deleted, another project's or (for a device) another device's.
+        """
+        backup = await self.session.scalar(select(Backup).where(Backup.id == backup_id, *self._visible(principal)))  # type: ignore[arg-type]
+        if backup is None:
+            raise NotFoundError("backup not found")
+        return backup
+
+    async def list_visible(
+        self,
+        principal: Principal,
+        *,
+        container_id: UUID | None,
+        device_id_hash: bytes | None,
+        cursor: str | None,
+        limit: int,
+    ) -> tuple[list[Backup], str | None]:
+        """A page of visible backups, newest first, and the cursor of the next page (None on the last)."""
+        query = select(Backup).where(*self._visible(principal))  # type: ignore[arg-type]
+        if container_id is not None:
+            query = query.where(Backup.container_id == container_id)
+        if device_id_hash is not None:
+            query = query.where(Backup.device_id_hash == device_id_hash)
+        if cursor:
+            created_at, after_id = decode_cursor(cursor)
+            query = query.where(tuple_(Backup.created_at, Backup.id) < tuple_(literal(created_at), literal(after_id)))
+        query = query.order_by(Backup.created_at.desc(), Backup.id.desc()).limit(limit + 1)
+        rows = list((await self.session.scalars(query)).all())
+        if len(rows) > limit:
+            return rows[:limit], encode_cursor(rows[limit - 1])
+        return rows, None
+
+    async def latest_in_container(self, principal: Principal, container_id: UUID) -> Backup:
+        """The newest visible backup of a container.
+
+        Raises:
+            NotFoundError: the container has no visible backup.
+        """
+        backups, _ = await self.list_visible(
+            principal, container_id=container_id, device_id_hash=None, cursor=None, limit=1
+        )
+        if not backups:
+            raise NotFoundError("no backup in this container")
+        return backups[0]
+
+    async def payload_layout(self, backup: Backup) -> tuple[PayloadKey, list[ChunkSpan]]:
+        """The wrapped key and chunk map of a backup's payload."""
+        payload = await self.session.get_one(Payload, backup.payload_id)
+        rows = await self.session.execute(
+            select(BackupChunk.seq, BackupChunk.byte_offset, BackupChunk.plain_size)
+            .where(BackupChunk.payload_id == backup.payload_id)
+            .order_by(BackupChunk.seq)
+        )
+        spans = [ChunkSpan(r.seq, r.byte_offset, r.plain_size) for r in rows]
+        return PayloadKey(payload.key_id, payload.wrapped_key), spans
+
+    async def delete_backup(self, principal: Principal, backup_id: UUID) -> None:
+        """Delete a visible backup and its payload's chunks (the lifecycle issue turns this into the trash).
+
+        Raises:
+            NotFoundError: the backup is not visible to the principal.
+        """
+        backup = await self.get_visible(principal, backup_id)
+        payload_id = backup.payload_id
+        with tracer.start_as_current_span(
+            "backups.delete", attributes={"zkeb.backup_id": str(backup_id), "zkeb.project_id": str(backup.project_id)}
+        ):
+            await self.session.execute(delete(Backup).where(Backup.id == backup_id))
+            await self.session.execute(delete(Payload).where(Payload.id == payload_id))
+            await self.session.commit()
+
+
+def _nonce_conflict() -> ConflictError:
+    return ConflictError(
+        "payload_nonce was already used by this device in this project; AES-GCM nonces must never repeat",
+        extra={"field": "payload_nonce"},
+    )

@@ -1,0 +1,455 @@
+"""Payload chunk storage: streamed, pipelined writes and prefetched reads of at-rest encrypted chunks.
+
+A payload is stored as ordered chunks of about `CHUNK_SIZE` bytes in `backup_chunks`, each encrypted with the
+payload's data key (`ChunkCipher`, the chunk's sequence number bound as associated data). Writes never hold one
+transaction across an upload: chunks are inserted in short transactions on a raw asyncpg connection of the app's
+pool, while the request keeps receiving, hashing and encrypting the next chunk (PostgreSQL's single backend is the
+bottleneck, so the two must overlap). Chunks are invisible to clients until the backup row that references their
+payload commits; nothing else references them.
+
+Chunk transactions commit with `synchronous_commit = off`: the commit that makes a backup visible is synchronous,
+and flushing its WAL record flushes every earlier record, chunks included, so durability of a visible backup is
+unchanged while the chunk writes skip one fsync each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+from opentelemetry import trace
+from sqlalchemy.ext.asyncio import AsyncEngine
+from uuid_utils.compat import uuid7
+
+from zkeb.core.errors import ServiceUnavailableError
+from zkeb.lib.atrest import (
+    ChunkCipher,
+    DataKeyUnwrapError,
+    MasterKeyring,
+    UnknownKeyIdError,
+    new_data_key,
+    unwrap_data_key,
+    wrap_data_key,
+)
+from zkeb.lib.ranges import ByteRange
+
+if TYPE_CHECKING:
+    import asyncpg
+
+__all__ = (
+    "CHUNK_SIZE",
+    "ChunkPipeline",
+    "ChunkSpan",
+    "PayloadCrypto",
+    "PayloadKey",
+    "ReadStep",
+    "delete_chunks_from",
+    "hash_stored_chunks",
+    "plan_read",
+    "raw_connection",
+    "stream_plaintext",
+)
+
+logger = logging.getLogger("zkeb.backups.storage")
+tracer = trace.get_tracer("zkeb.backups")
+
+#: Plaintext bytes per stored chunk.
+CHUNK_SIZE = 1 << 20
+#: Encrypted chunks waiting for the writer (bounds memory per upload to a few chunks).
+WRITE_QUEUE_DEPTH = 2
+#: Most chunks inserted in one transaction.
+WRITE_BATCH = 4
+#: Chunks fetched per query on restore, and decrypted chunks buffered ahead of the client.
+READ_BATCH = 2
+READ_QUEUE_DEPTH = 2
+
+_BEGIN_CHUNK_TX = "SELECT set_config('zkeb.org_id', $1, true), set_config('synchronous_commit', 'off', true)"
+_SET_TENANT = "SELECT set_config('zkeb.org_id', $1, true)"
+_INSERT_CHUNK = (
+    "INSERT INTO backup_chunks (id, organization_id, payload_id, seq, byte_offset, plain_size, data, "
+    "created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, now(), now())"
+)
+_SELECT_CHUNKS = "SELECT seq, data FROM backup_chunks WHERE payload_id = $1 AND seq = ANY($2::integer[]) ORDER BY seq"
+_SELECT_CHUNKS_BELOW = (
+    "SELECT seq, data FROM backup_chunks WHERE payload_id = $1 AND seq >= $2 AND seq < $3 ORDER BY seq"
+)
+_DELETE_CHUNKS_FROM = "DELETE FROM backup_chunks WHERE payload_id = $1 AND byte_offset >= $2"
+
+
+@dataclass(frozen=True, slots=True)
+class PayloadKey:
+    """A payload's data key as stored: wrapped by the master key `key_id`."""
+
+    key_id: str
+    wrapped_key: bytes
+
+
+class PayloadCrypto:
+    """Creates and opens per-payload data keys under the master keyring."""
+
+    def __init__(self, keyring: MasterKeyring) -> None:
+        """Use `keyring.active` for new payloads and any of its keys to open existing ones."""
+        self._keyring = keyring
+
+    def new_key(self, payload_id: UUID) -> tuple[PayloadKey, ChunkCipher]:
+        """A fresh data key for `payload_id`, wrapped by the active master key, and its chunk cipher."""
+        data_key = new_data_key()
+        wrapped = wrap_data_key(self._keyring.active, data_key, payload_id=payload_id)
+        return PayloadKey(self._keyring.active_id, wrapped), ChunkCipher(data_key, payload_id)
+
+    def cipher(self, payload_id: UUID, key: PayloadKey) -> ChunkCipher:
+        """The chunk cipher of a stored payload.
+
+        Raises:
+            ServiceUnavailableError: the master key that wrapped it is not configured, or does not open it.
+        """
+        try:
+            data_key = unwrap_data_key(self._keyring.get(key.key_id), key.wrapped_key, payload_id=payload_id)
+        except (UnknownKeyIdError, DataKeyUnwrapError) as exc:
+            logger.error(  # noqa: TRY400 - the traceback adds nothing
+                "cannot open the data key of payload %s (key id %s): %s", payload_id, key.key_id, exc
+            )
+            raise ServiceUnavailableError("the stored payload cannot be decrypted with the configured keys") from None
+        return ChunkCipher(data_key, payload_id)
+
+
+@contextlib.asynccontextmanager
+async def raw_connection(engine: AsyncEngine) -> AsyncIterator[asyncpg.Connection]:
+    """A raw asyncpg connection from the app's pool (the runtime role), outside any ORM session.
+
+    Callers run their own short transactions and set the tenant in each. On any error the connection is
+    invalidated rather than returned, so a transaction broken mid-way never reaches another request.
+    """
+    async with engine.connect() as connection:
+        fairy = await connection.get_raw_connection()
+        driver: asyncpg.Connection = fairy.driver_connection
+        try:
+            yield driver
+        except BaseException:
+            await connection.invalidate()
+            raise
+
+
+async def delete_chunks_from(
+    connection: asyncpg.Connection, organization_id: UUID, payload_id: UUID, offset: int
+) -> None:
+    """Delete the chunks of a payload that start at or after `offset` (bytes never acknowledged)."""
+    async with connection.transaction():
+        await connection.execute(_SET_TENANT, str(organization_id))
+        await connection.execute(_DELETE_CHUNKS_FROM, payload_id, offset)
+
+
+async def hash_stored_chunks(
+    connection: asyncpg.Connection,
+    *,
+    organization_id: UUID,
+    payload_id: UUID,
+    cipher: ChunkCipher,
+    chunk_count: int,
+    digest: Any,
+) -> None:
+    """Feed the plaintext of chunks `0 .. chunk_count-1` to `digest` (a resumed upload's hash prefix)."""
+    with tracer.start_as_current_span("backups.hash_stored", attributes={"zkeb.chunk_count": chunk_count}):
+        for first in range(0, chunk_count, READ_BATCH):
+            async with connection.transaction(readonly=True):
+                await connection.execute(_SET_TENANT, str(organization_id))
+                rows = await connection.fetch(
+                    _SELECT_CHUNKS_BELOW, payload_id, first, min(first + READ_BATCH, chunk_count)
+                )
+            for expected, row in enumerate(rows, start=first):
+                if row["seq"] != expected:
+                    raise ServiceUnavailableError("a stored chunk of this upload is missing")
+                digest.update(cipher.decrypt(row["seq"], row["data"]))
+            if len(rows) != min(READ_BATCH, chunk_count - first):
+                raise ServiceUnavailableError("a stored chunk of this upload is missing")
+
+
+class PipelineError(RuntimeError):
+    """The chunk writer failed; the upload cannot continue."""
+
+
+class ChunkPipeline:
+    """Cuts a byte stream into chunks, hashes and encrypts them, and writes them from a separate task.
+
+    `write()` returns as soon as the chunk is queued, so the request keeps receiving while the previous chunk is
+    being inserted; at most `WRITE_QUEUE_DEPTH` encrypted chunks wait, plus one being received and one being
+    written, whatever the payload size.
+    """
+
+    def __init__(
+        self,
+        connection: asyncpg.Connection,
+        *,
+        organization_id: UUID,
+        payload_id: UUID,
+        cipher: ChunkCipher,
+        first_seq: int = 0,
+        first_offset: int = 0,
+        digests: Sequence[Any] = (),
+        chunk_size: int = CHUNK_SIZE,
+    ) -> None:
+        """Prepare to write chunks `first_seq, ...` starting at byte `first_offset` of the payload."""
+        self._connection = connection
+        self._organization_id = str(organization_id)
+        self._org_uuid = organization_id
+        self._payload_id = payload_id
+        self._cipher = cipher
+        self._digests = tuple(digests)
+        self._chunk_size = chunk_size
+        self._buffer = bytearray()
+        self._queue: asyncio.Queue[tuple[int, int, int, bytes] | None] = asyncio.Queue(maxsize=WRITE_QUEUE_DEPTH)
+        self._writer: asyncio.Task[None] | None = None
+        self.next_seq = first_seq
+        self.next_offset = first_offset
+        self.received = 0
+        self.stored_chunks = 0
+
+    async def __aenter__(self) -> ChunkPipeline:
+        """Start the writer task."""
+        self._writer = asyncio.create_task(self._write_loop(), name=f"zkeb-chunk-writer-{self._payload_id}")
+        return self
+
+    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
+        """Stop the writer if the upload did not close cleanly."""
+        await self.abort()
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet cut into a chunk."""
+        return len(self._buffer)
+
+    async def write(self, data: bytes | memoryview) -> None:
+        """Take the next bytes of the payload."""
+        if not data:
+            return
+        self.received += len(data)
+        view = memoryview(data)
+        if not self._buffer:
+            # Whole chunks straight from the caller's buffer: no copy for large in-memory payloads.
+            while len(view) >= self._chunk_size:
+                await self._emit(view[: self._chunk_size])
+                view = view[self._chunk_size :]
+            if view:
+                self._buffer += view
+            return
+        self._buffer += view
+        while len(self._buffer) >= self._chunk_size:
+            with memoryview(self._buffer) as whole:
+                await self._emit(whole[: self._chunk_size])
+            del self._buffer[: self._chunk_size]
+
+    async def close(self, *, flush_partial: bool = True) -> None:
+        """Write what is buffered (if `flush_partial`) and wait until every queued chunk is stored.
+
+        Raises:
+            PipelineError: the writer failed.
+        """
+        if flush_partial and self._buffer:
+            with memoryview(self._buffer) as whole:
+                await self._emit(whole)
+            self._buffer.clear()
+        await self._put(None)
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            await writer
+
+    async def abort(self) -> None:
+        """Stop writing; chunks already stored stay until the caller deletes them."""
+        writer, self._writer = self._writer, None
+        if writer is not None and not writer.done():
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await writer
+        self._buffer.clear()
+
+    async def _emit(self, plaintext: memoryview) -> None:
+        for digest in self._digests:
+            digest.update(plaintext)
+        size = len(plaintext)
+        blob = self._cipher.encrypt(self.next_seq, plaintext)
+        await self._put((self.next_seq, self.next_offset, size, blob))
+        self.next_seq += 1
+        self.next_offset += size
+
+    async def _put(self, item: tuple[int, int, int, bytes] | None) -> None:
+        writer = self._writer
+        if writer is None:
+            raise PipelineError("the chunk writer is not running")
+        if writer.done():
+            self._raise_writer_failure(writer)
+        if not self._queue.full():
+            self._queue.put_nowait(item)
+            return
+        put = asyncio.ensure_future(self._queue.put(item))
+        done, _ = await asyncio.wait({put, writer}, return_when=asyncio.FIRST_COMPLETED)
+        if put not in done:
+            put.cancel()
+            self._raise_writer_failure(writer)
+
+    @staticmethod
+    def _raise_writer_failure(writer: asyncio.Task[None]) -> None:
+        exc = writer.exception() if not writer.cancelled() else None
+        raise PipelineError("the chunk writer stopped") from exc
+
+    async def _write_loop(self) -> None:
+        while True:
+            item = await self._queue.get()
+            if item is None:
+                return
+            batch = [item]
+            finished = False
+            while len(batch) < WRITE_BATCH and not self._queue.empty():
+                following = self._queue.get_nowait()
+                if following is None:
+                    finished = True
+                    break
+                batch.append(following)
+            await self._store(batch)
+            if finished:
+                return
+
+    async def _store(self, batch: list[tuple[int, int, int, bytes]]) -> None:
+        size = sum(plain for _, _, plain, _ in batch)
+        with tracer.start_as_current_span(
+            "backups.store_chunks",
+            attributes={"zkeb.chunk_count": len(batch), "zkeb.bytes": size, "zkeb.first_seq": batch[0][0]},
+        ):
+            rows = [
+                (uuid7(), self._org_uuid, self._payload_id, seq, offset, plain, blob)
+                for seq, offset, plain, blob in batch
+            ]
+            async with self._connection.transaction():
+                await self._connection.execute(_BEGIN_CHUNK_TX, self._organization_id)
+                if len(rows) == 1:
+                    await self._connection.execute(_INSERT_CHUNK, *rows[0])
+                else:
+                    await self._connection.executemany(_INSERT_CHUNK, rows)
+            self.stored_chunks += len(batch)
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkSpan:
+    """Where one stored chunk sits in its payload."""
+
+    seq: int
+    byte_offset: int
+    plain_size: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReadStep:
+    """Decrypt chunk `seq` and send its plaintext bytes `start .. stop-1`."""
+
+    seq: int
+    start: int
+    stop: int
+
+
+def plan_read(chunks: Sequence[ChunkSpan], byte_range: ByteRange | None) -> list[ReadStep]:
+    """The chunks to decrypt (and the slice of each to send) for the whole payload or one byte range.
+
+    Only chunks that overlap the range are listed, so a small range decrypts one or two chunks.
+
+    Raises:
+        ValueError: the chunks do not tile the payload contiguously from byte 0.
+    """
+    expected_offset = 0
+    for position, chunk in enumerate(chunks):
+        if chunk.seq != position or chunk.byte_offset != expected_offset or chunk.plain_size <= 0:
+            raise ValueError(f"stored chunks are not contiguous at chunk {position}")
+        expected_offset += chunk.plain_size
+    if byte_range is None:
+        return [ReadStep(c.seq, 0, c.plain_size) for c in chunks]
+    first, last = byte_range.start, byte_range.end
+    steps: list[ReadStep] = []
+    for chunk in chunks:
+        chunk_end = chunk.byte_offset + chunk.plain_size - 1
+        if chunk_end < first or chunk.byte_offset > last:
+            continue
+        start = max(first, chunk.byte_offset) - chunk.byte_offset
+        stop = min(last, chunk_end) - chunk.byte_offset + 1
+        steps.append(ReadStep(chunk.seq, start, stop))
+    return steps
+
+
+def _require_rows(rows: Sequence[Any], batch: Sequence[ReadStep]) -> None:
+    if [row["seq"] for row in rows] != [step.seq for step in batch]:
+        raise PipelineError("stored chunks vanished while reading (the backup was deleted?)")
+
+
+async def stream_plaintext(
+    engine: AsyncEngine,
+    *,
+    organization_id: UUID,
+    payload_id: UUID,
+    cipher: ChunkCipher,
+    steps: Sequence[ReadStep],
+    attributes: dict[str, Any] | None = None,
+) -> AsyncIterator[bytes]:
+    """Yield the payload bytes `steps` select, reading ahead of the client on its own connection.
+
+    A reader task fetches `READ_BATCH` chunks per short transaction and decrypts them while the previous ones are
+    being sent; at most `READ_QUEUE_DEPTH` decrypted pieces wait. Closing the generator (the client went away)
+    stops the reader and releases its connection.
+    """
+    queue: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue(maxsize=READ_QUEUE_DEPTH)
+
+    async def read_ahead() -> None:
+        try:
+            async with raw_connection(engine) as connection:
+                for index in range(0, len(steps), READ_BATCH):
+                    batch = steps[index : index + READ_BATCH]
+                    with tracer.start_as_current_span(
+                        "backups.read_chunks", attributes={"zkeb.chunk_count": len(batch)}
+                    ):
+                        async with connection.transaction(readonly=True):
+                            await connection.execute(_SET_TENANT, str(organization_id))
+                            rows = await connection.fetch(_SELECT_CHUNKS, payload_id, [s.seq for s in batch])
+                    _require_rows(rows, batch)
+                    for step, row in zip(batch, rows, strict=True):
+                        with tracer.start_as_current_span("backups.decrypt", attributes={"zkeb.seq": step.seq}):
+                            plaintext = cipher.decrypt(step.seq, row["data"])
+                        del row
+                        if step.start == 0 and step.stop == len(plaintext):
+                            await queue.put(plaintext)
+                        else:
+                            await queue.put(plaintext[step.start : step.stop])
+                        del plaintext
+            await queue.put(None)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
+            await queue.put(exc)
+
+    with tracer.start_as_current_span("backups.send", attributes=attributes or {}) as span:
+        reader = asyncio.create_task(read_ahead(), name=f"zkeb-chunk-reader-{payload_id}")
+        sent = 0
+        try:
+            while True:
+                item = await queue.get()
+                if item is None:
+                    break
+                if isinstance(item, BaseException):
+                    logger.error("restore of payload %s failed after %d bytes: %s", payload_id, sent, item)
+                    span.set_attribute("zkeb.outcome", "error")
+                    raise item
+                sent += len(item)
+                yield item
+            span.set_attribute("zkeb.outcome", "success")
+        finally:
+            span.set_attribute("zkeb.bytes", sent)
+            if not reader.done():
+                reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+
+
+def new_sha256() -> Any:
+    """A SHA-256 accumulator for a payload."""
+    return hashlib.sha256()

@@ -1,0 +1,738 @@
+"""A tus 1.0.0 resumable-upload server for backups (https://tus.io/protocols/resumable-upload).
+
+Implemented: core protocol, `creation`, `creation-with-upload`, `termination`, `checksum` (`sha1`, which the
+spec requires, and `sha256`) and `expiration`. Not implemented: `creation-defer-length` and `concatenation`.
+
+ZKEB specifics:
+
+- `Upload-Metadata` carries every envelope field but the payload, each value base64 as tus requires:
+  `container_id` and `backup_timestamp` are base64 of their text (UUID, RFC 3339); `device_id_hash`,
+  `payload_nonce`, `payload_auth_tag`, `metadata`, `metadata_nonce`, `metadata_auth_tag` and `signature` are base64
+  of their raw bytes (`device_id_hash` is base64 of the 32 raw bytes; base64 of its 64 hex characters is accepted
+  too). Other keys (e.g. a client's `filename`) are ignored. The envelope, the device and the nonce are checked at
+  creation (400 malformed, 422 invalid naming the field, 409 reused nonce), so a bad upload fails before any byte.
+- The PATCH that completes the upload verifies the device signature and commits the backup atomically; its
+  response carries `Zkeb-Backup-Id`. A signature mismatch answers 422 and deletes the upload and its bytes.
+- Bytes of a PATCH are stored as they arrive (pipelined, see `storage`); a PATCH cut off by the network keeps what
+  was received (unless it carried `Upload-Checksum`, which can then not be verified), so `HEAD` + `PATCH` resume.
+- One PATCH at a time per upload (423 otherwise), enforced with a PostgreSQL advisory lock on the payload, which
+  the expiry sweeper also takes, so it never deletes an upload that is receiving bytes.
+- Sessions expire `UPLOAD_EXPIRY` after their last PATCH (`Upload-Expires`); `UploadSweeper` purges expired
+  sessions, their chunks, and payloads orphaned by a crashed process, in bounded batches, safely from any number
+  of processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+from litestar import Controller, Request, Response, delete, head, patch, post, route
+from litestar.datastructures import State
+from litestar.enums import HttpMethod
+from litestar.exceptions import HTTPException, InternalServerException
+from litestar.types import ExceptionHandlersMap
+from opentelemetry import trace
+from sqlalchemy import delete as sa_delete
+from sqlalchemy import select, text
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from uuid_utils.compat import uuid7
+
+from zkeb.core.auth import Principal, principal_of, requires_backup_access
+from zkeb.core.errors import ConflictError, NotFoundError, ProblemError, UnprocessableError, exception_handlers
+from zkeb.core.tenancy import tenant_transaction
+from zkeb.db.models import Payload, UploadSession
+from zkeb.domain.backups.context import BackupsContext, backups_context
+from zkeb.domain.backups.schemas import BackupEnvelope, invalid_field, validate_envelope
+from zkeb.domain.backups.services import BackupService, verify_backup_signature
+from zkeb.domain.backups.storage import (
+    ChunkPipeline,
+    PayloadKey,
+    delete_chunks_from,
+    hash_stored_chunks,
+    raw_connection,
+)
+from zkeb.lib.atrest import ChunkCipher
+from zkeb.lib.tus import (
+    TUS_CHECKSUM_ALGORITHMS,
+    TUS_EXTENSIONS,
+    TUS_VERSION,
+    TusHeaderError,
+    format_upload_expires,
+    parse_non_negative_int,
+    parse_upload_checksum,
+    parse_upload_metadata,
+)
+
+if TYPE_CHECKING:
+    import asyncpg
+
+__all__ = (
+    "ENVELOPE_METADATA_KEYS",
+    "UPLOAD_EXPIRY",
+    "UploadController",
+    "UploadSweeper",
+    "envelope_from_metadata",
+)
+
+logger = logging.getLogger("zkeb.backups.tus")
+tracer = trace.get_tracer("zkeb.backups")
+
+UPLOADS_PATH = "/api/v1/uploads"
+OFFSET_OCTET_STREAM = "application/offset+octet-stream"
+#: How long an upload stays resumable after its creation or its last PATCH.
+UPLOAD_EXPIRY = timedelta(hours=24)
+#: Payloads no backup and no upload references (a process died mid single-shot upload) are purged after this.
+ORPHAN_AGE = timedelta(hours=1)
+SWEEP_INTERVAL_SECONDS = 60.0
+SWEEP_BATCH = 100
+BACKUP_ID_HEADER = "Zkeb-Backup-Id"
+
+ENVELOPE_METADATA_KEYS = (
+    "container_id",
+    "device_id_hash",
+    "payload_nonce",
+    "payload_auth_tag",
+    "metadata",
+    "metadata_nonce",
+    "metadata_auth_tag",
+    "signature",
+    "backup_timestamp",
+)
+_HEX_64 = re.compile(rb"[0-9a-fA-F]{64}")
+
+
+# --- errors (tus status codes) ---------------------------------------------------------------------------------
+
+
+class TusVersionError(ProblemError):
+    """`Tus-Resumable` is missing or names a version this server does not speak (tus §Tus-Resumable)."""
+
+    status_code: int = 412
+
+
+class ChecksumMismatchError(ProblemError):
+    """The PATCH body does not match its `Upload-Checksum` (checksum extension); nothing of it is kept."""
+
+    status_code: int = 460
+
+
+class UploadGoneError(ProblemError):
+    """The upload expired (expiration extension)."""
+
+    status_code: int = 410
+
+
+class UploadLockedError(ProblemError):
+    """Another PATCH is writing to this upload right now."""
+
+    status_code: int = 423
+
+
+class UploadTooLargeError(ProblemError):
+    """`Upload-Length` (or a PATCH body) exceeds what this server accepts."""
+
+    status_code: int = 413
+
+
+class UnsupportedUploadMediaTypeError(ProblemError):
+    """A PATCH must be `application/offset+octet-stream`."""
+
+    status_code: int = 415
+
+
+def _malformed(detail: str) -> ProblemError:
+    return ProblemError(detail, status_code=400)
+
+
+def _with_tus_headers(response: Response[Any], exc: Exception) -> Response[Any]:
+    response.headers["Tus-Resumable"] = TUS_VERSION
+    if isinstance(exc, TusVersionError):
+        response.headers["Tus-Version"] = TUS_VERSION
+    return response
+
+
+def _tus_http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
+    return _with_tus_headers(exception_handlers()[HTTPException](request, exc), exc)
+
+
+def _tus_unexpected_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    return _with_tus_headers(exception_handlers()[Exception](request, exc), exc)
+
+
+_TUS_EXCEPTION_HANDLERS: ExceptionHandlersMap = {HTTPException: _tus_http_error, Exception: _tus_unexpected_error}
+
+
+# --- headers ---------------------------------------------------------------------------------------------------
+
+
+def require_tus_resumable(request: Request[Any, Any, Any]) -> None:
+    """Every request but OPTIONS must say `Tus-Resumable: 1.0.0`.
+
+    Raises:
+        TusVersionError: missing or another version (412 with `Tus-Version`).
+    """
+    if request.headers.get("tus-resumable") != TUS_VERSION:
+        raise TusVersionError(f"this server speaks tus {TUS_VERSION}; send 'Tus-Resumable: {TUS_VERSION}'")
+
+
+def _header_int(request: Request[Any, Any, Any], name: str) -> int:
+    value = request.headers.get(name.lower())
+    if value is None:
+        raise _malformed(f"{name} is required")
+    try:
+        return parse_non_negative_int(value, name=name)
+    except TusHeaderError as exc:
+        raise _malformed(str(exc)) from None
+
+
+def _checksum(request: Request[Any, Any, Any]) -> tuple[str, bytes] | None:
+    value = request.headers.get("upload-checksum")
+    if value is None:
+        return None
+    try:
+        return parse_upload_checksum(value)
+    except TusHeaderError as exc:
+        raise _malformed(str(exc)) from None
+
+
+def _media_type(request: Request[Any, Any, Any]) -> str:
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+def _base_headers(upload: UploadSession | None = None, offset: int | None = None) -> dict[str, str]:
+    headers = {"Tus-Resumable": TUS_VERSION, "Cache-Control": "no-store"}
+    if upload is not None:
+        headers["Upload-Offset"] = str(upload.upload_offset if offset is None else offset)
+        headers["Upload-Expires"] = format_upload_expires(upload.expires_at)
+    return headers
+
+
+def envelope_from_metadata(header: str) -> BackupEnvelope:
+    """The envelope an `Upload-Metadata` header carries (see the module docstring for the encoding).
+
+    Raises:
+        ProblemError: 400 when the header is malformed; 422 naming a missing or invalid field.
+    """
+    try:
+        values = parse_upload_metadata(header)
+    except TusHeaderError as exc:
+        raise _malformed(str(exc)) from None
+    for key in ENVELOPE_METADATA_KEYS:
+        if key not in values or (values[key] is None and key != "metadata"):
+            raise invalid_field(key, "is required in Upload-Metadata")
+
+    def raw(key: str) -> bytes:
+        return values[key] or b""
+
+    def text_of(key: str) -> str:
+        try:
+            return raw(key).decode("ascii")
+        except UnicodeDecodeError:
+            raise invalid_field(key, "must be base64 of ASCII text") from None
+
+    try:
+        container_id = UUID(text_of("container_id"))
+    except ValueError:
+        raise invalid_field("container_id", "must be base64 of a UUID") from None
+    device_id_hash = raw("device_id_hash")
+    if _HEX_64.fullmatch(device_id_hash):
+        device_id_hash = bytes.fromhex(device_id_hash.decode())
+    return validate_envelope(
+        container_id=container_id,
+        device_id_hash=device_id_hash,
+        payload_nonce=raw("payload_nonce"),
+        payload_auth_tag=raw("payload_auth_tag"),
+        metadata=raw("metadata"),
+        metadata_nonce=raw("metadata_nonce"),
+        metadata_auth_tag=raw("metadata_auth_tag"),
+        signature=raw("signature"),
+        backup_timestamp=text_of("backup_timestamp"),
+    )
+
+
+def _envelope_of(upload: UploadSession) -> BackupEnvelope:
+    return BackupEnvelope(
+        container_id=upload.container_id,
+        device_id_hash=upload.device_id_hash,
+        payload_nonce=upload.payload_nonce,
+        payload_auth_tag=upload.payload_auth_tag,
+        metadata=upload.metadata_,
+        metadata_nonce=upload.metadata_nonce,
+        metadata_auth_tag=upload.metadata_auth_tag,
+        signature=upload.signature,
+        backup_timestamp=upload.backup_timestamp,
+    )
+
+
+def payload_lock_key(payload_id: UUID) -> int:
+    """The advisory-lock key guarding one payload's upload (PATCH and sweeper take it)."""
+    return int.from_bytes(payload_id.bytes[8:], "big", signed=True)
+
+
+async def _load_upload(session: AsyncSession, principal: Principal, upload_id: UUID) -> UploadSession:
+    upload = await session.scalar(
+        select(UploadSession).where(UploadSession.id == upload_id, UploadSession.project_id == principal.project_id)
+    )
+    if upload is None or (principal.kind == "device" and upload.device_id_hash != principal.device_id_hash):
+        raise NotFoundError("upload not found")
+    if upload.expires_at <= datetime.now(UTC):
+        raise UploadGoneError("the upload expired")
+    return upload
+
+
+# --- receiving bytes -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PatchOutcome:
+    """Where an upload stands after a PATCH: its offset, and the backup if the PATCH completed it."""
+
+    offset: int
+    backup_id: UUID | None
+    expires_at: datetime
+
+
+class _AbandonedPatchError(Exception):
+    """A PATCH with a checksum lost its connection: nothing of it can be verified, so nothing is kept."""
+
+
+_TRY_LOCK_PAYLOAD = text("SELECT pg_try_advisory_xact_lock(:key)")
+_SET_TENANT = "SELECT set_config('zkeb.org_id', $1, true)"
+_OFFSET_AND_CHUNKS = (
+    "SELECT s.upload_offset, p.chunk_count FROM upload_sessions s JOIN payloads p ON p.id = s.payload_id "
+    "WHERE s.id = $1"
+)
+_RECORD_OFFSET = "UPDATE upload_sessions SET upload_offset = $2, expires_at = $3, updated_at = now() WHERE id = $1"
+_RECORD_CHUNKS = "UPDATE payloads SET chunk_count = $2, size = $3, updated_at = now() WHERE id = $1"
+
+
+@dataclass(slots=True)
+class PatchReceiver:
+    """Receives one PATCH body at an upload's offset and, when it completes the upload, commits the backup."""
+
+    request: Request[Any, Any, Any]
+    context: BackupsContext
+    session: AsyncSession
+    principal: Principal
+    upload: UploadSession
+    checksum: tuple[str, bytes] | None
+
+    async def receive(self) -> PatchOutcome:
+        """Take the upload's advisory lock on a raw connection and stream the body into chunks.
+
+        Raises:
+            UploadLockedError: another PATCH holds the upload (423).
+            UploadTooLargeError: the body goes past `Upload-Length` (413).
+        """
+        upload = self.upload
+        payload = await self.session.get_one(Payload, upload.payload_id)
+        cipher = self.context.crypto.cipher(upload.payload_id, PayloadKey(payload.key_id, payload.wrapped_key))
+        await self.session.commit()  # release the session's connection: the bytes go through a raw one
+        remaining = upload.upload_length - upload.upload_offset
+        announced = self.request.content_length
+        if announced is not None and announced > remaining:
+            raise UploadTooLargeError(f"the body ({announced} bytes) exceeds the {remaining} bytes the upload needs")
+        attributes: dict[str, str | int] = {
+            "zkeb.project_id": str(upload.project_id),
+            "zkeb.upload_offset": upload.upload_offset,
+        }
+        with tracer.start_as_current_span("backups.tus_patch", attributes=attributes) as span:
+            async with raw_connection(self.context.engine) as connection:
+                lock_key = payload_lock_key(upload.payload_id)
+                if not await connection.fetchval("SELECT pg_try_advisory_lock($1)", lock_key):
+                    raise UploadLockedError("another PATCH is writing to this upload; retry after it ends")
+                try:
+                    outcome = await self._receive_locked(connection, cipher)
+                finally:
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(connection.execute("SELECT pg_advisory_unlock($1)", lock_key))
+            span.set_attribute("zkeb.upload_offset_after", outcome.offset)
+            span.set_attribute("zkeb.outcome", "committed" if outcome.backup_id else "partial")
+            if outcome.backup_id is not None:
+                span.set_attribute("zkeb.backup_id", str(outcome.backup_id))
+        return outcome
+
+    async def _receive_locked(self, connection: asyncpg.Connection, cipher: ChunkCipher) -> PatchOutcome:
+        organization_id, upload = self.principal.organization_id, self.upload
+        payload_id, start = upload.payload_id, upload.upload_offset
+        async with connection.transaction(readonly=True):
+            await connection.execute(_SET_TENANT, str(organization_id))
+            state = await connection.fetchrow(_OFFSET_AND_CHUNKS, upload.id)
+        if state is None:
+            raise NotFoundError("upload not found")
+        if state["upload_offset"] != start:
+            raise ProblemError("Upload-Offset does not match the upload's offset", status_code=409)
+        # Chunks past the acknowledged offset were written by a PATCH that failed before recording them.
+        await delete_chunks_from(connection, organization_id, payload_id, start)
+        payload_hash = hashlib.sha256()
+        if start > 0:
+            await hash_stored_chunks(
+                connection,
+                organization_id=organization_id,
+                payload_id=payload_id,
+                cipher=cipher,
+                chunk_count=state["chunk_count"],
+                digest=payload_hash,
+            )
+        patch_digest = hashlib.new(self.checksum[0]) if self.checksum else None
+        pipeline = ChunkPipeline(
+            connection,
+            organization_id=organization_id,
+            payload_id=payload_id,
+            cipher=cipher,
+            first_seq=state["chunk_count"],
+            first_offset=start,
+            digests=[payload_hash] if patch_digest is None else [payload_hash, patch_digest],
+        )
+        try:
+            await self._stream_into(pipeline)
+            self._check_digest(patch_digest)
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(delete_chunks_from(connection, organization_id, payload_id, start))
+            if isinstance(exc, _AbandonedPatchError):
+                return PatchOutcome(start, None, upload.expires_at)
+            raise
+        offset = start + pipeline.received
+        if offset < upload.upload_length:
+            expires_at = datetime.now(UTC) + UPLOAD_EXPIRY
+            async with connection.transaction():
+                await connection.execute(_SET_TENANT, str(organization_id))
+                await connection.execute(_RECORD_OFFSET, upload.id, offset, expires_at)
+                await connection.execute(_RECORD_CHUNKS, payload_id, pipeline.next_seq, offset)
+            return PatchOutcome(offset, None, expires_at)
+        backup_id = await self._complete(payload_hash.digest(), pipeline.next_seq)
+        return PatchOutcome(offset, backup_id, upload.expires_at)
+
+    async def _stream_into(self, pipeline: ChunkPipeline) -> None:
+        remaining = self.upload.upload_length - self.upload.upload_offset
+        disconnected = False
+        async with pipeline:
+            with tracer.start_as_current_span("backups.receive") as span:
+                try:
+                    async for piece in self.request.stream():
+                        if not piece:
+                            continue
+                        if pipeline.received + len(piece) > remaining:
+                            raise UploadTooLargeError("the body goes past Upload-Length")
+                        await pipeline.write(piece)
+                except InternalServerException:
+                    # Litestar's signal that the client went away mid-body: keep what arrived (tus resumes).
+                    disconnected = True
+                span.set_attribute("zkeb.bytes", pipeline.received)
+                span.set_attribute("zkeb.disconnected", disconnected)
+            if disconnected and self.checksum is not None:
+                raise _AbandonedPatchError
+            await pipeline.close()
+
+    def _check_digest(self, patch_digest: Any) -> None:
+        if self.checksum is None or patch_digest is None:
+            return
+        algorithm, expected = self.checksum
+        if not hmac.compare_digest(patch_digest.digest(), expected):
+            raise ChecksumMismatchError(
+                f"the body does not match Upload-Checksum ({algorithm}); the offset is unchanged",
+                headers={"Upload-Offset": str(self.upload.upload_offset)},
+            )
+
+    async def _complete(self, payload_sha256: bytes, chunk_count: int) -> UUID:
+        """Verify the signature and commit the backup; when that can never succeed, delete the upload."""
+        upload, principal = self.upload, self.principal
+        service = BackupService(session=self.session)
+        envelope = _envelope_of(upload)
+        assert principal.project_id is not None
+        try:
+            device = await service.device_for_upload(principal, upload.device_id_hash)
+            verify_backup_signature(
+                envelope,
+                project_id=principal.project_id,
+                public_key=device.public_key,
+                payload_sha256=payload_sha256,
+                payload_size=upload.upload_length,
+            )
+            backup = await service.commit_backup(
+                organization_id=principal.organization_id,
+                project_id=principal.project_id,
+                device=device,
+                envelope=envelope,
+                payload_id=upload.payload_id,
+                payload_size=upload.upload_length,
+                payload_sha256=payload_sha256,
+                chunk_count=chunk_count,
+                upload_id=upload.id,
+            )
+        except (UnprocessableError, ConflictError):
+            # The envelope is fixed at creation: an upload that fails verification can never succeed.
+            await asyncio.shield(service.delete_payload(upload.payload_id))
+            raise
+        return backup.id
+
+
+# --- the controller --------------------------------------------------------------------------------------------
+
+
+class UploadController(Controller):
+    """tus 1.0.0 endpoints (creation at the collection, the rest at each upload's URL)."""
+
+    path = UPLOADS_PATH
+    tags = ["uploads (tus)"]  # noqa: RUF012 - Litestar's declared attribute
+    security = [{"BearerAuth": []}]  # noqa: RUF012
+    exception_handlers = _TUS_EXCEPTION_HANDLERS
+
+    @route(
+        "/",
+        http_method=HttpMethod.OPTIONS,
+        status_code=204,
+        opt={"exclude_from_auth": True},
+        security=[],
+        summary="tus discovery",
+        description="`Tus-Version`, `Tus-Extension`, `Tus-Max-Size`, `Tus-Checksum-Algorithm`; no credential needed.",
+    )
+    async def discover(self, state: State) -> Response[None]:
+        """Advertise the protocol version, extensions, size limit and checksum algorithms."""
+        return Response(
+            None,
+            status_code=204,
+            headers={
+                "Tus-Resumable": TUS_VERSION,
+                "Tus-Version": TUS_VERSION,
+                "Tus-Extension": ",".join(TUS_EXTENSIONS),
+                "Tus-Max-Size": str(backups_context(state).settings.max_upload_size),
+                "Tus-Checksum-Algorithm": ",".join(TUS_CHECKSUM_ALGORITHMS),
+            },
+        )
+
+    @post(
+        "/",
+        status_code=201,
+        guards=[requires_backup_access],
+        request_max_body_size=None,
+        summary="Create an upload (tus creation, creation-with-upload)",
+        description=(
+            "`Upload-Length` (1..`MAX_UPLOAD_SIZE`, else 413) and `Upload-Metadata` with every envelope field but the "
+            "payload, validated now: 400 malformed, 422 naming an invalid field, 409 for a reused `payload_nonce`. "
+            "With `Content-Type: application/offset+octet-stream` the body is the upload's first bytes."
+        ),
+    )
+    async def create_upload(
+        self, request: Request[Any, Any, Any], db_session: AsyncSession, state: State
+    ) -> Response[None]:
+        """Create an upload session for one backup."""
+        require_tus_resumable(request)
+        principal = principal_of(request)
+        context = backups_context(state)
+        if "upload-defer-length" in request.headers:
+            raise _malformed("Upload-Defer-Length is not supported (the creation-defer-length extension)")
+        length = _header_int(request, "Upload-Length")
+        if length > context.settings.max_upload_size:
+            raise UploadTooLargeError(
+                f"Upload-Length exceeds MAX_UPLOAD_SIZE ({context.settings.max_upload_size} bytes)"
+            )
+        if length < 1:
+            raise invalid_field("payload", "must not be empty (Upload-Length 0)")
+        envelope = envelope_from_metadata(request.headers.get("upload-metadata", ""))
+        with_upload = _media_type(request) == OFFSET_OCTET_STREAM
+        checksum = _checksum(request) if with_upload else None
+        assert principal.project_id is not None
+        service = BackupService(session=db_session)
+        device = await service.device_for_upload(principal, envelope.device_id_hash)
+        await service.ensure_nonce_unused(principal.project_id, envelope.device_id_hash, envelope.payload_nonce)
+        new = service.add_payload(
+            organization_id=principal.organization_id, project_id=principal.project_id, crypto=context.crypto
+        )
+        upload = UploadSession(
+            id=uuid7(),
+            organization_id=principal.organization_id,
+            project_id=principal.project_id,
+            device_id=device.id,
+            payload_id=new.id,
+            upload_length=length,
+            upload_offset=0,
+            container_id=envelope.container_id,
+            device_id_hash=envelope.device_id_hash,
+            payload_nonce=envelope.payload_nonce,
+            payload_auth_tag=envelope.payload_auth_tag,
+            metadata_=envelope.metadata,
+            metadata_nonce=envelope.metadata_nonce,
+            metadata_auth_tag=envelope.metadata_auth_tag,
+            signature=envelope.signature,
+            backup_timestamp=envelope.backup_timestamp,
+            expires_at=datetime.now(UTC) + UPLOAD_EXPIRY,
+        )
+        db_session.add(upload)
+        await db_session.commit()
+        headers = _base_headers(upload)
+        headers["Location"] = f"{UPLOADS_PATH}/{upload.id}"
+        if with_upload and request.content_length != 0:
+            outcome = await PatchReceiver(request, context, db_session, principal, upload, checksum).receive()
+            headers["Upload-Offset"] = str(outcome.offset)
+            headers["Upload-Expires"] = format_upload_expires(outcome.expires_at)
+            if outcome.backup_id is not None:
+                headers[BACKUP_ID_HEADER] = str(outcome.backup_id)
+        return Response(None, status_code=201, headers=headers)
+
+    @head(
+        "/{upload_id:uuid}",
+        guards=[requires_backup_access],
+        summary="An upload's offset (tus core)",
+        description="`Upload-Offset`, `Upload-Length`, `Upload-Expires`; 404 unknown, 410 expired.",
+    )
+    async def upload_offset(
+        self, request: Request[Any, Any, Any], db_session: AsyncSession, upload_id: UUID
+    ) -> Response[None]:
+        """Where to resume."""
+        require_tus_resumable(request)
+        upload = await _load_upload(db_session, principal_of(request), upload_id)
+        headers = _base_headers(upload)
+        headers["Upload-Length"] = str(upload.upload_length)
+        return Response(None, status_code=200, headers=headers)
+
+    @patch(
+        "/{upload_id:uuid}",
+        status_code=204,
+        guards=[requires_backup_access],
+        request_max_body_size=None,
+        summary="Append bytes (tus core, checksum)",
+        description=(
+            "`Content-Type: application/offset+octet-stream`; `Upload-Offset` must equal the upload's offset (409). "
+            "`Upload-Checksum` (`sha1` or `sha256`) covers this PATCH's body: 460 on mismatch, offset unchanged. "
+            "The PATCH that completes the upload verifies the signature and commits: `Zkeb-Backup-Id`."
+        ),
+    )
+    async def append(
+        self, request: Request[Any, Any, Any], db_session: AsyncSession, state: State, upload_id: UUID
+    ) -> Response[None]:
+        """Receive the next bytes of an upload."""
+        require_tus_resumable(request)
+        if _media_type(request) != OFFSET_OCTET_STREAM:
+            raise UnsupportedUploadMediaTypeError(f"a PATCH body must be {OFFSET_OCTET_STREAM}")
+        offset = _header_int(request, "Upload-Offset")
+        checksum = _checksum(request)
+        principal = principal_of(request)
+        upload = await _load_upload(db_session, principal, upload_id)
+        if offset != upload.upload_offset:
+            raise ProblemError(
+                f"Upload-Offset {offset} does not match the upload's offset {upload.upload_offset}",
+                status_code=409,
+                headers={"Upload-Offset": str(upload.upload_offset)},
+            )
+        context = backups_context(state)
+        outcome = await PatchReceiver(request, context, db_session, principal, upload, checksum).receive()
+        headers = _base_headers()
+        headers["Upload-Offset"] = str(outcome.offset)
+        if outcome.backup_id is not None:
+            headers[BACKUP_ID_HEADER] = str(outcome.backup_id)
+        else:
+            headers["Upload-Expires"] = format_upload_expires(outcome.expires_at)
+        return Response(None, status_code=204, headers=headers)
+
+    @delete(
+        "/{upload_id:uuid}",
+        guards=[requires_backup_access],
+        summary="Abandon an upload (tus termination)",
+        description="204; the upload and its bytes are deleted. 423 while a PATCH is writing to it.",
+    )
+    async def terminate(
+        self, request: Request[Any, Any, Any], db_session: AsyncSession, upload_id: UUID
+    ) -> Response[None]:
+        """Delete an upload and what it received."""
+        require_tus_resumable(request)
+        principal = principal_of(request)
+        upload = await _load_upload(db_session, principal, upload_id)
+        locked = await db_session.scalar(_TRY_LOCK_PAYLOAD, {"key": payload_lock_key(upload.payload_id)})
+        if not locked:
+            raise UploadLockedError("a PATCH is writing to this upload; retry after it ends")
+        await db_session.execute(sa_delete(Payload).where(Payload.id == upload.payload_id))
+        await db_session.commit()
+        return Response(None, status_code=204, headers={"Tus-Resumable": TUS_VERSION})
+
+
+# --- expiration ------------------------------------------------------------------------------------------------
+
+
+_SWEEPABLE = text("SELECT organization_id, payload_id FROM zkeb_sweepable_payloads(:limit, :orphan_before)")
+_STILL_SWEEPABLE = text(
+    "SELECT p.id FROM payloads p WHERE p.id = :id AND ("
+    " EXISTS (SELECT 1 FROM upload_sessions s WHERE s.payload_id = p.id AND s.expires_at < now())"
+    " OR (p.created_at < :orphan_before"
+    "     AND NOT EXISTS (SELECT 1 FROM backups b WHERE b.payload_id = p.id)"
+    "     AND NOT EXISTS (SELECT 1 FROM upload_sessions s WHERE s.payload_id = p.id)))"
+    " FOR UPDATE SKIP LOCKED"
+)
+_DELETE_PAYLOAD = text("DELETE FROM payloads WHERE id = :id")
+
+
+class UploadSweeper:
+    """Purges expired tus uploads (and orphaned payloads) with their chunks, in bounded batches.
+
+    Safe with several processes: each payload is deleted in its tenant's transaction after re-checking, under
+    `FOR UPDATE SKIP LOCKED` and the payload's advisory lock, that it is still sweepable and not receiving bytes.
+    """
+
+    def __init__(
+        self, engine: AsyncEngine, *, interval: float = SWEEP_INTERVAL_SECONDS, batch: int = SWEEP_BATCH
+    ) -> None:
+        """Sweep every `interval` seconds, at most `batch` payloads of each kind per pass."""
+        self._engine = engine
+        self._interval = interval
+        self._batch = batch
+        self._task: asyncio.Task[None] | None = None
+
+    async def sweep_once(self) -> int:
+        """One pass; returns how many payloads it deleted."""
+        orphan_before = datetime.now(UTC) - ORPHAN_AGE
+        with tracer.start_as_current_span("backups.sweep") as span:
+            async with self._engine.connect() as connection:
+                candidates = (
+                    await connection.execute(_SWEEPABLE, {"limit": self._batch, "orphan_before": orphan_before})
+                ).all()
+                await connection.rollback()
+            deleted = 0
+            for organization_id, payload_id in candidates:
+                async with tenant_transaction(self._engine, organization_id) as connection:
+                    if not await connection.scalar(_TRY_LOCK_PAYLOAD, {"key": payload_lock_key(payload_id)}):
+                        continue
+                    still = await connection.scalar(
+                        _STILL_SWEEPABLE, {"id": payload_id, "orphan_before": orphan_before}
+                    )
+                    if still is None:
+                        continue
+                    await connection.execute(_DELETE_PAYLOAD, {"id": payload_id})
+                    deleted += 1
+            span.set_attribute("zkeb.candidates", len(candidates))
+            span.set_attribute("zkeb.deleted", deleted)
+        if deleted:
+            logger.info("purged %d expired uploads or orphaned payloads", deleted)
+        return deleted
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.sweep_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("upload sweep failed; retrying in %.0f s", self._interval)
+            await asyncio.sleep(self._interval)
+
+    def start(self) -> None:
+        """Run in the background of this process (each process runs one; they do not collide)."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="zkeb-upload-sweeper")
+
+    async def stop(self) -> None:
+        """Stop the background task."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
