@@ -24,9 +24,7 @@ def _free_port() -> int:
 
 
 def _clean_env(**extra: str) -> dict[str, str]:
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("ZKEB_", "DATABASE_", "REDIS_", "JWT_", "API_KEY"))
-    }
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ZKEB_", "DATABASE_", "REDIS_", "JWT_", "API_KEY"))}
     env.update(extra)
     return env
 
@@ -36,7 +34,8 @@ def _wait_ready(url: str, process: subprocess.Popen[bytes], deadline_s: float) -
     last: Exception | None = None
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            pytest.fail(f"server exited early with {process.returncode}")
+            _, stderr = process.communicate()
+            pytest.fail(f"server exited early with {process.returncode}: {stderr.decode()[-3000:]}")
         try:
             response = httpx.get(url, timeout=2)
             if response.status_code == 200:
