@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable
 from functools import wraps
 from typing import Any, TypeVar
+from uuid import UUID
 
 import click
 
@@ -146,30 +147,117 @@ def history() -> None:
 
 @main.group()
 def admin() -> None:
-    """Administration: organizations and their first keys."""
+    """Administration: organizations and their keys."""
+
+
+def _admin_errors(func: F) -> F:
+    """Turn database failures of an admin command into one clear line on stderr (exit status 1)."""
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from advanced_alchemy.exceptions import AdvancedAlchemyError  # noqa: PLC0415
+        from sqlalchemy.exc import SQLAlchemyError  # noqa: PLC0415
+
+        from zkeb.core.errors import ProblemError  # noqa: PLC0415
+
+        try:
+            return func(*args, **kwargs)
+        except ProblemError as exc:
+            raise click.ClickException(str(exc.detail)) from None
+        except (SQLAlchemyError, AdvancedAlchemyError) as exc:
+            raise click.ClickException(_explain_database_error(exc)) from None
+        except OSError as exc:
+            raise click.ClickException(f"cannot reach the database: {exc.strerror or exc}") from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _explain_database_error(exc: BaseException) -> str:
+    """One line naming what went wrong, from the driver's error at the root of the chain (no SQL, no values)."""
+    names: list[str] = []
+    current: BaseException | None = exc
+    while current is not None and len(names) < 10:
+        names.append(type(current).__name__)
+        current = current.__cause__ or current.__context__
+    if {"UndefinedTableError", "UndefinedFunctionError"} & set(names):
+        return "the database schema is not migrated: run `zkeb db upgrade` first"
+    if {"InvalidPasswordError", "InvalidAuthorizationSpecificationError"} & set(names):
+        return "cannot log in as the runtime role zkeb_app: run `zkeb db upgrade` with the owner's DATABASE_URL"
+    if {"ConnectionRefusedError", "CannotConnectNowError", "ConnectionDoesNotExistError"} & set(names):
+        return "cannot reach the database"
+    return f"database error ({names[-1]})"
+
+
+def _validated_name(name: str, param_hint: str) -> str:
+    from zkeb.core.errors import ProblemError  # noqa: PLC0415
+    from zkeb.domain.accounts.services import validated_name  # noqa: PLC0415
+
+    try:
+        return validated_name(name)
+    except ProblemError as exc:
+        raise click.BadParameter(str(exc.detail).removeprefix("name: "), param_hint=param_hint) from None
+
+
+def _admin_database(settings: Settings) -> str:
+    """The database URL for an admin command, migrated when auto-migration is on, with the runtime login set."""
+    from zkeb.core.migrations import provision_runtime_login, run_alembic  # noqa: PLC0415
+
+    url = _database_url(settings)
+    if settings.auto_migrate:
+        run_alembic(settings, url, "upgrade", "head")
+    asyncio.run(provision_runtime_login(settings, url))
+    return url
 
 
 @admin.command("create-org")
 @click.argument("name")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-@_friendly_errors
+@_admin_errors
 def create_org(name: str, *, as_json: bool) -> None:
-    """Create organization NAME and print its first org admin API key (shown once)."""
-    name = name.strip()
-    if not name or len(name) > 200:
-        raise click.BadParameter("must be 1 to 200 characters", param_hint="NAME")
-    settings = _load_settings()
-    url = _database_url(settings)
-    if settings.auto_migrate:
-        from zkeb.core.migrations import run_alembic  # noqa: PLC0415
+    """Create organization NAME and print its first org admin API key (shown once).
 
-        run_alembic(settings, url, "upgrade", "head")
+    With --json, stdout is exactly one JSON object: {"organization_id": "...", "api_key": "zkeb_..."}.
+    """
+    name = _validated_name(name, "NAME")
+    settings = _load_settings()
+    _warn_dev_secrets(settings)
+    url = _admin_database(settings)
     organization_id, key = asyncio.run(_create_org(settings, url, name))
     if as_json:
         click.echo(json.dumps({"organization_id": organization_id, "api_key": key}))
         return
     click.echo(f"Organization {name!r} created: {organization_id}")
     click.echo(f"Org admin API key (shown once, store it now): {key}")
+
+
+@admin.command("create-key")
+@click.argument("name")
+@click.option("--org", "organization", required=True, type=click.UUID, help="The organization's id.")
+@click.option("--project", type=click.UUID, default=None, help="A project key for this project (default: org admin).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@_admin_errors
+def create_key(name: str, organization: UUID, project: UUID | None, *, as_json: bool) -> None:
+    """Create API key NAME: an org admin key, or with --project a project key; printed once.
+
+    With --json, stdout is exactly one JSON object: {"id", "api_key", "organization_id", "project_id", "kind"}.
+    """
+    name = _validated_name(name, "NAME")
+    settings = _load_settings()
+    _warn_dev_secrets(settings)
+    url = _admin_database(settings)
+    key_id, kind, key = asyncio.run(_create_key(settings, url, organization, project, name))
+    if as_json:
+        body = {
+            "id": key_id,
+            "api_key": key,
+            "organization_id": str(organization),
+            "project_id": str(project) if project else None,
+            "kind": kind,
+        }
+        click.echo(json.dumps(body))
+        return
+    click.echo(f"{'Project' if project else 'Org admin'} API key {name!r} created: {key_id}")
+    click.echo(f"API key (shown once, store it now): {key}")
 
 
 async def _create_org(settings: Settings, url: str, name: str) -> tuple[str, str]:
@@ -184,9 +272,34 @@ async def _create_org(settings: Settings, url: str, name: str) -> tuple[str, str
     try:
         async with async_sessionmaker(engine, expire_on_commit=False)() as session:
             organization, admin_key = await OrganizationService(session=session).create_with_admin_key(
-                name, salt=settings.secrets.api_key_salt
+                name, salt=settings.secrets.api_key_salt, settings=settings
             )
             return str(organization.id), admin_key.key
+    finally:
+        await engine.dispose()
+
+
+async def _create_key(
+    settings: Settings, url: str, organization_id: UUID, project_id: UUID | None, name: str
+) -> tuple[str, str, str]:
+    from sqlalchemy.ext.asyncio import async_sessionmaker  # noqa: PLC0415
+
+    from zkeb.core.database import create_app_engine  # noqa: PLC0415
+    from zkeb.core.tenancy import install_tenant_setter  # noqa: PLC0415
+    from zkeb.domain.accounts.services import OrganizationService  # noqa: PLC0415
+
+    install_tenant_setter()
+    engine = create_app_engine(settings, url)
+    try:
+        async with async_sessionmaker(engine, expire_on_commit=False)() as session:
+            new_key = await OrganizationService(session=session).issue_key(
+                organization_id=organization_id,
+                project_id=project_id,
+                name=name,
+                salt=settings.secrets.api_key_salt,
+                settings=settings,
+            )
+            return str(new_key.record.id), new_key.record.kind, new_key.key
     finally:
         await engine.dispose()
 

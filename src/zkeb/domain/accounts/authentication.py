@@ -3,78 +3,136 @@
 Keys are looked up by their public prefix through a SECURITY DEFINER function (the tenant is not known
 yet), then compared in constant time as HMACs under `API_KEY_SALT` and, during rotation,
 `API_KEY_SALT_NEW`; a key still hashed under the old salt is re-hashed under the new one on use.
-Nothing is cached, so a revocation takes effect at once on every replica.
+Nothing is cached, so a revocation takes effect at once on every replica. `last_used_at` is written at
+most once a minute per key and process (and only when the stored value is older), so a busy key does not
+turn every request into a write.
+
+Failures answer 401. A failure that can be attributed to an organization (a revoked key, a token of a
+revoked device) is recorded in that organization's audit log; any other goes to the application log.
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
-from typing import Any
+import time
+from typing import Any, Literal
+from uuid import UUID
 
 from litestar.connection import ASGIConnection
 from litestar.exceptions import NotAuthorizedException
 from litestar.middleware import AbstractAuthenticationMiddleware, AuthenticationResult
 from sqlalchemy import text
 
+from zkeb.core.audit import record_event
 from zkeb.core.auth import Principal
 from zkeb.core.runtime import Runtime, get_runtime
 from zkeb.core.tenancy import set_tenant, tenant_transaction
-from zkeb.lib.apikeys import API_KEY_PREFIX, hash_api_key, public_prefix
-from zkeb.lib.devicetokens import InvalidDeviceTokenError, verify_device_token
+from zkeb.lib.apikeys import API_KEY_PREFIX, hash_api_key, matching_salt, public_prefix, salts_in_use
+from zkeb.lib.devicetokens import InvalidDeviceTokenError, verification_secrets, verify_device_token
 
 __all__ = ("AUTH_EXCLUDED_PATHS", "BearerAuthenticationMiddleware", "authenticate_bearer")
 
 logger = logging.getLogger("zkeb.auth")
 
 AUTH_EXCLUDED_PATHS = ("^/api/health", "^/api/version", "^/schema", "^/api/v1/auth/token", "^/metrics")
+#: How often one process may write a key's `last_used_at`.
+LAST_USED_INTERVAL_SECONDS = 60.0
+_LAST_USED_MEMORY = 10_000
 _FIND_KEYS = text("SELECT id, organization_id, project_id, kind, key_hash, revoked_at FROM zkeb_find_api_keys(:prefix)")
-_REHASH = text("UPDATE api_keys SET key_hash = :key_hash WHERE id = :id")
+_REHASH = text("UPDATE api_keys SET key_hash = :key_hash, salt_generation = 'current' WHERE id = :id")
+_TOUCH = text(
+    "UPDATE api_keys SET last_used_at = now() "
+    "WHERE id = :id AND (last_used_at IS NULL OR last_used_at < now() - make_interval(secs => :interval))"
+)
 _DEVICE_STATE = text("SELECT revoked_at FROM devices WHERE id = :id AND project_id = :project_id")
 
+_last_used_written: dict[UUID, float] = {}
 
-def _unauthorized(detail: str) -> NotAuthorizedException:
-    return NotAuthorizedException(detail, headers={"WWW-Authenticate": 'Bearer realm="zkeb"'})
+
+class _AuthenticationFailure(NotAuthorizedException):
+    """A 401 that remembers, for the audit log, which organization (if any) the credential belonged to."""
+
+    def __init__(
+        self,
+        detail: str,
+        *,
+        reason: str,
+        organization_id: UUID | None = None,
+        actor_type: str = "anonymous",
+        actor_id: str | None = None,
+    ) -> None:
+        super().__init__(detail, headers={"WWW-Authenticate": 'Bearer realm="zkeb"'})
+        self.reason = reason
+        self.organization_id = organization_id
+        self.actor_type = actor_type
+        self.actor_id = actor_id
+
+
+def _due_for_last_used(key_id: UUID) -> bool:
+    now = time.monotonic()
+    last = _last_used_written.get(key_id)
+    if last is not None and now - last < LAST_USED_INTERVAL_SECONDS:
+        return False
+    if len(_last_used_written) >= _LAST_USED_MEMORY:
+        _last_used_written.clear()
+    _last_used_written[key_id] = now
+    return True
 
 
 async def _authenticate_api_key(runtime: Runtime, key: str) -> Principal:
     prefix = public_prefix(key)
     if prefix is None:
-        raise _unauthorized("invalid API key")
+        raise _AuthenticationFailure("invalid API key", reason="malformed API key")
     secrets = runtime.settings.secrets
-    candidates = [s for s in (secrets.api_key_salt_new, secrets.api_key_salt) if s]
+    salts = salts_in_use(secrets.api_key_salt, secrets.api_key_salt_new)
     async with runtime.engine.connect() as connection:
         rows = (await connection.execute(_FIND_KEYS, {"prefix": prefix})).all()
     for row in rows:
-        for salt in candidates:
-            if not hmac.compare_digest(row.key_hash, hash_api_key(salt, key)):
-                continue
-            if row.revoked_at is not None:
-                raise _unauthorized("API key revoked")
-            if salt != candidates[0]:
-                async with tenant_transaction(runtime.engine, row.organization_id) as connection:
-                    await connection.execute(_REHASH, {"key_hash": hash_api_key(candidates[0], key), "id": row.id})
-            return Principal(
-                kind="org_admin" if row.kind == "org_admin" else "project",
+        salt_index = matching_salt(key, bytes(row.key_hash), salts)
+        if salt_index is None:
+            continue
+        kind: Literal["org_admin", "project"] = "org_admin" if row.kind == "org_admin" else "project"
+        if row.revoked_at is not None:
+            raise _AuthenticationFailure(
+                "API key revoked",
+                reason="API key revoked",
                 organization_id=row.organization_id,
-                project_id=row.project_id,
-                credential_id=str(row.id),
+                actor_type="org_admin_key" if kind == "org_admin" else "project_key",
+                actor_id=str(row.id),
             )
-    raise _unauthorized("invalid API key")
+        rehash = salt_index != 0
+        if rehash or _due_for_last_used(row.id):
+            async with tenant_transaction(runtime.engine, row.organization_id) as connection:
+                if rehash:
+                    await connection.execute(_REHASH, {"key_hash": hash_api_key(salts[0], key), "id": row.id})
+                await connection.execute(_TOUCH, {"id": row.id, "interval": LAST_USED_INTERVAL_SECONDS})
+        return Principal(
+            kind=kind,
+            organization_id=row.organization_id,
+            project_id=row.project_id,
+            credential_id=str(row.id),
+        )
+    raise _AuthenticationFailure("invalid API key", reason="unknown API key")
 
 
 async def _authenticate_device_token(runtime: Runtime, token: str) -> Principal:
     secrets = runtime.settings.secrets
     try:
-        claims = verify_device_token(token, tuple(s for s in (secrets.jwt_secret_new, secrets.jwt_secret) if s))
+        claims = verify_device_token(token, verification_secrets(secrets.jwt_secret, secrets.jwt_secret_new))
     except InvalidDeviceTokenError as exc:
-        raise _unauthorized("invalid device token") from exc
+        raise _AuthenticationFailure("invalid device token", reason=f"invalid device token: {exc}") from None
     async with tenant_transaction(runtime.engine, claims.organization_id) as connection:
         state = (
             await connection.execute(_DEVICE_STATE, {"id": claims.device_id, "project_id": claims.project_id})
         ).one_or_none()
     if state is None or state.revoked_at is not None:
-        raise _unauthorized("device revoked")
+        raise _AuthenticationFailure(
+            "device revoked",
+            reason="device revoked" if state is not None else "device unknown",
+            organization_id=claims.organization_id if state is not None else None,
+            actor_type="device",
+            actor_id=str(claims.device_id),
+        )
     return Principal(
         kind="device",
         organization_id=claims.organization_id,
@@ -92,14 +150,45 @@ async def authenticate_bearer(runtime: Runtime, authorization: str | None) -> Pr
         NotAuthorizedException: missing, malformed, unknown, revoked or expired credential (401).
     """
     if not authorization:
-        raise _unauthorized("a bearer credential is required")
+        raise _AuthenticationFailure("a bearer credential is required", reason="no credential")
     scheme, _, credential = authorization.partition(" ")
     credential = credential.strip()
     if scheme.lower() != "bearer" or not credential or len(credential) > 4096:
-        raise _unauthorized("use 'Authorization: Bearer <API key or device token>'")
+        raise _AuthenticationFailure(
+            "use 'Authorization: Bearer <API key or device token>'", reason="malformed authorization header"
+        )
     if credential.startswith(API_KEY_PREFIX):
         return await _authenticate_api_key(runtime, credential)
     return await _authenticate_device_token(runtime, credential)
+
+
+async def _record_failure(
+    runtime: Runtime, connection: ASGIConnection[Any, Any, Any, Any], failure: _AuthenticationFailure
+) -> None:
+    if failure.reason == "no credential":
+        return
+    if failure.organization_id is None:
+        logger.info("authentication failed: %s (path %s)", failure.reason, connection.url.path)
+        return
+    try:
+        async with runtime.engine.begin() as db:
+            await record_event(
+                db,
+                organization_id=failure.organization_id,
+                action="auth.failed",
+                actor_type=failure.actor_type,
+                actor_id=failure.actor_id,
+                outcome="failure",
+                details={
+                    "reason": failure.reason,
+                    "method": connection.scope.get("method"),
+                    "path": connection.url.path,
+                },
+                request=connection,
+            )
+    except Exception:
+        # The client gets its 401 either way; a failing audit write must not turn it into a 500.
+        logger.exception("could not record an authentication failure in the audit log")
 
 
 class BearerAuthenticationMiddleware(AbstractAuthenticationMiddleware):
@@ -107,8 +196,11 @@ class BearerAuthenticationMiddleware(AbstractAuthenticationMiddleware):
 
     async def authenticate_request(self, connection: ASGIConnection[Any, Any, Any, Any]) -> AuthenticationResult:
         """Resolve the principal and act for its organization for the rest of the request."""
-        principal = await authenticate_bearer(
-            get_runtime(connection.app.state), connection.headers.get("authorization")
-        )
+        runtime = get_runtime(connection.app.state)
+        try:
+            principal = await authenticate_bearer(runtime, connection.headers.get("authorization"))
+        except _AuthenticationFailure as failure:
+            await _record_failure(runtime, connection, failure)
+            raise
         set_tenant(principal.organization_id)
         return AuthenticationResult(user=principal, auth=None)
