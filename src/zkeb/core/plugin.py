@@ -16,8 +16,10 @@ from zkeb.core.errors import exception_handlers
 from zkeb.core.logging import configure_logging, install_access_log, log_format
 from zkeb.core.metrics import install_metrics, observe_request
 from zkeb.core.migrations import start_embedded_postgres
+from zkeb.core.ratelimit import rate_limit_middleware
 from zkeb.core.redis import create_redis
 from zkeb.core.runtime import Runtime
+from zkeb.core.security import cors_config
 from zkeb.core.telemetry import instrument_app
 from zkeb.core.tenancy import install_tenant_setter
 from zkeb.settings import Settings
@@ -71,5 +73,8 @@ class CorePlugin(InitPluginProtocol):
         instrument_app(app_config, settings, engine, runtime.redis)
         install_metrics(app_config, settings, engine)
         install_access_log(app_config, on_complete=[observe_request])
+        app_config.cors_config = cors_config(settings)
+        # Before the domains' middleware, so it runs ahead of authentication (see zkeb.core.ratelimit).
+        app_config.middleware.extend(rate_limit_middleware(settings, runtime.redis))
         app_config.plugins.extend(self.domains)
         return app_config

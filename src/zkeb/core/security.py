@@ -1,4 +1,4 @@
-"""Who is on the other end of a request: the client address and scheme, honouring only trusted proxies.
+"""Transport security: client address and scheme behind trusted proxies, security headers, CORS.
 
 `X-Forwarded-For` and `X-Forwarded-Proto` are believed only when the socket peer is one of `TRUSTED_PROXIES`
 (IPs or CIDR networks; none by default). Anyone can send those headers, so trusting them from an untrusted
@@ -11,9 +11,20 @@ import ipaddress
 from collections.abc import Iterable
 from functools import lru_cache
 
-from litestar.types import Scope
+from litestar.config.cors import CORSConfig
+from litestar.enums import ScopeType
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ("TrustedProxies", "client_ip", "request_is_tls", "trusted_proxies")
+from zkeb.settings import Settings
+
+__all__ = (
+    "SecurityHeadersMiddleware",
+    "TrustedProxies",
+    "client_ip",
+    "cors_config",
+    "request_is_tls",
+    "trusted_proxies",
+)
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -91,3 +102,101 @@ def request_is_tls(scope: Scope, proxies: TrustedProxies) -> bool:
     proto = _header(scope, b"x-forwarded-proto")
     # The left-most value is what the first proxy saw from the client.
     return proto is not None and proto.split(",")[0].strip().lower() == "https"
+
+
+#: Request and response headers a browser client may use across origins (bearer auth, tus, rate limits).
+CORS_ALLOW_HEADERS = (
+    "Authorization",
+    "Content-Type",
+    "X-Request-Id",
+    "Tus-Resumable",
+    "Upload-Length",
+    "Upload-Defer-Length",
+    "Upload-Offset",
+    "Upload-Metadata",
+    "Upload-Checksum",
+    "Upload-Concat",
+)
+CORS_EXPOSE_HEADERS = (
+    "Location",
+    "X-Request-Id",
+    "RateLimit",
+    "RateLimit-Policy",
+    "Retry-After",
+    "Content-Range",
+    "Tus-Resumable",
+    "Tus-Version",
+    "Tus-Extension",
+    "Tus-Max-Size",
+    "Tus-Checksum-Algorithm",
+    "Upload-Offset",
+    "Upload-Length",
+    "Upload-Expires",
+    "Upload-Metadata",
+    "Zkeb-Backup-Id",
+)
+HSTS_VALUE = b"max-age=63072000; includeSubDomains"
+# The API answers JSON only: nothing in a response may load, run or be framed.
+API_CSP_VALUE = b"default-src 'none'; frame-ancestors 'none'"
+SERVER_BANNER = b"zkeb"
+
+
+def cors_config(settings: Settings) -> CORSConfig | None:
+    """Litestar's CORS for the `CORS_ORIGINS` allow-list; None (no CORS headers at all) when the list is empty.
+
+    Credentials travel in `Authorization`, not cookies, so `allow_credentials` stays off.
+    """
+    if not settings.cors_origins:
+        return None
+    return CORSConfig(
+        allow_origins=list(settings.cors_origins),
+        allow_methods=["GET", "HEAD", "POST", "PATCH", "DELETE", "OPTIONS"],
+        allow_headers=list(CORS_ALLOW_HEADERS),
+        expose_headers=list(CORS_EXPOSE_HEADERS),
+        allow_credentials=False,
+        max_age=600,
+    )
+
+
+class SecurityHeadersMiddleware:
+    """Adds the security headers to every response, routing errors included (wrap the app's outermost handler).
+
+    - `X-Content-Type-Options: nosniff` and `Referrer-Policy: no-referrer` everywhere;
+    - `Strict-Transport-Security` only when the request came over TLS (the ASGI scheme, or `X-Forwarded-Proto:
+      https` from a trusted proxy): HSTS over plain HTTP is ignored by browsers and wrong behind a TLS-less hop;
+    - on `/api/` paths `Content-Security-Policy: default-src 'none'; frame-ancestors 'none'` (the OpenAPI pages
+      under `/schema` load scripts, so they keep none) and `Cache-Control: no-store` unless the handler set one;
+    - `Server: zkeb`, replacing any banner. Granian adds `server: granian` only when the application sent no
+      `server` header, so setting ours hides the server's name and version.
+    """
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app = app
+        self.proxies = trusted_proxies(settings.trusted_proxies)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != ScopeType.HTTP:
+            await self.app(scope, receive, send)
+            return
+        tls = request_is_tls(scope, self.proxies)
+        api = scope["path"].startswith("/api/")
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", ()) if k.lower() != b"server"]
+                names = {k.lower() for k, _ in headers}
+                headers += [
+                    (b"x-content-type-options", b"nosniff"),
+                    (b"referrer-policy", b"no-referrer"),
+                    (b"server", SERVER_BANNER),
+                ]
+                if tls:
+                    headers.append((b"strict-transport-security", HSTS_VALUE))
+                if api:
+                    headers.append((b"content-security-policy", API_CSP_VALUE))
+                    if b"cache-control" not in names:
+                        headers.append((b"cache-control", b"no-store"))
+                message["headers"] = headers
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
