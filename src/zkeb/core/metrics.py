@@ -31,6 +31,7 @@ Metric objects for the domains (import and increment them; all live in prometheu
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import hmac
 import logging
@@ -83,8 +84,8 @@ __all__ = (
     "record_backup_created",
     "record_backup_failed",
     "record_bytes_restored",
-    "remove_multiprocess_dir",
     "render_metrics",
+    "serve_metrics_for_workers",
     "start_metrics_listener",
 )
 
@@ -106,7 +107,6 @@ HTTP_REQUEST_DURATION = Histogram(
 )
 HTTP_REQUEST_BYTES = Counter("zkeb_http_request_body_bytes_total", "Request body bytes received.", ["route"])
 HTTP_RESPONSE_BYTES = Counter("zkeb_http_response_body_bytes_total", "Response body bytes sent.", ["route"])
-RATE_LIMITED = Counter("zkeb_rate_limited_requests_total", "Requests answered 429 (rate limited).", ["route"])
 
 # --- dependencies -----------------------------------------------------------------------------------------------
 DB_POOL_IN_USE = Gauge(
@@ -172,8 +172,6 @@ def observe_request(record: AccessRecord) -> None:
         HTTP_REQUEST_BYTES.labels(record.route).inc(record.bytes_in)
     if record.bytes_out:
         HTTP_RESPONSE_BYTES.labels(record.route).inc(record.bytes_out)
-    if record.status == 429:
-        RATE_LIMITED.labels(record.route).inc()
 
 
 class _ProcessSampler:
@@ -343,6 +341,12 @@ def start_metrics_listener(host: str, port: int) -> None:
     start_http_server(port, addr=host, registry=registry)
 
 
-def remove_multiprocess_dir(directory: str) -> None:
-    """Remove a directory `prepare_multiprocess_dir` created (best effort, at exit)."""
-    shutil.rmtree(directory, ignore_errors=True)
+def serve_metrics_for_workers(settings: Settings, host: str, workers: int) -> None:
+    """`zkeb serve`, before granian starts: multiprocess mode when needed, and the `METRICS_PORT` listener."""
+    created = multiprocess_dir() is None
+    directory = prepare_multiprocess_dir(needed=workers > 1 or settings.metrics_port is not None)
+    if directory is not None and created:
+        atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    if settings.metrics_port is not None:
+        start_metrics_listener(host, settings.metrics_port)
+        logger.info("metrics on a private port", extra={"port": settings.metrics_port, "path": "/metrics"})
