@@ -304,5 +304,62 @@ async def _create_key(
         await engine.dispose()
 
 
+@main.group()
+def audit() -> None:
+    """The audit log: verify each organization's hash chain."""
+
+
+@audit.command("verify")
+@click.option("--org", "organization", type=click.UUID, default=None, help="Only this organization (default: all).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per organization on stdout.")
+@_friendly_errors
+def audit_verify(organization: UUID | None, *, as_json: bool) -> None:
+    """Verify audit chains as the schema owner; exit status 1 when any chain is broken."""
+    settings = _load_settings()
+    reports = asyncio.run(_verify_audit(settings, _database_url(settings), organization))
+    if not reports and not as_json:
+        click.echo(
+            "no organizations found (listing them all needs an owner that bypasses row-level security)", err=True
+        )
+    broken = False
+    for organization_id, report in reports:
+        failure = report.first_broken
+        broken = broken or failure is not None
+        if as_json:
+            click.echo(
+                json.dumps(
+                    {
+                        "organization_id": str(organization_id),
+                        "valid": report.valid,
+                        "events": report.events,
+                        "head": report.head.hex(),
+                        "first_broken": None
+                        if failure is None
+                        else {"seq": failure.seq, "id": str(failure.event_id), "reason": failure.reason},
+                    }
+                )
+            )
+        elif failure is None:
+            click.echo(f"{organization_id}: valid, {report.events} events, head {report.head.hex()}")
+        else:
+            click.echo(
+                f"{organization_id}: BROKEN at seq {failure.seq} (event {failure.event_id}): {failure.reason}; "
+                f"{report.events} events"
+            )
+    if broken:
+        sys.exit(1)
+
+
+async def _verify_audit(settings: Settings, url: str, organization: UUID | None) -> list[tuple[UUID, Any]]:
+    from zkeb.core.database import create_owner_engine  # noqa: PLC0415
+    from zkeb.domain.audit.services import verify_all_chains  # noqa: PLC0415
+
+    engine = create_owner_engine(settings, url)
+    try:
+        return list(await verify_all_chains(engine, None if organization is None else [organization]))
+    finally:
+        await engine.dispose()
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from zkeb.core.audit import chained_fields
 from zkeb.core.errors import ProblemError
+from zkeb.core.tenancy import tenant_transaction
 from zkeb.db.models.audit import AuditChainHead, AuditEvent
 from zkeb.lib.hashchain import GENESIS_HASH, chain_hash
 
@@ -33,6 +34,7 @@ __all__ = (
     "encode_cursor",
     "log_chain_heads",
     "read_chain_heads",
+    "verify_all_chains",
     "verify_organization_chain",
 )
 
@@ -267,3 +269,23 @@ async def log_chain_heads(engine: AsyncEngine) -> int:
             head.updated_at.isoformat(),
         )
     return len(heads)
+
+
+async def verify_all_chains(
+    engine: AsyncEngine, organization_ids: Sequence[UUID] | None = None
+) -> list[tuple[UUID, ChainReport]]:
+    """Verify the chains of `organization_ids` (default: every organization the engine's role can list).
+
+    Each organization is verified in its own transaction acting for it, so row-level security holds whatever
+    the role; listing every organization needs a role that bypasses it (the schema owner as superuser).
+    """
+    if organization_ids is None:
+        async with engine.connect() as connection:
+            organization_ids = list(
+                (await connection.execute(text("SELECT id FROM organizations ORDER BY id"))).scalars()
+            )
+    reports: list[tuple[UUID, ChainReport]] = []
+    for organization_id in organization_ids:
+        async with tenant_transaction(engine, organization_id) as connection:
+            reports.append((organization_id, await verify_organization_chain(connection, organization_id)))
+    return reports
