@@ -1,0 +1,336 @@
+"""Helpers for the backups tests: tenants, devices, signed envelopes, and a real granian server.
+
+Tenants are made through the public API (org admin key from the service, then projects, project keys, devices and
+device tokens over HTTP), and envelopes are signed exactly as a device would sign them.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import asyncpg
+import httpx
+import msgspec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from sqlalchemy.ext.asyncio import async_sessionmaker
+
+from zkeb.core.database import create_app_engine
+from zkeb.core.tenancy import install_tenant_setter
+from zkeb.domain.accounts.services import OrganizationService
+from zkeb.lib.envelope import auth_message, backup_signed_message, format_rfc3339_utc
+from zkeb.settings import Settings
+
+BACKUP_TABLES = ("payloads", "backup_chunks", "backups", "payload_nonces", "upload_sessions")
+MIB = 1024 * 1024
+
+
+class HttpClient(Protocol):
+    """What the helpers need of an HTTP client (Litestar's test client or httpx)."""
+
+    async def post(self, url: str, **kwargs: Any) -> Any: ...
+
+
+def auth(credential: str) -> dict[str, str]:
+    """The Authorization header for a bearer credential."""
+    return {"Authorization": f"Bearer {credential}"}
+
+
+@dataclass(frozen=True)
+class Device:
+    """An enrolled device with the private key it signs with."""
+
+    id: str
+    device_id_hash: bytes
+    private_key: Ed25519PrivateKey
+
+
+@dataclass(frozen=True)
+class Tenant:
+    """An organization with one project, its project key and two enrolled devices."""
+
+    organization_id: uuid.UUID
+    admin_key: str
+    project_id: uuid.UUID
+    project_key: str
+    devices: tuple[Device, ...]
+
+    @property
+    def device(self) -> Device:
+        """The first device."""
+        return self.devices[0]
+
+
+async def create_org(settings: Settings, name: str) -> tuple[uuid.UUID, str]:
+    """An organization and its first admin key, as `zkeb admin create-org` makes them."""
+    assert settings.database_url is not None
+    install_tenant_setter()
+    engine = create_app_engine(settings, settings.database_url)
+    try:
+        async with async_sessionmaker(engine, expire_on_commit=False)() as session:
+            organization, admin_key = await OrganizationService(session=session).create_with_admin_key(
+                name, salt=settings.secrets.api_key_salt, settings=settings
+            )
+    finally:
+        await engine.dispose()
+    return organization.id, admin_key.key
+
+
+async def _post(client: HttpClient, url: str, body: dict[str, Any], key: str) -> dict[str, Any]:
+    response = await client.post(url, json=body, headers=auth(key))
+    assert response.status_code == 201, response.text
+    result: dict[str, Any] = response.json()
+    return result
+
+
+async def enroll_device(client: HttpClient, admin_key: str, project_id: uuid.UUID) -> Device:
+    """Enroll a fresh device (random id, new Ed25519 key) over HTTP."""
+    private_key = Ed25519PrivateKey.generate()
+    device_id_hash = hashlib.sha256(uuid.uuid4().bytes).digest()
+    public = private_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    body = await _post(
+        client,
+        f"/api/v1/projects/{project_id}/devices",
+        {"device_id_hash": device_id_hash.hex(), "public_key": base64.b64encode(public).decode(), "label": "phone"},
+        admin_key,
+    )
+    return Device(id=body["id"], device_id_hash=device_id_hash, private_key=private_key)
+
+
+async def make_tenant(client: HttpClient, settings: Settings, name: str = "acme") -> Tenant:
+    """An organization, a project with a project key, and two devices, all through the public API."""
+    organization_id, admin_key = await create_org(settings, f"{name}-{uuid.uuid4().hex[:6]}")
+    project = await _post(client, "/api/v1/projects", {"name": "app"}, admin_key)
+    project_id = uuid.UUID(project["id"])
+    key = await _post(client, f"/api/v1/projects/{project_id}/api-keys", {"name": "backup"}, admin_key)
+    devices = (
+        await enroll_device(client, admin_key, project_id),
+        await enroll_device(client, admin_key, project_id),
+    )
+    return Tenant(organization_id, admin_key, project_id, key["key"], devices)
+
+
+async def device_token(client: HttpClient, tenant: Tenant, device: Device) -> str:
+    """A device token from a fresh proof of possession."""
+    timestamp = int(time.time() * 1000)
+    message = auth_message(project_id=tenant.project_id, device_id_hash=device.device_id_hash, timestamp_ms=timestamp)
+    response = await client.post(
+        "/api/v1/auth/token",
+        json={
+            "project_id": str(tenant.project_id),
+            "device_id_hash": device.device_id_hash.hex(),
+            "timestamp_ms": timestamp,
+            "signature": base64.b64encode(device.private_key.sign(message)).decode(),
+        },
+    )
+    assert response.status_code == 200, response.text
+    token: str = response.json()["access_token"]
+    return token
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """A backup envelope with raw bytes fields, as a device builds it."""
+
+    container_id: uuid.UUID
+    device_id_hash: bytes
+    payload: bytes
+    payload_nonce: bytes
+    payload_auth_tag: bytes
+    metadata: bytes
+    metadata_nonce: bytes
+    metadata_auth_tag: bytes
+    signature: bytes
+    backup_timestamp: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def with_(self, **changes: Any) -> Envelope:
+        """A copy with some fields changed (the signature stays as it was)."""
+        return replace(self, **changes)
+
+    def json(self) -> dict[str, Any]:
+        """The JSON body: bytes as standard base64, `device_id_hash` as hex."""
+        b64 = lambda value: base64.b64encode(value).decode()  # noqa: E731
+        return {
+            "container_id": str(self.container_id),
+            "device_id_hash": self.device_id_hash.hex(),
+            "payload": b64(self.payload),
+            "payload_nonce": b64(self.payload_nonce),
+            "payload_auth_tag": b64(self.payload_auth_tag),
+            "metadata": b64(self.metadata),
+            "metadata_nonce": b64(self.metadata_nonce),
+            "metadata_auth_tag": b64(self.metadata_auth_tag),
+            "signature": b64(self.signature),
+            "backup_timestamp": self.backup_timestamp,
+            **self.extra,
+        }
+
+    def msgpack(self) -> bytes:
+        """The msgpack body: bytes as `bin`."""
+        return msgspec.msgpack.encode(
+            {
+                "container_id": str(self.container_id),
+                "device_id_hash": self.device_id_hash,
+                "payload": self.payload,
+                "payload_nonce": self.payload_nonce,
+                "payload_auth_tag": self.payload_auth_tag,
+                "metadata": self.metadata,
+                "metadata_nonce": self.metadata_nonce,
+                "metadata_auth_tag": self.metadata_auth_tag,
+                "signature": self.signature,
+                "backup_timestamp": self.backup_timestamp,
+                **self.extra,
+            }
+        )
+
+    def tus_metadata_values(self) -> dict[str, bytes]:
+        """The `Upload-Metadata` values (raw, before tus's base64)."""
+        return {
+            "container_id": str(self.container_id).encode(),
+            "device_id_hash": self.device_id_hash,
+            "payload_nonce": self.payload_nonce,
+            "payload_auth_tag": self.payload_auth_tag,
+            "metadata": self.metadata,
+            "metadata_nonce": self.metadata_nonce,
+            "metadata_auth_tag": self.metadata_auth_tag,
+            "signature": self.signature,
+            "backup_timestamp": self.backup_timestamp.encode(),
+        }
+
+    def tus_metadata(self) -> str:
+        """The `Upload-Metadata` header."""
+        return ",".join(f"{k} {base64.b64encode(v).decode()}" for k, v in self.tus_metadata_values().items())
+
+
+def sign_envelope(
+    tenant: Tenant,
+    payload: bytes,
+    *,
+    device: Device | None = None,
+    container_id: uuid.UUID | None = None,
+    payload_nonce: bytes | None = None,
+    metadata: bytes = b"encrypted-metadata",
+    timestamp: datetime | None = None,
+    project_id: uuid.UUID | None = None,
+) -> Envelope:
+    """An envelope for `payload` signed by the device as DESIGN.md specifies."""
+    device = device or tenant.device
+    container = container_id or uuid.uuid4()
+    nonce = payload_nonce or os.urandom(12)
+    tag, metadata_nonce, metadata_tag = os.urandom(16), os.urandom(12), os.urandom(16)
+    when = timestamp or datetime.now(UTC)
+    message = backup_signed_message(
+        project_id=project_id or tenant.project_id,
+        container_id=container,
+        device_id_hash=device.device_id_hash,
+        backup_timestamp=when,
+        payload_nonce=nonce,
+        payload_auth_tag=tag,
+        payload_sha256=hashlib.sha256(payload).digest(),
+        payload_size=len(payload),
+        metadata_nonce=metadata_nonce,
+        metadata_auth_tag=metadata_tag,
+        metadata_sha256=hashlib.sha256(metadata).digest(),
+        metadata_size=len(metadata),
+    )
+    return Envelope(
+        container_id=container,
+        device_id_hash=device.device_id_hash,
+        payload=payload,
+        payload_nonce=nonce,
+        payload_auth_tag=tag,
+        metadata=metadata,
+        metadata_nonce=metadata_nonce,
+        metadata_auth_tag=metadata_tag,
+        signature=device.private_key.sign(message),
+        backup_timestamp=format_rfc3339_utc(when),
+    )
+
+
+def tus_headers(credential: str, **extra: str) -> dict[str, str]:
+    """Headers of a tus request."""
+    return {"Tus-Resumable": "1.0.0", **auth(credential), **extra}
+
+
+async def row_counts(connection: asyncpg.Connection) -> dict[str, int]:
+    """Rows of every backups table as the owner sees them (RLS bypassed)."""
+    counts: dict[str, int] = {}
+    for table in BACKUP_TABLES:
+        counts[table] = await connection.fetchval(f"SELECT count(*) FROM {table}")  # noqa: S608 - fixed names
+    return counts
+
+
+NOTHING_STORED = dict.fromkeys(BACKUP_TABLES, 0)
+
+
+# --- a real granian server -----------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port free right now on localhost."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@contextmanager
+def granian_server(env: dict[str, str], *, workers: int = 1) -> Iterator[str]:
+    """Run `granian --interface asgi --factory zkeb.app:create_app` on a free port; yields its base URL."""
+    port = free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "granian",
+        "--interface",
+        "asgi",
+        "--factory",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+        "--workers-kill-timeout",
+        "10",
+        "zkeb.app:create_app",
+    ]
+    log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in the finally below
+    process = subprocess.Popen(command, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)  # noqa: S603
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if process.poll() is not None:
+                log.seek(0)
+                raise RuntimeError(f"granian exited with {process.returncode}: {log.read().decode()[-4000:]}")
+            try:
+                if httpx.get(f"{base_url}/api/health/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("granian did not become ready in 60 s")
+            time.sleep(0.2)
+        yield base_url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
