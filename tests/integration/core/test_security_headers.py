@@ -1,0 +1,71 @@
+"""Security headers on every response, HSTS only over TLS, and the CORS allow-list."""
+
+from __future__ import annotations
+
+from litestar import Litestar
+from litestar.testing import AsyncTestClient
+
+from zkeb.app import create_app
+from zkeb.settings import Settings
+
+from support import make_settings
+
+
+async def test_every_response_carries_the_security_headers_and_no_server_details(
+    client: AsyncTestClient[Litestar],
+) -> None:
+    for path, status in (("/api/health/live", 200), ("/api/v1/audit-events", 401), ("/api/v1/no-such-route", 404)):
+        response = await client.get(path)
+        assert response.status_code == status
+        assert response.headers["x-content-type-options"] == "nosniff"
+        assert response.headers["referrer-policy"] == "no-referrer"
+        assert response.headers["server"] == "zkeb"
+        assert response.headers["cache-control"] == "no-store"
+        assert "default-src 'none'" in response.headers["content-security-policy"]
+        assert "strict-transport-security" not in response.headers
+
+
+async def test_hsts_only_when_the_request_came_over_tls(app: Litestar) -> None:
+    async with AsyncTestClient(app=app, base_url="https://testserver.local") as tls_client:
+        response = await tls_client.get("/api/health/live")
+    assert response.headers["strict-transport-security"].startswith("max-age=")
+
+
+async def test_a_forwarded_proto_from_an_untrusted_peer_is_ignored(client: AsyncTestClient[Litestar]) -> None:
+    response = await client.get("/api/health/live", headers={"X-Forwarded-Proto": "https"})
+    assert "strict-transport-security" not in response.headers
+
+
+async def test_no_cors_headers_without_an_allow_list(client: AsyncTestClient[Litestar]) -> None:
+    response = await client.options(
+        "/api/v1/audit-events",
+        headers={"Origin": "https://app.example", "Access-Control-Request-Method": "GET"},
+    )
+    assert "access-control-allow-origin" not in response.headers
+    plain = await client.get("/api/health/live", headers={"Origin": "https://app.example"})
+    assert "access-control-allow-origin" not in plain.headers
+
+
+async def test_cors_preflight_answers_allowed_origins_only(
+    base_settings_env: dict[str, str], settings: Settings
+) -> None:
+    cors_settings = make_settings(
+        base_settings_env, DATABASE_URL=str(settings.database_url), CORS_ORIGINS="https://app.example"
+    )
+    preflight = {"Access-Control-Request-Method": "GET", "Access-Control-Request-Headers": "authorization"}
+    async with AsyncTestClient(app=create_app(cors_settings)) as cors_client:
+        allowed = await cors_client.options(
+            "/api/v1/audit-events", headers={"Origin": "https://app.example", **preflight}
+        )
+        denied = await cors_client.options(
+            "/api/v1/audit-events", headers={"Origin": "https://evil.example", **preflight}
+        )
+        simple = await cors_client.get("/api/health/live", headers={"Origin": "https://app.example"})
+    assert allowed.status_code in {200, 204}
+    assert allowed.headers["access-control-allow-origin"] == "https://app.example"
+    assert "authorization" in allowed.headers["access-control-allow-headers"].lower()
+    assert "access-control-allow-credentials" not in allowed.headers
+    assert denied.headers.get("access-control-allow-origin") != "https://evil.example"
+    assert "access-control-allow-origin" not in denied.headers
+    assert simple.headers["access-control-allow-origin"] == "https://app.example"
+    assert "ratelimit" in simple.headers["access-control-expose-headers"].lower()
