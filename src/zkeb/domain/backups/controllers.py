@@ -259,12 +259,12 @@ class BackupController(Controller):
         backup = await service.get_visible(principal, backup_id)
         size = backup.encrypted_payload_size
         etag = f'"{backup.payload_sha256.hex()}"'
+        # `X-Content-Type-Options: nosniff` comes from the core security-headers middleware, on every response.
         headers = {
             "ETag": etag,
             "Repr-Digest": f"sha-256=:{base64.b64encode(backup.payload_sha256).decode()}:",
             "Cache-Control": "no-store",
             "Content-Disposition": f'attachment; filename="{backup.id}.bin"',
-            "X-Content-Type-Options": "nosniff",
             "Accept-Ranges": "bytes",
         }
         if etag_matches(request.headers.get("if-none-match"), etag):

@@ -1,0 +1,251 @@
+"""Restore, listing, latest, deletion and scoping of backups."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import uuid
+from typing import Any
+
+import asyncpg
+import pytest
+from litestar import Litestar
+from litestar.testing import AsyncTestClient
+
+from zkeb.settings import Settings
+
+from backups_support import MIB, Envelope, Tenant, auth, device_token, make_tenant, row_counts, sign_envelope, tus_headers
+from support import problem
+
+Client = AsyncTestClient[Litestar]
+
+
+@pytest.fixture
+async def tenant(client: Client, settings: Settings) -> Tenant:
+    return await make_tenant(client, settings)
+
+
+async def upload(client: Client, tenant: Tenant, envelope: Envelope, credential: str | None = None) -> dict[str, Any]:
+    """Upload through tus in one PATCH (any size), then fetch the backup's JSON."""
+    key = credential or tenant.project_key
+    created = await client.post(
+        "/api/v1/uploads",
+        headers=tus_headers(key, **{"Upload-Length": str(len(envelope.payload)), "Upload-Metadata": envelope.tus_metadata()}),
+    )
+    assert created.status_code == 201, created.text
+    patched = await client.patch(
+        created.headers["location"],
+        content=envelope.payload,
+        headers=tus_headers(key, **{"Upload-Offset": "0", "Content-Type": "application/offset+octet-stream"}),
+    )
+    assert patched.status_code == 204, patched.text
+    backup_id = patched.headers["zkeb-backup-id"]
+    body: dict[str, Any] = (await client.get(f"/api/v1/backups/{backup_id}", headers=auth(key))).json()
+    return body
+
+
+@pytest.mark.parametrize("size", [1, MIB, MIB + 1, 25_000_000], ids=["1B", "1MiB", "1MiB+1", "25MB"])
+async def test_restore_reads_back_the_exact_bytes(client: Client, tenant: Tenant, size: int) -> None:
+    payload = os.urandom(size)
+    backup = await upload(client, tenant, sign_envelope(tenant, payload))
+    response = await client.get(f"/api/v1/backups/{backup['id']}/payload", headers=auth(tenant.project_key))
+    assert response.status_code == 200
+    assert response.headers["content-length"] == str(size)
+    assert response.headers["content-type"] == "application/octet-stream"
+    assert hashlib.sha256(response.content).digest() == hashlib.sha256(payload).digest()
+    assert response.content == payload
+
+
+async def test_payload_response_headers(client: Client, tenant: Tenant) -> None:
+    payload = os.urandom(1000)
+    backup = await upload(client, tenant, sign_envelope(tenant, payload))
+    response = await client.get(f"/api/v1/backups/{backup['id']}/payload", headers=auth(tenant.project_key))
+    digest = hashlib.sha256(payload).digest()
+    assert response.headers["etag"] == f'"{digest.hex()}"'
+    assert response.headers["repr-digest"] == f"sha-256=:{base64.b64encode(digest).decode()}:"
+    assert response.headers["cache-control"] == "no-store"
+    assert response.headers["content-disposition"] == f'attachment; filename="{backup["id"]}.bin"'
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert response.headers["accept-ranges"] == "bytes"
+
+
+async def test_if_none_match_answers_304(client: Client, tenant: Tenant) -> None:
+    payload = os.urandom(100)
+    backup = await upload(client, tenant, sign_envelope(tenant, payload))
+    url = f"/api/v1/backups/{backup['id']}/payload"
+    etag = f'"{hashlib.sha256(payload).hexdigest()}"'
+    matched = await client.get(url, headers={**auth(tenant.project_key), "If-None-Match": f'"other", {etag}'})
+    assert matched.status_code == 304
+    assert matched.content == b""
+    assert matched.headers["etag"] == etag
+    star = await client.get(url, headers={**auth(tenant.project_key), "If-None-Match": "*"})
+    assert star.status_code == 304
+    other = await client.get(url, headers={**auth(tenant.project_key), "If-None-Match": '"nope"'})
+    assert other.status_code == 200
+    assert other.content == payload
+
+
+@pytest.mark.parametrize(
+    ("header", "start", "end"),
+    [
+        ("bytes=0-0", 0, 0),
+        ("bytes=10-99", 10, 99),
+        (f"bytes={MIB - 5}-{MIB + 5}", MIB - 5, MIB + 5),
+        (f"bytes={2 * MIB}-", 2 * MIB, 3 * MIB + 99),
+        ("bytes=-100", 3 * MIB, 3 * MIB + 99),
+        ("bytes=5-999999999999", 5, 3 * MIB + 99),
+    ],
+)
+async def test_single_range_answers_206_with_the_slice(
+    client: Client, tenant: Tenant, header: str, start: int, end: int
+) -> None:
+    payload = os.urandom(3 * MIB + 100)
+    backup = await upload(client, tenant, sign_envelope(tenant, payload))
+    response = await client.get(
+        f"/api/v1/backups/{backup['id']}/payload", headers={**auth(tenant.project_key), "Range": header}
+    )
+    assert response.status_code == 206
+    assert response.headers["content-range"] == f"bytes {start}-{end}/{len(payload)}"
+    assert response.headers["content-length"] == str(end - start + 1)
+    assert response.content == payload[start : end + 1]
+
+
+async def test_unsatisfiable_range_is_416(client: Client, tenant: Tenant) -> None:
+    backup = await upload(client, tenant, sign_envelope(tenant, b"x" * 10))
+    response = await client.get(
+        f"/api/v1/backups/{backup['id']}/payload", headers={**auth(tenant.project_key), "Range": "bytes=10-"}
+    )
+    assert response.status_code == 416
+    assert response.headers["content-range"] == "bytes */10"
+    problem(response)
+
+
+async def test_multiple_ranges_are_served_whole(client: Client, tenant: Tenant) -> None:
+    payload = os.urandom(50)
+    backup = await upload(client, tenant, sign_envelope(tenant, payload))
+    response = await client.get(
+        f"/api/v1/backups/{backup['id']}/payload", headers={**auth(tenant.project_key), "Range": "bytes=0-1,5-6"}
+    )
+    assert response.status_code == 200
+    assert response.content == payload
+
+
+async def test_tampered_chunk_aborts_the_restore(
+    client: Client, tenant: Tenant, owner_connection: asyncpg.Connection
+) -> None:
+    payload = os.urandom(2 * MIB)
+    backup = await upload(client, tenant, sign_envelope(tenant, payload))
+    await owner_connection.execute(
+        "UPDATE backup_chunks SET data = overlay(data placing '\\x00'::bytea from 40 for 1) WHERE seq = 1"
+    )
+    with pytest.raises(Exception, match="response started"):  # the stream is cut, never completed
+        await client.get(f"/api/v1/backups/{backup['id']}/payload", headers=auth(tenant.project_key))
+
+
+async def test_list_is_newest_first_with_filters_and_keyset_cursor(client: Client, tenant: Tenant) -> None:
+    container = uuid.uuid4()
+    ids = []
+    for index in range(5):
+        device = tenant.devices[index % 2]
+        envelope = sign_envelope(tenant, os.urandom(10), container_id=container if index < 4 else None, device=device)
+        ids.append((await upload(client, tenant, envelope))["id"])
+    listed = await client.get("/api/v1/backups", params={"limit": 2}, headers=auth(tenant.project_key))
+    assert listed.status_code == 200
+    page = listed.json()
+    seen = [item["id"] for item in page["items"]]
+    while page["next_cursor"]:
+        page = (
+            await client.get(
+                "/api/v1/backups", params={"limit": 2, "cursor": page["next_cursor"]}, headers=auth(tenant.project_key)
+            )
+        ).json()
+        seen += [item["id"] for item in page["items"]]
+    assert seen == list(reversed(ids))
+    in_container = (
+        await client.get("/api/v1/backups", params={"container_id": str(container)}, headers=auth(tenant.project_key))
+    ).json()
+    assert [item["id"] for item in in_container["items"]] == list(reversed(ids[:4]))
+    assert in_container["next_cursor"] is None
+    by_device = (
+        await client.get(
+            "/api/v1/backups",
+            params={"device_id_hash": tenant.devices[1].device_id_hash.hex()},
+            headers=auth(tenant.project_key),
+        )
+    ).json()
+    assert [item["id"] for item in by_device["items"]] == [ids[3], ids[1]]
+    latest = await client.get(f"/api/v1/containers/{container}/backups/latest", headers=auth(tenant.project_key))
+    assert latest.status_code == 200
+    assert latest.json()["id"] == ids[3]
+
+
+async def test_list_refuses_bad_limit_and_cursor(client: Client, tenant: Tenant) -> None:
+    too_many = await client.get("/api/v1/backups", params={"limit": 101}, headers=auth(tenant.project_key))
+    assert too_many.status_code == 400
+    problem(too_many)
+    bad_cursor = await client.get("/api/v1/backups", params={"cursor": "!!!"}, headers=auth(tenant.project_key))
+    assert bad_cursor.status_code == 400
+    problem(bad_cursor)
+
+
+async def test_latest_of_empty_container_is_404(client: Client, tenant: Tenant) -> None:
+    response = await client.get(f"/api/v1/containers/{uuid.uuid4()}/backups/latest", headers=auth(tenant.project_key))
+    assert response.status_code == 404
+    problem(response)
+
+
+async def test_delete_removes_backup_and_chunks(
+    client: Client, tenant: Tenant, owner_connection: asyncpg.Connection
+) -> None:
+    keep = await upload(client, tenant, sign_envelope(tenant, os.urandom(MIB + 1)))
+    gone = await upload(client, tenant, sign_envelope(tenant, os.urandom(2 * MIB + 1)))
+    before = await row_counts(owner_connection)
+    response = await client.delete(f"/api/v1/backups/{gone['id']}", headers=auth(tenant.project_key))
+    assert response.status_code == 204
+    after = await row_counts(owner_connection)
+    assert after["backups"] == before["backups"] - 1
+    assert after["payloads"] == before["payloads"] - 1
+    assert after["backup_chunks"] == before["backup_chunks"] - 3
+    assert after["payload_nonces"] == before["payload_nonces"]  # nonces outlive their backups
+    assert (await client.get(f"/api/v1/backups/{gone['id']}", headers=auth(tenant.project_key))).status_code == 404
+    again = await client.delete(f"/api/v1/backups/{gone['id']}", headers=auth(tenant.project_key))
+    assert again.status_code == 404
+    problem(again)
+    kept = await client.get(f"/api/v1/backups/{keep['id']}/payload", headers=auth(tenant.project_key))
+    assert kept.status_code == 200
+
+
+async def test_device_token_sees_only_its_own_device(client: Client, tenant: Tenant) -> None:
+    mine = await upload(client, tenant, sign_envelope(tenant, b"mine", device=tenant.devices[0]))
+    theirs = await upload(client, tenant, sign_envelope(tenant, b"theirs", device=tenant.devices[1]))
+    token = await device_token(client, tenant, tenant.devices[0])
+    listed = (await client.get("/api/v1/backups", headers=auth(token))).json()
+    assert [item["id"] for item in listed["items"]] == [mine["id"]]
+    for path in (f"/api/v1/backups/{theirs['id']}", f"/api/v1/backups/{theirs['id']}/payload"):
+        response = await client.get(path, headers=auth(token))
+        assert response.status_code == 404
+        problem(response)
+    refused = await client.delete(f"/api/v1/backups/{theirs['id']}", headers=auth(token))
+    assert refused.status_code == 404
+    assert (await client.get(f"/api/v1/backups/{mine['id']}/payload", headers=auth(token))).content == b"mine"
+    project_view = (await client.get("/api/v1/backups", headers=auth(tenant.project_key))).json()
+    assert {item["id"] for item in project_view["items"]} == {mine["id"], theirs["id"]}
+
+
+async def test_other_project_and_other_org_ids_are_404(client: Client, tenant: Tenant, settings: Settings) -> None:
+    backup = await upload(client, tenant, sign_envelope(tenant, b"secret"))
+    stranger = await make_tenant(client, settings, name="other-org")
+    second_project = await client.post("/api/v1/projects", json={"name": "second"}, headers=auth(tenant.admin_key))
+    key = await client.post(
+        f"/api/v1/projects/{second_project.json()['id']}/api-keys", json={"name": "k"}, headers=auth(tenant.admin_key)
+    )
+    for credential in (stranger.project_key, key.json()["key"]):
+        for path in (f"/api/v1/backups/{backup['id']}", f"/api/v1/backups/{backup['id']}/payload"):
+            response = await client.get(path, headers=auth(credential))
+            assert response.status_code == 404
+            problem(response)
+        response = await client.delete(f"/api/v1/backups/{backup['id']}", headers=auth(credential))
+        assert response.status_code == 404
+        assert (await client.get("/api/v1/backups", headers=auth(credential))).json()["items"] == []
+    assert (await client.get(f"/api/v1/backups/{backup['id']}", headers=auth(tenant.project_key))).status_code == 200
