@@ -7,13 +7,15 @@ row-level security), call a service and shape the answer. Unknown and other-tena
 from __future__ import annotations
 
 import base64
+import re
 from typing import Annotated, Any
 from uuid import UUID
 
 from litestar import Controller, Request, Response, delete, get, patch, post
 from litestar.datastructures import State
+from litestar.di import NamedDependency
 from litestar.exceptions import ValidationException
-from litestar.params import Parameter
+from litestar.params import FromPath, JSONBody, Parameter
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED, HTTP_204_NO_CONTENT
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -49,6 +51,7 @@ from zkeb.domain.accounts.services import (
 __all__ = ("ApiKeyController", "AuthTokenController", "DeviceController", "ProjectController")
 
 _NO_STORE = {"Cache-Control": "no-store"}
+_FIELD_IN_MESSAGE = re.compile(r"field `([^`]{1,100})`")
 _BEARER: list[dict[str, list[str]]] = [{"BearerAuth": []}]
 
 Limit = Annotated[
@@ -57,12 +60,27 @@ Limit = Annotated[
 Cursor = Annotated[str | None, Parameter(description="`next_cursor` of the previous page", required=False)]
 
 
+def _named_errors(extra: object) -> list[dict[str, Any]]:
+    """Litestar's error list, with whole-body errors (`missing field`, `unknown field`) keyed by their field."""
+    errors: list[dict[str, Any]] = []
+    for item in extra if isinstance(extra, list) else []:
+        if not isinstance(item, dict):
+            continue
+        error = dict(item)
+        named = _FIELD_IN_MESSAGE.search(str(error.get("message", "")))
+        if error.get("key") in {None, "data"} and named:
+            error["key"] = named.group(1)
+            error["source"] = "body"
+        errors.append(error)
+    return errors
+
+
 def _validation_problem(request: Request[Any, Any, Any], exc: ValidationException) -> Response[dict[str, Any]]:
     """Body validation errors answer 422 naming each field; malformed parameters stay 400."""
-    errors: list[dict[str, Any]] = list(exc.extra) if isinstance(exc.extra, list) else []
-    from_body = bool(errors) and all(isinstance(e, dict) and e.get("source") == "body" for e in errors)
+    errors = _named_errors(exc.extra)
+    from_body = bool(errors) and all(e.get("source") == "body" for e in errors)
     status = 422 if from_body else 400
-    names = ", ".join(f"{e.get('key')}: {e.get('message')}" for e in errors if isinstance(e, dict) and e.get("key"))
+    names = ", ".join(f"{e['key']}: {e.get('message')}" for e in errors if e.get("key"))
     detail = names or (exc.detail if status == 400 else "the request body is invalid")
     return problem_response(request, status, detail, extra={"errors": errors} if errors else None)
 
@@ -125,7 +143,11 @@ class ProjectController(Controller):
 
     @post("/", guards=[requires_org_admin], status_code=HTTP_201_CREATED, summary="Create a project")
     async def create_project(
-        self, request: Request[Any, Any, Any], state: State, db_session: AsyncSession, data: ProjectCreate
+        self,
+        request: Request[Any, Any, Any],
+        state: State,
+        db_session: NamedDependency[AsyncSession],
+        data: JSONBody[ProjectCreate],
     ) -> ProjectRead:
         """Create a project; `storage_quota_bytes` absent takes `DEFAULT_PROJECT_QUOTA` (null: unlimited)."""
         principal = principal_of(request)
@@ -149,7 +171,7 @@ class ProjectController(Controller):
     async def list_projects(
         self,
         request: Request[Any, Any, Any],
-        db_session: AsyncSession,
+        db_session: NamedDependency[AsyncSession],
         limit: Limit = DEFAULT_LIST_LIMIT,
         cursor: Cursor = None,
     ) -> ProjectPage:
@@ -161,7 +183,7 @@ class ProjectController(Controller):
 
     @get("/{project_id:uuid}", summary="Get a project")
     async def get_project(
-        self, request: Request[Any, Any, Any], db_session: AsyncSession, project_id: UUID
+        self, request: Request[Any, Any, Any], db_session: NamedDependency[AsyncSession], project_id: FromPath[UUID]
     ) -> ProjectRead:
         """A project: org admins see every project of theirs, project keys and devices only their own."""
         principal = principal_of(request)
@@ -169,7 +191,11 @@ class ProjectController(Controller):
 
     @patch("/{project_id:uuid}", guards=[requires_org_admin], summary="Change a project's storage policy")
     async def update_project(
-        self, request: Request[Any, Any, Any], db_session: AsyncSession, project_id: UUID, data: ProjectUpdate
+        self,
+        request: Request[Any, Any, Any],
+        db_session: NamedDependency[AsyncSession],
+        project_id: FromPath[UUID],
+        data: JSONBody[ProjectUpdate],
     ) -> ProjectRead:
         """Change any of name, quota, retention and append-only settings; null clears a limit."""
         principal = principal_of(request)
@@ -198,9 +224,9 @@ class ProjectController(Controller):
         self,
         request: Request[Any, Any, Any],
         state: State,
-        db_session: AsyncSession,
-        project_id: UUID,
-        data: ApiKeyCreate,
+        db_session: NamedDependency[AsyncSession],
+        project_id: FromPath[UUID],
+        data: JSONBody[ApiKeyCreate],
     ) -> Response[ApiKeyCreated]:
         """Issue a project key; the answer is the only time the key is shown."""
         principal = principal_of(request)
@@ -235,8 +261,8 @@ class ProjectController(Controller):
     async def list_api_keys(
         self,
         request: Request[Any, Any, Any],
-        db_session: AsyncSession,
-        project_id: UUID,
+        db_session: NamedDependency[AsyncSession],
+        project_id: FromPath[UUID],
         limit: Limit = DEFAULT_LIST_LIMIT,
         cursor: Cursor = None,
     ) -> ApiKeyPage:
@@ -255,7 +281,11 @@ class ProjectController(Controller):
         summary="Enroll a device",
     )
     async def enroll_device(
-        self, request: Request[Any, Any, Any], db_session: AsyncSession, project_id: UUID, data: DeviceEnroll
+        self,
+        request: Request[Any, Any, Any],
+        db_session: NamedDependency[AsyncSession],
+        project_id: FromPath[UUID],
+        data: JSONBody[DeviceEnroll],
     ) -> DeviceRead:
         """Enroll a device by the SHA-256 of its identifier and its 32-byte Ed25519 public key."""
         principal = principal_of(request)
@@ -278,8 +308,8 @@ class ProjectController(Controller):
     async def list_devices(
         self,
         request: Request[Any, Any, Any],
-        db_session: AsyncSession,
-        project_id: UUID,
+        db_session: NamedDependency[AsyncSession],
+        project_id: FromPath[UUID],
         limit: Limit = DEFAULT_LIST_LIMIT,
         cursor: Cursor = None,
     ) -> DevicePage:
@@ -301,7 +331,9 @@ class ApiKeyController(Controller):
     exception_handlers = _EXCEPTION_HANDLERS
 
     @delete("/{key_id:uuid}", guards=[requires_org_admin], status_code=HTTP_204_NO_CONTENT, summary="Revoke an API key")
-    async def revoke_api_key(self, request: Request[Any, Any, Any], db_session: AsyncSession, key_id: UUID) -> None:
+    async def revoke_api_key(
+        self, request: Request[Any, Any, Any], db_session: NamedDependency[AsyncSession], key_id: FromPath[UUID]
+    ) -> None:
         """Revoke a key at once on every replica; the organization's last active org admin key is kept (409)."""
         principal = principal_of(request)
         key, revoked = await ApiKeyService(session=db_session).revoke(key_id, organization_id=principal.organization_id)
@@ -328,7 +360,9 @@ class DeviceController(Controller):
     @delete(
         "/{device_id:uuid}", guards=[requires_org_admin], status_code=HTTP_204_NO_CONTENT, summary="Revoke a device"
     )
-    async def revoke_device(self, request: Request[Any, Any, Any], db_session: AsyncSession, device_id: UUID) -> None:
+    async def revoke_device(
+        self, request: Request[Any, Any, Any], db_session: NamedDependency[AsyncSession], device_id: FromPath[UUID]
+    ) -> None:
         """Revoke a device: no new tokens, and its live tokens fail from now on."""
         principal = principal_of(request)
         device, revoked = await DeviceService(session=db_session).revoke(
@@ -366,7 +400,11 @@ class AuthTokenController(Controller):
         ),
     )
     async def issue_token(
-        self, request: Request[Any, Any, Any], state: State, db_session: AsyncSession, data: TokenRequest
+        self,
+        request: Request[Any, Any, Any],
+        state: State,
+        db_session: NamedDependency[AsyncSession],
+        data: JSONBody[TokenRequest],
     ) -> Response[TokenResponse]:
         """Verify the proof and return a short-lived HS256 device token."""
         issued = await DeviceTokenService(session=db_session).issue_token(

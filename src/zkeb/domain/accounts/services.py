@@ -18,7 +18,7 @@ from typing import Any
 from uuid import UUID
 
 import msgspec
-from advanced_alchemy.exceptions import DuplicateKeyError
+from advanced_alchemy.exceptions import IntegrityError
 from advanced_alchemy.repository import SQLAlchemyAsyncRepository
 from advanced_alchemy.service import SQLAlchemyAsyncRepositoryService
 from litestar.connection import ASGIConnection
@@ -63,6 +63,18 @@ PROOF_MAX_SKEW = datetime.timedelta(minutes=5)
 _PROOF_PURGE_BATCH = 100
 _INVALID_PROOF = "invalid proof of possession"
 _LOCK_ORGANIZATION = text("SELECT id FROM organizations WHERE id = :id FOR UPDATE")
+
+
+def _violates(exc: BaseException, constraint: str) -> bool:
+    """Whether the driver error under `exc` is a unique violation of `constraint` (SQLSTATE 23505)."""
+    current: BaseException | None = exc
+    for _ in range(10):
+        if current is None:
+            return False
+        if getattr(current, "sqlstate", None) == "23505" and getattr(current, "constraint_name", None) == constraint:
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def invalid_field(key: str, message: str) -> UnprocessableError:
@@ -251,8 +263,10 @@ class ProjectService(SQLAlchemyAsyncRepositoryService[Project]):
         )
         try:
             return await self.create(project, auto_commit=False)
-        except DuplicateKeyError:
-            raise ConflictError("a project with this name already exists") from None
+        except IntegrityError as exc:
+            if _violates(exc, "uq_projects_org_name"):
+                raise ConflictError("a project with this name already exists") from None
+            raise
 
     async def get_project(self, project_id: UUID, *, organization_id: UUID, for_update: bool = False) -> Project:
         """The organization's project `project_id`.
@@ -291,8 +305,10 @@ class ProjectService(SQLAlchemyAsyncRepositoryService[Project]):
             setattr(project, name, value)
         try:
             project = await self.update(project, auto_commit=False)
-        except DuplicateKeyError:
-            raise ConflictError("a project with this name already exists") from None
+        except IntegrityError as exc:
+            if _violates(exc, "uq_projects_org_name"):
+                raise ConflictError("a project with this name already exists") from None
+            raise
         return project, changed
 
 
@@ -398,8 +414,10 @@ class DeviceService(SQLAlchemyAsyncRepositoryService[Device]):
         )
         try:
             return await self.create(device, auto_commit=False)
-        except DuplicateKeyError:
-            raise ConflictError("this device is already enrolled in the project") from None
+        except IntegrityError as exc:
+            if _violates(exc, "uq_devices_project_hash"):
+                raise ConflictError("this device is already enrolled in the project") from None
+            raise
 
     async def page(self, *, organization_id: UUID, project_id: UUID, limit: int, cursor: str | None) -> Page[Device]:
         """One page of a project's devices, oldest first."""
