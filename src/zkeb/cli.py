@@ -266,13 +266,16 @@ async def _create_org(settings: Settings, url: str, name: str) -> tuple[str, str
     from zkeb.core.database import create_app_engine  # noqa: PLC0415
     from zkeb.core.tenancy import install_tenant_setter  # noqa: PLC0415
     from zkeb.domain.accounts.services import OrganizationService  # noqa: PLC0415
+    from zkeb.lib.apikeys import hashing_salt  # noqa: PLC0415
 
     install_tenant_setter()
     engine = create_app_engine(settings, url)
     try:
         async with async_sessionmaker(engine, expire_on_commit=False)() as session:
             organization, admin_key = await OrganizationService(session=session).create_with_admin_key(
-                name, salt=settings.secrets.api_key_salt, settings=settings
+                name,
+                salt=hashing_salt(settings.secrets.api_key_salt, settings.secrets.api_key_salt_new),
+                settings=settings,
             )
             return str(organization.id), admin_key.key
     finally:
@@ -287,6 +290,7 @@ async def _create_key(
     from zkeb.core.database import create_app_engine  # noqa: PLC0415
     from zkeb.core.tenancy import install_tenant_setter  # noqa: PLC0415
     from zkeb.domain.accounts.services import OrganizationService  # noqa: PLC0415
+    from zkeb.lib.apikeys import hashing_salt  # noqa: PLC0415
 
     install_tenant_setter()
     engine = create_app_engine(settings, url)
@@ -296,7 +300,7 @@ async def _create_key(
                 organization_id=organization_id,
                 project_id=project_id,
                 name=name,
-                salt=settings.secrets.api_key_salt,
+                salt=hashing_salt(settings.secrets.api_key_salt, settings.secrets.api_key_salt_new),
                 settings=settings,
             )
             return str(new_key.record.id), new_key.record.kind, new_key.key

@@ -13,6 +13,7 @@ __all__ = (
     "PUBLIC_PREFIX_LENGTH",
     "generate_api_key",
     "hash_api_key",
+    "hashing_salt",
     "matching_salt",
     "public_prefix",
     "salts_in_use",
@@ -44,6 +45,14 @@ def hash_api_key(salt: str, key: str) -> bytes:
 def salts_in_use(salt: str, salt_new: str | None) -> tuple[str, ...]:
     """The salts a stored hash may be under, preferred first: `API_KEY_SALT_NEW` (when set), then `API_KEY_SALT`."""
     return tuple(s for s in (salt_new, salt) if s)
+
+
+def hashing_salt(salt: str, salt_new: str | None) -> str:
+    """The salt new keys are hashed under: `API_KEY_SALT_NEW` while set (the one being rotated to), else `API_KEY_SALT`.
+
+    Hashing new keys under the new salt means they keep working once it is promoted to `API_KEY_SALT`.
+    """
+    return salt_new or salt
 
 
 def matching_salt(key: str, stored_hash: bytes, salts: tuple[str, ...]) -> int | None:

@@ -47,6 +47,7 @@ from zkeb.domain.accounts.services import (
     ProjectService,
     record_account_event,
 )
+from zkeb.lib.apikeys import hashing_salt
 
 __all__ = ("ApiKeyController", "AuthTokenController", "DeviceController", "ProjectController")
 
@@ -231,11 +232,12 @@ class ProjectController(Controller):
         """Issue a project key; the answer is the only time the key is shown."""
         principal = principal_of(request)
         project = await _admin_project(db_session, principal, project_id)
+        secrets = get_runtime(state).settings.secrets
         new_key = await ApiKeyService(session=db_session).issue(
             organization_id=principal.organization_id,
             project_id=project.id,
             name=data.name,
-            salt=get_runtime(state).settings.secrets.api_key_salt,
+            salt=hashing_salt(secrets.api_key_salt, secrets.api_key_salt_new),
         )
         await record_account_event(
             db_session,
