@@ -73,10 +73,19 @@ def serve(host: str | None, port: int | None, workers: int | None) -> None:
     """Run the API under granian; SIGTERM drains in-flight requests before exiting."""
     from granian import Granian  # noqa: PLC0415
     from granian.constants import Interfaces  # noqa: PLC0415
+    from granian.log import LogLevels  # noqa: PLC0415
 
-    from zkeb.core.migrations import run_alembic  # noqa: PLC0415
+    from zkeb.prometheus_multiprocess import prepare_multiprocess_dir  # noqa: PLC0415
 
     settings = _load_settings()
+    worker_count = workers or int(os.environ.get("WEB_CONCURRENCY", "1"))
+    # Before anything imports prometheus_client (any zkeb.core module does): forked workers inherit its value store.
+    prepare_multiprocess_dir(needed=worker_count > 1 or settings.metrics_port is not None)
+    from zkeb.core.logging import configure_logging, log_format, logging_dictconfig  # noqa: PLC0415
+    from zkeb.core.metrics import serve_metrics_for_workers  # noqa: PLC0415
+    from zkeb.core.migrations import run_alembic  # noqa: PLC0415
+
+    configure_logging(settings.log_level, log_format(settings.env))
     _warn_dev_secrets(settings)
     url = _database_url(settings)
     if settings.auto_migrate:
@@ -84,16 +93,19 @@ def serve(host: str | None, port: int | None, workers: int | None) -> None:
     # Workers inherit the resolved database and do not migrate again.
     os.environ["DATABASE_URL"] = url.replace("postgresql+asyncpg://", "postgresql://", 1)
     os.environ["ZKEB_AUTO_MIGRATE"] = "false"
+    serve_metrics_for_workers(settings, host or settings.host)
     server = Granian(
         "zkeb.app:create_app",
         factory=True,
         interface=Interfaces.ASGI,
         address=host or settings.host,
         port=port or settings.port,
-        workers=workers or int(os.environ.get("WEB_CONCURRENCY", "1")),
+        workers=worker_count,
         workers_kill_timeout=max(int(settings.shutdown_grace_seconds), 1),
         respawn_failed_workers=True,
         log_access=False,
+        log_level=LogLevels(settings.log_level.lower()),
+        log_dictconfig=logging_dictconfig(settings.log_level, log_format(settings.env)),
     )
     click.echo(f"ZKEB listening on http://{host or settings.host}:{port or settings.port}", err=True)
     server.serve()

@@ -54,7 +54,7 @@ _SPAN_CONTEXT_SCOPE_KEY = "zkeb.trace"  # kept in sync with zkeb.core.telemetry.
 _RECORD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName"}
 # API keys, JWTs (device tokens) and bearer credentials, wherever they might have slipped into a line.
 _SECRET_SHAPES = re.compile(
-    r"zkeb_[A-Za-z0-9_\-]{16,}"
+    r"(?<![A-Za-z0-9_])zkeb_[A-Za-z0-9_\-]{40,}"
     r"|eyJ[A-Za-z0-9_\-]{6,}\.[A-Za-z0-9_\-]{6,}\.[A-Za-z0-9_\-]{6,}"
     r"|(?i:bearer)\s+[A-Za-z0-9._~+/=\-]{8,}"
 )
@@ -162,7 +162,8 @@ def configure_logging(level: str, fmt: str) -> None:
     """
     root = logging.getLogger()
     for handler in list(root.handlers):
-        if getattr(handler, _HANDLER_MARK, False):
+        # Ours: added by an earlier call, or by granian from `logging_dictconfig()`.
+        if getattr(handler, _HANDLER_MARK, False) or isinstance(handler.formatter, (JsonFormatter, ConsoleFormatter)):
             root.removeHandler(handler)
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(_formatter(fmt))

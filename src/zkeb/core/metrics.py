@@ -31,13 +31,10 @@ Metric objects for the domains (import and increment them; all live in prometheu
 from __future__ import annotations
 
 import asyncio
-import atexit
 import contextlib
 import hmac
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +60,7 @@ from sqlalchemy.pool import QueuePool
 from zkeb.core.errors import NotFoundError
 from zkeb.core.logging import AccessRecord
 from zkeb.core.runtime import get_runtime
+from zkeb.prometheus_multiprocess import multiprocess_dir
 from zkeb.settings import Settings
 
 __all__ = (
@@ -72,15 +70,12 @@ __all__ = (
     "BACKUP_BYTES_UPLOADED",
     "BACKUP_PAYLOAD_SIZE",
     "METRICS_SECURITY_SCHEME",
-    "MULTIPROC_ENV",
     "REDIS_ERRORS",
     "TUS_SESSIONS_CREATED",
     "TUS_SESSIONS_EXPIRED",
     "MetricsController",
     "install_metrics",
-    "multiprocess_dir",
     "observe_request",
-    "prepare_multiprocess_dir",
     "record_backup_created",
     "record_backup_failed",
     "record_bytes_restored",
@@ -91,7 +86,6 @@ __all__ = (
 
 logger = logging.getLogger("zkeb.metrics")
 
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 METRICS_SECURITY_SCHEME = "MetricsToken"
 _KIB, _MIB = 1024, 1024 * 1024
 
@@ -200,11 +194,6 @@ class _ProcessSampler:
 _sampler = _ProcessSampler()
 
 
-def multiprocess_dir() -> str | None:
-    """The multiprocess directory in use, if any."""
-    return os.environ.get(MULTIPROC_ENV) or None
-
-
 def render_metrics() -> bytes:
     """The Prometheus text exposition: this process's registry, or every worker's in multiprocess mode."""
     _sampler.sample()
@@ -311,24 +300,6 @@ def install_metrics(app_config: AppConfig, settings: Settings, engine: AsyncEngi
         )
 
 
-def prepare_multiprocess_dir(*, needed: bool) -> str | None:
-    """For `zkeb serve`, before workers start: use `PROMETHEUS_MULTIPROC_DIR`, or create one when `needed`.
-
-    The directory is emptied: stale files of a previous run would be summed into this one's metrics.
-    """
-    directory = multiprocess_dir()
-    if directory is None and not needed:
-        return None
-    if directory is None:
-        directory = tempfile.mkdtemp(prefix="zkeb-prometheus-")
-    path = Path(directory)
-    path.mkdir(parents=True, exist_ok=True)
-    for entry in path.glob("*.db"):
-        entry.unlink()
-    os.environ[MULTIPROC_ENV] = directory
-    return directory
-
-
 def start_metrics_listener(host: str, port: int) -> None:
     """Serve every worker's metrics on `host:port` from a daemon thread (the `zkeb serve` parent process).
 
@@ -341,12 +312,11 @@ def start_metrics_listener(host: str, port: int) -> None:
     start_http_server(port, addr=host, registry=registry)
 
 
-def serve_metrics_for_workers(settings: Settings, host: str, workers: int) -> None:
-    """`zkeb serve`, before granian starts: multiprocess mode when needed, and the `METRICS_PORT` listener."""
-    created = multiprocess_dir() is None
-    directory = prepare_multiprocess_dir(needed=workers > 1 or settings.metrics_port is not None)
-    if directory is not None and created:
-        atexit.register(shutil.rmtree, directory, ignore_errors=True)
+def serve_metrics_for_workers(settings: Settings, host: str) -> None:
+    """`zkeb serve`, before granian starts: the `METRICS_PORT` listener, if configured.
+
+    `zkeb.prometheus_multiprocess.prepare_multiprocess_dir` must have run before this module was imported.
+    """
     if settings.metrics_port is not None:
         start_metrics_listener(host, settings.metrics_port)
         logger.info("metrics on a private port", extra={"port": settings.metrics_port, "path": "/metrics"})

@@ -44,6 +44,7 @@ class CorePlugin(InitPluginProtocol):
         """Configure the app; domain plugins run after this one and add their own routes."""
         settings = self.settings
         configure_logging(settings.log_level, log_format(settings.env))
+        app_config.logging_config = None  # Litestar's default would replace the root handler configured above
         install_tenant_setter()
         url = settings.database_url or start_embedded_postgres(settings.data_dir)
         engine = create_app_engine(settings, url)

@@ -1,0 +1,196 @@
+"""Traces of real requests, captured with the SDK's in-memory exporter: span tree, propagation, no secrets."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+from litestar import Litestar
+from litestar.testing import AsyncTestClient
+from observability_support import auth, create_org, create_project_key, spans_by_id, traced
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+
+from zkeb.app import create_app
+from zkeb.core.logging import JsonFormatter
+from zkeb.settings import Settings
+
+from support import make_settings, problem
+
+Client = AsyncTestClient[Litestar]
+
+
+@pytest.fixture
+async def traced_client(settings: Settings) -> AsyncIterator[tuple[Client, InMemorySpanExporter]]:
+    with traced() as exporter:
+        async with AsyncTestClient(app=create_app(settings)) as client:
+            yield client, exporter
+
+
+async def test_authenticated_request_is_a_server_span_with_database_client_spans_beneath(
+    traced_client: tuple[Client, InMemorySpanExporter], settings: Settings
+) -> None:
+    client, exporter = traced_client
+    _, admin_key = await create_org(settings)
+    exporter.clear()
+
+    response = await client.get("/api/v1/projects", headers=auth(admin_key))
+
+    assert response.status_code == 200
+    spans = exporter.get_finished_spans()
+    servers = [s for s in spans if s.kind == SpanKind.SERVER]
+    assert len(servers) == 1
+    server = servers[0]
+    assert server.name == "GET /api/v1/projects"
+    assert server.attributes is not None
+    assert server.attributes["http.route"] == "/api/v1/projects"
+    assert server.attributes.get("http.status_code", server.attributes.get("http.response.status_code")) == 200
+    assert server.context is not None
+    database = [s for s in spans if s.kind == SpanKind.CLIENT and (s.attributes or {}).get("db.system") == "postgresql"]
+    assert database, [s.name for s in spans]
+    by_id = spans_by_id(spans)
+    for span in database:
+        assert span.context is not None
+        assert span.context.trace_id == server.context.trace_id
+        # Walk up: every database span descends from the server span.
+        parent = span.parent
+        while parent is not None and parent.span_id != server.context.span_id:
+            parent = by_id[parent.span_id].parent
+        assert parent is not None, f"{span.name} is not under the server span"
+    assert response.headers["traceresponse"].split("-")[1] == format(server.context.trace_id, "032x")
+
+
+async def test_incoming_traceparent_is_continued_and_the_trace_id_is_in_problem_bodies(
+    traced_client: tuple[Client, InMemorySpanExporter], settings: Settings
+) -> None:
+    client, exporter = traced_client
+    _, admin_key = await create_org(settings)
+    trace_id, parent_id = uuid.uuid4().hex, uuid.uuid4().hex[:16]
+    exporter.clear()
+
+    response = await client.get(
+        f"/api/v1/projects/{uuid.uuid4()}",
+        headers={**auth(admin_key), "traceparent": f"00-{trace_id}-{parent_id}-01"},
+    )
+
+    assert response.status_code == 404
+    body = problem(response)
+    assert body["trace_id"] == trace_id
+    assert response.headers["traceresponse"].startswith(f"00-{trace_id}-")
+    server = next(s for s in exporter.get_finished_spans() if s.kind == SpanKind.SERVER)
+    assert server.name == "GET /api/v1/projects/{project_id}"
+    assert server.context is not None
+    assert server.parent is not None
+    assert format(server.context.trace_id, "032x") == trace_id
+    assert format(server.parent.span_id, "016x") == parent_id
+
+
+async def test_redis_commands_are_client_spans_of_the_request(
+    base_settings_env: dict[str, str], database_url: str, redis_url: str
+) -> None:
+    settings = make_settings(base_settings_env, DATABASE_URL=database_url, REDIS_URL=redis_url)
+    with traced() as exporter:
+        async with AsyncTestClient(app=create_app(settings)) as client:
+            exporter.clear()
+            response = await client.get("/api/health/redis")
+        spans = exporter.get_finished_spans()
+    assert response.status_code == 200
+    servers = [s for s in spans if s.kind == SpanKind.SERVER]
+    assert len(servers) == 1, [(s.kind, s.name) for s in spans]
+    server = servers[0]
+    redis_spans = [s for s in spans if (s.attributes or {}).get("db.system") == "redis"]
+    assert redis_spans
+    assert server.context is not None
+    assert all(s.parent is not None and s.parent.span_id == server.context.span_id for s in redis_spans)
+
+
+async def test_no_span_or_log_line_carries_an_api_key_token_or_signature(
+    traced_client: tuple[Client, InMemorySpanExporter], settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: PLC0415
+
+    from zkeb.lib.envelope import auth_message  # noqa: PLC0415
+
+    client, exporter = traced_client
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    logging.getLogger().addHandler(handler)
+    caplog.set_level(logging.DEBUG)
+    try:
+        _, admin_key = await create_org(settings)
+        project, project_key = await create_project_key(client, admin_key)
+        private_key = Ed25519PrivateKey.generate()
+        from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat  # noqa: PLC0415
+
+        public_key = private_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        device_id_hash = uuid.uuid4().bytes * 2
+        import base64  # noqa: PLC0415
+        import time  # noqa: PLC0415
+
+        enrolled = await client.post(
+            f"/api/v1/projects/{project['id']}/devices",
+            json={
+                "device_id_hash": device_id_hash.hex(),
+                "public_key": base64.b64encode(public_key).decode(),
+                "label": "x",
+            },
+            headers=auth(admin_key),
+        )
+        assert enrolled.status_code == 201, enrolled.text
+        timestamp_ms = int(time.time() * 1000)
+        signature = private_key.sign(
+            auth_message(project_id=uuid.UUID(project["id"]), device_id_hash=device_id_hash, timestamp_ms=timestamp_ms)
+        )
+        signature_b64 = base64.b64encode(signature).decode()
+        issued = await client.post(
+            "/api/v1/auth/token",
+            json={
+                "project_id": project["id"],
+                "device_id_hash": device_id_hash.hex(),
+                "timestamp_ms": timestamp_ms,
+                "signature": signature_b64,
+            },
+        )
+        assert issued.status_code == 200, issued.text
+        token = issued.json()["access_token"]
+        assert (await client.get("/api/v1/projects", headers=auth(project_key))).status_code in {200, 404}
+        assert (await client.get(f"/api/v1/backups/{uuid.uuid4()}", headers=auth(token))).status_code in {404, 405}
+        # A wrong key is refused; it must not be echoed anywhere either.
+        wrong_key = project_key[:-6] + "AAAAAA"
+        assert (await client.get("/api/v1/projects", headers=auth(wrong_key))).status_code == 401
+    finally:
+        logging.getLogger().removeHandler(handler)
+
+    secrets = {
+        "admin key": admin_key,
+        "project key": project_key,
+        "wrong key": wrong_key,
+        "device token": token,
+        "signature (base64)": signature_b64,
+        "signature (hex)": signature.hex(),
+        "token signature part": token.rsplit(".", 1)[1],
+    }
+    spans = exporter.get_finished_spans()
+    assert any(s.kind == SpanKind.SERVER for s in spans)
+    span_text = json.dumps(
+        [
+            {
+                "name": s.name,
+                "attributes": dict(s.attributes or {}),
+                "events": [{"name": e.name, "attributes": dict(e.attributes or {})} for e in s.events],
+                "resource": dict(s.resource.attributes),
+            }
+            for s in spans
+        ],
+        default=str,
+    )
+    log_text = stream.getvalue() + "\n".join(r.getMessage() + json.dumps(vars(r), default=str) for r in caplog.records)
+    assert "zkeb.access" in log_text  # the access log did run
+    for label, secret in secrets.items():
+        assert secret not in span_text, f"{label} found in a span"
+        assert secret not in log_text, f"{label} found in a log line"
