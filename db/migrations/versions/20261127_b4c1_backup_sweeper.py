@@ -1,4 +1,4 @@
-"""Backups: a cross-tenant lookup of payloads the upload sweeper may purge.
+"""Backups: a cross-tenant lookup of payloads the upload sweeper may purge; chunk data stored uncompressed.
 
 Revision ID: b4c1
 Revises: 0001
@@ -45,8 +45,11 @@ def upgrade() -> None:
     )
     op.execute(f"REVOKE ALL ON FUNCTION {FUNCTION} FROM PUBLIC")
     op.execute(f"GRANT EXECUTE ON FUNCTION {FUNCTION} TO {RUNTIME_ROLE}")
+    # Chunks are ciphertext, which never compresses: store them out of line without trying (metadata only).
+    op.execute("ALTER TABLE backup_chunks ALTER COLUMN data SET STORAGE EXTERNAL")
 
 
 def downgrade() -> None:
     op.execute("SET LOCAL lock_timeout = '5s'")
+    op.execute("ALTER TABLE backup_chunks ALTER COLUMN data SET STORAGE EXTENDED")
     op.execute(f"DROP FUNCTION IF EXISTS {FUNCTION}")

@@ -1,0 +1,344 @@
+"""Upload and restore throughput of ZKEB end to end, against the raw PostgreSQL ceilings of the same server.
+
+    uv run python bench/upload.py            # DATABASE_URL of a PostgreSQL superuser, default the local one
+
+Starts `granian --interface asgi --factory zkeb.app:create_app` with production settings (ZKEB_ENV=production,
+secrets generated for this run, a fresh database on the PostgreSQL server), then for 1, 10 and 100 MiB payloads:
+
+- upload: one tus PATCH streamed by httpx from a generator (signature verification, hashing and at-rest
+  encryption on), timed from the PATCH's first byte to its response (the backup is committed then);
+- restore: `GET /api/v1/backups/{id}/payload` streamed and discarded (decryption on);
+- ceilings, on the same database server in the same run: asyncpg writes the same bytes as 1 MiB bytea rows in one
+  transaction (binary COPY and executemany INSERT; the faster is the ceiling), and reads them back with a cursor.
+
+Prints MiB/s, ours/ceiling, and the granian worker's peak RSS (VmHWM) after the 1 MiB and after the 100 MiB runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import hashlib
+import json
+import os
+import secrets
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import httpx
+import psutil
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from zkeb.lib.envelope import backup_signed_message, format_rfc3339_utc
+
+MIB = 1024 * 1024
+SIZES_MIB = (1, 10, 100)
+PIECE = MIB  # bytes per piece the client's generator yields
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _with_database(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, ""))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _vm_hwm_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmHWM")
+
+
+def _worker_pid(server: subprocess.Popen[bytes]) -> int:
+    children = psutil.Process(server.pid).children(recursive=True)
+    return children[0].pid if children else server.pid
+
+
+@contextmanager
+def granian(env: dict[str, str]) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """The server under granian (one worker), ready."""
+    port = _free_port()
+    log = tempfile.NamedTemporaryFile(prefix="zkeb-bench-", suffix=".log", delete=False)  # noqa: SIM115
+    server = subprocess.Popen(
+        [
+            sys.executable, "-m", "granian", "--interface", "asgi", "--factory", "--host", "127.0.0.1",
+            "--port", str(port), "--workers", "1", "--no-access-log", "zkeb.app:create_app",
+        ],
+        env={**os.environ, **env},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(f"granian exited; see {log.name}")
+            try:
+                if httpx.get(f"{base}/api/health/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"granian not ready; see {log.name}")
+            time.sleep(0.2)
+        yield base, server
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+
+
+def _create_org(env: dict[str, str]) -> str:
+    out = subprocess.run(
+        [sys.executable, "-m", "zkeb", "admin", "create-org", "bench", "--json"],
+        env={**os.environ, **env},
+        capture_output=True,
+        check=True,
+        cwd=ROOT,
+    )
+    key: str = json.loads(out.stdout)["api_key"]
+    return key
+
+
+class Device:
+    """The benchmark's enrolled device."""
+
+    def __init__(self) -> None:
+        self.key = Ed25519PrivateKey.generate()
+        self.hash = hashlib.sha256(uuid.uuid4().bytes).digest()
+
+    def metadata_header(self, project_id: uuid.UUID, payload: bytes) -> str:
+        nonce, tag, metadata_nonce, metadata_tag = os.urandom(12), os.urandom(16), os.urandom(12), os.urandom(16)
+        metadata = b"bench-metadata"
+        when = datetime.now(UTC)
+        container = uuid.uuid4()
+        message = backup_signed_message(
+            project_id=project_id,
+            container_id=container,
+            device_id_hash=self.hash,
+            backup_timestamp=when,
+            payload_nonce=nonce,
+            payload_auth_tag=tag,
+            payload_sha256=hashlib.sha256(payload).digest(),
+            payload_size=len(payload),
+            metadata_nonce=metadata_nonce,
+            metadata_auth_tag=metadata_tag,
+            metadata_sha256=hashlib.sha256(metadata).digest(),
+            metadata_size=len(metadata),
+        )
+        values = {
+            "container_id": str(container).encode(),
+            "device_id_hash": self.hash,
+            "payload_nonce": nonce,
+            "payload_auth_tag": tag,
+            "metadata": metadata,
+            "metadata_nonce": metadata_nonce,
+            "metadata_auth_tag": metadata_tag,
+            "signature": self.key.sign(message),
+            "backup_timestamp": format_rfc3339_utc(when).encode(),
+        }
+        return ",".join(f"{k} {base64.b64encode(v).decode()}" for k, v in values.items())
+
+
+async def _provision(client: httpx.AsyncClient, admin_key: str) -> tuple[uuid.UUID, str, Device]:
+    headers = {"Authorization": f"Bearer {admin_key}"}
+    project = (await client.post("/api/v1/projects", json={"name": "bench"}, headers=headers)).json()
+    project_id = uuid.UUID(project["id"])
+    key = (await client.post(f"/api/v1/projects/{project_id}/api-keys", json={"name": "b"}, headers=headers)).json()
+    device = Device()
+    public = device.key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    enrolled = await client.post(
+        f"/api/v1/projects/{project_id}/devices",
+        json={"device_id_hash": device.hash.hex(), "public_key": base64.b64encode(public).decode(), "label": "b"},
+        headers=headers,
+    )
+    enrolled.raise_for_status()
+    return project_id, key["key"], device
+
+
+async def _pieces(payload: bytes) -> AsyncIterator[bytes]:
+    view = memoryview(payload)
+    for start in range(0, len(payload), PIECE):
+        yield bytes(view[start : start + PIECE])
+
+
+async def _upload(client: httpx.AsyncClient, key: str, project_id: uuid.UUID, device: Device, payload: bytes) -> tuple[float, str]:
+    tus = {"Tus-Resumable": "1.0.0", "Authorization": f"Bearer {key}"}
+    created = await client.post(
+        "/api/v1/uploads",
+        headers={**tus, "Upload-Length": str(len(payload)), "Upload-Metadata": device.metadata_header(project_id, payload)},
+    )
+    created.raise_for_status()
+    started = time.perf_counter()
+    patched = await client.patch(
+        created.headers["location"],
+        content=_pieces(payload),
+        headers={
+            **tus,
+            "Upload-Offset": "0",
+            "Content-Type": "application/offset+octet-stream",
+            "Content-Length": str(len(payload)),
+        },
+    )
+    elapsed = time.perf_counter() - started
+    if patched.status_code != 204:
+        raise RuntimeError(f"PATCH answered {patched.status_code}: {patched.text}")
+    return elapsed, patched.headers["zkeb-backup-id"]
+
+
+async def _restore(client: httpx.AsyncClient, key: str, backup_id: str, expected: int) -> float:
+    started = time.perf_counter()
+    received = 0
+    async with client.stream(
+        "GET", f"/api/v1/backups/{backup_id}/payload", headers={"Authorization": f"Bearer {key}"}
+    ) as response:
+        response.raise_for_status()
+        async for piece in response.aiter_raw():
+            received += len(piece)
+    elapsed = time.perf_counter() - started
+    if received != expected:
+        raise RuntimeError(f"restored {received} bytes, expected {expected}")
+    return elapsed
+
+
+async def _ceilings(dsn: str, payload: bytes) -> tuple[float, float, float]:
+    """(COPY seconds, executemany seconds, cursor read seconds) for `payload` as 1 MiB bytea rows."""
+    rows = [(seq, payload[start : start + MIB]) for seq, start in enumerate(range(0, len(payload), MIB))]
+    connection = await asyncpg.connect(dsn)
+    try:
+        await connection.execute("DROP TABLE IF EXISTS bench_ceiling")
+        await connection.execute("CREATE TABLE bench_ceiling (seq integer PRIMARY KEY, data bytea NOT NULL)")
+        started = time.perf_counter()
+        async with connection.transaction():
+            await connection.copy_records_to_table("bench_ceiling", records=rows, columns=["seq", "data"])
+        copy_seconds = time.perf_counter() - started
+        await connection.execute("TRUNCATE bench_ceiling")
+        started = time.perf_counter()
+        async with connection.transaction():
+            await connection.executemany("INSERT INTO bench_ceiling (seq, data) VALUES ($1, $2)", rows)
+        insert_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        received = 0
+        async with connection.transaction():
+            async for record in connection.cursor("SELECT data FROM bench_ceiling ORDER BY seq", prefetch=2):
+                received += len(record["data"])
+        read_seconds = time.perf_counter() - started
+        assert received == len(payload)
+        await connection.execute("DROP TABLE bench_ceiling")
+    finally:
+        await connection.close()
+    return copy_seconds, insert_seconds, read_seconds
+
+
+def _mibps(size: int, seconds: float) -> float:
+    return size / MIB / seconds
+
+
+async def run(server_url: str, repeats: int) -> None:
+    """Create a database, start the server, measure, print the table, drop the database."""
+    name = f"zkeb_bench_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(server_url)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    await admin.close()
+    database_url = _with_database(server_url, name)
+    env = {
+        "ZKEB_ENV": "production",
+        "DATABASE_URL": database_url,
+        "ZKEB_MASTER_ENCRYPTION_KEY": base64.b64encode(secrets.token_bytes(32)).decode(),
+        "JWT_SECRET": secrets.token_urlsafe(48),
+        "API_KEY_SALT": secrets.token_urlsafe(48),
+        "MAX_UPLOAD_SIZE": "128MiB",
+        "LOG_LEVEL": "WARNING",
+        "ENABLE_RATE_LIMITING": "false",
+        "ZKEB_AUTO_MIGRATE": "true",
+        "DB_POOL_SIZE": "10",
+    }
+    env.pop("REDIS_URL", None)
+    try:
+        subprocess.run(
+            [sys.executable, "-m", "zkeb", "db", "upgrade"], env={**os.environ, **env}, check=True, cwd=ROOT,
+            capture_output=True,
+        )  # fmt: skip
+        admin_key = _create_org(env)
+        results: list[tuple[int, float, float, float, float]] = []
+        rss: dict[int, int] = {}
+        with granian(env) as (base, server):
+            async with httpx.AsyncClient(base_url=base, timeout=300) as client:
+                project_id, key, device = await _provision(client, admin_key)
+                worker = _worker_pid(server)
+                for size_mib in SIZES_MIB:
+                    payload = os.urandom(size_mib * MIB)
+                    uploads, restores, writes, reads = [], [], [], []
+                    for _ in range(repeats):
+                        seconds, backup_id = await _upload(client, key, project_id, device, payload)
+                        uploads.append(seconds)
+                        restores.append(await _restore(client, key, backup_id, len(payload)))
+                        copy_s, insert_s, read_s = await _ceilings(database_url, payload)
+                        writes.append(min(copy_s, insert_s))
+                        reads.append(read_s)
+                    rss[size_mib] = _vm_hwm_kib(worker)
+                    results.append(
+                        (
+                            size_mib,
+                            _mibps(len(payload), statistics.median(uploads)),
+                            _mibps(len(payload), statistics.median(writes)),
+                            _mibps(len(payload), statistics.median(restores)),
+                            _mibps(len(payload), statistics.median(reads)),
+                        )
+                    )
+        print(f"\nZKEB upload/restore vs PostgreSQL ceilings (median of {repeats}; MiB/s)\n")
+        print("| payload | upload (tus) | write ceiling | ratio | restore | read ceiling | ratio |")
+        print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for size_mib, up, write, down, read in results:
+            print(
+                f"| {size_mib} MiB | {up:.0f} | {write:.0f} | {up / write:.2f} | {down:.0f} | {read:.0f} | "
+                f"{down / read:.2f} |"
+            )
+        first, last = rss[SIZES_MIB[0]], rss[SIZES_MIB[-1]]
+        print(
+            f"\ngranian worker peak RSS (VmHWM): {first / 1024:.1f} MiB after the 1 MiB runs, {last / 1024:.1f} MiB "
+            f"after the 100 MiB runs, difference {(last - first) / 1024:.1f} MiB"
+        )
+    finally:
+        admin = await asyncpg.connect(server_url)
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+def main() -> None:
+    """Parse arguments and run."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"),
+        help="a PostgreSQL superuser URL; the benchmark creates and drops its own database",
+    )
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    asyncio.run(run(args.database_url, args.repeats))
+
+
+if __name__ == "__main__":
+    main()
