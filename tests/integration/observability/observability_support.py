@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import os
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
 from opentelemetry.sdk.resources import Resource
@@ -19,9 +25,18 @@ from zkeb.core.database import create_app_engine
 from zkeb.core.telemetry import install_tracer_provider, uninstall_tracer_provider
 from zkeb.core.tenancy import install_tenant_setter
 from zkeb.domain.accounts.services import OrganizationService
+from zkeb.lib.envelope import backup_signed_message, format_rfc3339_utc
 from zkeb.settings import Settings
 
-__all__ = ("auth", "create_org", "create_project_key", "spans_by_id", "traced")
+__all__ = (
+    "auth",
+    "create_org",
+    "create_project_key",
+    "enroll_device",
+    "signed_envelope",
+    "spans_by_id",
+    "traced",
+)
 
 Client = AsyncTestClient[Litestar]
 
@@ -76,3 +91,60 @@ async def create_project_key(client: Client, admin_key: str) -> tuple[dict[str, 
     assert key.status_code == 201, key.text
     secret: str = key.json()["key"]
     return body, secret
+
+
+async def enroll_device(client: Client, admin_key: str, project_id: str) -> tuple[bytes, Ed25519PrivateKey]:
+    """A device enrolled over HTTP: its `device_id_hash` and private key."""
+    private_key = Ed25519PrivateKey.generate()
+    device_id_hash = hashlib.sha256(uuid.uuid4().bytes).digest()
+    public_key = private_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    response = await client.post(
+        f"/api/v1/projects/{project_id}/devices",
+        json={"device_id_hash": device_id_hash.hex(), "public_key": base64.b64encode(public_key).decode()},
+        headers=auth(admin_key),
+    )
+    assert response.status_code == 201, response.text
+    return device_id_hash, private_key
+
+
+def signed_envelope(
+    project_id: str, device_id_hash: bytes, private_key: Ed25519PrivateKey, payload: bytes
+) -> tuple[dict[str, Any], bytes]:
+    """A JSON backup envelope for `payload`, signed as DESIGN.md specifies, and its signature."""
+    container_id = uuid.uuid4()
+    nonce, tag, metadata = os.urandom(12), os.urandom(16), b"encrypted-metadata"
+    metadata_nonce, metadata_tag = os.urandom(12), os.urandom(16)
+    when = datetime.now(UTC)
+    signature = private_key.sign(
+        backup_signed_message(
+            project_id=uuid.UUID(project_id),
+            container_id=container_id,
+            device_id_hash=device_id_hash,
+            backup_timestamp=when,
+            payload_nonce=nonce,
+            payload_auth_tag=tag,
+            payload_sha256=hashlib.sha256(payload).digest(),
+            payload_size=len(payload),
+            metadata_nonce=metadata_nonce,
+            metadata_auth_tag=metadata_tag,
+            metadata_sha256=hashlib.sha256(metadata).digest(),
+            metadata_size=len(metadata),
+        )
+    )
+
+    def b64(value: bytes) -> str:
+        return base64.b64encode(value).decode()
+
+    body = {
+        "container_id": str(container_id),
+        "device_id_hash": device_id_hash.hex(),
+        "payload": b64(payload),
+        "payload_nonce": b64(nonce),
+        "payload_auth_tag": b64(tag),
+        "metadata": b64(metadata),
+        "metadata_nonce": b64(metadata_nonce),
+        "metadata_auth_tag": b64(metadata_tag),
+        "signature": b64(signature),
+        "backup_timestamp": format_rfc3339_utc(when),
+    }
+    return body, signature

@@ -5,13 +5,22 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import uuid
 from collections.abc import AsyncIterator
 
 import pytest
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
-from observability_support import auth, create_org, create_project_key, spans_by_id, traced
+from observability_support import (
+    auth,
+    create_org,
+    create_project_key,
+    enroll_device,
+    signed_envelope,
+    spans_by_id,
+    traced,
+)
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
@@ -194,3 +203,66 @@ async def test_no_span_or_log_line_carries_an_api_key_token_or_signature(
     for label, secret in secrets.items():
         assert secret not in span_text, f"{label} found in a span"
         assert secret not in log_text, f"{label} found in a log line"
+
+
+async def test_upload_and_restore_are_server_spans_over_phase_spans_over_database_spans_with_no_payload_or_signature(
+    traced_client: tuple[Client, InMemorySpanExporter], settings: Settings
+) -> None:
+    client, exporter = traced_client
+    _, admin_key = await create_org(settings)
+    project, project_key = await create_project_key(client, admin_key)
+    device_id_hash, private_key = await enroll_device(client, admin_key, project["id"])
+    payload = os.urandom(3000)
+    body, signature = signed_envelope(project["id"], device_id_hash, private_key, payload)
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    logging.getLogger().addHandler(handler)
+    try:
+        exporter.clear()
+        created = await client.post("/api/v1/backups", json=body, headers=auth(project_key))
+        assert created.status_code == 201, created.text
+        upload_spans = exporter.get_finished_spans()
+        exporter.clear()
+        restored = await client.get(f"/api/v1/backups/{created.json()['id']}/payload", headers=auth(project_key))
+        assert restored.status_code == 200
+        assert restored.content == payload
+        restore_spans = exporter.get_finished_spans()
+    finally:
+        logging.getLogger().removeHandler(handler)
+
+    by_id = spans_by_id(upload_spans)
+    server = next(s for s in upload_spans if s.kind == SpanKind.SERVER)
+    assert server.name == "POST /api/v1/backups"
+    assert server.context is not None
+    phases = {s.name: s for s in upload_spans if s.name.startswith("backups.")}
+    assert {"backups.receive", "backups.verify_signature", "backups.commit"} <= phases.keys()
+    for phase in ("backups.receive", "backups.verify_signature", "backups.commit"):
+        parent = phases[phase].parent
+        assert parent is not None
+        assert parent.span_id == server.context.span_id, phase
+    commit = phases["backups.commit"]
+    assert commit.context is not None
+    assert (commit.attributes or {})["zkeb.backup_id"] == created.json()["id"]
+    under_commit = [
+        s
+        for s in upload_spans
+        if s.parent is not None
+        and s.parent.span_id == commit.context.span_id
+        and (s.attributes or {}).get("db.system") == "postgresql"
+    ]
+    assert under_commit, "the commit phase has database client spans"
+    assert all(s.context is not None and s.context.trace_id == server.context.trace_id for s in by_id.values())
+
+    restore_server = next(s for s in restore_spans if s.kind == SpanKind.SERVER)
+    assert restore_server.name == "GET /api/v1/backups/{backup_id}/payload"
+    assert any(s.name == "backups.send" for s in restore_spans)
+
+    span_text = json.dumps(
+        [{"name": s.name, "attributes": dict(s.attributes or {})} for s in (*upload_spans, *restore_spans)],
+        default=str,
+    )
+    log_text = stream.getvalue()
+    for secret in (body["payload"], payload[:32].hex(), body["signature"], signature.hex(), project_key):
+        assert secret not in span_text
+        assert secret not in log_text

@@ -24,6 +24,7 @@ from uuid_utils.compat import uuid7
 
 from zkeb.core.auth import Principal
 from zkeb.core.errors import ConflictError, NotFoundError
+from zkeb.core.metrics import record_backup_created, record_backup_failed
 from zkeb.db.models import Backup, BackupChunk, Device, Payload, PayloadNonce, UploadSession
 from zkeb.domain.backups.schemas import BackupEnvelope, BackupRead, BackupReadMsgpack, invalid_field
 from zkeb.domain.backups.storage import ChunkSpan, PayloadCrypto, PayloadKey
@@ -82,6 +83,7 @@ def verify_backup_signature(
         valid = verify_ed25519(public_key, envelope.signature, message)
         span.set_attribute("zkeb.outcome", "valid" if valid else "invalid")
     if not valid:
+        record_backup_failed("signature")
         raise invalid_field(
             "signature", "does not verify with the device's public key over this envelope, project and payload"
         )
@@ -289,9 +291,11 @@ class BackupService(SQLAlchemyAsyncRepositoryService[Backup]):
                 await session.rollback()
                 span.set_attribute("zkeb.outcome", "conflict")
                 if _NONCE_CONSTRAINT in str(exc.orig):
+                    record_backup_failed("nonce_reuse")
                     raise _nonce_conflict() from None
                 raise
             span.set_attribute("zkeb.outcome", "committed")
+        record_backup_created("tus" if upload_id is not None else "single", payload_size)
         return backup
 
     async def delete_payload(self, payload_id: UUID) -> None:

@@ -28,6 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from uuid_utils.compat import uuid7
 
 from zkeb.core.errors import ServiceUnavailableError
+from zkeb.core.metrics import record_bytes_restored
 from zkeb.lib.atrest import (
     ChunkCipher,
     DataKeyUnwrapError,
@@ -444,6 +445,7 @@ async def stream_plaintext(
             span.set_attribute("zkeb.outcome", "success")
         finally:
             span.set_attribute("zkeb.bytes", sent)
+            record_bytes_restored(sent)
             if not reader.done():
                 reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

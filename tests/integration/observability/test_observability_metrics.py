@@ -1,0 +1,125 @@
+"""`/metrics` behind `METRICS_TOKEN`: refused without it, parseable with it, counters that move."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+
+import pytest
+from litestar import Litestar
+from litestar.testing import AsyncTestClient
+from observability_support import auth, create_org, create_project_key, enroll_device, signed_envelope
+from prometheus_client.parser import text_string_to_metric_families
+
+from zkeb.app import create_app
+
+from support import make_settings, problem
+
+METRICS_TOKEN = "metrics-token-for-tests-0123456789"
+
+
+@pytest.fixture
+async def metrics_client(
+    base_settings_env: dict[str, str], database_url: str
+) -> AsyncIterator[AsyncTestClient[Litestar]]:
+    settings = make_settings(base_settings_env, DATABASE_URL=database_url, METRICS_TOKEN=METRICS_TOKEN)
+    async with AsyncTestClient(app=create_app(settings)) as client:
+        yield client
+
+
+async def _scrape(client: AsyncTestClient[Litestar]) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    response = await client.get("/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    }
+
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def _delta(before: Samples, after: Samples, name: str, **labels: str) -> float:
+    return _value(after, name, **labels) - _value(before, name, **labels)
+
+
+def _value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+async def test_metrics_without_the_token_are_refused_and_reveal_nothing(
+    metrics_client: AsyncTestClient[Litestar],
+) -> None:
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {METRICS_TOKEN}"}):
+        response = await metrics_client.get("/metrics", headers=headers)
+        assert response.status_code == 401
+        body = problem(response)
+        assert "zkeb_" not in response.text
+        assert METRICS_TOKEN not in response.text
+        assert body["instance"] == "/metrics"
+
+
+async def test_metrics_are_not_served_on_the_api_port_without_a_token(client: AsyncTestClient[Litestar]) -> None:
+    response = await client.get("/metrics")
+    assert response.status_code == 404
+    problem(response)
+
+
+async def test_request_counters_latency_and_pool_gauges_move_as_requests_happen(
+    metrics_client: AsyncTestClient[Litestar],
+) -> None:
+    before = await _scrape(metrics_client)
+    for _ in range(3):
+        assert (await metrics_client.get("/api/health/db")).status_code == 200
+    assert (await metrics_client.get("/no/such/path")).status_code == 404
+    after = await _scrape(metrics_client)
+
+    labels = {"method": "GET", "route": "/api/health/db", "status": "200"}
+    assert (
+        _value(after, "zkeb_http_requests_total", **labels) - _value(before, "zkeb_http_requests_total", **labels) == 3
+    )
+    count = "zkeb_http_request_duration_seconds_count"
+    assert _value(after, count, **labels) - _value(before, count, **labels) == 3
+    unmatched = {"method": "GET", "route": "unmatched", "status": "404"}
+    assert (
+        _value(after, "zkeb_http_requests_total", **unmatched) - _value(before, "zkeb_http_requests_total", **unmatched)
+        == 1
+    )
+    assert _value(after, "zkeb_db_pool_size") >= 1
+    assert _value(after, "zkeb_db_pool_connections_max") > _value(after, "zkeb_db_pool_size")
+    assert ("zkeb_db_pool_connections_in_use", ()) in after
+    assert _value(after, "zkeb_process_resident_memory_bytes") > 0
+    assert ("zkeb_tus_sessions_open", ()) in after
+    for name in ("zkeb_backup_bytes_uploaded_total", "zkeb_backup_bytes_restored_total"):
+        assert (name, ()) in after
+
+
+async def test_backup_counters_move_as_a_backup_is_uploaded_refused_and_restored(
+    metrics_client: AsyncTestClient[Litestar], base_settings_env: dict[str, str], database_url: str
+) -> None:
+    settings = make_settings(base_settings_env, DATABASE_URL=database_url)
+    _, admin_key = await create_org(settings)
+    project, project_key = await create_project_key(metrics_client, admin_key)
+    device_id_hash, private_key = await enroll_device(metrics_client, admin_key, project["id"])
+    payload = os.urandom(5000)
+    body, _ = signed_envelope(project["id"], device_id_hash, private_key, payload)
+    forged, _ = signed_envelope(project["id"], device_id_hash, private_key, payload)
+    forged["signature"] = body["signature"]
+    before = await _scrape(metrics_client)
+
+    created = await metrics_client.post("/api/v1/backups", json=body, headers=auth(project_key))
+    assert created.status_code == 201, created.text
+    refused = await metrics_client.post("/api/v1/backups", json=forged, headers=auth(project_key))
+    assert refused.status_code == 422
+    restored = await metrics_client.get(f"/api/v1/backups/{created.json()['id']}/payload", headers=auth(project_key))
+    assert restored.content == payload
+    after = await _scrape(metrics_client)
+
+    assert _delta(before, after, "zkeb_backups_created_total", method="single") == 1
+    assert _delta(before, after, "zkeb_backups_failed_total", method="any", reason="signature") == 1
+    assert _delta(before, after, "zkeb_backup_bytes_uploaded_total") == len(payload)
+    assert _delta(before, after, "zkeb_backup_bytes_restored_total") == len(payload)
+    assert _delta(before, after, "zkeb_backup_payload_size_bytes_count") == 1
+    assert _delta(before, after, "zkeb_backup_payload_size_bytes_bucket", le="16384.0") == 1
