@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 PROMTOOL = shutil.which("promtool")
-requires_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool is not installed (apt-get install prometheus)")
+requires_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool missing: apt-get install prometheus")
 
 
 @requires_promtool
