@@ -9,13 +9,18 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
+from litestar.testing import AsyncTestClient
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
-from zkeb.core.audit import chained_fields, record_event
+from zkeb.app import create_app
+from zkeb.core.audit import chained_fields, record_event, record_event_on_connection
 from zkeb.core.database import create_app_engine
 from zkeb.core.tenancy import install_tenant_setter, tenant_scope
 from zkeb.lib.hashchain import verify_chain
 from zkeb.settings import Settings
+
+from support import make_settings
 
 
 @pytest.fixture
@@ -76,3 +81,75 @@ async def test_concurrent_writers_build_one_contiguous_valid_chain(
     head = await owner_connection.fetchrow("SELECT seq, hash FROM audit_chain_heads WHERE organization_id = $1", org_id)
     assert head is not None
     assert (head["seq"], head["hash"]) == (200, rows[-1]["hash"])
+
+
+async def test_disabled_audit_logs_write_nothing(
+    engine: AsyncEngine, owner_connection: asyncpg.Connection, base_settings_env: dict[str, str], database_url: str
+) -> None:
+    org_id = await _new_org(owner_connection)
+    disabled = make_settings(base_settings_env, DATABASE_URL=database_url, ENABLE_AUDIT_LOGS="false")
+    with tenant_scope(org_id):
+        async with async_sessionmaker(engine)() as session, session.begin():
+            await record_event(
+                session, organization_id=org_id, action="test.off", actor_type="cli", actor_id=None, settings=disabled
+            )
+    assert await _stored_chain(owner_connection, org_id) == []
+
+
+async def test_a_connection_acting_for_another_tenant_records_and_keeps_its_tenant(
+    engine: AsyncEngine, owner_connection: asyncpg.Connection, settings: Settings
+) -> None:
+    org_id = await _new_org(owner_connection)
+    async with engine.begin() as connection:
+        await record_event_on_connection(
+            connection,
+            organization_id=org_id,
+            action="auth.failed",
+            actor_type="anonymous",
+            actor_id=None,
+            outcome="failure",
+            details={"reason": "bad\nkey"},
+            settings=settings,
+        )
+        tenant = (await connection.execute(text("SELECT current_setting('zkeb.org_id', true)"))).scalar_one()
+    assert tenant in {None, ""}
+    rows = await _stored_chain(owner_connection, org_id)
+    assert [(r["action"], r["outcome"], r["seq"]) for r in rows] == [("auth.failed", "failure", 1)]
+    assert json.loads(rows[0]["details"]) == {"reason": "bad\\x0akey"}
+    assert _chain_is_valid(rows)
+
+
+async def test_an_event_without_an_organization_goes_to_the_log_only(
+    engine: AsyncEngine, owner_connection: asyncpg.Connection, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with engine.begin() as connection:
+        with caplog.at_level("WARNING", logger="zkeb.audit"):
+            await record_event_on_connection(
+                connection,
+                organization_id=None,
+                action="auth.failed",
+                actor_type="anonymous",
+                actor_id="x\ny",
+                outcome="failure",
+                settings=settings,
+            )
+    assert await owner_connection.fetchval("SELECT count(*) FROM audit_events") == 0
+    [record] = [r for r in caplog.records if "audit event without organization" in r.getMessage()]
+    assert "\n" not in record.getMessage()
+
+
+async def test_chain_heads_are_logged_at_shutdown(
+    owner_connection: asyncpg.Connection, engine: AsyncEngine, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    org_id = await _new_org(owner_connection)
+    with tenant_scope(org_id):
+        async with async_sessionmaker(engine)() as session, session.begin():
+            await record_event(
+                session, organization_id=org_id, action="test.x", actor_type="cli", actor_id=None, settings=settings
+            )
+    head_hash = await owner_connection.fetchval("SELECT hash FROM audit_chain_heads WHERE organization_id = $1", org_id)
+    with caplog.at_level("INFO", logger="zkeb.audit"):
+        async with AsyncTestClient(app=create_app(settings)):
+            pass
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("audit chain head")]
+    assert any(f"organization_id={org_id} seq=1 hash={head_hash.hex()}" in line for line in lines)
