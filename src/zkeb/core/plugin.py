@@ -16,6 +16,7 @@ from zkeb.core.errors import exception_handlers
 from zkeb.core.logging import configure_logging, install_access_log, log_format
 from zkeb.core.metrics import install_metrics, observe_request
 from zkeb.core.migrations import start_embedded_postgres
+from zkeb.core.openapi import ZkebOpenAPIJson
 from zkeb.core.ratelimit import rate_limit_middleware
 from zkeb.core.redis import create_redis
 from zkeb.core.runtime import Runtime
@@ -58,7 +59,7 @@ class CorePlugin(InitPluginProtocol):
             version=settings.version,
             description=API_DESCRIPTION,
             path="/schema",
-            render_plugins=[ScalarRenderPlugin(), SwaggerRenderPlugin()],
+            render_plugins=[ScalarRenderPlugin(), SwaggerRenderPlugin(), ZkebOpenAPIJson()],
             servers=[Server(url="/", description="This server")],
             components=Components(
                 security_schemes={

@@ -95,3 +95,15 @@ def test_signatures_are_reproducible_from_the_documented_key(vectors: dict[str, 
     key = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(vectors["ed25519_private_key_seed_hex"]))
     for block in (vectors["backup"], vectors["auth"]):
         assert key.sign(bytes.fromhex(block["signed_message_hex"])).hex() == block["signature_hex"]
+
+
+def test_openapi_envelope_example_is_the_guide_vector(vectors: dict[str, Any]) -> None:
+    from zkeb.core.openapi import ENVELOPE_EXAMPLE  # noqa: PLC0415
+
+    backup = vectors["backup"]
+    assert ENVELOPE_EXAMPLE["signature"] == backup["signature_base64"]
+    assert ENVELOPE_EXAMPLE["payload"] == backup["payload_base64"]
+    assert ENVELOPE_EXAMPLE["device_id_hash"] == backup["device_id_hash_hex"]
+    assert base64.b64decode(ENVELOPE_EXAMPLE["payload_nonce"]).hex() == backup["payload_nonce_hex"]
+    assert base64.b64decode(ENVELOPE_EXAMPLE["metadata_auth_tag"]).hex() == backup["metadata_auth_tag_hex"]
+    assert ENVELOPE_EXAMPLE["backup_timestamp"] == backup["backup_timestamp"]

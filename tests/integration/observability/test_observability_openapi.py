@@ -1,0 +1,90 @@
+"""The served OpenAPI document: valid OpenAPI 3.1, and complete enough for an integrator to build a client."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Litestar
+from litestar.testing import AsyncTestClient
+from openapi_spec_validator import validate
+
+from zkeb.core.openapi import ENVELOPE_EXAMPLE
+
+_METHODS = ("get", "put", "post", "delete", "options", "head", "patch")
+
+
+async def _document(client: AsyncTestClient[Litestar]) -> dict[str, Any]:
+    response = await client.get("/schema/openapi.json")
+    assert response.status_code == 200
+    document: dict[str, Any] = response.json()
+    return document
+
+
+def _operations(document: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    return [
+        (method, path, operation)
+        for path, item in document["paths"].items()
+        for method, operation in item.items()
+        if method in _METHODS
+    ]
+
+
+async def test_openapi_document_validates_and_the_uis_are_served(client: AsyncTestClient[Litestar]) -> None:
+    document = await _document(client)
+    validate(document)
+    assert document["openapi"].startswith("3.1")
+    for ui in ("/schema/scalar", "/schema/swagger"):
+        assert (await client.get(ui)).status_code == 200
+
+
+async def test_every_operation_is_described_tagged_secured_and_lists_its_problem_responses(
+    client: AsyncTestClient[Litestar],
+) -> None:
+    document = await _document(client)
+    schemes = document["components"]["securitySchemes"]
+    assert schemes["BearerAuth"]["scheme"] == "bearer"
+    operations = _operations(document)
+    assert len(operations) >= 25
+    for method, path, operation in operations:
+        where = f"{method.upper()} {path}"
+        assert operation.get("summary"), where
+        assert operation.get("description"), where
+        assert operation.get("tags"), where
+        assert "security" in operation, where
+        for requirement in operation["security"]:
+            assert set(requirement) <= set(schemes), where
+        responses = operation["responses"]
+        for status in ("400", "429", "500", "503"):
+            assert "application/problem+json" in responses[status]["content"], where
+        if operation["security"]:
+            assert "application/problem+json" in responses["401"]["content"], where
+    public = {path for method, path, op in operations if not op["security"]}
+    assert {"/api/health/live", "/api/version", "/api/v1/auth/token"} <= public
+    assert "/api/v1/backups" not in public
+    assert document["paths"]["/metrics"]["get"]["security"] == [{"MetricsToken": []}]
+
+
+async def test_tus_operations_document_their_headers(client: AsyncTestClient[Litestar]) -> None:
+    paths = (await _document(client))["paths"]
+    create = paths["/api/v1/uploads"]["post"]
+    patch = paths["/api/v1/uploads/{upload_id}"]["patch"]
+    create_headers = {p["name"] for p in create["parameters"] if p["in"] == "header"}
+    patch_headers = {p["name"] for p in patch["parameters"] if p["in"] == "header"}
+    assert {"Tus-Resumable", "Upload-Length", "Upload-Metadata", "Upload-Checksum"} <= create_headers
+    assert {"Tus-Resumable", "Upload-Offset", "Content-Type", "Upload-Checksum"} <= patch_headers
+    assert "application/offset+octet-stream" in patch["requestBody"]["content"]
+    assert {"460", "409", "412"} <= patch["responses"].keys()
+    assert "Zkeb-Backup-Id" in patch["responses"]["204"]["headers"]
+    assert "Location" in create["responses"]["201"]["headers"]
+    assert "options" in paths["/api/v1/uploads"]
+
+
+async def test_single_shot_upload_documents_the_envelope_with_the_guide_example(
+    client: AsyncTestClient[Litestar],
+) -> None:
+    document = await _document(client)
+    body = document["paths"]["/api/v1/backups"]["post"]["requestBody"]["content"]
+    assert body["application/json"]["example"] == ENVELOPE_EXAMPLE
+    assert "application/msgpack" in body
+    envelope = document["components"]["schemas"]["BackupEnvelope"]
+    assert set(envelope["required"]) == set(ENVELOPE_EXAMPLE)
