@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
 
 import asyncpg
 import httpx
@@ -38,10 +38,8 @@ BACKUP_TABLES = ("payloads", "backup_chunks", "backups", "payload_nonces", "uplo
 MIB = 1024 * 1024
 
 
-class HttpClient(Protocol):
-    """What the helpers need of an HTTP client (Litestar's test client or httpx)."""
-
-    async def post(self, url: str, **kwargs: Any) -> Any: ...
+#: Litestar's `AsyncTestClient` or an `httpx.AsyncClient` on a live server.
+HttpClient = Any
 
 
 def auth(credential: str) -> dict[str, str]:
@@ -141,6 +139,10 @@ async def device_token(client: HttpClient, tenant: Tenant, device: Device) -> st
     return token
 
 
+def _b64(value: bytes) -> str:
+    return base64.b64encode(value).decode()
+
+
 @dataclass(frozen=True)
 class Envelope:
     """A backup envelope with raw bytes fields, as a device builds it."""
@@ -163,17 +165,16 @@ class Envelope:
 
     def json(self) -> dict[str, Any]:
         """The JSON body: bytes as standard base64, `device_id_hash` as hex."""
-        b64 = lambda value: base64.b64encode(value).decode()  # noqa: E731
         return {
             "container_id": str(self.container_id),
             "device_id_hash": self.device_id_hash.hex(),
-            "payload": b64(self.payload),
-            "payload_nonce": b64(self.payload_nonce),
-            "payload_auth_tag": b64(self.payload_auth_tag),
-            "metadata": b64(self.metadata),
-            "metadata_nonce": b64(self.metadata_nonce),
-            "metadata_auth_tag": b64(self.metadata_auth_tag),
-            "signature": b64(self.signature),
+            "payload": _b64(self.payload),
+            "payload_nonce": _b64(self.payload_nonce),
+            "payload_auth_tag": _b64(self.payload_auth_tag),
+            "metadata": _b64(self.metadata),
+            "metadata_nonce": _b64(self.metadata_nonce),
+            "metadata_auth_tag": _b64(self.metadata_auth_tag),
+            "signature": _b64(self.signature),
             "backup_timestamp": self.backup_timestamp,
             **self.extra,
         }
@@ -269,7 +270,7 @@ async def row_counts(connection: asyncpg.Connection) -> dict[str, int]:
     """Rows of every backups table as the owner sees them (RLS bypassed)."""
     counts: dict[str, int] = {}
     for table in BACKUP_TABLES:
-        counts[table] = await connection.fetchval(f"SELECT count(*) FROM {table}")  # noqa: S608 - fixed names
+        counts[table] = await connection.fetchval(f"SELECT count(*) FROM {table}")
     return counts
 
 
@@ -309,7 +310,7 @@ def granian_server(env: dict[str, str], *, workers: int = 1) -> Iterator[str]:
         "zkeb.app:create_app",
     ]
     log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in the finally below
-    process = subprocess.Popen(command, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)  # noqa: S603
+    process = subprocess.Popen(command, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
     base_url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60

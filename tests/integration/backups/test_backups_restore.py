@@ -10,12 +10,22 @@ from typing import Any
 
 import asyncpg
 import pytest
+from backups_support import (
+    MIB,
+    Envelope,
+    Tenant,
+    auth,
+    device_token,
+    make_tenant,
+    row_counts,
+    sign_envelope,
+    tus_headers,
+)
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
 from zkeb.settings import Settings
 
-from backups_support import MIB, Envelope, Tenant, auth, device_token, make_tenant, row_counts, sign_envelope, tus_headers
 from support import problem
 
 Client = AsyncTestClient[Litestar]
@@ -31,7 +41,9 @@ async def upload(client: Client, tenant: Tenant, envelope: Envelope, credential:
     key = credential or tenant.project_key
     created = await client.post(
         "/api/v1/uploads",
-        headers=tus_headers(key, **{"Upload-Length": str(len(envelope.payload)), "Upload-Metadata": envelope.tus_metadata()}),
+        headers=tus_headers(
+            key, **{"Upload-Length": str(len(envelope.payload)), "Upload-Metadata": envelope.tus_metadata()}
+        ),
     )
     assert created.status_code == 201, created.text
     patched = await client.patch(

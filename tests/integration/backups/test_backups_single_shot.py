@@ -12,16 +12,26 @@ from datetime import timedelta
 import asyncpg
 import msgspec
 import pytest
+from backups_support import MIB, NOTHING_STORED, Tenant, auth, device_token, make_tenant, row_counts, sign_envelope
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
 from zkeb.lib.envelope import parse_rfc3339_utc
 from zkeb.settings import Settings
 
-from backups_support import MIB, NOTHING_STORED, Tenant, auth, device_token, make_tenant, row_counts, sign_envelope
 from support import problem
 
 Client = AsyncTestClient[Litestar]
+
+
+class _Unreadable:
+    """A request body that fails the test if the server reads any of it."""
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self
+
+    async def __anext__(self) -> bytes:
+        raise AssertionError("the body was read")
 
 
 @pytest.fixture
@@ -261,13 +271,9 @@ async def test_malformed_bodies_are_400_and_other_content_types_415(
 async def test_oversize_body_is_413_before_reading(
     client: Client, tenant: Tenant, owner_connection: asyncpg.Connection
 ) -> None:
-    async def never_sent() -> AsyncIterator[bytes]:
-        raise AssertionError("the body was read")
-        yield b""  # pragma: no cover
-
     response = await client.post(
         "/api/v1/backups",
-        content=never_sent(),  # type: ignore[arg-type] - the test client accepts async bodies
+        content=_Unreadable(),
         headers={
             **auth(tenant.project_key),
             "Content-Type": "application/msgpack",

@@ -447,6 +447,7 @@ class PatchReceiver:
     async def _complete(self, payload_sha256: bytes, chunk_count: int) -> UUID:
         """Verify the signature and commit the backup; when that can never succeed, delete the upload."""
         upload, principal = self.upload, self.principal
+        payload_id = upload.payload_id  # read now: a rollback below expires the ORM object
         service = BackupService(session=self.session)
         envelope = _envelope_of(upload)
         assert principal.project_id is not None
@@ -472,7 +473,7 @@ class PatchReceiver:
             )
         except (UnprocessableError, ConflictError):
             # The envelope is fixed at creation: an upload that fails verification can never succeed.
-            await asyncio.shield(service.delete_payload(upload.payload_id))
+            await asyncio.shield(service.delete_payload(payload_id))
             raise
         return backup.id
 
@@ -497,7 +498,9 @@ class UploadController(Controller):
         summary="tus discovery",
         description="`Tus-Version`, `Tus-Extension`, `Tus-Max-Size`, `Tus-Checksum-Algorithm`; no credential needed.",
     )
-    async def discover(self, state: State) -> Response[None]:
+    # Litestar registers a controller's handlers sorted by name and adds its own OPTIONS handler to a path whose
+    # first handler lacks one; this handler's name must sort first so that it, not Litestar's, answers OPTIONS.
+    async def advertise(self, state: State) -> Response[None]:
         """Advertise the protocol version, extensions, size limit and checksum algorithms."""
         return Response(
             None,

@@ -1,0 +1,536 @@
+"""The tus 1.0.0 server, section by section of https://tus.io/protocols/resumable-upload, plus ZKEB's rules."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import uuid
+from datetime import UTC, datetime, timedelta
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import asyncpg
+import pytest
+from backups_support import (
+    MIB,
+    NOTHING_STORED,
+    Envelope,
+    Tenant,
+    auth,
+    device_token,
+    make_tenant,
+    row_counts,
+    sign_envelope,
+    tus_headers,
+)
+from litestar import Litestar
+from litestar.testing import AsyncTestClient
+
+from zkeb.core.database import create_app_engine
+from zkeb.domain.backups.tus import UploadSweeper
+from zkeb.settings import Settings
+
+from support import problem
+
+Client = AsyncTestClient[Litestar]
+OCTETS = "application/offset+octet-stream"
+
+
+@pytest.fixture
+async def tenant(client: Client, settings: Settings) -> Tenant:
+    return await make_tenant(client, settings)
+
+
+async def create(client: Client, tenant: Tenant, envelope: Envelope, **headers: str) -> Any:
+    return await client.post(
+        "/api/v1/uploads",
+        headers=tus_headers(
+            tenant.project_key,
+            **{"Upload-Length": str(len(envelope.payload)), "Upload-Metadata": envelope.tus_metadata(), **headers},
+        ),
+    )
+
+
+async def patch(client: Client, tenant: Tenant, location: str, body: bytes, offset: int, **headers: str) -> Any:
+    return await client.patch(
+        location,
+        content=body,
+        headers=tus_headers(tenant.project_key, **{"Upload-Offset": str(offset), "Content-Type": OCTETS, **headers}),
+    )
+
+
+# --- Core protocol: Tus-Resumable ---------------------------------------------------------------------------------
+
+
+async def test_every_response_carries_tus_resumable(client: Client, tenant: Tenant) -> None:
+    envelope = sign_envelope(tenant, b"x" * 10)
+    created = await create(client, tenant, envelope)
+    assert created.headers["tus-resumable"] == "1.0.0"
+    head = await client.head(created.headers["location"], headers=tus_headers(tenant.project_key))
+    assert head.headers["tus-resumable"] == "1.0.0"
+    unknown = await client.head(f"/api/v1/uploads/{uuid.uuid4()}", headers=tus_headers(tenant.project_key))
+    assert unknown.status_code == 404
+    assert unknown.headers["tus-resumable"] == "1.0.0"
+    unauthenticated = await client.post("/api/v1/uploads", headers={"Tus-Resumable": "1.0.0"})
+    assert unauthenticated.status_code == 401
+    assert unauthenticated.headers["tus-resumable"] == "1.0.0"
+
+
+async def test_wrong_tus_version_is_412_with_tus_version(client: Client, tenant: Tenant) -> None:
+    envelope = sign_envelope(tenant, b"x")
+    response = await create(client, tenant, envelope, **{"Tus-Resumable": "0.2.2"})
+    assert response.status_code == 412
+    assert response.headers["tus-version"] == "1.0.0"
+    problem(response)
+
+
+# --- Core protocol: OPTIONS ---------------------------------------------------------------------------------------
+
+
+async def test_options_advertises_version_extensions_size_and_checksums(client: Client, settings: Settings) -> None:
+    response = await client.options("/api/v1/uploads")
+    assert response.status_code == 204
+    assert response.headers["tus-resumable"] == "1.0.0"
+    assert response.headers["tus-version"] == "1.0.0"
+    assert set(response.headers["tus-extension"].split(",")) == {
+        "creation",
+        "creation-with-upload",
+        "termination",
+        "checksum",
+        "expiration",
+    }
+    assert response.headers["tus-max-size"] == str(settings.max_upload_size)
+    assert response.headers["tus-checksum-algorithm"] == "sha1,sha256"
+
+
+# --- Core protocol: HEAD and PATCH --------------------------------------------------------------------------------
+
+
+async def test_head_reports_offset_length_and_no_store(client: Client, tenant: Tenant) -> None:
+    envelope = sign_envelope(tenant, os.urandom(100))
+    location = (await create(client, tenant, envelope)).headers["location"]
+    head = await client.head(location, headers=tus_headers(tenant.project_key))
+    assert head.status_code == 200
+    assert head.headers["upload-offset"] == "0"
+    assert head.headers["upload-length"] == "100"
+    assert head.headers["cache-control"] == "no-store"
+    await patch(client, tenant, location, envelope.payload[:40], 0)
+    head = await client.head(location, headers=tus_headers(tenant.project_key))
+    assert head.headers["upload-offset"] == "40"
+
+
+async def test_patches_append_and_the_completing_patch_commits(
+    client: Client, tenant: Tenant, owner_connection: asyncpg.Connection
+) -> None:
+    payload = os.urandom(2 * MIB + 300)
+    envelope = sign_envelope(tenant, payload)
+    location = (await create(client, tenant, envelope)).headers["location"]
+    first = await patch(client, tenant, location, payload[: MIB + 7], 0)
+    assert first.status_code == 204
+    assert first.headers["upload-offset"] == str(MIB + 7)
+    assert "zkeb-backup-id" not in first.headers
+    assert (await row_counts(owner_connection))["backups"] == 0
+    second = await patch(client, tenant, location, payload[MIB + 7 :], MIB + 7)
+    assert second.status_code == 204
+    assert second.headers["upload-offset"] == str(len(payload))
+    backup_id = second.headers["zkeb-backup-id"]
+    restored = await client.get(f"/api/v1/backups/{backup_id}/payload", headers=auth(tenant.project_key))
+    assert restored.content == payload
+    body = (await client.get(f"/api/v1/backups/{backup_id}", headers=auth(tenant.project_key))).json()
+    assert body["payload_sha256"] == hashlib.sha256(payload).hexdigest()
+    counts = await row_counts(owner_connection)
+    assert counts["upload_sessions"] == 0
+    assert counts["backups"] == 1
+    gone = await client.head(location, headers=tus_headers(tenant.project_key))
+    assert gone.status_code == 404
+
+
+async def test_offset_mismatch_is_409_and_nothing_changes(
+    client: Client, tenant: Tenant, owner_connection: asyncpg.Connection
+) -> None:
+    envelope = sign_envelope(tenant, os.urandom(100))
+    location = (await create(client, tenant, envelope)).headers["location"]
+    await patch(client, tenant, location, envelope.payload[:10], 0)
+    before = await row_counts(owner_connection)
+    response = await patch(client, tenant, location, envelope.payload[20:30], 20)
+    assert response.status_code == 409
+    assert response.headers["tus-resumable"] == "1.0.0"
+    problem(response)
+    assert await row_counts(owner_connection) == before
+    head = await client.head(location, headers=tus_headers(tenant.project_key))
+    assert head.headers["upload-offset"] == "10"
+
+
+async def test_patch_needs_offset_octet_stream_and_upload_offset(client: Client, tenant: Tenant) -> None:
+    envelope = sign_envelope(tenant, os.urandom(10))
+    location = (await create(client, tenant, envelope)).headers["location"]
+    wrong_type = await patch(client, tenant, location, b"x", 0, **{"Content-Type": "application/octet-stream"})
+    assert wrong_type.status_code == 415
+    problem(wrong_type)
+    no_offset = await client.patch(
+        location, content=b"x", headers=tus_headers(tenant.project_key, **{"Content-Type": OCTETS})
+    )
+    assert no_offset.status_code == 400
+    problem(no_offset)
+    bad_offset = await patch(client, tenant, location, b"x", 0, **{"Upload-Offset": "-1"})
+    assert bad_offset.status_code == 400
+
+
+async def test_body_past_upload_length_is_413_and_nothing_is_kept(
+    client: Client, tenant: Tenant, owner_connection: asyncpg.Connection
+) -> None:
+    envelope = sign_envelope(tenant, os.urandom(10))
+    location = (await create(client, tenant, envelope)).headers["location"]
+    before = await row_counts(owner_connection)
+    response = await patch(client, tenant, location, os.urandom(11), 0)
+    assert response.status_code == 413
+    problem(response)
+    assert await row_counts(owner_connection) == before
+
+
+# --- Creation -----------------------------------------------------------------------------------------------------
+
+
+async def test_creation_returns_location_and_expiry(client: Client, tenant: Tenant) -> None:
+    response = await create(client, tenant, sign_envelope(tenant, b"abc"))
+    assert response.status_code == 201
+    assert response.headers["location"].startswith("/api/v1/uploads/")
+    expires = parsedate_to_datetime(response.headers["upload-expires"])
+    assert datetime.now(UTC) + timedelta(hours=23) < expires <= datetime.now(UTC) + timedelta(hours=24, minutes=1)
+
+
+async def test_upload_length_over_max_is_413(
+    client: Client, tenant: Tenant, settings: Settings, owner_connection: asyncpg.Connection
+) -> None:
+    response = await create(
+        client, tenant, sign_envelope(tenant, b"x"), **{"Upload-Length": str(settings.max_upload_size + 1)}
+    )
+    assert response.status_code == 413
+    problem(response)
+    assert await row_counts(owner_connection) == NOTHING_STORED
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "container_id",  # a key without its value
+        "a b c",
+        "payload_nonce !!!",
+        "dup YQ==,dup YQ==",
+    ],
+)
+async def test_malformed_upload_metadata_is_400(
+    client: Client, tenant: Tenant, owner_connection: asyncpg.Connection, header: str
+) -> None:
+    envelope = sign_envelope(tenant, b"x")
+    if header == "container_id":
+        header = envelope.tus_metadata().replace(
+            f"container_id {base64.b64encode(str(envelope.container_id).encode()).decode()}", "container_id"
+        )
+        expected = 422
+    else:
+        expected = 400
+    response = await create(client, tenant, envelope, **{"Upload-Metadata": header})
+    assert response.status_code == expected
+    problem(response)
+    assert await row_counts(owner_connection) == NOTHING_STORED
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("device_id_hash", os.urandom(31)),
+        ("payload_nonce", os.urandom(11)),
+        ("payload_auth_tag", os.urandom(15)),
+        ("metadata_nonce", os.urandom(13)),
+        ("metadata_auth_tag", os.urandom(17)),
+        ("signature", os.urandom(65)),
+        ("metadata", os.urandom(8193)),
+        ("container_id", b"not-a-uuid"),
+        ("backup_timestamp", b"yesterday"),
+    ],
+)
+async def test_invalid_metadata_field_is_422_before_any_byte(
+    client: Client, tenant: Tenant, owner_connection: asyncpg.Connection, field: str, value: bytes
+) -> None:
+    envelope = sign_envelope(tenant, b"x")
+    values = {**envelope.tus_metadata_values(), field: value}
+    header = ",".join(f"{k} {base64.b64encode(v).decode()}" for k, v in values.items())
+    response = await create(client, tenant, envelope, **{"Upload-Metadata": header})
+    assert response.status_code == 422
+    assert problem(response)["field"] == field
+    assert await row_counts(owner_connection) == NOTHING_STORED
+
+
+async def test_missing_metadata_field_and_unknown_device_are_422(
+    client: Client, tenant: Tenant, owner_connection: asyncpg.Connection
+) -> None:
+    envelope = sign_envelope(tenant, b"x")
+    values = envelope.tus_metadata_values()
+    del values["signature"]
+    header = ",".join(f"{k} {base64.b64encode(v).decode()}" for k, v in values.items())
+    missing = await create(client, tenant, envelope, **{"Upload-Metadata": header})
+    assert missing.status_code == 422
+    assert problem(missing)["field"] == "signature"
+    unknown = await create(client, tenant, envelope.with_(device_id_hash=os.urandom(32)))
+    assert unknown.status_code == 422
+    assert problem(unknown)["field"] == "device_id_hash"
+    empty = await create(client, tenant, envelope, **{"Upload-Length": "0"})
+    assert empty.status_code == 422
+    assert await row_counts(owner_connection) == NOTHING_STORED
+
+
+async def test_device_id_hash_as_base64_of_hex_is_accepted(client: Client, tenant: Tenant) -> None:
+    envelope = sign_envelope(tenant, b"x")
+    values = {**envelope.tus_metadata_values(), "device_id_hash": envelope.device_id_hash.hex().encode()}
+    header = ",".join(f"{k} {base64.b64encode(v).decode()}" for k, v in values.items())
+    assert (await create(client, tenant, envelope, **{"Upload-Metadata": header})).status_code == 201
+
+
+async def test_reused_nonce_is_409_at_creation(
+    client: Client, tenant: Tenant, owner_connection: asyncpg.Connection
+) -> None:
+    nonce = os.urandom(12)
+    first = sign_envelope(tenant, b"one", payload_nonce=nonce)
+    response = await client.post("/api/v1/backups", json=first.json(), headers=auth(tenant.project_key))
+    assert response.status_code == 201
+    before = await row_counts(owner_connection)
+    again = await create(client, tenant, sign_envelope(tenant, b"two", payload_nonce=nonce))
+    assert again.status_code == 409
+    assert problem(again)["field"] == "payload_nonce"
+    assert await row_counts(owner_connection) == before
+
+
+async def test_concurrent_uploads_with_one_nonce_commit_once(
+    client: Client, tenant: Tenant, owner_connection: asyncpg.Connection
+) -> None:
+    nonce = os.urandom(12)
+    first = sign_envelope(tenant, b"first", payload_nonce=nonce)
+    second = sign_envelope(tenant, b"second", payload_nonce=nonce)
+    first_location = (await create(client, tenant, first)).headers["location"]
+    second_location = (await create(client, tenant, second)).headers["location"]
+    assert (await patch(client, tenant, first_location, first.payload, 0)).status_code == 204
+    refused = await patch(client, tenant, second_location, second.payload, 0)
+    assert refused.status_code == 409
+    assert problem(refused)["field"] == "payload_nonce"
+    counts = await row_counts(owner_connection)
+    assert counts == {"payloads": 1, "backup_chunks": 1, "backups": 1, "payload_nonces": 1, "upload_sessions": 0}
+
+
+# --- Creation With Upload -----------------------------------------------------------------------------------------
+
+
+async def test_creation_with_upload_can_complete_in_one_request(client: Client, tenant: Tenant) -> None:
+    payload = os.urandom(MIB + 3)
+    envelope = sign_envelope(tenant, payload)
+    response = await client.post(
+        "/api/v1/uploads",
+        content=payload,
+        headers=tus_headers(
+            tenant.project_key,
+            **{"Upload-Length": str(len(payload)), "Upload-Metadata": envelope.tus_metadata(), "Content-Type": OCTETS},
+        ),
+    )
+    assert response.status_code == 201
+    assert response.headers["upload-offset"] == str(len(payload))
+    backup_id = response.headers["zkeb-backup-id"]
+    restored = await client.get(f"/api/v1/backups/{backup_id}/payload", headers=auth(tenant.project_key))
+    assert restored.content == payload
+
+
+async def test_creation_with_partial_upload_reports_the_offset(client: Client, tenant: Tenant) -> None:
+    payload = os.urandom(1000)
+    envelope = sign_envelope(tenant, payload)
+    response = await client.post(
+        "/api/v1/uploads",
+        content=payload[:400],
+        headers=tus_headers(
+            tenant.project_key,
+            **{"Upload-Length": "1000", "Upload-Metadata": envelope.tus_metadata(), "Content-Type": OCTETS},
+        ),
+    )
+    assert response.status_code == 201
+    assert response.headers["upload-offset"] == "400"
+    done = await patch(client, tenant, response.headers["location"], payload[400:], 400)
+    assert done.status_code == 204
+    assert "zkeb-backup-id" in done.headers
+
+
+# --- Checksum -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("algorithm", ["sha1", "sha256"])
+async def test_matching_checksum_is_accepted(client: Client, tenant: Tenant, algorithm: str) -> None:
+    payload = os.urandom(5000)
+    location = (await create(client, tenant, sign_envelope(tenant, payload))).headers["location"]
+    digest = base64.b64encode(hashlib.new(algorithm, payload[:3000]).digest()).decode()
+    response = await patch(client, tenant, location, payload[:3000], 0, **{"Upload-Checksum": f"{algorithm} {digest}"})
+    assert response.status_code == 204
+    assert response.headers["upload-offset"] == "3000"
+
+
+@pytest.mark.parametrize("algorithm", ["sha1", "sha256"])
+async def test_checksum_mismatch_is_460_and_the_offset_is_unchanged(
+    client: Client, tenant: Tenant, owner_connection: asyncpg.Connection, algorithm: str
+) -> None:
+    payload = os.urandom(2 * MIB + 10)
+    location = (await create(client, tenant, sign_envelope(tenant, payload))).headers["location"]
+    await patch(client, tenant, location, payload[:100], 0)
+    before = await row_counts(owner_connection)
+    wrong = base64.b64encode(hashlib.new(algorithm, b"something else").digest()).decode()
+    response = await patch(client, tenant, location, payload[100:], 100, **{"Upload-Checksum": f"{algorithm} {wrong}"})
+    assert response.status_code == 460
+    assert response.headers["tus-resumable"] == "1.0.0"
+    problem(response)
+    assert await row_counts(owner_connection) == before
+    head = await client.head(location, headers=tus_headers(tenant.project_key))
+    assert head.headers["upload-offset"] == "100"
+    retry = await patch(client, tenant, location, payload[100:], 100)
+    assert retry.status_code == 204
+    restored = await client.get(
+        f"/api/v1/backups/{retry.headers['zkeb-backup-id']}/payload", headers=auth(tenant.project_key)
+    )
+    assert restored.content == payload
+
+
+async def test_unsupported_checksum_algorithm_is_400(client: Client, tenant: Tenant) -> None:
+    location = (await create(client, tenant, sign_envelope(tenant, b"abc"))).headers["location"]
+    response = await patch(client, tenant, location, b"abc", 0, **{"Upload-Checksum": "md5 kAFQmDzST7DWlj99KOF/cg=="})
+    assert response.status_code == 400
+    problem(response)
+
+
+# --- Termination --------------------------------------------------------------------------------------------------
+
+
+async def test_termination_deletes_the_upload_and_its_bytes(
+    client: Client, tenant: Tenant, owner_connection: asyncpg.Connection
+) -> None:
+    payload = os.urandom(MIB + 5)
+    location = (await create(client, tenant, sign_envelope(tenant, payload))).headers["location"]
+    await patch(client, tenant, location, payload[: MIB + 1], 0)
+    response = await client.delete(location, headers=tus_headers(tenant.project_key))
+    assert response.status_code == 204
+    assert response.headers["tus-resumable"] == "1.0.0"
+    assert await row_counts(owner_connection) == NOTHING_STORED
+    assert (await client.head(location, headers=tus_headers(tenant.project_key))).status_code == 404
+
+
+# --- Expiration ---------------------------------------------------------------------------------------------------
+
+
+async def test_expired_upload_is_gone_and_the_sweeper_purges_it(
+    client: Client, settings: Settings, database_url: str, tenant: Tenant, owner_connection: asyncpg.Connection
+) -> None:
+    payload = os.urandom(MIB + 5)
+    stale = (await create(client, tenant, sign_envelope(tenant, payload))).headers["location"]
+    await patch(client, tenant, stale, payload[: MIB + 2], 0)
+    fresh_envelope = sign_envelope(tenant, payload)
+    fresh = (await create(client, tenant, fresh_envelope)).headers["location"]
+    await patch(client, tenant, fresh, payload[:10], 0)
+    kept = await client.post(
+        "/api/v1/backups", json=sign_envelope(tenant, b"kept").json(), headers=auth(tenant.project_key)
+    )
+    assert kept.status_code == 201
+    await owner_connection.execute(
+        "UPDATE upload_sessions SET expires_at = now() - interval '1 second' WHERE id = $1",
+        uuid.UUID(stale.rsplit("/", 1)[1]),
+    )
+    gone = await patch(client, tenant, stale, payload[MIB + 2 :], MIB + 2)
+    assert gone.status_code == 410
+    problem(gone)
+    sweeper = UploadSweeper(create_app_engine(settings, database_url))
+    assert await sweeper.sweep_once() == 1
+    counts = await row_counts(owner_connection)
+    assert counts["upload_sessions"] == 1
+    assert counts["payloads"] == 2  # the fresh upload's and the kept backup's
+    assert counts["backup_chunks"] == 2
+    assert (await client.head(stale, headers=tus_headers(tenant.project_key))).status_code == 404
+    assert await sweeper.sweep_once() == 0
+    assert (await patch(client, tenant, fresh, payload[10:], 10)).status_code == 204
+
+
+async def test_sweeper_purges_orphaned_payloads_only_when_old(
+    client: Client, settings: Settings, database_url: str, tenant: Tenant, owner_connection: asyncpg.Connection
+) -> None:
+    kept = await client.post(
+        "/api/v1/backups", json=sign_envelope(tenant, b"kept").json(), headers=auth(tenant.project_key)
+    )
+    assert kept.status_code == 201
+    project = await owner_connection.fetchval("SELECT project_id FROM payloads")
+    await owner_connection.execute(
+        "INSERT INTO payloads (id, organization_id, project_id, key_id, wrapped_key, size, chunk_count, created_at,"
+        " updated_at)"
+        " VALUES ($1, $2, $3, 'mk-x', '\\x00'::bytea, 0, 0, now() - interval '2 hours', now()),"
+        " ($4, $2, $3, 'mk-x', '\\x00'::bytea, 0, 0, now(), now())",
+        uuid.uuid4(),
+        tenant.organization_id,
+        project,
+        uuid.uuid4(),
+    )
+    await owner_connection.execute("UPDATE payloads SET created_at = now() - interval '2 hours' WHERE key_id <> 'mk-x'")
+    sweeper = UploadSweeper(create_app_engine(settings, database_url))
+    assert await sweeper.sweep_once() == 1
+    assert (await row_counts(owner_connection))["payloads"] == 2
+
+
+# --- Authorization ------------------------------------------------------------------------------------------------
+
+
+async def test_uploads_are_scoped_to_project_and_device(client: Client, tenant: Tenant, settings: Settings) -> None:
+    envelope = sign_envelope(tenant, b"abc", device=tenant.devices[1])
+    location = (await create(client, tenant, envelope)).headers["location"]
+    other_device = await device_token(client, tenant, tenant.devices[0])
+    stranger = await make_tenant(client, settings, name="stranger")
+    for credential in (other_device, stranger.project_key):
+        head = await client.head(location, headers=tus_headers(credential))
+        assert head.status_code == 404
+        response = await client.patch(
+            location, content=b"abc", headers=tus_headers(credential, **{"Upload-Offset": "0", "Content-Type": OCTETS})
+        )
+        assert response.status_code == 404
+        problem(response)
+        assert (await client.delete(location, headers=tus_headers(credential))).status_code == 404
+    own = await device_token(client, tenant, tenant.devices[1])
+    done = await client.patch(
+        location, content=b"abc", headers=tus_headers(own, **{"Upload-Offset": "0", "Content-Type": OCTETS})
+    )
+    assert done.status_code == 204
+
+
+async def test_device_token_cannot_create_for_another_device(client: Client, tenant: Tenant) -> None:
+    token = await device_token(client, tenant, tenant.devices[0])
+    envelope = sign_envelope(tenant, b"abc", device=tenant.devices[1])
+    response = await client.post(
+        "/api/v1/uploads",
+        headers=tus_headers(token, **{"Upload-Length": "3", "Upload-Metadata": envelope.tus_metadata()}),
+    )
+    assert response.status_code == 422
+    assert problem(response)["field"] == "device_id_hash"
+
+
+# --- Integrity ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        lambda e: e.with_(payload=b"Y" + e.payload[1:]),
+        lambda e: e.with_(metadata=b"other"),
+        lambda e: e.with_(payload_nonce=os.urandom(12)),
+        lambda e: e.with_(payload_auth_tag=os.urandom(16)),
+        lambda e: e.with_(backup_timestamp="2021-02-03T04:05:06Z"),
+        lambda e: e.with_(container_id=uuid.uuid4()),
+    ],
+    ids=["payload", "metadata", "nonce", "tag", "timestamp", "container"],
+)
+async def test_tampered_upload_is_422_at_completion_and_nothing_is_stored(
+    client: Client, tenant: Tenant, owner_connection: asyncpg.Connection, tamper: Any
+) -> None:
+    envelope = tamper(sign_envelope(tenant, b"X" * (MIB + 9)))
+    location = (await create(client, tenant, envelope)).headers["location"]
+    response = await patch(client, tenant, location, envelope.payload, 0)
+    assert response.status_code == 422
+    assert problem(response)["field"] == "signature"
+    assert await row_counts(owner_connection) == NOTHING_STORED
