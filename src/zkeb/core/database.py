@@ -10,6 +10,7 @@ and set by the owner at migration and at start-up, so every replica computes the
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -21,6 +22,7 @@ from typing import Any
 from advanced_alchemy.extensions.litestar import AlembicAsyncConfig, AsyncSessionConfig, SQLAlchemyAsyncConfig
 from sqlalchemy import pool, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from zkeb.db.models import TENANT_TABLES
@@ -85,10 +87,24 @@ def runtime_role_url(owner_url: str) -> str:
 
 
 async def provision_runtime_role(connection: AsyncConnection, owner_url: str) -> None:
-    """As the owner: let the runtime role log in with its derived password (idempotent)."""
+    """As the owner: let the runtime role log in with its derived password (idempotent).
+
+    Roles are cluster-wide, so processes migrating different databases of one server may alter the
+    role at once; PostgreSQL then fails one with "tuple concurrently updated", which a retry settles.
+    """
     password = _runtime_password(owner_url).replace("'", "''")
-    await connection.execute(text(f"ALTER ROLE {RUNTIME_ROLE} WITH LOGIN PASSWORD '{password}'"))
-    await connection.commit()
+    statement = text(f"ALTER ROLE {RUNTIME_ROLE} WITH LOGIN PASSWORD '{password}'")
+    for attempt in range(5):
+        try:
+            await connection.execute(statement)
+            await connection.commit()
+        except DBAPIError as exc:
+            await connection.rollback()
+            if "concurrently updated" not in str(exc.orig) or attempt == 4:
+                raise
+            await asyncio.sleep(0.05 * (attempt + 1))
+        else:
+            return
 
 
 def create_app_engine(settings: Settings, url: str) -> AsyncEngine:

@@ -43,8 +43,14 @@ class Runtime:
         if self.settings.auto_migrate:
             await asyncio.to_thread(run_alembic, self.settings, self.database_url, "upgrade", "head")
         try:
-            await provision_runtime_login(self.settings, self.database_url)
-            await self.ensure_role_checked()
+            try:
+                await self.ensure_role_checked()
+            except DBAPIError as exc:
+                if _sqlstate(exc) not in _LOGIN_REFUSED:
+                    raise
+                # First start against this server, or the owner's credentials changed: (re)set the password.
+                await provision_runtime_login(self.settings, self.database_url)
+                await self.ensure_role_checked()
         except (OSError, TimeoutError, DBAPIError) as exc:
             if isinstance(exc, DBAPIError) and not exc.connection_invalidated and not _is_connect_error(exc):
                 raise
@@ -68,6 +74,13 @@ class Runtime:
         if self.redis is not None:
             await self.redis.aclose()
         await self.engine.dispose()
+
+
+_LOGIN_REFUSED = frozenset({"28P01", "28000"})  # invalid_password, invalid_authorization_specification
+
+
+def _sqlstate(exc: DBAPIError) -> str | None:
+    return getattr(exc.orig, "sqlstate", None)
 
 
 def _is_connect_error(exc: DBAPIError) -> bool:

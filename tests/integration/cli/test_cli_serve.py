@@ -84,7 +84,7 @@ def test_db_commands_work_against_a_database_url(empty_database_url: str, tmp_pa
     assert upgrade.returncode == 0, upgrade.stderr.decode()
     current = subprocess.run([*ZKEB, "db", "current"], env=env, capture_output=True, timeout=60, check=False)
     assert current.returncode == 0
-    assert b"0001 (head)" in current.stdout
+    assert b"(head)" in current.stdout
     down = subprocess.run([*ZKEB, "db", "downgrade", "base"], env=env, capture_output=True, timeout=120, check=False)
     assert down.returncode == 0, down.stderr.decode()
 

@@ -13,6 +13,7 @@ from litestar.testing import AsyncTestClient
 from sqlalchemy.engine import make_url
 
 from zkeb.app import create_app
+from zkeb.core.migrations import head_revision
 from zkeb.core.runtime import get_runtime
 
 from support import make_settings, problem
@@ -24,7 +25,7 @@ async def test_health_reports_every_check_healthy(client: AsyncTestClient[Litest
     body = response.json()
     assert body["status"] == "healthy"
     assert body["checks"]["database"]["status"] == "healthy"
-    assert body["checks"]["database"]["schema_revision"] == body["checks"]["database"]["schema_head"] == "0001"
+    assert body["checks"]["database"]["schema_revision"] == body["checks"]["database"]["schema_head"] == head_revision()
     assert body["checks"]["redis"]["status"] == "disabled"
     assert response.headers["cache-control"] == "no-store"
 
@@ -48,7 +49,7 @@ async def test_version_reports_build_and_schema(base_settings_env: dict[str, str
         body = (await client.get("/api/version")).json()
     assert body["commit"] == "abc1234"
     assert body["build_date"] == "2026-11-27T00:00:00Z"
-    assert body["schema_revision"] == "0001"
+    assert body["schema_revision"] == head_revision()
     assert body["version"]
 
 
