@@ -48,6 +48,7 @@ from uuid_utils.compat import uuid7
 
 from zkeb.core.auth import Principal, principal_of, requires_backup_access
 from zkeb.core.errors import ConflictError, NotFoundError, ProblemError, UnprocessableError, exception_handlers
+from zkeb.core.security import request_is_tls, trusted_proxies
 from zkeb.core.tenancy import tenant_transaction
 from zkeb.db.models import Payload, UploadSession
 from zkeb.domain.backups.context import BackupsContext, backups_context
@@ -214,6 +215,16 @@ def _base_headers(upload: UploadSession | None = None, offset: int | None = None
         headers["Upload-Offset"] = str(upload.upload_offset if offset is None else offset)
         headers["Upload-Expires"] = format_upload_expires(upload.expires_at)
     return headers
+
+
+def _upload_url(request: Request[Any, Any, Any], context: BackupsContext, upload_id: UUID) -> str:
+    """The upload's absolute URL (some clients cannot resolve a relative `Location`).
+
+    The scheme is https when the request came over TLS, directly or through a trusted proxy (`TRUSTED_PROXIES`).
+    """
+    tls = request_is_tls(request.scope, trusted_proxies(context.settings.trusted_proxies))
+    host = request.headers.get("host") or f"{request.url.hostname}:{request.url.port}"
+    return f"{'https' if tls else request.url.scheme}://{host}{UPLOADS_PATH}/{upload_id}"
 
 
 def envelope_from_metadata(header: str) -> BackupEnvelope:
@@ -574,7 +585,7 @@ class UploadController(Controller):
         db_session.add(upload)
         await db_session.commit()
         headers = _base_headers(upload)
-        headers["Location"] = f"{UPLOADS_PATH}/{upload.id}"
+        headers["Location"] = _upload_url(request, context, upload.id)
         if with_upload and request.content_length != 0:
             outcome = await PatchReceiver(request, context, db_session, principal, upload, checksum).receive()
             headers["Upload-Offset"] = str(outcome.offset)

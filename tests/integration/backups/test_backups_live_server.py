@@ -1,0 +1,224 @@
+"""Streaming behaviour against a real granian server: tus clients (tuspy, aiotus), broken connections, resumption."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import io
+import os
+import socket
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import aiotus
+import asyncpg
+import httpx
+import pytest
+from backups_support import (
+    MIB,
+    NOTHING_STORED,
+    Envelope,
+    Tenant,
+    auth,
+    granian_server,
+    make_tenant,
+    row_counts,
+    sign_envelope,
+    tus_headers,
+)
+from tusclient import client as tus_client
+
+from support import make_settings
+
+OCTETS = "application/offset+octet-stream"
+
+
+@pytest.fixture
+def live_url(base_settings_env: dict[str, str], database_url: str) -> Iterator[str]:
+    with granian_server({**base_settings_env, "DATABASE_URL": database_url}) as url:
+        yield url
+
+
+@pytest.fixture
+async def http(live_url: str) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=live_url, timeout=60) as client:
+        yield client
+
+
+@pytest.fixture
+async def tenant(http: httpx.AsyncClient, base_settings_env: dict[str, str], database_url: str) -> Tenant:
+    return await make_tenant(http, make_settings(base_settings_env, DATABASE_URL=database_url))
+
+
+async def _restore(http: httpx.AsyncClient, tenant: Tenant, container: str) -> bytes:
+    latest = await http.get(f"/api/v1/containers/{container}/backups/latest", headers=auth(tenant.project_key))
+    assert latest.status_code == 200, latest.text
+    response = await http.get(f"/api/v1/backups/{latest.json()['id']}/payload", headers=auth(tenant.project_key))
+    assert response.status_code == 200
+    return response.content
+
+
+async def test_tuspy_uploads_in_several_patches_with_checksums(
+    http: httpx.AsyncClient, live_url: str, tenant: Tenant
+) -> None:
+    payload = os.urandom(3 * MIB + 5)
+    envelope = sign_envelope(tenant, payload)
+    client = tus_client.TusClient(f"{live_url}/api/v1/uploads", headers=auth(tenant.project_key))
+    uploader = client.uploader(
+        file_stream=io.BytesIO(payload),
+        chunk_size=MIB + 123,
+        metadata={k: v.decode("latin-1") for k, v in envelope.tus_metadata_values().items()},
+        metadata_encoding="latin-1",
+        upload_checksum=True,
+    )
+    await asyncio.to_thread(uploader.upload)
+    assert uploader.offset == len(payload)
+    assert await _restore(http, tenant, str(envelope.container_id)) == payload
+
+
+async def test_aiotus_uploads(http: httpx.AsyncClient, live_url: str, tenant: Tenant) -> None:
+    payload = os.urandom(2 * MIB + 77)
+    envelope = sign_envelope(tenant, payload)
+    location = await aiotus.upload(
+        f"{live_url}/api/v1/uploads",
+        io.BytesIO(payload),
+        metadata=dict(envelope.tus_metadata_values()),
+        headers=auth(tenant.project_key),
+        chunksize=MIB,
+    )
+    assert location is not None
+    assert await _restore(http, tenant, str(envelope.container_id)) == payload
+
+
+def _send_partial(live_url: str, request_head: str, body: bytes) -> None:
+    """Send a request head and part of its body on a raw socket, then drop the connection."""
+    host, port = live_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(request_head.encode() + body)
+        time.sleep(0.5)  # let the server read what was sent before the connection drops (not an assertion)
+
+
+async def _wait_for_offset(http: httpx.AsyncClient, location: str, key: str) -> int:
+    for _ in range(300):
+        head = await http.head(location, headers=tus_headers(key))
+        offset = int(head.headers["upload-offset"])
+        if offset > 0:
+            return offset
+        await asyncio.sleep(0.1)
+    raise AssertionError("the server never recorded the bytes of the dropped PATCH")
+
+
+async def test_patch_cut_by_the_network_keeps_received_bytes_and_resumes(
+    http: httpx.AsyncClient, live_url: str, tenant: Tenant, owner_connection: asyncpg.Connection
+) -> None:
+    payload = os.urandom(5 * MIB + 11)
+    envelope = sign_envelope(tenant, payload)
+    created = await http.post(
+        "/api/v1/uploads",
+        headers=tus_headers(
+            tenant.project_key, **{"Upload-Length": str(len(payload)), "Upload-Metadata": envelope.tus_metadata()}
+        ),
+    )
+    location = created.headers["location"]
+    sent = 2 * MIB + 500_000
+    await asyncio.to_thread(
+        _send_partial,
+        live_url,
+        f"PATCH {location} HTTP/1.1\r\nHost: test\r\nTus-Resumable: 1.0.0\r\n"
+        f"Authorization: Bearer {tenant.project_key}\r\nContent-Type: {OCTETS}\r\nUpload-Offset: 0\r\n"
+        f"Content-Length: {len(payload)}\r\n\r\n",
+        payload[:sent],
+    )
+    offset = await _wait_for_offset(http, location, tenant.project_key)
+    assert 0 < offset <= sent
+    assert (await row_counts(owner_connection))["backups"] == 0
+    for _ in range(100):
+        resumed = await http.patch(
+            location,
+            content=payload[offset:],
+            headers=tus_headers(tenant.project_key, **{"Upload-Offset": str(offset), "Content-Type": OCTETS}),
+        )
+        if resumed.status_code != 423:  # the dropped PATCH may still be finishing
+            break
+        await asyncio.sleep(0.1)
+    assert resumed.status_code == 204, resumed.text
+    backup_id = resumed.headers["zkeb-backup-id"]
+    restored = await http.get(f"/api/v1/backups/{backup_id}/payload", headers=auth(tenant.project_key))
+    assert hashlib.sha256(restored.content).digest() == hashlib.sha256(payload).digest()
+
+
+async def test_single_shot_cut_by_the_network_leaves_nothing(
+    http: httpx.AsyncClient, live_url: str, tenant: Tenant, owner_connection: asyncpg.Connection
+) -> None:
+    envelope = sign_envelope(tenant, os.urandom(4 * MIB))
+    body = envelope.msgpack()
+    await asyncio.to_thread(
+        _send_partial,
+        live_url,
+        f"POST /api/v1/backups HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {tenant.project_key}\r\n"
+        f"Content-Type: application/msgpack\r\nContent-Length: {len(body)}\r\n\r\n",
+        body[: len(body) // 2],
+    )
+    listed = await http.get("/api/v1/backups", headers=auth(tenant.project_key))
+    assert listed.json()["items"] == []
+    assert await row_counts(owner_connection) == NOTHING_STORED
+    complete = await http.post(
+        "/api/v1/backups",
+        content=body,
+        headers={**auth(tenant.project_key), "Content-Type": "application/msgpack"},
+    )
+    assert complete.status_code == 201
+    assert (await row_counts(owner_connection))["backups"] == 1
+
+
+async def test_chunked_single_shot_over_16_mib_is_413_and_nothing_is_stored(
+    http: httpx.AsyncClient, tenant: Tenant, owner_connection: asyncpg.Connection
+) -> None:
+    async def body() -> AsyncIterator[bytes]:
+        for _ in range(17):
+            yield b"\0" * MIB
+
+    response = await http.post(
+        "/api/v1/backups",
+        content=body(),
+        headers={**auth(tenant.project_key), "Content-Type": "application/msgpack"},
+    )
+    assert response.status_code == 413
+    assert response.headers["content-type"].startswith("application/problem+json")
+    assert await row_counts(owner_connection) == NOTHING_STORED
+
+
+async def test_streamed_tus_patch_from_a_generator(
+    http: httpx.AsyncClient, tenant: Tenant, owner_connection: asyncpg.Connection
+) -> None:
+    payload = os.urandom(7 * MIB + 3)
+    envelope: Envelope = sign_envelope(tenant, payload)
+
+    async def pieces() -> AsyncIterator[bytes]:
+        for start in range(0, len(payload), 300_000):
+            yield payload[start : start + 300_000]
+
+    created = await http.post(
+        "/api/v1/uploads",
+        headers=tus_headers(
+            tenant.project_key, **{"Upload-Length": str(len(payload)), "Upload-Metadata": envelope.tus_metadata()}
+        ),
+    )
+    digest = base64.b64encode(hashlib.sha256(payload).digest()).decode()
+    patched = await http.patch(
+        created.headers["location"],
+        content=pieces(),
+        headers=tus_headers(
+            tenant.project_key,
+            **{"Upload-Offset": "0", "Content-Type": OCTETS, "Upload-Checksum": f"sha256 {digest}"},
+        ),
+    )
+    assert patched.status_code == 204, patched.text
+    chunks: list[Any] = await owner_connection.fetch("SELECT plain_size FROM backup_chunks ORDER BY seq")
+    assert [c["plain_size"] for c in chunks] == [MIB] * 7 + [3]
+    restored = await http.get(
+        f"/api/v1/backups/{patched.headers['zkeb-backup-id']}/payload", headers=auth(tenant.project_key)
+    )
+    assert restored.content == payload
