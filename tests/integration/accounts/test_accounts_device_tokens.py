@@ -35,8 +35,10 @@ from support import make_settings, problem
 
 Client = AsyncTestClient[Litestar]
 
-JWT_SECRET = "test-jwt-secret-0123456789abcdef0123456789abcdef"  # base_settings_env's JWT_SECRET
-NEW_JWT_SECRET = "rotated-jwt-secret-fedcba9876543210fedcba98765432"
+JWT_SECRET = (
+    "test-jwt-secret-0123456789abcdef0123456789abcdef"  # pragma: allowlist secret - base_settings_env's JWT_SECRET
+)
+NEW_JWT_SECRET = "rotated-jwt-secret-fedcba9876543210fedcba98765432"  # pragma: allowlist secret
 MINUTE_MS = 60_000
 
 

@@ -38,7 +38,7 @@ DeviceIdHashHex = Annotated[
     msgspec.Meta(
         pattern="^[0-9a-fA-F]{64}$",
         description="SHA-256 of the device identifier, 64 hex digits",
-        examples=["9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"],
+        examples=["9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"],  # pragma: allowlist secret
     ),
 ]
 
