@@ -1,0 +1,235 @@
+"""What tracing costs: small-request throughput with OpenTelemetry off vs on (OTLP/HTTP to a local sink).
+
+    uv run python bench/tracing.py            # DATABASE_URL of a PostgreSQL superuser, default the local one
+
+Same harness as bench/upload.py: `granian --interface asgi --factory zkeb.app:create_app`, one worker, production
+settings (ZKEB_ENV=production, secrets generated for this run, a fresh database, rate limiting off so the load is
+not refused). Two endpoints:
+
+- `GET /api/health/live` (no credential, no database),
+- `GET /api/v1/projects` with an org admin key (API-key lookup and a listing: three database round trips).
+
+Each is driven for `--seconds` by `--concurrency` aiohttp connections, alternating tracing off and on
+(`OTEL_EXPORTER_OTLP_ENDPOINT` pointing at a sink process that accepts OTLP/HTTP and discards it; every request
+sampled: `parentbased_always_on`, the SDK default), `--rounds` times; the median of each is reported with the
+relative cost. The load generator shares the machine with the server, so absolute numbers understate a real
+deployment; the on/off ratio is the point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import secrets
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import aiohttp
+import asyncpg
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+SINK = """
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        self.send_response(200); self.send_header("Content-Length", "0"); self.end_headers()
+    def log_message(self, *a): pass
+ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"""
+
+
+def _with_database(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, ""))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@contextmanager
+def granian(env: dict[str, str]) -> Iterator[str]:
+    """The server under granian (one worker), ready."""
+    port = _free_port()
+    log = tempfile.NamedTemporaryFile(prefix="zkeb-bench-", suffix=".log", delete=False)  # noqa: SIM115
+    server = subprocess.Popen(
+        [
+            sys.executable, "-m", "granian", "--interface", "asgi", "--factory", "--host", "127.0.0.1",
+            "--port", str(port), "--workers", "1", "--no-access-log", "zkeb.app:create_app",
+        ],
+        env={**os.environ, **env},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(f"granian exited; see {log.name}")
+            try:
+                if httpx.get(f"{base}/api/health/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"granian not ready; see {log.name}")
+            time.sleep(0.2)
+        yield base
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+
+
+def _create_org(env: dict[str, str]) -> str:
+    out = subprocess.run(
+        [sys.executable, "-m", "zkeb", "admin", "create-org", "bench", "--json"],
+        env={**os.environ, **env},
+        capture_output=True,
+        check=True,
+        cwd=ROOT,
+    )
+    key: str = json.loads(out.stdout)["api_key"]
+    return key
+
+
+async def _drive(url: str, headers: dict[str, str], seconds: float, concurrency: int) -> float:
+    """Requests per second answered 200 by `url` under `concurrency` keep-alive connections."""
+    done = 0
+    failures = 0
+    stop = time.monotonic() + seconds
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector, headers=headers) as session:
+
+        async def worker() -> None:
+            nonlocal done, failures
+            while time.monotonic() < stop:
+                async with session.get(url) as response:
+                    await response.read()
+                    if response.status == 200:
+                        done += 1
+                    else:
+                        failures += 1
+
+        # Warm-up: connections open, caches filled.
+        for _ in range(50):
+            async with session.get(url) as response:
+                await response.read()
+        started = time.monotonic()
+        stop = started + seconds
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.monotonic() - started
+    if failures:
+        raise RuntimeError(f"{failures} requests to {url} did not answer 200")
+    return done / elapsed
+
+
+async def run(server_url: str, seconds: float, rounds: int, concurrency: int, ratio: float | None) -> None:
+    """Create a database, measure each mode in alternation, print the table, drop the database."""
+    name = f"zkeb_bench_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(server_url)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    await admin.close()
+    sink_port = _free_port()
+    sink = subprocess.Popen([sys.executable, "-c", SINK, str(sink_port)])  # noqa: ASYNC220 - a benchmark's setup
+    env = {
+        "ZKEB_ENV": "production",
+        "DATABASE_URL": _with_database(server_url, name),
+        "ZKEB_MASTER_ENCRYPTION_KEY": base64.b64encode(secrets.token_bytes(32)).decode(),
+        "JWT_SECRET": secrets.token_urlsafe(48),
+        "API_KEY_SALT": secrets.token_urlsafe(48),
+        "LOG_LEVEL": "WARNING",
+        "ENABLE_RATE_LIMITING": "false",
+        "ENABLE_AUDIT_LOGS": "true",
+        "ZKEB_AUTO_MIGRATE": "true",
+        "DB_POOL_SIZE": "10",
+    }
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    os.environ.clear()
+    os.environ.update(base_env)
+    traced = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink_port}",
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+        "OTEL_SERVICE_NAME": "zkeb-bench",
+    }
+    if ratio is not None:
+        traced.update(OTEL_TRACES_SAMPLER="parentbased_traceidratio", OTEL_TRACES_SAMPLER_ARG=str(ratio))
+    sampling = "every request sampled" if ratio is None else f"{ratio:.0%} of traces sampled"
+    try:
+        subprocess.run(  # noqa: ASYNC221 - a benchmark's setup
+            [sys.executable, "-m", "zkeb", "db", "upgrade"], env={**os.environ, **env}, check=True, cwd=ROOT,
+            capture_output=True,
+        )  # fmt: skip
+        admin_key = _create_org(env)
+        endpoints = {
+            "GET /api/health/live": ("/api/health/live", {}),
+            "GET /api/v1/projects (API key)": ("/api/v1/projects", {"Authorization": f"Bearer {admin_key}"}),
+        }
+        results: dict[tuple[str, str], list[float]] = {}
+        for _ in range(rounds):
+            for mode, extra in (("off", {}), ("on", traced)):
+                with granian({**env, **extra}) as base:
+                    for label, (path, headers) in endpoints.items():
+                        rate = await _drive(base + path, headers, seconds, concurrency)
+                        results.setdefault((label, mode), []).append(rate)
+        print(f"\nSmall-request throughput, tracing off vs on (OTLP/HTTP, {sampling}); median of {rounds}")
+        print(f"runs of {seconds:.0f} s, {concurrency} connections, 1 granian worker, {os.cpu_count()} CPUs\n")
+        print("| request | tracing off (req/s) | tracing on (req/s) | cost |")
+        print("| --- | ---: | ---: | ---: |")
+        for label in endpoints:
+            off = statistics.median(results[(label, "off")])
+            on = statistics.median(results[(label, "on")])
+            print(f"| {label} | {off:.0f} | {on:.0f} | {(off - on) / off * 100:.1f} % |")
+        print("\nall runs (req/s):", {f"{label} {mode}": [round(r) for r in v] for (label, mode), v in results.items()})
+    finally:
+        sink.terminate()
+        sink.wait(timeout=10)
+        admin = await asyncpg.connect(server_url)
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+def main() -> None:
+    """Parse arguments and run."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"),
+        help="a PostgreSQL superuser URL; the benchmark creates and drops its own database",
+    )
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument(
+        "--sampler-ratio",
+        type=float,
+        default=None,
+        help="sample this fraction of traces (parentbased_traceidratio) instead of every request",
+    )
+    args = parser.parse_args()
+    asyncio.run(run(args.database_url, args.seconds, args.rounds, args.concurrency, args.sampler_ratio))
+
+
+if __name__ == "__main__":
+    main()
