@@ -1,0 +1,150 @@
+"""Pure parts of the backups domain: read planning, tus metadata, envelope validation, cursors, the keyring."""
+
+from __future__ import annotations
+
+import base64
+import uuid
+from datetime import UTC, datetime
+
+import pytest
+
+from zkeb.core.errors import ProblemError, UnprocessableError
+from zkeb.domain.backups.context import build_keyring
+from zkeb.domain.backups.schemas import validate_envelope
+from zkeb.domain.backups.services import decode_cursor
+from zkeb.domain.backups.storage import ChunkSpan, ReadStep, plan_read
+from zkeb.domain.backups.tus import ENVELOPE_METADATA_KEYS, envelope_from_metadata, payload_lock_key
+from zkeb.lib.atrest import master_key_id, parse_master_key
+from zkeb.lib.ranges import ByteRange
+from zkeb.settings import Settings, SettingsError
+
+CHUNKS = [ChunkSpan(0, 0, 10), ChunkSpan(1, 10, 10), ChunkSpan(2, 20, 5)]
+
+
+def test_plan_read_whole_payload_reads_every_chunk() -> None:
+    assert plan_read(CHUNKS, None) == [ReadStep(0, 0, 10), ReadStep(1, 0, 10), ReadStep(2, 0, 5)]
+
+
+@pytest.mark.parametrize(
+    ("start", "end", "steps"),
+    [
+        (0, 0, [ReadStep(0, 0, 1)]),
+        (9, 10, [ReadStep(0, 9, 10), ReadStep(1, 0, 1)]),
+        (12, 18, [ReadStep(1, 2, 9)]),
+        (15, 24, [ReadStep(1, 5, 10), ReadStep(2, 0, 5)]),
+        (24, 24, [ReadStep(2, 4, 5)]),
+    ],
+)
+def test_plan_read_decrypts_only_the_chunks_a_range_touches(start: int, end: int, steps: list[ReadStep]) -> None:
+    assert plan_read(CHUNKS, ByteRange(start, end)) == steps
+
+
+@pytest.mark.parametrize(
+    "chunks",
+    [
+        [ChunkSpan(0, 0, 10), ChunkSpan(2, 10, 10)],
+        [ChunkSpan(0, 0, 10), ChunkSpan(1, 11, 10)],
+        [ChunkSpan(1, 0, 10)],
+    ],
+)
+def test_plan_read_refuses_a_gap_in_the_chunks(chunks: list[ChunkSpan]) -> None:
+    with pytest.raises(ValueError, match="contiguous"):
+        plan_read(chunks, None)
+
+
+def _metadata(**values: bytes | None) -> str:
+    base: dict[str, bytes | None] = {
+        "container_id": str(uuid.uuid4()).encode(),
+        "device_id_hash": b"\x01" * 32,
+        "payload_nonce": b"\x02" * 12,
+        "payload_auth_tag": b"\x03" * 16,
+        "metadata": b"meta",
+        "metadata_nonce": b"\x04" * 12,
+        "metadata_auth_tag": b"\x05" * 16,
+        "signature": b"\x06" * 64,
+        "backup_timestamp": b"2026-11-27T10:00:00.5+01:00",
+        "filename": b"ignored.bin",
+    }
+    base.update(values)
+    return ",".join(k if v is None else f"{k} {base64.b64encode(v).decode()}" for k, v in base.items())
+
+
+def test_envelope_from_metadata_decodes_every_field() -> None:
+    envelope = envelope_from_metadata(_metadata())
+    assert envelope.device_id_hash == b"\x01" * 32
+    assert envelope.signature == b"\x06" * 64
+    assert envelope.metadata == b"meta"
+    assert envelope.backup_timestamp == datetime(2026, 11, 27, 9, 0, 0, 500000, tzinfo=UTC)
+
+
+def test_envelope_from_metadata_accepts_empty_metadata_and_hex_device_hash() -> None:
+    envelope = envelope_from_metadata(_metadata(metadata=None, device_id_hash=(b"ab" * 32)))
+    assert envelope.metadata == b""
+    assert envelope.device_id_hash == b"\xab" * 32
+
+
+@pytest.mark.parametrize("key", [k for k in ENVELOPE_METADATA_KEYS if k != "metadata"])
+def test_envelope_from_metadata_names_a_missing_field(key: str) -> None:
+    header = ",".join(part for part in _metadata().split(",") if not part.startswith(f"{key} "))
+    with pytest.raises(UnprocessableError) as caught:
+        envelope_from_metadata(header)
+    assert caught.value.problem_extra == {"field": key}
+
+
+def test_envelope_from_metadata_malformed_header_is_400() -> None:
+    with pytest.raises(ProblemError) as caught:
+        envelope_from_metadata("container_id not*base64")
+    assert caught.value.status_code == 400
+
+
+def test_validate_envelope_checks_lengths_and_timestamp() -> None:
+    good = {
+        "container_id": uuid.uuid4(),
+        "device_id_hash": b"\0" * 32,
+        "payload_nonce": b"\0" * 12,
+        "payload_auth_tag": b"\0" * 16,
+        "metadata": b"",
+        "metadata_nonce": b"\0" * 12,
+        "metadata_auth_tag": b"\0" * 16,
+        "signature": b"\0" * 64,
+        "backup_timestamp": "2026-01-01T00:00:00Z",
+    }
+    assert validate_envelope(**good).metadata == b""  # type: ignore[arg-type]
+    for field, bad in [("signature", b"\0" * 63), ("metadata", b"\0" * 8193), ("backup_timestamp", "2026-01-01")]:
+        with pytest.raises(UnprocessableError) as caught:
+            validate_envelope(**{**good, field: bad})  # type: ignore[arg-type]
+        assert caught.value.problem_extra == {"field": field}
+
+
+def test_cursor_rejects_garbage() -> None:
+    for cursor in ("", "!!!", base64.urlsafe_b64encode(b"2026-01-01T00:00:00|nope").decode()):
+        with pytest.raises(Exception, match="cursor"):
+            decode_cursor(cursor)
+
+
+def test_payload_lock_key_fits_a_bigint() -> None:
+    for _ in range(100):
+        assert -(2**63) <= payload_lock_key(uuid.uuid4()) < 2**63
+
+
+def _settings(**env: str) -> Settings:
+    return Settings.from_env(
+        {"ZKEB_ENV": "test", "JWT_SECRET": "j", "API_KEY_SALT": "s", "DATABASE_URL": "postgresql://u@h/d", **env}
+    )
+
+
+def test_keyring_uses_the_new_master_key_during_rotation() -> None:
+    current = base64.b64encode(b"\1" * 32).decode()
+    new = (b"\2" * 32).hex()
+    assert build_keyring(_settings(ZKEB_MASTER_ENCRYPTION_KEY=current)).active_id == master_key_id(b"\1" * 32)
+    rotating = build_keyring(_settings(ZKEB_MASTER_ENCRYPTION_KEY=current, ZKEB_MASTER_ENCRYPTION_KEY_NEW=new))
+    assert rotating.active_id == master_key_id(parse_master_key(new, name="x"))
+    assert master_key_id(b"\1" * 32) in rotating.ids
+
+
+def test_keyring_error_names_the_variable_not_the_value() -> None:
+    with pytest.raises(SettingsError, match="ZKEB_MASTER_ENCRYPTION_KEY_NEW") as caught:
+        build_keyring(
+            _settings(ZKEB_MASTER_ENCRYPTION_KEY=(b"\1" * 32).hex(), ZKEB_MASTER_ENCRYPTION_KEY_NEW="hunter2")
+        )
+    assert "hunter2" not in str(caught.value)
