@@ -15,6 +15,7 @@ from litestar import Controller, Request, Response, delete, get, patch, post
 from litestar.datastructures import State
 from litestar.di import NamedDependency
 from litestar.exceptions import ValidationException
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, JSONBody, Parameter
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED, HTTP_204_NO_CONTENT
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -33,6 +34,7 @@ from zkeb.domain.accounts.schemas import (
     DeviceEnroll,
     DevicePage,
     DeviceRead,
+    ProblemDetails,
     ProjectCreate,
     ProjectPage,
     ProjectRead,
@@ -87,6 +89,26 @@ def _validation_problem(request: Request[Any, Any, Any], exc: ValidationExceptio
 
 
 _EXCEPTION_HANDLERS: Any = {ValidationException: _validation_problem}
+_PROBLEM_DESCRIPTIONS = {
+    400: "Malformed request or parameter",
+    401: "No valid credential (for a token request: the proof was refused)",
+    404: "Unknown, or another tenant's (never 403)",
+    409: "Conflicts with existing state",
+    422: "Invalid body; `errors` names each field",
+}
+
+
+def _problems(*codes: int) -> dict[int, ResponseSpec]:
+    """OpenAPI entries for the problem+json answers a route gives."""
+    return {
+        code: ResponseSpec(
+            data_container=ProblemDetails,
+            description=_PROBLEM_DESCRIPTIONS[code],
+            media_type="application/problem+json",
+            generate_examples=False,
+        )
+        for code in codes
+    }
 
 
 def _project_read(project: Project) -> ProjectRead:
@@ -142,7 +164,13 @@ class ProjectController(Controller):
     security = _BEARER
     exception_handlers = _EXCEPTION_HANDLERS
 
-    @post("/", guards=[requires_org_admin], status_code=HTTP_201_CREATED, summary="Create a project")
+    @post(
+        "/",
+        guards=[requires_org_admin],
+        status_code=HTTP_201_CREATED,
+        summary="Create a project",
+        responses=_problems(401, 404, 409, 422),
+    )
     async def create_project(
         self,
         request: Request[Any, Any, Any],
@@ -168,7 +196,7 @@ class ProjectController(Controller):
         )
         return _project_read(project)
 
-    @get("/", guards=[requires_org_admin], summary="List projects")
+    @get("/", guards=[requires_org_admin], summary="List projects", responses=_problems(401, 404))
     async def list_projects(
         self,
         request: Request[Any, Any, Any],
@@ -182,7 +210,7 @@ class ProjectController(Controller):
         )
         return ProjectPage(items=[_project_read(p) for p in page.items], next_cursor=page.next_cursor)
 
-    @get("/{project_id:uuid}", summary="Get a project")
+    @get("/{project_id:uuid}", summary="Get a project", responses=_problems(401, 404))
     async def get_project(
         self, request: Request[Any, Any, Any], db_session: NamedDependency[AsyncSession], project_id: FromPath[UUID]
     ) -> ProjectRead:
@@ -190,7 +218,12 @@ class ProjectController(Controller):
         principal = principal_of(request)
         return _project_read(await _admin_project(db_session, principal, project_id))
 
-    @patch("/{project_id:uuid}", guards=[requires_org_admin], summary="Change a project's storage policy")
+    @patch(
+        "/{project_id:uuid}",
+        guards=[requires_org_admin],
+        summary="Change a project's storage policy",
+        responses=_problems(401, 404, 409, 422),
+    )
     async def update_project(
         self,
         request: Request[Any, Any, Any],
@@ -220,6 +253,7 @@ class ProjectController(Controller):
         guards=[requires_org_admin],
         status_code=HTTP_201_CREATED,
         summary="Create a project API key (shown once)",
+        responses=_problems(401, 404, 422),
     )
     async def create_api_key(
         self,
@@ -259,7 +293,12 @@ class ProjectController(Controller):
         )
         return Response(body, status_code=HTTP_201_CREATED, headers=_NO_STORE)
 
-    @get("/{project_id:uuid}/api-keys", guards=[requires_org_admin], summary="List a project's API keys")
+    @get(
+        "/{project_id:uuid}/api-keys",
+        guards=[requires_org_admin],
+        summary="List a project's API keys",
+        responses=_problems(401, 404),
+    )
     async def list_api_keys(
         self,
         request: Request[Any, Any, Any],
@@ -281,6 +320,7 @@ class ProjectController(Controller):
         guards=[requires_org_admin],
         status_code=HTTP_201_CREATED,
         summary="Enroll a device",
+        responses=_problems(401, 404, 409, 422),
     )
     async def enroll_device(
         self,
@@ -306,7 +346,12 @@ class ProjectController(Controller):
         )
         return _device_read(device)
 
-    @get("/{project_id:uuid}/devices", guards=[requires_org_admin], summary="List a project's devices")
+    @get(
+        "/{project_id:uuid}/devices",
+        guards=[requires_org_admin],
+        summary="List a project's devices",
+        responses=_problems(401, 404),
+    )
     async def list_devices(
         self,
         request: Request[Any, Any, Any],
@@ -332,7 +377,13 @@ class ApiKeyController(Controller):
     security = _BEARER
     exception_handlers = _EXCEPTION_HANDLERS
 
-    @delete("/{key_id:uuid}", guards=[requires_org_admin], status_code=HTTP_204_NO_CONTENT, summary="Revoke an API key")
+    @delete(
+        "/{key_id:uuid}",
+        guards=[requires_org_admin],
+        status_code=HTTP_204_NO_CONTENT,
+        summary="Revoke an API key",
+        responses=_problems(401, 404, 409),
+    )
     async def revoke_api_key(
         self, request: Request[Any, Any, Any], db_session: NamedDependency[AsyncSession], key_id: FromPath[UUID]
     ) -> None:
@@ -360,7 +411,11 @@ class DeviceController(Controller):
     exception_handlers = _EXCEPTION_HANDLERS
 
     @delete(
-        "/{device_id:uuid}", guards=[requires_org_admin], status_code=HTTP_204_NO_CONTENT, summary="Revoke a device"
+        "/{device_id:uuid}",
+        guards=[requires_org_admin],
+        status_code=HTTP_204_NO_CONTENT,
+        summary="Revoke a device",
+        responses=_problems(401, 404),
     )
     async def revoke_device(
         self, request: Request[Any, Any, Any], db_session: NamedDependency[AsyncSession], device_id: FromPath[UUID]
@@ -400,6 +455,7 @@ class AuthTokenController(Controller):
             "with its Ed25519 key. The timestamp must be within 5 minutes of the server clock and each proof is "
             "accepted once. Any failure answers the same 401."
         ),
+        responses=_problems(401, 422),
     )
     async def issue_token(
         self,

@@ -16,6 +16,7 @@ __all__ = (
     "DeviceEnroll",
     "DevicePage",
     "DeviceRead",
+    "ProblemDetails",
     "ProjectCreate",
     "ProjectPage",
     "ProjectRead",
@@ -170,3 +171,16 @@ class TokenResponse(msgspec.Struct, kw_only=True):
     access_token: str
     expires_in: int
     token_type: Literal["Bearer"] = "Bearer"  # noqa: S105 - the token type's name, not a secret
+
+
+class ProblemDetails(msgspec.Struct, kw_only=True):
+    """An RFC 9457 error body (`application/problem+json`); `errors` names invalid fields."""
+
+    type: str
+    title: str
+    status: int
+    detail: str | None = None
+    instance: str | None = None
+    request_id: str | None = None
+    trace_id: str | None = None
+    errors: list[dict[str, str]] | None = None
