@@ -240,7 +240,6 @@ class AccessLogMiddleware:
         bytes_in = 0
         bytes_out = 0
         request_id: str | None = None
-        token = trace_id_var.set(None)
 
         async def counting_receive() -> ReceiveMessage:
             nonlocal bytes_in
@@ -264,7 +263,6 @@ class AccessLogMiddleware:
             await self.app(scope, counting_receive, counting_send)
         finally:
             self._finish(scope, started, _Counts(status, bytes_in, bytes_out, request_id))
-            trace_id_var.reset(token)
 
     def _finish(self, scope: HTTPScope, started: float, counts: _Counts) -> None:
         user = scope.get("user")

@@ -14,8 +14,8 @@ When on:
   sampler (SDK default `parentbased_always_on`); `OTEL_BSP_*` tune the batch processor; `OTEL_SDK_DISABLED=true`
   wins over everything.
 
-Per request: a server span from Litestar's OpenTelemetry plugin (named `METHOD /route/{template}`, W3C
-`traceparent` honoured, `traceresponse` header returned), client spans from the official SQLAlchemy (statement
+Per request: a server span from `ServerSpanMiddleware` (named `METHOD /route/{template}`, W3C `traceparent`
+honoured, `traceresponse` header returned), client spans from the official SQLAlchemy (statement
 text only, never parameters) and Redis (command names only) instrumentations, and whatever child spans the
 domains open with `trace.get_tracer("zkeb.<domain>")`. The trace id goes into `trace_id_var` (problem+json
 bodies) and the access log. Spans are flushed when the app shuts down (granian's SIGTERM included).
@@ -30,13 +30,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
+from litestar import Litestar
 from litestar.config.app import AppConfig
 from litestar.enums import ScopeType
-from litestar.middleware import DefineMiddleware
-from litestar.plugins.opentelemetry import OpenTelemetryConfig, OpenTelemetryPlugin
-from litestar.types import ASGIApp, Receive, Scope, Send
-from opentelemetry import trace
-from opentelemetry.instrumentation.propagators import TraceResponsePropagator, set_global_response_propagator
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from opentelemetry import context, propagate, trace
 from opentelemetry.instrumentation.redis import RedisInstrumentor
 from opentelemetry.instrumentation.sqlalchemy.engine import EngineTracer
 from opentelemetry.instrumentation.sqlalchemy.version import __version__ as sqlalchemy_instrumentation_version
@@ -45,7 +43,7 @@ from opentelemetry.sdk.resources import OTELResourceDetector, Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SimpleSpanProcessor, SpanExporter
 from opentelemetry.semconv.attributes.http_attributes import HTTP_ROUTE
-from opentelemetry.trace import Span, format_span_id, format_trace_id
+from opentelemetry.trace import SpanKind, Status, StatusCode, format_span_id, format_trace_id
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -159,14 +157,12 @@ def install_tracer_provider(provider: TracerProvider, *, owned: bool = False) ->
     _state = _TracingState(provider=provider, owned=owned)
     if not isinstance(trace.get_tracer_provider(), TracerProvider):
         trace.set_tracer_provider(provider)
-    set_global_response_propagator(TraceResponsePropagator())  # type: ignore[no-untyped-call]
 
 
 def uninstall_tracer_provider() -> None:
     """Stop instrumenting apps created from now on (already-built apps keep their instrumentation)."""
     global _state  # noqa: PLW0603
     _state = None
-    set_global_response_propagator(None)  # type: ignore[no-untyped-call]
 
 
 def active_tracer_provider() -> TracerProvider | None:
@@ -201,39 +197,80 @@ def setup_tracing(settings: Settings, environ: Mapping[str, str] | None = None) 
     return provider
 
 
-def _on_server_span(span: Span, scope: dict[str, Any]) -> None:
-    """Expose the trace id to problem+json bodies and the access log (the OpenTelemetry server request hook)."""
-    context = span.get_span_context()
-    if context.is_valid:
-        trace_id = format_trace_id(context.trace_id)
-        trace_id_var.set(trace_id)
-        scope[SPAN_CONTEXT_SCOPE_KEY] = (trace_id, format_span_id(context.span_id))
+class ServerSpanMiddleware:
+    """Plain ASGI middleware: one SERVER span per HTTP request, as lean as the SDK allows.
 
-
-class SpanRouteMiddleware:
-    """Names the server span after the matched route template (`GET /api/v1/backups/{backup_id}`).
-
-    Litestar's OpenTelemetry middleware runs before routing, so it only knows the raw path, whose ids would
-    make every span name unique. This route-level middleware runs after routing.
+    It does what Litestar's OpenTelemetry plugin (the contrib ASGI middleware) does for ZKEB's needs: continue
+    an incoming W3C `traceparent` (through the global propagator, `OTEL_PROPAGATORS`), name the span
+    `METHOD /route/{template}` once routing has run, record method, path, scheme, route and status (5xx marks the
+    span as an error), add `traceresponse`, and expose the trace id to problem+json bodies and the access log.
+    The contrib middleware cost several times more per request (see bench/tracing.py), which is why this exists.
     """
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, tracer: trace.Tracer) -> None:
         self.app = app
+        self.tracer = tracer
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == ScopeType.HTTP:
-            span = trace.get_current_span()
-            template = scope.get("path_template")
-            if template and span.is_recording():
-                span.update_name(f"{scope['method']} {template}")
-                span.set_attribute(HTTP_ROUTE, template)
-        await self.app(scope, receive, send)
+        if scope["type"] != ScopeType.HTTP:
+            await self.app(scope, receive, send)
+            return
+        carrier: dict[str, str] | None = None
+        for name, value in scope["headers"]:
+            if name in _PROPAGATION_HEADERS:
+                carrier = carrier or {}
+                carrier[name.decode("latin-1")] = value.decode("latin-1")
+        method = scope["method"]
+        span = self.tracer.start_span(
+            method,
+            context=propagate.extract(carrier) if carrier else None,
+            kind=SpanKind.SERVER,
+            attributes={
+                "http.request.method": method,
+                "url.path": scope["path"],
+                "url.scheme": scope.get("scheme", "http"),
+                "network.protocol.version": scope.get("http_version", "1.1"),
+            },
+        )
+        span_context = span.get_span_context()
+        trace_id = format_trace_id(span_context.trace_id)
+        span_id = format_span_id(span_context.span_id)
+        cast("dict[str, Any]", scope)[SPAN_CONTEXT_SCOPE_KEY] = (trace_id, span_id)
+        traceresponse = f"00-{trace_id}-{span_id}-{int(span_context.trace_flags):02x}".encode()
+        status = 0
+
+        async def send_with_traceresponse(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", ()), (b"traceresponse", traceresponse)]
+            await send(message)
+
+        context_token = context.attach(trace.set_span_in_context(span))
+        trace_token = trace_id_var.set(trace_id)
+        try:
+            await self.app(scope, receive, send_with_traceresponse)
+        except Exception as exc:
+            if span.is_recording():
+                span.record_exception(exc)
+                span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+            raise
+        finally:
+            if span.is_recording():
+                template = scope.get("path_template")
+                if template:
+                    span.update_name(f"{method} {template}")
+                    span.set_attribute(HTTP_ROUTE, template)
+                if status:
+                    span.set_attribute("http.response.status_code", status)
+                    if status >= 500:
+                        span.set_status(Status(StatusCode.ERROR))
+            span.end()
+            trace_id_var.reset(trace_token)
+            context.detach(context_token)
 
 
-def _span_details(scope: Scope) -> tuple[str, dict[str, Any]]:
-    # The raw path is not a route: until routing names the span, it is just the method.
-    method = str(scope.get("method", "")).strip()
-    return (method or str(scope["type"])), {}
+_PROPAGATION_HEADERS = frozenset({b"traceparent", b"tracestate", b"baggage"})
 
 
 def instrument_app(
@@ -247,20 +284,14 @@ def instrument_app(
     provider = setup_tracing(settings)
     if provider is None:
         return None
-    app_config.plugins.append(
-        OpenTelemetryPlugin(
-            OpenTelemetryConfig(
-                tracer_provider=provider,
-                meter_provider=NoOpMeterProvider(),
-                # Per-message receive/send spans would add one span per body chunk of an upload.
-                exclude_spans=["receive", "send"],
-                scopes={ScopeType.HTTP},
-                scope_span_details_extractor=_span_details,
-                server_request_hook_handler=cast("Any", _on_server_span),
-            )
-        )
-    )
-    app_config.middleware.insert(0, DefineMiddleware(SpanRouteMiddleware))
+    server_tracer = trace.get_tracer("zkeb.http", settings.version, tracer_provider=provider)
+
+    def wrap(app: Litestar) -> None:
+        # At start-up, outside the request-id middleware that create_app adds after the plugins ran.
+        if not isinstance(app.asgi_handler, ServerSpanMiddleware):
+            app.asgi_handler = ServerSpanMiddleware(app.asgi_handler, server_tracer)
+
+    app_config.on_startup.insert(0, wrap)
     tracer = trace.get_tracer(
         "opentelemetry.instrumentation.sqlalchemy", sqlalchemy_instrumentation_version, tracer_provider=provider
     )
