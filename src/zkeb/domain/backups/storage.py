@@ -65,7 +65,7 @@ CHUNK_SIZE = 1 << 20
 #: Encrypted chunks waiting for the writer (bounds memory per upload to a few chunks).
 WRITE_QUEUE_DEPTH = 2
 #: Most chunks inserted in one transaction.
-WRITE_BATCH = 4
+WRITE_BATCH = 2
 #: Chunks fetched per query on restore, and decrypted chunks buffered ahead of the client.
 READ_BATCH = 2
 READ_QUEUE_DEPTH = 2
