@@ -1,0 +1,113 @@
+"""Tracing configuration from `OTEL_*`, and the log formatters (fields, redaction, granian's dict config)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import logging.config
+
+import pytest
+
+from zkeb.core.errors import request_id_var
+from zkeb.core.logging import ConsoleFormatter, JsonFormatter, log_format, logging_dictconfig, redact
+from zkeb.core.telemetry import TracingConfig
+from zkeb.settings import SettingsError
+
+API_KEY = "zkeb_" + "A1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6Q7r8S9t0U1v"
+JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJkZXZpY2UifQ.c2lnbmF0dXJlLWJ5dGVz"
+
+
+@pytest.mark.parametrize(
+    ("environ", "exporters", "protocol"),
+    [
+        ({}, (), "http/protobuf"),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}, ("otlp",), "http/protobuf"),
+        (
+            {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://c:4317", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"},
+            ("otlp",),
+            "grpc",
+        ),
+        ({"OTEL_TRACES_EXPORTER": "console"}, ("console",), "http/protobuf"),
+        ({"OTEL_TRACES_EXPORTER": "otlp,console"}, ("otlp", "console"), "http/protobuf"),
+        ({"OTEL_TRACES_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"}, (), "http/protobuf"),
+        ({"OTEL_SDK_DISABLED": "true", "OTEL_TRACES_EXPORTER": "console"}, (), "http/protobuf"),
+    ],
+)
+def test_tracing_is_configured_only_by_the_standard_variables(
+    environ: dict[str, str], exporters: tuple[str, ...], protocol: str
+) -> None:
+    config = TracingConfig.from_env(environ)
+    assert config.exporters == exporters
+    assert config.enabled == bool(exporters)
+    assert config.protocol == protocol
+
+
+@pytest.mark.parametrize(
+    ("environ", "variable"),
+    [
+        ({"OTEL_TRACES_EXPORTER": "zipkin"}, "OTEL_TRACES_EXPORTER"),
+        ({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"}, "OTEL_EXPORTER_OTLP_PROTOCOL"),
+    ],
+)
+def test_unsupported_tracing_settings_are_refused_naming_the_variable(environ: dict[str, str], variable: str) -> None:
+    with pytest.raises(SettingsError, match=variable):
+        TracingConfig.from_env(environ)
+
+
+def _record(message: str, *args: object, **extra: object) -> logging.LogRecord:
+    record = logging.LogRecord("zkeb.test", logging.WARNING, __file__, 1, message, args, None)
+    for key, value in extra.items():
+        setattr(record, key, value)
+    return record
+
+
+def test_json_lines_carry_time_level_logger_event_request_id_and_extra_fields() -> None:
+    token = request_id_var.set("req-123")
+    try:
+        line = JsonFormatter().format(_record("stored %d chunks", 3, backup_id="b-1"))
+    finally:
+        request_id_var.reset(token)
+    fields = json.loads(line)
+    assert fields["level"] == "warning"
+    assert fields["logger"] == "zkeb.test"
+    assert fields["event"] == "stored 3 chunks"
+    assert fields["request_id"] == "req-123"
+    assert fields["backup_id"] == "b-1"
+    assert fields["time"].endswith("Z")
+    assert "\n" not in line
+
+
+@pytest.mark.parametrize("formatter", [JsonFormatter(), ConsoleFormatter(colors=False)])
+def test_credentials_that_slip_into_a_log_line_are_masked(formatter: logging.Formatter) -> None:
+    line = formatter.format(_record("auth %s then %s", f"Bearer {API_KEY}", JWT, header=f"Authorization: Bearer {JWT}"))
+    assert API_KEY not in line
+    assert JWT not in line
+    assert "[REDACTED]" in line
+
+
+def test_redaction_leaves_metric_names_and_ids_alone() -> None:
+    text = "zkeb_tus_sessions_open 0192f5e4-7a3b-7c1d-8e2f-3a4b5c6d7e8f zkeb_backup_bytes_uploaded_total"
+    assert redact(text) == text
+
+
+def test_log_format_defaults_to_console_in_development_and_json_elsewhere() -> None:
+    assert log_format("development", {}) == "console"
+    assert log_format("production", {}) == "json"
+    assert log_format("production", {"LOG_FORMAT": "console"}) == "console"
+    assert log_format("development", {"LOG_FORMAT": "JSON"}) == "json"
+
+
+def test_granian_dict_config_routes_granian_loggers_through_the_json_handler() -> None:
+    config = logging_dictconfig("INFO", "json")
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    try:
+        logging.config.dictConfig(config)
+        handlers = [h for h in root.handlers if isinstance(h.formatter, JsonFormatter)]
+        assert len(handlers) == 1
+        assert logging.getLogger("_granian").propagate
+        assert not logging.getLogger("_granian").handlers
+        assert logging.getLogger("granian.access").getEffectiveLevel() == logging.WARNING
+    finally:
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
