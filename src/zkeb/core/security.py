@@ -185,17 +185,17 @@ class SecurityHeadersMiddleware:
             if message["type"] == "http.response.start":
                 headers = [(k, v) for k, v in message.get("headers", ()) if k.lower() != b"server"]
                 names = {k.lower() for k, _ in headers}
-                headers += [
+                defaults = [
                     (b"x-content-type-options", b"nosniff"),
                     (b"referrer-policy", b"no-referrer"),
                     (b"server", SERVER_BANNER),
                 ]
                 if tls:
-                    headers.append((b"strict-transport-security", HSTS_VALUE))
+                    defaults.append((b"strict-transport-security", HSTS_VALUE))
                 if api:
-                    headers.append((b"content-security-policy", API_CSP_VALUE))
-                    if b"cache-control" not in names:
-                        headers.append((b"cache-control", b"no-store"))
+                    defaults += [(b"content-security-policy", API_CSP_VALUE), (b"cache-control", b"no-store")]
+                # A handler's own value wins; the defaults never duplicate a header.
+                headers += [(name, value) for name, value in defaults if name not in names]
                 message["headers"] = headers
             await send(message)
 

@@ -69,3 +69,9 @@ async def test_cors_preflight_answers_allowed_origins_only(
     assert "access-control-allow-origin" not in denied.headers
     assert simple.headers["access-control-allow-origin"] == "https://app.example"
     assert "ratelimit" in simple.headers["access-control-expose-headers"].lower()
+
+
+async def test_a_header_the_handler_set_is_not_duplicated(client: AsyncTestClient[Litestar]) -> None:
+    response = await client.get("/api/health/live")
+    assert response.headers.get_list("cache-control") == ["no-store"]
+    assert response.headers.get_list("x-content-type-options") == ["nosniff"]
