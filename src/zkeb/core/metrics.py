@@ -123,7 +123,9 @@ BACKUP_PAYLOAD_SIZE = Histogram(
     buckets=(_KIB, 16 * _KIB, 256 * _KIB, _MIB, 4 * _MIB, 16 * _MIB, 64 * _MIB, 256 * _MIB, 1024 * _MIB),
 )
 TUS_SESSIONS_CREATED = Counter("zkeb_tus_sessions_created_total", "tus upload sessions created.")
-TUS_SESSIONS_EXPIRED = Counter("zkeb_tus_sessions_expired_total", "Expired tus upload sessions purged.")
+TUS_SESSIONS_EXPIRED = Counter(
+    "zkeb_tus_sessions_expired_total", "Expired tus upload sessions (and orphaned upload payloads) purged."
+)
 TUS_SESSIONS_OPEN = Gauge(
     "zkeb_tus_sessions_open", "Unexpired, uncompleted tus upload sessions (all tenants).", multiprocess_mode="livemax"
 )

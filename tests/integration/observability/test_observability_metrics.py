@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 from collections.abc import AsyncIterator
 
@@ -123,3 +124,38 @@ async def test_backup_counters_move_as_a_backup_is_uploaded_refused_and_restored
     assert _delta(before, after, "zkeb_backup_bytes_restored_total") == len(payload)
     assert _delta(before, after, "zkeb_backup_payload_size_bytes_count") == 1
     assert _delta(before, after, "zkeb_backup_payload_size_bytes_bucket", le="16384.0") == 1
+
+
+async def test_tus_session_counters_move_when_an_upload_is_created(
+    metrics_client: AsyncTestClient[Litestar], base_settings_env: dict[str, str], database_url: str
+) -> None:
+    settings = make_settings(base_settings_env, DATABASE_URL=database_url)
+    _, admin_key = await create_org(settings)
+    project, project_key = await create_project_key(metrics_client, admin_key)
+    device_id_hash, private_key = await enroll_device(metrics_client, admin_key, project["id"])
+    payload = os.urandom(2048)
+    body, _ = signed_envelope(project["id"], device_id_hash, private_key, payload)
+
+    def text(value: str) -> str:
+        return base64.b64encode(value.encode()).decode()
+
+    metadata = {key: body[key] for key in body if key not in {"payload", "container_id", "device_id_hash"}}
+    metadata["backup_timestamp"] = text(body["backup_timestamp"])
+    metadata["container_id"] = text(body["container_id"])
+    metadata["device_id_hash"] = base64.b64encode(device_id_hash).decode()
+    before = await _scrape(metrics_client)
+
+    created = await metrics_client.post(
+        "/api/v1/uploads",
+        headers={
+            **auth(project_key),
+            "Tus-Resumable": "1.0.0",
+            "Upload-Length": str(len(payload)),
+            "Upload-Metadata": ",".join(f"{k} {v}" for k, v in metadata.items()),
+        },
+    )
+    assert created.status_code == 201, created.text
+    after = await _scrape(metrics_client)
+
+    assert _delta(before, after, "zkeb_tus_sessions_created_total") == 1
+    assert _value(after, "zkeb_tus_sessions_open") >= 1

@@ -48,6 +48,7 @@ from uuid_utils.compat import uuid7
 
 from zkeb.core.auth import Principal, principal_of, requires_backup_access
 from zkeb.core.errors import ConflictError, NotFoundError, ProblemError, UnprocessableError, exception_handlers
+from zkeb.core.metrics import TUS_SESSIONS_CREATED, TUS_SESSIONS_EXPIRED
 from zkeb.core.security import request_is_tls, trusted_proxies
 from zkeb.core.tenancy import tenant_transaction
 from zkeb.db.models import Payload, UploadSession
@@ -584,6 +585,7 @@ class UploadController(Controller):
         )
         db_session.add(upload)
         await db_session.commit()
+        TUS_SESSIONS_CREATED.inc()
         headers = _base_headers(upload)
         headers["Location"] = _upload_url(request, context, upload.id)
         if with_upload and request.content_length != 0:
@@ -725,6 +727,7 @@ class UploadSweeper:
             span.set_attribute("zkeb.candidates", len(candidates))
             span.set_attribute("zkeb.deleted", deleted)
         if deleted:
+            TUS_SESSIONS_EXPIRED.inc(deleted)
             logger.info("purged %d expired uploads or orphaned payloads", deleted)
         return deleted
 
