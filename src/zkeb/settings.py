@@ -86,6 +86,8 @@ class Settings:
     build_date: str
     #: Proxies whose `X-Forwarded-For`/`X-Forwarded-Proto` are believed (`TRUSTED_PROXIES`, IPs or CIDRs).
     trusted_proxies: tuple[str, ...] = ()
+    #: Seconds between in-process maintenance passes (`MAINTENANCE_INTERVAL`; 0 leaves maintenance to cron).
+    maintenance_interval_seconds: float = 60.0
 
     @property
     def is_production(self) -> bool:
@@ -145,6 +147,7 @@ class Settings:
             commit=reader.text("ZKEB_COMMIT", "unknown"),
             build_date=reader.text("ZKEB_BUILD_DATE", "unknown"),
             trusted_proxies=reader.networks("TRUSTED_PROXIES"),
+            maintenance_interval_seconds=reader.number("MAINTENANCE_INTERVAL", 60.0, minimum=0.0),
         )
 
 
