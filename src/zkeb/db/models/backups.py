@@ -103,6 +103,8 @@ class Backup(TenantModel):
     backup_timestamp: Mapped[datetime.datetime] = mapped_column(TimestampUTC)
     deleted_at: Mapped[datetime.datetime | None] = mapped_column(TimestampUTC, default=None)
     deleted_by: Mapped[str | None] = mapped_column(String(80), default=None)
+    #: Set when an org admin brings the backup back from the trash; retention leaves such a backup alone.
+    restored_at: Mapped[datetime.datetime | None] = mapped_column(TimestampUTC, default=None)
 
 
 class PayloadNonce(TenantModel):
