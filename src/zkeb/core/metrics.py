@@ -24,6 +24,12 @@ Metric objects for the domains (import and increment them; all live in prometheu
 | `TUS_SESSIONS_CREATED` | `zkeb_tus_sessions_created_total` | |
 | `TUS_SESSIONS_EXPIRED` | `zkeb_tus_sessions_expired_total` | |
 | `REDIS_ERRORS` | `zkeb_redis_errors_total` | `operation` |
+| `BACKUPS_TRASHED` | `zkeb_backups_trashed_total` | `reason` = `deleted` or `retention` |
+| `BACKUPS_RESTORED` | `zkeb_backups_restored_total` | |
+| `BACKUPS_PURGED` | `zkeb_backups_purged_total` | `reason` = `admin` or `trash_expired` |
+| `ORPHAN_PAYLOADS_PURGED` | `zkeb_orphan_payloads_purged_total` | |
+| `DATA_KEYS_REWRAPPED` | `zkeb_data_keys_rewrapped_total` | |
+| `MAINTENANCE_PASSES` | `zkeb_maintenance_passes_total` | `task`, `outcome` = `ok` or `error` |
 `record_backup_created()`, `record_backup_failed()` and `record_bytes_restored()` wrap the common cases.
 `zkeb_tus_sessions_open` is sampled from the database; request, pool and process metrics are recorded here.
 """
@@ -66,10 +72,16 @@ from zkeb.settings import Settings
 __all__ = (
     "BACKUPS_CREATED",
     "BACKUPS_FAILED",
+    "BACKUPS_PURGED",
+    "BACKUPS_RESTORED",
+    "BACKUPS_TRASHED",
     "BACKUP_BYTES_RESTORED",
     "BACKUP_BYTES_UPLOADED",
     "BACKUP_PAYLOAD_SIZE",
+    "DATA_KEYS_REWRAPPED",
+    "MAINTENANCE_PASSES",
     "METRICS_SECURITY_SCHEME",
+    "ORPHAN_PAYLOADS_PURGED",
     "REDIS_ERRORS",
     "TUS_SESSIONS_CREATED",
     "TUS_SESSIONS_EXPIRED",
@@ -128,6 +140,18 @@ TUS_SESSIONS_EXPIRED = Counter(
 )
 TUS_SESSIONS_OPEN = Gauge(
     "zkeb_tus_sessions_open", "Unexpired, uncompleted tus upload sessions (all tenants).", multiprocess_mode="livemax"
+)
+
+# --- backup lifecycle (incremented by the backups domain's lifecycle and maintenance) -----------------------------
+BACKUPS_TRASHED = Counter("zkeb_backups_trashed_total", "Backups moved to the trash.", ["reason"])
+BACKUPS_RESTORED = Counter("zkeb_backups_restored_total", "Backups brought back from the trash.")
+BACKUPS_PURGED = Counter("zkeb_backups_purged_total", "Backups purged with their payload.", ["reason"])
+ORPHAN_PAYLOADS_PURGED = Counter(
+    "zkeb_orphan_payloads_purged_total", "Payloads no backup or upload referenced (a crashed upload), purged."
+)
+DATA_KEYS_REWRAPPED = Counter("zkeb_data_keys_rewrapped_total", "Payload data keys re-wrapped under the active key.")
+MAINTENANCE_PASSES = Counter(
+    "zkeb_maintenance_passes_total", "Maintenance task passes, by task and outcome.", ["task", "outcome"]
 )
 
 # --- process ------------------------------------------------------------------------------------------------------
