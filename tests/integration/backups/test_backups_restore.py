@@ -207,7 +207,7 @@ async def test_latest_of_empty_container_is_404(client: Client, tenant: Tenant) 
     problem(response)
 
 
-async def test_delete_removes_backup_and_chunks(
+async def test_delete_moves_to_the_trash_and_an_admin_purge_removes_backup_and_chunks(
     client: Client, tenant: Tenant, owner_connection: asyncpg.Connection
 ) -> None:
     keep = await upload(client, tenant, sign_envelope(tenant, os.urandom(MIB + 1)))
@@ -215,15 +215,20 @@ async def test_delete_removes_backup_and_chunks(
     before = await row_counts(owner_connection)
     response = await client.delete(f"/api/v1/backups/{gone['id']}", headers=auth(tenant.project_key))
     assert response.status_code == 204
+    assert await row_counts(owner_connection) == before  # in the trash: hidden, not deleted
+    assert (await client.get(f"/api/v1/backups/{gone['id']}", headers=auth(tenant.project_key))).status_code == 404
+    again = await client.delete(f"/api/v1/backups/{gone['id']}", headers=auth(tenant.project_key))
+    assert again.status_code == 404
+    problem(again)
+    purged = await client.delete(
+        f"/api/v1/backups/{gone['id']}", params={"purge": "true"}, headers=auth(tenant.admin_key)
+    )
+    assert purged.status_code == 204
     after = await row_counts(owner_connection)
     assert after["backups"] == before["backups"] - 1
     assert after["payloads"] == before["payloads"] - 1
     assert after["backup_chunks"] == before["backup_chunks"] - 3
     assert after["payload_nonces"] == before["payload_nonces"]  # nonces outlive their backups
-    assert (await client.get(f"/api/v1/backups/{gone['id']}", headers=auth(tenant.project_key))).status_code == 404
-    again = await client.delete(f"/api/v1/backups/{gone['id']}", headers=auth(tenant.project_key))
-    assert again.status_code == 404
-    problem(again)
     kept = await client.get(f"/api/v1/backups/{keep['id']}/payload", headers=auth(tenant.project_key))
     assert kept.status_code == 200
 

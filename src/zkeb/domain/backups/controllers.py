@@ -1,31 +1,43 @@
-"""Backups HTTP API: single-shot upload, metadata, listing, streamed restore and deletion."""
+"""Backups HTTP API: single-shot upload, metadata, listing, streamed restore, the trash and project storage usage."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import hashlib
+from datetime import timedelta
 from typing import Any
 from uuid import UUID
 
 import msgspec
 from litestar import Controller, Request, Response, delete, get, post
+from litestar.connection import ASGIConnection
 from litestar.datastructures import State
 from litestar.exceptions import ClientException
+from litestar.handlers.base import BaseRouteHandler
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import Parameter
 from litestar.response import Stream
 from opentelemetry import trace
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from zkeb.core.auth import Principal, principal_of, requires_backup_access
+from zkeb.core.auth import Principal, principal_of, requires_backup_access, requires_org_admin
 from zkeb.core.errors import ProblemError
+from zkeb.db.models import Backup
 from zkeb.domain.backups.context import backups_context
+from zkeb.domain.backups.lifecycle import LifecycleService
 from zkeb.domain.backups.schemas import (
+    AppendOnlyProblem,
     BackupEnvelope,
     BackupList,
     BackupRead,
+    DeviceUsage,
     EnvelopeJson,
     EnvelopeMsgpack,
+    ProjectUsage,
+    QuotaProblem,
+    TrashedBackupRead,
+    TrashPage,
     field_of_validation_error,
     invalid_field,
     parse_device_id_hash_hex,
@@ -35,7 +47,13 @@ from zkeb.domain.backups.services import BackupService, backup_read, backup_read
 from zkeb.domain.backups.storage import ChunkPipeline, plan_read, raw_connection, stream_plaintext
 from zkeb.lib.ranges import RangeNotSatisfiableError, etag_matches, parse_range
 
-__all__ = ("BackupController", "ContainerController", "UnsupportedMediaTypeError")
+__all__ = (
+    "BackupController",
+    "ContainerController",
+    "ProjectStorageController",
+    "UnsupportedMediaTypeError",
+    "requires_backup_or_org_admin",
+)
 
 tracer = trace.get_tracer("zkeb.backups")
 
@@ -56,6 +74,33 @@ class PayloadRangeError(ProblemError):
     """The requested byte range selects nothing of the payload."""
 
     status_code: int = 416
+
+
+QUOTA_RESPONSE = {
+    507: ResponseSpec(
+        data_container=QuotaProblem,
+        description="Over the project's storage quota: `used`, `quota` and `requested` in bytes",
+        media_type="application/problem+json",
+        generate_examples=False,
+    )
+}
+APPEND_ONLY_RESPONSE = {
+    403: ResponseSpec(
+        data_container=AppendOnlyProblem,
+        description=(
+            "Refused: `reason` is `append_only` (a project key or device in an append-only project), "
+            "`append_only_min_age` (an org admin, before the backup reached the minimum age; see `deletable_after`) "
+            "or `purge_requires_org_admin`"
+        ),
+        media_type="application/problem+json",
+        generate_examples=False,
+    )
+}
+
+
+def requires_backup_or_org_admin(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    """Guard: a project key, a device token, or an org admin key (which reaches every backup of its organization)."""
+    principal_of(connection)
 
 
 def _media_type(request: Request[Any, Any, Any]) -> str:
@@ -124,21 +169,22 @@ class BackupController(Controller):
 
     path = "/api/v1/backups"
     tags = ["backups"]  # noqa: RUF012 - Litestar's declared attribute
-    guards = [requires_backup_access]  # noqa: RUF012
     security = [{"BearerAuth": []}]  # noqa: RUF012
 
     @post(
         "/",
         status_code=201,
+        guards=[requires_backup_access],
         request_max_body_size=SINGLE_SHOT_MAX_BODY,
+        responses=QUOTA_RESPONSE,
         summary="Upload a backup in one request",
         description=(
             "The whole envelope in one body of at most 16 MiB: `application/msgpack` (bytes as `bin`) or "
             "`application/json` (bytes as standard base64, `device_id_hash` as lowercase hex). The device's "
             "signature is verified before anything is stored. 201 with the backup (no payload); 409 when the "
             "device already used `payload_nonce` in this project; 413 over 16 MiB (before the body is read when "
-            "`Content-Length` tells); 415 for another content type; 422 naming an invalid field or a bad signature. "
-            "Larger payloads: tus at `/api/v1/uploads`."
+            "`Content-Length` tells); 415 for another content type; 422 naming an invalid field or a bad signature; "
+            "507 over the project's storage quota. Larger payloads: tus at `/api/v1/uploads`."
         ),
     )
     async def create_backup(
@@ -165,6 +211,7 @@ class BackupController(Controller):
         service = BackupService(session=db_session)
         device = await service.device_for_upload(principal, envelope.device_id_hash)
         await service.ensure_nonce_unused(project_id, envelope.device_id_hash, envelope.payload_nonce)
+        await LifecycleService(session=db_session).check_quota(project_id, size)
         with tracer.start_as_current_span("backups.hash", attributes={"zkeb.bytes": size}):
             payload_sha256 = hashlib.sha256(payload).digest()
         verify_backup_signature(
@@ -198,6 +245,7 @@ class BackupController(Controller):
                 payload_size=size,
                 payload_sha256=payload_sha256,
                 chunk_count=pipeline.next_seq,
+                settings=context.settings,
             )
         except BaseException:
             await asyncio.shield(service.delete_payload(new.id))
@@ -206,6 +254,7 @@ class BackupController(Controller):
 
     @get(
         "/",
+        guards=[requires_backup_access],
         summary="List backups",
         description="Newest first. Pass `next_cursor` back as `cursor` for the next page; `limit` is 1..100.",
     )
@@ -229,6 +278,7 @@ class BackupController(Controller):
 
     @get(
         "/{backup_id:uuid}",
+        guards=[requires_backup_access],
         summary="A backup's envelope (without payload)",
         description="JSON, or msgpack with `Accept: application/msgpack`.",
     )
@@ -241,6 +291,7 @@ class BackupController(Controller):
 
     @get(
         "/{backup_id:uuid}/payload",
+        guards=[requires_backup_access],
         summary="Download a backup's payload",
         description=(
             "Streams the ciphertext as `application/octet-stream`. `ETag` is the payload's SHA-256 (hex); "
@@ -303,10 +354,47 @@ class BackupController(Controller):
             headers=headers,
         )
 
-    @delete("/{backup_id:uuid}", summary="Delete a backup", description="204; its payload's chunks are deleted.")
-    async def delete_backup(self, request: Request[Any, Any, Any], db_session: AsyncSession, backup_id: UUID) -> None:
-        """Delete one backup."""
-        await BackupService(session=db_session).delete_backup(principal_of(request), backup_id)
+    @delete(
+        "/{backup_id:uuid}",
+        guards=[requires_backup_or_org_admin],
+        summary="Delete a backup (to the trash), or purge it",
+        description=(
+            "204. Moves the backup to the trash: it disappears from listings, reads and `latest`, still counts "
+            "against the quota, and is purged after `TRASH_RETENTION_DAYS`; org admins can restore it until then. "
+            "`purge=true` (org admin keys only, also for a backup already in the trash) deletes it and its payload at "
+            "once and frees its bytes. In an append-only project project keys and devices get 403, and org admins "
+            "only after the backup is `append_only_min_age_days` old."
+        ),
+        responses=APPEND_ONLY_RESPONSE,
+    )
+    async def delete_backup(
+        self,
+        request: Request[Any, Any, Any],
+        db_session: AsyncSession,
+        backup_id: UUID,
+        purge: bool = Parameter(default=False, description="org admin only: delete for good instead of the trash"),
+    ) -> None:
+        """Move one backup to the trash, or purge it."""
+        await LifecycleService(session=db_session).delete_backup(
+            principal_of(request), backup_id, purge=purge, request=request
+        )
+
+    @post(
+        "/{backup_id:uuid}/restore",
+        status_code=200,
+        guards=[requires_org_admin],
+        summary="Restore a backup from the trash (org admin)",
+        description=(
+            "200 with the backup, visible again. 404 when it is not in the trash. Retention leaves a restored backup "
+            "alone from then on: delete it explicitly when it is no longer needed."
+        ),
+    )
+    async def restore_backup(
+        self, request: Request[Any, Any, Any], db_session: AsyncSession, backup_id: UUID
+    ) -> Response[BackupRead]:
+        """Bring one backup back from the trash."""
+        backup = await LifecycleService(session=db_session).restore(principal_of(request), backup_id, request=request)
+        return _backup_response(request, backup)
 
 
 class ContainerController(Controller):
@@ -314,11 +402,11 @@ class ContainerController(Controller):
 
     path = "/api/v1/containers"
     tags = ["backups"]  # noqa: RUF012
-    guards = [requires_backup_access]  # noqa: RUF012
     security = [{"BearerAuth": []}]  # noqa: RUF012
 
     @get(
         "/{container_id:uuid}/backups/latest",
+        guards=[requires_backup_access],
         summary="The newest backup of a container",
         description="404 when the container has no backup visible to the caller. JSON or msgpack by `Accept`.",
     )
@@ -328,3 +416,80 @@ class ContainerController(Controller):
         """The latest backup of one container."""
         backup = await BackupService(session=db_session).latest_in_container(principal_of(request), container_id)
         return _backup_response(request, backup)
+
+
+def _trashed_read(backup: Backup, trash_retention: timedelta) -> TrashedBackupRead:
+    body = backup_read(backup)
+    assert backup.deleted_at is not None
+    return TrashedBackupRead(
+        **{name: getattr(body, name) for name in body.__struct_fields__},
+        deleted_at=backup.deleted_at,
+        deleted_by=backup.deleted_by,
+        purge_after=backup.deleted_at + trash_retention,
+    )
+
+
+class ProjectStorageController(Controller):
+    """A project's storage: usage against its quota, and its trash."""
+
+    path = "/api/v1/projects"
+    tags = ["backups"]  # noqa: RUF012
+    security = [{"BearerAuth": []}]  # noqa: RUF012
+
+    @get(
+        "/{project_id:uuid}/usage",
+        guards=[requires_backup_or_org_admin],
+        summary="A project's storage usage",
+        description=(
+            "`used_bytes` counts every backup until it is purged (the trash included) and is what the quota "
+            "(`quota_bytes`, null: unlimited) limits. `backups` are visible ones, `trashed_backups` those in the "
+            "trash. "
+            "Org admins and project keys see every device in `by_device`; a device token sees its own share only."
+        ),
+    )
+    async def project_usage(
+        self, request: Request[Any, Any, Any], db_session: AsyncSession, project_id: UUID
+    ) -> ProjectUsage:
+        """Storage used by one project, per device."""
+        report = await LifecycleService(session=db_session).usage(principal_of(request), project_id)
+        return ProjectUsage(
+            used_bytes=report.used_bytes,
+            backups=report.backups,
+            trashed_backups=report.trashed_backups,
+            quota_bytes=report.quota_bytes,
+            by_device=[
+                DeviceUsage(
+                    device_id_hash=d.device_id_hash.hex(),
+                    used_bytes=d.used_bytes,
+                    backups=d.backups,
+                    trashed_backups=d.trashed_backups,
+                )
+                for d in report.by_device
+            ],
+        )
+
+    @get(
+        "/{project_id:uuid}/trash",
+        guards=[requires_org_admin],
+        summary="A project's trash (org admin)",
+        description=(
+            "Backups deleted (or removed by retention) and not yet purged, most recently deleted first, with "
+            "`deleted_by` and `purge_after`. Pass `next_cursor` back as `cursor`; `limit` is 1..100."
+        ),
+    )
+    async def project_trash(
+        self,
+        request: Request[Any, Any, Any],
+        db_session: AsyncSession,
+        state: State,
+        project_id: UUID,
+        *,
+        cursor: str | None = Parameter(default=None, max_length=200),
+        limit: int = Parameter(default=50, ge=1, le=100),
+    ) -> TrashPage:
+        """A page of one project's trash."""
+        backups, next_cursor = await LifecycleService(session=db_session).trash_page(
+            principal_of(request), project_id, cursor=cursor, limit=limit
+        )
+        retention = timedelta(days=backups_context(state).settings.trash_retention_days)
+        return TrashPage(items=[_trashed_read(b, retention) for b in backups], next_cursor=next_cursor)

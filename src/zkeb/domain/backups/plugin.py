@@ -1,4 +1,4 @@
-"""Registers the backups domain: its controllers, the master keyring and the upload sweeper."""
+"""Registers the backups domain: its controllers, the master keyring and the maintenance runner."""
 
 from __future__ import annotations
 
@@ -7,22 +7,28 @@ from litestar.plugins import InitPluginProtocol
 
 from zkeb.core.runtime import Runtime
 from zkeb.domain.backups.context import STATE_KEY, BackupsContext, build_keyring
-from zkeb.domain.backups.controllers import BackupController, ContainerController
+from zkeb.domain.backups.controllers import BackupController, ContainerController, ProjectStorageController
+from zkeb.domain.backups.maintenance import MaintenanceRunner
 from zkeb.domain.backups.storage import PayloadCrypto
-from zkeb.domain.backups.tus import UploadController, UploadSweeper
+from zkeb.domain.backups.tus import UploadController
 
 __all__ = ("BackupsPlugin",)
 
+MAINTENANCE_STATE_KEY = "backups_maintenance"
+
 
 class BackupsPlugin(InitPluginProtocol):
-    """Backups, restore and tus uploads; the master keys are validated when the app is built."""
+    """Backups, restore, tus uploads and the lifecycle; the master keys are validated when the app is built."""
 
-    def __init__(self, *, run_sweeper: bool = True) -> None:
-        """`run_sweeper=False` leaves purging expired uploads to another process (or to a test)."""
-        self.run_sweeper = run_sweeper
+    def __init__(self, *, run_maintenance: bool = True) -> None:
+        """`run_maintenance=False` leaves sweeping to another process (`zkeb maintenance run`) or to a test.
+
+        `MAINTENANCE_INTERVAL=0` does the same from the environment.
+        """
+        self.run_maintenance = run_maintenance
 
     def on_app_init(self, app_config: AppConfig) -> AppConfig:
-        """Add the controllers and the domain's context; start and stop the sweeper with the app.
+        """Add the controllers and the domain's context; start and stop the maintenance runner with the app.
 
         Raises:
             SettingsError: `ZKEB_MASTER_ENCRYPTION_KEY` (or `_NEW`) is not a 32-byte key.
@@ -30,18 +36,20 @@ class BackupsPlugin(InitPluginProtocol):
         runtime: Runtime = app_config.state["runtime"]
         keyring = build_keyring(runtime.settings)
         context = BackupsContext(settings=runtime.settings, engine=runtime.engine, crypto=PayloadCrypto(keyring))
-        sweeper = UploadSweeper(runtime.engine)
+        runner = MaintenanceRunner(runtime.engine, runtime.settings)
         app_config.state[STATE_KEY] = context
-        app_config.state["backups_sweeper"] = sweeper
-        app_config.route_handlers.extend([BackupController, ContainerController, UploadController])
-        if self.run_sweeper:
+        app_config.state[MAINTENANCE_STATE_KEY] = runner
+        app_config.route_handlers.extend(
+            [BackupController, ContainerController, ProjectStorageController, UploadController]
+        )
+        if self.run_maintenance:
 
-            async def start_sweeper() -> None:
-                sweeper.start()
+            async def start_maintenance() -> None:
+                runner.start()
 
-            async def stop_sweeper() -> None:
-                await sweeper.stop()
+            async def stop_maintenance() -> None:
+                await runner.stop()
 
-            app_config.on_startup.append(start_sweeper)
-            app_config.on_shutdown.insert(0, stop_sweeper)
+            app_config.on_startup.append(start_maintenance)
+            app_config.on_shutdown.insert(0, stop_maintenance)
         return app_config

@@ -25,12 +25,18 @@ from zkeb.lib.envelope import (
 
 __all__ = (
     "MAX_METADATA_SIZE",
+    "AppendOnlyProblem",
     "BackupEnvelope",
     "BackupList",
     "BackupRead",
     "BackupReadMsgpack",
+    "DeviceUsage",
     "EnvelopeJson",
     "EnvelopeMsgpack",
+    "ProjectUsage",
+    "QuotaProblem",
+    "TrashPage",
+    "TrashedBackupRead",
     "field_of_validation_error",
     "invalid_field",
     "parse_device_id_hash_hex",
@@ -197,3 +203,64 @@ class BackupList(msgspec.Struct):
 
     items: list[BackupRead]
     next_cursor: str | None
+
+
+class TrashedBackupRead(BackupRead, kw_only=True):
+    """A backup in the trash: its envelope (without payload), who deleted it and when it will be purged."""
+
+    deleted_at: datetime
+    deleted_by: str | None
+    purge_after: datetime
+
+
+class TrashPage(msgspec.Struct):
+    """A page of a project's trash, most recently deleted first; pass `next_cursor` back as `cursor`."""
+
+    items: list[TrashedBackupRead]
+    next_cursor: str | None
+
+
+class DeviceUsage(msgspec.Struct):
+    """One device's share: payload bytes charged (trash included), visible and trashed backups."""
+
+    device_id_hash: str
+    used_bytes: int
+    backups: int
+    trashed_backups: int
+
+
+class ProjectUsage(msgspec.Struct):
+    """A project's storage. `used_bytes` counts every backup until it is purged, trashed ones included."""
+
+    used_bytes: int
+    backups: int
+    trashed_backups: int
+    quota_bytes: int | None
+    by_device: list[DeviceUsage]
+
+
+class QuotaProblem(msgspec.Struct, kw_only=True):
+    """507 problem details: the project's quota cannot take the upload."""
+
+    type: str = "about:blank"
+    title: str = "Insufficient Storage"
+    status: int = 507
+    detail: str
+    instance: str
+    used: int
+    quota: int
+    requested: int
+    request_id: str | None = None
+
+
+class AppendOnlyProblem(msgspec.Struct, kw_only=True):
+    """403 problem details: an append-only project refuses the deletion (`reason` says why)."""
+
+    type: str = "about:blank"
+    title: str = "Forbidden"
+    status: int = 403
+    detail: str
+    instance: str
+    reason: str
+    deletable_after: str | None = None
+    request_id: str | None = None

@@ -10,7 +10,7 @@ import base64
 import binascii
 import logging
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from uuid import UUID
 
 from advanced_alchemy.repository import SQLAlchemyAsyncRepository
@@ -26,10 +26,17 @@ from zkeb.core.auth import Principal
 from zkeb.core.errors import ConflictError, NotFoundError
 from zkeb.core.metrics import record_backup_created, record_backup_failed
 from zkeb.db.models import Backup, BackupChunk, Device, Payload, PayloadNonce, UploadSession
+from zkeb.domain.backups.lifecycle import (
+    InsufficientStorageError,
+    apply_retention,
+    charge_quota,
+    record_retention_events,
+)
 from zkeb.domain.backups.schemas import BackupEnvelope, BackupRead, BackupReadMsgpack, invalid_field
 from zkeb.domain.backups.storage import ChunkSpan, PayloadCrypto, PayloadKey
 from zkeb.lib.atrest import ChunkCipher
 from zkeb.lib.envelope import backup_signed_message, format_rfc3339_utc, verify_ed25519
+from zkeb.settings import Settings
 
 __all__ = (
     "BackupService",
@@ -230,14 +237,17 @@ class BackupService(SQLAlchemyAsyncRepositoryService[Backup]):
         payload_sha256: bytes,
         chunk_count: int,
         upload_id: UUID | None = None,
+        settings: Settings | None = None,
     ) -> Backup:
         """The commit step: one transaction makes the backup visible, records its nonce and seals its payload.
 
-        The signature has been verified by the caller. This is where per-project quota and per-container
-        retention belong (lifecycle): they run inside this same transaction.
+        The signature has been verified by the caller. The same transaction charges the project's quota (which
+        locks the project row, so commits of a project are serialized) and applies the container's retention
+        policy (see `zkeb.domain.backups.lifecycle`).
 
         Raises:
             ConflictError: the `payload_nonce` was committed meanwhile by another upload (409).
+            InsufficientStorageError: the payload does not fit under the project's quota (507); nothing changed.
         """
         backup = Backup(
             id=uuid7(),
@@ -266,7 +276,11 @@ class BackupService(SQLAlchemyAsyncRepositoryService[Backup]):
             },
         ) as span:
             session = self.session
+            method = "tus" if upload_id is not None else "single"
             try:
+                policy = await charge_quota(session, project_id=project_id, size=payload_size)
+                # Taken under the project lock: creation order is commit order, so retention ranks it newest.
+                backup.created_at = datetime.now(UTC)
                 session.add(
                     PayloadNonce(
                         organization_id=organization_id,
@@ -286,7 +300,18 @@ class BackupService(SQLAlchemyAsyncRepositoryService[Backup]):
                     await session.execute(delete(UploadSession).where(UploadSession.id == upload_id))
                 session.add(backup)
                 await session.flush()
+                trashed = await apply_retention(
+                    session, project_id=project_id, policy=policy, container_id=envelope.container_id
+                )
+                await record_retention_events(
+                    session, organization_id=organization_id, project_id=project_id, trashed=trashed, settings=settings
+                )
                 await session.commit()
+            except InsufficientStorageError:
+                await session.rollback()
+                span.set_attribute("zkeb.outcome", "over_quota")
+                record_backup_failed("quota", method)
+                raise
             except IntegrityError as exc:
                 await session.rollback()
                 span.set_attribute("zkeb.outcome", "conflict")
@@ -295,7 +320,8 @@ class BackupService(SQLAlchemyAsyncRepositoryService[Backup]):
                     raise _nonce_conflict() from None
                 raise
             span.set_attribute("zkeb.outcome", "committed")
-        record_backup_created("tus" if upload_id is not None else "single", payload_size)
+            span.set_attribute("zkeb.retention_trashed", len(trashed))
+        record_backup_created(method, payload_size)
         return backup
 
     async def delete_payload(self, payload_id: UUID) -> None:
@@ -370,21 +396,6 @@ class BackupService(SQLAlchemyAsyncRepositoryService[Backup]):
         )
         spans = [ChunkSpan(r.seq, r.byte_offset, r.plain_size) for r in rows]
         return PayloadKey(payload.key_id, payload.wrapped_key), spans
-
-    async def delete_backup(self, principal: Principal, backup_id: UUID) -> None:
-        """Delete a visible backup and its payload's chunks (the lifecycle issue turns this into the trash).
-
-        Raises:
-            NotFoundError: the backup is not visible to the principal.
-        """
-        backup = await self.get_visible(principal, backup_id)
-        payload_id = backup.payload_id
-        with tracer.start_as_current_span(
-            "backups.delete", attributes={"zkeb.backup_id": str(backup_id), "zkeb.project_id": str(backup.project_id)}
-        ):
-            await self.session.execute(delete(Backup).where(Backup.id == backup_id))
-            await self.session.execute(delete(Payload).where(Payload.id == payload_id))
-            await self.session.commit()
 
 
 def _nonce_conflict() -> ConflictError:

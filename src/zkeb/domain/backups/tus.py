@@ -10,7 +10,10 @@ ZKEB specifics:
   `payload_nonce`, `payload_auth_tag`, `metadata`, `metadata_nonce`, `metadata_auth_tag` and `signature` are base64
   of their raw bytes (`device_id_hash` is base64 of the 32 raw bytes; base64 of its 64 hex characters is accepted
   too). Other keys (e.g. a client's `filename`) are ignored. The envelope, the device and the nonce are checked at
-  creation (400 malformed, 422 invalid naming the field, 409 reused nonce), so a bad upload fails before any byte.
+  creation (400 malformed, 422 invalid naming the field, 409 reused nonce, 507 when `Upload-Length` does not fit
+  under the project's storage quota), so a bad upload fails before any byte.
+- The commit charges the quota again, atomically: a completing PATCH may answer 507 when concurrent uploads took
+  the room. The upload then stays (its offset unchanged), so the client can resend the last bytes once room is made.
 - The PATCH that completes the upload verifies the device signature and commits the backup atomically; its
   response carries `Zkeb-Backup-Id`. A signature mismatch answers 422 and deletes the upload and its bytes.
 - Bytes of a PATCH are stored as they arrive (pipelined, see `storage`); a PATCH cut off by the network keeps what
@@ -19,7 +22,7 @@ ZKEB specifics:
   the expiry sweeper also takes, so it never deletes an upload that is receiving bytes.
 - Sessions expire `UPLOAD_EXPIRY` after their last PATCH (`Upload-Expires`); `UploadSweeper` purges expired
   sessions, their chunks, and payloads orphaned by a crashed process, in bounded batches, safely from any number
-  of processes.
+  of processes (the maintenance runner, `zkeb.domain.backups.maintenance`, calls it).
 """
 
 from __future__ import annotations
@@ -46,13 +49,15 @@ from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from uuid_utils.compat import uuid7
 
+from zkeb.core.audit import record_event
 from zkeb.core.auth import Principal, principal_of, requires_backup_access
 from zkeb.core.errors import ConflictError, NotFoundError, ProblemError, UnprocessableError, exception_handlers
-from zkeb.core.metrics import TUS_SESSIONS_CREATED, TUS_SESSIONS_EXPIRED
+from zkeb.core.metrics import ORPHAN_PAYLOADS_PURGED, TUS_SESSIONS_CREATED, TUS_SESSIONS_EXPIRED
 from zkeb.core.security import request_is_tls, trusted_proxies
 from zkeb.core.tenancy import tenant_transaction
 from zkeb.db.models import Payload, UploadSession
 from zkeb.domain.backups.context import BackupsContext, backups_context
+from zkeb.domain.backups.lifecycle import SYSTEM_ACTOR, LifecycleService
 from zkeb.domain.backups.schemas import BackupEnvelope, invalid_field, validate_envelope
 from zkeb.domain.backups.services import BackupService, verify_backup_signature
 from zkeb.domain.backups.storage import (
@@ -73,6 +78,7 @@ from zkeb.lib.tus import (
     parse_upload_checksum,
     parse_upload_metadata,
 )
+from zkeb.settings import Settings
 
 if TYPE_CHECKING:
     import asyncpg
@@ -80,6 +86,7 @@ if TYPE_CHECKING:
 __all__ = (
     "ENVELOPE_METADATA_KEYS",
     "UPLOAD_EXPIRY",
+    "SweepResult",
     "UploadController",
     "UploadSweeper",
     "envelope_from_metadata",
@@ -482,6 +489,7 @@ class PatchReceiver:
                 payload_sha256=payload_sha256,
                 chunk_count=chunk_count,
                 upload_id=upload.id,
+                settings=self.context.settings,
             )
         except (UnprocessableError, ConflictError):
             # The envelope is fixed at creation: an upload that fails verification can never succeed.
@@ -534,7 +542,8 @@ class UploadController(Controller):
         summary="Create an upload (tus creation, creation-with-upload)",
         description=(
             "`Upload-Length` (1..`MAX_UPLOAD_SIZE`, else 413) and `Upload-Metadata` with every envelope field but the "
-            "payload, validated now: 400 malformed, 422 naming an invalid field, 409 for a reused `payload_nonce`. "
+            "payload, validated now: 400 malformed, 422 naming an invalid field, 409 for a reused `payload_nonce`, "
+            "507 when `Upload-Length` does not fit under the project's storage quota. "
             "With `Content-Type: application/offset+octet-stream` the body is the upload's first bytes."
         ),
     )
@@ -561,6 +570,7 @@ class UploadController(Controller):
         service = BackupService(session=db_session)
         device = await service.device_for_upload(principal, envelope.device_id_hash)
         await service.ensure_nonce_unused(principal.project_id, envelope.device_id_hash, envelope.payload_nonce)
+        await LifecycleService(session=db_session).check_quota(principal.project_id, length)
         new = service.add_payload(
             organization_id=principal.organization_id, project_id=principal.project_id, crypto=context.crypto
         )
@@ -621,7 +631,8 @@ class UploadController(Controller):
         description=(
             "`Content-Type: application/offset+octet-stream`; `Upload-Offset` must equal the upload's offset (409). "
             "`Upload-Checksum` (`sha1` or `sha256`) covers this PATCH's body: 460 on mismatch, offset unchanged. "
-            "The PATCH that completes the upload verifies the signature and commits: `Zkeb-Backup-Id`."
+            "The PATCH that completes the upload verifies the signature and commits: `Zkeb-Backup-Id`; 507 when the "
+            "project's quota cannot take it any more (the upload stays, resend its last bytes after making room)."
         ),
     )
     async def append(
@@ -677,14 +688,31 @@ class UploadController(Controller):
 
 _SWEEPABLE = text("SELECT organization_id, payload_id FROM zkeb_sweepable_payloads(:limit, :orphan_before)")
 _STILL_SWEEPABLE = text(
-    "SELECT p.id FROM payloads p WHERE p.id = :id AND ("
+    "SELECT p.id, (SELECT s.id FROM upload_sessions s WHERE s.payload_id = p.id) AS upload_id"
+    " FROM payloads p WHERE p.id = :id AND ("
     " EXISTS (SELECT 1 FROM upload_sessions s WHERE s.payload_id = p.id AND s.expires_at < now())"
     " OR (p.created_at < :orphan_before"
     "     AND NOT EXISTS (SELECT 1 FROM backups b WHERE b.payload_id = p.id)"
     "     AND NOT EXISTS (SELECT 1 FROM upload_sessions s WHERE s.payload_id = p.id)))"
-    " FOR UPDATE SKIP LOCKED"
+    " FOR UPDATE OF p SKIP LOCKED"
 )
 _DELETE_PAYLOAD = text("DELETE FROM payloads WHERE id = :id")
+#: `actor_id` of the audit events the sweeper records.
+SWEEPER_ACTOR_ID = "maintenance"
+
+
+@dataclass(frozen=True, slots=True)
+class SweepResult:
+    """What one sweep found and removed."""
+
+    candidates: int
+    expired_uploads: int
+    orphaned_payloads: int
+
+    @property
+    def deleted(self) -> int:
+        """Payloads deleted, both kinds."""
+        return self.expired_uploads + self.orphaned_payloads
 
 
 class UploadSweeper:
@@ -692,44 +720,72 @@ class UploadSweeper:
 
     Safe with several processes: each payload is deleted in its tenant's transaction after re-checking, under
     `FOR UPDATE SKIP LOCKED` and the payload's advisory lock, that it is still sweepable and not receiving bytes.
+    Each deletion is audited (actor `system`) in the same transaction.
     """
 
     def __init__(
-        self, engine: AsyncEngine, *, interval: float = SWEEP_INTERVAL_SECONDS, batch: int = SWEEP_BATCH
+        self,
+        engine: AsyncEngine,
+        *,
+        interval: float = SWEEP_INTERVAL_SECONDS,
+        batch: int = SWEEP_BATCH,
+        settings: Settings | None = None,
     ) -> None:
         """Sweep every `interval` seconds, at most `batch` payloads of each kind per pass."""
         self._engine = engine
         self._interval = interval
         self._batch = batch
+        self._settings = settings
         self._task: asyncio.Task[None] | None = None
 
     async def sweep_once(self) -> int:
         """One pass; returns how many payloads it deleted."""
+        return (await self.sweep()).deleted
+
+    async def sweep(self) -> SweepResult:
+        """One pass; says how many candidates it saw and what it deleted."""
         orphan_before = datetime.now(UTC) - ORPHAN_AGE
+        expired = orphaned = 0
         with tracer.start_as_current_span("backups.sweep") as span:
             async with self._engine.connect() as connection:
                 candidates = (
                     await connection.execute(_SWEEPABLE, {"limit": self._batch, "orphan_before": orphan_before})
                 ).all()
                 await connection.rollback()
-            deleted = 0
             for organization_id, payload_id in candidates:
                 async with tenant_transaction(self._engine, organization_id) as connection:
                     if not await connection.scalar(_TRY_LOCK_PAYLOAD, {"key": payload_lock_key(payload_id)}):
                         continue
-                    still = await connection.scalar(
-                        _STILL_SWEEPABLE, {"id": payload_id, "orphan_before": orphan_before}
-                    )
+                    still = (
+                        await connection.execute(_STILL_SWEEPABLE, {"id": payload_id, "orphan_before": orphan_before})
+                    ).first()
                     if still is None:
                         continue
                     await connection.execute(_DELETE_PAYLOAD, {"id": payload_id})
-                    deleted += 1
+                    is_upload = still.upload_id is not None
+                    await record_event(
+                        connection,
+                        organization_id=organization_id,
+                        action="upload.expired" if is_upload else "payload.orphan_purged",
+                        actor_type=SYSTEM_ACTOR,
+                        actor_id=SWEEPER_ACTOR_ID,
+                        target_type="upload" if is_upload else "payload",
+                        target_id=str(still.upload_id if is_upload else payload_id),
+                        details={"payload_id": str(payload_id)},
+                        settings=self._settings,
+                    )
+                if is_upload:
+                    expired += 1
+                    TUS_SESSIONS_EXPIRED.inc()
+                else:
+                    orphaned += 1
+                    ORPHAN_PAYLOADS_PURGED.inc()
+            result = SweepResult(len(candidates), expired, orphaned)
             span.set_attribute("zkeb.candidates", len(candidates))
-            span.set_attribute("zkeb.deleted", deleted)
-        if deleted:
-            TUS_SESSIONS_EXPIRED.inc(deleted)
-            logger.info("purged %d expired uploads or orphaned payloads", deleted)
-        return deleted
+            span.set_attribute("zkeb.deleted", result.deleted)
+        if result.deleted:
+            logger.info("purged %d expired uploads and %d orphaned payloads", expired, orphaned)
+        return result
 
     async def _run(self) -> None:
         while True:
