@@ -213,3 +213,57 @@ async def test_malformed_authorization_headers_are_401(client: Client, settings:
     response = await client.get("/api/v1/projects", headers={"Authorization": header})
     assert response.status_code == 401
     problem(response)
+
+
+async def test_two_admins_revoking_each_other_at_once_leave_exactly_one_active_admin_key(
+    settings: Settings, owner_connection: asyncpg.Connection
+) -> None:
+    import asyncio  # noqa: PLC0415
+
+    from zkeb.core.errors import ConflictError  # noqa: PLC0415
+    from zkeb.core.tenancy import install_tenant_setter, tenant_scope  # noqa: PLC0415
+    from zkeb.domain.accounts.services import ApiKeyService  # noqa: PLC0415
+
+    org_id, _ = await create_org(settings, "acme")
+    first_id = await owner_connection.fetchval("SELECT id FROM api_keys WHERE organization_id = $1", org_id)
+    second_id, _ = await _admin_key(settings, org_id, "second admin")
+    assert settings.database_url is not None
+    install_tenant_setter()
+    engine = create_app_engine(settings, settings.database_url)
+
+    async def revoke(key_id: uuid.UUID) -> str:
+        async with async_sessionmaker(engine, expire_on_commit=False)() as session:
+            try:
+                await ApiKeyService(session=session).revoke(key_id, organization_id=org_id)
+            except ConflictError:
+                return "conflict"
+            await session.commit()
+            return "revoked"
+
+    # Hold the organization's row lock so both revocations pass their checks' starting line together.
+    blocker = owner_connection.transaction()
+    await blocker.start()
+    await owner_connection.execute("SELECT id FROM organizations WHERE id = $1 FOR UPDATE", org_id)
+    try:
+        with tenant_scope(org_id):
+            tasks = [asyncio.create_task(revoke(key)) for key in (uuid.UUID(second_id), first_id)]
+        waiting = 0
+        for _ in range(600):
+            # Statistics are a per-transaction snapshot: drop it so each poll sees the server now.
+            await owner_connection.execute("SELECT pg_stat_clear_snapshot()")
+            waiting = await owner_connection.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            )
+            if waiting >= 2:
+                break
+            await asyncio.sleep(0.05)
+        assert waiting == 2
+        await blocker.rollback()
+        outcomes = await asyncio.gather(*tasks)
+    finally:
+        await engine.dispose()
+    assert sorted(outcomes) == ["conflict", "revoked"]
+    active = await owner_connection.fetchval(
+        "SELECT count(*) FROM api_keys WHERE organization_id = $1 AND kind = 'org_admin' AND revoked_at IS NULL", org_id
+    )
+    assert active == 1
