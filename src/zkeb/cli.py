@@ -377,5 +377,164 @@ async def _verify_audit(settings: Settings, url: str, organization: UUID | None)
         await engine.dispose()
 
 
+@main.group()
+def maintenance() -> None:
+    """Background maintenance: expired uploads, trash purge, retention catch-up."""
+
+
+@maintenance.command("run")
+@click.option("--once", is_flag=True, help="Work until nothing is left to do, then exit (for cron).")
+@click.option("--batch-size", type=click.IntRange(1, 10000), default=100, show_default=True, help="Items per task.")
+@click.option("--interval", type=click.FloatRange(min=1.0), default=None, help="Seconds between passes [60].")
+@_admin_errors
+def maintenance_run(*, once: bool, batch_size: int, interval: float | None) -> None:
+    """Run the maintenance tasks the server also runs in-process (safe to run alongside it, on any replica).
+
+    With --once, exit status 1 when a task failed.
+    """
+    settings = _load_settings()
+    url = _admin_database(settings)
+    failed = asyncio.run(_run_maintenance(settings, url, once=once, batch_size=batch_size, interval=interval))
+    if failed:
+        raise click.ClickException(f"maintenance task(s) failed: {', '.join(sorted(failed))} (see the log)")
+
+
+async def _run_maintenance(
+    settings: Settings, url: str, *, once: bool, batch_size: int, interval: float | None
+) -> set[str]:
+    from zkeb.core.database import create_app_engine  # noqa: PLC0415
+    from zkeb.domain.backups.maintenance import MaintenanceRunner  # noqa: PLC0415
+
+    pause = interval or settings.maintenance_interval_seconds or 60.0
+    engine = create_app_engine(settings, url)
+    runner = MaintenanceRunner(engine, settings, batch=batch_size, interval=pause)
+    failed: set[str] = set()
+    try:
+        for _ in range(10_000):
+            report = await runner.run_once()
+            failed.update(report.failed)
+            removed = {
+                "expired_uploads": report.expired_uploads,
+                "orphaned_payloads": report.orphaned_payloads,
+                "trash_purged": report.trash_purged,
+                "retention_trashed": report.retention_trashed,
+            }
+            if any(removed.values()) or report.failed:
+                click.echo(json.dumps({**removed, "failed": report.failed}))
+            if once and not report.more:
+                break
+            if not once:
+                await asyncio.sleep(1.0 if report.more else pause)
+    finally:
+        await engine.dispose()
+    return failed
+
+
+@main.group()
+def keys() -> None:
+    """The master encryption key: rotation status and re-wrapping data keys (`ZKEB_MASTER_ENCRYPTION_KEY_NEW`)."""
+
+
+def _keyring(settings: Settings) -> Any:
+    from zkeb.domain.backups.context import build_keyring  # noqa: PLC0415
+
+    try:
+        return build_keyring(settings)
+    except SettingsError as exc:
+        raise click.ClickException(f"configuration error: {exc}") from None
+
+
+@keys.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@_admin_errors
+def keys_status(*, as_json: bool) -> None:
+    """Show the configured master key ids and how many data keys remain under each (never a key itself)."""
+    settings = _load_settings()
+    keyring = _keyring(settings)
+    url = _admin_database(settings)
+    status = asyncio.run(_key_status(settings, url, keyring))
+    if as_json:
+        body = {
+            "active_key_id": status.active_key_id,
+            "configured": status.configured,
+            "data_keys": status.data_keys,
+            "remaining": status.remaining,
+            "unknown_key_ids": status.unknown_key_ids,
+        }
+        click.echo(json.dumps(body))
+        return
+    names = {key_id: name for name, key_id in status.configured.items()}
+    click.echo(f"Active master key: {status.active_key_id} ({names.get(status.active_key_id, '?')})")
+    click.echo("Data keys by master key id:")
+    for key_id, count in sorted(status.data_keys.items(), key=lambda item: item[0] != status.active_key_id):
+        if key_id == status.active_key_id:
+            note = "active"
+        elif key_id in names:
+            note = f"{names[key_id]}: run `zkeb keys rotate`" if count else f"{names[key_id]}: nothing left"
+        else:
+            note = "NOT CONFIGURED: these payloads cannot be decrypted"
+        click.echo(f"  {key_id}  {count:>10}  {note}")
+    if status.remaining == 0:
+        click.echo("Every data key is under the active key: the old master key may now be dropped.")
+
+
+async def _key_status(settings: Settings, url: str, keyring: Any) -> Any:
+    from zkeb.core.database import create_app_engine  # noqa: PLC0415
+    from zkeb.domain.backups.keys import KeyRotator  # noqa: PLC0415
+
+    engine = create_app_engine(settings, url)
+    try:
+        return await KeyRotator(engine, keyring, settings).status()
+    finally:
+        await engine.dispose()
+
+
+@keys.command("rotate")
+@click.option(
+    "--batch-size", type=click.IntRange(1, 10000), default=500, show_default=True, help="Data keys per transaction."
+)
+@click.option("--no-progress", is_flag=True, help="No progress bar (for logs).")
+@_admin_errors
+def keys_rotate(*, batch_size: int, no_progress: bool) -> None:
+    """Re-wrap every data key under the active master key (ZKEB_MASTER_ENCRYPTION_KEY_NEW while it is set).
+
+    Chunks are not rewritten. Safe while the service runs; stop it and run it again at will. Exit status 1 when
+    some data keys could not be re-wrapped.
+    """
+    settings = _load_settings()
+    keyring = _keyring(settings)
+    if not settings.secrets.master_key_new:
+        click.echo(
+            "ZKEB_MASTER_ENCRYPTION_KEY_NEW is not set: re-wrapping onto ZKEB_MASTER_ENCRYPTION_KEY "
+            "(only data keys under another configured key id would move).",
+            err=True,
+        )
+    url = _admin_database(settings)
+    report = asyncio.run(_rotate_keys(settings, url, keyring, batch_size=batch_size, progress=not no_progress))
+    click.echo(f"Re-wrapped {report.rewrapped} data keys under {keyring.active_id}.")
+    if report.failed_payloads:
+        click.echo(f"{len(report.failed_payloads)} data keys did not open with their master key (see the log).")
+    if not report.complete:
+        raise click.ClickException(
+            f"{report.remaining} data keys are not under the active key: run `zkeb keys status` for details"
+        )
+
+
+async def _rotate_keys(settings: Settings, url: str, keyring: Any, *, batch_size: int, progress: bool) -> Any:
+    from zkeb.core.database import create_app_engine  # noqa: PLC0415
+    from zkeb.domain.backups.keys import KeyRotator  # noqa: PLC0415
+
+    engine = create_app_engine(settings, url)
+    try:
+        rotator = KeyRotator(engine, keyring, settings)
+        total = (await rotator.status()).remaining
+        if not progress or total == 0:
+            return await rotator.rotate(batch_size=batch_size)
+        with click.progressbar(length=total, label="Re-wrapping data keys", file=sys.stderr) as bar:
+            return await rotator.rotate(batch_size=batch_size, on_progress=bar.update)
+    finally:
+        await engine.dispose()
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
