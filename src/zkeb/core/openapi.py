@@ -147,12 +147,14 @@ _TUS_DISCOVERY = {
 ENVELOPE_EXAMPLE: dict[str, str] = {
     "container_id": "0192f5e4-7a3b-7c1d-9e2f-000000000001",
     "device_id_hash": "9224d0c18f375c8c8f6b3bdce41f18fe7b3b85281dfac188de41154dfcd42260",
+    # pragma: allowlist nextline secret
     "payload": "WktFQiB0ZXN0IHZlY3RvcjogdGhpcyBzdGFuZHMgZm9yIEFFUy0yNTYtR0NNIGNpcGhlcnRleHQu",
     "payload_nonce": "AAECAwQFBgcICQoL",
     "payload_auth_tag": "EBESExQVFhcYGRobHB0eHw==",
     "metadata": "ZW5jcnlwdGVkIG1ldGFkYXRhIGV4YW1wbGU=",
     "metadata_nonce": "ICEiIyQlJicoKSor",
     "metadata_auth_tag": "MDEyMzQ1Njc4OTo7PD0+Pw==",
+    # pragma: allowlist nextline secret
     "signature": "TJV5q0++8aGSn7Plf1jGJ+mGNTCuh9PJD+s4bUoR3+opg0SU7nH3qzlmgkY7RModDdS3o1xecepA8cO7OExeAw==",
     "backup_timestamp": "2026-11-27T10:00:00.123456Z",
 }

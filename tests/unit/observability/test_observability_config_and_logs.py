@@ -13,8 +13,8 @@ from zkeb.core.logging import ConsoleFormatter, JsonFormatter, log_format, loggi
 from zkeb.core.telemetry import TracingConfig
 from zkeb.settings import SettingsError
 
-API_KEY = "zkeb_" + "A1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6Q7r8S9t0U1v"
-JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJkZXZpY2UifQ.c2lnbmF0dXJlLWJ5dGVz"
+API_KEY = "zkeb_" + "A1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6Q7r8S9t0U1v"  # pragma: allowlist secret
+JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJkZXZpY2UifQ.c2lnbmF0dXJlLWJ5dGVz"  # pragma: allowlist secret
 
 
 @pytest.mark.parametrize(
