@@ -10,9 +10,8 @@ to its predecessor, whatever the number of processes. The lock is held until the
 keep audited transactions short. The event's time is the database clock read under that lock, so `seq` and
 `occurred_at` agree in order across replicas.
 
-Events never carry secrets: `details` keys that name a key, token, secret, signature, password, ciphertext
-or payload are dropped (with a warning naming only the key), and every text field has its control characters
-escaped before it is hashed and stored. An event whose organization is unknown (e.g. a bad credential that
+Events never carry secrets: sensitive `details` keys (see `_SENSITIVE_WORDS`) are dropped with a warning
+naming only the key, and every text field has its control characters escaped before it is hashed and stored. An event whose organization is unknown (e.g. a bad credential that
 resolves to no tenant) goes to the application log only. `ENABLE_AUDIT_LOGS=false` makes writing a no-op.
 """
 

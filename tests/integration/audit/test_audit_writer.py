@@ -69,7 +69,7 @@ async def test_concurrent_writers_build_one_contiguous_valid_chain(
                     action="test.write",
                     actor_type="cli",
                     actor_id=f"writer-{n}",
-                    details={"n": n, "api_key": "zkeb_must_not_be_stored", "key_id": "k1"},
+                    details={"n": n, "api_key": "zkeb_must_not_be_stored", "key_id": "k1"},  # pragma: allowlist secret
                     settings=settings,
                 )
 
