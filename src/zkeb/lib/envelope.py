@@ -84,7 +84,7 @@ def backup_signed_message(
     || metadata_nonce(12) || metadata_auth_tag(16) || metadata_sha256(32) || u64(metadata_size)``.
 
     Returns:
-        The 256-byte message.
+        The 223-byte message.
 
     Raises:
         ValueError: If a field has the wrong length or range, or the timestamp is naive; the message names the field.
