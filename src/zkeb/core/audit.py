@@ -11,8 +11,9 @@ keep audited transactions short. The event's time is the database clock read und
 `occurred_at` agree in order across replicas.
 
 Events never carry secrets: sensitive `details` keys (see `_SENSITIVE_WORDS`) are dropped with a warning
-naming only the key, and every text field has its control characters escaped before it is hashed and stored. An event whose organization is unknown (e.g. a bad credential that
-resolves to no tenant) goes to the application log only. `ENABLE_AUDIT_LOGS=false` makes writing a no-op.
+naming only the key, and every text field has its control characters escaped before it is hashed and stored.
+An event whose organization is unknown (e.g. a bad credential that resolves to no tenant) goes to the
+application log only. `ENABLE_AUDIT_LOGS=false` makes writing a no-op.
 """
 
 from __future__ import annotations

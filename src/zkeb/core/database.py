@@ -135,6 +135,8 @@ def sqlalchemy_config(engine: AsyncEngine) -> SQLAlchemyAsyncConfig:
         engine_instance=engine,
         session_config=AsyncSessionConfig(expire_on_commit=False),
         before_send_handler="autocommit",
+        # Our own handlers render repository errors as problem+json (core/errors.py).
+        set_default_exception_handler=False,
         alembic_config=AlembicAsyncConfig(
             script_location=str(script_location),
             script_config=str(script_location / "alembic.ini"),

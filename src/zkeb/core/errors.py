@@ -8,10 +8,14 @@ nothing about the failure beyond the request id; the traceback goes to the log.
 from __future__ import annotations
 
 import logging
+import re
 from contextvars import ContextVar
 from http import HTTPStatus
 from typing import Any, ClassVar
 
+from advanced_alchemy.exceptions import IntegrityError as RepositoryIntegrityError
+from advanced_alchemy.exceptions import NotFoundError as RepositoryNotFoundError
+from advanced_alchemy.exceptions import RepositoryError
 from litestar import MediaType, Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.types import ExceptionHandlersMap
@@ -106,15 +110,52 @@ def problem_response(
     return Response(content=body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
 
 
+_FIELD_IN_MESSAGE = re.compile(r"field `([^`]{1,100})`")
+
+
+def _named_errors(extra: object) -> list[dict[str, Any]]:
+    """Litestar's error list, with whole-body errors (`missing field`, `unknown field`) keyed by their field."""
+    errors: list[dict[str, Any]] = []
+    for item in extra if isinstance(extra, list) else []:
+        if not isinstance(item, dict):
+            continue
+        error = dict(item)
+        named = _FIELD_IN_MESSAGE.search(str(error.get("message", "")))
+        if error.get("key") in {None, "data"} and named:
+            error["key"] = named.group(1)
+            error["source"] = "body"
+        errors.append(error)
+    return errors
+
+
+def _validation_problem(request: Request[Any, Any, Any], exc: ValidationException) -> Response[dict[str, Any]]:
+    """Body validation errors answer 422 naming each field; malformed requests and parameters stay 400."""
+    errors = _named_errors(exc.extra)
+    from_body = bool(errors) and all(e.get("source") == "body" for e in errors)
+    status = 422 if from_body else 400
+    names = ", ".join(f"{e['key']}: {e.get('message')}" for e in errors if e.get("key"))
+    detail = names or (exc.detail if status == 400 else "the request body is invalid")
+    return problem_response(request, status, detail, extra={"errors": errors} if errors else None)
+
+
+def _repository_problem(request: Request[Any, Any, Any], exc: RepositoryError) -> Response[dict[str, Any]]:
+    """advanced-alchemy's repository errors that escaped a service: 404 or 409, never a leak of the SQL."""
+    if isinstance(exc, RepositoryNotFoundError):
+        return problem_response(request, 404, "not found")
+    if isinstance(exc, RepositoryIntegrityError):
+        return problem_response(request, 409, "the request conflicts with existing data")
+    return _unexpected_exception_handler(request, exc)
+
+
 def _http_exception_handler(request: Request[Any, Any, Any], exc: HTTPException) -> Response[dict[str, Any]]:
+    if isinstance(exc, ValidationException):
+        return _validation_problem(request, exc)
     extra: dict[str, Any] = {}
     if isinstance(exc, ProblemError):
         extra.update(exc.problem_extra)
         problem_type = exc.problem_type
     else:
         problem_type = "about:blank"
-    if isinstance(exc, ValidationException) and exc.extra:
-        extra["errors"] = exc.extra
     detail = exc.detail
     if exc.status_code == 413 and detail in {"", HTTPStatus(413).phrase}:
         detail = "The request body is larger than this endpoint accepts"
@@ -129,7 +170,11 @@ def _unexpected_exception_handler(request: Request[Any, Any, Any], exc: Exceptio
 
 def exception_handlers() -> ExceptionHandlersMap:
     """The handlers every ZKEB app registers."""
-    return {HTTPException: _http_exception_handler, Exception: _unexpected_exception_handler}
+    return {
+        HTTPException: _http_exception_handler,
+        RepositoryError: _repository_problem,
+        Exception: _unexpected_exception_handler,
+    }
 
 
 _ = MediaType

@@ -7,21 +7,18 @@ row-level security), call a service and shape the answer. Unknown and other-tena
 from __future__ import annotations
 
 import base64
-import re
 from typing import Annotated, Any
 from uuid import UUID
 
 from litestar import Controller, Request, Response, delete, get, patch, post
 from litestar.datastructures import State
 from litestar.di import NamedDependency
-from litestar.exceptions import ValidationException
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, JSONBody, Parameter
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED, HTTP_204_NO_CONTENT
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from zkeb.core.auth import Principal, principal_of, requires_org_admin
-from zkeb.core.errors import problem_response
 from zkeb.core.runtime import get_runtime
 from zkeb.db.models import ApiKey, Device, Project
 from zkeb.domain.accounts.schemas import (
@@ -54,7 +51,6 @@ from zkeb.lib.apikeys import hashing_salt
 __all__ = ("ApiKeyController", "AuthTokenController", "DeviceController", "ProjectController")
 
 _NO_STORE = {"Cache-Control": "no-store"}
-_FIELD_IN_MESSAGE = re.compile(r"field `([^`]{1,100})`")
 _BEARER: list[dict[str, list[str]]] = [{"BearerAuth": []}]
 
 Limit = Annotated[
@@ -63,32 +59,6 @@ Limit = Annotated[
 Cursor = Annotated[str | None, Parameter(description="`next_cursor` of the previous page", required=False)]
 
 
-def _named_errors(extra: object) -> list[dict[str, Any]]:
-    """Litestar's error list, with whole-body errors (`missing field`, `unknown field`) keyed by their field."""
-    errors: list[dict[str, Any]] = []
-    for item in extra if isinstance(extra, list) else []:
-        if not isinstance(item, dict):
-            continue
-        error = dict(item)
-        named = _FIELD_IN_MESSAGE.search(str(error.get("message", "")))
-        if error.get("key") in {None, "data"} and named:
-            error["key"] = named.group(1)
-            error["source"] = "body"
-        errors.append(error)
-    return errors
-
-
-def _validation_problem(request: Request[Any, Any, Any], exc: ValidationException) -> Response[dict[str, Any]]:
-    """Body validation errors answer 422 naming each field; malformed parameters stay 400."""
-    errors = _named_errors(exc.extra)
-    from_body = bool(errors) and all(e.get("source") == "body" for e in errors)
-    status = 422 if from_body else 400
-    names = ", ".join(f"{e['key']}: {e.get('message')}" for e in errors if e.get("key"))
-    detail = names or (exc.detail if status == 400 else "the request body is invalid")
-    return problem_response(request, status, detail, extra={"errors": errors} if errors else None)
-
-
-_EXCEPTION_HANDLERS: Any = {ValidationException: _validation_problem}
 _PROBLEM_DESCRIPTIONS = {
     400: "Malformed request or parameter",
     401: "No valid credential (for a token request: the proof was refused)",
@@ -162,7 +132,6 @@ class ProjectController(Controller):
     path = "/api/v1/projects"
     tags = ["projects"]  # noqa: RUF012 - Litestar's declared attribute
     security = _BEARER
-    exception_handlers = _EXCEPTION_HANDLERS
 
     @post(
         "/",
@@ -375,7 +344,6 @@ class ApiKeyController(Controller):
     path = "/api/v1/api-keys"
     tags = ["api keys"]  # noqa: RUF012
     security = _BEARER
-    exception_handlers = _EXCEPTION_HANDLERS
 
     @delete(
         "/{key_id:uuid}",
@@ -408,7 +376,6 @@ class DeviceController(Controller):
     path = "/api/v1/devices"
     tags = ["devices"]  # noqa: RUF012
     security = _BEARER
-    exception_handlers = _EXCEPTION_HANDLERS
 
     @delete(
         "/{device_id:uuid}",
@@ -443,7 +410,6 @@ class AuthTokenController(Controller):
     path = "/api/v1/auth"
     tags = ["auth"]  # noqa: RUF012
     security = []  # noqa: RUF012
-    exception_handlers = _EXCEPTION_HANDLERS
     opt = {"exclude_from_auth": True}  # noqa: RUF012
 
     @post(
