@@ -157,6 +157,42 @@ def history() -> None:
     run_alembic(settings, _database_url(settings), "history", True)
 
 
+@db.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def seed(*, as_json: bool) -> None:
+    """Create the demo organization, project, project key and device (idempotent; development only)."""
+    from zkeb.domain.accounts.seed import seed_demo_data  # noqa: PLC0415
+
+    settings = _load_settings()
+    if settings.is_production:
+        raise click.ClickException("refusing to seed demo data with ZKEB_ENV=production")
+    url = _admin_database(settings)
+    result = asyncio.run(seed_demo_data(settings, url))
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "organization_id": str(result.organization_id),
+                    "project_id": str(result.project_id),
+                    "device_id": str(result.device_id),
+                    "device_id_hash": result.device_id_hash,
+                    "device_private_key_seed": result.device_private_key_seed,
+                    "admin_key": result.admin_key,
+                    "project_key": result.project_key,
+                    "created": list(result.created),
+                }
+            )
+        )
+        return
+    click.echo(f"Demo organization {result.organization_id}, project {result.project_id}, device {result.device_id}")
+    click.echo(f"Created: {', '.join(result.created) or 'nothing (already seeded)'}")
+    if result.admin_key:
+        click.echo(f"Org admin API key (shown once): {result.admin_key}")
+    if result.project_key:
+        click.echo(f"Project API key (shown once): {result.project_key}")
+    click.echo(f"Demo device private key seed (development only): {result.device_private_key_seed}")
+
+
 @main.group()
 def admin() -> None:
     """Administration: organizations and their keys."""

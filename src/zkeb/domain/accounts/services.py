@@ -154,7 +154,7 @@ class OrganizationService(SQLAlchemyAsyncRepositoryService[Organization]):
     repository_type = Repo
 
     async def create_with_admin_key(
-        self, name: str, *, salt: str, settings: Settings | None = None
+        self, name: str, *, salt: str, settings: Settings | None = None, organization_id: UUID | None = None
     ) -> tuple[Organization, NewApiKey]:
         """Create an organization and its first org admin key in one transaction, audited as done by the CLI.
 
@@ -163,7 +163,7 @@ class OrganizationService(SQLAlchemyAsyncRepositoryService[Organization]):
         """
         name = validated_name(name)
         session = self.repository.session
-        organization = Organization(id=uuid7(), name=name)
+        organization = Organization(id=organization_id or uuid7(), name=name)
         # The new row is only visible to (and insertable by) a transaction acting for it.
         session.info[TENANT_INFO_KEY] = organization.id
         organization = await self.create(organization, auto_commit=False, auto_refresh=False)
@@ -243,7 +243,14 @@ class ProjectService(SQLAlchemyAsyncRepositoryService[Project]):
 
     repository_type = Repo
 
-    async def create_project(self, data: ProjectCreate, *, organization_id: UUID, default_quota: int | None) -> Project:
+    async def create_project(
+        self,
+        data: ProjectCreate,
+        *,
+        organization_id: UUID,
+        default_quota: int | None,
+        project_id: UUID | None = None,
+    ) -> Project:
         """Create a project; an absent quota takes `DEFAULT_PROJECT_QUOTA`.
 
         Raises:
@@ -252,7 +259,7 @@ class ProjectService(SQLAlchemyAsyncRepositoryService[Project]):
         """
         quota = default_quota if data.storage_quota_bytes is msgspec.UNSET else data.storage_quota_bytes
         project = Project(
-            id=uuid7(),
+            id=project_id or uuid7(),
             organization_id=organization_id,
             name=validated_name(data.name),
             storage_quota_bytes=quota,
