@@ -154,7 +154,7 @@ def history() -> None:
     from zkeb.core.migrations import run_alembic  # noqa: PLC0415
 
     settings = _load_settings()
-    run_alembic(settings, _database_url(settings), "history", True)
+    run_alembic(settings, _database_url(settings), "history", None, True, True)
 
 
 @db.command()

@@ -85,6 +85,10 @@ def test_db_commands_work_against_a_database_url(empty_database_url: str, tmp_pa
     current = subprocess.run([*ZKEB, "db", "current"], env=env, capture_output=True, timeout=60, check=False)
     assert current.returncode == 0
     assert b"(head)" in current.stdout
+    history = subprocess.run([*ZKEB, "db", "history"], env=env, capture_output=True, timeout=60, check=False)
+    assert history.returncode == 0, history.stderr.decode()
+    assert b"(head)" in history.stdout
+    assert b"(current)" in history.stdout
     down = subprocess.run([*ZKEB, "db", "downgrade", "base"], env=env, capture_output=True, timeout=120, check=False)
     assert down.returncode == 0, down.stderr.decode()
 
