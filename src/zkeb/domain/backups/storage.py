@@ -67,8 +67,10 @@ WRITE_QUEUE_DEPTH = 2
 #: Most chunks inserted in one transaction.
 WRITE_BATCH = 2
 #: Chunks fetched per query on restore, and decrypted chunks buffered ahead of the client.
-READ_BATCH = 2
+READ_BATCH = 4
 READ_QUEUE_DEPTH = 2
+#: Fetched (still encrypted) batches waiting to be decrypted.
+FETCH_QUEUE_DEPTH = 1
 
 _BEGIN_CHUNK_TX = "SELECT set_config('zkeb.org_id', $1, true), set_config('synchronous_commit', 'off', true)"
 _SET_TENANT = "SELECT set_config('zkeb.org_id', $1, true)"
@@ -384,6 +386,78 @@ def _require_rows(rows: Sequence[Any], batch: Sequence[ReadStep]) -> None:
         raise PipelineError("stored chunks vanished while reading (the backup was deleted?)")
 
 
+class _PayloadReader:
+    """Two stages ahead of the client: a fetcher reads `READ_BATCH` chunks per short read-only transaction, and a
+    decrypter turns the previous batch into plaintext pieces, so PostgreSQL is already sending batch k+1 while batch
+    k is decrypted and sent. At most `FETCH_QUEUE_DEPTH` fetched batches and `READ_QUEUE_DEPTH` pieces wait.
+    """
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        organization_id: UUID,
+        payload_id: UUID,
+        cipher: ChunkCipher,
+        steps: Sequence[ReadStep],
+    ) -> None:
+        self._engine = engine
+        self._organization_id = str(organization_id)
+        self._payload_id = payload_id
+        self._cipher = cipher
+        self._steps = steps
+        self._fetched: asyncio.Queue[list[Any] | None] = asyncio.Queue(maxsize=FETCH_QUEUE_DEPTH)
+        self.pieces: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue(maxsize=READ_QUEUE_DEPTH)
+
+    async def _fetch(self) -> None:
+        async with raw_connection(self._engine) as connection:
+            for index in range(0, len(self._steps), READ_BATCH):
+                batch = self._steps[index : index + READ_BATCH]
+                with tracer.start_as_current_span("backups.read_chunks", attributes={"zkeb.chunk_count": len(batch)}):
+                    async with connection.transaction(readonly=True):
+                        await connection.execute(_SET_TENANT, self._organization_id)
+                        rows = await connection.fetch(_SELECT_CHUNKS, self._payload_id, [s.seq for s in batch])
+                _require_rows(rows, batch)
+                await self._fetched.put(list(rows))
+                del rows
+        await self._fetched.put(None)
+
+    async def _next_batch(self, fetcher: asyncio.Task[None]) -> list[Any] | None:
+        """The next fetched batch, or None at the end; re-raises the fetcher's failure."""
+        get = asyncio.ensure_future(self._fetched.get())
+        done, _ = await asyncio.wait({get, fetcher}, return_when=asyncio.FIRST_COMPLETED)
+        if get in done:
+            return get.result()
+        get.cancel()
+        fetcher.result()
+        return await self._fetched.get()  # the fetcher ended cleanly right after queueing its last item
+
+    async def run(self) -> None:
+        """Decrypt fetched batches into `pieces`, ending with None, or with the exception that stopped it."""
+        fetcher = asyncio.create_task(self._fetch(), name=f"zkeb-chunk-fetcher-{self._payload_id}")
+        try:
+            position = 0
+            while (rows := await self._next_batch(fetcher)) is not None:
+                for index in range(len(rows)):
+                    step = self._steps[position]
+                    with tracer.start_as_current_span("backups.decrypt", attributes={"zkeb.seq": step.seq}):
+                        plaintext = self._cipher.decrypt(step.seq, rows[index]["data"])
+                    rows[index] = None  # release each ciphertext as soon as it is decrypted
+                    whole = step.start == 0 and step.stop == len(plaintext)
+                    await self.pieces.put(plaintext if whole else plaintext[step.start : step.stop])
+                    del plaintext
+                    position += 1
+            await self.pieces.put(None)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
+            await self.pieces.put(exc)
+        finally:
+            if not fetcher.done():
+                fetcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await fetcher
+
+
 async def stream_plaintext(
     engine: AsyncEngine,
     *,
@@ -393,47 +467,18 @@ async def stream_plaintext(
     steps: Sequence[ReadStep],
     attributes: dict[str, Any] | None = None,
 ) -> AsyncIterator[bytes]:
-    """Yield the payload bytes `steps` select, reading ahead of the client on its own connection.
+    """Yield the payload bytes `steps` select, reading and decrypting ahead of the client on its own connection.
 
-    A reader task fetches `READ_BATCH` chunks per short transaction and decrypts them while the previous ones are
-    being sent; at most `READ_QUEUE_DEPTH` decrypted pieces wait. Closing the generator (the client went away)
-    stops the reader and releases its connection.
+    Memory stays at a few chunks whatever the size (see `_PayloadReader`). Closing the generator (the client went
+    away) stops the reader and releases its connection.
     """
-    queue: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue(maxsize=READ_QUEUE_DEPTH)
-
-    async def read_ahead() -> None:
-        try:
-            async with raw_connection(engine) as connection:
-                for index in range(0, len(steps), READ_BATCH):
-                    batch = steps[index : index + READ_BATCH]
-                    with tracer.start_as_current_span(
-                        "backups.read_chunks", attributes={"zkeb.chunk_count": len(batch)}
-                    ):
-                        async with connection.transaction(readonly=True):
-                            await connection.execute(_SET_TENANT, str(organization_id))
-                            rows = await connection.fetch(_SELECT_CHUNKS, payload_id, [s.seq for s in batch])
-                    _require_rows(rows, batch)
-                    for step, row in zip(batch, rows, strict=True):
-                        with tracer.start_as_current_span("backups.decrypt", attributes={"zkeb.seq": step.seq}):
-                            plaintext = cipher.decrypt(step.seq, row["data"])
-                        del row
-                        if step.start == 0 and step.stop == len(plaintext):
-                            await queue.put(plaintext)
-                        else:
-                            await queue.put(plaintext[step.start : step.stop])
-                        del plaintext
-            await queue.put(None)
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
-            await queue.put(exc)
-
+    payload_reader = _PayloadReader(engine, organization_id, payload_id, cipher, steps)
     with tracer.start_as_current_span("backups.send", attributes=attributes or {}) as span:
-        reader = asyncio.create_task(read_ahead(), name=f"zkeb-chunk-reader-{payload_id}")
+        reader = asyncio.create_task(payload_reader.run(), name=f"zkeb-chunk-reader-{payload_id}")
         sent = 0
         try:
             while True:
-                item = await queue.get()
+                item = await payload_reader.pieces.get()
                 if item is None:
                     break
                 if isinstance(item, BaseException):
