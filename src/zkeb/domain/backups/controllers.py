@@ -13,10 +13,11 @@ import msgspec
 from litestar import Controller, Request, Response, delete, get, post
 from litestar.connection import ASGIConnection
 from litestar.datastructures import State
+from litestar.di import NamedDependency
 from litestar.exceptions import ClientException
 from litestar.handlers.base import BaseRouteHandler
 from litestar.openapi.datastructures import ResponseSpec
-from litestar.params import Parameter
+from litestar.params import FromPath, FromQuery, Parameter
 from litestar.response import Stream
 from opentelemetry import trace
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -188,7 +189,7 @@ class BackupController(Controller):
         ),
     )
     async def create_backup(
-        self, request: Request[Any, Any, Any], db_session: AsyncSession, state: State
+        self, request: Request[Any, Any, Any], db_session: NamedDependency[AsyncSession], state: State
     ) -> Response[BackupRead]:
         """Verify and store a single-shot upload."""
         principal = principal_of(request)
@@ -261,9 +262,9 @@ class BackupController(Controller):
     async def list_backups(
         self,
         request: Request[Any, Any, Any],
-        db_session: AsyncSession,
+        db_session: NamedDependency[AsyncSession],
         *,
-        container_id: UUID | None = None,
+        container_id: FromQuery[UUID | None] = None,
         device_id_hash: str | None = Parameter(default=None, description="lowercase hex SHA-256 of the device id"),
         cursor: str | None = Parameter(default=None, max_length=200),
         limit: int = Parameter(default=50, ge=1, le=100),
@@ -283,7 +284,7 @@ class BackupController(Controller):
         description="JSON, or msgpack with `Accept: application/msgpack`.",
     )
     async def get_backup(
-        self, request: Request[Any, Any, Any], db_session: AsyncSession, backup_id: UUID
+        self, request: Request[Any, Any, Any], db_session: NamedDependency[AsyncSession], backup_id: FromPath[UUID]
     ) -> Response[BackupRead]:
         """One backup's envelope."""
         backup = await BackupService(session=db_session).get_visible(principal_of(request), backup_id)
@@ -301,7 +302,11 @@ class BackupController(Controller):
         media_type="application/octet-stream",
     )
     async def download_payload(
-        self, request: Request[Any, Any, Any], db_session: AsyncSession, state: State, backup_id: UUID
+        self,
+        request: Request[Any, Any, Any],
+        db_session: NamedDependency[AsyncSession],
+        state: State,
+        backup_id: FromPath[UUID],
     ) -> Response[Any]:
         """Stream a payload, whole or one byte range."""
         principal = principal_of(request)
@@ -370,8 +375,8 @@ class BackupController(Controller):
     async def delete_backup(
         self,
         request: Request[Any, Any, Any],
-        db_session: AsyncSession,
-        backup_id: UUID,
+        db_session: NamedDependency[AsyncSession],
+        backup_id: FromPath[UUID],
         purge: bool = Parameter(default=False, description="org admin only: delete for good instead of the trash"),
     ) -> None:
         """Move one backup to the trash, or purge it."""
@@ -390,7 +395,7 @@ class BackupController(Controller):
         ),
     )
     async def restore_backup(
-        self, request: Request[Any, Any, Any], db_session: AsyncSession, backup_id: UUID
+        self, request: Request[Any, Any, Any], db_session: NamedDependency[AsyncSession], backup_id: FromPath[UUID]
     ) -> Response[BackupRead]:
         """Bring one backup back from the trash."""
         backup = await LifecycleService(session=db_session).restore(principal_of(request), backup_id, request=request)
@@ -411,7 +416,7 @@ class ContainerController(Controller):
         description="404 when the container has no backup visible to the caller. JSON or msgpack by `Accept`.",
     )
     async def latest_backup(
-        self, request: Request[Any, Any, Any], db_session: AsyncSession, container_id: UUID
+        self, request: Request[Any, Any, Any], db_session: NamedDependency[AsyncSession], container_id: FromPath[UUID]
     ) -> Response[BackupRead]:
         """The latest backup of one container."""
         backup = await BackupService(session=db_session).latest_in_container(principal_of(request), container_id)
@@ -448,7 +453,7 @@ class ProjectStorageController(Controller):
         ),
     )
     async def project_usage(
-        self, request: Request[Any, Any, Any], db_session: AsyncSession, project_id: UUID
+        self, request: Request[Any, Any, Any], db_session: NamedDependency[AsyncSession], project_id: FromPath[UUID]
     ) -> ProjectUsage:
         """Storage used by one project, per device."""
         report = await LifecycleService(session=db_session).usage(principal_of(request), project_id)
@@ -480,9 +485,9 @@ class ProjectStorageController(Controller):
     async def project_trash(
         self,
         request: Request[Any, Any, Any],
-        db_session: AsyncSession,
+        db_session: NamedDependency[AsyncSession],
         state: State,
-        project_id: UUID,
+        project_id: FromPath[UUID],
         *,
         cursor: str | None = Parameter(default=None, max_length=200),
         limit: int = Parameter(default=50, ge=1, le=100),

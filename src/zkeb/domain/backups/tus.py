@@ -40,8 +40,10 @@ from uuid import UUID
 
 from litestar import Controller, Request, Response, delete, head, patch, post, route
 from litestar.datastructures import State
+from litestar.di import NamedDependency
 from litestar.enums import HttpMethod
 from litestar.exceptions import HTTPException, InternalServerException
+from litestar.params import FromPath
 from litestar.types import ExceptionHandlersMap
 from opentelemetry import trace
 from sqlalchemy import delete as sa_delete
@@ -548,7 +550,7 @@ class UploadController(Controller):
         ),
     )
     async def create_upload(
-        self, request: Request[Any, Any, Any], db_session: AsyncSession, state: State
+        self, request: Request[Any, Any, Any], db_session: NamedDependency[AsyncSession], state: State
     ) -> Response[None]:
         """Create an upload session for one backup."""
         require_tus_resumable(request)
@@ -613,7 +615,7 @@ class UploadController(Controller):
         description="`Upload-Offset`, `Upload-Length`, `Upload-Expires`; 404 unknown, 410 expired.",
     )
     async def upload_offset(
-        self, request: Request[Any, Any, Any], db_session: AsyncSession, upload_id: UUID
+        self, request: Request[Any, Any, Any], db_session: NamedDependency[AsyncSession], upload_id: FromPath[UUID]
     ) -> Response[None]:
         """Where to resume."""
         require_tus_resumable(request)
@@ -636,7 +638,11 @@ class UploadController(Controller):
         ),
     )
     async def append(
-        self, request: Request[Any, Any, Any], db_session: AsyncSession, state: State, upload_id: UUID
+        self,
+        request: Request[Any, Any, Any],
+        db_session: NamedDependency[AsyncSession],
+        state: State,
+        upload_id: FromPath[UUID],
     ) -> Response[None]:
         """Receive the next bytes of an upload."""
         require_tus_resumable(request)
@@ -669,7 +675,7 @@ class UploadController(Controller):
         description="204; the upload and its bytes are deleted. 423 while a PATCH is writing to it.",
     )
     async def terminate(
-        self, request: Request[Any, Any, Any], db_session: AsyncSession, upload_id: UUID
+        self, request: Request[Any, Any, Any], db_session: NamedDependency[AsyncSession], upload_id: FromPath[UUID]
     ) -> Response[None]:
         """Delete an upload and what it received."""
         require_tus_resumable(request)
