@@ -26,8 +26,6 @@ Lock order, everywhere: the project row, then backup rows, then the organization
 
 from __future__ import annotations
 
-import base64
-import binascii
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -47,6 +45,7 @@ from zkeb.core.auth import Principal
 from zkeb.core.errors import NotFoundError, ProblemError
 from zkeb.core.metrics import BACKUPS_PURGED, BACKUPS_RESTORED, BACKUPS_TRASHED
 from zkeb.db.models import Backup, Payload, Project
+from zkeb.lib.cursors import decode_keyset_cursor, encode_keyset_cursor
 from zkeb.settings import Settings
 
 __all__ = (
@@ -290,8 +289,7 @@ def deleted_by_of(principal: Principal) -> str:
 def encode_trash_cursor(backup: Backup) -> str:
     """An opaque keyset cursor after `backup` in trash order (most recently deleted first)."""
     assert backup.deleted_at is not None
-    raw = f"{backup.deleted_at.isoformat()}|{backup.id}".encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    return encode_keyset_cursor(backup.deleted_at, backup.id)
 
 
 def decode_trash_cursor(cursor: str) -> tuple[datetime, UUID]:
@@ -301,14 +299,9 @@ def decode_trash_cursor(cursor: str) -> tuple[datetime, UUID]:
         ClientException: the cursor is malformed (400).
     """
     try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        deleted_at, _, identifier = raw.partition("|")
-        position = (datetime.fromisoformat(deleted_at), UUID(identifier))
-    except (binascii.Error, UnicodeDecodeError, ValueError):
+        return decode_keyset_cursor(cursor)
+    except ValueError:
         raise ClientException("cursor is malformed; pass back next_cursor unchanged") from None
-    if position[0].tzinfo is None:
-        raise ClientException("cursor is malformed; pass back next_cursor unchanged")
-    return position
 
 
 class LifecycleService(SQLAlchemyAsyncRepositoryService[Backup]):

@@ -6,8 +6,6 @@ security), and commits its own short unit of work: nothing here holds a transact
 
 from __future__ import annotations
 
-import base64
-import binascii
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -35,6 +33,7 @@ from zkeb.domain.backups.lifecycle import (
 from zkeb.domain.backups.schemas import BackupEnvelope, BackupRead, BackupReadMsgpack, invalid_field
 from zkeb.domain.backups.storage import ChunkSpan, PayloadCrypto, PayloadKey
 from zkeb.lib.atrest import ChunkCipher
+from zkeb.lib.cursors import decode_keyset_cursor, encode_keyset_cursor
 from zkeb.lib.envelope import backup_signed_message, format_rfc3339_utc, verify_ed25519
 from zkeb.settings import Settings
 
@@ -103,9 +102,9 @@ def _sha256(data: bytes) -> bytes:
 
 
 def encode_cursor(backup: Backup) -> str:
-    """An opaque keyset cursor after `backup` (newest-first order)."""
-    raw = f"{backup.created_at.isoformat()}|{backup.id}".encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    """An opaque keyset cursor after `backup` in newest-first order."""
+    assert backup.created_at is not None
+    return encode_keyset_cursor(backup.created_at, backup.id)
 
 
 def decode_cursor(cursor: str) -> tuple[datetime, UUID]:
@@ -115,14 +114,9 @@ def decode_cursor(cursor: str) -> tuple[datetime, UUID]:
         ClientException: the cursor is malformed (400).
     """
     try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        created, _, identifier = raw.partition("|")
-        position = (datetime.fromisoformat(created), UUID(identifier))
-    except (binascii.Error, UnicodeDecodeError, ValueError):
+        return decode_keyset_cursor(cursor)
+    except ValueError:
         raise ClientException("cursor is malformed; pass back next_cursor unchanged") from None
-    if position[0].tzinfo is None:
-        raise ClientException("cursor is malformed; pass back next_cursor unchanged")
-    return position
 
 
 def backup_read(backup: Backup) -> BackupRead:

@@ -1,0 +1,33 @@
+"""Opaque keyset cursors over (timestamp, id) positions, as list endpoints hand them out in `next_cursor`."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from datetime import datetime
+from uuid import UUID
+
+__all__ = ("decode_keyset_cursor", "encode_keyset_cursor")
+
+
+def encode_keyset_cursor(at: datetime, row_id: UUID) -> str:
+    """The cursor for the position just after the row (`at`, `row_id`) in a (timestamp, id) ordering."""
+    raw = f"{at.isoformat()}|{row_id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_keyset_cursor(cursor: str) -> tuple[datetime, UUID]:
+    """The position a cursor from `encode_keyset_cursor` stands for.
+
+    Raises:
+        ValueError: the cursor is malformed or its timestamp is naive.
+    """
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        at, _, identifier = raw.partition("|")
+        position = (datetime.fromisoformat(at), UUID(identifier))
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise ValueError("malformed cursor") from None
+    if position[0].tzinfo is None:
+        raise ValueError("malformed cursor")
+    return position
