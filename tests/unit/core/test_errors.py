@@ -5,6 +5,7 @@ from __future__ import annotations
 import msgspec
 from advanced_alchemy.exceptions import DuplicateKeyError, NotFoundError, RepositoryError
 from litestar import Litestar, get, post
+from litestar.params import JSONBody
 from litestar.testing import TestClient
 
 from zkeb.core.errors import exception_handlers
@@ -33,7 +34,7 @@ async def broken() -> None:
 
 
 @post("/things")
-async def create(data: Body) -> Body:
+async def create(data: JSONBody[Body]) -> Body:
     return data
 
 
