@@ -21,26 +21,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import json
 import os
 import secrets
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import asyncpg
-import httpx
+from harness import ROOT, create_org, free_port, granian, with_database
 
-ROOT = Path(__file__).resolve().parent.parent
 SINK = """
 import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -52,66 +44,6 @@ class H(BaseHTTPRequestHandler):
     def log_message(self, *a): pass
 ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
 """
-
-
-def _with_database(url: str, name: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, ""))
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@contextmanager
-def granian(env: dict[str, str]) -> Iterator[str]:
-    """The server under granian (one worker), ready."""
-    port = _free_port()
-    log = tempfile.NamedTemporaryFile(prefix="zkeb-bench-", suffix=".log", delete=False)  # noqa: SIM115
-    server = subprocess.Popen(
-        [
-            sys.executable, "-m", "granian", "--interface", "asgi", "--factory", "--host", "127.0.0.1",
-            "--port", str(port), "--workers", "1", "--no-access-log", "zkeb.app:create_app",
-        ],
-        env={**os.environ, **env},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=ROOT,
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if server.poll() is not None:
-                raise RuntimeError(f"granian exited; see {log.name}")
-            try:
-                if httpx.get(f"{base}/api/health/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"granian not ready; see {log.name}")
-            time.sleep(0.2)
-        yield base
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        log.close()
-
-
-def _create_org(env: dict[str, str]) -> str:
-    out = subprocess.run(
-        [sys.executable, "-m", "zkeb", "admin", "create-org", "bench", "--json"],
-        env={**os.environ, **env},
-        capture_output=True,
-        check=True,
-        cwd=ROOT,
-    )
-    key: str = json.loads(out.stdout)["api_key"]
-    return key
 
 
 async def _drive(url: str, headers: dict[str, str], seconds: float, concurrency: int) -> float:
@@ -151,11 +83,11 @@ async def run(server_url: str, seconds: float, rounds: int, concurrency: int, ra
     admin = await asyncpg.connect(server_url)
     await admin.execute(f'CREATE DATABASE "{name}"')
     await admin.close()
-    sink_port = _free_port()
+    sink_port = free_port()
     sink = subprocess.Popen([sys.executable, "-c", SINK, str(sink_port)])  # noqa: ASYNC220 - a benchmark's setup
     env = {
         "ZKEB_ENV": "production",
-        "DATABASE_URL": _with_database(server_url, name),
+        "DATABASE_URL": with_database(server_url, name),
         "ZKEB_MASTER_ENCRYPTION_KEY": base64.b64encode(secrets.token_bytes(32)).decode(),
         "JWT_SECRET": secrets.token_urlsafe(48),
         "API_KEY_SALT": secrets.token_urlsafe(48),
@@ -181,7 +113,7 @@ async def run(server_url: str, seconds: float, rounds: int, concurrency: int, ra
             [sys.executable, "-m", "zkeb", "db", "upgrade"], env={**os.environ, **env}, check=True, cwd=ROOT,
             capture_output=True,
         )  # fmt: skip
-        admin_key = _create_org(env)
+        admin_key = create_org(env)
         endpoints = {
             "GET /api/health/live": ("/api/health/live", {}),
             "GET /api/v1/projects (API key)": ("/api/v1/projects", {"Authorization": f"Bearer {admin_key}"}),
@@ -189,7 +121,7 @@ async def run(server_url: str, seconds: float, rounds: int, concurrency: int, ra
         results: dict[tuple[str, str], list[float]] = {}
         for _ in range(rounds):
             for mode, extra in (("off", {}), ("on", traced)):
-                with granian({**env, **extra}) as base:
+                with granian({**env, **extra}) as (base, _):
                     for label, (path, headers) in endpoints.items():
                         rate = await _drive(base + path, headers, seconds, concurrency)
                         results.setdefault((label, mode), []).append(rate)

@@ -20,46 +20,29 @@ import argparse
 import asyncio
 import base64
 import hashlib
-import json
 import os
 import secrets
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import httpx
 import psutil
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from harness import ROOT, create_org, granian, with_database
 
 from zkeb.lib.envelope import backup_signed_message, format_rfc3339_utc
 
 MIB = 1024 * 1024
 SIZES_MIB = (1, 10, 100)
 PIECE = MIB  # bytes per piece the client's generator yields
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _with_database(url: str, name: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, ""))
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _vm_hwm_kib(pid: int) -> int:
@@ -72,54 +55,6 @@ def _vm_hwm_kib(pid: int) -> int:
 def _worker_pid(server: subprocess.Popen[bytes]) -> int:
     children = psutil.Process(server.pid).children(recursive=True)
     return children[0].pid if children else server.pid
-
-
-@contextmanager
-def granian(env: dict[str, str]) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """The server under granian (one worker), ready."""
-    port = _free_port()
-    log = tempfile.NamedTemporaryFile(prefix="zkeb-bench-", suffix=".log", delete=False)  # noqa: SIM115
-    server = subprocess.Popen(
-        [
-            sys.executable, "-m", "granian", "--interface", "asgi", "--factory", "--host", "127.0.0.1",
-            "--port", str(port), "--workers", "1", "--no-access-log", "zkeb.app:create_app",
-        ],
-        env={**os.environ, **env},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=ROOT,
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if server.poll() is not None:
-                raise RuntimeError(f"granian exited; see {log.name}")
-            try:
-                if httpx.get(f"{base}/api/health/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"granian not ready; see {log.name}")
-            time.sleep(0.2)
-        yield base, server
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        log.close()
-
-
-def _create_org(env: dict[str, str]) -> str:
-    out = subprocess.run(
-        [sys.executable, "-m", "zkeb", "admin", "create-org", "bench", "--json"],
-        env={**os.environ, **env},
-        capture_output=True,
-        check=True,
-        cwd=ROOT,
-    )
-    key: str = json.loads(out.stdout)["api_key"]
-    return key
 
 
 class Device:
@@ -300,7 +235,7 @@ async def run(server_url: str, repeats: int) -> None:
     admin = await asyncpg.connect(server_url)
     await admin.execute(f'CREATE DATABASE "{name}"')
     await admin.close()
-    database_url = _with_database(server_url, name)
+    database_url = with_database(server_url, name)
     env = {
         "ZKEB_ENV": "production",
         "DATABASE_URL": database_url,
@@ -319,7 +254,7 @@ async def run(server_url: str, repeats: int) -> None:
             [sys.executable, "-m", "zkeb", "db", "upgrade"], env={**os.environ, **env}, check=True, cwd=ROOT,
             capture_output=True,
         )  # fmt: skip
-        admin_key = _create_org(env)
+        admin_key = create_org(env)
         results: list[tuple[int, float, float, float, float, float]] = []
         rss: dict[int, int] = {}
         with granian(env) as (base, server):

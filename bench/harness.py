@@ -1,0 +1,84 @@
+"""What the benchmarks share: a fresh database URL, a granian server with the app, an organization to act for."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+
+__all__ = ("ROOT", "create_org", "free_port", "granian", "with_database")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def with_database(url: str, name: str) -> str:
+    """`url` pointing at database `name` instead."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, ""))
+
+
+def free_port() -> int:
+    """A TCP port free right now on localhost."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@contextmanager
+def granian(env: dict[str, str]) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """The app under granian (one worker), ready; yields its base URL and the server process."""
+    port = free_port()
+    log = tempfile.NamedTemporaryFile(prefix="zkeb-bench-", suffix=".log", delete=False)  # noqa: SIM115
+    server = subprocess.Popen(
+        [
+            sys.executable, "-m", "granian", "--interface", "asgi", "--factory", "--host", "127.0.0.1",
+            "--port", str(port), "--workers", "1", "--no-access-log", "zkeb.app:create_app",
+        ],
+        env={**os.environ, **env},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(f"granian exited; see {log.name}")
+            try:
+                if httpx.get(f"{base}/api/health/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"granian not ready; see {log.name}")
+            time.sleep(0.2)
+        yield base, server
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+
+
+def create_org(env: dict[str, str]) -> str:
+    """A new organization's admin key, made by `zkeb admin create-org --json`."""
+    out = subprocess.run(
+        [sys.executable, "-m", "zkeb", "admin", "create-org", "bench", "--json"],
+        env={**os.environ, **env},
+        capture_output=True,
+        check=True,
+        cwd=ROOT,
+    )
+    key: str = json.loads(out.stdout)["api_key"]
+    return key
