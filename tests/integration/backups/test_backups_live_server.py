@@ -222,3 +222,54 @@ async def test_streamed_tus_patch_from_a_generator(
         f"/api/v1/backups/{patched.headers['zkeb-backup-id']}/payload", headers=auth(tenant.project_key)
     )
     assert restored.content == payload
+
+
+async def _open_transactions(owner: asyncpg.Connection) -> int:
+    count: int = await owner.fetchval(
+        "SELECT count(*) FROM pg_stat_activity WHERE usename = 'zkeb_app' AND state LIKE 'idle in transaction%'"
+    )
+    return count
+
+
+async def test_a_stalled_download_holds_no_transaction_open_and_then_completes(
+    http: httpx.AsyncClient, live_url: str, tenant: Tenant, owner_connection: asyncpg.Connection
+) -> None:
+    # Far more than the socket buffers and the server's read-ahead, so the server must wait for this client.
+    payload = os.urandom(48 * MIB + 7)
+    envelope = sign_envelope(tenant, payload)
+    created = await http.post(
+        "/api/v1/uploads",
+        headers=tus_headers(
+            tenant.project_key, **{"Upload-Length": str(len(payload)), "Upload-Metadata": envelope.tus_metadata()}
+        ),
+    )
+    patched = await http.patch(
+        created.headers["location"],
+        content=payload,
+        headers=tus_headers(tenant.project_key, **{"Upload-Offset": "0", "Content-Type": OCTETS}),
+    )
+    assert patched.status_code == 204, patched.text
+    host, port = live_url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(
+            f"GET /api/v1/backups/{patched.headers['zkeb-backup-id']}/payload HTTP/1.1\r\nHost: {host}\r\n"
+            f"Authorization: Bearer {tenant.project_key}\r\nConnection: close\r\n\r\n".encode()
+        )
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head
+        received = bytearray(await reader.readexactly(MIB))
+        # The client stops reading. The restore's read-only transaction must not wait for it: within a moment
+        # no transaction of the runtime role stays open (five quiet samples in a row).
+        quiet = 0
+        deadline = time.monotonic() + 30
+        while quiet < 5:
+            assert time.monotonic() < deadline, "a transaction stayed open while the download was stalled"
+            quiet = quiet + 1 if await _open_transactions(owner_connection) == 0 else 0
+            await asyncio.sleep(0.1)
+        while piece := await reader.read(4 * MIB):
+            received += piece
+    finally:
+        writer.close()
+    assert len(received) == len(payload)
+    assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()

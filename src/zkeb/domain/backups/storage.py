@@ -72,6 +72,10 @@ READ_BATCH = 2
 READ_QUEUE_DEPTH = 2
 #: Fetched (still encrypted) batches waiting to be decrypted.
 FETCH_QUEUE_DEPTH = 1
+#: Longest a restore keeps one read-only transaction open. Queries follow each other in it while the client keeps
+#: up (no BEGIN/SET/COMMIT round trips per batch); a client that falls behind makes it commit instead of waiting, so
+#: a slow download never holds its transaction (and its lock on the chunk table) for longer than this.
+READ_TRANSACTION_SECONDS = 0.5
 
 _BEGIN_CHUNK_TX = "SELECT set_config('zkeb.org_id', $1, true), set_config('synchronous_commit', 'off', true)"
 _SET_TENANT = "SELECT set_config('zkeb.org_id', $1, true)"
@@ -410,16 +414,35 @@ class _PayloadReader:
         self.pieces: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue(maxsize=READ_QUEUE_DEPTH)
 
     async def _fetch(self) -> None:
+        loop = asyncio.get_running_loop()
+        index = 0
         async with raw_connection(self._engine) as connection:
-            for index in range(0, len(self._steps), READ_BATCH):
-                batch = self._steps[index : index + READ_BATCH]
-                with tracer.start_as_current_span("backups.read_chunks", attributes={"zkeb.chunk_count": len(batch)}):
+            while index < len(self._steps):
+                left_over: list[Any] | None = None
+                with tracer.start_as_current_span("backups.read_chunks") as span:
+                    first = index
                     async with connection.transaction(readonly=True):
                         await connection.execute(_SET_TENANT, self._organization_id)
-                        rows = await connection.fetch(_SELECT_CHUNKS, self._payload_id, [s.seq for s in batch])
-                _require_rows(rows, batch)
-                await self._fetched.put(list(rows))
-                del rows
+                        deadline = loop.time() + READ_TRANSACTION_SECONDS
+                        while index < len(self._steps):
+                            batch = self._steps[index : index + READ_BATCH]
+                            rows = await connection.fetch(_SELECT_CHUNKS, self._payload_id, [s.seq for s in batch])
+                            _require_rows(rows, batch)
+                            index += len(batch)
+                            try:  # hand the batch over, but commit rather than wait past the deadline
+                                async with asyncio.timeout_at(deadline):
+                                    await self._fetched.put(list(rows))
+                            except TimeoutError:
+                                left_over = list(rows)
+                                break
+                            finally:
+                                del rows
+                            if loop.time() >= deadline:
+                                break
+                    span.set_attribute("zkeb.chunk_count", index - first)
+                if left_over is not None:
+                    await self._fetched.put(left_over)
+                    del left_over
         await self._fetched.put(None)
 
     async def _next_batch(self, fetcher: asyncio.Task[None]) -> list[Any] | None:
