@@ -210,7 +210,9 @@ class ChunkPipeline:
         self._cipher = cipher
         self._digests = tuple(digests)
         self._chunk_size = chunk_size
-        self._buffer = bytearray()
+        # One chunk's worth, allocated once and refilled: no reallocation, whatever the size of the pieces.
+        self._buffer = bytearray(chunk_size)
+        self._filled = 0
         self._queue: asyncio.Queue[tuple[int, int, int, bytes] | None] = asyncio.Queue(maxsize=WRITE_QUEUE_DEPTH)
         self._writer: asyncio.Task[None] | None = None
         self.next_seq = first_seq
@@ -230,27 +232,34 @@ class ChunkPipeline:
     @property
     def buffered(self) -> int:
         """Bytes received but not yet cut into a chunk."""
-        return len(self._buffer)
+        return self._filled
 
     async def write(self, data: bytes | memoryview) -> None:
         """Take the next bytes of the payload."""
         if not data:
             return
         self.received += len(data)
-        view = memoryview(data)
-        if not self._buffer:
-            # Whole chunks straight from the caller's buffer: no copy for large in-memory payloads.
-            while len(view) >= self._chunk_size:
-                await self._emit(view[: self._chunk_size])
-                view = view[self._chunk_size :]
-            if view:
-                self._buffer += view
-            return
-        self._buffer += view
-        while len(self._buffer) >= self._chunk_size:
-            with memoryview(self._buffer) as whole:
-                await self._emit(whole[: self._chunk_size])
-            del self._buffer[: self._chunk_size]
+        view = memoryview(data).cast("B")
+        chunk_size = self._chunk_size
+        while view:
+            if not self._filled and len(view) >= chunk_size:
+                # Whole chunks straight from the caller's buffer: no copy for large in-memory payloads.
+                await self._emit(view[:chunk_size])
+                view = view[chunk_size:]
+                continue
+            taken = min(len(view), chunk_size - self._filled)
+            self._buffer[self._filled : self._filled + taken] = view[:taken]
+            self._filled += taken
+            view = view[taken:]
+            if self._filled == chunk_size:
+                await self._emit_buffer()
+
+    async def _emit_buffer(self) -> None:
+        # The chunk is hashed and encrypted (into a new object) before `_emit` first awaits, so the buffer is
+        # free to be refilled as soon as it returns.
+        with memoryview(self._buffer) as whole:
+            await self._emit(whole[: self._filled])
+        self._filled = 0
 
     async def close(self, *, flush_partial: bool = True) -> None:
         """Write what is buffered (if `flush_partial`) and wait until every queued chunk is stored.
@@ -258,10 +267,8 @@ class ChunkPipeline:
         Raises:
             PipelineError: the writer failed.
         """
-        if flush_partial and self._buffer:
-            with memoryview(self._buffer) as whole:
-                await self._emit(whole)
-            self._buffer.clear()
+        if flush_partial and self._filled:
+            await self._emit_buffer()
         await self._put(None)
         writer, self._writer = self._writer, None
         if writer is not None:
@@ -274,7 +281,7 @@ class ChunkPipeline:
             writer.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await writer
-        self._buffer.clear()
+        self._filled = 0
 
     async def _emit(self, plaintext: memoryview) -> None:
         for digest in self._digests:
