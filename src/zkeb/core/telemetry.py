@@ -35,6 +35,7 @@ from litestar.config.app import AppConfig
 from litestar.enums import ScopeType
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from opentelemetry import context, propagate, trace
+from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY
 from opentelemetry.instrumentation.redis import RedisInstrumentor
 from opentelemetry.instrumentation.sqlalchemy.engine import EngineTracer
 from opentelemetry.instrumentation.sqlalchemy.version import __version__ as sqlalchemy_instrumentation_version
@@ -246,7 +247,13 @@ class ServerSpanMiddleware:
                 message["headers"] = [*message.get("headers", ()), (b"traceresponse", traceresponse)]
             await send(message)
 
-        context_token = context.attach(trace.set_span_in_context(span))
+        span_context_ctx = trace.set_span_in_context(span)
+        if not span.is_recording():
+            # Not sampled: every parent-based sampler (and a trace-id ratio one, which decides alike for the whole
+            # trace) drops this request's child spans anyway, so the client instrumentations (SQLAlchemy, Redis) are
+            # told to skip their per-call work, as the SDK's own exporters do for theirs.
+            span_context_ctx = context.set_value(_SUPPRESS_INSTRUMENTATION_KEY, True, span_context_ctx)
+        context_token = context.attach(span_context_ctx)
         trace_token = trace_id_var.set(trace_id)
         try:
             await self.app(scope, receive, send_with_traceresponse)

@@ -8,6 +8,7 @@ import logging
 import os
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from litestar import Litestar
@@ -21,11 +22,15 @@ from observability_support import (
     spans_by_id,
     traced,
 )
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
 from opentelemetry.trace import SpanKind
 
 from zkeb.app import create_app
 from zkeb.core.logging import JsonFormatter
+from zkeb.core.telemetry import install_tracer_provider, uninstall_tracer_provider
 from zkeb.settings import Settings
 
 from support import make_settings, problem
@@ -96,6 +101,40 @@ async def test_incoming_traceparent_is_continued_and_the_trace_id_is_in_problem_
     assert server.parent is not None
     assert format(server.context.trace_id, "032x") == trace_id
     assert format(server.parent.span_id, "016x") == parent_id
+
+
+class _KeepAllButServerSpans(Sampler):
+    """Drops SERVER spans and keeps every other span, whatever its parent says."""
+
+    def should_sample(
+        self, parent_context: Any, trace_id: int, name: str, kind: Any = None, *args: Any, **kwargs: Any
+    ) -> SamplingResult:
+        decision = Decision.DROP if kind == SpanKind.SERVER else Decision.RECORD_AND_SAMPLE
+        return SamplingResult(decision)
+
+    def get_description(self) -> str:
+        return "KeepAllButServerSpans"
+
+
+async def test_a_request_that_is_not_sampled_records_no_client_spans(settings: Settings) -> None:
+    # Under the standard samplers a child of an unsampled span is dropped anyway; this sampler would keep the
+    # database spans, so it shows that the instrumentations skip their work for a request that is not sampled.
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=_KeepAllButServerSpans())
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    _, admin_key = await create_org(settings)
+    install_tracer_provider(provider)
+    try:
+        async with AsyncTestClient(app=create_app(settings)) as client:
+            response = await client.get("/api/v1/projects", headers=auth(admin_key))
+    finally:
+        uninstall_tracer_provider()
+    assert response.status_code == 200
+    _, trace_id, _, flags = response.headers["traceresponse"].split("-")
+    assert int(flags, 16) & 0x01 == 0  # the request's span is not sampled
+    spans = exporter.get_finished_spans()
+    assert spans, "the sampler keeps the app's other spans (start-up checks, sweepers)"
+    assert [s.name for s in spans if s.context is not None and format(s.context.trace_id, "032x") == trace_id] == []
 
 
 async def test_redis_commands_are_client_spans_of_the_request(
