@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
+import base64
 import json
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -14,9 +17,20 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+import asyncpg
 import httpx
 
-__all__ = ("ROOT", "create_org", "free_port", "granian", "with_database")
+__all__ = (
+    "ROOT",
+    "add_database_option",
+    "create_database",
+    "create_org",
+    "drop_database",
+    "free_port",
+    "granian",
+    "production_env",
+    "with_database",
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,6 +39,49 @@ def with_database(url: str, name: str) -> str:
     """`url` pointing at database `name` instead."""
     parts = urlsplit(url)
     return urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, ""))
+
+
+def add_database_option(parser: argparse.ArgumentParser) -> None:
+    """`--database-url`: the PostgreSQL server (a superuser) every benchmark creates its own database on."""
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"),
+        help="a PostgreSQL superuser URL; the benchmark creates and drops its own database",
+    )
+
+
+async def create_database(server_url: str) -> str:
+    """A new, empty database on `server_url`; returns its name."""
+    name = f"zkeb_bench_{os.urandom(4).hex()}"
+    admin = await asyncpg.connect(server_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    return name
+
+
+async def drop_database(server_url: str, name: str) -> None:
+    """Drop database `name`, disconnecting whoever is still on it."""
+    admin = await asyncpg.connect(server_url)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+def production_env(database_url: str, **extra: str) -> dict[str, str]:
+    """The server's environment for a run: production mode, secrets generated for it, quiet logs, auto-migrate."""
+    return {
+        "ZKEB_ENV": "production",
+        "DATABASE_URL": database_url,
+        "ZKEB_MASTER_ENCRYPTION_KEY": base64.b64encode(secrets.token_bytes(32)).decode(),
+        "JWT_SECRET": secrets.token_urlsafe(48),
+        "API_KEY_SALT": secrets.token_urlsafe(48),
+        "LOG_LEVEL": "WARNING",
+        "ZKEB_AUTO_MIGRATE": "true",
+        **extra,
+    }
 
 
 def free_port() -> int:

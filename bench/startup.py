@@ -20,20 +20,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import hashlib
 import os
-import secrets
 import statistics
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
-import asyncpg
 import httpx
-from harness import ROOT, free_port, with_database
+from harness import ROOT, add_database_option, create_database, drop_database, free_port, production_env, with_database
 
 PRODUCTION_VENV = ROOT / ".bench" / "venv-production"
 TARGET_SECONDS = 2.0
@@ -93,36 +89,11 @@ def _time_to_ready(python: Path, env: dict[str, str]) -> float:
         server.wait(timeout=30)
 
 
-async def _create_database(server_url: str, name: str) -> None:
-    admin = await asyncpg.connect(server_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-
-
-async def _drop_database(server_url: str, name: str) -> None:
-    admin = await asyncpg.connect(server_url)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
-
-
 def run(server_url: str, redis_url: str | None, runs: int) -> bool:
     """Time both installs; True when the production install meets the target."""
     production = _production_python()
-    name = f"zkeb_bench_{uuid.uuid4().hex[:8]}"
-    asyncio.run(_create_database(server_url, name))
-    env = {
-        "ZKEB_ENV": "production",
-        "DATABASE_URL": with_database(server_url, name),
-        "ZKEB_MASTER_ENCRYPTION_KEY": base64.b64encode(secrets.token_bytes(32)).decode(),
-        "JWT_SECRET": secrets.token_urlsafe(48),
-        "API_KEY_SALT": secrets.token_urlsafe(48),
-        "ZKEB_AUTO_MIGRATE": "true",
-        "LOG_LEVEL": "WARNING",
-    }
+    name = asyncio.run(create_database(server_url))
+    env = production_env(with_database(server_url, name))
     if redis_url:
         env["REDIS_URL"] = redis_url
     try:
@@ -134,7 +105,7 @@ def run(server_url: str, redis_url: str | None, runs: int) -> bool:
             results["production"].append(_time_to_ready(production, env))
             results["development"].append(_time_to_ready(Path(sys.executable), env))
     finally:
-        asyncio.run(_drop_database(server_url, name))
+        asyncio.run(drop_database(server_url, name))
     print(f"\nstart-up to ready on a migrated database, {runs} runs each (target < {TARGET_SECONDS:.0f} s)\n")
     print(f"{'install':<12} {'median s':>9} {'min s':>7} {'max s':>7}")
     for label, times in results.items():
@@ -147,11 +118,7 @@ def run(server_url: str, redis_url: str | None, runs: int) -> bool:
 def main() -> None:
     """Parse arguments and run."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--database-url",
-        default=os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"),
-        help="a PostgreSQL superuser URL; the benchmark creates and drops its own database",
-    )
+    add_database_option(parser)
     parser.add_argument(
         "--redis-url",
         default=os.environ.get("BENCH_REDIS_URL"),

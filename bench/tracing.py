@@ -21,18 +21,26 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import os
-import secrets
 import statistics
 import subprocess
 import sys
 import time
-import uuid
 
 import aiohttp
-import asyncpg
-from harness import ROOT, create_org, free_port, granian, with_database
+from harness import (
+    ROOT,
+    add_database_option,
+    create_database,
+    create_org,
+    drop_database,
+    free_port,
+    granian,
+    production_env,
+    with_database,
+)
+
+WARM_UP_SECONDS = 1.5
 
 SINK = """
 import sys
@@ -65,10 +73,10 @@ async def _drive(url: str, headers: dict[str, str], seconds: float, concurrency:
                     else:
                         failures += 1
 
-        # Warm-up: connections open, caches filled.
-        for _ in range(50):
-            async with session.get(url) as response:
-                await response.read()
+        # Warm-up at full concurrency: every keep-alive and pool connection open, caches filled.
+        stop = time.monotonic() + WARM_UP_SECONDS
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        done = 0
         started = time.monotonic()
         stop = started + seconds
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -80,24 +88,12 @@ async def _drive(url: str, headers: dict[str, str], seconds: float, concurrency:
 
 async def run(server_url: str, seconds: float, rounds: int, concurrency: int, ratio: float) -> None:
     """Create a database, measure each mode in alternation, print the table, drop the database."""
-    name = f"zkeb_bench_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(server_url)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    await admin.close()
+    name = await create_database(server_url)
     sink_port = free_port()
     sink = subprocess.Popen([sys.executable, "-c", SINK, str(sink_port)])  # noqa: ASYNC220 - a benchmark's setup
-    env = {
-        "ZKEB_ENV": "production",
-        "DATABASE_URL": with_database(server_url, name),
-        "ZKEB_MASTER_ENCRYPTION_KEY": base64.b64encode(secrets.token_bytes(32)).decode(),
-        "JWT_SECRET": secrets.token_urlsafe(48),
-        "API_KEY_SALT": secrets.token_urlsafe(48),
-        "LOG_LEVEL": "WARNING",
-        "ENABLE_RATE_LIMITING": "false",
-        "ENABLE_AUDIT_LOGS": "true",
-        "ZKEB_AUTO_MIGRATE": "true",
-        "DB_POOL_SIZE": "10",
-    }
+    env = production_env(
+        with_database(server_url, name), ENABLE_RATE_LIMITING="false", ENABLE_AUDIT_LOGS="true", DB_POOL_SIZE="10"
+    )
     base_env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
     os.environ.clear()
     os.environ.update(base_env)
@@ -141,21 +137,15 @@ async def run(server_url: str, seconds: float, rounds: int, concurrency: int, ra
     finally:
         sink.terminate()
         sink.wait(timeout=10)
-        admin = await asyncpg.connect(server_url)
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+        await drop_database(server_url, name)
 
 
 def main() -> None:
     """Parse arguments and run."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--database-url",
-        default=os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"),
-        help="a PostgreSQL superuser URL; the benchmark creates and drops its own database",
-    )
+    add_database_option(parser)
     parser.add_argument("--seconds", type=float, default=8.0)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument(
         "--sampler-ratio",

@@ -21,7 +21,6 @@ import asyncio
 import base64
 import hashlib
 import os
-import secrets
 import statistics
 import subprocess
 import sys
@@ -36,7 +35,16 @@ import httpx
 import psutil
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from harness import ROOT, create_org, granian, with_database
+from harness import (
+    ROOT,
+    add_database_option,
+    create_database,
+    create_org,
+    drop_database,
+    granian,
+    production_env,
+    with_database,
+)
 
 from zkeb.lib.envelope import backup_signed_message, format_rfc3339_utc
 
@@ -231,24 +239,9 @@ def _mibps(size: int, seconds: float) -> float:
 
 async def run(server_url: str, repeats: int) -> None:
     """Create a database, start the server, measure, print the table, drop the database."""
-    name = f"zkeb_bench_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(server_url)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    await admin.close()
+    name = await create_database(server_url)
     database_url = with_database(server_url, name)
-    env = {
-        "ZKEB_ENV": "production",
-        "DATABASE_URL": database_url,
-        "ZKEB_MASTER_ENCRYPTION_KEY": base64.b64encode(secrets.token_bytes(32)).decode(),
-        "JWT_SECRET": secrets.token_urlsafe(48),
-        "API_KEY_SALT": secrets.token_urlsafe(48),
-        "MAX_UPLOAD_SIZE": "128MiB",
-        "LOG_LEVEL": "WARNING",
-        "ENABLE_RATE_LIMITING": "false",
-        "ZKEB_AUTO_MIGRATE": "true",
-        "DB_POOL_SIZE": "10",
-    }
-    env.pop("REDIS_URL", None)
+    env = production_env(database_url, MAX_UPLOAD_SIZE="128MiB", ENABLE_RATE_LIMITING="false", DB_POOL_SIZE="10")
     try:
         subprocess.run(  # noqa: ASYNC221 - set-up before anything is measured
             [sys.executable, "-m", "zkeb", "db", "upgrade"], env={**os.environ, **env}, check=True, cwd=ROOT,
@@ -300,19 +293,13 @@ async def run(server_url: str, repeats: int) -> None:
             f"after the 100 MiB runs, difference {(last - first) / 1024:.1f} MiB"
         )
     finally:
-        admin = await asyncpg.connect(server_url)
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+        await drop_database(server_url, name)
 
 
 def main() -> None:
     """Parse arguments and run."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--database-url",
-        default=os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"),
-        help="a PostgreSQL superuser URL; the benchmark creates and drops its own database",
-    )
+    add_database_option(parser)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     asyncio.run(run(args.database_url, args.repeats))

@@ -52,6 +52,19 @@ async def tenant(http: httpx.AsyncClient, base_settings_env: dict[str, str], dat
     return await make_tenant(http, make_settings(base_settings_env, DATABASE_URL=database_url))
 
 
+async def _create_upload(http: httpx.AsyncClient, tenant: Tenant, envelope: Envelope) -> httpx.Response:
+    """A tus upload created for `envelope` (nothing sent yet)."""
+    created = await http.post(
+        "/api/v1/uploads",
+        headers=tus_headers(
+            tenant.project_key,
+            **{"Upload-Length": str(len(envelope.payload)), "Upload-Metadata": envelope.tus_metadata()},
+        ),
+    )
+    assert created.status_code == 201, created.text
+    return created
+
+
 async def _restore(http: httpx.AsyncClient, tenant: Tenant, container: str) -> bytes:
     latest = await http.get(f"/api/v1/containers/{container}/backups/latest", headers=auth(tenant.project_key))
     assert latest.status_code == 200, latest.text
@@ -115,12 +128,7 @@ async def test_patch_cut_by_the_network_keeps_received_bytes_and_resumes(
 ) -> None:
     payload = os.urandom(5 * MIB + 11)
     envelope = sign_envelope(tenant, payload)
-    created = await http.post(
-        "/api/v1/uploads",
-        headers=tus_headers(
-            tenant.project_key, **{"Upload-Length": str(len(payload)), "Upload-Metadata": envelope.tus_metadata()}
-        ),
-    )
+    created = await _create_upload(http, tenant, envelope)
     location = created.headers["location"]
     sent = 2 * MIB + 500_000
     await asyncio.to_thread(
@@ -200,12 +208,7 @@ async def test_streamed_tus_patch_from_a_generator(
         for start in range(0, len(payload), 300_000):
             yield payload[start : start + 300_000]
 
-    created = await http.post(
-        "/api/v1/uploads",
-        headers=tus_headers(
-            tenant.project_key, **{"Upload-Length": str(len(payload)), "Upload-Metadata": envelope.tus_metadata()}
-        ),
-    )
+    created = await _create_upload(http, tenant, envelope)
     digest = base64.b64encode(hashlib.sha256(payload).digest()).decode()
     patched = await http.patch(
         created.headers["location"],
@@ -237,12 +240,7 @@ async def test_a_stalled_download_holds_no_transaction_open_and_then_completes(
     # Far more than the socket buffers and the server's read-ahead, so the server must wait for this client.
     payload = os.urandom(48 * MIB + 7)
     envelope = sign_envelope(tenant, payload)
-    created = await http.post(
-        "/api/v1/uploads",
-        headers=tus_headers(
-            tenant.project_key, **{"Upload-Length": str(len(payload)), "Upload-Metadata": envelope.tus_metadata()}
-        ),
-    )
+    created = await _create_upload(http, tenant, envelope)
     patched = await http.patch(
         created.headers["location"],
         content=payload,
