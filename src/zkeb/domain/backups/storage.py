@@ -66,8 +66,9 @@ CHUNK_SIZE = 1 << 20
 WRITE_QUEUE_DEPTH = 2
 #: Most chunks inserted in one transaction.
 WRITE_BATCH = 2
-#: Chunks fetched per query on restore, and decrypted chunks buffered ahead of the client. Measured with
-#: bench/upload.py: 4 per query restores ~20 % faster but grows peak RSS past the 16 MiB flat-memory target.
+#: Chunks fetched per query on restore, and decrypted chunks buffered ahead of the client. With queries following
+#: each other in one transaction (READ_TRANSACTION_SECONDS), 2 per query already matches asyncpg's own read
+#: ceiling in bench/upload.py; more per query would only add memory (1 per query was ~20 % slower).
 READ_BATCH = 2
 READ_QUEUE_DEPTH = 2
 #: Fetched (still encrypted) batches waiting to be decrypted.
