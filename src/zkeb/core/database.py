@@ -29,6 +29,7 @@ from zkeb.db.models import TENANT_TABLES
 from zkeb.settings import Settings
 
 __all__ = (
+    "POOL_TIMEOUT_SECONDS",
     "RUNTIME_ROLE",
     "RuntimeRoleError",
     "check_runtime_role",
@@ -43,6 +44,8 @@ __all__ = (
 logger = logging.getLogger("zkeb.database")
 
 RUNTIME_ROLE = "zkeb_app"
+#: How long a request waits for a free pooled connection before it is answered 503.
+POOL_TIMEOUT_SECONDS = 5.0
 VERSION_TABLE = "alembic_version"
 
 
@@ -111,12 +114,17 @@ def create_app_engine(settings: Settings, url: str) -> AsyncEngine:
     """The request-serving engine: `DB_POOL_SIZE` connections logged in as the runtime role.
 
     `url` is the owner's URL (`DATABASE_URL`); the engine swaps in the runtime role's credentials.
+
+    The pool is fixed: no overflow. With overflow, load that hovers around the pool size keeps opening connections
+    and closing them again on check-in, and each new connection costs a SCRAM login on both sides; measured with
+    16 concurrent listing requests on a pool of 10, ~1900 logins in 8000 requests and ~70 % more CPU per request.
+    A request that finds every connection busy waits up to `POOL_TIMEOUT_SECONDS`, then gets a 503.
     """
     return create_async_engine(
         runtime_role_url(url),
         pool_size=settings.db_pool_size,
-        max_overflow=max(settings.db_pool_size // 2, 1),
-        pool_timeout=5,
+        max_overflow=0,
+        pool_timeout=POOL_TIMEOUT_SECONDS,
         pool_pre_ping=False,
         pool_recycle=1800,
         connect_args=_connect_args(settings),

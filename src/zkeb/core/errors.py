@@ -19,6 +19,7 @@ from advanced_alchemy.exceptions import RepositoryError
 from litestar import MediaType, Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.types import ExceptionHandlersMap
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 __all__ = (
     "PROBLEM_JSON",
@@ -144,6 +145,8 @@ def _repository_problem(request: Request[Any, Any, Any], exc: RepositoryError) -
         return problem_response(request, 404, "not found")
     if isinstance(exc, RepositoryIntegrityError):
         return problem_response(request, 409, "the request conflicts with existing data")
+    if isinstance(exc.__cause__, PoolTimeoutError):
+        return _pool_timeout_problem(request, exc.__cause__)
     return _unexpected_exception_handler(request, exc)
 
 
@@ -163,6 +166,14 @@ def _http_exception_handler(request: Request[Any, Any, Any], exc: HTTPException)
     return problem_response(request, exc.status_code, detail, headers=headers, extra=extra, problem_type=problem_type)
 
 
+def _pool_timeout_problem(request: Request[Any, Any, Any], exc: PoolTimeoutError) -> Response[dict[str, Any]]:
+    """Every pooled database connection stayed busy for the pool's whole timeout: overloaded, retry shortly."""
+    logger.warning("database pool exhausted on %s %s: %s", request.method, request.url.path, exc)
+    return problem_response(
+        request, 503, "the server is busy (no database connection free); retry shortly", headers={"Retry-After": "1"}
+    )
+
+
 def _unexpected_exception_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
     logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return problem_response(request, 500, "An unexpected error occurred; quote the request id when reporting it")
@@ -173,6 +184,7 @@ def exception_handlers() -> ExceptionHandlersMap:
     return {
         HTTPException: _http_exception_handler,
         RepositoryError: _repository_problem,
+        PoolTimeoutError: _pool_timeout_problem,
         Exception: _unexpected_exception_handler,
     }
 

@@ -79,6 +79,7 @@ __all__ = (
     "BACKUP_BYTES_UPLOADED",
     "BACKUP_PAYLOAD_SIZE",
     "DATA_KEYS_REWRAPPED",
+    "DB_CONNECTIONS_OPENED",
     "MAINTENANCE_PASSES",
     "METRICS_SECURITY_SCHEME",
     "ORPHAN_PAYLOADS_PURGED",
@@ -120,7 +121,12 @@ DB_POOL_IN_USE = Gauge(
 )
 DB_POOL_SIZE = Gauge("zkeb_db_pool_size", "Configured pool size (DB_POOL_SIZE).", multiprocess_mode="livesum")
 DB_POOL_MAX = Gauge(
-    "zkeb_db_pool_connections_max", "Most connections the pool may open (size + overflow).", multiprocess_mode="livesum"
+    "zkeb_db_pool_connections_max",
+    "Most connections the pool may open (the pool is fixed: its size).",
+    multiprocess_mode="livesum",
+)
+DB_CONNECTIONS_OPENED = Counter(
+    "zkeb_db_connections_opened_total", "Database connections the request pool has opened (logins; churn shows here)."
 )
 REDIS_ERRORS = Counter("zkeb_redis_errors_total", "Redis commands that failed after retries.", ["operation"])
 
@@ -276,24 +282,28 @@ class MetricsController(Controller):
         return Response(body, media_type=CONTENT_TYPE_LATEST, headers={"Cache-Control": "no-store"})
 
 
-def _watch_pool(engine: AsyncEngine, settings: Settings) -> None:
+def _watch_pool(engine: AsyncEngine) -> None:
     pool = engine.sync_engine.pool
     if not isinstance(pool, QueuePool):
         return
     DB_POOL_SIZE.set(pool.size())
-    DB_POOL_MAX.set(pool.size() + max(settings.db_pool_size // 2, 1))
+    DB_POOL_MAX.set(pool.size())
 
     def update(*_: Any) -> None:
         DB_POOL_IN_USE.set(pool.checkedout())
 
+    def opened(*_: Any) -> None:
+        DB_CONNECTIONS_OPENED.inc()
+
     event.listen(pool, "checkout", update)
     event.listen(pool, "checkin", update)
+    event.listen(pool, "connect", opened)
 
 
 def install_metrics(app_config: AppConfig, settings: Settings, engine: AsyncEngine) -> None:
     """Add `/metrics`, pool gauges and, in multiprocess mode, a sampler that keeps this worker's gauges fresh."""
     app_config.route_handlers.append(MetricsController)
-    _watch_pool(engine, settings)
+    _watch_pool(engine)
     BUILD_INFO.labels(version=settings.version, commit=settings.commit).set(1)
     sampler: asyncio.Task[None] | None = None
 

@@ -14,13 +14,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
-from sqlalchemy.ext.asyncio import async_sessionmaker
 
-from zkeb.core.database import create_app_engine
-from zkeb.core.tenancy import install_tenant_setter
-from zkeb.domain.accounts.services import OrganizationService
 from zkeb.lib.envelope import auth_message
-from zkeb.settings import Settings
+
+from support import create_org
 
 __all__ = (
     "ACCOUNT_TABLES",
@@ -42,21 +39,6 @@ Client = AsyncTestClient[Litestar]
 def auth(credential: str) -> dict[str, str]:
     """The Authorization header for a bearer credential."""
     return {"Authorization": f"Bearer {credential}"}
-
-
-async def create_org(settings: Settings, name: str) -> tuple[uuid.UUID, str]:
-    """A new organization and its first org admin key, made as `zkeb admin create-org` does."""
-    assert settings.database_url is not None
-    install_tenant_setter()
-    engine = create_app_engine(settings, settings.database_url)
-    try:
-        async with async_sessionmaker(engine, expire_on_commit=False)() as session:
-            organization, admin_key = await OrganizationService(session=session).create_with_admin_key(
-                name, salt=settings.secrets.api_key_salt, settings=settings
-            )
-    finally:
-        await engine.dispose()
-    return organization.id, admin_key.key
 
 
 async def create_project(client: Client, admin_key: str, name: str, **policy: Any) -> dict[str, Any]:

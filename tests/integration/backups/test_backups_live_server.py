@@ -22,7 +22,6 @@ from backups_support import (
     Envelope,
     Tenant,
     auth,
-    granian_server,
     make_tenant,
     row_counts,
     sign_envelope,
@@ -30,7 +29,7 @@ from backups_support import (
 )
 from tusclient import client as tus_client
 
-from support import make_settings
+from support import granian_server, make_settings
 
 OCTETS = "application/offset+octet-stream"
 

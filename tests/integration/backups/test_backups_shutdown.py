@@ -17,9 +17,9 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
-from backups_support import MIB, Tenant, auth, free_port, make_tenant, sign_envelope, tus_headers
+from backups_support import MIB, Tenant, auth, make_tenant, sign_envelope, tus_headers
 
-from support import make_settings
+from support import free_port, make_settings
 
 OCTETS = "application/offset+octet-stream"
 GRACE_SECONDS = 30

@@ -19,14 +19,11 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from sqlalchemy.ext.asyncio import async_sessionmaker
 
-from zkeb.core.database import create_app_engine
 from zkeb.core.telemetry import install_tracer_provider, uninstall_tracer_provider
-from zkeb.core.tenancy import install_tenant_setter
-from zkeb.domain.accounts.services import OrganizationService
 from zkeb.lib.envelope import backup_signed_message, format_rfc3339_utc
-from zkeb.settings import Settings
+
+from support import create_org
 
 __all__ = (
     "auth",
@@ -65,21 +62,6 @@ def spans_by_id(spans: tuple[ReadableSpan, ...]) -> dict[int, ReadableSpan]:
 def auth(credential: str) -> dict[str, str]:
     """The Authorization header for a bearer credential."""
     return {"Authorization": f"Bearer {credential}"}
-
-
-async def create_org(settings: Settings, name: str | None = None) -> tuple[uuid.UUID, str]:
-    """A new organization and its org admin key, as `zkeb admin create-org` makes them."""
-    assert settings.database_url is not None
-    install_tenant_setter()
-    engine = create_app_engine(settings, settings.database_url)
-    try:
-        async with async_sessionmaker(engine, expire_on_commit=False)() as session:
-            organization, admin_key = await OrganizationService(session=session).create_with_admin_key(
-                name or f"org-{uuid.uuid4().hex[:8]}", salt=settings.secrets.api_key_salt, settings=settings
-            )
-    finally:
-        await engine.dispose()
-    return organization.id, admin_key.key
 
 
 async def create_project_key(client: Client, admin_key: str) -> tuple[dict[str, Any], str]:

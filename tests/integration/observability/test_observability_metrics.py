@@ -89,7 +89,7 @@ async def test_request_counters_latency_and_pool_gauges_move_as_requests_happen(
         == 1
     )
     assert _value(after, "zkeb_db_pool_size") >= 1
-    assert _value(after, "zkeb_db_pool_connections_max") > _value(after, "zkeb_db_pool_size")
+    assert _value(after, "zkeb_db_pool_connections_max") == _value(after, "zkeb_db_pool_size")  # a fixed pool
     assert ("zkeb_db_pool_connections_in_use", ()) in after
     assert _value(after, "zkeb_process_resident_memory_bytes") > 0
     assert ("zkeb_tus_sessions_open", ()) in after
