@@ -32,8 +32,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
-from advanced_alchemy.repository import SQLAlchemyAsyncRepository
-from advanced_alchemy.service import SQLAlchemyAsyncRepositoryService
 from litestar.connection import ASGIConnection
 from litestar.exceptions import ClientException
 from opentelemetry import trace
@@ -45,6 +43,7 @@ from zkeb.core.auth import Principal
 from zkeb.core.errors import NotFoundError, ProblemError
 from zkeb.core.metrics import BACKUPS_PURGED, BACKUPS_RESTORED, BACKUPS_TRASHED
 from zkeb.db.models import Backup, Payload, Project
+from zkeb.domain.backups.repository import BackupRepositoryService
 from zkeb.lib.cursors import decode_keyset_cursor, encode_keyset_cursor
 from zkeb.settings import Settings
 
@@ -304,21 +303,8 @@ def decode_trash_cursor(cursor: str) -> tuple[datetime, UUID]:
         raise ClientException("cursor is malformed; pass back next_cursor unchanged") from None
 
 
-class LifecycleService(SQLAlchemyAsyncRepositoryService[Backup]):
+class LifecycleService(BackupRepositoryService):
     """Quota checks, usage, the trash (delete, list, restore, purge) and append-only rules, for one request."""
-
-    class Repo(SQLAlchemyAsyncRepository[Backup]):
-        """Backup repository."""
-
-        model_type = Backup
-
-    repository_type = Repo
-
-    @property
-    def session(self) -> AsyncSession:
-        """The unit of work (the request's session)."""
-        session: AsyncSession = self.repository.session
-        return session
 
     async def check_quota(self, project_id: UUID, size: int) -> None:
         """Refuse an upload of `size` bytes that cannot fit now (the commit checks again, atomically).

@@ -11,13 +11,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from uuid import UUID
 
-from advanced_alchemy.repository import SQLAlchemyAsyncRepository
-from advanced_alchemy.service import SQLAlchemyAsyncRepositoryService
 from litestar.exceptions import ClientException
 from opentelemetry import trace
 from sqlalchemy import delete, literal, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
 from uuid_utils.compat import uuid7
 
 from zkeb.core.auth import Principal
@@ -30,6 +27,7 @@ from zkeb.domain.backups.lifecycle import (
     charge_quota,
     record_retention_events,
 )
+from zkeb.domain.backups.repository import BackupRepositoryService
 from zkeb.domain.backups.schemas import BackupEnvelope, BackupRead, BackupReadMsgpack, invalid_field
 from zkeb.domain.backups.storage import ChunkSpan, PayloadCrypto, PayloadKey
 from zkeb.lib.atrest import ChunkCipher
@@ -148,21 +146,8 @@ def backup_read_msgpack(backup: Backup) -> BackupReadMsgpack:
     )
 
 
-class BackupService(SQLAlchemyAsyncRepositoryService[Backup]):
+class BackupService(BackupRepositoryService):
     """Committed backups and the rows an upload needs on its way to becoming one."""
-
-    class Repo(SQLAlchemyAsyncRepository[Backup]):
-        """Backup repository."""
-
-        model_type = Backup
-
-    repository_type = Repo
-
-    @property
-    def session(self) -> AsyncSession:
-        """The unit of work (the request's session)."""
-        session: AsyncSession = self.repository.session
-        return session
 
     # --- uploads -------------------------------------------------------------------------------------------------
 
