@@ -439,12 +439,12 @@ class _PayloadReader:
                             index += len(batch)
                             try:  # hand the batch over, but commit rather than wait past the deadline
                                 async with asyncio.timeout_at(deadline):
-                                    await self._fetched.put(list(rows))
+                                    await self._fetched.put(rows)
                             except TimeoutError:
-                                left_over = list(rows)
+                                left_over = rows
                                 break
                             finally:
-                                del rows
+                                del rows  # the decrypter frees each chunk as it goes; hold none here
                             if loop.time() >= deadline:
                                 break
                     span.set_attribute("zkeb.chunk_count", index - first)
