@@ -13,6 +13,10 @@ When on:
   `deployment.environment.name` come from the settings unless given); `OTEL_TRACES_SAMPLER[_ARG]` pick the
   sampler (SDK default `parentbased_always_on`); `OTEL_BSP_*` tune the batch processor; `OTEL_SDK_DISABLED=true`
   wins over everything.
+- `OTEL_PYTHON_EXCLUDED_URLS` (or `OTEL_PYTHON_LITESTAR_EXCLUDED_URLS`, the name Litestar's own OpenTelemetry
+  plugin reads): comma-separated regular expressions searched in each request's URL, as the contrib ASGI
+  middleware does (e.g. `/api/health/` keeps load-balancer probes out of the traces). A matching request makes no
+  spans at all.
 
 Per request: a server span from `ServerSpanMiddleware` (named `METHOD /route/{template}`, W3C `traceparent`
 honoured, `traceresponse` header returned), client spans from the official SQLAlchemy (statement
@@ -44,7 +48,8 @@ from opentelemetry.sdk.resources import OTELResourceDetector, Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SimpleSpanProcessor, SpanExporter
 from opentelemetry.semconv.attributes.http_attributes import HTTP_ROUTE
-from opentelemetry.trace import SpanKind, Status, StatusCode, format_span_id, format_trace_id
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.util.http import ExcludeList, get_excluded_urls
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -208,19 +213,19 @@ class ServerSpanMiddleware:
     The contrib middleware cost several times more per request (see bench/tracing.py), which is why this exists.
     """
 
-    def __init__(self, app: ASGIApp, tracer: trace.Tracer) -> None:
+    def __init__(self, app: ASGIApp, tracer: trace.Tracer, excluded: ExcludeList | None = None) -> None:
         self.app = app
         self.tracer = tracer
+        self.excluded = excluded or ExcludeList(())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != ScopeType.HTTP:
             await self.app(scope, receive, send)
             return
-        carrier: dict[str, str] | None = None
-        for name, value in scope["headers"]:
-            if name in _PROPAGATION_HEADERS:
-                carrier = carrier or {}
-                carrier[name.decode("latin-1")] = value.decode("latin-1")
+        carrier, host = _read_headers(scope)
+        if self.excluded.url_disabled(f"{scope.get('scheme', 'http')}://{host}{scope['path']}"):
+            await self._untraced(scope, receive, send)
+            return
         method = scope["method"]
         span = self.tracer.start_span(
             method,
@@ -234,17 +239,17 @@ class ServerSpanMiddleware:
             },
         )
         span_context = span.get_span_context()
-        trace_id = format_trace_id(span_context.trace_id)
-        span_id = format_span_id(span_context.span_id)
+        traceresponse = f"00-{span_context.trace_id:032x}-{span_context.span_id:016x}-{span_context.trace_flags:02x}"
+        trace_id, span_id = traceresponse[3:35], traceresponse[36:52]
         cast("dict[str, Any]", scope)[SPAN_CONTEXT_SCOPE_KEY] = (trace_id, span_id)
-        traceresponse = f"00-{trace_id}-{span_id}-{int(span_context.trace_flags):02x}".encode()
+        traceresponse_header = traceresponse.encode()
         status = 0
 
         async def send_with_traceresponse(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", ()), (b"traceresponse", traceresponse)]
+                message["headers"] = [*message.get("headers", ()), (b"traceresponse", traceresponse_header)]
             await send(message)
 
         span_context_ctx = trace.set_span_in_context(span)
@@ -264,20 +269,46 @@ class ServerSpanMiddleware:
             raise
         finally:
             if span.is_recording():
-                template = scope.get("path_template")
-                if template:
-                    span.update_name(f"{method} {template}")
-                    span.set_attribute(HTTP_ROUTE, template)
-                if status:
-                    span.set_attribute("http.response.status_code", status)
-                    if status >= 500:
-                        span.set_status(Status(StatusCode.ERROR))
+                _record_outcome(span, method, scope.get("path_template"), status)
             span.end()
             trace_id_var.reset(trace_token)
             context.detach(context_token)
 
+    async def _untraced(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # Excluded (OTEL_PYTHON_[LITESTAR_]EXCLUDED_URLS): no server span, and no client spans either, which would
+        # otherwise each start a trace of their own.
+        token = context.attach(context.set_value(_SUPPRESS_INSTRUMENTATION_KEY, True))
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            context.detach(token)
+
 
 _PROPAGATION_HEADERS = frozenset({b"traceparent", b"tracestate", b"baggage"})
+
+
+def _read_headers(scope: Scope) -> tuple[dict[str, str] | None, str]:
+    """The trace-propagation headers (None when there are none) and the Host header."""
+    carrier: dict[str, str] | None = None
+    host = ""
+    for name, value in scope["headers"]:
+        if name in _PROPAGATION_HEADERS:
+            carrier = carrier or {}
+            carrier[name.decode("latin-1")] = value.decode("latin-1")
+        elif name == b"host":
+            host = value.decode("latin-1")
+    return carrier, host
+
+
+def _record_outcome(span: trace.Span, method: str, template: str | None, status: int) -> None:
+    """Name the span after the route template and record the response status (5xx is an error)."""
+    if template:
+        span.update_name(f"{method} {template}")
+        span.set_attribute(HTTP_ROUTE, template)
+    if status:
+        span.set_attribute("http.response.status_code", status)
+        if status >= 500:
+            span.set_status(Status(StatusCode.ERROR))
 
 
 def instrument_app(
@@ -296,7 +327,7 @@ def instrument_app(
     def wrap(app: Litestar) -> None:
         # At start-up, outside the request-id middleware that create_app adds after the plugins ran.
         if not isinstance(app.asgi_handler, ServerSpanMiddleware):
-            app.asgi_handler = ServerSpanMiddleware(app.asgi_handler, server_tracer)
+            app.asgi_handler = ServerSpanMiddleware(app.asgi_handler, server_tracer, get_excluded_urls("LITESTAR"))
 
     app_config.on_startup.insert(0, wrap)
     tracer = trace.get_tracer(

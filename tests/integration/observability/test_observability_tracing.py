@@ -137,6 +137,31 @@ async def test_a_request_that_is_not_sampled_records_no_client_spans(settings: S
     assert [s.name for s in spans if s.context is not None and format(s.context.trace_id, "032x") == trace_id] == []
 
 
+@pytest.mark.parametrize("variable", ["OTEL_PYTHON_EXCLUDED_URLS", "OTEL_PYTHON_LITESTAR_EXCLUDED_URLS"])
+async def test_excluded_urls_make_no_spans_at_all_and_other_requests_stay_traced(
+    base_settings_env: dict[str, str], database_url: str, monkeypatch: pytest.MonkeyPatch, variable: str
+) -> None:
+    monkeypatch.setenv(variable, "/api/health/, unused-pattern")
+    # No background maintenance pass, whose spans would land in the exporter at any moment.
+    settings = make_settings(base_settings_env, DATABASE_URL=database_url, MAINTENANCE_INTERVAL="0")
+    _, admin_key = await create_org(settings)
+    with traced() as exporter:
+        async with AsyncTestClient(app=create_app(settings)) as client:
+            exporter.clear()
+            ready = await client.get("/api/health/ready")  # runs a SQL statement
+            excluded_spans = exporter.get_finished_spans()
+            listing = await client.get("/api/v1/projects", headers=auth(admin_key))
+            spans = exporter.get_finished_spans()
+
+    assert ready.status_code == 200
+    assert "traceresponse" not in ready.headers
+    assert [(s.kind, s.name) for s in excluded_spans] == []
+    assert listing.status_code == 200
+    server = next(s for s in spans if s.kind == SpanKind.SERVER)
+    assert server.name == "GET /api/v1/projects"
+    assert [s for s in spans if (s.attributes or {}).get("db.system") == "postgresql"]
+
+
 async def test_redis_commands_are_client_spans_of_the_request(
     base_settings_env: dict[str, str], database_url: str, redis_url: str
 ) -> None:
