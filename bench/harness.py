@@ -19,6 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import httpx
+import psutil
 
 __all__ = (
     "ROOT",
@@ -30,6 +31,7 @@ __all__ = (
     "granian",
     "production_env",
     "with_database",
+    "worker_pid",
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -126,6 +128,12 @@ def granian(env: dict[str, str]) -> Iterator[tuple[str, subprocess.Popen[bytes]]
         server.terminate()
         server.wait(timeout=30)
         log.close()
+
+
+def worker_pid(server: subprocess.Popen[bytes]) -> int:
+    """The pid of granian's (single) worker process under `server`, the one that runs the app."""
+    children = psutil.Process(server.pid).children(recursive=True)
+    return children[0].pid if children else server.pid
 
 
 def create_org(env: dict[str, str]) -> str:

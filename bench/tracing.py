@@ -1,20 +1,26 @@
-"""What tracing costs: small-request throughput with OpenTelemetry off vs on (OTLP/HTTP to a local sink).
+"""What tracing costs: small-request throughput and server CPU with OpenTelemetry off vs on (OTLP/HTTP export).
 
     uv run python bench/tracing.py            # DATABASE_URL of a PostgreSQL superuser, default the local one
 
 Same harness as bench/upload.py: `granian --interface asgi --factory zkeb.app:create_app`, one worker, production
 settings (ZKEB_ENV=production, secrets generated for this run, a fresh database, rate limiting off so the load is
-not refused). Two endpoints:
+not refused). Three servers run side by side for the whole run, one per mode: tracing off; tracing on with every
+request sampled (`parentbased_always_on`, the SDK default); tracing on with `OTEL_TRACES_SAMPLER=
+parentbased_traceidratio` and `OTEL_TRACES_SAMPLER_ARG=--sampler-ratio` (default 0.1). Both traced servers export
+over OTLP/HTTP (`OTEL_EXPORTER_OTLP_ENDPOINT`) to a sink process that accepts and discards it. Two requests:
 
 - `GET /api/health/live` (no credential, no database),
-- `GET /api/v1/projects` with an org admin key (API-key lookup and a listing: three database round trips).
+- `GET /api/v1/projects` with an org admin key (API-key lookup and a listing: three SQL statements).
 
-Each is driven for `--seconds` by `--concurrency` aiohttp connections in three server modes, in turn, `--rounds`
-times: tracing off; tracing on with every request sampled (`parentbased_always_on`, the SDK default); tracing on
-with `OTEL_TRACES_SAMPLER=parentbased_traceidratio` and `OTEL_TRACES_SAMPLER_ARG=--sampler-ratio` (default 0.1).
-Both traced modes export over OTLP/HTTP (`OTEL_EXPORTER_OTLP_ENDPOINT`) to a sink process that accepts and
-discards it. The median of each is reported with its cost relative to off. The load generator shares the machine
-with the server, so absolute numbers understate a real deployment; the ratios are the point.
+For each request, every server is warmed up, then driven in turn for `--seconds` by `--concurrency` aiohttp
+connections, `--rounds` times, the order rotating each round. Each round's traced throughput is compared with the
+same round's untraced one, so the machine getting faster or slower between rounds cancels out; the table shows the
+median of those paired costs. It also shows the granian worker's CPU time per request (all its threads, the span
+exporter's included, read from the kernel after the run and a settling second in which the last batch is
+exported): on a server whose CPU is the limit, throughput falls by `1 - cpu_off / cpu_on`, whatever share of the
+machine the load generator takes. The batch processor's schedule delay is 500 ms (`OTEL_BSP_SCHEDULE_DELAY`)
+instead of 5 s so that a run's spans are exported within its settling second, not during the next server's run;
+that makes batches smaller, not cheaper.
 """
 
 from __future__ import annotations
@@ -26,8 +32,11 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import ExitStack
+from dataclasses import dataclass
 
 import aiohttp
+import psutil
 from harness import (
     ROOT,
     add_database_option,
@@ -38,9 +47,11 @@ from harness import (
     granian,
     production_env,
     with_database,
+    worker_pid,
 )
 
 WARM_UP_SECONDS = 1.5
+SETTLE_SECONDS = 1.0
 
 SINK = """
 import sys
@@ -55,13 +66,14 @@ ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
 """
 
 
-async def _drive(url: str, headers: dict[str, str], seconds: float, concurrency: int) -> float:
-    """Requests per second answered 200 by `url` under `concurrency` keep-alive connections."""
+async def _drive(url: str, headers: dict[str, str], seconds: float, concurrency: int) -> tuple[int, float]:
+    """Drive `url` for `seconds` over `concurrency` keep-alive connections; (requests answered 200, elapsed s)."""
     done = 0
     failures = 0
-    stop = time.monotonic() + seconds
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector, headers=headers) as session:
+        started = time.monotonic()
+        stop = started + seconds
 
         async def worker() -> None:
             nonlocal done, failures
@@ -73,21 +85,35 @@ async def _drive(url: str, headers: dict[str, str], seconds: float, concurrency:
                     else:
                         failures += 1
 
-        # Warm-up at full concurrency: every keep-alive and pool connection open, caches filled.
-        stop = time.monotonic() + WARM_UP_SECONDS
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        done = 0
-        started = time.monotonic()
-        stop = started + seconds
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.monotonic() - started
     if failures:
         raise RuntimeError(f"{failures} requests to {url} did not answer 200")
-    return done / elapsed
+    return done, elapsed
+
+
+@dataclass
+class Sample:
+    """One run of one server: requests per second and the worker's CPU seconds per request."""
+
+    rate: float
+    cpu_per_request: float
+
+
+def _cpu_seconds(pid: int) -> float:
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
+
+
+async def _measure(url: str, headers: dict[str, str], pid: int, seconds: float, concurrency: int) -> Sample:
+    before = _cpu_seconds(pid)
+    requests, elapsed = await _drive(url, headers, seconds, concurrency)
+    await asyncio.sleep(SETTLE_SECONDS)
+    return Sample(requests / elapsed, (_cpu_seconds(pid) - before) / requests)
 
 
 async def run(server_url: str, seconds: float, rounds: int, concurrency: int, ratio: float) -> None:
-    """Create a database, measure each mode in alternation, print the table, drop the database."""
+    """Create a database, start one server per mode, measure them in rotation, print the table, clean up."""
     name = await create_database(server_url)
     sink_port = free_port()
     sink = subprocess.Popen([sys.executable, "-c", SINK, str(sink_port)])  # noqa: ASYNC220 - a benchmark's setup
@@ -101,6 +127,7 @@ async def run(server_url: str, seconds: float, rounds: int, concurrency: int, ra
         "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink_port}",
         "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
         "OTEL_SERVICE_NAME": "zkeb-bench",
+        "OTEL_BSP_SCHEDULE_DELAY": "500",
     }
     sampled = {**traced, "OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": str(ratio)}
     modes = {"off": {}, "every request": traced, f"{ratio:.0%} sampled": sampled}
@@ -114,38 +141,60 @@ async def run(server_url: str, seconds: float, rounds: int, concurrency: int, ra
             "GET /api/health/live": ("/api/health/live", {}),
             "GET /api/v1/projects (API key)": ("/api/v1/projects", {"Authorization": f"Bearer {admin_key}"}),
         }
-        results: dict[tuple[str, str], list[float]] = {}
-        for _ in range(rounds):
-            for mode, extra in modes.items():
-                with granian({**env, **extra}) as (base, _):
-                    for label, (path, headers) in endpoints.items():
-                        rate = await _drive(base + path, headers, seconds, concurrency)
-                        results.setdefault((label, mode), []).append(rate)
-        print(f"\nSmall-request throughput, tracing off vs on (OTLP/HTTP to a local sink); median of {rounds} runs")
-        print(f"of {seconds:.0f} s, {concurrency} connections, 1 granian worker, {os.cpu_count()} CPUs\n")
-        traced_modes = [m for m in modes if m != "off"]
-        print("| request | off (req/s) | " + " | ".join(f"{m} (req/s) | cost" for m in traced_modes) + " |")
-        print("| --- | ---: | " + " | ".join("---: | ---:" for _ in traced_modes) + " |")
-        for label in endpoints:
-            off = statistics.median(results[(label, "off")])
-            cells = []
-            for mode in traced_modes:
-                on = statistics.median(results[(label, mode)])
-                cells.append(f"{on:.0f} | {(off - on) / off * 100:.1f} %")
-            print(f"| {label} | {off:.0f} | " + " | ".join(cells) + " |")
-        print("\nall runs (req/s):", {f"{label} {mode}": [round(r) for r in v] for (label, mode), v in results.items()})
+        samples: dict[tuple[str, str], list[Sample]] = {}
+        with ExitStack() as stack:
+            servers = {mode: stack.enter_context(granian({**env, **extra})) for mode, extra in modes.items()}
+            workers = {mode: worker_pid(server) for mode, (_, server) in servers.items()}
+            for label, (path, headers) in endpoints.items():
+                for base, _ in servers.values():
+                    await _drive(base + path, headers, WARM_UP_SECONDS, concurrency)
+                order = list(modes)
+                for round_ in range(rounds):
+                    for mode in order[round_ % len(order) :] + order[: round_ % len(order)]:
+                        sample = await _measure(servers[mode][0] + path, headers, workers[mode], seconds, concurrency)
+                        samples.setdefault((label, mode), []).append(sample)
+        _report(samples, list(endpoints), list(modes), seconds, rounds, concurrency)
     finally:
         sink.terminate()
         sink.wait(timeout=10)
         await drop_database(server_url, name)
 
 
+def _report(
+    samples: dict[tuple[str, str], list[Sample]],
+    labels: list[str],
+    modes: list[str],
+    seconds: float,
+    rounds: int,
+    concurrency: int,
+) -> None:
+    print(f"\nSmall-request cost of tracing (OTLP/HTTP to a sink): {rounds} rounds of {seconds:.0f} s per server,")
+    print(f"{concurrency} connections, 1 granian worker per server, {os.cpu_count()} CPUs; medians\n")
+    print("| request | mode | req/s | throughput cost (paired) | worker CPU per request | CPU cost |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    for label in labels:
+        off = samples[(label, "off")]
+        off_cpu = statistics.median(s.cpu_per_request for s in off)
+        for mode in modes:
+            runs = samples[(label, mode)]
+            rate = statistics.median(s.rate for s in runs)
+            cpu = statistics.median(s.cpu_per_request for s in runs)
+            if mode == "off":
+                print(f"| {label} | {mode} | {rate:.0f} | | {cpu * 1e6:.0f} µs | |")
+                continue
+            paired = statistics.median(1 - s.rate / o.rate for s, o in zip(runs, off, strict=True))
+            print(f"| {label} | {mode} | {rate:.0f} | {paired:.1%} | {cpu * 1e6:.0f} µs | {1 - off_cpu / cpu:.1%} |")
+    print("\nall runs (req/s, µs of CPU per request):")
+    for (label, mode), runs in samples.items():
+        print(f"  {label}, {mode}:", ", ".join(f"{s.rate:.0f} ({s.cpu_per_request * 1e6:.0f})" for s in runs))
+
+
 def main() -> None:
     """Parse arguments and run."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_database_option(parser)
-    parser.add_argument("--seconds", type=float, default=8.0)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument(
         "--sampler-ratio",

@@ -32,7 +32,6 @@ from pathlib import Path
 
 import asyncpg
 import httpx
-import psutil
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from harness import (
@@ -44,6 +43,7 @@ from harness import (
     granian,
     production_env,
     with_database,
+    worker_pid,
 )
 
 from zkeb.lib.envelope import backup_signed_message, format_rfc3339_utc
@@ -58,11 +58,6 @@ def _vm_hwm_kib(pid: int) -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1])
     raise RuntimeError("no VmHWM")
-
-
-def _worker_pid(server: subprocess.Popen[bytes]) -> int:
-    children = psutil.Process(server.pid).children(recursive=True)
-    return children[0].pid if children else server.pid
 
 
 class Device:
@@ -253,7 +248,7 @@ async def run(server_url: str, repeats: int) -> None:
         with granian(env) as (base, server):
             async with httpx.AsyncClient(base_url=base, timeout=300) as client:
                 project_id, key, device = await _provision(client, admin_key)
-                worker = _worker_pid(server)
+                worker = worker_pid(server)
                 for size_mib in SIZES_MIB:
                     payload = os.urandom(size_mib * MIB)
                     uploads, restores, raw_restores, writes, reads = [], [], [], [], []
