@@ -15,10 +15,10 @@ over OTLP/HTTP (`OTEL_EXPORTER_OTLP_ENDPOINT`) to a sink process that accepts an
 For each request, every server is warmed up, then driven in turn for `--seconds` by `--concurrency` aiohttp
 connections, `--rounds` times, the order rotating each round. Each round's traced throughput is compared with the
 same round's untraced one, so the machine getting faster or slower between rounds cancels out; the table shows the
-median of those paired costs. It also shows the granian worker's CPU time per request (all its threads, the span
-exporter's included, read from the kernel after the run and a settling second in which the last batch is
-exported): on a server whose CPU is the limit, throughput falls by `1 - cpu_off / cpu_on`, whatever share of the
-machine the load generator takes. The batch processor's schedule delay is 500 ms (`OTEL_BSP_SCHEDULE_DELAY`)
+median of those paired costs. It does the same with the granian worker's CPU time per request (all its threads,
+the span exporter's included, read from the kernel after the run and a settling second in which the last batch is
+exported): on a server whose CPU is the limit, throughput falls by that `1 - cpu_off / cpu_on`, whatever share of
+the machine the load generator takes. The batch processor's schedule delay is 500 ms (`OTEL_BSP_SCHEDULE_DELAY`)
 instead of 5 s so that a run's spans are exported within its settling second, not during the next server's run;
 that makes batches smaller, not cheaper.
 """
@@ -170,11 +170,10 @@ def _report(
 ) -> None:
     print(f"\nSmall-request cost of tracing (OTLP/HTTP to a sink): {rounds} rounds of {seconds:.0f} s per server,")
     print(f"{concurrency} connections, 1 granian worker per server, {os.cpu_count()} CPUs; medians\n")
-    print("| request | mode | req/s | throughput cost (paired) | worker CPU per request | CPU cost |")
+    print("| request | mode | req/s | throughput cost | worker CPU per request | CPU cost |")
     print("| --- | --- | ---: | ---: | ---: | ---: |")
     for label in labels:
         off = samples[(label, "off")]
-        off_cpu = statistics.median(s.cpu_per_request for s in off)
         for mode in modes:
             runs = samples[(label, mode)]
             rate = statistics.median(s.rate for s in runs)
@@ -182,8 +181,10 @@ def _report(
             if mode == "off":
                 print(f"| {label} | {mode} | {rate:.0f} | | {cpu * 1e6:.0f} µs | |")
                 continue
-            paired = statistics.median(1 - s.rate / o.rate for s, o in zip(runs, off, strict=True))
-            print(f"| {label} | {mode} | {rate:.0f} | {paired:.1%} | {cpu * 1e6:.0f} µs | {1 - off_cpu / cpu:.1%} |")
+            pairs = list(zip(runs, off, strict=True))
+            throughput_cost = statistics.median(1 - s.rate / o.rate for s, o in pairs)
+            cpu_cost = statistics.median(1 - o.cpu_per_request / s.cpu_per_request for s, o in pairs)
+            print(f"| {label} | {mode} | {rate:.0f} | {throughput_cost:.1%} | {cpu * 1e6:.0f} µs | {cpu_cost:.1%} |")
     print("\nall runs (req/s, µs of CPU per request):")
     for (label, mode), runs in samples.items():
         print(f"  {label}, {mode}:", ", ".join(f"{s.rate:.0f} ({s.cpu_per_request * 1e6:.0f})" for s in runs))
