@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import os
 import socket
 import subprocess
@@ -11,17 +13,22 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
+import msgspec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from zkeb.core.database import create_app_engine
 from zkeb.core.tenancy import install_tenant_setter
 from zkeb.domain.accounts.services import OrganizationService
+from zkeb.lib.envelope import backup_signed_message, format_rfc3339_utc
 from zkeb.settings import Settings
 
-__all__ = ("create_org", "free_port", "granian_server", "make_settings", "problem")
+__all__ = ("Envelope", "create_org", "free_port", "granian_server", "make_settings", "problem", "sign_backup")
 
 
 def make_settings(base: dict[str, str], **overrides: str) -> Settings:
@@ -51,6 +58,130 @@ async def create_org(settings: Settings, name: str | None = None) -> tuple[uuid.
     finally:
         await engine.dispose()
     return organization.id, admin_key.key
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """A backup envelope with raw bytes fields, as a device builds it."""
+
+    container_id: uuid.UUID
+    device_id_hash: bytes
+    payload: bytes
+    payload_nonce: bytes
+    payload_auth_tag: bytes
+    metadata: bytes
+    metadata_nonce: bytes
+    metadata_auth_tag: bytes
+    signature: bytes
+    backup_timestamp: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def with_(self, **changes: Any) -> Envelope:
+        """A copy with some fields changed (the signature stays as it was)."""
+        return replace(self, **changes)
+
+    def json(self) -> dict[str, Any]:
+        """The JSON body: bytes as standard base64, `device_id_hash` as hex."""
+        return {
+            "container_id": str(self.container_id),
+            "device_id_hash": self.device_id_hash.hex(),
+            "payload": _b64(self.payload),
+            "payload_nonce": _b64(self.payload_nonce),
+            "payload_auth_tag": _b64(self.payload_auth_tag),
+            "metadata": _b64(self.metadata),
+            "metadata_nonce": _b64(self.metadata_nonce),
+            "metadata_auth_tag": _b64(self.metadata_auth_tag),
+            "signature": _b64(self.signature),
+            "backup_timestamp": self.backup_timestamp,
+            **self.extra,
+        }
+
+    def msgpack(self) -> bytes:
+        """The msgpack body: bytes as `bin`."""
+        return msgspec.msgpack.encode(
+            {
+                "container_id": str(self.container_id),
+                "device_id_hash": self.device_id_hash,
+                "payload": self.payload,
+                "payload_nonce": self.payload_nonce,
+                "payload_auth_tag": self.payload_auth_tag,
+                "metadata": self.metadata,
+                "metadata_nonce": self.metadata_nonce,
+                "metadata_auth_tag": self.metadata_auth_tag,
+                "signature": self.signature,
+                "backup_timestamp": self.backup_timestamp,
+                **self.extra,
+            }
+        )
+
+    def tus_metadata_values(self) -> dict[str, bytes]:
+        """The `Upload-Metadata` values (raw, before tus's base64)."""
+        return {
+            "container_id": str(self.container_id).encode(),
+            "device_id_hash": self.device_id_hash,
+            "payload_nonce": self.payload_nonce,
+            "payload_auth_tag": self.payload_auth_tag,
+            "metadata": self.metadata,
+            "metadata_nonce": self.metadata_nonce,
+            "metadata_auth_tag": self.metadata_auth_tag,
+            "signature": self.signature,
+            "backup_timestamp": self.backup_timestamp.encode(),
+        }
+
+    def tus_metadata(self) -> str:
+        """The `Upload-Metadata` header."""
+        return ",".join(f"{k} {base64.b64encode(v).decode()}" for k, v in self.tus_metadata_values().items())
+
+
+def sign_backup(
+    private_key: Ed25519PrivateKey,
+    *,
+    project_id: uuid.UUID,
+    device_id_hash: bytes,
+    payload: bytes,
+    container_id: uuid.UUID | None = None,
+    payload_nonce: bytes | None = None,
+    metadata: bytes = b"encrypted-metadata",
+    timestamp: datetime | None = None,
+) -> Envelope:
+    """An envelope for `payload` signed with the device's `private_key` as DESIGN.md specifies.
+
+    The nonces and tags are random: the server checks the signature over them, not that they decrypt anything.
+    """
+    container = container_id or uuid.uuid4()
+    nonce = payload_nonce or os.urandom(12)
+    tag, metadata_nonce, metadata_tag = os.urandom(16), os.urandom(12), os.urandom(16)
+    when = timestamp or datetime.now(UTC)
+    message = backup_signed_message(
+        project_id=project_id,
+        container_id=container,
+        device_id_hash=device_id_hash,
+        backup_timestamp=when,
+        payload_nonce=nonce,
+        payload_auth_tag=tag,
+        payload_sha256=hashlib.sha256(payload).digest(),
+        payload_size=len(payload),
+        metadata_nonce=metadata_nonce,
+        metadata_auth_tag=metadata_tag,
+        metadata_sha256=hashlib.sha256(metadata).digest(),
+        metadata_size=len(metadata),
+    )
+    return Envelope(
+        container_id=container,
+        device_id_hash=device_id_hash,
+        payload=payload,
+        payload_nonce=nonce,
+        payload_auth_tag=tag,
+        metadata=metadata,
+        metadata_nonce=metadata_nonce,
+        metadata_auth_tag=metadata_tag,
+        signature=private_key.sign(message),
+        backup_timestamp=format_rfc3339_utc(when),
+    )
+
+
+def _b64(value: bytes) -> str:
+    return base64.b64encode(value).decode()
 
 
 def free_port() -> int:

@@ -8,22 +8,20 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import os
 import time
 import uuid
-from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import asyncpg
-import msgspec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from zkeb.lib.envelope import auth_message, backup_signed_message, format_rfc3339_utc
+from zkeb.lib.envelope import auth_message
 from zkeb.settings import Settings
 
-from support import create_org
+from support import Envelope, create_org, sign_backup
 
 BACKUP_TABLES = ("payloads", "backup_chunks", "backups", "payload_nonces", "upload_sessions")
 MIB = 1024 * 1024
@@ -119,79 +117,6 @@ def _b64(value: bytes) -> str:
     return base64.b64encode(value).decode()
 
 
-@dataclass(frozen=True)
-class Envelope:
-    """A backup envelope with raw bytes fields, as a device builds it."""
-
-    container_id: uuid.UUID
-    device_id_hash: bytes
-    payload: bytes
-    payload_nonce: bytes
-    payload_auth_tag: bytes
-    metadata: bytes
-    metadata_nonce: bytes
-    metadata_auth_tag: bytes
-    signature: bytes
-    backup_timestamp: str
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def with_(self, **changes: Any) -> Envelope:
-        """A copy with some fields changed (the signature stays as it was)."""
-        return replace(self, **changes)
-
-    def json(self) -> dict[str, Any]:
-        """The JSON body: bytes as standard base64, `device_id_hash` as hex."""
-        return {
-            "container_id": str(self.container_id),
-            "device_id_hash": self.device_id_hash.hex(),
-            "payload": _b64(self.payload),
-            "payload_nonce": _b64(self.payload_nonce),
-            "payload_auth_tag": _b64(self.payload_auth_tag),
-            "metadata": _b64(self.metadata),
-            "metadata_nonce": _b64(self.metadata_nonce),
-            "metadata_auth_tag": _b64(self.metadata_auth_tag),
-            "signature": _b64(self.signature),
-            "backup_timestamp": self.backup_timestamp,
-            **self.extra,
-        }
-
-    def msgpack(self) -> bytes:
-        """The msgpack body: bytes as `bin`."""
-        return msgspec.msgpack.encode(
-            {
-                "container_id": str(self.container_id),
-                "device_id_hash": self.device_id_hash,
-                "payload": self.payload,
-                "payload_nonce": self.payload_nonce,
-                "payload_auth_tag": self.payload_auth_tag,
-                "metadata": self.metadata,
-                "metadata_nonce": self.metadata_nonce,
-                "metadata_auth_tag": self.metadata_auth_tag,
-                "signature": self.signature,
-                "backup_timestamp": self.backup_timestamp,
-                **self.extra,
-            }
-        )
-
-    def tus_metadata_values(self) -> dict[str, bytes]:
-        """The `Upload-Metadata` values (raw, before tus's base64)."""
-        return {
-            "container_id": str(self.container_id).encode(),
-            "device_id_hash": self.device_id_hash,
-            "payload_nonce": self.payload_nonce,
-            "payload_auth_tag": self.payload_auth_tag,
-            "metadata": self.metadata,
-            "metadata_nonce": self.metadata_nonce,
-            "metadata_auth_tag": self.metadata_auth_tag,
-            "signature": self.signature,
-            "backup_timestamp": self.backup_timestamp.encode(),
-        }
-
-    def tus_metadata(self) -> str:
-        """The `Upload-Metadata` header."""
-        return ",".join(f"{k} {base64.b64encode(v).decode()}" for k, v in self.tus_metadata_values().items())
-
-
 def sign_envelope(
     tenant: Tenant,
     payload: bytes,
@@ -203,37 +128,17 @@ def sign_envelope(
     timestamp: datetime | None = None,
     project_id: uuid.UUID | None = None,
 ) -> Envelope:
-    """An envelope for `payload` signed by the device as DESIGN.md specifies."""
+    """An envelope for `payload` signed by one of the tenant's devices (default its first) for its project."""
     device = device or tenant.device
-    container = container_id or uuid.uuid4()
-    nonce = payload_nonce or os.urandom(12)
-    tag, metadata_nonce, metadata_tag = os.urandom(16), os.urandom(12), os.urandom(16)
-    when = timestamp or datetime.now(UTC)
-    message = backup_signed_message(
+    return sign_backup(
+        device.private_key,
         project_id=project_id or tenant.project_id,
-        container_id=container,
-        device_id_hash=device.device_id_hash,
-        backup_timestamp=when,
-        payload_nonce=nonce,
-        payload_auth_tag=tag,
-        payload_sha256=hashlib.sha256(payload).digest(),
-        payload_size=len(payload),
-        metadata_nonce=metadata_nonce,
-        metadata_auth_tag=metadata_tag,
-        metadata_sha256=hashlib.sha256(metadata).digest(),
-        metadata_size=len(metadata),
-    )
-    return Envelope(
-        container_id=container,
         device_id_hash=device.device_id_hash,
         payload=payload,
-        payload_nonce=nonce,
-        payload_auth_tag=tag,
+        container_id=container_id,
+        payload_nonce=payload_nonce,
         metadata=metadata,
-        metadata_nonce=metadata_nonce,
-        metadata_auth_tag=metadata_tag,
-        signature=device.private_key.sign(message),
-        backup_timestamp=format_rfc3339_utc(when),
+        timestamp=timestamp,
     )
 
 

@@ -19,7 +19,6 @@ import pytest
 from backups_support import (
     MIB,
     NOTHING_STORED,
-    Envelope,
     Tenant,
     auth,
     make_tenant,
@@ -29,7 +28,7 @@ from backups_support import (
 )
 from tusclient import client as tus_client
 
-from support import granian_server, make_settings
+from support import Envelope, granian_server, make_settings
 
 OCTETS = "application/offset+octet-stream"
 

@@ -12,7 +12,6 @@ import asyncpg
 import pytest
 from backups_support import (
     MIB,
-    Envelope,
     Tenant,
     auth,
     device_token,
@@ -26,7 +25,7 @@ from litestar.testing import AsyncTestClient
 
 from zkeb.settings import Settings
 
-from support import problem
+from support import Envelope, problem
 
 Client = AsyncTestClient[Litestar]
 

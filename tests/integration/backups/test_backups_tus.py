@@ -15,7 +15,6 @@ import pytest
 from backups_support import (
     MIB,
     NOTHING_STORED,
-    Envelope,
     Tenant,
     auth,
     device_token,
@@ -31,7 +30,7 @@ from zkeb.core.database import create_app_engine
 from zkeb.domain.backups.tus import UploadSweeper
 from zkeb.settings import Settings
 
-from support import problem
+from support import Envelope, problem
 
 Client = AsyncTestClient[Litestar]
 OCTETS = "application/offset+octet-stream"

@@ -6,7 +6,6 @@ import base64
 import hashlib
 import os
 import uuid
-from datetime import UTC, datetime
 
 import asyncpg
 import pytest
@@ -22,8 +21,9 @@ from zkeb.core.migrations import run_alembic
 from zkeb.core.tenancy import install_tenant_setter
 from zkeb.db.models import TENANT_TABLES
 from zkeb.domain.accounts.services import OrganizationService
-from zkeb.lib.envelope import backup_signed_message, format_rfc3339_utc
 from zkeb.settings import Settings
+
+from support import sign_backup
 
 
 def _b64(value: bytes) -> str:
@@ -58,37 +58,16 @@ async def _populate(settings: Settings) -> None:
         )
         assert enrolled.status_code == 201, enrolled.text
         for _ in range(2):
-            payload, metadata = os.urandom(3 * 1024 * 1024 + 7), b"meta"
-            nonce, tag, m_nonce, m_tag = os.urandom(12), os.urandom(16), os.urandom(12), os.urandom(16)
-            container, now = uuid.uuid4(), datetime.now(UTC)
-            message = backup_signed_message(
+            envelope = sign_backup(
+                private,
                 project_id=uuid.UUID(project["id"]),
-                container_id=container,
                 device_id_hash=device_hash,
-                backup_timestamp=now,
-                payload_nonce=nonce,
-                payload_auth_tag=tag,
-                payload_sha256=hashlib.sha256(payload).digest(),
-                payload_size=len(payload),
-                metadata_nonce=m_nonce,
-                metadata_auth_tag=m_tag,
-                metadata_sha256=hashlib.sha256(metadata).digest(),
-                metadata_size=len(metadata),
+                payload=os.urandom(3 * 1024 * 1024 + 7),
+                metadata=b"meta",
             )
             created = await client.post(
                 "/api/v1/backups",
-                json={
-                    "container_id": str(container),
-                    "device_id_hash": device_hash.hex(),
-                    "payload": _b64(payload),
-                    "payload_nonce": _b64(nonce),
-                    "payload_auth_tag": _b64(tag),
-                    "metadata": _b64(metadata),
-                    "metadata_nonce": _b64(m_nonce),
-                    "metadata_auth_tag": _b64(m_tag),
-                    "signature": _b64(private.sign(message)),
-                    "backup_timestamp": format_rfc3339_utc(now),
-                },
+                json=envelope.json(),
                 headers={"Authorization": f"Bearer {key}"},
             )
             assert created.status_code == 201, created.text

@@ -20,7 +20,7 @@ from litestar.testing import AsyncTestClient
 from zkeb.app import create_app
 from zkeb.settings import Settings
 
-from support import granian_server, make_settings
+from support import Envelope, granian_server, make_settings
 
 # The backups tests' helpers live in their own folder (test folders are not packages).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "backups"))
@@ -29,7 +29,6 @@ from backups_support import (
     MIB,
     NOTHING_STORED,
     Device,
-    Envelope,
     HttpClient,
     Tenant,
     auth,

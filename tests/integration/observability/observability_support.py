@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import os
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -21,9 +19,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from zkeb.core.telemetry import install_tracer_provider, uninstall_tracer_provider
-from zkeb.lib.envelope import backup_signed_message, format_rfc3339_utc
 
-from support import create_org
+from support import create_org, sign_backup
 
 __all__ = (
     "auth",
@@ -93,40 +90,7 @@ def signed_envelope(
     project_id: str, device_id_hash: bytes, private_key: Ed25519PrivateKey, payload: bytes
 ) -> tuple[dict[str, Any], bytes]:
     """A JSON backup envelope for `payload`, signed as DESIGN.md specifies, and its signature."""
-    container_id = uuid.uuid4()
-    nonce, tag, metadata = os.urandom(12), os.urandom(16), b"encrypted-metadata"
-    metadata_nonce, metadata_tag = os.urandom(12), os.urandom(16)
-    when = datetime.now(UTC)
-    signature = private_key.sign(
-        backup_signed_message(
-            project_id=uuid.UUID(project_id),
-            container_id=container_id,
-            device_id_hash=device_id_hash,
-            backup_timestamp=when,
-            payload_nonce=nonce,
-            payload_auth_tag=tag,
-            payload_sha256=hashlib.sha256(payload).digest(),
-            payload_size=len(payload),
-            metadata_nonce=metadata_nonce,
-            metadata_auth_tag=metadata_tag,
-            metadata_sha256=hashlib.sha256(metadata).digest(),
-            metadata_size=len(metadata),
-        )
+    envelope = sign_backup(
+        private_key, project_id=uuid.UUID(project_id), device_id_hash=device_id_hash, payload=payload
     )
-
-    def b64(value: bytes) -> str:
-        return base64.b64encode(value).decode()
-
-    body = {
-        "container_id": str(container_id),
-        "device_id_hash": device_id_hash.hex(),
-        "payload": b64(payload),
-        "payload_nonce": b64(nonce),
-        "payload_auth_tag": b64(tag),
-        "metadata": b64(metadata),
-        "metadata_nonce": b64(metadata_nonce),
-        "metadata_auth_tag": b64(metadata_tag),
-        "signature": b64(signature),
-        "backup_timestamp": format_rfc3339_utc(when),
-    }
-    return body, signature
+    return envelope.json(), envelope.signature
