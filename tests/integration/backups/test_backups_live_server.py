@@ -232,40 +232,57 @@ async def _open_transactions(owner: asyncpg.Connection) -> int:
     return count
 
 
-async def test_a_stalled_download_holds_no_transaction_open_and_then_completes(
-    http: httpx.AsyncClient, live_url: str, tenant: Tenant, owner_connection: asyncpg.Connection
-) -> None:
-    # Far more than the socket buffers and the server's read-ahead, so the server must wait for this client.
-    payload = os.urandom(48 * MIB + 7)
-    envelope = sign_envelope(tenant, payload)
-    created = await _create_upload(http, tenant, envelope)
-    patched = await http.patch(
-        created.headers["location"],
-        content=payload,
-        headers=tus_headers(tenant.project_key, **{"Upload-Offset": "0", "Content-Type": OCTETS}),
-    )
-    assert patched.status_code == 204, patched.text
+async def _start_download(
+    live_url: str, backup_id: str, credential: str
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A raw-socket restore of `backup_id` that has read the response head and its first MiB, then stops reading."""
     host, port = live_url.removeprefix("http://").split(":")
     reader, writer = await asyncio.open_connection(host, int(port))
-    try:
-        writer.write(
-            f"GET /api/v1/backups/{patched.headers['zkeb-backup-id']}/payload HTTP/1.1\r\nHost: {host}\r\n"
-            f"Authorization: Bearer {tenant.project_key}\r\nConnection: close\r\n\r\n".encode()
-        )
-        head = await reader.readuntil(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 200"), head
-        received = bytearray(await reader.readexactly(MIB))
-        # The client stops reading. The restore's read-only transaction must not wait for it: within a moment
-        # no transaction of the runtime role stays open (five quiet samples in a row).
-        quiet = 0
-        deadline = time.monotonic() + 30
-        while quiet < 5:
-            assert time.monotonic() < deadline, "a transaction stayed open while the download was stalled"
-            quiet = quiet + 1 if await _open_transactions(owner_connection) == 0 else 0
-            await asyncio.sleep(0.1)
-        while piece := await reader.read(4 * MIB):
-            received += piece
-    finally:
-        writer.close()
-    assert len(received) == len(payload)
-    assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
+    writer.write(
+        f"GET /api/v1/backups/{backup_id}/payload HTTP/1.1\r\nHost: {host}\r\n"
+        f"Authorization: Bearer {credential}\r\nConnection: close\r\n\r\n".encode()
+    )
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    return reader, writer
+
+
+async def test_stalled_downloads_hold_no_transaction_nor_pooled_connection_and_then_complete(
+    base_settings_env: dict[str, str], database_url: str, owner_connection: asyncpg.Connection
+) -> None:
+    # A pool of two, and two clients that stop reading their restores: while they stall, the API must still get a
+    # connection (with both held it would wait 5 s and answer 503), and no transaction may stay open.
+    with granian_server({**base_settings_env, "DATABASE_URL": database_url, "DB_POOL_SIZE": "2"}) as live_url:
+        async with httpx.AsyncClient(base_url=live_url, timeout=60) as http:
+            tenant = await make_tenant(http, make_settings(base_settings_env, DATABASE_URL=database_url))
+            # Far more than the socket buffers and the server's read-ahead, so the server must wait for the clients.
+            payload = os.urandom(48 * MIB + 7)
+            envelope = sign_envelope(tenant, payload)
+            created = await _create_upload(http, tenant, envelope)
+            patched = await http.patch(
+                created.headers["location"],
+                content=payload,
+                headers=tus_headers(tenant.project_key, **{"Upload-Offset": "0", "Content-Type": OCTETS}),
+            )
+            assert patched.status_code == 204, patched.text
+            backup_id = patched.headers["zkeb-backup-id"]
+            downloads = [await _start_download(live_url, backup_id, tenant.project_key) for _ in range(2)]
+            try:
+                received = [bytearray(await reader.readexactly(MIB)) for reader, _ in downloads]
+                quiet = 0
+                deadline = time.monotonic() + 30
+                while quiet < 5:  # five quiet samples in a row
+                    assert time.monotonic() < deadline, "a transaction stayed open while the downloads were stalled"
+                    quiet = quiet + 1 if await _open_transactions(owner_connection) == 0 else 0
+                    await asyncio.sleep(0.1)
+                metadata = await http.get(f"/api/v1/backups/{backup_id}", headers=auth(tenant.project_key))
+                assert metadata.status_code == 200, metadata.text
+                for (reader, _), buffer in zip(downloads, received, strict=True):
+                    while piece := await reader.read(4 * MIB):
+                        buffer.extend(piece)
+            finally:
+                for _, writer in downloads:
+                    writer.close()
+    for buffer in received:
+        assert len(buffer) == len(payload)
+        assert hashlib.sha256(buffer).digest() == hashlib.sha256(payload).digest()

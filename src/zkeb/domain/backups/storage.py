@@ -75,7 +75,8 @@ READ_QUEUE_DEPTH = 2
 FETCH_QUEUE_DEPTH = 1
 #: Longest a restore keeps one read-only transaction open. Queries follow each other in it while the client keeps
 #: up (no BEGIN/SET/COMMIT round trips per batch); a client that falls behind makes it commit instead of waiting, so
-#: a slow download never holds its transaction (and its lock on the chunk table) for longer than this.
+#: a slow download never holds its transaction (and its lock on the chunk table), nor its pooled connection, for
+#: longer than this.
 READ_TRANSACTION_SECONDS = 0.5
 
 _BEGIN_CHUNK_TX = "SELECT set_config('zkeb.org_id', $1, true), set_config('synchronous_commit', 'off', true)"
@@ -400,9 +401,12 @@ def _require_rows(rows: Sequence[Any], batch: Sequence[ReadStep]) -> None:
 
 
 class _PayloadReader:
-    """Two stages ahead of the client: a fetcher reads `READ_BATCH` chunks per short read-only transaction, and a
-    decrypter turns the previous batch into plaintext pieces, so PostgreSQL is already sending batch k+1 while batch
-    k is decrypted and sent. At most `FETCH_QUEUE_DEPTH` fetched batches and `READ_QUEUE_DEPTH` pieces wait.
+    """Two stages ahead of the client: a fetcher reads `READ_BATCH` chunks per query, and a decrypter turns the
+    previous batch into plaintext pieces, so PostgreSQL is already sending batch k+1 while batch k is decrypted and
+    sent. At most `FETCH_QUEUE_DEPTH` fetched batches and `READ_QUEUE_DEPTH` pieces wait.
+
+    The fetcher's queries share one read-only transaction, on one pooled connection, for at most
+    `READ_TRANSACTION_SECONDS`; when the client is slow it commits and gives the connection back before waiting.
     """
 
     def __init__(
@@ -422,35 +426,36 @@ class _PayloadReader:
         self.pieces: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue(maxsize=READ_QUEUE_DEPTH)
 
     async def _fetch(self) -> None:
+        # One pooled connection per read window, given back before waiting for a slow client: a stalled download
+        # holds neither a transaction nor a connection of the pool the API's requests need.
         loop = asyncio.get_running_loop()
         index = 0
-        async with raw_connection(self._engine) as connection:
-            while index < len(self._steps):
-                left_over: list[Any] | None = None
-                with tracer.start_as_current_span("backups.read_chunks") as span:
-                    first = index
-                    async with connection.transaction(readonly=True):
-                        await connection.execute(_SET_TENANT, self._organization_id)
-                        deadline = loop.time() + READ_TRANSACTION_SECONDS
-                        while index < len(self._steps):
-                            batch = self._steps[index : index + READ_BATCH]
-                            rows = await connection.fetch(_SELECT_CHUNKS, self._payload_id, [s.seq for s in batch])
-                            _require_rows(rows, batch)
-                            index += len(batch)
-                            try:  # hand the batch over, but commit rather than wait past the deadline
-                                async with asyncio.timeout_at(deadline):
-                                    await self._fetched.put(rows)
-                            except TimeoutError:
-                                left_over = rows
-                                break
-                            finally:
-                                del rows  # the decrypter frees each chunk as it goes; hold none here
-                            if loop.time() >= deadline:
-                                break
-                    span.set_attribute("zkeb.chunk_count", index - first)
-                if left_over is not None:
-                    await self._fetched.put(left_over)
-                    del left_over
+        while index < len(self._steps):
+            left_over: list[Any] | None = None
+            with tracer.start_as_current_span("backups.read_chunks") as span:
+                first = index
+                async with raw_connection(self._engine) as connection, connection.transaction(readonly=True):
+                    await connection.execute(_SET_TENANT, self._organization_id)
+                    deadline = loop.time() + READ_TRANSACTION_SECONDS
+                    while index < len(self._steps):
+                        batch = self._steps[index : index + READ_BATCH]
+                        rows = await connection.fetch(_SELECT_CHUNKS, self._payload_id, [s.seq for s in batch])
+                        _require_rows(rows, batch)
+                        index += len(batch)
+                        try:  # hand the batch over, but commit rather than wait past the deadline
+                            async with asyncio.timeout_at(deadline):
+                                await self._fetched.put(rows)
+                        except TimeoutError:
+                            left_over = rows
+                            break
+                        finally:
+                            del rows  # the decrypter frees each chunk as it goes; hold none here
+                        if loop.time() >= deadline:
+                            break
+                span.set_attribute("zkeb.chunk_count", index - first)
+            if left_over is not None:
+                await self._fetched.put(left_over)
+                del left_over
         await self._fetched.put(None)
 
     async def _next_batch(self, fetcher: asyncio.Task[None]) -> list[Any] | None:
