@@ -34,7 +34,10 @@ OCTETS = "application/offset+octet-stream"
 
 @pytest.fixture
 def live_url(base_settings_env: dict[str, str], database_url: str) -> Iterator[str]:
-    env = {**base_settings_env, "DATABASE_URL": database_url, "MAINTENANCE_INTERVAL": "0", "DB_POOL_SIZE": "15"}
+    # Each of the 20 concurrent PATCHes may hold two connections at once (its body's and its commit's), all on one
+    # worker at worst: a pool that fits them all, as the README advises, so a slow machine cannot turn the race into
+    # pool timeouts (503).
+    env = {**base_settings_env, "DATABASE_URL": database_url, "MAINTENANCE_INTERVAL": "0", "DB_POOL_SIZE": "40"}
     with granian_server(env, workers=2) as url:
         yield url
 
