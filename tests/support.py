@@ -13,7 +13,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -74,58 +74,42 @@ class Envelope:
     metadata_auth_tag: bytes
     signature: bytes
     backup_timestamp: str
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def with_(self, **changes: Any) -> Envelope:
         """A copy with some fields changed (the signature stays as it was)."""
         return replace(self, **changes)
 
-    def json(self) -> dict[str, Any]:
-        """The JSON body: bytes as standard base64, `device_id_hash` as hex."""
+    def fields(self) -> dict[str, Any]:
+        """Every field in wire order, as the msgpack body carries it: bytes as bytes, the id and time as strings."""
         return {
             "container_id": str(self.container_id),
-            "device_id_hash": self.device_id_hash.hex(),
-            "payload": _b64(self.payload),
-            "payload_nonce": _b64(self.payload_nonce),
-            "payload_auth_tag": _b64(self.payload_auth_tag),
-            "metadata": _b64(self.metadata),
-            "metadata_nonce": _b64(self.metadata_nonce),
-            "metadata_auth_tag": _b64(self.metadata_auth_tag),
-            "signature": _b64(self.signature),
-            "backup_timestamp": self.backup_timestamp,
-            **self.extra,
-        }
-
-    def msgpack(self) -> bytes:
-        """The msgpack body: bytes as `bin`."""
-        return msgspec.msgpack.encode(
-            {
-                "container_id": str(self.container_id),
-                "device_id_hash": self.device_id_hash,
-                "payload": self.payload,
-                "payload_nonce": self.payload_nonce,
-                "payload_auth_tag": self.payload_auth_tag,
-                "metadata": self.metadata,
-                "metadata_nonce": self.metadata_nonce,
-                "metadata_auth_tag": self.metadata_auth_tag,
-                "signature": self.signature,
-                "backup_timestamp": self.backup_timestamp,
-                **self.extra,
-            }
-        )
-
-    def tus_metadata_values(self) -> dict[str, bytes]:
-        """The `Upload-Metadata` values (raw, before tus's base64)."""
-        return {
-            "container_id": str(self.container_id).encode(),
             "device_id_hash": self.device_id_hash,
+            "payload": self.payload,
             "payload_nonce": self.payload_nonce,
             "payload_auth_tag": self.payload_auth_tag,
             "metadata": self.metadata,
             "metadata_nonce": self.metadata_nonce,
             "metadata_auth_tag": self.metadata_auth_tag,
             "signature": self.signature,
-            "backup_timestamp": self.backup_timestamp.encode(),
+            "backup_timestamp": self.backup_timestamp,
+        }
+
+    def json(self) -> dict[str, Any]:
+        """The JSON body: bytes as standard base64, `device_id_hash` as hex."""
+        body = {name: _b64(value) if isinstance(value, bytes) else value for name, value in self.fields().items()}
+        body["device_id_hash"] = self.device_id_hash.hex()
+        return body
+
+    def msgpack(self) -> bytes:
+        """The msgpack body: bytes as `bin`."""
+        return msgspec.msgpack.encode(self.fields())
+
+    def tus_metadata_values(self) -> dict[str, bytes]:
+        """The `Upload-Metadata` values (raw, before tus's base64): every field but the payload."""
+        return {
+            name: value if isinstance(value, bytes) else value.encode()
+            for name, value in self.fields().items()
+            if name != "payload"
         }
 
     def tus_metadata(self) -> str:
