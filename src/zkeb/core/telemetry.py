@@ -48,7 +48,7 @@ from opentelemetry.sdk.resources import OTELResourceDetector, Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SimpleSpanProcessor, SpanExporter
 from opentelemetry.semconv.attributes.http_attributes import HTTP_ROUTE
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import SpanKind, Status, StatusCode, format_span_id, format_trace_id
 from opentelemetry.util.http import ExcludeList, get_excluded_urls
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -239,17 +239,17 @@ class ServerSpanMiddleware:
             },
         )
         span_context = span.get_span_context()
-        traceresponse = f"00-{span_context.trace_id:032x}-{span_context.span_id:016x}-{span_context.trace_flags:02x}"
-        trace_id, span_id = traceresponse[3:35], traceresponse[36:52]
+        trace_id = format_trace_id(span_context.trace_id)
+        span_id = format_span_id(span_context.span_id)
         cast("dict[str, Any]", scope)[SPAN_CONTEXT_SCOPE_KEY] = (trace_id, span_id)
-        traceresponse_header = traceresponse.encode()
+        traceresponse = f"00-{trace_id}-{span_id}-{int(span_context.trace_flags):02x}".encode()
         status = 0
 
         async def send_with_traceresponse(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", ()), (b"traceresponse", traceresponse_header)]
+                message["headers"] = [*message.get("headers", ()), (b"traceresponse", traceresponse)]
             await send(message)
 
         span_context_ctx = trace.set_span_in_context(span)
