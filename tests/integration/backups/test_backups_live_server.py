@@ -111,11 +111,11 @@ def _send_partial(live_url: str, request_head: str, body: bytes) -> None:
         time.sleep(0.5)  # let the server read what was sent before the connection drops (not an assertion)
 
 
-async def _wait_for_offset(http: httpx.AsyncClient, location: str, key: str) -> int:
+async def _wait_for_offset(http: httpx.AsyncClient, location: str, key: str, at_least: int = 1) -> int:
     for _ in range(300):
         head = await http.head(location, headers=tus_headers(key))
         offset = int(head.headers["upload-offset"])
-        if offset > 0:
+        if offset >= at_least:
             return offset
         await asyncio.sleep(0.1)
     raise AssertionError("the server never recorded the bytes of the dropped PATCH")
@@ -141,14 +141,14 @@ async def test_patch_cut_by_the_network_keeps_received_bytes_and_resumes(
     assert 0 < offset <= sent
     assert (await row_counts(owner_connection))["backups"] == 0
     for _ in range(100):
+        offset = int((await http.head(location, headers=tus_headers(tenant.project_key))).headers["upload-offset"])
         resumed = await http.patch(
             location,
             content=payload[offset:],
             headers=tus_headers(tenant.project_key, **{"Upload-Offset": str(offset), "Content-Type": OCTETS}),
         )
-        if resumed.status_code != 423:  # the dropped PATCH may still be finishing
+        if resumed.status_code != 409:  # the dropped PATCH recorded its last bytes meanwhile: resume from there
             break
-        await asyncio.sleep(0.1)
     assert resumed.status_code == 204, resumed.text
     backup_id = resumed.headers["zkeb-backup-id"]
     restored = await http.get(f"/api/v1/backups/{backup_id}/payload", headers=auth(tenant.project_key))
@@ -286,3 +286,148 @@ async def test_stalled_downloads_hold_no_transaction_nor_pooled_connection_and_t
     for buffer in received:
         assert len(buffer) == len(payload)
         assert hashlib.sha256(buffer).digest() == hashlib.sha256(payload).digest()
+
+
+async def _open_patch(
+    live_url: str, location: str, credential: str, *, offset: int, length: int, first: bytes
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A raw-socket PATCH that announces `length` body bytes, sends `first` of them and then goes silent."""
+    host, port = live_url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        f"PATCH {httpx.URL(location).path} HTTP/1.1\r\nHost: {host}\r\nTus-Resumable: 1.0.0\r\n"
+        f"Authorization: Bearer {credential}\r\nContent-Type: {OCTETS}\r\nUpload-Offset: {offset}\r\n"
+        f"Content-Length: {length}\r\nConnection: close\r\n\r\n".encode()
+        + first
+    )
+    await writer.drain()
+    return reader, writer
+
+
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, str, bytes]:
+    """Status, head and body of the response on a raw-socket request made with `Connection: close`."""
+    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+    return int(head.split(" ", 2)[1]), head.lower(), await reader.read()
+
+
+async def test_slow_patches_hold_no_pooled_connection_between_chunks_and_then_complete(
+    base_settings_env: dict[str, str], database_url: str, owner_connection: asyncpg.Connection
+) -> None:
+    # Three devices uploading slowly on a pool of two. Between chunks they must hold no connection: the API still
+    # gets one (a PATCH that kept its connection for its whole body left none, and requests waited 5 s for a 503),
+    # and no transaction stays open.
+    with granian_server({**base_settings_env, "DATABASE_URL": database_url, "DB_POOL_SIZE": "2"}) as live_url:
+        async with httpx.AsyncClient(base_url=live_url, timeout=60) as http:
+            tenant = await make_tenant(http, make_settings(base_settings_env, DATABASE_URL=database_url))
+            payloads = [os.urandom(3 * MIB + extra) for extra in (1, 2, 3)]
+            envelopes = [sign_envelope(tenant, payload) for payload in payloads]
+            locations = [(await _create_upload(http, tenant, e)).headers["location"] for e in envelopes]
+            sent = MIB + MIB // 2
+            patches = [
+                await _open_patch(
+                    live_url, location, tenant.project_key, offset=0, length=len(payload), first=payload[:sent]
+                )
+                for location, payload in zip(locations, payloads, strict=True)
+            ]
+            try:
+                for location in locations:  # each stored its first chunk and recorded it, short of its end
+                    assert await _wait_for_offset(http, location, tenant.project_key) == MIB
+                quiet = 0
+                deadline = time.monotonic() + 30
+                while quiet < 5:  # five quiet samples in a row
+                    assert time.monotonic() < deadline, "a transaction stayed open while the uploads were stalled"
+                    quiet = quiet + 1 if await _open_transactions(owner_connection) == 0 else 0
+                    await asyncio.sleep(0.1)
+                listed = await http.get("/api/v1/backups", headers=auth(tenant.project_key))
+                assert listed.status_code == 200, listed.text
+                for (_, writer), payload in zip(patches, payloads, strict=True):
+                    writer.write(payload[sent:])
+                    await writer.drain()
+                responses = [await _read_response(reader) for reader, _ in patches]
+            finally:
+                for _, writer in patches:
+                    writer.close()
+            for (status, head, body), envelope, payload in zip(responses, envelopes, payloads, strict=True):
+                assert status == 204, body
+                assert "zkeb-backup-id:" in head
+                assert await _restore(http, tenant, str(envelope.container_id)) == payload
+
+
+async def test_a_retry_takes_over_from_a_patch_gone_silent_which_then_stores_nothing(
+    http: httpx.AsyncClient, live_url: str, tenant: Tenant, owner_connection: asyncpg.Connection
+) -> None:
+    # A device's connection dies unseen (half-open) mid-PATCH; its retry must not wait for the server to notice.
+    payload = os.urandom(5 * MIB + 9)
+    envelope = sign_envelope(tenant, payload)
+    location = (await _create_upload(http, tenant, envelope)).headers["location"]
+    sent = 2 * MIB + 300_000
+    reader, writer = await _open_patch(
+        live_url, location, tenant.project_key, offset=0, length=len(payload), first=payload[:sent]
+    )
+    try:
+        offset = await _wait_for_offset(http, location, tenant.project_key, at_least=2 * MIB)
+        assert offset == 2 * MIB  # the stored chunks count; the 300 000 bytes past them are the retry's to resend
+        resumed = await http.patch(
+            location,
+            content=payload[offset:],
+            headers=tus_headers(tenant.project_key, **{"Upload-Offset": str(offset), "Content-Type": OCTETS}),
+        )
+        assert resumed.status_code == 204, resumed.text
+        # The silent PATCH wakes up: its next chunk finds the upload taken over (and committed), so it stops.
+        writer.write(payload[sent : 3 * MIB + 1000])
+        await writer.drain()
+        status, _, body = await _read_response(reader)
+    finally:
+        writer.close()
+    assert status == 409, body
+    assert b"took this upload over" in body
+    chunks = await owner_connection.fetch("SELECT seq, byte_offset, plain_size FROM backup_chunks ORDER BY seq")
+    assert [(c["seq"], c["byte_offset"]) for c in chunks] == [(seq, seq * MIB) for seq in range(6)]
+    backup_id = resumed.headers["zkeb-backup-id"]
+    restored = await http.get(f"/api/v1/backups/{backup_id}/payload", headers=auth(tenant.project_key))
+    assert restored.content == payload
+
+
+async def test_termination_stops_a_patch_gone_silent_and_deletes_everything(
+    http: httpx.AsyncClient, live_url: str, tenant: Tenant, owner_connection: asyncpg.Connection
+) -> None:
+    payload = os.urandom(3 * MIB)
+    location = (await _create_upload(http, tenant, sign_envelope(tenant, payload))).headers["location"]
+    reader, writer = await _open_patch(
+        live_url, location, tenant.project_key, offset=0, length=len(payload), first=payload[: MIB + 10]
+    )
+    try:
+        await _wait_for_offset(http, location, tenant.project_key)
+        terminated = await http.delete(location, headers=tus_headers(tenant.project_key))
+        assert terminated.status_code == 204, terminated.text
+        writer.write(payload[MIB + 10 : 2 * MIB + 10])
+        await writer.drain()
+        status, _, body = await _read_response(reader)
+    finally:
+        writer.close()
+    assert status == 409, body
+    assert await row_counts(owner_connection) == NOTHING_STORED
+
+
+async def test_a_chunked_body_past_upload_length_is_413_and_undoes_what_it_recorded(
+    http: httpx.AsyncClient, tenant: Tenant, owner_connection: asyncpg.Connection
+) -> None:
+    payload = os.urandom(3 * MIB)
+    location = (await _create_upload(http, tenant, sign_envelope(tenant, payload))).headers["location"]
+    before = await row_counts(owner_connection)
+
+    async def too_long() -> AsyncIterator[bytes]:  # no Content-Length: the excess shows only at the end
+        body = payload + b"x"
+        for start in range(0, len(body), 256 * 1024):
+            yield body[start : start + 256 * 1024]
+
+    response = await http.patch(
+        location,
+        content=too_long(),
+        headers=tus_headers(tenant.project_key, **{"Upload-Offset": "0", "Content-Type": OCTETS}),
+    )
+    assert response.status_code == 413, response.text
+    head = await http.head(location, headers=tus_headers(tenant.project_key))
+    assert head.headers["upload-offset"] == "0"
+    assert await row_counts(owner_connection) == before
+    assert await owner_connection.fetchval("SELECT chunk_count FROM payloads") == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import os
@@ -448,6 +449,26 @@ async def test_expired_upload_is_gone_and_the_sweeper_purges_it(
     assert (await client.head(stale, headers=tus_headers(tenant.project_key))).status_code == 404
     assert await sweeper.sweep_once() == 0
     assert (await patch(client, tenant, fresh, payload[10:], 10)).status_code == 204
+
+
+async def test_the_sweeper_skips_an_expired_upload_whose_session_row_a_writer_holds(
+    client: Client, settings: Settings, database_url: str, tenant: Tenant, owner_connection: asyncpg.Connection
+) -> None:
+    # A PATCH storing a batch holds its session row until it commits (and pushes the expiry forward with it): the
+    # sweeper must pass over that upload, not wait for it nor delete it under the writer.
+    payload = os.urandom(MIB + 5)
+    location = (await create(client, tenant, sign_envelope(tenant, payload))).headers["location"]
+    upload_id = uuid.UUID(location.rsplit("/", 1)[1])
+    await owner_connection.execute(
+        "UPDATE upload_sessions SET expires_at = now() - interval '1 second' WHERE id = $1", upload_id
+    )
+    sweeper = UploadSweeper(create_app_engine(settings, database_url))
+    async with owner_connection.transaction():  # stands in for the writer
+        await owner_connection.execute("SELECT 1 FROM upload_sessions WHERE id = $1 FOR UPDATE", upload_id)
+        result = await asyncio.wait_for(sweeper.sweep(), timeout=30)
+        assert (result.candidates, result.deleted) == (1, 0)
+    assert await sweeper.sweep_once() == 1
+    assert await row_counts(owner_connection) == NOTHING_STORED
 
 
 async def test_sweeper_purges_orphaned_payloads_only_when_old(

@@ -13,7 +13,7 @@ from zkeb.domain.backups.context import build_keyring
 from zkeb.domain.backups.schemas import validate_envelope
 from zkeb.domain.backups.services import decode_cursor
 from zkeb.domain.backups.storage import ChunkSpan, ReadStep, plan_read
-from zkeb.domain.backups.tus import ENVELOPE_METADATA_KEYS, envelope_from_metadata, payload_lock_key
+from zkeb.domain.backups.tus import ENVELOPE_METADATA_KEYS, envelope_from_metadata
 from zkeb.lib.atrest import master_key_id, parse_master_key
 from zkeb.lib.ranges import ByteRange
 from zkeb.settings import Settings, SettingsError
@@ -120,11 +120,6 @@ def test_cursor_rejects_garbage() -> None:
     for cursor in ("", "!!!", base64.urlsafe_b64encode(b"2026-01-01T00:00:00|nope").decode()):
         with pytest.raises(Exception, match="cursor"):
             decode_cursor(cursor)
-
-
-def test_payload_lock_key_fits_a_bigint() -> None:
-    for _ in range(100):
-        assert -(2**63) <= payload_lock_key(uuid.uuid4()) < 2**63
 
 
 def _settings(**env: str) -> Settings:

@@ -151,6 +151,9 @@ class UploadSession(TenantModel):
     signature: Mapped[bytes] = mapped_column(LargeBinary)
     backup_timestamp: Mapped[datetime.datetime] = mapped_column(TimestampUTC)
     expires_at: Mapped[datetime.datetime] = mapped_column(TimestampUTC)
+    #: The PATCH that owns the upload now, if any: it checks this with every chunk batch it stores, and the next
+    #: PATCH (a client's retry) takes the upload over by replacing it.
+    lease_id: Mapped[UUID | None] = mapped_column(default=None)
 
 
 _ = Organization  # the FK target must be mapped before these tables

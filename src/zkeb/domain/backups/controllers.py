@@ -45,7 +45,7 @@ from zkeb.domain.backups.schemas import (
     validate_envelope,
 )
 from zkeb.domain.backups.services import BackupService, backup_read, backup_read_msgpack, verify_backup_signature
-from zkeb.domain.backups.storage import ChunkPipeline, plan_read, raw_connection, stream_plaintext
+from zkeb.domain.backups.storage import ChunkPipeline, plan_read, stream_plaintext
 from zkeb.lib.ranges import RangeNotSatisfiableError, etag_matches, parse_range
 
 __all__ = (
@@ -228,12 +228,9 @@ class BackupController(Controller):
         await db_session.commit()
         try:
             with tracer.start_as_current_span("backups.encrypt_and_store", attributes={"zkeb.bytes": size}) as span:
-                async with (
-                    raw_connection(context.engine) as connection,
-                    ChunkPipeline(
-                        connection, organization_id=principal.organization_id, payload_id=new.id, cipher=new.cipher
-                    ) as pipeline,
-                ):
+                async with ChunkPipeline(
+                    context.engine, organization_id=principal.organization_id, payload_id=new.id, cipher=new.cipher
+                ) as pipeline:
                     await pipeline.write(payload)
                     await pipeline.close()
                 span.set_attribute("zkeb.chunk_count", pipeline.next_seq)

@@ -15,10 +15,11 @@ from litestar.exceptions import ClientException
 from opentelemetry import trace
 from sqlalchemy import delete, literal, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
 from uuid_utils.compat import uuid7
 
 from zkeb.core.auth import Principal
-from zkeb.core.errors import ConflictError, NotFoundError
+from zkeb.core.errors import ConflictError, NotFoundError, ProblemError
 from zkeb.core.metrics import record_backup_created, record_backup_failed
 from zkeb.db.models import Backup, BackupChunk, Device, Payload, PayloadNonce, UploadSession
 from zkeb.domain.backups.lifecycle import (
@@ -36,8 +37,11 @@ from zkeb.lib.envelope import backup_signed_message, format_rfc3339_utc, verify_
 from zkeb.settings import Settings
 
 __all__ = (
+    "UPLOAD_LEASE_LOST",
     "BackupService",
     "NewPayload",
+    "UploadLease",
+    "UploadLeaseLostError",
     "backup_read",
     "backup_read_msgpack",
     "decode_cursor",
@@ -49,6 +53,32 @@ logger = logging.getLogger("zkeb.backups")
 tracer = trace.get_tracer("zkeb.backups")
 
 _NONCE_CONSTRAINT = "uq_payload_nonces"
+UPLOAD_LEASE_LOST = "another PATCH took this upload over after this one went silent; HEAD the upload for its offset"
+
+
+class UploadLeaseLostError(ProblemError):
+    """A PATCH went silent long enough that another PATCH took the upload over; nothing of it is kept."""
+
+    status_code: int = 409
+
+
+@dataclass(frozen=True, slots=True)
+class UploadLease:
+    """The claim through which one PATCH owns a tus upload while it writes (`upload_sessions.lease_id`)."""
+
+    upload_id: UUID
+    lease_id: UUID
+
+
+async def _end_upload(session: AsyncSession, upload: UploadLease) -> None:
+    """Delete the upload's session row, provided the lease still holds it."""
+    owned = await session.scalar(
+        delete(UploadSession)
+        .where(UploadSession.id == upload.upload_id, UploadSession.lease_id == upload.lease_id)
+        .returning(UploadSession.id)
+    )
+    if owned is None:
+        raise UploadLeaseLostError(UPLOAD_LEASE_LOST)
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,7 +245,7 @@ class BackupService(BackupRepositoryService):
         payload_size: int,
         payload_sha256: bytes,
         chunk_count: int,
-        upload_id: UUID | None = None,
+        upload: UploadLease | None = None,
         settings: Settings | None = None,
     ) -> Backup:
         """The commit step: one transaction makes the backup visible, records its nonce and seals its payload.
@@ -224,9 +254,12 @@ class BackupService(BackupRepositoryService):
         locks the project row, so commits of a project are serialized) and applies the container's retention
         policy (see `zkeb.domain.backups.lifecycle`).
 
+        A tus upload's session is deleted in the same transaction, provided `upload`'s lease still holds it.
+
         Raises:
             ConflictError: the `payload_nonce` was committed meanwhile by another upload (409).
             InsufficientStorageError: the payload does not fit under the project's quota (507); nothing changed.
+            UploadLeaseLostError: another PATCH took the upload over (409); nothing changed.
         """
         backup = Backup(
             id=uuid7(),
@@ -255,9 +288,11 @@ class BackupService(BackupRepositoryService):
             },
         ) as span:
             session = self.session
-            method = "tus" if upload_id is not None else "single"
+            method = "tus" if upload is not None else "single"
             try:
                 policy = await charge_quota(session, project_id=project_id, size=payload_size)
+                if upload is not None:  # the session row before the payload's: the order every writer locks them in
+                    await _end_upload(session, upload)
                 # Taken under the project lock: creation order is commit order, so retention ranks it newest.
                 backup.created_at = datetime.now(UTC)
                 session.add(
@@ -275,8 +310,6 @@ class BackupService(BackupRepositoryService):
                     .where(Payload.id == payload_id)
                     .values(size=payload_size, sha256=payload_sha256, chunk_count=chunk_count)
                 )
-                if upload_id is not None:
-                    await session.execute(delete(UploadSession).where(UploadSession.id == upload_id))
                 session.add(backup)
                 await session.flush()
                 trashed = await apply_retention(
@@ -290,6 +323,10 @@ class BackupService(BackupRepositoryService):
                 await session.rollback()
                 span.set_attribute("zkeb.outcome", "over_quota")
                 record_backup_failed("quota", method)
+                raise
+            except UploadLeaseLostError:
+                await session.rollback()
+                span.set_attribute("zkeb.outcome", "lease_lost")
                 raise
             except IntegrityError as exc:
                 await session.rollback()

@@ -4,8 +4,9 @@ A payload is stored as ordered chunks of about `CHUNK_SIZE` bytes in `backup_chu
 payload's data key (`ChunkCipher`, the chunk's sequence number bound as associated data). Writes never hold one
 transaction across an upload: chunks are inserted in short transactions on a raw asyncpg connection of the app's
 pool, while the request keeps receiving, hashing and encrypting the next chunk (PostgreSQL's single backend is the
-bottleneck, so the two must overlap). Chunks are invisible to clients until the backup row that references their
-payload commits; nothing else references them.
+bottleneck, so the two must overlap). The writer holds its pooled connection only while chunks are waiting for it,
+so a client sending slowly holds none between chunks. Chunks are invisible to clients until the backup row that
+references their payload commits; nothing else references them.
 
 Chunk transactions commit with `synchronous_commit = off`: the commit that makes a backup visible is synchronous,
 and flushing its WAL record flushes every earlier record, chunks included, so durability of a visible backup is
@@ -18,9 +19,9 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from uuid import UUID
 
 from opentelemetry import trace
@@ -49,13 +50,17 @@ __all__ = (
     "ChunkSpan",
     "PayloadCrypto",
     "PayloadKey",
+    "PipelineError",
     "ReadStep",
+    "TransactionHook",
     "delete_chunks_from",
     "hash_stored_chunks",
     "plan_read",
     "raw_connection",
     "stream_plaintext",
 )
+
+T = TypeVar("T")
 
 logger = logging.getLogger("zkeb.backups.storage")
 tracer = trace.get_tracer("zkeb.backups")
@@ -184,17 +189,25 @@ class PipelineError(RuntimeError):
     """The chunk writer failed; the upload cannot continue."""
 
 
+#: A chunk on its way to the writer: sequence number, byte offset, plaintext size, ciphertext.
+_Chunk = tuple[int, int, int, bytes]
+#: Runs first in each chunk transaction with the sequence number and byte offset that follow the batch; raising
+#: aborts the write (a tus PATCH checks its lease and records its progress here).
+TransactionHook = Callable[["asyncpg.Connection", int, int], Awaitable[None]]
+
+
 class ChunkPipeline:
     """Cuts a byte stream into chunks, hashes and encrypts them, and writes them from a separate task.
 
     `write()` returns as soon as the chunk is queued, so the request keeps receiving while the previous chunk is
     being inserted; at most `WRITE_QUEUE_DEPTH` encrypted chunks wait, plus one being received and one being
-    written, whatever the payload size.
+    written, whatever the payload size. The writer takes a pooled connection when a chunk is queued and gives it
+    back when none is left waiting.
     """
 
     def __init__(
         self,
-        connection: asyncpg.Connection,
+        engine: AsyncEngine,
         *,
         organization_id: UUID,
         payload_id: UUID,
@@ -203,9 +216,11 @@ class ChunkPipeline:
         first_offset: int = 0,
         digests: Sequence[Any] = (),
         chunk_size: int = CHUNK_SIZE,
+        in_transaction: TransactionHook | None = None,
     ) -> None:
         """Prepare to write chunks `first_seq, ...` starting at byte `first_offset` of the payload."""
-        self._connection = connection
+        self._engine = engine
+        self._in_transaction = in_transaction
         self._organization_id = str(organization_id)
         self._org_uuid = organization_id
         self._payload_id = payload_id
@@ -215,7 +230,7 @@ class ChunkPipeline:
         # One chunk's worth, allocated once and refilled: no reallocation, whatever the size of the pieces.
         self._buffer = bytearray(chunk_size)
         self._filled = 0
-        self._queue: asyncio.Queue[tuple[int, int, int, bytes] | None] = asyncio.Queue(maxsize=WRITE_QUEUE_DEPTH)
+        self._queue: asyncio.Queue[_Chunk | None] = asyncio.Queue(maxsize=WRITE_QUEUE_DEPTH)
         self._writer: asyncio.Task[None] | None = None
         self.next_seq = first_seq
         self.next_offset = first_offset
@@ -256,6 +271,33 @@ class ChunkPipeline:
             if self._filled == chunk_size:
                 await self._emit_buffer()
 
+    async def feed(self, receiving: Awaitable[T]) -> T:
+        """Run `receiving`, which writes into this pipeline, and stop it as soon as the writer fails.
+
+        A receiver waiting for bytes that are slow to come (a client gone silent) learns of the failure at once,
+        not when its next chunk is queued.
+
+        Raises:
+            PipelineError: the writer failed; `receiving` was cancelled.
+        """
+        writer = self._writer
+        if writer is None:
+            raise PipelineError("the chunk writer is not running")
+        task = asyncio.ensure_future(receiving)
+        try:
+            await asyncio.wait({task, writer}, return_when=asyncio.FIRST_COMPLETED)
+            if not task.done() and (writer.cancelled() or writer.exception() is not None):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                self._raise_writer_failure(writer)
+            return await task
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
     async def _emit_buffer(self) -> None:
         # The chunk is hashed and encrypted (into a new object) before `_emit` first awaits, so the buffer is
         # free to be refilled as soon as it returns.
@@ -294,7 +336,7 @@ class ChunkPipeline:
         self.next_seq += 1
         self.next_offset += size
 
-    async def _put(self, item: tuple[int, int, int, bytes] | None) -> None:
+    async def _put(self, item: _Chunk | None) -> None:
         writer = self._writer
         if writer is None:
             raise PipelineError("the chunk writer is not running")
@@ -314,24 +356,32 @@ class ChunkPipeline:
         exc = writer.exception() if not writer.cancelled() else None
         raise PipelineError("the chunk writer stopped") from exc
 
-    async def _write_loop(self) -> None:
-        while True:
-            item = await self._queue.get()
-            if item is None:
-                return
-            batch = [item]
-            finished = False
-            while len(batch) < WRITE_BATCH and not self._queue.empty():
-                following = self._queue.get_nowait()
-                if following is None:
-                    finished = True
-                    break
-                batch.append(following)
-            await self._store(batch)
-            if finished:
-                return
+    def _take_batch(self, first: _Chunk) -> tuple[list[_Chunk], bool]:
+        """`first` and the chunks queued behind it, up to `WRITE_BATCH`; True when the end marker was taken too."""
+        batch = [first]
+        while len(batch) < WRITE_BATCH and not self._queue.empty():
+            following = self._queue.get_nowait()
+            if following is None:
+                return batch, True
+            batch.append(following)
+        return batch, False
 
-    async def _store(self, batch: list[tuple[int, int, int, bytes]]) -> None:
+    async def _write_loop(self) -> None:
+        queue = self._queue
+        while (item := await queue.get()) is not None:
+            # A pooled connection only while chunks are waiting: a slow client's upload holds none between chunks.
+            async with raw_connection(self._engine) as connection:
+                while True:
+                    batch, finished = self._take_batch(item)
+                    await self._store(connection, batch)
+                    if finished:
+                        return
+                    if queue.empty():
+                        break
+                    if (item := queue.get_nowait()) is None:
+                        return
+
+    async def _store(self, connection: asyncpg.Connection, batch: list[_Chunk]) -> None:
         size = sum(plain for _, _, plain, _ in batch)
         with tracer.start_as_current_span(
             "backups.store_chunks",
@@ -341,12 +391,15 @@ class ChunkPipeline:
                 (uuid7(), self._org_uuid, self._payload_id, seq, offset, plain, blob)
                 for seq, offset, plain, blob in batch
             ]
-            async with self._connection.transaction():
-                await self._connection.execute(_BEGIN_CHUNK_TX, self._organization_id)
+            async with connection.transaction():
+                await connection.execute(_BEGIN_CHUNK_TX, self._organization_id)
+                if self._in_transaction is not None:
+                    last_seq, last_offset, last_size, _ = batch[-1]
+                    await self._in_transaction(connection, last_seq + 1, last_offset + last_size)
                 if len(rows) == 1:
-                    await self._connection.execute(_INSERT_CHUNK, *rows[0])
+                    await connection.execute(_INSERT_CHUNK, *rows[0])
                 else:
-                    await self._connection.executemany(_INSERT_CHUNK, rows)
+                    await connection.executemany(_INSERT_CHUNK, rows)
             self.stored_chunks += len(batch)
 
 

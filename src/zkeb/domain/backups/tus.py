@@ -18,9 +18,13 @@ ZKEB specifics:
   response carries `Zkeb-Backup-Id`. A signature mismatch answers 422 and deletes the upload and its bytes.
 - Bytes of a PATCH are stored as they arrive (pipelined, see `storage`); a PATCH cut off by the network keeps what
   was received (unless it carried `Upload-Checksum`, which can then not be verified), so `HEAD` + `PATCH` resume.
-- One PATCH at a time per upload (423 otherwise), enforced with a PostgreSQL advisory lock on the payload, which
-  the expiry sweeper also takes, so it never deletes an upload that is receiving bytes.
-- Sessions expire `UPLOAD_EXPIRY` after their last PATCH (`Upload-Expires`); `UploadSweeper` purges expired
+- One PATCH at a time per upload, through a lease on the session row that each chunk batch checks in its own
+  transaction: a PATCH holds a pooled connection only while it writes, never while its client's bytes are on the
+  way. A new PATCH takes the upload over from an earlier one still open (a retry sent before the server saw the
+  first attempt fail, as tusd does); the earlier one stores nothing more and answers 409. Without `Upload-Checksum`
+  each stored batch also records the offset it reaches, short of `Upload-Length` (only the commit completes an
+  upload), so a connection that dies unseen loses at most the batch in flight.
+- Sessions expire `UPLOAD_EXPIRY` after their last stored bytes (`Upload-Expires`); `UploadSweeper` purges expired
   sessions, their chunks, and payloads orphaned by a crashed process, in bounded batches, safely from any number
   of processes (the maintenance runner, `zkeb.domain.backups.maintenance`, calls it).
 """
@@ -61,10 +65,18 @@ from zkeb.db.models import Payload, UploadSession
 from zkeb.domain.backups.context import BackupsContext, backups_context
 from zkeb.domain.backups.lifecycle import SYSTEM_ACTOR, LifecycleService
 from zkeb.domain.backups.schemas import BackupEnvelope, invalid_field, validate_envelope
-from zkeb.domain.backups.services import BackupService, verify_backup_signature
+from zkeb.domain.backups.services import (
+    UPLOAD_LEASE_LOST,
+    BackupService,
+    UploadLease,
+    UploadLeaseLostError,
+    verify_backup_signature,
+)
 from zkeb.domain.backups.storage import (
     ChunkPipeline,
     PayloadKey,
+    PipelineError,
+    TransactionHook,
     delete_chunks_from,
     hash_stored_chunks,
     raw_connection,
@@ -99,7 +111,7 @@ tracer = trace.get_tracer("zkeb.backups")
 
 UPLOADS_PATH = "/api/v1/uploads"
 OFFSET_OCTET_STREAM = "application/offset+octet-stream"
-#: How long an upload stays resumable after its creation or its last PATCH.
+#: How long an upload stays resumable after its creation or the last bytes it stored.
 UPLOAD_EXPIRY = timedelta(hours=24)
 #: Payloads no backup and no upload references (a process died mid single-shot upload) are purged after this.
 ORPHAN_AGE = timedelta(hours=1)
@@ -140,12 +152,6 @@ class UploadGoneError(ProblemError):
     """The upload expired (expiration extension)."""
 
     status_code: int = 410
-
-
-class UploadLockedError(ProblemError):
-    """Another PATCH is writing to this upload right now."""
-
-    status_code: int = 423
 
 
 class UploadTooLargeError(ProblemError):
@@ -294,11 +300,6 @@ def _envelope_of(upload: UploadSession) -> BackupEnvelope:
     )
 
 
-def payload_lock_key(payload_id: UUID) -> int:
-    """The advisory-lock key guarding one payload's upload (PATCH and sweeper take it)."""
-    return int.from_bytes(payload_id.bytes[8:], "big", signed=True)
-
-
 async def _load_upload(session: AsyncSession, principal: Principal, upload_id: UUID) -> UploadSession:
     upload = await session.scalar(
         select(UploadSession).where(UploadSession.id == upload_id, UploadSession.project_id == principal.project_id)
@@ -326,19 +327,39 @@ class _AbandonedPatchError(Exception):
     """A PATCH with a checksum lost its connection: nothing of it can be verified, so nothing is kept."""
 
 
-_TRY_LOCK_PAYLOAD = text("SELECT pg_try_advisory_xact_lock(:key)")
 _SET_TENANT = "SELECT set_config('zkeb.org_id', $1, true)"
-_OFFSET_AND_CHUNKS = (
-    "SELECT s.upload_offset, p.chunk_count FROM upload_sessions s JOIN payloads p ON p.id = s.payload_id "
-    "WHERE s.id = $1"
+# Every writer locks an upload's session row before its payload's rows: the claim and each chunk batch here, the
+# commit (`BackupService.commit_backup`), termination and the sweeper.
+_CLAIM = (
+    "UPDATE upload_sessions s SET lease_id = $2, expires_at = now() + $3::interval, updated_at = now()"
+    " WHERE s.id = $1 AND s.upload_offset = $4 AND s.expires_at > now()"
+    " RETURNING s.expires_at, (SELECT p.chunk_count FROM payloads p WHERE p.id = s.payload_id)"
 )
-_RECORD_OFFSET = "UPDATE upload_sessions SET upload_offset = $2, expires_at = $3, updated_at = now() WHERE id = $1"
+_UNCLAIMED = "SELECT upload_offset, expires_at <= now() AS expired FROM upload_sessions WHERE id = $1"
+_KEEP = "UPDATE upload_sessions SET expires_at = now() + $3::interval WHERE id = $1 AND lease_id = $2 RETURNING 1"
+_ADVANCE = (
+    "UPDATE upload_sessions SET upload_offset = $3, expires_at = now() + $4::interval, updated_at = now()"
+    " WHERE id = $1 AND lease_id = $2 RETURNING expires_at"
+)
+_RELEASE_AT = (
+    "UPDATE upload_sessions SET upload_offset = $3, lease_id = NULL, updated_at = now()"
+    " WHERE id = $1 AND lease_id = $2 RETURNING expires_at"
+)
 _RECORD_CHUNKS = "UPDATE payloads SET chunk_count = $2, size = $3, updated_at = now() WHERE id = $1"
+_RELEASE = "UPDATE upload_sessions SET lease_id = NULL WHERE id = $1 AND lease_id = $2 RETURNING upload_offset"
 
 
 @dataclass(slots=True)
 class PatchReceiver:
-    """Receives one PATCH body at an upload's offset and, when it completes the upload, commits the backup."""
+    """Receives one PATCH body at an upload's offset and, when it completes the upload, commits the backup.
+
+    The PATCH owns the upload through a lease (`upload_sessions.lease_id`) that every chunk batch it stores checks,
+    in the same transaction. It holds a pooled connection only to claim, store a batch or commit: a device sending
+    slowly holds none while its bytes are on the way. A new PATCH takes the upload over from an earlier one still
+    open (the client's retry, sent before the server saw the first attempt fail, as tusd does), which then stores
+    nothing more. Without `Upload-Checksum`, each batch also records the offset it reaches (short of
+    `Upload-Length`: only the commit completes an upload), so a takeover loses at most the batch not yet stored.
+    """
 
     request: Request[Any, Any, Any]
     context: BackupsContext
@@ -348,16 +369,16 @@ class PatchReceiver:
     checksum: tuple[str, bytes] | None
 
     async def receive(self) -> PatchOutcome:
-        """Take the upload's advisory lock on a raw connection and stream the body into chunks.
+        """Claim the upload, stream the body into chunks, and record the new offset or commit the backup.
 
         Raises:
-            UploadLockedError: another PATCH holds the upload (423).
             UploadTooLargeError: the body goes past `Upload-Length` (413).
+            UploadLeaseLostError: a later PATCH took the upload over (409).
         """
         upload = self.upload
         payload = await self.session.get_one(Payload, upload.payload_id)
         cipher = self.context.crypto.cipher(upload.payload_id, PayloadKey(payload.key_id, payload.wrapped_key))
-        await self.session.commit()  # release the session's connection: the bytes go through a raw one
+        await self.session.commit()  # release the session's connection: the bytes go through short transactions
         remaining = upload.upload_length - upload.upload_offset
         announced = self.request.content_length
         if announced is not None and announced > remaining:
@@ -367,93 +388,156 @@ class PatchReceiver:
             "zkeb.upload_offset": upload.upload_offset,
         }
         with tracer.start_as_current_span("backups.tus_patch", attributes=attributes) as span:
-            async with raw_connection(self.context.engine) as connection:
-                lock_key = payload_lock_key(upload.payload_id)
-                if not await connection.fetchval("SELECT pg_try_advisory_lock($1)", lock_key):
-                    raise UploadLockedError("another PATCH is writing to this upload; retry after it ends")
-                try:
-                    outcome = await self._receive_locked(connection, cipher)
-                finally:
-                    with contextlib.suppress(Exception):
-                        await asyncio.shield(connection.execute("SELECT pg_advisory_unlock($1)", lock_key))
+            lease = UploadLease(upload.id, uuid7())
+            chunk_count, expires_at = await self._claim(lease)
+            try:
+                outcome = await self._receive_leased(lease, cipher, chunk_count, expires_at)
+            except BaseException as exc:
+                # Refused for the client's own fault (e.g. a body past Upload-Length): the PATCH changes nothing.
+                # Otherwise (a server failure, a shutdown) the batches it recorded stay, and the client resumes.
+                undo = isinstance(exc, HTTPException) and exc.status_code < 500
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self._release(lease, undo_to=chunk_count if undo else None))
+                raise
             span.set_attribute("zkeb.upload_offset_after", outcome.offset)
             span.set_attribute("zkeb.outcome", "committed" if outcome.backup_id else "partial")
             if outcome.backup_id is not None:
                 span.set_attribute("zkeb.backup_id", str(outcome.backup_id))
         return outcome
 
-    async def _receive_locked(self, connection: asyncpg.Connection, cipher: ChunkCipher) -> PatchOutcome:
+    async def _claim(self, lease: UploadLease) -> tuple[int, datetime]:
+        """Take the upload over and drop chunks past its offset; its chunk count and new expiry.
+
+        Raises:
+            ProblemError: the offset moved since the request was checked (409), or the upload is gone (404, 410).
+        """
+        upload, organization_id = self.upload, self.principal.organization_id
+        async with raw_connection(self.context.engine) as connection, connection.transaction():
+            await connection.execute(_SET_TENANT, str(organization_id))
+            claimed = await connection.fetchrow(_CLAIM, upload.id, lease.lease_id, UPLOAD_EXPIRY, upload.upload_offset)
+            if claimed is not None:
+                # Chunks past the acknowledged offset were stored by a PATCH that failed or was taken over.
+                await delete_chunks_from(connection, organization_id, upload.payload_id, upload.upload_offset)
+                return claimed["chunk_count"], claimed["expires_at"]
+            current = await connection.fetchrow(_UNCLAIMED, upload.id)
+        if current is None:
+            raise NotFoundError("upload not found")
+        if current["expired"]:
+            raise UploadGoneError("the upload expired")
+        raise ProblemError(
+            f"Upload-Offset {upload.upload_offset} does not match the upload's offset {current['upload_offset']}",
+            status_code=409,
+            headers={"Upload-Offset": str(current["upload_offset"])},
+        )
+
+    def _batch_hook(self, lease: UploadLease) -> TransactionHook:
+        upload_id, payload_id, length = self.upload.id, self.upload.payload_id, self.upload.upload_length
+        record_progress = self.checksum is None  # a checksummed body counts only once all of it is verified
+
+        async def in_batch(connection: asyncpg.Connection, next_seq: int, next_offset: int) -> None:
+            if record_progress and next_offset < length:
+                kept = await connection.fetchval(_ADVANCE, upload_id, lease.lease_id, next_offset, UPLOAD_EXPIRY)
+                if kept is not None:
+                    await connection.execute(_RECORD_CHUNKS, payload_id, next_seq, next_offset)
+            else:
+                kept = await connection.fetchval(_KEEP, upload_id, lease.lease_id, UPLOAD_EXPIRY)
+            if kept is None:
+                raise UploadLeaseLostError(UPLOAD_LEASE_LOST)
+
+        return in_batch
+
+    async def _release(self, lease: UploadLease, *, undo_to: int | None) -> None:
+        """Give the upload back after a failure, dropping the chunks stored past its recorded offset.
+
+        With `undo_to` (the chunk count the PATCH started from), the offset goes back to where the PATCH started.
+        Does nothing once the lease is gone: released, committed, or taken over by a later PATCH.
+        """
+        organization_id, upload = self.principal.organization_id, self.upload
+        async with raw_connection(self.context.engine) as connection, connection.transaction():
+            await connection.execute(_SET_TENANT, str(organization_id))
+            if undo_to is None:
+                offset = await connection.fetchval(_RELEASE, lease.upload_id, lease.lease_id)
+            else:
+                offset = upload.upload_offset
+                if await connection.fetchval(_RELEASE_AT, lease.upload_id, lease.lease_id, offset) is None:
+                    return
+                await connection.execute(_RECORD_CHUNKS, upload.payload_id, undo_to, offset)
+            if offset is not None:
+                await delete_chunks_from(connection, organization_id, upload.payload_id, offset)
+
+    async def _receive_leased(
+        self, lease: UploadLease, cipher: ChunkCipher, chunk_count: int, expires_at: datetime
+    ) -> PatchOutcome:
         organization_id, upload = self.principal.organization_id, self.upload
         payload_id, start = upload.payload_id, upload.upload_offset
-        async with connection.transaction(readonly=True):
-            await connection.execute(_SET_TENANT, str(organization_id))
-            state = await connection.fetchrow(_OFFSET_AND_CHUNKS, upload.id)
-        if state is None:
-            raise NotFoundError("upload not found")
-        if state["upload_offset"] != start:
-            raise ProblemError("Upload-Offset does not match the upload's offset", status_code=409)
-        # Chunks past the acknowledged offset were written by a PATCH that failed before recording them.
-        await delete_chunks_from(connection, organization_id, payload_id, start)
         payload_hash = hashlib.sha256()
         if start > 0:
-            await hash_stored_chunks(
-                connection,
-                organization_id=organization_id,
-                payload_id=payload_id,
-                cipher=cipher,
-                chunk_count=state["chunk_count"],
-                digest=payload_hash,
-            )
+            async with raw_connection(self.context.engine) as connection:
+                await hash_stored_chunks(
+                    connection,
+                    organization_id=organization_id,
+                    payload_id=payload_id,
+                    cipher=cipher,
+                    chunk_count=chunk_count,
+                    digest=payload_hash,
+                )
         patch_digest = hashlib.new(self.checksum[0]) if self.checksum else None
         pipeline = ChunkPipeline(
-            connection,
+            self.context.engine,
             organization_id=organization_id,
             payload_id=payload_id,
             cipher=cipher,
-            first_seq=state["chunk_count"],
+            first_seq=chunk_count,
             first_offset=start,
             digests=[payload_hash] if patch_digest is None else [payload_hash, patch_digest],
+            in_transaction=self._batch_hook(lease),
         )
         try:
             await self._stream_into(pipeline)
-            self._check_digest(patch_digest)
-        except BaseException as exc:
-            with contextlib.suppress(Exception):
-                await asyncio.shield(delete_chunks_from(connection, organization_id, payload_id, start))
-            if isinstance(exc, _AbandonedPatchError):
-                return PatchOutcome(start, None, upload.expires_at)
+        except _AbandonedPatchError:
+            await asyncio.shield(self._release(lease, undo_to=None))
+            return PatchOutcome(start, None, expires_at)
+        except PipelineError as exc:
+            if isinstance(exc.__cause__, UploadLeaseLostError):
+                raise exc.__cause__ from None
             raise
+        self._check_digest(patch_digest)
         offset = start + pipeline.received
         if offset < upload.upload_length:
-            expires_at = datetime.now(UTC) + UPLOAD_EXPIRY
-            async with connection.transaction():
+            async with raw_connection(self.context.engine) as connection, connection.transaction():
                 await connection.execute(_SET_TENANT, str(organization_id))
-                await connection.execute(_RECORD_OFFSET, upload.id, offset, expires_at)
+                expires_at = await connection.fetchval(_RELEASE_AT, upload.id, lease.lease_id, offset)
+                if expires_at is None:
+                    raise UploadLeaseLostError(UPLOAD_LEASE_LOST)
                 await connection.execute(_RECORD_CHUNKS, payload_id, pipeline.next_seq, offset)
             return PatchOutcome(offset, None, expires_at)
-        backup_id = await self._complete(payload_hash.digest(), pipeline.next_seq)
-        return PatchOutcome(offset, backup_id, upload.expires_at)
+        backup_id = await self._complete(lease, payload_hash.digest(), pipeline.next_seq)
+        return PatchOutcome(offset, backup_id, expires_at)
 
     async def _stream_into(self, pipeline: ChunkPipeline) -> None:
-        remaining = self.upload.upload_length - self.upload.upload_offset
-        disconnected = False
         async with pipeline:
             with tracer.start_as_current_span("backups.receive") as span:
-                try:
-                    async for piece in self.request.stream():
-                        if not piece:
-                            continue
-                        if pipeline.received + len(piece) > remaining:
-                            raise UploadTooLargeError("the body goes past Upload-Length")
-                        await pipeline.write(piece)
-                except InternalServerException:
-                    # Litestar's signal that the client went away mid-body: keep what arrived (tus resumes).
-                    disconnected = True
+                disconnected = await pipeline.feed(self._read_body(pipeline))
                 span.set_attribute("zkeb.bytes", pipeline.received)
                 span.set_attribute("zkeb.disconnected", disconnected)
             if disconnected and self.checksum is not None:
                 raise _AbandonedPatchError
             await pipeline.close()
+
+    async def _read_body(self, pipeline: ChunkPipeline) -> bool:
+        """Write the body into `pipeline`; True when the client went away before its end."""
+        remaining = self.upload.upload_length - self.upload.upload_offset
+        try:
+            async for piece in self.request.stream():
+                if not piece:
+                    continue
+                if pipeline.received + len(piece) > remaining:
+                    raise UploadTooLargeError("the body goes past Upload-Length")
+                await pipeline.write(piece)
+        except InternalServerException:
+            # Litestar's signal that the client went away mid-body: keep what arrived (tus resumes).
+            return True
+        return False
 
     def _check_digest(self, patch_digest: Any) -> None:
         if self.checksum is None or patch_digest is None:
@@ -465,7 +549,7 @@ class PatchReceiver:
                 headers={"Upload-Offset": str(self.upload.upload_offset)},
             )
 
-    async def _complete(self, payload_sha256: bytes, chunk_count: int) -> UUID:
+    async def _complete(self, lease: UploadLease, payload_sha256: bytes, chunk_count: int) -> UUID:
         """Verify the signature and commit the backup; when that can never succeed, delete the upload."""
         upload, principal = self.upload, self.principal
         payload_id = upload.payload_id  # read now: a rollback below expires the ORM object
@@ -490,7 +574,7 @@ class PatchReceiver:
                 payload_size=upload.upload_length,
                 payload_sha256=payload_sha256,
                 chunk_count=chunk_count,
-                upload_id=upload.id,
+                upload=lease,
                 settings=self.context.settings,
             )
         except (UnprocessableError, ConflictError):
@@ -632,6 +716,9 @@ class UploadController(Controller):
         summary="Append bytes (tus core, checksum)",
         description=(
             "`Content-Type: application/offset+octet-stream`; `Upload-Offset` must equal the upload's offset (409). "
+            "The offset grows as each MiB is stored (not with `Upload-Checksum`, which counts only once verified), "
+            "short of `Upload-Length` until the commit. A new PATCH takes the upload over from one still open, "
+            "which then answers 409. "
             "`Upload-Checksum` (`sha1` or `sha256`) covers this PATCH's body: 460 on mismatch, offset unchanged. "
             "The PATCH that completes the upload verifies the signature and commits: `Zkeb-Backup-Id`; 507 when the "
             "project's quota cannot take it any more (the upload stays, resend its last bytes after making room)."
@@ -672,7 +759,7 @@ class UploadController(Controller):
         "/{upload_id:uuid}",
         guards=[requires_backup_access],
         summary="Abandon an upload (tus termination)",
-        description="204; the upload and its bytes are deleted. 423 while a PATCH is writing to it.",
+        description="204; the upload and its bytes are deleted. A PATCH still open on it stops and answers 409.",
     )
     async def terminate(
         self, request: Request[Any, Any, Any], db_session: NamedDependency[AsyncSession], upload_id: FromPath[UUID]
@@ -681,9 +768,9 @@ class UploadController(Controller):
         require_tus_resumable(request)
         principal = principal_of(request)
         upload = await _load_upload(db_session, principal, upload_id)
-        locked = await db_session.scalar(_TRY_LOCK_PAYLOAD, {"key": payload_lock_key(upload.payload_id)})
-        if not locked:
-            raise UploadLockedError("a PATCH is writing to this upload; retry after it ends")
+        # The session row first, as every writer locks it: a PATCH still open on the upload stores nothing more.
+        if await db_session.scalar(_LOCK_SESSION, {"id": upload.id}) is None:
+            raise NotFoundError("upload not found")
         await db_session.execute(sa_delete(Payload).where(Payload.id == upload.payload_id))
         await db_session.commit()
         return Response(None, status_code=204, headers={"Tus-Resumable": TUS_VERSION})
@@ -692,6 +779,7 @@ class UploadController(Controller):
 # --- expiration ------------------------------------------------------------------------------------------------
 
 
+_LOCK_SESSION = text("SELECT id FROM upload_sessions WHERE id = :id FOR UPDATE")
 _SWEEPABLE = text("SELECT organization_id, payload_id FROM zkeb_sweepable_payloads(:limit, :orphan_before)")
 _STILL_SWEEPABLE = text(
     "SELECT p.id, (SELECT s.id FROM upload_sessions s WHERE s.payload_id = p.id) AS upload_id"
@@ -702,6 +790,8 @@ _STILL_SWEEPABLE = text(
     "     AND NOT EXISTS (SELECT 1 FROM upload_sessions s WHERE s.payload_id = p.id)))"
     " FOR UPDATE OF p SKIP LOCKED"
 )
+#: The session row first, as every writer locks it (see `_CLAIM`); a PATCH storing a batch right now holds it.
+_LOCK_SESSION_OF = text("SELECT id FROM upload_sessions WHERE payload_id = :id FOR UPDATE SKIP LOCKED")
 _DELETE_PAYLOAD = text("DELETE FROM payloads WHERE id = :id")
 #: `actor_id` of the audit events the sweeper records.
 SWEEPER_ACTOR_ID = "maintenance"
@@ -725,7 +815,8 @@ class UploadSweeper:
     """Purges expired tus uploads (and orphaned payloads) with their chunks, in bounded batches.
 
     Safe with several processes: each payload is deleted in its tenant's transaction after re-checking, under
-    `FOR UPDATE SKIP LOCKED` and the payload's advisory lock, that it is still sweepable and not receiving bytes.
+    `FOR UPDATE SKIP LOCKED` of its upload session and itself, that it is still sweepable. A PATCH pushes the
+    upload's expiry forward with each batch it stores, so an upload receiving bytes is never expired.
     Each deletion is audited (actor `system`) in the same transaction.
     """
 
@@ -760,12 +851,11 @@ class UploadSweeper:
                 await connection.rollback()
             for organization_id, payload_id in candidates:
                 async with tenant_transaction(self._engine, organization_id) as connection:
-                    if not await connection.scalar(_TRY_LOCK_PAYLOAD, {"key": payload_lock_key(payload_id)}):
-                        continue
+                    locked_session = await connection.scalar(_LOCK_SESSION_OF, {"id": payload_id})
                     still = (
                         await connection.execute(_STILL_SWEEPABLE, {"id": payload_id, "orphan_before": orphan_before})
                     ).first()
-                    if still is None:
+                    if still is None or (still.upload_id is not None and still.upload_id != locked_session):
                         continue
                     await connection.execute(_DELETE_PAYLOAD, {"id": payload_id})
                     is_upload = still.upload_id is not None
