@@ -380,7 +380,7 @@ async def test_a_retry_takes_over_from_a_patch_gone_silent_which_then_stores_not
     finally:
         writer.close()
     assert status == 409, body
-    assert b"took this upload over" in body
+    assert b"no longer owns the upload" in body
     chunks = await owner_connection.fetch("SELECT seq, byte_offset, plain_size FROM backup_chunks ORDER BY seq")
     assert [(c["seq"], c["byte_offset"]) for c in chunks] == [(seq, seq * MIB) for seq in range(6)]
     backup_id = resumed.headers["zkeb-backup-id"]

@@ -124,3 +124,11 @@ async def test_twenty_tus_uploads_completing_at_once_admit_exactly_as_many_as_fi
     counts = await row_counts(owner_connection)
     assert (counts["backups"], counts["upload_sessions"]) == (5, 15)
     assert (await _usage(live_url, tenant))["used_bytes"] == 5 * SIZE
+    # Each refused PATCH gave its upload back and dropped the chunks past the offset it recorded, so a resend of
+    # the remaining bytes starts clean.
+    assert await owner_connection.fetchval("SELECT count(*) FROM upload_sessions WHERE lease_id IS NOT NULL") == 0
+    unrecorded = await owner_connection.fetchval(
+        "SELECT count(*) FROM backup_chunks c JOIN upload_sessions s ON s.payload_id = c.payload_id"
+        " WHERE c.byte_offset >= s.upload_offset"
+    )
+    assert unrecorded == 0

@@ -53,11 +53,14 @@ logger = logging.getLogger("zkeb.backups")
 tracer = trace.get_tracer("zkeb.backups")
 
 _NONCE_CONSTRAINT = "uq_payload_nonces"
-UPLOAD_LEASE_LOST = "another PATCH took this upload over after this one went silent; HEAD the upload for its offset"
+UPLOAD_LEASE_LOST = (
+    "this PATCH no longer owns the upload: a later PATCH took it over, or it was terminated or completed; "
+    "HEAD the upload for its offset"
+)
 
 
 class UploadLeaseLostError(ProblemError):
-    """A PATCH went silent long enough that another PATCH took the upload over; nothing of it is kept."""
+    """A PATCH lost its upload to a later PATCH, a termination or a commit; it stores nothing more."""
 
     status_code: int = 409
 

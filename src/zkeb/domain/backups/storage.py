@@ -24,7 +24,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 from uuid import UUID
 
+from litestar.exceptions import HTTPException
 from opentelemetry import trace
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from uuid_utils.compat import uuid7
 
@@ -346,14 +348,20 @@ class ChunkPipeline:
             self._queue.put_nowait(item)
             return
         put = asyncio.ensure_future(self._queue.put(item))
-        done, _ = await asyncio.wait({put, writer}, return_when=asyncio.FIRST_COMPLETED)
+        try:
+            done, _ = await asyncio.wait({put, writer}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not put.done():  # the writer failed, or this task was cancelled while waiting
+                put.cancel()
         if put not in done:
-            put.cancel()
             self._raise_writer_failure(writer)
 
     @staticmethod
     def _raise_writer_failure(writer: asyncio.Task[None]) -> None:
+        """Raise why the writer stopped: its own error when the client has a status for it, else PipelineError."""
         exc = writer.exception() if not writer.cancelled() else None
+        if isinstance(exc, HTTPException | PoolTimeoutError):  # e.g. a lost upload lease (409), a full pool (503)
+            raise exc
         raise PipelineError("the chunk writer stopped") from exc
 
     def _take_batch(self, first: _Chunk) -> tuple[list[_Chunk], bool]:

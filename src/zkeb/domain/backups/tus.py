@@ -52,6 +52,7 @@ from litestar.types import ExceptionHandlersMap
 from opentelemetry import trace
 from sqlalchemy import delete as sa_delete
 from sqlalchemy import select, text
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from uuid_utils.compat import uuid7
 
@@ -75,7 +76,6 @@ from zkeb.domain.backups.services import (
 from zkeb.domain.backups.storage import (
     ChunkPipeline,
     PayloadKey,
-    PipelineError,
     TransactionHook,
     delete_chunks_from,
     hash_stored_chunks,
@@ -347,6 +347,8 @@ _RELEASE_AT = (
 )
 _RECORD_CHUNKS = "UPDATE payloads SET chunk_count = $2, size = $3, updated_at = now() WHERE id = $1"
 _RELEASE = "UPDATE upload_sessions SET lease_id = NULL WHERE id = $1 AND lease_id = $2 RETURNING upload_offset"
+_END_LEASED = "DELETE FROM upload_sessions WHERE id = $1 AND lease_id = $2 RETURNING id"
+_DELETE_PAYLOAD_NOW = "DELETE FROM payloads WHERE id = $1"
 
 
 @dataclass(slots=True)
@@ -376,7 +378,9 @@ class PatchReceiver:
             UploadLeaseLostError: a later PATCH took the upload over (409).
         """
         upload = self.upload
-        payload = await self.session.get_one(Payload, upload.payload_id)
+        # Read now: a rollback in the commit below expires the ORM object, and the cleanup must not reload it.
+        payload_id, start = upload.payload_id, upload.upload_offset
+        payload = await self.session.get_one(Payload, payload_id)
         cipher = self.context.crypto.cipher(upload.payload_id, PayloadKey(payload.key_id, payload.wrapped_key))
         await self.session.commit()  # release the session's connection: the bytes go through short transactions
         remaining = upload.upload_length - upload.upload_offset
@@ -395,9 +399,11 @@ class PatchReceiver:
             except BaseException as exc:
                 # Refused for the client's own fault (e.g. a body past Upload-Length): the PATCH changes nothing.
                 # Otherwise (a server failure, a shutdown) the batches it recorded stay, and the client resumes.
-                undo = isinstance(exc, HTTPException) and exc.status_code < 500
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(self._release(lease, undo_to=chunk_count if undo else None))
+                # With the pool exhausted, waiting for it again would only delay the 503: the next claim cleans up.
+                undo = (start, chunk_count) if isinstance(exc, HTTPException) and exc.status_code < 500 else None
+                if not isinstance(exc, PoolTimeoutError):
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(self._release(lease, payload_id, undo=undo))
                 raise
             span.set_attribute("zkeb.upload_offset_after", outcome.offset)
             span.set_attribute("zkeb.outcome", "committed" if outcome.backup_id else "partial")
@@ -446,24 +452,32 @@ class PatchReceiver:
 
         return in_batch
 
-    async def _release(self, lease: UploadLease, *, undo_to: int | None) -> None:
+    async def _release(self, lease: UploadLease, payload_id: UUID, *, undo: tuple[int, int] | None) -> None:
         """Give the upload back after a failure, dropping the chunks stored past its recorded offset.
 
-        With `undo_to` (the chunk count the PATCH started from), the offset goes back to where the PATCH started.
+        With `undo` (the offset and chunk count the PATCH started from), the upload goes back to where it was.
         Does nothing once the lease is gone: released, committed, or taken over by a later PATCH.
         """
-        organization_id, upload = self.principal.organization_id, self.upload
+        organization_id = self.principal.organization_id
         async with raw_connection(self.context.engine) as connection, connection.transaction():
             await connection.execute(_SET_TENANT, str(organization_id))
-            if undo_to is None:
+            if undo is None:
                 offset = await connection.fetchval(_RELEASE, lease.upload_id, lease.lease_id)
             else:
-                offset = upload.upload_offset
+                offset, chunk_count = undo
                 if await connection.fetchval(_RELEASE_AT, lease.upload_id, lease.lease_id, offset) is None:
                     return
-                await connection.execute(_RECORD_CHUNKS, upload.payload_id, undo_to, offset)
+                await connection.execute(_RECORD_CHUNKS, payload_id, chunk_count, offset)
             if offset is not None:
-                await delete_chunks_from(connection, organization_id, upload.payload_id, offset)
+                await delete_chunks_from(connection, organization_id, payload_id, offset)
+
+    async def _discard(self, lease: UploadLease, payload_id: UUID) -> None:
+        """Delete an upload that can never succeed, with its bytes, if this PATCH still owns it."""
+        async with raw_connection(self.context.engine) as connection, connection.transaction():
+            await connection.execute(_SET_TENANT, str(self.principal.organization_id))
+            # The session row first, then the payload (its chunks go with it): the order every writer locks them in.
+            if await connection.fetchval(_END_LEASED, lease.upload_id, lease.lease_id) is not None:
+                await connection.execute(_DELETE_PAYLOAD_NOW, payload_id)
 
     async def _receive_leased(
         self, lease: UploadLease, cipher: ChunkCipher, chunk_count: int, expires_at: datetime
@@ -495,12 +509,8 @@ class PatchReceiver:
         try:
             await self._stream_into(pipeline)
         except _AbandonedPatchError:
-            await asyncio.shield(self._release(lease, undo_to=None))
+            await asyncio.shield(self._release(lease, payload_id, undo=None))
             return PatchOutcome(start, None, expires_at)
-        except PipelineError as exc:
-            if isinstance(exc.__cause__, UploadLeaseLostError):
-                raise exc.__cause__ from None
-            raise
         self._check_digest(patch_digest)
         offset = start + pipeline.received
         if offset < upload.upload_length:
@@ -579,7 +589,7 @@ class PatchReceiver:
             )
         except (UnprocessableError, ConflictError):
             # The envelope is fixed at creation: an upload that fails verification can never succeed.
-            await asyncio.shield(service.delete_payload(payload_id))
+            await asyncio.shield(self._discard(lease, payload_id))
             raise
         return backup.id
 
