@@ -180,6 +180,7 @@ async def test_reused_payload_nonce_is_refused_with_409(
     )
     assert again.status_code == 409
     assert problem(again)["field"] == "payload_nonce"
+    assert "backup_id" not in problem(again)  # another envelope: nothing to say about the committed one
     assert await row_counts(owner_connection) == before
     other_device = await client.post(
         "/api/v1/backups",
@@ -305,3 +306,22 @@ async def test_timestamp_with_offset_is_normalized_to_utc(client: Client, tenant
     assert response.status_code == 201
     stamp = parse_rfc3339_utc(response.json()["backup_timestamp"])
     assert stamp.utcoffset() == timedelta(0)
+
+
+async def test_resending_a_committed_envelope_is_409_naming_the_backup(
+    client: Client, tenant: Tenant, owner_connection: asyncpg.Connection
+) -> None:
+    # The first response was lost on the way back: the retry learns that its backup exists, and nothing changes.
+    envelope = sign_envelope(tenant, b"sent twice")
+    first = await client.post("/api/v1/backups", json=envelope.json(), headers=auth(tenant.project_key))
+    assert first.status_code == 201
+    before = await row_counts(owner_connection)
+    retried = await client.post(
+        "/api/v1/backups",
+        content=envelope.msgpack(),
+        headers=auth(tenant.project_key) | {"Content-Type": "application/msgpack"},
+    )
+    assert retried.status_code == 409
+    body = problem(retried)
+    assert (body["field"], body["backup_id"]) == ("payload_nonce", first.json()["id"])
+    assert await row_counts(owner_connection) == before

@@ -299,6 +299,10 @@ async def test_reused_nonce_is_409_at_creation(
     again = await create(client, tenant, sign_envelope(tenant, b"two", payload_nonce=nonce))
     assert again.status_code == 409
     assert problem(again)["field"] == "payload_nonce"
+    assert "backup_id" not in problem(again)
+    resent = await create(client, tenant, first)  # the same envelope: its first attempt was committed
+    assert resent.status_code == 409
+    assert problem(resent)["backup_id"] == response.json()["id"]
     assert await row_counts(owner_connection) == before
 
 

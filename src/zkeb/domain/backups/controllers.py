@@ -211,7 +211,9 @@ class BackupController(Controller):
             )
         service = BackupService(session=db_session)
         device = await service.device_for_upload(principal, envelope.device_id_hash)
-        await service.ensure_nonce_unused(project_id, envelope.device_id_hash, envelope.payload_nonce)
+        await service.ensure_nonce_unused(
+            project_id, envelope.device_id_hash, envelope.payload_nonce, signature=envelope.signature
+        )
         await LifecycleService(session=db_session).check_quota(project_id, size)
         with tracer.start_as_current_span("backups.hash", attributes={"zkeb.bytes": size}):
             payload_sha256 = hashlib.sha256(payload).digest()

@@ -6,6 +6,7 @@ security), and commits its own short unit of work: nothing here holds a transact
 
 from __future__ import annotations
 
+import hmac
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -206,21 +207,38 @@ class BackupService(BackupRepositoryService):
             raise invalid_field("device_id_hash", "is not an enrolled, unrevoked device of this project")
         return device
 
-    async def ensure_nonce_unused(self, project_id: UUID, device_id_hash: bytes, nonce: bytes) -> None:
+    async def ensure_nonce_unused(
+        self, project_id: UUID, device_id_hash: bytes, nonce: bytes, *, signature: bytes | None = None
+    ) -> None:
         """Refuse a `payload_nonce` the device already used in the project (checked again at commit).
+
+        When `signature` is that of the backup the nonce went to, the same envelope is being sent again (a retry
+        whose first response was lost): the problem then names that backup as `backup_id`, so the client learns
+        that its earlier attempt was committed.
 
         Raises:
             ConflictError: the nonce was used before (409).
         """
-        used = await self.session.scalar(
-            select(PayloadNonce.id).where(
-                PayloadNonce.project_id == project_id,
-                PayloadNonce.device_id_hash == device_id_hash,
-                PayloadNonce.nonce == nonce,
+        used = (
+            await self.session.execute(
+                select(PayloadNonce.id, Backup.id, Backup.signature)
+                .outerjoin(Backup, (Backup.id == PayloadNonce.backup_id) & Backup.deleted_at.is_(None))
+                .where(
+                    PayloadNonce.project_id == project_id,
+                    PayloadNonce.device_id_hash == device_id_hash,
+                    PayloadNonce.nonce == nonce,
+                )
             )
+        ).first()
+        if used is None:
+            return
+        _, backup_id, committed_signature = used
+        same_envelope = (
+            signature is not None
+            and committed_signature is not None
+            and hmac.compare_digest(signature, committed_signature)
         )
-        if used is not None:
-            raise _nonce_conflict()
+        raise _nonce_conflict(backup_id if same_envelope else None)
 
     def add_payload(self, *, organization_id: UUID, project_id: UUID, crypto: PayloadCrypto) -> NewPayload:
         """Stage a payload row with a fresh wrapped data key (the caller commits)."""
@@ -417,7 +435,13 @@ class BackupService(BackupRepositoryService):
         return PayloadKey(payload.key_id, payload.wrapped_key), spans
 
 
-def _nonce_conflict() -> ConflictError:
+def _nonce_conflict(backup_id: UUID | None = None) -> ConflictError:
+    if backup_id is not None:
+        return ConflictError(
+            "this envelope was already committed as backup_id (an earlier attempt succeeded); payload_nonce must "
+            "never repeat",
+            extra={"field": "payload_nonce", "backup_id": str(backup_id)},
+        )
     return ConflictError(
         "payload_nonce was already used by this device in this project; AES-GCM nonces must never repeat",
         extra={"field": "payload_nonce"},

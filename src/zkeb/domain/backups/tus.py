@@ -665,7 +665,9 @@ class UploadController(Controller):
         assert principal.project_id is not None
         service = BackupService(session=db_session)
         device = await service.device_for_upload(principal, envelope.device_id_hash)
-        await service.ensure_nonce_unused(principal.project_id, envelope.device_id_hash, envelope.payload_nonce)
+        await service.ensure_nonce_unused(
+            principal.project_id, envelope.device_id_hash, envelope.payload_nonce, signature=envelope.signature
+        )
         await LifecycleService(session=db_session).check_quota(principal.project_id, length)
         new = service.add_payload(
             organization_id=principal.organization_id, project_id=principal.project_id, crypto=context.crypto
