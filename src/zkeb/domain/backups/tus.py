@@ -638,7 +638,8 @@ class UploadController(Controller):
         summary="Create an upload (tus creation, creation-with-upload)",
         description=(
             "`Upload-Length` (1..`MAX_UPLOAD_SIZE`, else 413) and `Upload-Metadata` with every envelope field but the "
-            "payload, validated now: 400 malformed, 422 naming an invalid field, 409 for a reused `payload_nonce`, "
+            "payload, validated now: 400 malformed, 422 naming an invalid field, 409 for a reused `payload_nonce` "
+            "(naming `backup_id` when this very envelope was committed), "
             "507 when `Upload-Length` does not fit under the project's storage quota. "
             "With `Content-Type: application/offset+octet-stream` the body is the upload's first bytes."
         ),
