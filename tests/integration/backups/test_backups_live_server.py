@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import io
 import os
@@ -225,11 +226,27 @@ async def test_streamed_tus_patch_from_a_generator(
     assert restored.content == payload
 
 
-async def _open_transactions(owner: asyncpg.Connection) -> int:
-    count: int = await owner.fetchval(
-        "SELECT count(*) FROM pg_stat_activity WHERE usename = 'zkeb_app' AND state LIKE 'idle in transaction%'"
-    )
-    return count
+@contextlib.asynccontextmanager
+async def _pool_of_two(
+    base_settings_env: dict[str, str], database_url: str
+) -> AsyncIterator[tuple[str, httpx.AsyncClient, Tenant]]:
+    """A server whose pool has two connections, a client for it and a tenant: stalled transfers must hold none."""
+    with granian_server({**base_settings_env, "DATABASE_URL": database_url, "DB_POOL_SIZE": "2"}) as live_url:
+        async with httpx.AsyncClient(base_url=live_url, timeout=60) as http:
+            yield live_url, http, await make_tenant(http, make_settings(base_settings_env, DATABASE_URL=database_url))
+
+
+async def _wait_until_no_transaction_is_open(owner: asyncpg.Connection, while_what: str) -> None:
+    """Five quiet `pg_stat_activity` samples in a row, within 30 s."""
+    quiet = 0
+    deadline = time.monotonic() + 30
+    while quiet < 5:
+        assert time.monotonic() < deadline, f"a transaction stayed open while {while_what}"
+        open_transactions = await owner.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = 'zkeb_app' AND state LIKE 'idle in transaction%'"
+        )
+        quiet = quiet + 1 if open_transactions == 0 else 0
+        await asyncio.sleep(0.1)
 
 
 async def _start_download(
@@ -252,37 +269,30 @@ async def test_stalled_downloads_hold_no_transaction_nor_pooled_connection_and_t
 ) -> None:
     # A pool of two, and two clients that stop reading their restores: while they stall, the API must still get a
     # connection (with both held it would wait 5 s and answer 503), and no transaction may stay open.
-    with granian_server({**base_settings_env, "DATABASE_URL": database_url, "DB_POOL_SIZE": "2"}) as live_url:
-        async with httpx.AsyncClient(base_url=live_url, timeout=60) as http:
-            tenant = await make_tenant(http, make_settings(base_settings_env, DATABASE_URL=database_url))
-            # Far more than the socket buffers and the server's read-ahead, so the server must wait for the clients.
-            payload = os.urandom(48 * MIB + 7)
-            envelope = sign_envelope(tenant, payload)
-            created = await _create_upload(http, tenant, envelope)
-            patched = await http.patch(
-                created.headers["location"],
-                content=payload,
-                headers=tus_headers(tenant.project_key, **{"Upload-Offset": "0", "Content-Type": OCTETS}),
-            )
-            assert patched.status_code == 204, patched.text
-            backup_id = patched.headers["zkeb-backup-id"]
-            downloads = [await _start_download(live_url, backup_id, tenant.project_key) for _ in range(2)]
-            try:
-                received = [bytearray(await reader.readexactly(MIB)) for reader, _ in downloads]
-                quiet = 0
-                deadline = time.monotonic() + 30
-                while quiet < 5:  # five quiet samples in a row
-                    assert time.monotonic() < deadline, "a transaction stayed open while the downloads were stalled"
-                    quiet = quiet + 1 if await _open_transactions(owner_connection) == 0 else 0
-                    await asyncio.sleep(0.1)
-                metadata = await http.get(f"/api/v1/backups/{backup_id}", headers=auth(tenant.project_key))
-                assert metadata.status_code == 200, metadata.text
-                for (reader, _), buffer in zip(downloads, received, strict=True):
-                    while piece := await reader.read(4 * MIB):
-                        buffer.extend(piece)
-            finally:
-                for _, writer in downloads:
-                    writer.close()
+    async with _pool_of_two(base_settings_env, database_url) as (live_url, http, tenant):
+        # Far more than the socket buffers and the server's read-ahead, so the server must wait for the clients.
+        payload = os.urandom(48 * MIB + 7)
+        envelope = sign_envelope(tenant, payload)
+        created = await _create_upload(http, tenant, envelope)
+        patched = await http.patch(
+            created.headers["location"],
+            content=payload,
+            headers=tus_headers(tenant.project_key, **{"Upload-Offset": "0", "Content-Type": OCTETS}),
+        )
+        assert patched.status_code == 204, patched.text
+        backup_id = patched.headers["zkeb-backup-id"]
+        downloads = [await _start_download(live_url, backup_id, tenant.project_key) for _ in range(2)]
+        try:
+            received = [bytearray(await reader.readexactly(MIB)) for reader, _ in downloads]
+            await _wait_until_no_transaction_is_open(owner_connection, "the downloads were stalled")
+            metadata = await http.get(f"/api/v1/backups/{backup_id}", headers=auth(tenant.project_key))
+            assert metadata.status_code == 200, metadata.text
+            for (reader, _), buffer in zip(downloads, received, strict=True):
+                while piece := await reader.read(4 * MIB):
+                    buffer.extend(piece)
+        finally:
+            for _, writer in downloads:
+                writer.close()
     for buffer in received:
         assert len(buffer) == len(payload)
         assert hashlib.sha256(buffer).digest() == hashlib.sha256(payload).digest()
@@ -316,41 +326,34 @@ async def test_slow_patches_hold_no_pooled_connection_between_chunks_and_then_co
     # Three devices uploading slowly on a pool of two. Between chunks they must hold no connection: the API still
     # gets one (a PATCH that kept its connection for its whole body left none, and requests waited 5 s for a 503),
     # and no transaction stays open.
-    with granian_server({**base_settings_env, "DATABASE_URL": database_url, "DB_POOL_SIZE": "2"}) as live_url:
-        async with httpx.AsyncClient(base_url=live_url, timeout=60) as http:
-            tenant = await make_tenant(http, make_settings(base_settings_env, DATABASE_URL=database_url))
-            payloads = [os.urandom(3 * MIB + extra) for extra in (1, 2, 3)]
-            envelopes = [sign_envelope(tenant, payload) for payload in payloads]
-            locations = [(await _create_upload(http, tenant, e)).headers["location"] for e in envelopes]
-            sent = MIB + MIB // 2
-            patches = [
-                await _open_patch(
-                    live_url, location, tenant.project_key, offset=0, length=len(payload), first=payload[:sent]
-                )
-                for location, payload in zip(locations, payloads, strict=True)
-            ]
-            try:
-                for location in locations:  # each stored its first chunk and recorded it, short of its end
-                    assert await _wait_for_offset(http, location, tenant.project_key) == MIB
-                quiet = 0
-                deadline = time.monotonic() + 30
-                while quiet < 5:  # five quiet samples in a row
-                    assert time.monotonic() < deadline, "a transaction stayed open while the uploads were stalled"
-                    quiet = quiet + 1 if await _open_transactions(owner_connection) == 0 else 0
-                    await asyncio.sleep(0.1)
-                listed = await http.get("/api/v1/backups", headers=auth(tenant.project_key))
-                assert listed.status_code == 200, listed.text
-                for (_, writer), payload in zip(patches, payloads, strict=True):
-                    writer.write(payload[sent:])
-                    await writer.drain()
-                responses = [await _read_response(reader) for reader, _ in patches]
-            finally:
-                for _, writer in patches:
-                    writer.close()
-            for (status, head, body), envelope, payload in zip(responses, envelopes, payloads, strict=True):
-                assert status == 204, body
-                assert "zkeb-backup-id:" in head
-                assert await _restore(http, tenant, str(envelope.container_id)) == payload
+    async with _pool_of_two(base_settings_env, database_url) as (live_url, http, tenant):
+        payloads = [os.urandom(3 * MIB + extra) for extra in (1, 2, 3)]
+        envelopes = [sign_envelope(tenant, payload) for payload in payloads]
+        locations = [(await _create_upload(http, tenant, e)).headers["location"] for e in envelopes]
+        sent = MIB + MIB // 2
+        patches = [
+            await _open_patch(
+                live_url, location, tenant.project_key, offset=0, length=len(payload), first=payload[:sent]
+            )
+            for location, payload in zip(locations, payloads, strict=True)
+        ]
+        try:
+            for location in locations:  # each stored its first chunk and recorded it, short of its end
+                assert await _wait_for_offset(http, location, tenant.project_key) == MIB
+            await _wait_until_no_transaction_is_open(owner_connection, "the uploads were stalled")
+            listed = await http.get("/api/v1/backups", headers=auth(tenant.project_key))
+            assert listed.status_code == 200, listed.text
+            for (_, writer), payload in zip(patches, payloads, strict=True):
+                writer.write(payload[sent:])
+                await writer.drain()
+            responses = [await _read_response(reader) for reader, _ in patches]
+        finally:
+            for _, writer in patches:
+                writer.close()
+        for (status, head, body), envelope, payload in zip(responses, envelopes, payloads, strict=True):
+            assert status == 204, body
+            assert "zkeb-backup-id:" in head
+            assert await _restore(http, tenant, str(envelope.container_id)) == payload
 
 
 async def test_a_retry_takes_over_from_a_patch_gone_silent_which_then_stores_nothing(

@@ -280,7 +280,8 @@ class ChunkPipeline:
         not when its next chunk is queued.
 
         Raises:
-            PipelineError: the writer failed; `receiving` was cancelled.
+            PipelineError: the writer failed (or its own error when the client has a status for it, see
+                `_raise_writer_failure`); `receiving` was cancelled.
         """
         writer = self._writer
         if writer is None:
@@ -289,10 +290,7 @@ class ChunkPipeline:
         try:
             await asyncio.wait({task, writer}, return_when=asyncio.FIRST_COMPLETED)
             if not task.done() and (writer.cancelled() or writer.exception() is not None):
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-                self._raise_writer_failure(writer)
+                self._raise_writer_failure(writer)  # the receiver is cancelled below
             return await task
         finally:
             if not task.done():
