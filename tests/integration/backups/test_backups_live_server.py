@@ -372,18 +372,24 @@ async def test_a_retry_takes_over_from_a_patch_gone_silent_which_then_stores_not
         assert offset == 2 * MIB  # the stored chunks count; the 300 000 bytes past them are the retry's to resend
         resumed = await http.patch(
             location,
-            content=payload[offset:],
+            content=payload[offset : 4 * MIB],
             headers=tus_headers(tenant.project_key, **{"Upload-Offset": str(offset), "Content-Type": OCTETS}),
         )
         assert resumed.status_code == 204, resumed.text
-        # The silent PATCH wakes up: its next chunk finds the upload taken over (and committed), so it stops.
+        # The silent PATCH wakes up: its next chunk finds the upload taken over by the retry, so it stops.
         writer.write(payload[sent : 3 * MIB + 1000])
         await writer.drain()
         status, _, body = await _read_response(reader)
     finally:
         writer.close()
     assert status == 409, body
-    assert b"no longer owns the upload" in body
+    assert b"a later PATCH took it over" in body
+    resumed = await http.patch(
+        location,
+        content=payload[4 * MIB :],
+        headers=tus_headers(tenant.project_key, **{"Upload-Offset": str(4 * MIB), "Content-Type": OCTETS}),
+    )
+    assert resumed.status_code == 204, resumed.text
     chunks = await owner_connection.fetch("SELECT seq, byte_offset, plain_size FROM backup_chunks ORDER BY seq")
     assert [(c["seq"], c["byte_offset"]) for c in chunks] == [(seq, seq * MIB) for seq in range(6)]
     backup_id = resumed.headers["zkeb-backup-id"]
@@ -408,7 +414,7 @@ async def test_termination_stops_a_patch_gone_silent_and_deletes_everything(
         status, _, body = await _read_response(reader)
     finally:
         writer.close()
-    assert status == 409, body
+    assert status == 404, body
     assert await row_counts(owner_connection) == NOTHING_STORED
 
 

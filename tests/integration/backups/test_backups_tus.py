@@ -28,6 +28,7 @@ from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
 from zkeb.core.database import create_app_engine
+from zkeb.domain.backups import tus
 from zkeb.domain.backups.tus import UploadSweeper
 from zkeb.settings import Settings
 
@@ -419,6 +420,53 @@ async def test_termination_deletes_the_upload_and_its_bytes(
     assert response.headers["tus-resumable"] == "1.0.0"
     assert await row_counts(owner_connection) == NOTHING_STORED
     assert (await client.head(location, headers=tus_headers(tenant.project_key))).status_code == 404
+
+
+_TERMINATE = ("DELETE FROM upload_sessions WHERE payload_id = $1", "DELETE FROM payloads WHERE id = $1")
+_LOSE_FIRST_CHUNK = ("DELETE FROM backup_chunks WHERE payload_id = $1 AND seq = 0",)
+
+
+@pytest.mark.parametrize(
+    ("meanwhile", "status", "detail"),
+    [
+        pytest.param(_TERMINATE, 404, "the upload no longer exists", id="terminated"),
+        pytest.param(_LOSE_FIRST_CHUNK, 503, "a stored chunk of this upload is missing", id="chunk-lost"),
+    ],
+)
+async def test_a_resuming_patch_that_finds_its_stored_chunks_gone_says_why(
+    client: Client,
+    tenant: Tenant,
+    owner_connection: asyncpg.Connection,
+    monkeypatch: pytest.MonkeyPatch,
+    meanwhile: tuple[str, ...],
+    status: int,
+    detail: str,
+) -> None:
+    # A resumed PATCH claims the upload, then re-reads the chunks stored before it to hash them. Whatever happens
+    # in between runs here, on the server's own connection, just before that read: a termination makes the PATCH
+    # answer 404 (as it would a moment later), while a chunk lost from an upload the PATCH still owns stays a 503.
+    payload = os.urandom(MIB + 5)
+    location = (await create(client, tenant, sign_envelope(tenant, payload))).headers["location"]
+    assert (await patch(client, tenant, location, payload[: MIB + 1], 0)).status_code == 204
+    real_hash_stored_chunks = tus.hash_stored_chunks
+
+    async def hash_after_a_concurrent_change(connection: asyncpg.Connection, **kwargs: Any) -> None:
+        async with connection.transaction():
+            await connection.execute("SELECT set_config('zkeb.org_id', $1, true)", str(kwargs["organization_id"]))
+            for statement in meanwhile:
+                await connection.execute(statement, kwargs["payload_id"])
+        await real_hash_stored_chunks(connection, **kwargs)
+
+    monkeypatch.setattr(tus, "hash_stored_chunks", hash_after_a_concurrent_change)
+    response = await patch(client, tenant, location, payload[MIB + 1 :], MIB + 1)
+    assert response.status_code == status, response.text
+    assert detail in problem(response)["detail"]
+    if status == 404:
+        assert await row_counts(owner_connection) == NOTHING_STORED
+    else:  # the PATCH gave the upload back untouched: its offset stays where the first PATCH left it
+        head = await client.head(location, headers=tus_headers(tenant.project_key))
+        assert head.headers["upload-offset"] == str(MIB + 1)
+        assert await owner_connection.fetchval("SELECT count(*) FROM upload_sessions WHERE lease_id IS NULL") == 1
 
 
 # --- Expiration ---------------------------------------------------------------------------------------------------

@@ -38,9 +38,11 @@ from zkeb.lib.envelope import backup_signed_message, format_rfc3339_utc, verify_
 from zkeb.settings import Settings
 
 __all__ = (
+    "UPLOAD_ENDED",
     "UPLOAD_LEASE_LOST",
     "BackupService",
     "NewPayload",
+    "UploadEndedError",
     "UploadLease",
     "UploadLeaseLostError",
     "backup_read",
@@ -54,16 +56,20 @@ logger = logging.getLogger("zkeb.backups")
 tracer = trace.get_tracer("zkeb.backups")
 
 _NONCE_CONSTRAINT = "uq_payload_nonces"
-UPLOAD_LEASE_LOST = (
-    "this PATCH no longer owns the upload: a later PATCH took it over, or it was terminated or completed; "
-    "HEAD the upload for its offset"
-)
+UPLOAD_LEASE_LOST = "this PATCH no longer owns the upload: a later PATCH took it over; HEAD the upload for its offset"
+UPLOAD_ENDED = "the upload no longer exists: it was terminated, it expired, or a later PATCH completed it"
 
 
 class UploadLeaseLostError(ProblemError):
-    """A PATCH lost its upload to a later PATCH, a termination or a commit; it stores nothing more."""
+    """A PATCH lost its upload to a later PATCH (409); it stores nothing more."""
 
     status_code: int = 409
+
+
+class UploadEndedError(UploadLeaseLostError):
+    """A PATCH lost its upload because the upload itself ended meanwhile (404): terminated, expired, or completed."""
+
+    status_code: int = 404
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +88,8 @@ async def _end_upload(session: AsyncSession, upload: UploadLease) -> None:
         .returning(UploadSession.id)
     )
     if owned is None:
-        raise UploadLeaseLostError(UPLOAD_LEASE_LOST)
+        exists = await session.scalar(select(UploadSession.id).where(UploadSession.id == upload.upload_id))
+        raise UploadLeaseLostError(UPLOAD_LEASE_LOST) if exists else UploadEndedError(UPLOAD_ENDED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,7 +287,8 @@ class BackupService(BackupRepositoryService):
         Raises:
             ConflictError: the `payload_nonce` was committed meanwhile by another upload (409).
             InsufficientStorageError: the payload does not fit under the project's quota (507); nothing changed.
-            UploadLeaseLostError: another PATCH took the upload over (409); nothing changed.
+            UploadLeaseLostError: another PATCH took the upload over (409), or it ended meanwhile (404,
+                `UploadEndedError`); nothing changed.
         """
         backup = Backup(
             id=uuid7(),

@@ -21,7 +21,8 @@ ZKEB specifics:
 - One PATCH at a time per upload, through a lease on the session row that each chunk batch checks in its own
   transaction: a PATCH holds a pooled connection only while it writes, never while its client's bytes are on the
   way. A new PATCH takes the upload over from an earlier one still open (a retry sent before the server saw the
-  first attempt fail, as tusd does); the earlier one stores nothing more and answers 409. Without `Upload-Checksum`
+  first attempt fail, as tusd does); the earlier one stores nothing more and answers 409 (404 when the upload ended
+  meanwhile: terminated, expired, or completed by the later PATCH). Without `Upload-Checksum`
   each stored batch also records the offset it reaches, short of `Upload-Length` (only the commit completes an
   upload), so a connection that dies unseen loses at most the batch in flight.
 - Sessions expire `UPLOAD_EXPIRY` after their last stored bytes (`Upload-Expires`); `UploadSweeper` purges expired
@@ -58,7 +59,14 @@ from uuid_utils.compat import uuid7
 
 from zkeb.core.audit import record_event
 from zkeb.core.auth import Principal, principal_of, requires_backup_access
-from zkeb.core.errors import ConflictError, NotFoundError, ProblemError, UnprocessableError, exception_handlers
+from zkeb.core.errors import (
+    ConflictError,
+    NotFoundError,
+    ProblemError,
+    ServiceUnavailableError,
+    UnprocessableError,
+    exception_handlers,
+)
 from zkeb.core.metrics import ORPHAN_PAYLOADS_PURGED, TUS_SESSIONS_CREATED, TUS_SESSIONS_EXPIRED
 from zkeb.core.security import request_is_tls, trusted_proxies
 from zkeb.core.tenancy import tenant_transaction
@@ -67,8 +75,10 @@ from zkeb.domain.backups.context import BackupsContext, backups_context
 from zkeb.domain.backups.lifecycle import SYSTEM_ACTOR, LifecycleService
 from zkeb.domain.backups.schemas import BackupEnvelope, invalid_field, validate_envelope
 from zkeb.domain.backups.services import (
+    UPLOAD_ENDED,
     UPLOAD_LEASE_LOST,
     BackupService,
+    UploadEndedError,
     UploadLease,
     UploadLeaseLostError,
     verify_backup_signature,
@@ -349,6 +359,15 @@ _RECORD_CHUNKS = "UPDATE payloads SET chunk_count = $2, size = $3, updated_at = 
 _RELEASE = "UPDATE upload_sessions SET lease_id = NULL WHERE id = $1 AND lease_id = $2 RETURNING upload_offset"
 _END_LEASED = "DELETE FROM upload_sessions WHERE id = $1 AND lease_id = $2 RETURNING id"
 _DELETE_PAYLOAD_NOW = "DELETE FROM payloads WHERE id = $1"
+_SESSION_EXISTS = "SELECT 1 FROM upload_sessions WHERE id = $1"
+_LEASE_HOLDS = "SELECT 1 FROM upload_sessions WHERE id = $1 AND lease_id = $2"
+
+
+async def _lease_lost(connection: asyncpg.Connection, upload_id: UUID) -> UploadLeaseLostError:
+    """Why a PATCH's lease stopped holding: a later PATCH took the upload over (409) or the upload ended (404)."""
+    if await connection.fetchval(_SESSION_EXISTS, upload_id) is None:
+        return UploadEndedError(UPLOAD_ENDED)
+    return UploadLeaseLostError(UPLOAD_LEASE_LOST)
 
 
 @dataclass(slots=True)
@@ -375,7 +394,8 @@ class PatchReceiver:
 
         Raises:
             UploadTooLargeError: the body goes past `Upload-Length` (413).
-            UploadLeaseLostError: a later PATCH took the upload over (409).
+            UploadLeaseLostError: a later PATCH took the upload over (409), or the upload ended meanwhile (404,
+                `UploadEndedError`: terminated, expired, or completed by a later PATCH).
         """
         upload = self.upload
         # Read now: a rollback in the commit below expires the ORM object, and the cleanup must not reload it.
@@ -448,7 +468,7 @@ class PatchReceiver:
             else:
                 kept = await connection.fetchval(_KEEP, upload_id, lease.lease_id, UPLOAD_EXPIRY)
             if kept is None:
-                raise UploadLeaseLostError(UPLOAD_LEASE_LOST)
+                raise await _lease_lost(connection, upload_id)
 
         return in_batch
 
@@ -486,15 +506,7 @@ class PatchReceiver:
         payload_id, start = upload.payload_id, upload.upload_offset
         payload_hash = hashlib.sha256()
         if start > 0:
-            async with raw_connection(self.context.engine) as connection:
-                await hash_stored_chunks(
-                    connection,
-                    organization_id=organization_id,
-                    payload_id=payload_id,
-                    cipher=cipher,
-                    chunk_count=chunk_count,
-                    digest=payload_hash,
-                )
+            await self._hash_stored_prefix(lease, cipher, chunk_count, payload_hash)
         patch_digest = hashlib.new(self.checksum[0]) if self.checksum else None
         pipeline = ChunkPipeline(
             self.context.engine,
@@ -518,11 +530,37 @@ class PatchReceiver:
                 await connection.execute(_SET_TENANT, str(organization_id))
                 expires_at = await connection.fetchval(_RELEASE_AT, upload.id, lease.lease_id, offset)
                 if expires_at is None:
-                    raise UploadLeaseLostError(UPLOAD_LEASE_LOST)
+                    raise await _lease_lost(connection, upload.id)
                 await connection.execute(_RECORD_CHUNKS, payload_id, pipeline.next_seq, offset)
             return PatchOutcome(offset, None, expires_at)
         backup_id = await self._complete(lease, payload_hash.digest(), pipeline.next_seq)
         return PatchOutcome(offset, backup_id, expires_at)
+
+    async def _hash_stored_prefix(self, lease: UploadLease, cipher: ChunkCipher, chunk_count: int, digest: Any) -> None:
+        """Feed the plaintext of the chunks stored before this PATCH to `digest`.
+
+        Raises:
+            UploadLeaseLostError: the chunks went with the upload, ended or taken over since the claim (404, 409).
+            ServiceUnavailableError: a stored chunk is missing while the upload is still this PATCH's (503).
+        """
+        organization_id = self.principal.organization_id
+        async with raw_connection(self.context.engine) as connection:
+            try:
+                await hash_stored_chunks(
+                    connection,
+                    organization_id=organization_id,
+                    payload_id=self.upload.payload_id,
+                    cipher=cipher,
+                    chunk_count=chunk_count,
+                    digest=digest,
+                )
+            except ServiceUnavailableError:
+                # A termination or the commit of a takeover between the claim and this read deletes the chunks.
+                async with connection.transaction(readonly=True):
+                    await connection.execute(_SET_TENANT, str(organization_id))
+                    if await connection.fetchval(_LEASE_HOLDS, lease.upload_id, lease.lease_id) is None:
+                        raise await _lease_lost(connection, lease.upload_id) from None
+                raise
 
     async def _stream_into(self, pipeline: ChunkPipeline) -> None:
         async with pipeline:
@@ -731,7 +769,7 @@ class UploadController(Controller):
             "`Content-Type: application/offset+octet-stream`; `Upload-Offset` must equal the upload's offset (409). "
             "The offset grows as each MiB is stored (not with `Upload-Checksum`, which counts only once verified), "
             "short of `Upload-Length` until the commit. A new PATCH takes the upload over from one still open, "
-            "which then answers 409. "
+            "which then answers 409; a PATCH whose upload ends meanwhile (terminated, expired) answers 404. "
             "`Upload-Checksum` (`sha1` or `sha256`) covers this PATCH's body: 460 on mismatch, offset unchanged. "
             "The PATCH that completes the upload verifies the signature and commits: `Zkeb-Backup-Id`; 507 when the "
             "project's quota cannot take it any more (the upload stays, resend its last bytes after making room)."
@@ -772,7 +810,7 @@ class UploadController(Controller):
         "/{upload_id:uuid}",
         guards=[requires_backup_access],
         summary="Abandon an upload (tus termination)",
-        description="204; the upload and its bytes are deleted. A PATCH still open on it stops and answers 409.",
+        description="204; the upload and its bytes are deleted. A PATCH still open on it stops and answers 404.",
     )
     async def terminate(
         self, request: Request[Any, Any, Any], db_session: NamedDependency[AsyncSession], upload_id: FromPath[UUID]
