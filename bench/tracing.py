@@ -21,6 +21,9 @@ exported): on a server whose CPU is the limit, throughput falls by that `1 - cpu
 the machine the load generator takes. The batch processor's schedule delay is 500 ms (`OTEL_BSP_SCHEDULE_DELAY`)
 instead of 5 s so that a run's spans are exported within its settling second, not during the next server's run;
 that makes batches smaller, not cheaper.
+
+It ends with one SQL statement's span timed step by step in this process (`_span_costs`): what the request path pays
+to start, fill and end it, and what the exporter thread pays to encode and send it.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 
@@ -154,6 +158,7 @@ async def run(server_url: str, seconds: float, rounds: int, concurrency: int, ra
                         sample = await _measure(servers[mode][0] + path, headers, workers[mode], seconds, concurrency)
                         samples.setdefault((label, mode), []).append(sample)
         _report(samples, list(endpoints), list(modes), seconds, rounds, concurrency)
+        _report_span_costs(sink_port)
     finally:
         sink.terminate()
         sink.wait(timeout=10)
@@ -188,6 +193,68 @@ def _report(
     print("\nall runs (req/s, µs of CPU per request):")
     for (label, mode), runs in samples.items():
         print(f"  {label}, {mode}:", ", ".join(f"{s.rate:.0f} ({s.cpu_per_request * 1e6:.0f})" for s in runs))
+
+
+def _span_costs(sink_port: int, batch: int = 512, repeats: int = 7) -> dict[str, float]:
+    """CPU µs per span, best of `repeats` over `batch` spans, for each step of one traced SQL statement's span.
+
+    The span carries the attributes the SQLAlchemy instrumentation sets, on a resource like the server's, and goes
+    through the same SDK classes as in the server (an SDK tracer without processors: what starting, filling and ending
+    a span costs on the request path; the OTLP encoder and exporter: what the batch processor's thread adds).
+    """
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans  # noqa: PLC0415
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter  # noqa: PLC0415
+    from opentelemetry.sdk.resources import Resource  # noqa: PLC0415
+    from opentelemetry.sdk.trace import ReadableSpan, TracerProvider  # noqa: PLC0415
+    from opentelemetry.trace import SpanKind  # noqa: PLC0415
+
+    resource = Resource.create(
+        {"service.name": "zkeb-bench", "service.version": "0.1.0", "deployment.environment.name": "production"}
+    )
+    tracer = TracerProvider(resource=resource).get_tracer("opentelemetry.instrumentation.sqlalchemy")
+    statement = (
+        "SELECT projects.id, projects.organization_id, projects.name, projects.created_at, projects.updated_at"
+        " FROM projects WHERE projects.organization_id = $1::UUID ORDER BY projects.created_at DESC LIMIT $2::INTEGER"
+    )
+    spans: list[ReadableSpan] = []
+
+    def start_fill_end() -> None:
+        spans.clear()
+        for _ in range(batch):
+            span = tracer.start_span("SELECT zkeb", kind=SpanKind.CLIENT)
+            for key, value in (
+                ("db.statement", statement), ("db.system", "postgresql"), ("db.name", "zkeb"),
+                ("db.user", "zkeb_app"), ("net.peer.name", "127.0.0.1"), ("net.peer.port", 5432),
+                ("db.operation", "SELECT zkeb"),
+            ):  # fmt: skip
+                span.set_attribute(key, value)
+            span.end()
+            spans.append(span)  # type: ignore[arg-type] # an SDK span is a ReadableSpan
+
+    exporter = OTLPSpanExporter(endpoint=f"http://127.0.0.1:{sink_port}/v1/traces")
+    steps: dict[str, Callable[[], object]] = {
+        "start, fill, end (request path)": start_fill_end,
+        "OTLP encode (exporter thread)": lambda: encode_spans(spans),
+        "of which hashing the resource": lambda: [hash(s.resource) for s in spans],
+        "OTLP export over HTTP, encode included": lambda: exporter.export(spans),
+    }
+    costs = {}
+    for label, step in steps.items():
+        step()
+        times = []
+        for _ in range(repeats):
+            started = time.process_time()
+            step()
+            times.append(time.process_time() - started)
+        costs[label] = min(times) / batch * 1e6
+    exporter.shutdown()  # type: ignore[no-untyped-call]
+    return costs
+
+
+def _report_span_costs(sink_port: int) -> None:
+    print("\nOne SQL statement's client span, in this process (CPU µs per span, best of 7 batches of 512):")
+    for label, micros in _span_costs(sink_port).items():
+        print(f"  {label}: {micros:.1f} µs")
 
 
 def main() -> None:
