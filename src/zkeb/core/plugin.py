@@ -12,7 +12,7 @@ from litestar.openapi.spec import Components, SecurityScheme, Server
 from litestar.plugins import InitPluginProtocol
 
 from zkeb.core.database import create_app_engine, sqlalchemy_config
-from zkeb.core.errors import exception_handlers
+from zkeb.core.errors import BoundedRequest, exception_handlers
 from zkeb.core.logging import configure_logging, install_access_log, log_format
 from zkeb.core.metrics import install_metrics, observe_request
 from zkeb.core.migrations import start_embedded_postgres
@@ -54,6 +54,7 @@ class CorePlugin(InitPluginProtocol):
         app_config.on_startup.append(runtime.startup)
         app_config.on_shutdown.append(runtime.shutdown)
         app_config.exception_handlers = {**exception_handlers(), **app_config.exception_handlers}
+        app_config.request_class = BoundedRequest
         app_config.openapi_config = OpenAPIConfig(
             title="ZKEB API",
             version=settings.version,

@@ -140,6 +140,29 @@ async def test_malformed_json_is_400(client: Client, settings: Settings, owner_c
     assert await table_snapshot(owner_connection) == before
 
 
+@pytest.mark.parametrize("depth", [1_000, 100_000])
+async def test_json_nested_past_the_decoders_depth_is_400_everywhere(
+    client: Client, settings: Settings, owner_connection: asyncpg.Connection, depth: int
+) -> None:
+    _, admin_key = await create_org(settings, "acme")
+    project = await create_project(client, admin_key, "p")
+    before = await table_snapshot(owner_connection)
+    body = b"[" * depth + b"]" * depth
+    json_headers = {**auth(admin_key), "Content-Type": "application/json"}
+    requests = [
+        ("POST", "/api/v1/auth/token", {"Content-Type": "application/json"}),  # no credential needed
+        ("POST", "/api/v1/projects", json_headers),
+        ("PATCH", f"/api/v1/projects/{project['id']}", json_headers),
+        ("POST", f"/api/v1/projects/{project['id']}/devices", json_headers),
+        ("POST", f"/api/v1/projects/{project['id']}/api-keys", json_headers),
+    ]
+    for method, path, headers in requests:
+        response = await client.request(method, path, content=body, headers=headers)
+        assert response.status_code == 400, (method, path, response.text)
+        assert "nested too deeply" in problem(response)["detail"]
+    assert await table_snapshot(owner_connection) == before
+
+
 async def test_projects_are_listed_oldest_first_by_keyset_cursor(client: Client, settings: Settings) -> None:
     _, admin_key = await create_org(settings, "acme")
     _, other_key = await create_org(settings, "other")

@@ -75,7 +75,8 @@ async def test_bad_query_parameters_are_refused_with_problem_details(
 ) -> None:
     org_id, key = await create_org(engine, settings)
     before = await _count(owner_connection, org_id)
-    for params in ({"cursor": "not-a-cursor"}, {"limit": "101"}, {"limit": "0"}, {"since": "yesterday"}):
+    no_offset = {"since": "2026-01-01T00:00:00"}, {"until": "2026-01-01T00:00:00"}  # not RFC 3339: no UTC offset
+    for params in ({"cursor": "not-a-cursor"}, {"limit": "101"}, {"limit": "0"}, {"since": "yesterday"}, *no_offset):
         response = await client.get("/api/v1/audit-events", params=params, headers=_auth(key))
         assert response.status_code == 400, (params, response.text)
         problem(response)

@@ -11,6 +11,7 @@ from litestar.params import Parameter
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from zkeb.core.auth import principal_of, requires_org_admin
+from zkeb.core.errors import ProblemError
 from zkeb.db.models.audit import AuditEvent
 from zkeb.domain.audit.schemas import AuditEventPage, AuditEventRead, ChainBreakRead, ChainVerification
 from zkeb.domain.audit.services import AuditEventService
@@ -65,6 +66,12 @@ class AuditController(Controller):
         limit: Annotated[int, Parameter(ge=1, le=100)] = 50,
     ) -> AuditEventPage:
         """One page of the organization's events."""
+        for name, value in (("since", since), ("until", until)):
+            if value is not None and value.utcoffset() is None:
+                raise ProblemError(
+                    f"`{name}` needs a UTC offset as RFC 3339 requires (e.g. 2026-01-01T00:00:00Z)",
+                    extra={"errors": [{"key": name, "source": "query", "message": "no UTC offset"}]},
+                )
         items, next_cursor = await AuditEventService(session=db_session).page(
             action=action, since=since, until=until, cursor=cursor, limit=limit
         )
