@@ -1,8 +1,10 @@
 """OpenTelemetry tracing, configured only through the standard `OTEL_*` variables.
 
 Tracing is **off** unless asked for: with no `OTEL_TRACES_EXPORTER` and no `OTEL_EXPORTER_OTLP_ENDPOINT` (or
-`..._TRACES_ENDPOINT`), no tracer provider is installed, no middleware or instrumentation is added, and the
-OpenTelemetry API stays the no-op it is by default (near-zero overhead).
+`..._TRACES_ENDPOINT`), no tracer provider is installed, no instrumentation is added, and the OpenTelemetry API stays
+the no-op it is by default. Every request still has a W3C trace context (`TraceContextMiddleware`, a few µs): an
+incoming `traceparent`'s trace id, or a new one, in the logs, in problem+json bodies and in `traceresponse`, so
+requests correlate across services whether or not this one exports spans.
 
 When on:
 - `OTEL_TRACES_EXPORTER`: `otlp` (the default once an OTLP endpoint is set), `console` (spans as JSON on
@@ -30,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -47,8 +49,17 @@ from opentelemetry.metrics import NoOpMeterProvider
 from opentelemetry.sdk.resources import OTELResourceDetector, Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SimpleSpanProcessor, SpanExporter
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.semconv.attributes.http_attributes import HTTP_ROUTE
-from opentelemetry.trace import SpanKind, Status, StatusCode, format_span_id, format_trace_id
+from opentelemetry.trace import (
+    NonRecordingSpan,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    format_span_id,
+    format_trace_id,
+)
 from opentelemetry.util.http import ExcludeList, get_excluded_urls
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -203,6 +214,50 @@ def setup_tracing(settings: Settings, environ: Mapping[str, str] | None = None) 
     return provider
 
 
+class TraceContextMiddleware:
+    """Plain ASGI middleware for tracing off: each request's trace context without spans or an SDK tracer.
+
+    The trace id is the incoming `traceparent`'s (through the global propagator, `OTEL_PROPAGATORS`) or a new random
+    one; the request gets a span id of its own, not sampled (flags `00`: nothing is recorded). They are set where the
+    server span's would be: the current OpenTelemetry context (log lines), `trace_id_var` (problem+json bodies), the
+    scope (access log) and the `traceresponse` header.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.ids = RandomIdGenerator()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != ScopeType.HTTP:
+            await self.app(scope, receive, send)
+            return
+        carrier, _ = _read_headers(scope)
+        parent = trace.get_current_span(propagate.extract(carrier)).get_span_context() if carrier else None
+        span_context = SpanContext(
+            trace_id=parent.trace_id if parent and parent.is_valid else self.ids.generate_trace_id(),
+            span_id=self.ids.generate_span_id(),
+            is_remote=False,
+            trace_state=parent.trace_state if parent and parent.is_valid else None,
+        )
+        trace_id = format_trace_id(span_context.trace_id)
+        span_id = format_span_id(span_context.span_id)
+        cast("dict[str, Any]", scope)[SPAN_CONTEXT_SCOPE_KEY] = (trace_id, span_id)
+        traceresponse = f"00-{trace_id}-{span_id}-00".encode()
+
+        async def send_with_traceresponse(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), (b"traceresponse", traceresponse)]
+            await send(message)
+
+        context_token = context.attach(trace.set_span_in_context(NonRecordingSpan(span_context)))
+        trace_token = trace_id_var.set(trace_id)
+        try:
+            await self.app(scope, receive, send_with_traceresponse)
+        finally:
+            trace_id_var.reset(trace_token)
+            context.detach(context_token)
+
+
 class ServerSpanMiddleware:
     """Plain ASGI middleware: one SERVER span per HTTP request, as lean as the SDK allows.
 
@@ -311,25 +366,34 @@ def _record_outcome(span: trace.Span, method: str, template: str | None, status:
             span.set_status(Status(StatusCode.ERROR))
 
 
+def _wrap_at_startup(app_config: AppConfig, middleware: Callable[[ASGIApp], ASGIApp]) -> None:
+    """Make `middleware` the app's outermost ASGI layer, once, when the app starts.
+
+    At start-up, so that it wraps the request-id and security-header middleware that `create_app` adds after the
+    plugins ran: routing errors (404, 405) and every log line of the request then carry the trace id too.
+    """
+
+    def wrap(app: Litestar) -> None:
+        if not isinstance(app.asgi_handler, (ServerSpanMiddleware, TraceContextMiddleware)):
+            app.asgi_handler = middleware(app.asgi_handler)
+
+    app_config.on_startup.insert(0, wrap)
+
+
 def instrument_app(
     app_config: AppConfig, settings: Settings, engine: AsyncEngine, redis: Redis | None
 ) -> TracerProvider | None:
     """Add server spans, database and Redis client spans, and span flushing on shutdown when tracing is on.
 
     Returns:
-        The tracer provider in use, or None when tracing is off (nothing is added then).
+        The tracer provider in use, or None when tracing is off (then only `TraceContextMiddleware` is added).
     """
     provider = setup_tracing(settings)
     if provider is None:
+        _wrap_at_startup(app_config, TraceContextMiddleware)
         return None
     server_tracer = trace.get_tracer("zkeb.http", settings.version, tracer_provider=provider)
-
-    def wrap(app: Litestar) -> None:
-        # At start-up, outside the request-id middleware that create_app adds after the plugins ran.
-        if not isinstance(app.asgi_handler, ServerSpanMiddleware):
-            app.asgi_handler = ServerSpanMiddleware(app.asgi_handler, server_tracer, get_excluded_urls("LITESTAR"))
-
-    app_config.on_startup.insert(0, wrap)
+    _wrap_at_startup(app_config, lambda app: ServerSpanMiddleware(app, server_tracer, get_excluded_urls("LITESTAR")))
     tracer = trace.get_tracer(
         "opentelemetry.instrumentation.sqlalchemy", sqlalchemy_instrumentation_version, tracer_provider=provider
     )

@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import os
+import re
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -30,7 +31,7 @@ from opentelemetry.trace import SpanKind
 
 from zkeb.app import create_app
 from zkeb.core.logging import JsonFormatter
-from zkeb.core.telemetry import install_tracer_provider, uninstall_tracer_provider
+from zkeb.core.telemetry import active_tracer_provider, install_tracer_provider, uninstall_tracer_provider
 from zkeb.settings import Settings
 
 from support import make_settings, problem
@@ -101,6 +102,52 @@ async def test_incoming_traceparent_is_continued_and_the_trace_id_is_in_problem_
     assert server.parent is not None
     assert format(server.context.trace_id, "032x") == trace_id
     assert format(server.parent.span_id, "016x") == parent_id
+
+
+async def test_with_tracing_off_every_request_still_carries_a_trace_context(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for variable in ("OTEL_TRACES_EXPORTER", "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        monkeypatch.delenv(variable, raising=False)
+    _, admin_key = await create_org(settings)
+    trace_id, parent_id = uuid.uuid4().hex, uuid.uuid4().hex[:16]
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    access = logging.getLogger("zkeb.access")
+    access.addHandler(handler)
+    level = access.level
+    access.setLevel(logging.INFO)
+    try:
+        async with AsyncTestClient(app=create_app(settings)) as client:
+            assert active_tracer_provider() is None
+            continued = await client.get(
+                f"/api/v1/projects/{uuid.uuid4()}",
+                headers={**auth(admin_key), "traceparent": f"00-{trace_id}-{parent_id}-01"},
+            )
+            fresh = [await client.get(f"/api/v1/projects/{uuid.uuid4()}", headers=auth(admin_key)) for _ in range(2)]
+            malformed = await client.get("/api/health/live", headers={"traceparent": f"00-{trace_id}-nothex-01"})
+    finally:
+        access.setLevel(level)
+        access.removeHandler(handler)
+
+    # An incoming trace is continued: its id in the problem body, a span id of this server's, nothing recorded.
+    assert continued.status_code == 404
+    assert problem(continued)["trace_id"] == trace_id
+    version, response_trace_id, span_id, flags = continued.headers["traceresponse"].split("-")
+    assert (version, response_trace_id, flags) == ("00", trace_id, "00")
+    assert re.fullmatch("[0-9a-f]{16}", span_id)
+    assert span_id != parent_id
+    # Without one, each request starts a trace of its own.
+    fresh_ids = [problem(response)["trace_id"] for response in fresh]
+    assert all(re.fullmatch("[0-9a-f]{32}", value) for value in fresh_ids)
+    assert fresh_ids[0] != fresh_ids[1]
+    assert [response.headers["traceresponse"].split("-")[1] for response in fresh] == fresh_ids
+    assert malformed.headers["traceresponse"].split("-")[1] not in {trace_id, *fresh_ids}
+    # The access log line names the same trace and span.
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    line = next(line for line in lines if line.get("status") == 404 and line.get("trace_id") == trace_id)
+    assert line["span_id"] == span_id
 
 
 class _KeepAllButServerSpans(Sampler):
