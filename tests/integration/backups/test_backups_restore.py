@@ -178,14 +178,13 @@ async def test_list_is_newest_first_with_filters_and_keyset_cursor(client: Clien
     ).json()
     assert [item["id"] for item in in_container["items"]] == list(reversed(ids[:4]))
     assert in_container["next_cursor"] is None
-    by_device = (
-        await client.get(
-            "/api/v1/backups",
-            params={"device_id_hash": tenant.devices[1].device_id_hash.hex()},
-            headers=auth(tenant.project_key),
-        )
-    ).json()
-    assert [item["id"] for item in by_device["items"]] == [ids[3], ids[1]]
+    for device_id_hash in (tenant.devices[1].device_id_hash.hex(), tenant.devices[1].device_id_hash.hex().upper()):
+        by_device = (
+            await client.get(
+                "/api/v1/backups", params={"device_id_hash": device_id_hash}, headers=auth(tenant.project_key)
+            )
+        ).json()
+        assert [item["id"] for item in by_device["items"]] == [ids[3], ids[1]], device_id_hash
     latest = await client.get(f"/api/v1/containers/{container}/backups/latest", headers=auth(tenant.project_key))
     assert latest.status_code == 200
     assert latest.json()["id"] == ids[3]

@@ -194,7 +194,7 @@ async def test_reused_payload_nonce_is_refused_with_409(
     ("field", "change"),
     [
         ("device_id_hash", {"device_id_hash": "ab" * 31}),
-        ("device_id_hash", {"device_id_hash": "AB" * 32}),
+        ("device_id_hash", {"device_id_hash": "zz" * 32}),
         ("payload_nonce", {"payload_nonce": base64.b64encode(b"x" * 11).decode()}),
         ("payload_auth_tag", {"payload_auth_tag": base64.b64encode(b"x" * 15).decode()}),
         ("metadata_nonce", {"metadata_nonce": base64.b64encode(b"x" * 13).decode()}),

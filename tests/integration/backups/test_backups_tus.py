@@ -196,6 +196,7 @@ async def test_body_past_upload_length_is_413_and_nothing_is_kept(
 async def test_creation_returns_location_and_expiry(client: Client, tenant: Tenant) -> None:
     response = await create(client, tenant, sign_envelope(tenant, b"abc"))
     assert response.status_code == 201
+    assert response.content == b""  # tus answers creation with headers only
     assert response.headers["location"].startswith("http://testserver.local/api/v1/uploads/")
     expires = parsedate_to_datetime(response.headers["upload-expires"])
     assert datetime.now(UTC) + timedelta(hours=23) < expires <= datetime.now(UTC) + timedelta(hours=24, minutes=1)

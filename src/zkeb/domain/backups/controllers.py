@@ -265,7 +265,9 @@ class BackupController(Controller):
         db_session: NamedDependency[AsyncSession],
         *,
         container_id: FromQuery[UUID | None] = None,
-        device_id_hash: str | None = Parameter(default=None, description="lowercase hex SHA-256 of the device id"),
+        device_id_hash: str | None = Parameter(
+            default=None, description="SHA-256 of the device id, 64 hex digits (written lowercase; either case is read)"
+        ),
         cursor: str | None = Parameter(default=None, max_length=200),
         limit: int = Parameter(default=50, ge=1, le=100),
     ) -> BackupList:

@@ -44,7 +44,7 @@ __all__ = (
 )
 
 MAX_METADATA_SIZE = 8192
-_HEX_HASH = re.compile(r"[0-9a-f]{64}")
+_HEX_HASH = re.compile(r"[0-9a-fA-F]{64}")
 _FIELD_PATH = re.compile(r"at `\$\.(?P<field>[A-Za-z_]+)")
 
 
@@ -114,13 +114,13 @@ def _exact(field: str, value: bytes | memoryview, length: int) -> bytes:
 
 
 def parse_device_id_hash_hex(value: str) -> bytes:
-    """Decode a lowercase hex `device_id_hash`.
+    """Decode a hex `device_id_hash`: ZKEB writes it lowercase and, as at device enrolment, reads either case.
 
     Raises:
-        UnprocessableError: not 64 lowercase hex characters.
+        UnprocessableError: not 64 hex characters.
     """
     if not _HEX_HASH.fullmatch(value):
-        raise invalid_field("device_id_hash", "must be 64 lowercase hex characters (a SHA-256)")
+        raise invalid_field("device_id_hash", "must be 64 hex characters (a SHA-256)")
     return bytes.fromhex(value)
 
 

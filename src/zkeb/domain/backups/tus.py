@@ -43,7 +43,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
-from litestar import Controller, Request, Response, delete, head, patch, post, route
+from litestar import Controller, MediaType, Request, Response, delete, head, patch, post, route
 from litestar.datastructures import State
 from litestar.di import NamedDependency
 from litestar.enums import HttpMethod
@@ -741,7 +741,7 @@ class UploadController(Controller):
             headers["Upload-Expires"] = format_upload_expires(outcome.expires_at)
             if outcome.backup_id is not None:
                 headers[BACKUP_ID_HEADER] = str(outcome.backup_id)
-        return Response(None, status_code=201, headers=headers)
+        return Response(b"", status_code=201, headers=headers, media_type=MediaType.TEXT)  # no body, not `null`
 
     @head(
         "/{upload_id:uuid}",
