@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import uuid
 from datetime import UTC, datetime
+from typing import cast
 
 import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from zkeb.core.errors import ProblemError, UnprocessableError
 from zkeb.domain.backups.context import build_keyring
 from zkeb.domain.backups.schemas import validate_envelope
 from zkeb.domain.backups.services import decode_cursor
-from zkeb.domain.backups.storage import ChunkSpan, ReadStep, plan_read
+from zkeb.domain.backups.storage import ChunkSpan, ReadStep, _PayloadReader, plan_read
 from zkeb.domain.backups.tus import ENVELOPE_METADATA_KEYS, envelope_from_metadata
-from zkeb.lib.atrest import master_key_id, parse_master_key
+from zkeb.lib.atrest import ChunkCipher, master_key_id, parse_master_key
 from zkeb.lib.ranges import ByteRange
 from zkeb.settings import Settings, SettingsError
 
@@ -143,3 +146,20 @@ def test_keyring_error_names_the_variable_not_the_value() -> None:
             _settings(ZKEB_MASTER_ENCRYPTION_KEY=(b"\1" * 32).hex(), ZKEB_MASTER_ENCRYPTION_KEY_NEW="hunter2")
         )
     assert "hunter2" not in str(caught.value)
+
+
+async def test_a_payload_reader_cancelled_while_waiting_for_a_batch_leaves_no_task_behind() -> None:
+    # The client went away mid-download: the response closes the stream, which cancels the reader while it waits
+    # for the fetcher's next batch. Its wait on the batch queue must go with it, not linger until garbage collection
+    # ("Task was destroyed but it is pending!").
+    reader = _PayloadReader(cast("AsyncEngine", None), uuid.uuid4(), uuid.uuid4(), cast("ChunkCipher", None), [])
+    fetcher = asyncio.create_task(asyncio.Event().wait())  # a fetcher still reading
+    before = asyncio.all_tasks()
+    waiting = asyncio.create_task(reader._next_batch(fetcher))
+    await asyncio.sleep(0.01)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    await asyncio.sleep(0)
+    assert asyncio.all_tasks() - before == set()
+    fetcher.cancel()

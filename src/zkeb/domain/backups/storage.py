@@ -520,10 +520,13 @@ class _PayloadReader:
     async def _next_batch(self, fetcher: asyncio.Task[None]) -> list[Any] | None:
         """The next fetched batch, or None at the end; re-raises the fetcher's failure."""
         get = asyncio.ensure_future(self._fetched.get())
-        done, _ = await asyncio.wait({get, fetcher}, return_when=asyncio.FIRST_COMPLETED)
+        try:
+            done, _ = await asyncio.wait({get, fetcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not get.done():  # the fetcher ended, or this task was cancelled (the client went away) while waiting
+                get.cancel()
         if get in done:
             return get.result()
-        get.cancel()
         fetcher.result()
         return await self._fetched.get()  # the fetcher ended cleanly right after queueing its last item
 
