@@ -148,12 +148,16 @@ def test_keyring_error_names_the_variable_not_the_value() -> None:
     assert "hunter2" not in str(caught.value)
 
 
+async def _still_reading() -> None:
+    await asyncio.Event().wait()
+
+
 async def test_a_payload_reader_cancelled_while_waiting_for_a_batch_leaves_no_task_behind() -> None:
     # The client went away mid-download: the response closes the stream, which cancels the reader while it waits
     # for the fetcher's next batch. Its wait on the batch queue must go with it, not linger until garbage collection
     # ("Task was destroyed but it is pending!").
     reader = _PayloadReader(cast("AsyncEngine", None), uuid.uuid4(), uuid.uuid4(), cast("ChunkCipher", None), [])
-    fetcher = asyncio.create_task(asyncio.Event().wait())  # a fetcher still reading
+    fetcher = asyncio.create_task(_still_reading())
     before = asyncio.all_tasks()
     waiting = asyncio.create_task(reader._next_batch(fetcher))
     await asyncio.sleep(0.01)

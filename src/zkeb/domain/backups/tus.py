@@ -684,7 +684,7 @@ class UploadController(Controller):
     )
     async def create_upload(
         self, request: Request[Any, Any, Any], db_session: NamedDependency[AsyncSession], state: State
-    ) -> Response[None]:
+    ) -> Response[bytes]:
         """Create an upload session for one backup."""
         require_tus_resumable(request)
         principal = principal_of(request)
