@@ -29,6 +29,7 @@ from litestar.testing import AsyncTestClient
 
 from zkeb.core.database import create_app_engine
 from zkeb.domain.backups import tus
+from zkeb.domain.backups.storage import hash_stored_chunks
 from zkeb.domain.backups.tus import UploadSweeper
 from zkeb.settings import Settings
 
@@ -449,14 +450,13 @@ async def test_a_resuming_patch_that_finds_its_stored_chunks_gone_says_why(
     payload = os.urandom(MIB + 5)
     location = (await create(client, tenant, sign_envelope(tenant, payload))).headers["location"]
     assert (await patch(client, tenant, location, payload[: MIB + 1], 0)).status_code == 204
-    real_hash_stored_chunks = tus.hash_stored_chunks
 
     async def hash_after_a_concurrent_change(connection: asyncpg.Connection, **kwargs: Any) -> None:
         async with connection.transaction():
             await connection.execute("SELECT set_config('zkeb.org_id', $1, true)", str(kwargs["organization_id"]))
             for statement in meanwhile:
                 await connection.execute(statement, kwargs["payload_id"])
-        await real_hash_stored_chunks(connection, **kwargs)
+        await hash_stored_chunks(connection, **kwargs)
 
     monkeypatch.setattr(tus, "hash_stored_chunks", hash_after_a_concurrent_change)
     response = await patch(client, tenant, location, payload[MIB + 1 :], MIB + 1)
