@@ -321,6 +321,23 @@ async def test_concurrent_uploads_with_one_nonce_commit_once(
     refused = await patch(client, tenant, second_location, second.payload, 0)
     assert refused.status_code == 409
     assert problem(refused)["field"] == "payload_nonce"
+    assert "backup_id" not in problem(refused)  # another envelope took the nonce: this one was never committed
+    counts = await row_counts(owner_connection)
+    assert counts == {"payloads": 1, "backup_chunks": 1, "backups": 1, "payload_nonces": 1, "upload_sessions": 0}
+
+
+async def test_a_second_upload_of_a_committed_envelope_is_409_naming_its_backup(
+    client: Client, tenant: Tenant, owner_connection: asyncpg.Connection
+) -> None:
+    # A device that lost the first upload's answer started another of the same envelope before it was committed.
+    envelope = sign_envelope(tenant, b"once")
+    first_location = (await create(client, tenant, envelope)).headers["location"]
+    second_location = (await create(client, tenant, envelope)).headers["location"]
+    committed = await patch(client, tenant, first_location, envelope.payload, 0)
+    assert committed.status_code == 204
+    refused = await patch(client, tenant, second_location, envelope.payload, 0)
+    assert refused.status_code == 409
+    assert problem(refused)["backup_id"] == committed.headers["zkeb-backup-id"]
     counts = await row_counts(owner_connection)
     assert counts == {"payloads": 1, "backup_chunks": 1, "backups": 1, "payload_nonces": 1, "upload_sessions": 0}
 

@@ -362,6 +362,11 @@ class BackupService(BackupRepositoryService):
                 span.set_attribute("zkeb.outcome", "conflict")
                 if _NONCE_CONSTRAINT in str(exc.orig):
                     record_backup_failed("nonce_reuse")
+                    # Committed meanwhile: by this very envelope (a concurrent retry, a second upload of it), the
+                    # conflict names its backup, as the check before the upload does.
+                    await self.ensure_nonce_unused(
+                        project_id, envelope.device_id_hash, envelope.payload_nonce, signature=envelope.signature
+                    )
                     raise _nonce_conflict() from None
                 raise
             span.set_attribute("zkeb.outcome", "committed")
