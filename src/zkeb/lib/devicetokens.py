@@ -15,6 +15,7 @@ __all__ = (
     "ISSUER",
     "MAX_TOKEN_LIFETIME",
     "DeviceClaims",
+    "ExpiredDeviceTokenError",
     "InvalidDeviceTokenError",
     "issue_device_token",
     "secret_key_id",
@@ -31,6 +32,10 @@ MAX_TOKEN_LIFETIME = timedelta(minutes=15)
 
 class InvalidDeviceTokenError(ValueError):
     """The token is malformed, forged, expired, or signed with a secret this server no longer holds."""
+
+
+class ExpiredDeviceTokenError(InvalidDeviceTokenError):
+    """The token is genuine (its signature verifies) but past its `exp`: the device should get a new one."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +118,8 @@ def verify_device_token(token: str, secrets: tuple[str, ...]) -> DeviceClaims:
             issuer=ISSUER,
             options={"require": ["exp", "iat", "sub", "jti", "iss", "aud"]},
         )
+    except jwt.ExpiredSignatureError:  # PyJWT checks `exp` only once the signature verified
+        raise ExpiredDeviceTokenError("ExpiredSignatureError") from None
     except jwt.PyJWTError as exc:
         raise InvalidDeviceTokenError(type(exc).__name__) from None
     try:

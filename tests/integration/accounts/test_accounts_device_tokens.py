@@ -236,6 +236,12 @@ async def test_forged_and_ill_formed_tokens_are_refused_at_the_edge(
             _claims(device, org), "guessed-secret-0123456789abcdef0123", algorithm="HS256", headers=kid
         ),
         "too long lived": jwt.encode(_claims(device, org, exp=now + 3600), JWT_SECRET, algorithm="HS256", headers=kid),
+        "expired and forged": jwt.encode(
+            _claims(device, org, iat=now - 600, exp=now - 1),
+            "guessed-secret-0123456789abcdef0123",
+            algorithm="HS256",
+            headers=kid,
+        ),
         "other org claim": jwt.encode(_claims(device, str(uuid.uuid4())), JWT_SECRET, algorithm="HS256", headers=kid),
     }
     url = f"/api/v1/projects/{project['id']}"
@@ -244,7 +250,12 @@ async def test_forged_and_ill_formed_tokens_are_refused_at_the_edge(
     for name, token in tokens.items():
         response = await client.get(url, headers=auth(token))
         assert response.status_code == 401, name
-        problem(response)
+        detail = problem(response)["detail"]
+        assert 'error="invalid_token"' in response.headers["www-authenticate"], name
+        # Only a genuine token past its expiry is told so (RFC 6750's error_description), so the device knows to
+        # fetch a new one; a forged one learns nothing.
+        assert ("expired" in detail) == (name == "expired"), (name, detail)
+        assert ("error_description" in response.headers["www-authenticate"]) == (name == "expired"), name
 
 
 async def test_tokens_verify_through_a_jwt_secret_rotation_and_a_retired_secret_is_refused(

@@ -28,7 +28,12 @@ from zkeb.core.auth import Principal
 from zkeb.core.runtime import Runtime, get_runtime
 from zkeb.core.tenancy import set_tenant, tenant_transaction
 from zkeb.lib.apikeys import API_KEY_PREFIX, hash_api_key, matching_salt, public_prefix, salts_in_use
-from zkeb.lib.devicetokens import InvalidDeviceTokenError, verification_secrets, verify_device_token
+from zkeb.lib.devicetokens import (
+    ExpiredDeviceTokenError,
+    InvalidDeviceTokenError,
+    verification_secrets,
+    verify_device_token,
+)
 
 __all__ = ("AUTH_EXCLUDED_PATHS", "BearerAuthenticationMiddleware", "authenticate_bearer")
 
@@ -47,6 +52,8 @@ _TOUCH = text(
 _DEVICE_STATE = text("SELECT revoked_at FROM devices WHERE id = :id AND project_id = :project_id")
 
 _last_used_written: dict[UUID, float] = {}
+#: RFC 6750's challenge for a bearer token that is expired, revoked, malformed or otherwise invalid.
+_INVALID_TOKEN = ', error="invalid_token"'  # noqa: S105 - an RFC 6750 error code, not a secret
 
 
 class _AuthenticationFailure(NotAuthorizedException):
@@ -60,8 +67,9 @@ class _AuthenticationFailure(NotAuthorizedException):
         organization_id: UUID | None = None,
         actor_type: str = "anonymous",
         actor_id: str | None = None,
+        challenge: str = "",
     ) -> None:
-        super().__init__(detail, headers={"WWW-Authenticate": 'Bearer realm="zkeb"'})
+        super().__init__(detail, headers={"WWW-Authenticate": f'Bearer realm="zkeb"{challenge}'})
         self.reason = reason
         self.organization_id = organization_id
         self.actor_type = actor_type
@@ -121,8 +129,16 @@ async def _authenticate_device_token(runtime: Runtime, token: str) -> Principal:
     secrets = runtime.settings.secrets
     try:
         claims = verify_device_token(token, verification_secrets(secrets.jwt_secret, secrets.jwt_secret_new))
+    except ExpiredDeviceTokenError:
+        raise _AuthenticationFailure(
+            "device token expired: get a new one from POST /api/v1/auth/token",
+            reason="device token expired",
+            challenge=f'{_INVALID_TOKEN}, error_description="the token expired"',
+        ) from None
     except InvalidDeviceTokenError as exc:
-        raise _AuthenticationFailure("invalid device token", reason=f"invalid device token: {exc}") from None
+        raise _AuthenticationFailure(
+            "invalid device token", reason=f"invalid device token: {exc}", challenge=_INVALID_TOKEN
+        ) from None
     async with tenant_transaction(runtime.engine, claims.organization_id) as connection:
         state = (
             await connection.execute(_DEVICE_STATE, {"id": claims.device_id, "project_id": claims.project_id})
@@ -134,6 +150,7 @@ async def _authenticate_device_token(runtime: Runtime, token: str) -> Principal:
             organization_id=claims.organization_id if state is not None else None,
             actor_type="device",
             actor_id=str(claims.device_id),
+            challenge=_INVALID_TOKEN,
         )
     return Principal(
         kind="device",
