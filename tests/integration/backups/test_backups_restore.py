@@ -122,6 +122,25 @@ async def test_single_range_answers_206_with_the_slice(
     assert response.content == payload[start : end + 1]
 
 
+async def test_if_range_resumes_only_the_same_payload(client: Client, tenant: Tenant) -> None:
+    # RFC 9110 §13.1.5: a client resuming a download sends the ETag it has; a different one means its bytes are of
+    # another payload, so it must get the whole payload (200), not a slice to append (206).
+    payload = os.urandom(1000)
+    backup = await upload(client, tenant, sign_envelope(tenant, payload))
+    url = f"/api/v1/backups/{backup['id']}/payload"
+    etag = f'"{hashlib.sha256(payload).hexdigest()}"'
+    for if_range, status in [
+        (etag, 206),
+        ('"another-payload"', 200),
+        (f"W/{etag}", 200),  # If-Range compares strongly: a weak tag never matches
+        ("Fri, 27 Nov 2026 11:00:00 GMT", 200),  # a date: the payload has no Last-Modified to match
+    ]:
+        headers = {**auth(tenant.project_key), "Range": "bytes=100-", "If-Range": if_range}
+        response = await client.get(url, headers=headers)
+        assert response.status_code == status, if_range
+        assert response.content == (payload[100:] if status == 206 else payload), if_range
+
+
 async def test_unsatisfiable_range_is_416(client: Client, tenant: Tenant) -> None:
     backup = await upload(client, tenant, sign_envelope(tenant, b"x" * 10))
     response = await client.get(

@@ -299,7 +299,8 @@ class BackupController(Controller):
         description=(
             "Streams the ciphertext as `application/octet-stream`. `ETag` is the payload's SHA-256 (hex); "
             "`If-None-Match` answers 304; one `Range` answers 206 (only the chunks it needs are decrypted), an "
-            "unsatisfiable one 416 with `Content-Range: bytes */size`."
+            "unsatisfiable one 416 with `Content-Range: bytes */size`; with `If-Range` naming another ETag (or a "
+            "date) the whole payload comes back, 200. Several ranges are served whole."
         ),
         media_type="application/octet-stream",
     )
@@ -327,8 +328,14 @@ class BackupController(Controller):
         }
         if etag_matches(request.headers.get("if-none-match"), etag):
             return Response(b"", status_code=304, headers=headers)
+        range_header = request.headers.get("range")
+        if_range = request.headers.get("if-range")
+        if range_header is not None and if_range is not None and if_range.strip() != etag:
+            # RFC 9110 §13.1.5: the client's partial copy is of another payload (or dated: ours has no date to
+            # match), so it gets the whole payload rather than a slice to append.
+            range_header = None
         try:
-            byte_range = parse_range(request.headers.get("range"), size)
+            byte_range = parse_range(range_header, size)
         except RangeNotSatisfiableError as exc:
             raise PayloadRangeError(
                 "the range selects no byte of the payload", headers={"Content-Range": exc.content_range}
