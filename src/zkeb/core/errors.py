@@ -18,6 +18,7 @@ from advanced_alchemy.exceptions import NotFoundError as RepositoryNotFoundError
 from advanced_alchemy.exceptions import RepositoryError
 from litestar import MediaType, Request, Response
 from litestar.exceptions import HTTPException, ValidationException
+from litestar.handlers import HTTPRouteHandler
 from litestar.types import ExceptionHandlersMap
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
@@ -177,9 +178,20 @@ def _http_exception_handler(request: Request[Any, Any, Any], exc: HTTPException)
         problem_type = "about:blank"
     detail = exc.detail
     if exc.status_code == 413 and detail in {"", HTTPStatus(413).phrase}:
-        detail = "The request body is larger than this endpoint accepts"
+        detail = _too_large_detail(request)
     headers = dict(exc.headers or {})
     return problem_response(request, exc.status_code, detail, headers=headers, extra=extra, problem_type=problem_type)
+
+
+def _too_large_detail(request: Request[Any, Any, Any]) -> str:
+    """Litestar's bare 413, with the route's limit and, where the route names one, where larger bodies go."""
+    detail = "The request body is larger than this endpoint accepts"
+    handler = request.scope.get("route_handler")
+    limit = handler.resolve_request_max_body_size() if isinstance(handler, HTTPRouteHandler) else None
+    if limit:
+        detail += f" ({limit} bytes at most)"
+    hint = handler.opt.get("too_large_hint") if isinstance(handler, HTTPRouteHandler) else None
+    return f"{detail}; {hint}" if hint else detail
 
 
 def _pool_timeout_problem(request: Request[Any, Any, Any], exc: PoolTimeoutError) -> Response[dict[str, Any]]:

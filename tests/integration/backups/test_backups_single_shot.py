@@ -282,7 +282,9 @@ async def test_oversize_body_is_413_before_reading(
         },
     )
     assert response.status_code == 413
-    problem(response)
+    detail = problem(response)["detail"]
+    assert f"{16 * MIB} bytes at most" in detail
+    assert "tus (POST /api/v1/uploads)" in detail
     assert await row_counts(owner_connection) == NOTHING_STORED
 
 

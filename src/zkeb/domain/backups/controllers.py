@@ -177,6 +177,7 @@ class BackupController(Controller):
         status_code=201,
         guards=[requires_backup_access],
         request_max_body_size=SINGLE_SHOT_MAX_BODY,
+        opt={"too_large_hint": "upload larger payloads with tus (POST /api/v1/uploads)"},
         responses=QUOTA_RESPONSE,
         summary="Upload a backup in one request",
         description=(
