@@ -38,8 +38,15 @@ PROBLEM_SCHEMA: dict[str, Any] = {
         "detail": {"type": "string"},
         "instance": {"type": "string", "description": "The request path."},
         "request_id": {"type": "string", "description": "Also in the `X-Request-Id` header; quote it in reports."},
-        "trace_id": {"type": "string", "description": "The W3C trace id, when tracing is on."},
+        "trace_id": {"type": "string", "description": "The W3C trace id (also in the `traceresponse` header)."},
         "errors": {"description": "Which fields were invalid, for 400 and 422."},
+        "field": {"type": "string", "description": "The envelope field at fault (422, and 409 for `payload_nonce`)."},
+        "backup_id": {
+            "type": "string",
+            "format": "uuid",
+            "description": "409 for a reused nonce: the backup this very envelope was committed as, when it was.",
+        },
+        "reason": {"type": "string", "description": "Why a 403 refused (e.g. `append_only`)."},
     },
     "additionalProperties": True,
 }
@@ -281,6 +288,20 @@ def complete_openapi(schema: dict[str, Any], app: Litestar) -> dict[str, Any]:
                 _document_tus(operation, method, path)
         if path == "/api/v1/uploads" and "options" not in item:
             item["options"] = copy.deepcopy(_TUS_DISCOVERY)
+    payload = document.get("paths", {}).get("/api/v1/backups/{backup_id}/payload", {}).get("get")
+    if isinstance(payload, dict):
+        responses = payload.setdefault("responses", {})
+        responses.setdefault(
+            "206",
+            {
+                "description": "The byte range asked for (`Range`); `Content-Range` names it.",
+                "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+            },
+        )
+        responses.setdefault("304", {"description": "`If-None-Match` matched the payload's `ETag`; no body."})
+        responses.setdefault(
+            "416", _problem_response("416", "The range selects no byte of the payload; `Content-Range: bytes */size`.")
+        )
     backups = document.get("paths", {}).get("/api/v1/backups", {}).get("post")
     if isinstance(backups, dict) and "requestBody" not in backups:
         backups["requestBody"] = {
@@ -311,6 +332,15 @@ def _document_tus(operation: dict[str, Any], method: str, path: str) -> None:
         operation["responses"].setdefault(
             "460", _problem_response("460", "Checksum mismatch (tus checksum extension).")
         )
+    if method in {"post", "patch"}:
+        operation["responses"].setdefault(
+            "507",
+            _problem_response(
+                "507", "Over the project's storage quota (`used`, `quota`, `requested` in bytes); nothing is kept."
+            ),
+        )
+    if method in {"head", "patch"}:
+        operation["responses"].setdefault("410", _problem_response("410", "The upload expired."))
     if method != "options":
         operation["responses"].setdefault("412", _problem_response("412", "Unsupported or missing `Tus-Resumable`."))
     for status, response in operation["responses"].items():

@@ -73,7 +73,12 @@ async def test_tus_operations_document_their_headers(client: AsyncTestClient[Lit
     assert {"Tus-Resumable", "Upload-Length", "Upload-Metadata", "Upload-Checksum"} <= create_headers
     assert {"Tus-Resumable", "Upload-Offset", "Content-Type", "Upload-Checksum"} <= patch_headers
     assert "application/offset+octet-stream" in patch["requestBody"]["content"]
-    assert {"460", "409", "412"} <= patch["responses"].keys()
+    assert {"460", "409", "410", "412", "507"} <= patch["responses"].keys()
+    assert "507" in create["responses"]
+    assert "410" in paths["/api/v1/uploads/{upload_id}"]["head"]["responses"]
+    download = paths["/api/v1/backups/{backup_id}/payload"]["get"]["responses"]
+    assert {"200", "206", "304", "416"} <= download.keys()
+    assert "application/problem+json" in download["416"]["content"]
     assert "Zkeb-Backup-Id" in patch["responses"]["204"]["headers"]
     assert "Location" in create["responses"]["201"]["headers"]
     assert "options" in paths["/api/v1/uploads"]
