@@ -178,6 +178,18 @@ async def test_a_patch_refused_before_its_body_is_read_does_not_break_the_client
         assert "connection" not in done.headers  # a body read to its end keeps the connection
 
 
+async def test_head_of_a_payload_reports_its_size_through_granian(http: httpx.AsyncClient, tenant: Tenant) -> None:
+    payload = os.urandom(MIB + 3)
+    created = await http.post(
+        "/api/v1/backups", json=sign_envelope(tenant, payload).json(), headers=auth(tenant.project_key)
+    )
+    assert created.status_code == 201, created.text
+    response = await http.head(f"/api/v1/backups/{created.json()['id']}/payload", headers=auth(tenant.project_key))
+    assert response.status_code == 200
+    assert response.headers["content-length"] == str(len(payload))
+    assert response.content == b""
+
+
 async def test_single_shot_cut_by_the_network_leaves_nothing(
     http: httpx.AsyncClient, live_url: str, tenant: Tenant, owner_connection: asyncpg.Connection
 ) -> None:

@@ -122,6 +122,29 @@ async def test_single_range_answers_206_with_the_slice(
     assert response.content == payload[start : end + 1]
 
 
+async def test_head_gives_the_payloads_size_and_validators_without_the_body(client: Client, tenant: Tenant) -> None:
+    payload = os.urandom(MIB + 10)
+    backup = await upload(client, tenant, sign_envelope(tenant, payload))
+    url = f"/api/v1/backups/{backup['id']}/payload"
+    etag = f'"{hashlib.sha256(payload).hexdigest()}"'
+    response = await client.head(url, headers=auth(tenant.project_key))
+    assert response.status_code == 200
+    assert response.content == b""
+    assert response.headers["content-length"] == str(len(payload))
+    assert response.headers["etag"] == etag
+    assert response.headers["accept-ranges"] == "bytes"
+    assert response.headers["content-type"] == "application/octet-stream"
+    get = await client.get(url, headers=auth(tenant.project_key))
+    assert {k: get.headers[k] for k in ("etag", "repr-digest", "content-disposition", "cache-control")} == {
+        k: response.headers[k] for k in ("etag", "repr-digest", "content-disposition", "cache-control")
+    }
+    unchanged = await client.head(url, headers={**auth(tenant.project_key), "If-None-Match": etag})
+    assert unchanged.status_code == 304
+    assert (await client.head(url)).status_code == 401
+    other = await client.head(f"/api/v1/backups/{uuid.uuid4()}/payload", headers=auth(tenant.project_key))
+    assert other.status_code == 404
+
+
 async def test_if_range_resumes_only_the_same_payload(client: Client, tenant: Tenant) -> None:
     # RFC 9110 §13.1.5: a client resuming a download sends the ETag it has; a different one means its bytes are of
     # another payload, so it must get the whole payload (200), not a slice to append (206).

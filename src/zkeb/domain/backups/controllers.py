@@ -10,7 +10,7 @@ from typing import Any
 from uuid import UUID
 
 import msgspec
-from litestar import Controller, Request, Response, delete, get, post
+from litestar import Controller, Request, Response, delete, get, head, post
 from litestar.connection import ASGIConnection
 from litestar.datastructures import State
 from litestar.di import NamedDependency
@@ -63,6 +63,19 @@ SINGLE_SHOT_MAX_BODY = 16 * 1024 * 1024
 MSGPACK = "application/msgpack"
 _MSGPACK_TYPES = frozenset({MSGPACK, "application/x-msgpack", "application/vnd.msgpack"})
 _JSON = "application/json"
+
+
+def _payload_headers(backup: Backup) -> tuple[str, dict[str, str]]:
+    """A payload's strong ETag and the headers a download (GET or HEAD) carries."""
+    etag = f'"{backup.payload_sha256.hex()}"'
+    # `X-Content-Type-Options: nosniff` comes from the core security-headers middleware, on every response.
+    return etag, {
+        "ETag": etag,
+        "Repr-Digest": f"sha-256=:{base64.b64encode(backup.payload_sha256).decode()}:",
+        "Cache-Control": "no-store",
+        "Content-Disposition": f'attachment; filename="{backup.id}.bin"',
+        "Accept-Ranges": "bytes",
+    }
 
 
 class UnsupportedMediaTypeError(ProblemError):
@@ -318,15 +331,7 @@ class BackupController(Controller):
         service = BackupService(session=db_session)
         backup = await service.get_visible(principal, backup_id)
         size = backup.encrypted_payload_size
-        etag = f'"{backup.payload_sha256.hex()}"'
-        # `X-Content-Type-Options: nosniff` comes from the core security-headers middleware, on every response.
-        headers = {
-            "ETag": etag,
-            "Repr-Digest": f"sha-256=:{base64.b64encode(backup.payload_sha256).decode()}:",
-            "Cache-Control": "no-store",
-            "Content-Disposition": f'attachment; filename="{backup.id}.bin"',
-            "Accept-Ranges": "bytes",
-        }
+        etag, headers = _payload_headers(backup)
         if etag_matches(request.headers.get("if-none-match"), etag):
             return Response(b"", status_code=304, headers=headers)
         range_header = request.headers.get("range")
@@ -368,6 +373,28 @@ class BackupController(Controller):
             media_type="application/octet-stream",
             headers=headers,
         )
+
+    @head(
+        "/{backup_id:uuid}/payload",
+        guards=[requires_backup_access],
+        summary="A backup's payload headers",
+        description=(
+            "What `GET` would answer, without the body: `Content-Length` (the payload's size), `ETag`, "
+            "`Repr-Digest`, `Accept-Ranges`; 304 when `If-None-Match` matches."
+        ),
+    )
+    async def payload_headers(
+        self, request: Request[Any, Any, Any], db_session: NamedDependency[AsyncSession], backup_id: FromPath[UUID]
+    ) -> Response[None]:
+        """The payload's size and validators, for a client planning ranged reads."""
+        backup = await BackupService(session=db_session).get_visible(principal_of(request), backup_id)
+        etag, headers = _payload_headers(backup)
+        if etag_matches(request.headers.get("if-none-match"), etag):
+            return Response(None, status_code=304, headers=headers)
+        # Set as headers: Litestar sends a HEAD response's headers as given (no body to measure or type).
+        headers["Content-Length"] = str(backup.encrypted_payload_size)
+        headers["Content-Type"] = "application/octet-stream"
+        return Response(None, status_code=200, headers=headers)
 
     @delete(
         "/{backup_id:uuid}",
