@@ -187,10 +187,11 @@ def _too_large_detail(request: Request[Any, Any, Any]) -> str:
     """Litestar's bare 413, with the route's limit and, where the route names one, where larger bodies go."""
     detail = "The request body is larger than this endpoint accepts"
     handler = request.scope.get("route_handler")
-    limit = handler.resolve_request_max_body_size() if isinstance(handler, HTTPRouteHandler) else None
-    if limit:
+    if not isinstance(handler, HTTPRouteHandler):
+        return detail
+    if limit := handler.resolve_request_max_body_size():
         detail += f" ({limit} bytes at most)"
-    hint = handler.opt.get("too_large_hint") if isinstance(handler, HTTPRouteHandler) else None
+    hint = handler.opt.get("too_large_hint")
     return f"{detail}; {hint}" if hint else detail
 
 

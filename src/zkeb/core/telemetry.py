@@ -2,9 +2,9 @@
 
 Tracing is **off** unless asked for: with no `OTEL_TRACES_EXPORTER` and no `OTEL_EXPORTER_OTLP_ENDPOINT` (or
 `..._TRACES_ENDPOINT`), no tracer provider is installed, no instrumentation is added, and the OpenTelemetry API stays
-the no-op it is by default. Every request still has a W3C trace context (`TraceContextMiddleware`, a few µs): an
-incoming `traceparent`'s trace id, or a new one, in the logs, in problem+json bodies and in `traceresponse`, so
-requests correlate across services whether or not this one exports spans.
+the no-op it is by default. Every request still has a W3C trace context (`ServerSpanMiddleware` without a tracer,
+a few µs): an incoming `traceparent`'s trace id, or a new one, in the logs, in problem+json bodies and in
+`traceresponse`, so requests correlate across services whether or not this one exports spans.
 
 When on:
 - `OTEL_TRACES_EXPORTER`: `otlp` (the default once an OTLP endpoint is set), `console` (spans as JSON on
@@ -214,50 +214,6 @@ def setup_tracing(settings: Settings, environ: Mapping[str, str] | None = None) 
     return provider
 
 
-class TraceContextMiddleware:
-    """Plain ASGI middleware for tracing off: each request's trace context without spans or an SDK tracer.
-
-    The trace id is the incoming `traceparent`'s (through the global propagator, `OTEL_PROPAGATORS`) or a new random
-    one; the request gets a span id of its own, not sampled (flags `00`: nothing is recorded). They are set where the
-    server span's would be: the current OpenTelemetry context (log lines), `trace_id_var` (problem+json bodies), the
-    scope (access log) and the `traceresponse` header.
-    """
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-        self.ids = RandomIdGenerator()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != ScopeType.HTTP:
-            await self.app(scope, receive, send)
-            return
-        carrier, _ = _read_headers(scope)
-        parent = trace.get_current_span(propagate.extract(carrier)).get_span_context() if carrier else None
-        span_context = SpanContext(
-            trace_id=parent.trace_id if parent and parent.is_valid else self.ids.generate_trace_id(),
-            span_id=self.ids.generate_span_id(),
-            is_remote=False,
-            trace_state=parent.trace_state if parent and parent.is_valid else None,
-        )
-        trace_id = format_trace_id(span_context.trace_id)
-        span_id = format_span_id(span_context.span_id)
-        cast("dict[str, Any]", scope)[SPAN_CONTEXT_SCOPE_KEY] = (trace_id, span_id)
-        traceresponse = f"00-{trace_id}-{span_id}-00".encode()
-
-        async def send_with_traceresponse(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", ()), (b"traceresponse", traceresponse)]
-            await send(message)
-
-        context_token = context.attach(trace.set_span_in_context(NonRecordingSpan(span_context)))
-        trace_token = trace_id_var.set(trace_id)
-        try:
-            await self.app(scope, receive, send_with_traceresponse)
-        finally:
-            trace_id_var.reset(trace_token)
-            context.detach(context_token)
-
-
 class ServerSpanMiddleware:
     """Plain ASGI middleware: one SERVER span per HTTP request, as lean as the SDK allows.
 
@@ -266,12 +222,16 @@ class ServerSpanMiddleware:
     `METHOD /route/{template}` once routing has run, record method, path, scheme, route and status (5xx marks the
     span as an error), add `traceresponse`, and expose the trace id to problem+json bodies and the access log.
     The contrib middleware cost several times more per request (see bench/tracing.py), which is why this exists.
+
+    With no `tracer` (tracing off) each request still gets its trace context, without an SDK span: the incoming
+    `traceparent`'s trace id or a new random one, and a span id of its own, not sampled (flags `00`).
     """
 
-    def __init__(self, app: ASGIApp, tracer: trace.Tracer, excluded: ExcludeList | None = None) -> None:
+    def __init__(self, app: ASGIApp, tracer: trace.Tracer | None, excluded: ExcludeList | None = None) -> None:
         self.app = app
         self.tracer = tracer
         self.excluded = excluded or ExcludeList(())
+        self.ids = RandomIdGenerator()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != ScopeType.HTTP:
@@ -282,17 +242,7 @@ class ServerSpanMiddleware:
             await self._untraced(scope, receive, send)
             return
         method = scope["method"]
-        span = self.tracer.start_span(
-            method,
-            context=propagate.extract(carrier) if carrier else None,
-            kind=SpanKind.SERVER,
-            attributes={
-                "http.request.method": method,
-                "url.path": scope["path"],
-                "url.scheme": scope.get("scheme", "http"),
-                "network.protocol.version": scope.get("http_version", "1.1"),
-            },
-        )
+        span = self._start_span(scope, carrier, method)
         span_context = span.get_span_context()
         trace_id = format_trace_id(span_context.trace_id)
         span_id = format_span_id(span_context.span_id)
@@ -328,6 +278,29 @@ class ServerSpanMiddleware:
             span.end()
             trace_id_var.reset(trace_token)
             context.detach(context_token)
+
+    def _start_span(self, scope: Scope, carrier: dict[str, str] | None, method: str) -> trace.Span:
+        parent_context = propagate.extract(carrier) if carrier else None
+        if self.tracer is None:
+            parent = trace.get_current_span(parent_context).get_span_context() if parent_context else None
+            if parent is not None and parent.is_valid:
+                trace_id, trace_state = parent.trace_id, parent.trace_state
+            else:
+                trace_id, trace_state = self.ids.generate_trace_id(), None
+            return NonRecordingSpan(
+                SpanContext(trace_id, self.ids.generate_span_id(), is_remote=False, trace_state=trace_state)
+            )
+        return self.tracer.start_span(
+            method,
+            context=parent_context,
+            kind=SpanKind.SERVER,
+            attributes={
+                "http.request.method": method,
+                "url.path": scope["path"],
+                "url.scheme": scope.get("scheme", "http"),
+                "network.protocol.version": scope.get("http_version", "1.1"),
+            },
+        )
 
     async def _untraced(self, scope: Scope, receive: Receive, send: Send) -> None:
         # Excluded (OTEL_PYTHON_[LITESTAR_]EXCLUDED_URLS): no server span, and no client spans either, which would
@@ -374,7 +347,7 @@ def _wrap_at_startup(app_config: AppConfig, middleware: Callable[[ASGIApp], ASGI
     """
 
     def wrap(app: Litestar) -> None:
-        if not isinstance(app.asgi_handler, (ServerSpanMiddleware, TraceContextMiddleware)):
+        if not isinstance(app.asgi_handler, ServerSpanMiddleware):
             app.asgi_handler = middleware(app.asgi_handler)
 
     app_config.on_startup.insert(0, wrap)
@@ -386,11 +359,12 @@ def instrument_app(
     """Add server spans, database and Redis client spans, and span flushing on shutdown when tracing is on.
 
     Returns:
-        The tracer provider in use, or None when tracing is off (then only `TraceContextMiddleware` is added).
+        The tracer provider in use, or None when tracing is off (then `ServerSpanMiddleware` only sets each
+        request's trace context).
     """
     provider = setup_tracing(settings)
     if provider is None:
-        _wrap_at_startup(app_config, TraceContextMiddleware)
+        _wrap_at_startup(app_config, lambda app: ServerSpanMiddleware(app, None))
         return None
     server_tracer = trace.get_tracer("zkeb.http", settings.version, tracer_provider=provider)
     _wrap_at_startup(app_config, lambda app: ServerSpanMiddleware(app, server_tracer, get_excluded_urls("LITESTAR")))
