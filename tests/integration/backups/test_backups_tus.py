@@ -26,9 +26,11 @@ from backups_support import (
 )
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from zkeb.core.database import create_app_engine
-from zkeb.domain.backups import tus
+from zkeb.domain.backups import services, tus
+from zkeb.domain.backups.lifecycle import charge_quota
 from zkeb.domain.backups.storage import hash_stored_chunks
 from zkeb.domain.backups.tus import UploadSweeper
 from zkeb.settings import Settings
@@ -485,6 +487,58 @@ async def test_a_resuming_patch_that_finds_its_stored_chunks_gone_says_why(
         head = await client.head(location, headers=tus_headers(tenant.project_key))
         assert head.headers["upload-offset"] == str(MIB + 1)
         assert await owner_connection.fetchval("SELECT count(*) FROM upload_sessions WHERE lease_id IS NULL") == 1
+
+
+@pytest.mark.parametrize(
+    ("meanwhile", "status", "detail"),
+    [
+        pytest.param(_TERMINATE, 404, "the upload no longer exists", id="terminated"),
+        pytest.param(
+            ("UPDATE upload_sessions SET lease_id = gen_random_uuid() WHERE payload_id = $1",),
+            409,
+            "a later PATCH took it over",
+            id="taken-over",
+        ),
+    ],
+)
+async def test_a_completing_patch_whose_upload_ended_during_verification_commits_nothing(
+    client: Client,
+    tenant: Tenant,
+    owner_connection: asyncpg.Connection,
+    monkeypatch: pytest.MonkeyPatch,
+    meanwhile: tuple[str, ...],
+    status: int,
+    detail: str,
+) -> None:
+    # The last PATCH stores its bytes, verifies the signature, then commits; the commit deletes the upload's session
+    # row only if this PATCH's lease still holds it. Whatever happens before that delete runs here, on another
+    # connection, just as the commit charges the quota (its first statement): the backup must not appear.
+    payload = os.urandom(MIB + 5)
+    location = (await create(client, tenant, sign_envelope(tenant, payload))).headers["location"]
+    payload_id = await owner_connection.fetchval(
+        "SELECT payload_id FROM upload_sessions WHERE id = $1", uuid.UUID(location.rsplit("/", 1)[1])
+    )
+
+    async def charge_after_a_concurrent_change(session: AsyncSession, **kwargs: Any) -> Any:
+        # Another connection of the server's own pool (the server runs in the test client's event loop), committed
+        # before the commit step goes on.
+        assert isinstance(session.bind, AsyncEngine)
+        async with session.bind.connect() as other:
+            raw = (await other.get_raw_connection()).driver_connection
+            assert isinstance(raw, asyncpg.Connection)
+            async with raw.transaction():
+                await raw.execute("SELECT set_config('zkeb.org_id', $1, true)", str(tenant.organization_id))
+                for statement in meanwhile:
+                    await raw.execute(statement, payload_id)
+        return await charge_quota(session, **kwargs)
+
+    monkeypatch.setattr(services, "charge_quota", charge_after_a_concurrent_change)
+    response = await patch(client, tenant, location, payload, 0)
+    assert response.status_code == status, response.text
+    assert detail in problem(response)["detail"]
+    assert await owner_connection.fetchval("SELECT count(*) FROM backups") == 0
+    assert await owner_connection.fetchval("SELECT count(*) FROM payload_nonces") == 0
+    assert await owner_connection.fetchval("SELECT used_bytes FROM projects") == 0
 
 
 # --- Expiration ---------------------------------------------------------------------------------------------------
