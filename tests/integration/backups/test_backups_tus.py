@@ -26,16 +26,19 @@ from backups_support import (
 )
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
+from zkeb.app import create_app
+from zkeb.core import database
 from zkeb.core.database import create_app_engine
+from zkeb.core.runtime import get_runtime
 from zkeb.domain.backups import services, tus
 from zkeb.domain.backups.lifecycle import charge_quota
 from zkeb.domain.backups.storage import hash_stored_chunks
 from zkeb.domain.backups.tus import UploadSweeper
 from zkeb.settings import Settings
 
-from support import Envelope, problem
+from support import Envelope, make_settings, problem
 
 Client = AsyncTestClient[Litestar]
 OCTETS = "application/offset+octet-stream"
@@ -678,3 +681,40 @@ async def test_tampered_upload_is_422_at_completion_and_nothing_is_stored(
     assert response.status_code == 422
     assert problem(response)["field"] == "signature"
     assert await row_counts(owner_connection) == NOTHING_STORED
+
+
+async def test_a_patch_that_finds_the_pool_exhausted_mid_body_is_a_503_and_the_retry_completes(
+    base_settings_env: dict[str, str], database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One pooled connection, a short wait for it. The PATCH claims the upload, then its body's chunk writer needs
+    # the connection again, which this test has checked out in between (on the server's own event loop).
+    monkeypatch.setattr(database, "POOL_TIMEOUT_SECONDS", 0.5)
+    settings = make_settings(base_settings_env, DATABASE_URL=database_url, DB_POOL_SIZE="1")
+    app = create_app(settings)
+    engine = get_runtime(app.state).engine
+    held: list[AsyncConnection] = []
+    claim = tus.PatchReceiver._claim
+
+    async def claim_then_take_the_pool(receiver: tus.PatchReceiver, lease: Any) -> Any:
+        claimed = await claim(receiver, lease)
+        if not held:
+            held.append(await engine.connect())
+        return claimed
+
+    monkeypatch.setattr(tus.PatchReceiver, "_claim", claim_then_take_the_pool)
+    async with AsyncTestClient(app=app) as client:
+        tenant = await make_tenant(client, settings)
+        payload = os.urandom(6 * MIB + 5)  # more chunks than wait for the writer: the refusal comes mid-body
+        location = (await create(client, tenant, sign_envelope(tenant, payload))).headers["location"]
+        refused = await patch(client, tenant, location, payload, 0)
+        assert refused.status_code == 503, refused.text
+        assert refused.headers["retry-after"] == "1"
+        assert "busy" in problem(refused)["detail"]
+        client.blocking_portal.call(held[0].close)
+        head = await client.head(location, headers=tus_headers(tenant.project_key))
+        assert head.headers["upload-offset"] == "0"
+        retried = await patch(client, tenant, location, payload, 0)
+        assert retried.status_code == 204, retried.text
+        backup_id = retried.headers["zkeb-backup-id"]
+        restored = await client.get(f"/api/v1/backups/{backup_id}/payload", headers=auth(tenant.project_key))
+        assert restored.content == payload
