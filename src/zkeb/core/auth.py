@@ -19,14 +19,32 @@ from litestar.handlers.base import BaseRouteHandler
 from zkeb.core.errors import NotFoundError
 
 __all__ = (
+    "MAX_CREDENTIAL_LENGTH",
     "Principal",
     "PrincipalKind",
+    "bearer_credential",
     "principal_of",
     "requires_backup_access",
     "requires_org_admin",
 )
 
 PrincipalKind = Literal["org_admin", "project", "device"]
+#: Longer `Authorization` credentials are refused unread.
+MAX_CREDENTIAL_LENGTH = 4096
+
+
+def bearer_credential(authorization: str) -> str | None:
+    """The credential of an `Authorization: Bearer <credential>` value, or None when it is not one.
+
+    The scheme is case-insensitive (RFC 9110 §11.1) and whitespace around the credential is ignored, so every
+    spelling of one header yields the same credential: authentication and the rate limiter's per-credential bucket
+    both key on this.
+    """
+    scheme, _, credential = authorization.partition(" ")
+    credential = credential.strip()
+    if scheme.lower() != "bearer" or not credential or len(credential) > MAX_CREDENTIAL_LENGTH:
+        return None
+    return credential
 
 
 @dataclass(frozen=True, slots=True)

@@ -50,7 +50,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from zkeb.core.audit import record_event_on_connection
-from zkeb.core.auth import Principal
+from zkeb.core.auth import Principal, bearer_credential
 from zkeb.core.errors import ProblemError
 from zkeb.core.security import client_ip, trusted_proxies
 
@@ -249,7 +249,11 @@ class RateLimiter:
 
 
 def _credential_key(authorization: bytes) -> str:
-    return "cred:" + hashlib.sha256(b"zkeb-ratelimit-v1\x00" + authorization).hexdigest()[:32]
+    # Keyed on the credential itself, not the header's spelling (`bearer`, `BEARER`, extra spaces all authenticate
+    # alike); a header that is no bearer credential at all is keyed as sent (it gets a 401).
+    value = authorization.decode("latin-1")
+    credential = bearer_credential(value) or value
+    return "cred:" + hashlib.sha256(b"zkeb-ratelimit-v1\x00" + credential.encode("latin-1")).hexdigest()[:32]
 
 
 def _authorization(scope: Scope) -> bytes | None:

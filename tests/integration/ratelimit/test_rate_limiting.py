@@ -111,6 +111,16 @@ async def test_an_exhausted_credential_gets_429_problem_details_and_an_audit_eve
     assert (await limited_client.get("/api/v1/projects", headers=_auth("zkeb_other"))).status_code == 401
 
 
+async def test_every_spelling_of_one_credential_shares_its_budget(
+    limited_client: AsyncTestClient[Litestar], limited_settings: Settings, database_url: str
+) -> None:
+    # Authentication accepts the scheme in any case and spaces around the credential, so the bucket must too.
+    _org, key = await _org_key(limited_settings, database_url)
+    spellings = [f"Bearer {key}", f"bearer {key}", f"BEARER   {key}  ", f"BeArEr {key}"]
+    statuses = [(await limited_client.get(AUDIT, headers={"Authorization": s})).status_code for s in spellings]
+    assert statuses == [200, 200, 200, 429]
+
+
 async def test_token_issuance_is_limited_per_client_ip_at_the_stricter_rate(
     limited_client: AsyncTestClient[Litestar],
 ) -> None:

@@ -24,7 +24,7 @@ from litestar.middleware import AbstractAuthenticationMiddleware, Authentication
 from sqlalchemy import text
 
 from zkeb.core.audit import record_event
-from zkeb.core.auth import Principal
+from zkeb.core.auth import Principal, bearer_credential
 from zkeb.core.runtime import Runtime, get_runtime
 from zkeb.core.tenancy import set_tenant, tenant_transaction
 from zkeb.lib.apikeys import API_KEY_PREFIX, hash_api_key, matching_salt, public_prefix, salts_in_use
@@ -170,9 +170,8 @@ async def authenticate_bearer(runtime: Runtime, authorization: str | None) -> Pr
     """
     if not authorization:
         raise _AuthenticationFailure("a bearer credential is required", reason="no credential")
-    scheme, _, credential = authorization.partition(" ")
-    credential = credential.strip()
-    if scheme.lower() != "bearer" or not credential or len(credential) > 4096:
+    credential = bearer_credential(authorization)
+    if credential is None:
         raise _AuthenticationFailure(
             "use 'Authorization: Bearer <API key or device token>'", reason="malformed authorization header"
         )
