@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from datetime import datetime
+from datetime import UTC, datetime
 from uuid import UUID
 
 __all__ = ("decode_keyset_cursor", "encode_keyset_cursor")
@@ -20,14 +20,17 @@ def decode_keyset_cursor(cursor: str) -> tuple[datetime, UUID]:
     """The position a cursor from `encode_keyset_cursor` stands for.
 
     Raises:
-        ValueError: the cursor is malformed or its timestamp is naive.
+        ValueError: the cursor is malformed, its timestamp naive or out of range once in UTC.
     """
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         at, _, identifier = raw.partition("|")
-        position = (datetime.fromisoformat(at), UUID(identifier))
+        instant, row_id = datetime.fromisoformat(at), UUID(identifier)
     except (binascii.Error, UnicodeDecodeError, ValueError):
         raise ValueError("malformed cursor") from None
-    if position[0].tzinfo is None:
+    if instant.tzinfo is None:
         raise ValueError("malformed cursor")
-    return position
+    try:  # in UTC, as issued: a crafted offset must not carry the instant out of the representable range
+        return instant.astimezone(UTC), row_id
+    except OverflowError:
+        raise ValueError("malformed cursor") from None

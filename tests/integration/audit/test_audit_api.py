@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import datetime
 import uuid
 from collections.abc import AsyncIterator
@@ -76,7 +77,20 @@ async def test_bad_query_parameters_are_refused_with_problem_details(
     org_id, key = await create_org(engine, settings)
     before = await _count(owner_connection, org_id)
     no_offset = {"since": "2026-01-01T00:00:00"}, {"until": "2026-01-01T00:00:00"}  # not RFC 3339: no UTC offset
-    for params in ({"cursor": "not-a-cursor"}, {"limit": "101"}, {"limit": "0"}, {"since": "yesterday"}, *no_offset):
+    # Valid as written, out of range once in UTC, and a sequence number past bigint (all 409 from the database before).
+    out_of_range = (
+        {"since": "0001-01-01T00:00:00+14:00"},
+        {"until": "0001-01-01T00:00:00+00:01"},
+        {"cursor": base64.urlsafe_b64encode(b"seq:9223372036854775808").decode().rstrip("=")},
+    )
+    for params in (
+        {"cursor": "not-a-cursor"},
+        {"limit": "101"},
+        {"limit": "0"},
+        {"since": "yesterday"},
+        *no_offset,
+        *out_of_range,
+    ):
         response = await client.get("/api/v1/audit-events", params=params, headers=_auth(key))
         assert response.status_code == 400, (params, response.text)
         problem(response)

@@ -236,9 +236,17 @@ async def test_list_refuses_bad_limit_and_cursor(client: Client, tenant: Tenant)
     too_many = await client.get("/api/v1/backups", params={"limit": 101}, headers=auth(tenant.project_key))
     assert too_many.status_code == 400
     problem(too_many)
-    bad_cursor = await client.get("/api/v1/backups", params={"cursor": "!!!"}, headers=auth(tenant.project_key))
-    assert bad_cursor.status_code == 400
-    problem(bad_cursor)
+    # Garbage, and a well-formed cursor whose instant leaves the representable range once in UTC (500 before).
+    out_of_range = base64.urlsafe_b64encode(f"0001-01-01T00:00:00+14:00|{uuid.uuid4()}".encode()).decode()
+    for cursor in ("!!!", out_of_range):
+        bad_cursor = await client.get("/api/v1/backups", params={"cursor": cursor}, headers=auth(tenant.project_key))
+        assert bad_cursor.status_code == 400, cursor
+        assert "cursor is malformed" in problem(bad_cursor)["detail"]
+        trash = await client.get(
+            f"/api/v1/projects/{tenant.project_id}/trash", params={"cursor": cursor}, headers=auth(tenant.admin_key)
+        )
+        assert trash.status_code == 400, cursor
+        problem(trash)
 
 
 async def test_latest_of_empty_container_is_404(client: Client, tenant: Tenant) -> None:

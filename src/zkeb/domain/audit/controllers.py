@@ -66,12 +66,7 @@ class AuditController(Controller):
         limit: Annotated[int, Parameter(ge=1, le=100)] = 50,
     ) -> AuditEventPage:
         """One page of the organization's events."""
-        for name, value in (("since", since), ("until", until)):
-            if value is not None and value.utcoffset() is None:
-                raise ProblemError(
-                    f"`{name}` needs a UTC offset as RFC 3339 requires (e.g. 2026-01-01T00:00:00Z)",
-                    extra={"errors": [{"key": name, "source": "query", "message": "no UTC offset"}]},
-                )
+        since, until = _instant("since", since), _instant("until", until)
         items, next_cursor = await AuditEventService(session=db_session).page(
             action=action, since=since, until=until, cursor=cursor, limit=limit
         )
@@ -95,3 +90,21 @@ class AuditController(Controller):
             if broken is None
             else ChainBreakRead(seq=broken.seq, id=broken.event_id, reason=broken.reason),
         )
+
+
+def _instant(name: str, value: datetime.datetime | None) -> datetime.datetime | None:
+    """A `since`/`until` filter in UTC; 400 without a UTC offset or outside the representable range in UTC."""
+    if value is None:
+        return None
+    if value.utcoffset() is None:
+        raise ProblemError(
+            f"`{name}` needs a UTC offset as RFC 3339 requires (e.g. 2026-01-01T00:00:00Z)",
+            extra={"errors": [{"key": name, "source": "query", "message": "no UTC offset"}]},
+        )
+    try:
+        return value.astimezone(datetime.UTC)
+    except OverflowError:
+        raise ProblemError(
+            f"`{name}` is out of range once in UTC",
+            extra={"errors": [{"key": name, "source": "query", "message": "out of range"}]},
+        ) from None

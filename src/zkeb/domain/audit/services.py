@@ -44,6 +44,7 @@ VERIFY_BATCH_SIZE = 500
 _EVENTS = cast("Table", AuditEvent.__table__)
 _HEADS = cast("Table", AuditChainHead.__table__)
 _CURSOR_PREFIX = "seq:"
+_MAX_SEQ = 2**63 - 1  # audit_events.seq is a bigint
 _ALL_HEADS = text("SELECT organization_id, seq, hash, updated_at FROM zkeb_audit_chain_heads()")
 
 
@@ -69,7 +70,7 @@ def decode_cursor(cursor: str) -> int:
         seq = int(raw.removeprefix(_CURSOR_PREFIX)) if raw.startswith(_CURSOR_PREFIX) else 0
     except (ValueError, binascii.Error, UnicodeDecodeError):
         raise InvalidCursorError("cursor is not valid", extra={"field": "cursor"}) from None
-    if seq < 1:
+    if not 1 <= seq <= _MAX_SEQ:
         raise InvalidCursorError("cursor is not valid", extra={"field": "cursor"})
     return seq
 
