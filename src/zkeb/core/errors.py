@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import AsyncGenerator
 from contextvars import ContextVar
 from http import HTTPStatus
 from typing import Any, ClassVar
@@ -17,7 +18,7 @@ from advanced_alchemy.exceptions import IntegrityError as RepositoryIntegrityErr
 from advanced_alchemy.exceptions import NotFoundError as RepositoryNotFoundError
 from advanced_alchemy.exceptions import RepositoryError
 from litestar import MediaType, Request, Response
-from litestar.exceptions import HTTPException, ValidationException
+from litestar.exceptions import HTTPException, InternalServerException, ValidationException
 from litestar.handlers import HTTPRouteHandler
 from litestar.types import ExceptionHandlersMap
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
@@ -26,6 +27,7 @@ __all__ = (
     "PROBLEM_JSON",
     "BoundedRequest",
     "ConflictError",
+    "IncompleteBodyError",
     "NotFoundError",
     "ProblemError",
     "ServiceUnavailableError",
@@ -63,12 +65,32 @@ class ProblemError(HTTPException):
         self.problem_extra = extra or {}
 
 
-class BoundedRequest(Request[Any, Any, Any]):
-    """Litestar's request, except that a JSON body nested past the decoder's depth is a 400, not a 500.
+class IncompleteBodyError(ProblemError):
+    """The request body ended before its end: the client went away, or its chunked encoding was malformed (400)."""
 
-    Litestar decodes a `data` body without a target type first (`Request.json()`), and msgspec raises
-    `RecursionError` for a document nested a thousand levels deep; Litestar catches only `DecodeError`.
+    status_code: int = 400
+
+
+class BoundedRequest(Request[Any, Any, Any]):
+    """Litestar's request, except that two kinds of bad body are a 400, not a 500.
+
+    - A JSON body nested past the decoder's depth: Litestar decodes a `data` body without a target type first
+      (`Request.json()`), and msgspec raises `RecursionError` for a document nested a thousand levels deep;
+      Litestar catches only `DecodeError`.
+    - A body that ends early (`IncompleteBodyError`): the server reports a truncated body or a malformed chunked
+      encoding as `http.disconnect`, which Litestar's `stream()` raises as a 500 ("client disconnected
+      prematurely").
     """
+
+    async def stream(self) -> AsyncGenerator[bytes, None]:
+        """The body, piece by piece (`IncompleteBodyError` when it ends early)."""
+        try:
+            async for piece in super().stream():
+                yield piece
+        except InternalServerException:  # the only one Litestar's stream() raises: `http.disconnect` mid-body
+            raise IncompleteBodyError(
+                "the request body ended before its end (the connection closed, or the chunked encoding is malformed)"
+            ) from None
 
     async def json(self) -> Any:
         """The decoded JSON body (400 when nested too deeply)."""

@@ -474,3 +474,36 @@ async def test_a_chunked_body_past_upload_length_is_413_and_undoes_what_it_recor
     assert head.headers["upload-offset"] == "0"
     assert await row_counts(owner_connection) == before
     assert await owner_connection.fetchval("SELECT chunk_count FROM payloads") == 0
+
+
+@pytest.mark.parametrize(
+    ("path", "credential"),
+    [
+        pytest.param("/api/v1/auth/token", None, id="token"),
+        pytest.param("/api/v1/projects", "admin", id="projects"),
+        pytest.param("/api/v1/backups", "project", id="single-shot"),
+    ],
+)
+async def test_a_malformed_chunked_body_is_a_400_and_changes_nothing(
+    live_url: str, tenant: Tenant, owner_connection: asyncpg.Connection, path: str, credential: str | None
+) -> None:
+    # granian reports a body whose chunked encoding breaks as a disconnect; Litestar made that a 500.
+    key = {"admin": tenant.admin_key, "project": tenant.project_key, None: None}[credential]
+    authorization = f"Authorization: Bearer {key}\r\n" if key else ""
+    before = await row_counts(owner_connection)
+    host, port = live_url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(
+            f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n{authorization}"
+            "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\nzz\r\n{}\r\n0\r\n\r\n".encode()
+        )
+        await writer.drain()
+        status, head, body = await asyncio.wait_for(_read_response(reader), 30)
+    finally:
+        writer.close()
+    assert status == 400, body
+    assert "content-type: application/problem+json" in head
+    assert b"the request body ended before its end" in body
+    assert await row_counts(owner_connection) == before
+    assert await owner_connection.fetchval("SELECT count(*) FROM projects") == 1

@@ -47,7 +47,7 @@ from litestar import Controller, MediaType, Request, Response, delete, head, pat
 from litestar.datastructures import State
 from litestar.di import NamedDependency
 from litestar.enums import HttpMethod
-from litestar.exceptions import HTTPException, InternalServerException
+from litestar.exceptions import HTTPException
 from litestar.params import FromPath
 from litestar.types import ExceptionHandlersMap
 from opentelemetry import trace
@@ -61,6 +61,7 @@ from zkeb.core.audit import record_event
 from zkeb.core.auth import Principal, principal_of, requires_backup_access
 from zkeb.core.errors import (
     ConflictError,
+    IncompleteBodyError,
     NotFoundError,
     ProblemError,
     ServiceUnavailableError,
@@ -582,8 +583,8 @@ class PatchReceiver:
                 if pipeline.received + len(piece) > remaining:
                     raise UploadTooLargeError("the body goes past Upload-Length")
                 await pipeline.write(piece)
-        except InternalServerException:
-            # Litestar's signal that the client went away mid-body: keep what arrived (tus resumes).
+        except IncompleteBodyError:
+            # The client went away mid-body (or broke its chunked encoding): keep what arrived (tus resumes).
             return True
         return False
 
