@@ -26,6 +26,7 @@ from backups_support import (
 )
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from zkeb.app import create_app
@@ -366,6 +367,67 @@ async def test_creation_with_upload_can_complete_in_one_request(client: Client, 
     backup_id = response.headers["zkeb-backup-id"]
     restored = await client.get(f"/api/v1/backups/{backup_id}/payload", headers=auth(tenant.project_key))
     assert restored.content == payload
+
+
+@pytest.mark.parametrize(
+    ("extra", "status"),
+    [
+        pytest.param(b"", 460, id="wrong-checksum"),
+        pytest.param(b"x", 413, id="past-upload-length"),
+    ],
+)
+async def test_a_refused_creation_with_upload_creates_nothing(
+    client: Client, tenant: Tenant, owner_connection: asyncpg.Connection, extra: bytes, status: int
+) -> None:
+    # The client gets no Location with the refusal, so an upload left behind could be neither resumed nor ended.
+    payload = os.urandom(1000)
+    envelope = sign_envelope(tenant, payload)
+    wrong = base64.b64encode(hashlib.sha256(b"other bytes").digest()).decode()
+    response = await client.post(
+        "/api/v1/uploads",
+        content=payload + extra,
+        headers=tus_headers(
+            tenant.project_key,
+            **{
+                "Upload-Length": str(len(payload)),
+                "Upload-Metadata": envelope.tus_metadata(),
+                "Content-Type": OCTETS,
+                "Upload-Checksum": f"sha256 {wrong}",
+            },
+        ),
+    )
+    assert response.status_code == status, response.text
+    problem(response)
+    assert "location" not in response.headers
+    assert await row_counts(owner_connection) == NOTHING_STORED
+
+
+async def test_a_creation_with_upload_refused_at_its_commit_by_the_quota_says_where_the_upload_is(
+    client: Client, tenant: Tenant, owner_connection: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The quota is checked at creation, and again at the commit: another upload may have filled it in between
+    # (here: the quota shrinks just before the commit). The upload stays, to be completed once there is room.
+    payload = os.urandom(1000)
+    envelope = sign_envelope(tenant, payload)
+
+    async def charge_after_the_quota_shrank(session: AsyncSession, **kwargs: Any) -> Any:
+        await session.execute(text("UPDATE projects SET storage_quota_bytes = 10"))
+        return await charge_quota(session, **kwargs)
+
+    monkeypatch.setattr(services, "charge_quota", charge_after_the_quota_shrank)
+    response = await client.post(
+        "/api/v1/uploads",
+        content=payload,
+        headers=tus_headers(
+            tenant.project_key,
+            **{"Upload-Length": str(len(payload)), "Upload-Metadata": envelope.tus_metadata(), "Content-Type": OCTETS},
+        ),
+    )
+    assert response.status_code == 507, response.text
+    problem(response)
+    head = await client.head(response.headers["location"], headers=tus_headers(tenant.project_key))
+    assert head.status_code == 200
+    assert await owner_connection.fetchval("SELECT count(*) FROM backups") == 0
 
 
 async def test_creation_with_partial_upload_reports_the_offset(client: Client, tenant: Tenant) -> None:

@@ -702,6 +702,8 @@ class UploadController(Controller):
         envelope = envelope_from_metadata(request.headers.get("upload-metadata", ""))
         with_upload = _media_type(request) == OFFSET_OCTET_STREAM
         checksum = _checksum(request) if with_upload else None
+        if with_upload and (request.content_length or 0) > length:
+            raise UploadTooLargeError(f"the body ({request.content_length} bytes) exceeds Upload-Length ({length})")
         assert principal.project_id is not None
         service = BackupService(session=db_session)
         device = await service.device_for_upload(principal, envelope.device_id_hash)
@@ -737,7 +739,14 @@ class UploadController(Controller):
         headers = _base_headers(upload)
         headers["Location"] = _upload_url(request, context, upload.id)
         if with_upload and request.content_length != 0:
-            outcome = await PatchReceiver(request, context, db_session, principal, upload, checksum).receive()
+            try:
+                outcome = await PatchReceiver(request, context, db_session, principal, upload, checksum).receive()
+            except HTTPException as exc:
+                if exc.status_code < 500:  # refused for its body (460, 413, 422...): the creation is undone too
+                    await _discard_upload(db_session, upload)
+                else:  # the upload stays (e.g. 507 at the commit): say where to resume it
+                    exc.headers = {**(exc.headers or {}), "Location": headers["Location"]}
+                raise
             headers["Upload-Offset"] = str(outcome.offset)
             headers["Upload-Expires"] = format_upload_expires(outcome.expires_at)
             if outcome.backup_id is not None:
@@ -826,6 +835,14 @@ class UploadController(Controller):
         await db_session.execute(sa_delete(Payload).where(Payload.id == upload.payload_id))
         await db_session.commit()
         return Response(None, status_code=204, headers={"Tus-Resumable": TUS_VERSION})
+
+
+async def _discard_upload(session: AsyncSession, upload: UploadSession) -> None:
+    """Delete an upload and its bytes, as termination does (nothing when it is already gone)."""
+    # The session row first, as every writer locks it.
+    if await session.scalar(_LOCK_SESSION, {"id": upload.id}) is not None:
+        await session.execute(sa_delete(Payload).where(Payload.id == upload.payload_id))
+    await session.commit()
 
 
 # --- expiration ------------------------------------------------------------------------------------------------
