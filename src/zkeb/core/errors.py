@@ -32,6 +32,7 @@ __all__ = (
     "ProblemError",
     "ServiceUnavailableError",
     "UnprocessableError",
+    "UnsupportedMediaTypeError",
     "exception_handlers",
     "problem_response",
     "request_id_var",
@@ -71,15 +72,22 @@ class IncompleteBodyError(ProblemError):
     status_code: int = 400
 
 
-class BoundedRequest(Request[Any, Any, Any]):
-    """Litestar's request, except that two kinds of bad body are a 400, not a 500.
+class UnsupportedMediaTypeError(ProblemError):
+    """The body's content type is not one this endpoint reads (415)."""
 
-    - A JSON body nested past the decoder's depth: Litestar decodes a `data` body without a target type first
-      (`Request.json()`), and msgspec raises `RecursionError` for a document nested a thousand levels deep;
-      Litestar catches only `DecodeError`.
-    - A body that ends early (`IncompleteBodyError`): the server reports a truncated body or a malformed chunked
-      encoding as `http.disconnect`, which Litestar's `stream()` raises as a 500 ("client disconnected
-      prematurely").
+    status_code: int = 415
+
+
+class BoundedRequest(Request[Any, Any, Any]):
+    """Litestar's request, except for three kinds of bad body.
+
+    - A JSON body declared as another content type: 415 (Litestar decodes it whatever its `Content-Type`).
+    - A JSON body nested past the decoder's depth: 400, not 500. Litestar decodes a `data` body without a target
+      type first (`Request.json()`), and msgspec raises `RecursionError` for a document nested a thousand levels
+      deep; Litestar catches only `DecodeError`.
+    - A body that ends early (`IncompleteBodyError`): 400, not 500. The server reports a truncated body or a
+      malformed chunked encoding as `http.disconnect`, which Litestar's `stream()` raises as a 500 ("client
+      disconnected prematurely").
     """
 
     async def stream(self) -> AsyncGenerator[bytes, None]:
@@ -93,7 +101,13 @@ class BoundedRequest(Request[Any, Any, Any]):
             ) from None
 
     async def json(self) -> Any:
-        """The decoded JSON body (400 when nested too deeply)."""
+        """The decoded JSON body: 415 when it is declared as something else, 400 when nested too deeply.
+
+        A body without a `Content-Type` is read as JSON.
+        """
+        media_type = self.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if media_type and media_type != "application/json" and not media_type.endswith("+json"):
+            raise UnsupportedMediaTypeError("send the body as application/json")
         try:
             return await super().json()
         except RecursionError:

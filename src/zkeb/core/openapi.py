@@ -280,6 +280,8 @@ def complete_openapi(schema: dict[str, Any], app: Litestar) -> dict[str, Any]:
             statuses = list(_PUBLIC if is_public else _SECURED)
             if path.startswith("/api/v1/uploads") or (path == "/api/v1/backups" and method == "post"):
                 statuses.extend(_UPLOAD_EXTRA)
+            elif "requestBody" in operation:  # a JSON body declared as another content type
+                statuses.append("415")
             for status in statuses:
                 current = responses.get(status)
                 if current is None or "application/problem+json" not in current.get("content", {}):

@@ -163,6 +163,34 @@ async def test_json_nested_past_the_decoders_depth_is_400_everywhere(
     assert await table_snapshot(owner_connection) == before
 
 
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "application/msgpack"])
+async def test_a_json_body_declared_as_another_content_type_is_415_everywhere(
+    client: Client, settings: Settings, owner_connection: asyncpg.Connection, content_type: str
+) -> None:
+    _, admin_key = await create_org(settings, "acme")
+    project = await create_project(client, admin_key, "p")
+    before = await table_snapshot(owner_connection)
+    body = b'{"name": "x"}'
+    requests = [
+        ("POST", "/api/v1/auth/token", {}),  # no credential needed
+        ("POST", "/api/v1/projects", auth(admin_key)),
+        ("PATCH", f"/api/v1/projects/{project['id']}", auth(admin_key)),
+        ("POST", f"/api/v1/projects/{project['id']}/devices", auth(admin_key)),
+        ("POST", f"/api/v1/projects/{project['id']}/api-keys", auth(admin_key)),
+    ]
+    for method, path, headers in requests:
+        response = await client.request(method, path, content=body, headers={**headers, "Content-Type": content_type})
+        assert response.status_code == 415, (method, path, response.text)
+        assert "application/json" in problem(response)["detail"]
+    assert await table_snapshot(owner_connection) == before
+    # JSON under a structured-syntax suffix, or with no Content-Type at all, is read as JSON.
+    for name, headers in (("suffixed", {"Content-Type": "application/vnd.zkeb+json"}), ("undeclared", {})):
+        created = await client.post(
+            "/api/v1/projects", content=f'{{"name": "{name}"}}'.encode(), headers={**auth(admin_key), **headers}
+        )
+        assert created.status_code == 201, created.text
+
+
 async def test_projects_are_listed_oldest_first_by_keyset_cursor(client: Client, settings: Settings) -> None:
     _, admin_key = await create_org(settings, "acme")
     _, other_key = await create_org(settings, "other")

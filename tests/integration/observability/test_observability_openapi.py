@@ -58,6 +58,8 @@ async def test_every_operation_is_described_tagged_secured_and_lists_its_problem
             assert "application/problem+json" in responses[status]["content"], where
         if operation["security"]:
             assert "application/problem+json" in responses["401"]["content"], where
+        if "requestBody" in operation:
+            assert "application/problem+json" in responses["415"]["content"], where
     public = {path for method, path, op in operations if not op["security"]}
     assert {"/api/health/live", "/api/version", "/api/v1/auth/token"} <= public
     assert "/api/v1/backups" not in public

@@ -23,7 +23,7 @@ from opentelemetry import trace
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from zkeb.core.auth import Principal, principal_of, requires_backup_access, requires_org_admin
-from zkeb.core.errors import ProblemError
+from zkeb.core.errors import ProblemError, UnsupportedMediaTypeError
 from zkeb.db.models import Backup
 from zkeb.domain.backups.context import backups_context
 from zkeb.domain.backups.lifecycle import LifecycleService
@@ -76,12 +76,6 @@ def _payload_headers(backup: Backup) -> tuple[str, dict[str, str]]:
         "Content-Disposition": f'attachment; filename="{backup.id}.bin"',
         "Accept-Ranges": "bytes",
     }
-
-
-class UnsupportedMediaTypeError(ProblemError):
-    """The body's content type is not one this endpoint reads."""
-
-    status_code: int = 415
 
 
 class PayloadRangeError(ProblemError):
