@@ -253,6 +253,16 @@ def _handlers(app: Litestar) -> dict[tuple[str, str], Any]:
     return found
 
 
+def _problem_statuses(method: str, path: str, operation: dict[str, Any], *, public: bool) -> list[str]:
+    """The problem+json statuses an operation can answer."""
+    statuses = list(_PUBLIC if public else _SECURED)
+    if path.startswith("/api/v1/uploads") or (path == "/api/v1/backups" and method == "post"):
+        statuses.extend(_UPLOAD_EXTRA)
+    elif "requestBody" in operation:  # a JSON body declared as another content type
+        statuses.append("415")
+    return statuses
+
+
 def complete_openapi(schema: dict[str, Any], app: Litestar) -> dict[str, Any]:
     """A copy of Litestar's `schema` completed as the module docstring describes."""
     document = copy.deepcopy(schema)
@@ -277,12 +287,7 @@ def complete_openapi(schema: dict[str, Any], app: Litestar) -> dict[str, Any]:
             if not operation.get("description") and handler is not None and getattr(handler.fn, "__doc__", None):
                 operation["description"] = handler.fn.__doc__.strip().split("\n\n")[0]
             responses = operation.setdefault("responses", {})
-            statuses = list(_PUBLIC if is_public else _SECURED)
-            if path.startswith("/api/v1/uploads") or (path == "/api/v1/backups" and method == "post"):
-                statuses.extend(_UPLOAD_EXTRA)
-            elif "requestBody" in operation:  # a JSON body declared as another content type
-                statuses.append("415")
-            for status in statuses:
+            for status in _problem_statuses(method, path, operation, public=is_public):
                 current = responses.get(status)
                 if current is None or "application/problem+json" not in current.get("content", {}):
                     responses[status] = _problem_response(status)
