@@ -266,6 +266,8 @@ def _load_secrets(reader: _EnvReader, data_dir: Path, *, production: bool) -> Se
         stored = _dev_secrets(data_dir)
         generated = True
         values = {name: value or stored[name] for name, value in values.items()}
+    if production:
+        _refuse_weak_secrets(reader)
     return Secrets(
         master_key=values["ZKEB_MASTER_ENCRYPTION_KEY"] or "",
         master_key_new=reader.optional("ZKEB_MASTER_ENCRYPTION_KEY_NEW"),
@@ -275,6 +277,20 @@ def _load_secrets(reader: _EnvReader, data_dir: Path, *, production: bool) -> Se
         api_key_salt_new=reader.optional("API_KEY_SALT_NEW"),
         generated_dev_secrets=generated,
     )
+
+
+#: Shortest production value of each HMAC secret, in characters: RFC 7518 §3.2 asks HS256 keys for 256 bits, and the
+#: documented `openssl rand -base64 32` gives 44 characters.
+_MINIMUM_SECRET_LENGTHS = {"JWT_SECRET": 32, "JWT_SECRET_NEW": 32, "API_KEY_SALT": 16, "API_KEY_SALT_NEW": 16}
+
+
+def _refuse_weak_secrets(reader: _EnvReader) -> None:
+    """In production, refuse HMAC secrets short enough to guess (a one-byte JWT secret lets anyone mint tokens)."""
+    for name, minimum in _MINIMUM_SECRET_LENGTHS.items():
+        value = reader.optional(name)
+        if value is not None and len(value) < minimum:
+            msg = f"{name} must be at least {minimum} characters in production (e.g. `openssl rand -base64 32`)"
+            raise SettingsError(msg)
 
 
 def _dev_secrets(data_dir: Path) -> dict[str, str]:
