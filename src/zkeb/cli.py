@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Callable
 from functools import wraps
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 from uuid import UUID
 
 import click
@@ -49,14 +49,44 @@ def _database_url(settings: Settings) -> str:
 
 
 def _friendly_errors(func: F) -> F:
+    """One line instead of a traceback when the database cannot be reached or refuses the connection."""
+
     @wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from advanced_alchemy.exceptions import AdvancedAlchemyError  # noqa: PLC0415 - slow imports, only when used
+        from asyncpg import PostgresError  # noqa: PLC0415
+        from sqlalchemy.exc import SQLAlchemyError  # noqa: PLC0415
+
         try:
             return func(*args, **kwargs)
         except OSError as exc:
             raise click.ClickException(f"cannot reach the database: {exc.strerror or exc}") from None
+        except (SQLAlchemyError, AdvancedAlchemyError, PostgresError) as exc:
+            raise click.ClickException(_explain_database_error(exc)) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _explain_database_error(exc: BaseException) -> str:
+    """One line naming what went wrong, from the driver's error at the root of the chain (no SQL, no values)."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and len(chain) < 10:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    names = {type(error).__name__ for error in chain}
+    root = chain[-1]
+    # asyncpg's login errors name the database or role (`database "x" does not exist`), never a password.
+    refusal = str(root).strip().splitlines()[0] if str(root).strip() else type(root).__name__
+    if {"UndefinedTableError", "UndefinedFunctionError"} & names:
+        return "the database schema is not migrated: run `zkeb db upgrade` first"
+    if {"InvalidPasswordError", "InvalidAuthorizationSpecificationError"} & names and "zkeb_app" in refusal:
+        return "cannot log in as the runtime role zkeb_app: run `zkeb db upgrade` with the owner's DATABASE_URL"
+    if {"InvalidPasswordError", "InvalidAuthorizationSpecificationError", "InvalidCatalogNameError"} & names:
+        return f"the database refused: {refusal}"
+    if {"ConnectionRefusedError", "CannotConnectNowError", "ConnectionDoesNotExistError"} & names:
+        return "cannot reach the database"
+    return f"database error ({type(root).__name__})"
 
 
 @click.group()
@@ -124,7 +154,8 @@ def upgrade(revision: str) -> None:
     from zkeb.core.migrations import run_alembic  # noqa: PLC0415
 
     settings = _load_settings()
-    run_alembic(settings, _database_url(settings), "upgrade", revision)
+    url = _database_url(settings)
+    _report_revision(settings, url, lambda: run_alembic(settings, url, "upgrade", revision))
 
 
 @db.command()
@@ -135,7 +166,8 @@ def downgrade(revision: str) -> None:
     from zkeb.core.migrations import run_alembic  # noqa: PLC0415
 
     settings = _load_settings()
-    run_alembic(settings, _database_url(settings), "downgrade", revision)
+    url = _database_url(settings)
+    _report_revision(settings, url, lambda: run_alembic(settings, url, "downgrade", revision))
 
 
 @db.command()
@@ -149,12 +181,26 @@ def current() -> None:
 
 
 @db.command()
+@_friendly_errors
 def history() -> None:
-    """List the migrations."""
+    """List the migrations (marking the database's current one when DATABASE_URL is set)."""
     from zkeb.core.migrations import run_alembic  # noqa: PLC0415
 
     settings = _load_settings()
-    run_alembic(settings, _database_url(settings), "history", None, True, True)
+    # Without DATABASE_URL, list them from disk: no embedded server to start just to read files.
+    url = settings.database_url or "postgresql+asyncpg://unused/unused"
+    run_alembic(settings, url, "history", None, True, settings.database_url is not None)
+
+
+def _report_revision(settings: Settings, url: str, change: Callable[[], None]) -> None:
+    """Run a schema change and say where it left the schema (for a pre-deploy log)."""
+    from zkeb.core.migrations import database_revision  # noqa: PLC0415
+
+    before = asyncio.run(database_revision(settings, url))
+    change()
+    after = asyncio.run(database_revision(settings, url))
+    moved = f"from {before or 'an empty database'} to {after or 'no schema'}" if after != before else "unchanged"
+    click.echo(f"database schema at revision {after or '(none)'}: {moved}", err=True)
 
 
 @db.command()
@@ -199,41 +245,18 @@ def admin() -> None:
 
 
 def _admin_errors(func: F) -> F:
-    """Turn database failures of an admin command into one clear line on stderr (exit status 1)."""
+    """Turn refusals and database failures of an admin command into one clear line on stderr (exit status 1)."""
 
     @wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from advanced_alchemy.exceptions import AdvancedAlchemyError  # noqa: PLC0415
-        from sqlalchemy.exc import SQLAlchemyError  # noqa: PLC0415
-
         from zkeb.core.errors import ProblemError  # noqa: PLC0415
 
         try:
             return func(*args, **kwargs)
         except ProblemError as exc:
             raise click.ClickException(str(exc.detail)) from None
-        except (SQLAlchemyError, AdvancedAlchemyError) as exc:
-            raise click.ClickException(_explain_database_error(exc)) from None
-        except OSError as exc:
-            raise click.ClickException(f"cannot reach the database: {exc.strerror or exc}") from None
 
-    return wrapper  # type: ignore[return-value]
-
-
-def _explain_database_error(exc: BaseException) -> str:
-    """One line naming what went wrong, from the driver's error at the root of the chain (no SQL, no values)."""
-    names: list[str] = []
-    current: BaseException | None = exc
-    while current is not None and len(names) < 10:
-        names.append(type(current).__name__)
-        current = current.__cause__ or current.__context__
-    if {"UndefinedTableError", "UndefinedFunctionError"} & set(names):
-        return "the database schema is not migrated: run `zkeb db upgrade` first"
-    if {"InvalidPasswordError", "InvalidAuthorizationSpecificationError"} & set(names):
-        return "cannot log in as the runtime role zkeb_app: run `zkeb db upgrade` with the owner's DATABASE_URL"
-    if {"ConnectionRefusedError", "CannotConnectNowError", "ConnectionDoesNotExistError"} & set(names):
-        return "cannot reach the database"
-    return f"database error ({names[-1]})"
+    return _friendly_errors(cast("F", wrapper))
 
 
 def _validated_name(name: str, param_hint: str) -> str:

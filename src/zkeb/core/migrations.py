@@ -27,7 +27,9 @@ from zkeb.settings import Settings, normalize_database_url
 __all__ = (
     "alembic_commands",
     "current_revision",
+    "database_revision",
     "head_revision",
+    "known_revisions",
     "provision_runtime_login",
     "run_alembic",
     "start_embedded_postgres",
@@ -61,12 +63,16 @@ def alembic_commands(settings: Settings, url: str) -> AlembicCommands:
 def run_alembic(settings: Settings, url: str, command: str, *args: Any) -> None:
     """Run an Alembic command in a fresh thread (Alembic's env runs its own event loop).
 
-    After an upgrade, the runtime role is (re)provisioned so the app can log in as it.
+    After an upgrade, the runtime role is (re)provisioned so the app can log in as it. An upgrade of a database
+    that a later release already migrated (its revision is unknown here, e.g. after a rollback) changes nothing:
+    migrations are expand-only, so this release runs on the newer schema (a warning says so).
     """
     errors: list[BaseException] = []
 
     def target() -> None:
         try:
+            if command == "upgrade" and _ahead_of_this_release(asyncio.run(database_revision(settings, url))):
+                return
             getattr(alembic_commands(settings, url), command)(*args)
             if command == "upgrade":
                 asyncio.run(provision_runtime_login(settings, url))
@@ -98,6 +104,34 @@ def head_revision() -> str | None:
     """The newest revision in `db/migrations` (read from disk, no database needed)."""
     script = ScriptDirectory(str(migrations_dir()))
     return script.get_current_head()
+
+
+def known_revisions() -> frozenset[str]:
+    """Every revision in `db/migrations`: a database at any other one was migrated by a later release."""
+    script = ScriptDirectory(str(migrations_dir()))
+    return frozenset(revision.revision for revision in script.walk_revisions())
+
+
+def _ahead_of_this_release(revision: str | None) -> bool:
+    if revision is None or revision in known_revisions():
+        return False
+    logger.warning(
+        "the database schema is at revision %s, which this release does not know (its head is %s): a later release "
+        "migrated it; nothing to upgrade (migrations are expand-only, so this release runs on it)",
+        revision,
+        head_revision(),
+    )
+    return True
+
+
+async def database_revision(settings: Settings, url: str) -> str | None:
+    """The revision the database at `url` is at (None before the first migration), read as the schema owner."""
+    engine = create_owner_engine(settings, url)
+    try:
+        async with engine.connect() as connection:
+            return await current_revision(connection)
+    finally:
+        await engine.dispose()
 
 
 async def current_revision(connection: AsyncConnection) -> str | None:

@@ -13,7 +13,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from zkeb.core.database import check_runtime_role
-from zkeb.core.migrations import head_revision, provision_runtime_login, run_alembic
+from zkeb.core.migrations import head_revision, known_revisions, provision_runtime_login, run_alembic
 from zkeb.settings import Settings
 
 __all__ = ("Runtime", "get_runtime")
@@ -30,6 +30,8 @@ class Runtime:
     engine: AsyncEngine
     redis: Redis | None
     schema_head: str | None = field(default_factory=head_revision)
+    #: Every revision this release's migrations know; a database at another one is ahead of it.
+    schema_revisions: frozenset[str] = field(default_factory=known_revisions)
     started_at: float = field(default_factory=time.monotonic)
     draining: bool = False
     role_checked: bool = False

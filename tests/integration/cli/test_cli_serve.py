@@ -8,10 +8,14 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy.engine import make_url
+
+from zkeb.core.migrations import head_revision
 
 ZKEB = [sys.executable, "-m", "zkeb"]
 
@@ -82,6 +86,8 @@ def test_db_commands_work_against_a_database_url(empty_database_url: str, tmp_pa
     env = _clean_env(DATABASE_URL=empty_database_url, ZKEB_DATA_DIR=str(tmp_path))
     upgrade = subprocess.run([*ZKEB, "db", "upgrade"], env=env, capture_output=True, timeout=120, check=False)
     assert upgrade.returncode == 0, upgrade.stderr.decode()
+    head = head_revision()
+    assert f"database schema at revision {head}: from an empty database to {head}".encode() in upgrade.stderr
     current = subprocess.run([*ZKEB, "db", "current"], env=env, capture_output=True, timeout=60, check=False)
     assert current.returncode == 0
     assert b"(head)" in current.stdout
@@ -91,6 +97,7 @@ def test_db_commands_work_against_a_database_url(empty_database_url: str, tmp_pa
     assert b"(current)" in history.stdout
     down = subprocess.run([*ZKEB, "db", "downgrade", "base"], env=env, capture_output=True, timeout=120, check=False)
     assert down.returncode == 0, down.stderr.decode()
+    assert f"database schema at revision (none): from {head} to no schema".encode() in down.stderr
 
 
 def test_unreachable_database_is_a_clear_error_not_a_traceback(tmp_path: Path) -> None:
@@ -99,3 +106,26 @@ def test_unreachable_database_is_a_clear_error_not_a_traceback(tmp_path: Path) -
     assert result.returncode != 0
     assert b"cannot reach the database" in result.stderr
     assert b"Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "command", [("db", "upgrade"), ("db", "current"), ("db", "history"), ("admin", "create-org", "x")]
+)
+def test_a_database_that_refuses_the_connection_is_one_line_not_a_traceback(
+    pg_server_url: str, tmp_path: Path, command: tuple[str, ...]
+) -> None:
+    missing = make_url(pg_server_url).set(database=f"zkeb_missing_{uuid.uuid4().hex[:8]}").render_as_string(False)
+    env = _clean_env(DATABASE_URL=missing, ZKEB_DATA_DIR=str(tmp_path))
+    result = subprocess.run([*ZKEB, *command], env=env, capture_output=True, timeout=60, check=False)
+    assert result.returncode == 1
+    assert b"the database refused: database" in result.stderr
+    assert b"does not exist" in result.stderr
+    assert b"Traceback" not in result.stderr
+
+
+def test_history_without_a_database_lists_the_migrations_from_disk(tmp_path: Path) -> None:
+    env = _clean_env(ZKEB_DATA_DIR=str(tmp_path))
+    result = subprocess.run([*ZKEB, "db", "history"], env=env, capture_output=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr.decode()
+    assert f"Rev: {head_revision()} (head)".encode() in result.stdout
+    assert not (tmp_path / "pgdata").exists()  # no embedded server started to read files

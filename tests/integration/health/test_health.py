@@ -12,7 +12,7 @@ from litestar.testing import AsyncTestClient
 from sqlalchemy.engine import make_url
 
 from zkeb.app import create_app
-from zkeb.core.migrations import head_revision
+from zkeb.core.migrations import head_revision, known_revisions, run_alembic
 from zkeb.core.runtime import get_runtime
 
 from support import make_settings, problem
@@ -145,10 +145,30 @@ async def test_database_going_away_and_coming_back(
 async def test_schema_behind_the_code_is_not_ready(
     client: AsyncTestClient[Litestar], owner_connection: asyncpg.Connection
 ) -> None:
-    await owner_connection.execute("UPDATE alembic_version SET version_num = '0000'")
+    older = sorted(known_revisions() - {head_revision()})[0]
+    await owner_connection.execute("UPDATE alembic_version SET version_num = $1", older)
     response = await client.get("/api/health/ready")
     assert response.status_code == 503
-    assert "migration head" in response.json()["reasons"][0]
+    assert "behind this release's migrations" in response.json()["reasons"][0]
+
+
+async def test_schema_ahead_of_the_code_is_ready_so_a_rollback_deploys(
+    client: AsyncTestClient[Litestar],
+    owner_connection: asyncpg.Connection,
+    base_settings_env: dict[str, str],
+    database_url: str,
+) -> None:
+    # A later release migrated the database (a revision this code does not know), then was rolled back: migrations
+    # are expand-only, so this release serves, and its pre-deploy `zkeb db upgrade` leaves the schema alone.
+    await owner_connection.execute("UPDATE alembic_version SET version_num = 'f00d'")
+    ready = await client.get("/api/health/ready")
+    assert ready.status_code == 200, ready.text
+    health = (await client.get("/api/health")).json()
+    assert health["checks"]["database"]["status"] == "healthy"
+    assert "ahead of this release's migrations" in health["checks"]["database"]["detail"]
+    settings = make_settings(base_settings_env, DATABASE_URL=database_url)
+    await asyncio.to_thread(run_alembic, settings, database_url, "upgrade", "head")
+    assert await owner_connection.fetchval("SELECT version_num FROM alembic_version") == "f00d"
 
 
 async def test_draining_server_is_not_ready(app: Litestar, client: AsyncTestClient[Litestar]) -> None:

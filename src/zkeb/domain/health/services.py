@@ -46,9 +46,15 @@ class HealthService:
             pool_size=pool_stats[0],
             pool_checked_out=pool_stats[1],
         )
-        if revision != head:
+        if revision == head:
+            return check
+        if revision is not None and revision not in self.runtime.schema_revisions:
+            # Migrated by a later release (this one was rolled back to, or is still draining while the next one
+            # deploys): migrations are expand-only, so this release keeps working on it.
+            check.detail = "database schema is ahead of this release's migrations (a later release migrated it)"
+        else:
             check.status = "unhealthy"
-            check.detail = "database schema is not at the code's migration head"
+            check.detail = "database schema is behind this release's migrations: run `zkeb db upgrade`"
         return check
 
     async def redis(self) -> DependencyCheck:
