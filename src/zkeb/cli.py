@@ -116,6 +116,7 @@ def serve(host: str | None, port: int | None, workers: int | None) -> None:
     from zkeb.core.migrations import run_alembic  # noqa: PLC0415
 
     configure_logging(settings.log_level, log_format(settings.env))
+    _preflight(settings)
     _warn_dev_secrets(settings)
     url = _database_url(settings)
     if settings.auto_migrate:
@@ -139,6 +140,18 @@ def serve(host: str | None, port: int | None, workers: int | None) -> None:
     )
     click.echo(f"ZKEB listening on http://{host or settings.host}:{port or settings.port}", err=True)
     server.serve()
+
+
+def _preflight(settings: Settings) -> None:
+    """Check here, once, the configuration each worker reads at start: a bad value would crash-loop the workers."""
+    from zkeb.core.telemetry import TracingConfig  # noqa: PLC0415
+    from zkeb.domain.backups.context import build_keyring  # noqa: PLC0415
+
+    try:
+        build_keyring(settings)
+        TracingConfig.from_env()
+    except SettingsError as exc:
+        raise click.ClickException(f"configuration error: {exc}") from None
 
 
 @main.group()

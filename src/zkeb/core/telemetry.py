@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
@@ -60,7 +61,7 @@ from opentelemetry.trace import (
     format_span_id,
     format_trace_id,
 )
-from opentelemetry.util.http import ExcludeList, get_excluded_urls
+from opentelemetry.util.http import ExcludeList, get_excluded_urls, parse_excluded_urls
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -124,7 +125,50 @@ class TracingConfig:
         if protocol not in _PROTOCOLS:
             msg = f"{protocol_var} must be http/protobuf or grpc (got {protocol!r})"
             raise SettingsError(msg)
-        return cls(exporters=tuple(n for n in names if n != "none"), protocol=protocol)
+        config = cls(exporters=tuple(n for n in names if n != "none"), protocol=protocol)
+        if config.enabled:
+            _check_sampler(env)
+            _check_excluded_urls(env)
+        return config
+
+
+#: The samplers the SDK builds from `OTEL_TRACES_SAMPLER` (any other name falls back, with a warning, to sampling
+#: every request: the costly mode, see docs/observability.md).
+_SAMPLERS = frozenset(
+    {
+        "always_on",
+        "always_off",
+        "traceidratio",
+        "parentbased_always_on",
+        "parentbased_always_off",
+        "parentbased_traceidratio",
+    }
+)
+
+
+def _check_sampler(env: Mapping[str, str]) -> None:
+    sampler = env.get("OTEL_TRACES_SAMPLER", "").strip().lower()
+    if sampler and sampler not in _SAMPLERS:
+        msg = f"OTEL_TRACES_SAMPLER must be one of {', '.join(sorted(_SAMPLERS))} (got {sampler!r})"
+        raise SettingsError(msg)
+    raw = env.get("OTEL_TRACES_SAMPLER_ARG", "").strip()
+    if sampler.endswith("traceidratio") and raw:  # unset: the SDK's default ratio, 1.0
+        try:
+            ratio = float(raw)
+        except ValueError:
+            ratio = -1.0
+        if not 0.0 <= ratio <= 1.0:
+            msg = f"OTEL_TRACES_SAMPLER_ARG must be a ratio between 0 and 1 for {sampler} (got {raw!r})"
+            raise SettingsError(msg)
+
+
+def _check_excluded_urls(env: Mapping[str, str]) -> None:
+    for name in ("OTEL_PYTHON_LITESTAR_EXCLUDED_URLS", "OTEL_PYTHON_EXCLUDED_URLS"):
+        try:
+            parse_excluded_urls(env.get(name, ""))  # as the middleware will, so a bad pattern fails here, once
+        except re.error as exc:
+            msg = f"{name} must be comma-separated regular expressions ({exc})"
+            raise SettingsError(msg) from None
 
 
 _ENDPOINT_VARS = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")

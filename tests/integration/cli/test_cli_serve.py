@@ -129,3 +129,23 @@ def test_history_without_a_database_lists_the_migrations_from_disk(tmp_path: Pat
     assert result.returncode == 0, result.stderr.decode()
     assert f"Rev: {head_revision()} (head)".encode() in result.stdout
     assert not (tmp_path / "pgdata").exists()  # no embedded server started to read files
+
+
+@pytest.mark.parametrize(
+    ("variables", "named"),
+    [
+        ({"OTEL_TRACES_EXPORTER": "bogus"}, "OTEL_TRACES_EXPORTER"),
+        ({"OTEL_TRACES_EXPORTER": "console", "OTEL_PYTHON_EXCLUDED_URLS": "["}, "OTEL_PYTHON_EXCLUDED_URLS"),
+        ({"ZKEB_MASTER_ENCRYPTION_KEY": "short"}, "ZKEB_MASTER_ENCRYPTION_KEY"),
+    ],
+)
+def test_serve_refuses_what_its_workers_would_crash_on_in_one_line(
+    tmp_path: Path, variables: dict[str, str], named: str
+) -> None:
+    # Checked before any worker starts: each worker would otherwise fail at start, be respawned, and crash-loop.
+    env = _clean_env(ZKEB_DATA_DIR=str(tmp_path), DATABASE_URL="postgresql://postgres@127.0.0.1:1/x", **variables)
+    result = subprocess.run([*ZKEB, "serve"], env=env, capture_output=True, timeout=60, check=False)
+    assert result.returncode == 1
+    assert f"Error: configuration error: {named}".encode() in result.stderr
+    assert b"Traceback" not in result.stderr
+    assert b"listening" not in result.stderr

@@ -47,11 +47,36 @@ def test_tracing_is_configured_only_by_the_standard_variables(
     [
         ({"OTEL_TRACES_EXPORTER": "zipkin"}, "OTEL_TRACES_EXPORTER"),
         ({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"}, "OTEL_EXPORTER_OTLP_PROTOCOL"),
+        # The SDK would fall back to sampling every request, with only a warning.
+        ({"OTEL_TRACES_EXPORTER": "console", "OTEL_TRACES_SAMPLER": "nope"}, "OTEL_TRACES_SAMPLER"),
+        (
+            {
+                "OTEL_TRACES_EXPORTER": "console",
+                "OTEL_TRACES_SAMPLER": "traceidratio",
+                "OTEL_TRACES_SAMPLER_ARG": "1/10",
+            },
+            "OTEL_TRACES_SAMPLER_ARG",
+        ),
+        (
+            {"OTEL_TRACES_EXPORTER": "console", "OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "2"},
+            "OTEL_TRACES_SAMPLER_ARG",
+        ),
+        # Every worker would fail on it at start, in a crash loop.
+        ({"OTEL_TRACES_EXPORTER": "console", "OTEL_PYTHON_EXCLUDED_URLS": "["}, "OTEL_PYTHON_EXCLUDED_URLS"),
+        ({"OTEL_TRACES_EXPORTER": "console", "OTEL_PYTHON_LITESTAR_EXCLUDED_URLS": "a,("}, "LITESTAR_EXCLUDED_URLS"),
     ],
 )
 def test_unsupported_tracing_settings_are_refused_naming_the_variable(environ: dict[str, str], variable: str) -> None:
     with pytest.raises(SettingsError, match=variable):
         TracingConfig.from_env(environ)
+
+
+def test_valid_sampler_and_exclusions_are_accepted_and_unchecked_while_tracing_is_off() -> None:
+    sampled = {"OTEL_TRACES_SAMPLER": "ParentBased_TraceIdRatio", "OTEL_TRACES_SAMPLER_ARG": "0.1"}
+    excluded = {"OTEL_PYTHON_EXCLUDED_URLS": "/api/health/,^/metrics$"}
+    assert TracingConfig.from_env({"OTEL_TRACES_EXPORTER": "console", **sampled, **excluded}).enabled
+    assert TracingConfig.from_env({"OTEL_TRACES_EXPORTER": "console", "OTEL_TRACES_SAMPLER": "traceidratio"}).enabled
+    assert not TracingConfig.from_env({"OTEL_TRACES_SAMPLER": "nope", "OTEL_PYTHON_EXCLUDED_URLS": "["}).enabled
 
 
 def _record(message: str, *args: object, **extra: object) -> logging.LogRecord:
