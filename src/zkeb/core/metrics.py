@@ -63,6 +63,7 @@ from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import QueuePool
 
+from zkeb.core.auth import bearer_credential
 from zkeb.core.errors import NotFoundError
 from zkeb.core.logging import AccessRecord
 from zkeb.core.runtime import get_runtime
@@ -245,8 +246,8 @@ async def _refresh_database_gauges(engine: AsyncEngine) -> None:
 
 
 def _bearer_matches(request: Request[Any, Any, Any], token: str) -> bool:
-    scheme, _, credential = request.headers.get("authorization", "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(credential.strip().encode(), token.encode())
+    credential = bearer_credential(request.headers.get("authorization", ""))
+    return credential is not None and hmac.compare_digest(credential.encode(), token.encode())
 
 
 class MetricsController(Controller):
@@ -289,14 +290,18 @@ def _watch_pool(engine: AsyncEngine) -> None:
     DB_POOL_SIZE.set(pool.size())
     DB_POOL_MAX.set(pool.size())
 
-    def update(*_: Any) -> None:
+    def checked_out(*_: Any) -> None:
         DB_POOL_IN_USE.set(pool.checkedout())
+
+    def checked_in(*_: Any) -> None:
+        # SQLAlchemy fires `checkin` before the connection is back in the pool: it still counts as checked out.
+        DB_POOL_IN_USE.set(max(pool.checkedout() - 1, 0))
 
     def opened(*_: Any) -> None:
         DB_CONNECTIONS_OPENED.inc()
 
-    event.listen(pool, "checkout", update)
-    event.listen(pool, "checkin", update)
+    event.listen(pool, "checkout", checked_out)
+    event.listen(pool, "checkin", checked_in)
     event.listen(pool, "connect", opened)
 
 

@@ -13,6 +13,7 @@ from observability_support import auth, create_org, create_project_key, enroll_d
 from prometheus_client.parser import text_string_to_metric_families
 
 from zkeb.app import create_app
+from zkeb.core.runtime import get_runtime
 
 from support import make_settings, problem
 
@@ -95,6 +96,20 @@ async def test_request_counters_latency_and_pool_gauges_move_as_requests_happen(
     assert ("zkeb_tus_sessions_open", ()) in after
     for name in ("zkeb_backup_bytes_uploaded_total", "zkeb_backup_bytes_restored_total"):
         assert (name, ()) in after
+
+
+async def test_the_pool_in_use_gauge_counts_connections_actually_checked_out(
+    metrics_client: AsyncTestClient[Litestar],
+) -> None:
+    # It read 1 on an idle server (SQLAlchemy's checkin event fires before the connection is back in the pool):
+    # with DB_POOL_SIZE=1 the pool-saturation alert would never clear.
+    assert isinstance(metrics_client.app, Litestar)
+    engine = get_runtime(metrics_client.app.state).engine
+    assert (await metrics_client.get("/api/health/db")).status_code == 200
+    assert _value(await _scrape(metrics_client), "zkeb_db_pool_connections_in_use") == 0
+    with metrics_client.blocking_portal.wrap_async_context_manager(engine.connect()):
+        assert _value(await _scrape(metrics_client), "zkeb_db_pool_connections_in_use") == 1
+    assert _value(await _scrape(metrics_client), "zkeb_db_pool_connections_in_use") == 0
 
 
 async def test_backup_counters_move_as_a_backup_is_uploaded_refused_and_restored(
