@@ -173,13 +173,21 @@ async def test_keys_hashed_under_the_old_salt_keep_working_through_a_salt_rotati
     stored = await owner_connection.fetchval("SELECT key_hash FROM api_keys WHERE id = $1", uuid.UUID(old_key["id"]))
     assert bytes(stored) == hash_api_key(OLD_SALT, old_key["key"])
 
+    # A use just before the stage deploy: `last_used_at` is not rewritten for another minute by plain uses.
+    async with AsyncTestClient(app=create_app(before)) as client:
+        assert (await client.get(f"/api/v1/projects/{project['id']}", headers=auth(old_key["key"]))).status_code == 200
+    used_before = await owner_connection.fetchval(
+        "SELECT last_used_at FROM api_keys WHERE id = $1", uuid.UUID(old_key["id"])
+    )
+
     async with AsyncTestClient(app=create_app(during)) as client:
         assert (await client.get(f"/api/v1/projects/{project['id']}", headers=auth(old_key["key"]))).status_code == 200
-        # Used once under rotation: re-hashed under the new salt.
-        stored = await owner_connection.fetchval(
-            "SELECT key_hash FROM api_keys WHERE id = $1", uuid.UUID(old_key["id"])
+        # Used once under rotation: re-hashed under the new salt, and the use recorded (how operators tell).
+        stored, used = await owner_connection.fetchrow(
+            "SELECT key_hash, last_used_at FROM api_keys WHERE id = $1", uuid.UUID(old_key["id"])
         )
         assert bytes(stored) == hash_api_key(NEW_SALT, old_key["key"])
+        assert used > used_before
         # Keys issued during rotation are hashed under the new salt straight away.
         fresh = await _new_key(client, admin_key, project["id"], "fresh")
         stored = await owner_connection.fetchval("SELECT key_hash FROM api_keys WHERE id = $1", uuid.UUID(fresh["id"]))

@@ -44,7 +44,10 @@ AUTH_EXCLUDED_PATHS = ("^/api/health", "^/api/version", "^/schema", "^/api/v1/au
 LAST_USED_INTERVAL_SECONDS = 60.0
 _LAST_USED_MEMORY = 10_000
 _FIND_KEYS = text("SELECT id, organization_id, project_id, kind, key_hash, revoked_at FROM zkeb_find_api_keys(:prefix)")
-_REHASH = text("UPDATE api_keys SET key_hash = :key_hash, salt_generation = 'current' WHERE id = :id")
+#: A re-hash always records the use too: `last_used_at` after the stage deploy is how operators tell it happened.
+_REHASH = text(
+    "UPDATE api_keys SET key_hash = :key_hash, salt_generation = 'current', last_used_at = now() WHERE id = :id"
+)
 _TOUCH = text(
     "UPDATE api_keys SET last_used_at = now() "
     "WHERE id = :id AND (last_used_at IS NULL OR last_used_at < now() - make_interval(secs => :interval))"
@@ -115,7 +118,8 @@ async def _authenticate_api_key(runtime: Runtime, key: str) -> Principal:
             async with tenant_transaction(runtime.engine, row.organization_id) as connection:
                 if rehash:
                     await connection.execute(_REHASH, {"key_hash": hash_api_key(salts[0], key), "id": row.id})
-                await connection.execute(_TOUCH, {"id": row.id, "interval": LAST_USED_INTERVAL_SECONDS})
+                else:
+                    await connection.execute(_TOUCH, {"id": row.id, "interval": LAST_USED_INTERVAL_SECONDS})
         return Principal(
             kind=kind,
             organization_id=row.organization_id,
