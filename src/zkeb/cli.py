@@ -520,7 +520,10 @@ def _keyring(settings: Settings) -> Any:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @_admin_errors
 def keys_status(*, as_json: bool) -> None:
-    """Show the configured master key ids and how many data keys remain under each (never a key itself)."""
+    """Show the configured master key ids and how many data keys remain under each (never a key itself).
+
+    Exits 1 when some data keys are under a master key that is not configured (their payloads cannot be restored).
+    """
     settings = _load_settings()
     keyring = _keyring(settings)
     url = _admin_database(settings)
@@ -534,6 +537,8 @@ def keys_status(*, as_json: bool) -> None:
             "unknown_key_ids": status.unknown_key_ids,
         }
         click.echo(json.dumps(body))
+        if status.unknown_key_ids:
+            sys.exit(1)
         return
     names = {key_id: name for name, key_id in status.configured.items()}
     click.echo(f"Active master key: {status.active_key_id} ({names.get(status.active_key_id, '?')})")
@@ -546,6 +551,11 @@ def keys_status(*, as_json: bool) -> None:
         else:
             note = "NOT CONFIGURED: these payloads cannot be decrypted"
         click.echo(f"  {key_id}  {count:>10}  {note}")
+    if status.unknown_key_ids:
+        raise click.ClickException(
+            f"data keys are wrapped with master keys that are not configured ({', '.join(status.unknown_key_ids)}): "
+            "set the key that wrapped them (see docs/key-rotation.md)"
+        )
     if status.remaining == 0:
         click.echo("Every data key is under the active key: the old master key may now be dropped.")
 

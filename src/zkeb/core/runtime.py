@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from litestar.datastructures import State
@@ -35,6 +36,8 @@ class Runtime:
     started_at: float = field(default_factory=time.monotonic)
     draining: bool = False
     role_checked: bool = False
+    #: Domains' own readiness conditions: each answers why this process is not ready, or None.
+    readiness_checks: list[Callable[[], Awaitable[str | None]]] = field(default_factory=list)
 
     async def startup(self) -> None:
         """Migrate when configured to, then refuse to serve unless row-level security cannot be bypassed.

@@ -155,3 +155,37 @@ async def test_keys_status_names_ids_only_and_rotate_without_new_key_changes_not
     assert bad.returncode == 1
     assert "ZKEB_MASTER_ENCRYPTION_KEY_NEW" in bad.stderr
     assert "not-a-key" not in bad.stderr
+
+
+async def test_a_master_key_that_opens_none_of_the_stored_data_keys_is_not_ready_and_keys_status_says_so(
+    base_settings_env: dict[str, str], database_url: str
+) -> None:
+    # A wrong ZKEB_MASTER_ENCRYPTION_KEY (or the old one dropped before `keys rotate` finished) served happily and
+    # answered 503 to every restore: not ready, a deployment with it never takes traffic.
+    old_id = master_key_id(parse_master_key(base_settings_env["ZKEB_MASTER_ENCRYPTION_KEY"], name="old"))
+    before = lifecycle_settings(base_settings_env, database_url)
+    async with app_client(before) as client:
+        tenant = await make_tenant(client, before)
+        await _upload_some(client, tenant, 1)
+        assert (await client.get("/api/health/ready")).status_code == 200
+    wrong = {**base_settings_env, "ZKEB_MASTER_ENCRYPTION_KEY": NEW_KEY}
+    async with app_client(lifecycle_settings(wrong, database_url)) as client:
+        ready = await client.get("/api/health/ready")
+        assert ready.status_code == 503
+        [reason] = ready.json()["reasons"]
+        assert f"wrapped with {old_id}" in reason
+        assert NEW_KEY not in ready.text
+        assert base_settings_env["ZKEB_MASTER_ENCRYPTION_KEY"] not in ready.text
+        assert (await client.get("/api/health/live")).status_code == 200
+    env = {**wrong, "DATABASE_URL": database_url}
+    status = await asyncio.to_thread(_zkeb, env, "keys", "status")
+    assert status.returncode == 1
+    assert f"{old_id}" in status.stdout
+    assert "not configured" in status.stderr
+    as_json = await asyncio.to_thread(_zkeb, env, "keys", "status", "--json")
+    assert as_json.returncode == 1
+    assert json.loads(as_json.stdout)["unknown_key_ids"] == [old_id]
+    # Both keys configured (a rotation's first step): ready again.
+    both = lifecycle_settings(base_settings_env, database_url, ZKEB_MASTER_ENCRYPTION_KEY_NEW=NEW_KEY)
+    async with app_client(both) as client:
+        assert (await client.get("/api/health/ready")).status_code == 200

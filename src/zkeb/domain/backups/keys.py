@@ -28,7 +28,14 @@ from zkeb.db.models import Payload
 from zkeb.lib.atrest import DataKeyUnwrapError, MasterKeyring, master_key_id, unwrap_data_key, wrap_data_key
 from zkeb.settings import Settings
 
-__all__ = ("DEFAULT_ROTATION_BATCH", "KeyRotator", "KeyStatus", "RotationReport", "configured_key_ids")
+__all__ = (
+    "DEFAULT_ROTATION_BATCH",
+    "KeyRotator",
+    "KeyStatus",
+    "RotationReport",
+    "StoredKeysCheck",
+    "configured_key_ids",
+)
 
 logger = logging.getLogger("zkeb.backups.keys")
 
@@ -196,3 +203,59 @@ class KeyRotator:
                 details={"to_key_id": self._keyring.active_id, "count": rewrapped},
                 settings=self._settings,
             )
+
+
+#: How long a readiness probe waits for the stored-keys check before answering "not ready yet".
+_CHECK_WAIT_SECONDS = 1.0
+
+
+class StoredKeysCheck:
+    """Readiness: every master key that wraps a stored data key is configured.
+
+    A wrong `ZKEB_MASTER_ENCRYPTION_KEY` (or one dropped before `zkeb keys rotate` finished) would otherwise serve
+    happily and answer 503 to every restore; not ready, a deployment with it never takes traffic. The check reads
+    the key usage once per process (a scan of the payloads table, in the background), and again after a failure.
+    """
+
+    def __init__(self, engine: AsyncEngine, keyring: MasterKeyring, settings: Settings) -> None:
+        self._rotator = KeyRotator(engine, keyring, settings)
+        self._task: asyncio.Task[list[str] | None] | None = None
+
+    def start(self) -> None:
+        """Begin the check (at start-up, so that the first probe finds it done), or again after it failed."""
+        if self._task is None or (self._task.done() and self._task.result() is None):
+            self._task = asyncio.create_task(self._unknown_key_ids(), name="zkeb-stored-keys-check")
+
+    async def stop(self) -> None:
+        """Cancel a check still running (shutdown)."""
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def __call__(self) -> str | None:
+        """Why this process is not ready, or None."""
+        self.start()
+        assert self._task is not None
+        done, _ = await asyncio.wait({self._task}, timeout=_CHECK_WAIT_SECONDS)
+        if not done:
+            return "master keys: still checking which keys the stored data keys need"
+        unknown = self._task.result()
+        if unknown is None:
+            return "master keys: could not read which keys the stored data keys need"
+        if unknown:
+            return (
+                f"master keys: stored data keys are wrapped with {', '.join(unknown)}, which no configured "
+                "ZKEB_MASTER_ENCRYPTION_KEY[_NEW] is (their payloads cannot be restored; see docs/key-rotation.md)"
+            )
+        return None
+
+    async def _unknown_key_ids(self) -> list[str] | None:
+        """The unconfigured key ids in use; None when the database could not be read (the next probe retries)."""
+        try:
+            unknown = (await self._rotator.status()).unknown_key_ids
+        except Exception as exc:  # noqa: BLE001 - the database is down or flapping: readiness says so already
+            logger.debug("could not read the stored data keys' master key ids", extra={"error": type(exc).__name__})
+            return None
+        if unknown:
+            logger.error("stored data keys are wrapped with unconfigured master keys", extra={"key_ids": unknown})
+        return unknown

@@ -8,6 +8,7 @@ from litestar.plugins import InitPluginProtocol
 from zkeb.core.runtime import Runtime
 from zkeb.domain.backups.context import STATE_KEY, BackupsContext, build_keyring
 from zkeb.domain.backups.controllers import BackupController, ContainerController, ProjectStorageController
+from zkeb.domain.backups.keys import StoredKeysCheck
 from zkeb.domain.backups.maintenance import MaintenanceRunner
 from zkeb.domain.backups.storage import PayloadCrypto
 from zkeb.domain.backups.tus import UploadController
@@ -42,6 +43,14 @@ class BackupsPlugin(InitPluginProtocol):
         app_config.route_handlers.extend(
             [BackupController, ContainerController, ProjectStorageController, UploadController]
         )
+        stored_keys = StoredKeysCheck(runtime.engine, keyring, runtime.settings)
+        runtime.readiness_checks.append(stored_keys)
+
+        async def start_stored_keys_check() -> None:
+            stored_keys.start()
+
+        app_config.on_startup.append(start_stored_keys_check)
+        app_config.on_shutdown.insert(0, stored_keys.stop)
         if self.run_maintenance:
 
             async def start_maintenance() -> None:

@@ -85,4 +85,5 @@ class HealthService:
             return [str(exc)]
         except Exception as exc:  # noqa: BLE001 - a flapping database: not ready yet
             return [f"database: role check failed ({type(exc).__name__})"]
-        return []
+        reasons = [await check() for check in self.runtime.readiness_checks]
+        return [reason for reason in reasons if reason]
