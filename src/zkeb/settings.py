@@ -129,7 +129,8 @@ class Settings:
             redis_url=reader.optional("REDIS_URL"),
             secrets=secrets_,
             max_upload_size=reader.size("MAX_UPLOAD_SIZE", "100MB"),
-            request_timeout_ms=reader.integer("REQUEST_TIMEOUT", 30000, minimum=100),
+            # asyncpg's per-command timeout; shorter than 5 s would cut off legitimate chunk batches and migrations.
+            request_timeout_ms=reader.integer("REQUEST_TIMEOUT", 30000, minimum=5000),
             db_pool_size=reader.integer("DB_POOL_SIZE", 10, minimum=1, maximum=500),
             redis_max_retries=reader.integer("REDIS_MAX_RETRIES", 3, minimum=0, maximum=100),
             enable_rate_limiting=reader.flag("ENABLE_RATE_LIMITING", default=True),
@@ -211,7 +212,8 @@ class _EnvReader:
             msg = f"{name} must be an integer (got {raw!r})"
             raise SettingsError(msg) from None
         if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
-            msg = f"{name} must be between {minimum} and {maximum} (got {value})"
+            bounds = f"at least {minimum}" if maximum is None else f"between {minimum} and {maximum}"
+            msg = f"{name} must be {bounds} (got {value})"
             raise SettingsError(msg)
         return value
 

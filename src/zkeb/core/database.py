@@ -69,7 +69,7 @@ def _connect_args(settings: Settings) -> dict[str, Any]:
     return {
         "server_settings": {"application_name": "zkeb"},
         "timeout": 5,
-        "command_timeout": max(settings.request_timeout_ms / 1000, 5),
+        "command_timeout": settings.request_timeout_ms / 1000,
     }
 
 

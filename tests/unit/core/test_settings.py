@@ -50,6 +50,7 @@ def test_max_upload_size_accepts_human_sizes(tmp_path: Path, value: str, expecte
         ("ZKEB_ENV", "staging"),
         ("DATABASE_URL", "mysql://root@db/zkeb"),
         ("SHUTDOWN_GRACE_SECONDS", "soon"),
+        ("REQUEST_TIMEOUT", "1000"),  # was raised to 5 s without a word
     ],
 )
 def test_invalid_values_are_refused_naming_the_variable(tmp_path: Path, name: str, value: str) -> None:

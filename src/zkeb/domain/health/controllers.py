@@ -52,7 +52,10 @@ class HealthController(Controller):
     @get(
         "/health/ready",
         summary="Readiness",
-        description="503 when the database is unreachable, its schema is behind the code, or the server is draining.",
+        description=(
+            "503 with `reasons` when the database is unreachable, its schema is behind the code, stored data keys "
+            "need a master key that is not configured, or the server is draining."
+        ),
     )
     async def ready(self, state: State) -> Response[Readiness]:
         """Whether a load balancer should route traffic here."""
