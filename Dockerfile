@@ -2,7 +2,7 @@
 # ZKEB API image: uv builds a locked virtualenv, a slim runtime runs `zkeb serve` (granian).
 #   docker build --build-arg VERSION=0.1.0 --build-arg COMMIT="$(git rev-parse HEAD)" \
 #     --build-arg BUILD_DATE="$(date -u +%Y-%m-%dT%H:%M:%SZ)" -t zkeb-api .
-# Base images are pinned by tag; Dependabot/Renovate can add digests (docs/operations.md).
+# Base images are pinned by tag; Dependabot (.github/dependabot.yml) proposes their updates weekly.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ghcr.io/astral-sh/uv:0.13.9 AS uv

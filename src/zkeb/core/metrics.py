@@ -166,6 +166,11 @@ PROCESS_MEMORY = Gauge(
     "zkeb_process_resident_memory_bytes", "Resident memory of the serving processes.", multiprocess_mode="livesum"
 )
 PROCESS_CPU = Counter("zkeb_process_cpu_seconds_total", "CPU time (user + system) of the serving processes.")
+CPU_LIMIT = Gauge(
+    "zkeb_cpu_limit_cores",
+    "CPUs the service may use: its cgroup quota, else the CPUs it may run on (the CPU alert's denominator).",
+    multiprocess_mode="livemax",
+)
 BUILD_INFO = Gauge(
     "zkeb_build_info", "Version and commit of the running build.", ["version", "commit"], multiprocess_mode="max"
 )
@@ -225,6 +230,17 @@ class _ProcessSampler:
 
 
 _sampler = _ProcessSampler()
+
+
+def available_cpus() -> float:
+    """CPUs this process may use: the cgroup v2 quota when one is set (containers), else the CPUs it may run on."""
+    with contextlib.suppress(OSError, ValueError):
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            return int(quota) / int(period)
+    if hasattr(os, "sched_getaffinity"):
+        return float(len(os.sched_getaffinity(0)))
+    return float(os.cpu_count() or 1)
 
 
 def render_metrics() -> bytes:
@@ -310,6 +326,7 @@ def install_metrics(app_config: AppConfig, settings: Settings, engine: AsyncEngi
     app_config.route_handlers.append(MetricsController)
     _watch_pool(engine)
     BUILD_INFO.labels(version=settings.version, commit=settings.commit).set(1)
+    CPU_LIMIT.set(available_cpus())
     sampler: asyncio.Task[None] | None = None
 
     async def sample_forever() -> None:

@@ -93,6 +93,7 @@ async def test_request_counters_latency_and_pool_gauges_move_as_requests_happen(
     assert _value(after, "zkeb_db_pool_connections_max") == _value(after, "zkeb_db_pool_size")  # a fixed pool
     assert ("zkeb_db_pool_connections_in_use", ()) in after
     assert _value(after, "zkeb_process_resident_memory_bytes") > 0
+    assert _value(after, "zkeb_cpu_limit_cores") > 0  # the CPU alert's denominator
     assert ("zkeb_tus_sessions_open", ()) in after
     for name in ("zkeb_backup_bytes_uploaded_total", "zkeb_backup_bytes_restored_total"):
         assert (name, ()) in after

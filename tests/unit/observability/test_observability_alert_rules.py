@@ -24,7 +24,7 @@ def test_alert_rules_are_valid(project_root: Path) -> None:
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 8 rules found" in result.stdout
+    assert "SUCCESS: 9 rules found" in result.stdout
 
 
 @requires_promtool
@@ -50,5 +50,6 @@ def test_every_alert_of_the_reference_table_is_defined(project_root: Path) -> No
         "ZkebBackupSuccessLow",
         "ZkebRedisErrors",
         "ZkebHighMemory",
+        "ZkebHighCpu",
     ):
         assert f"alert: {alert}" in rules
