@@ -51,6 +51,10 @@ def start_embedded_postgres(data_dir: Path) -> str:
 
     pgdata = data_dir / "pgdata"
     pgdata.parent.mkdir(parents=True, exist_ok=True)
+    if not logger.isEnabledFor(logging.DEBUG):
+        # pgserver logs initdb's and pg_ctl's whole output at INFO (~90 lines, including initdb's "you can now start
+        # the database server using pg_ctl ..."), which reads like instructions; LOG_LEVEL=DEBUG shows it.
+        logging.getLogger("pgserver").setLevel(logging.WARNING)
     server = pgserver.get_server(pgdata, cleanup_mode="stop")
     return normalize_database_url(server.get_uri())
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import subprocess
 import sys
 import uuid
 
 import asyncpg
+import pytest
 from lifecycle_support import (
     Tenant,
     app_client,
@@ -117,6 +119,25 @@ async def test_two_runners_at_once_never_remove_anything_twice_or_fail(
     finally:
         await engine.dispose()
     assert (last.trash_purged, last.expired_uploads, last.retention_trashed, last.failed) == (0, 0, 0, [])
+
+
+async def test_a_pass_while_the_database_is_down_logs_one_line_per_task_without_a_traceback(
+    base_settings_env: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    down = "postgresql+asyncpg://postgres@127.0.0.1:1/nowhere"
+    settings = lifecycle_settings(base_settings_env, down)
+    engine = create_app_engine(settings, down)
+    try:
+        with caplog.at_level(logging.WARNING, logger="zkeb.backups.maintenance"):
+            report = await MaintenanceRunner(engine, settings).run_once()
+    finally:
+        await engine.dispose()
+    assert report.failed == ["uploads", "trash", "retention"]
+    records = [r for r in caplog.records if r.name == "zkeb.backups.maintenance"]
+    assert [r.getMessage().split(":")[0] for r in records] == [
+        f"maintenance task {name} skipped" for name in report.failed
+    ]
+    assert all(r.levelno == logging.WARNING and r.exc_info is None for r in records)
 
 
 async def test_the_server_runs_no_maintenance_when_the_interval_is_zero(

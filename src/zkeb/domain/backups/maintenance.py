@@ -25,8 +25,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
+import asyncpg
 from opentelemetry import trace
 from sqlalchemy import select, text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from zkeb.core.audit import record_event
@@ -180,6 +183,25 @@ class MaintenanceReport:
     failed: list[str] = field(default_factory=list)
 
 
+_UNAVAILABLE = (
+    OSError,
+    TimeoutError,
+    PoolTimeoutError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.ConnectionDoesNotExistError,
+    asyncpg.InterfaceError,
+)
+
+
+def _database_unavailable(exc: BaseException) -> bool:
+    """Whether `exc` means the database could not be reached or went away (not a defect worth a traceback)."""
+    if isinstance(exc, DBAPIError):
+        return (
+            exc.connection_invalidated or isinstance(exc.orig, _UNAVAILABLE) or isinstance(exc.__cause__, _UNAVAILABLE)
+        )
+    return isinstance(exc, _UNAVAILABLE)
+
+
 class MaintenanceRunner:
     """Runs the upload sweeper, the trash purger and the retention sweeper, once or on an interval."""
 
@@ -225,8 +247,13 @@ class MaintenanceRunner:
             for name, task in tasks:
                 try:
                     await task()
-                except Exception:
-                    logger.exception("maintenance task %s failed", name)
+                except Exception as exc:
+                    if _database_unavailable(exc):  # one line, not a traceback per task every pass of an outage
+                        logger.warning(
+                            "maintenance task %s skipped: database unavailable (%s)", name, type(exc).__name__
+                        )
+                    else:
+                        logger.exception("maintenance task %s failed", name)
                     report.failed.append(name)
                     MAINTENANCE_PASSES.labels(task=name, outcome="error").inc()
                 else:
