@@ -23,7 +23,6 @@ Metric objects for the domains (import and increment them; all live in prometheu
 | `BACKUP_PAYLOAD_SIZE` | `zkeb_backup_payload_size_bytes` (histogram) | |
 | `TUS_SESSIONS_CREATED` | `zkeb_tus_sessions_created_total` | |
 | `TUS_SESSIONS_EXPIRED` | `zkeb_tus_sessions_expired_total` | |
-| `REDIS_ERRORS` | `zkeb_redis_errors_total` | `operation` |
 | `BACKUPS_TRASHED` | `zkeb_backups_trashed_total` | `reason` = `deleted` or `retention` |
 | `BACKUPS_RESTORED` | `zkeb_backups_restored_total` | |
 | `BACKUPS_PURGED` | `zkeb_backups_purged_total` | `reason` = `admin` or `trash_expired` |
@@ -84,7 +83,6 @@ __all__ = (
     "MAINTENANCE_PASSES",
     "METRICS_SECURITY_SCHEME",
     "ORPHAN_PAYLOADS_PURGED",
-    "REDIS_ERRORS",
     "TUS_SESSIONS_CREATED",
     "TUS_SESSIONS_EXPIRED",
     "MetricsController",
@@ -129,7 +127,6 @@ DB_POOL_MAX = Gauge(
 DB_CONNECTIONS_OPENED = Counter(
     "zkeb_db_connections_opened_total", "Database connections the request pool has opened (logins; churn shows here)."
 )
-REDIS_ERRORS = Counter("zkeb_redis_errors_total", "Redis commands that failed after retries.", ["operation"])
 
 # --- backups (incremented by the backups domain) ---------------------------------------------------------------
 BACKUPS_CREATED = Counter("zkeb_backups_created_total", "Backups committed.", ["method"])

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from uuid import UUID
 
+from opentelemetry.instrumentation.utils import suppress_instrumentation
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -252,7 +253,9 @@ class StoredKeysCheck:
     async def _unknown_key_ids(self) -> list[str] | None:
         """The unconfigured key ids in use; None when the database could not be read (the next probe retries)."""
         try:
-            unknown = (await self._rotator.status()).unknown_key_ids
+            # A process's background check, not part of whichever request started it: no client spans.
+            with suppress_instrumentation():
+                unknown = (await self._rotator.status()).unknown_key_ids
         except Exception as exc:  # noqa: BLE001 - the database is down or flapping: readiness says so already
             logger.debug("could not read the stored data keys' master key ids", extra={"error": type(exc).__name__})
             return None
