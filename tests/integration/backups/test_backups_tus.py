@@ -370,36 +370,57 @@ async def test_creation_with_upload_can_complete_in_one_request(client: Client, 
 
 
 @pytest.mark.parametrize(
-    ("extra", "status"),
+    "refusal",
     [
-        pytest.param(b"", 460, id="wrong-checksum"),
-        pytest.param(b"x", 413, id="past-upload-length"),
+        pytest.param("checksum", id="460-wrong-checksum"),
+        pytest.param("too-long", id="413-past-upload-length"),
+        pytest.param("signature", id="422-signature-at-the-commit"),
+        pytest.param("nonce", id="409-nonce-committed-meanwhile"),
     ],
 )
 async def test_a_refused_creation_with_upload_creates_nothing(
-    client: Client, tenant: Tenant, owner_connection: asyncpg.Connection, extra: bytes, status: int
+    client: Client,
+    tenant: Tenant,
+    owner_connection: asyncpg.Connection,
+    monkeypatch: pytest.MonkeyPatch,
+    refusal: str,
 ) -> None:
     # The client gets no Location with the refusal, so an upload left behind could be neither resumed nor ended.
     payload = os.urandom(1000)
-    envelope = sign_envelope(tenant, payload)
-    wrong = base64.b64encode(hashlib.sha256(b"other bytes").digest()).decode()
-    response = await client.post(
-        "/api/v1/uploads",
-        content=payload + extra,
-        headers=tus_headers(
-            tenant.project_key,
-            **{
-                "Upload-Length": str(len(payload)),
-                "Upload-Metadata": envelope.tus_metadata(),
-                "Content-Type": OCTETS,
-                "Upload-Checksum": f"sha256 {wrong}",
-            },
-        ),
-    )
+    envelope = sign_envelope(tenant, payload if refusal != "signature" else b"other bytes, other signature")
+    headers = {"Upload-Length": str(len(payload)), "Upload-Metadata": envelope.tus_metadata(), "Content-Type": OCTETS}
+    body, status = payload, {"checksum": 460, "too-long": 413, "signature": 422, "nonce": 409}[refusal]
+    if refusal == "checksum":
+        headers["Upload-Checksum"] = f"sha256 {base64.b64encode(hashlib.sha256(b'other').digest()).decode()}"
+    if refusal == "too-long":
+        body = payload + b"x"
+    if refusal == "nonce":  # another upload of this envelope commits between this one's checks and its commit
+
+        async def charge_after_the_nonce_was_taken(session: AsyncSession, **kwargs: Any) -> Any:
+            assert isinstance(session.bind, AsyncEngine)
+            async with session.bind.connect() as other:
+                raw = (await other.get_raw_connection()).driver_connection
+                assert isinstance(raw, asyncpg.Connection)
+                async with raw.transaction():
+                    await raw.execute("SELECT set_config('zkeb.org_id', $1, true)", str(tenant.organization_id))
+                    await raw.execute(
+                        "INSERT INTO payload_nonces"
+                        " (id, organization_id, project_id, device_id_hash, nonce, created_at, updated_at)"
+                        " VALUES (gen_random_uuid(), $1, $2, $3, $4, now(), now())",
+                        tenant.organization_id,
+                        tenant.project_id,
+                        envelope.device_id_hash,
+                        envelope.payload_nonce,
+                    )
+            return await charge_quota(session, **kwargs)
+
+        monkeypatch.setattr(services, "charge_quota", charge_after_the_nonce_was_taken)
+    response = await client.post("/api/v1/uploads", content=body, headers=tus_headers(tenant.project_key, **headers))
     assert response.status_code == status, response.text
     problem(response)
     assert "location" not in response.headers
-    assert await row_counts(owner_connection) == NOTHING_STORED
+    counts = await row_counts(owner_connection)
+    assert counts == {**NOTHING_STORED, "payload_nonces": 1 if refusal == "nonce" else 0}
 
 
 async def test_a_creation_with_upload_refused_at_its_commit_by_the_quota_says_where_the_upload_is(
@@ -745,8 +766,9 @@ async def test_tampered_upload_is_422_at_completion_and_nothing_is_stored(
     assert await row_counts(owner_connection) == NOTHING_STORED
 
 
+@pytest.mark.parametrize("first_bytes_with", ["patch", "creation"])
 async def test_a_patch_that_finds_the_pool_exhausted_mid_body_is_a_503_and_the_retry_completes(
-    base_settings_env: dict[str, str], database_url: str, monkeypatch: pytest.MonkeyPatch
+    base_settings_env: dict[str, str], database_url: str, monkeypatch: pytest.MonkeyPatch, first_bytes_with: str
 ) -> None:
     # One pooled connection, a short wait for it. The PATCH claims the upload, then its body's chunk writer needs
     # the connection again, which this test has checked out in between (on the server's own event loop).
@@ -767,8 +789,24 @@ async def test_a_patch_that_finds_the_pool_exhausted_mid_body_is_a_503_and_the_r
     async with AsyncTestClient(app=app) as client:
         tenant = await make_tenant(client, settings)
         payload = os.urandom(6 * MIB + 5)  # more chunks than wait for the writer: the refusal comes mid-body
-        location = (await create(client, tenant, sign_envelope(tenant, payload))).headers["location"]
-        refused = await patch(client, tenant, location, payload, 0)
+        envelope = sign_envelope(tenant, payload)
+        if first_bytes_with == "patch":
+            location = (await create(client, tenant, envelope)).headers["location"]
+            refused = await patch(client, tenant, location, payload, 0)
+        else:  # creation-with-upload: the 503 must say where the upload is, or it could never be resumed
+            refused = await client.post(
+                "/api/v1/uploads",
+                content=payload,
+                headers=tus_headers(
+                    tenant.project_key,
+                    **{
+                        "Upload-Length": str(len(payload)),
+                        "Upload-Metadata": envelope.tus_metadata(),
+                        "Content-Type": OCTETS,
+                    },
+                ),
+            )
+            location = refused.headers["location"]
         assert refused.status_code == 503, refused.text
         assert refused.headers["retry-after"] == "1"
         assert "busy" in problem(refused)["detail"]

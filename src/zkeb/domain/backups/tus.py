@@ -739,14 +739,21 @@ class UploadController(Controller):
         headers = _base_headers(upload)
         headers["Location"] = _upload_url(request, context, upload.id)
         if with_upload and request.content_length != 0:
+            # Read now: a rollback on the way (a refused commit) expires the ORM object.
+            upload_id, payload_id = upload.id, upload.payload_id
             try:
                 outcome = await PatchReceiver(request, context, db_session, principal, upload, checksum).receive()
             except HTTPException as exc:
-                if exc.status_code < 500:  # refused for its body (460, 413, 422...): the creation is undone too
-                    await _discard_upload(db_session, upload)
+                if exc.status_code < 500:  # refused for its body (460, 422, a 409 nonce...): the creation is undone
+                    await _discard_upload(db_session, upload_id, payload_id)
                 else:  # the upload stays (e.g. 507 at the commit): say where to resume it
                     exc.headers = {**(exc.headers or {}), "Location": headers["Location"]}
                 raise
+            except PoolTimeoutError:  # the upload stays: say where to resume it, as the pool-timeout 503 would
+                raise ServiceUnavailableError(
+                    "the server is busy (no database connection free); resume the upload at its Location shortly",
+                    headers={"Retry-After": "1", "Location": headers["Location"]},
+                ) from None
             headers["Upload-Offset"] = str(outcome.offset)
             headers["Upload-Expires"] = format_upload_expires(outcome.expires_at)
             if outcome.backup_id is not None:
@@ -837,11 +844,12 @@ class UploadController(Controller):
         return Response(None, status_code=204, headers={"Tus-Resumable": TUS_VERSION})
 
 
-async def _discard_upload(session: AsyncSession, upload: UploadSession) -> None:
+async def _discard_upload(session: AsyncSession, upload_id: UUID, payload_id: UUID) -> None:
     """Delete an upload and its bytes, as termination does (nothing when it is already gone)."""
+    await session.rollback()  # whatever the refused request left open
     # The session row first, as every writer locks it.
-    if await session.scalar(_LOCK_SESSION, {"id": upload.id}) is not None:
-        await session.execute(sa_delete(Payload).where(Payload.id == upload.payload_id))
+    if await session.scalar(_LOCK_SESSION, {"id": upload_id}) is not None:
+        await session.execute(sa_delete(Payload).where(Payload.id == payload_id))
     await session.commit()
 
 
