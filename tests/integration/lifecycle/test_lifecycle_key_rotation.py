@@ -16,7 +16,7 @@ from lifecycle_support import Client, Tenant, app_client, auth, lifecycle_settin
 
 from zkeb.core.database import create_app_engine
 from zkeb.domain.backups.context import build_keyring
-from zkeb.domain.backups.keys import KeyRotator
+from zkeb.domain.backups.keys import KeyRotator, StoredKeysCheck
 from zkeb.lib.atrest import master_key_id, parse_master_key
 
 NEW_KEY = base64.b64encode(bytes(range(100, 132))).decode()
@@ -189,3 +189,15 @@ async def test_a_master_key_that_opens_none_of_the_stored_data_keys_is_not_ready
     both = lifecycle_settings(base_settings_env, database_url, ZKEB_MASTER_ENCRYPTION_KEY_NEW=NEW_KEY)
     async with app_client(both) as client:
         assert (await client.get("/api/health/ready")).status_code == 200
+
+
+async def test_the_stored_keys_check_passes_when_it_cannot_read_the_key_ids(base_settings_env: dict[str, str]) -> None:
+    # The database check reports an outage; this one must not be what keeps a healthy fleet from deploying.
+    settings = lifecycle_settings(base_settings_env, "postgresql+asyncpg://postgres@127.0.0.1:1/nowhere")
+    engine = create_app_engine(settings, "postgresql+asyncpg://postgres@127.0.0.1:1/nowhere")
+    check = StoredKeysCheck(engine, build_keyring(settings))
+    try:
+        assert await check() is None
+    finally:
+        await check.stop()
+        await engine.dispose()

@@ -43,7 +43,7 @@ class BackupsPlugin(InitPluginProtocol):
         app_config.route_handlers.extend(
             [BackupController, ContainerController, ProjectStorageController, UploadController]
         )
-        stored_keys = StoredKeysCheck(runtime.engine, keyring, runtime.settings)
+        stored_keys = StoredKeysCheck(runtime.engine, keyring)
         runtime.readiness_checks.append(stored_keys)
 
         async def start_stored_keys_check() -> None:
