@@ -54,11 +54,14 @@ def _friendly_errors(func: F) -> F:
     @wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from advanced_alchemy.exceptions import AdvancedAlchemyError  # noqa: PLC0415 - slow imports, only when used
+        from alembic.util.exc import CommandError  # noqa: PLC0415
         from asyncpg import PostgresError  # noqa: PLC0415
         from sqlalchemy.exc import SQLAlchemyError  # noqa: PLC0415
 
         try:
             return func(*args, **kwargs)
+        except CommandError as exc:  # e.g. an unknown revision, nothing to downgrade
+            raise click.ClickException(f"migration refused: {exc}") from None
         except OSError as exc:
             raise click.ClickException(f"cannot reach the database: {exc.strerror or exc}") from None
         except (SQLAlchemyError, AdvancedAlchemyError, PostgresError) as exc:
@@ -68,7 +71,10 @@ def _friendly_errors(func: F) -> F:
 
 
 def _explain_database_error(exc: BaseException) -> str:
-    """One line naming what went wrong, from the driver's error at the root of the chain (no SQL, no values)."""
+    """One line naming what went wrong, from the driver's error at the root of the chain.
+
+    PostgreSQL's message line names objects (a database, a role, a relation), never a password or a row's values.
+    """
     chain: list[BaseException] = []
     current: BaseException | None = exc
     while current is not None and len(chain) < 10:
@@ -76,17 +82,15 @@ def _explain_database_error(exc: BaseException) -> str:
         current = current.__cause__ or current.__context__
     names = {type(error).__name__ for error in chain}
     root = chain[-1]
-    # asyncpg's login errors name the database or role (`database "x" does not exist`), never a password.
-    refusal = str(root).strip().splitlines()[0] if str(root).strip() else type(root).__name__
-    if {"UndefinedTableError", "UndefinedFunctionError"} & names:
-        return "the database schema is not migrated: run `zkeb db upgrade` first"
-    if {"InvalidPasswordError", "InvalidAuthorizationSpecificationError"} & names and "zkeb_app" in refusal:
+    message = str(root).strip().splitlines()[0] if str(root).strip() else ""
+    if {"InvalidPasswordError", "InvalidAuthorizationSpecificationError"} & names and "zkeb_app" in message:
         return "cannot log in as the runtime role zkeb_app: run `zkeb db upgrade` with the owner's DATABASE_URL"
     if {"InvalidPasswordError", "InvalidAuthorizationSpecificationError", "InvalidCatalogNameError"} & names:
-        return f"the database refused: {refusal}"
+        return f"the database refused: {message}"
     if {"ConnectionRefusedError", "CannotConnectNowError", "ConnectionDoesNotExistError"} & names:
         return "cannot reach the database"
-    return f"database error ({type(root).__name__})"
+    name = type(root).__name__
+    return f"database error ({name}): {message}" if message else f"database error ({name})"
 
 
 @click.group()
@@ -262,14 +266,30 @@ def _admin_errors(func: F) -> F:
 
     @wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from advanced_alchemy.exceptions import AdvancedAlchemyError  # noqa: PLC0415
+        from sqlalchemy.exc import SQLAlchemyError  # noqa: PLC0415
+
         from zkeb.core.errors import ProblemError  # noqa: PLC0415
 
         try:
             return func(*args, **kwargs)
         except ProblemError as exc:
             raise click.ClickException(str(exc.detail)) from None
+        except (SQLAlchemyError, AdvancedAlchemyError) as exc:
+            if _is_unmigrated(exc):  # an admin command on a database nobody migrated yet
+                raise click.ClickException("the database schema is not migrated: run `zkeb db upgrade` first") from None
+            raise
 
     return _friendly_errors(cast("F", wrapper))
+
+
+def _is_unmigrated(exc: BaseException) -> bool:
+    current: BaseException | None = exc
+    while current is not None:
+        if type(current).__name__ in {"UndefinedTableError", "UndefinedFunctionError"}:
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def _validated_name(name: str, param_hint: str) -> str:

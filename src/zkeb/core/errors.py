@@ -66,6 +66,10 @@ class ProblemError(HTTPException):
         self.problem_extra = extra or {}
 
 
+#: What Litestar's `Request.stream()` raises (as a 500) on `http.disconnect` before the body's end.
+_CLIENT_DISCONNECTED = "client disconnected prematurely"
+
+
 class IncompleteBodyError(ProblemError):
     """The request body ended before its end: the client went away, or its chunked encoding was malformed (400)."""
 
@@ -95,7 +99,9 @@ class BoundedRequest(Request[Any, Any, Any]):
         try:
             async for piece in super().stream():
                 yield piece
-        except InternalServerException:  # the only one Litestar's stream() raises: `http.disconnect` mid-body
+        except InternalServerException as exc:
+            if exc.detail != _CLIENT_DISCONNECTED:  # e.g. "stream consumed": a server defect, not the client's
+                raise
             raise IncompleteBodyError(
                 "the request body ended before its end (the connection closed, or the chunked encoding is malformed)"
             ) from None

@@ -149,3 +149,21 @@ def test_serve_refuses_what_its_workers_would_crash_on_in_one_line(
     assert f"Error: configuration error: {named}".encode() in result.stderr
     assert b"Traceback" not in result.stderr
     assert b"listening" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("command", "says"),
+    [
+        (("db", "downgrade"), "Error: migration refused: Relative revision -1"),
+        (("db", "upgrade", "nope"), "Error: migration refused: Can't locate revision identified by 'nope'"),
+        (("admin", "create-org", "acme"), "Error: the database schema is not migrated: run `zkeb db upgrade` first"),
+    ],
+)
+def test_refusals_on_an_unmigrated_database_are_one_line(
+    empty_database_url: str, tmp_path: Path, command: tuple[str, ...], says: str
+) -> None:
+    env = _clean_env(DATABASE_URL=empty_database_url, ZKEB_DATA_DIR=str(tmp_path), ZKEB_AUTO_MIGRATE="false")
+    result = subprocess.run([*ZKEB, *command], env=env, capture_output=True, timeout=120, check=False)
+    assert result.returncode == 1
+    assert says.encode() in result.stderr
+    assert b"Traceback" not in result.stderr

@@ -189,7 +189,6 @@ _UNAVAILABLE = (
     PoolTimeoutError,
     asyncpg.CannotConnectNowError,
     asyncpg.ConnectionDoesNotExistError,
-    asyncpg.InterfaceError,
 )
 
 
