@@ -58,10 +58,14 @@ def _friendly_errors(func: F) -> F:
         from asyncpg import PostgresError  # noqa: PLC0415
         from sqlalchemy.exc import SQLAlchemyError  # noqa: PLC0415
 
+        from zkeb.core.migrations import SchemaMismatchError  # noqa: PLC0415
+
         try:
             return func(*args, **kwargs)
         except CommandError as exc:  # e.g. an unknown revision, nothing to downgrade
             raise click.ClickException(f"migration refused: {exc}") from None
+        except SchemaMismatchError as exc:
+            raise click.ClickException(str(exc)) from None
         except OSError as exc:
             raise click.ClickException(f"cannot reach the database: {exc.strerror or exc}") from None
         except (SQLAlchemyError, AdvancedAlchemyError, PostgresError) as exc:
@@ -103,6 +107,7 @@ def main() -> None:
 @click.option("--host", default=None, help="Interface to listen on (HOST, default 0.0.0.0).")
 @click.option("--port", type=int, default=None, help="Port (PORT, default 3000).")
 @click.option("--workers", type=int, default=None, help="Worker processes (WEB_CONCURRENCY, default 1).")
+@_friendly_errors
 def serve(host: str | None, port: int | None, workers: int | None) -> None:
     """Run the API under granian; SIGTERM drains in-flight requests before exiting."""
     from granian import Granian  # noqa: PLC0415

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from advanced_alchemy.alembic.commands import AlembicCommands
+from advanced_alchemy.base import metadata_registry
 from alembic.script import ScriptDirectory
 from sqlalchemy import text
 from sqlalchemy.exc import ProgrammingError
@@ -25,6 +26,7 @@ from zkeb.core.database import (
 from zkeb.settings import Settings, normalize_database_url
 
 __all__ = (
+    "SchemaMismatchError",
     "alembic_commands",
     "current_revision",
     "database_revision",
@@ -32,6 +34,7 @@ __all__ = (
     "known_revisions",
     "provision_runtime_login",
     "run_alembic",
+    "schema_lacks",
     "start_embedded_postgres",
 )
 
@@ -64,18 +67,27 @@ def alembic_commands(settings: Settings, url: str) -> AlembicCommands:
     return AlembicCommands(sqlalchemy_config(create_owner_engine(settings, url)))
 
 
+class SchemaMismatchError(Exception):
+    """The database is at a revision this release does not know, and lacks tables or columns it needs."""
+
+
 def run_alembic(settings: Settings, url: str, command: str, *args: Any) -> None:
     """Run an Alembic command in a fresh thread (Alembic's env runs its own event loop).
 
     After an upgrade, the runtime role is (re)provisioned so the app can log in as it. An upgrade of a database
-    that a later release already migrated (its revision is unknown here, e.g. after a rollback) changes nothing:
-    migrations are expand-only, so this release runs on the newer schema (a warning says so).
+    that a later release already migrated (its revision is unknown here, e.g. after a rollback, and it has every
+    table and column this release's models declare) changes nothing: migrations are expand-only, so this release
+    runs on the newer schema (a warning says so).
+
+    Raises:
+        SchemaMismatchError: an unknown revision on a database that lacks this release's tables or columns (another
+            application's database, or a branch never merged).
     """
     errors: list[BaseException] = []
 
     def target() -> None:
         try:
-            if command == "upgrade" and _ahead_of_this_release(asyncio.run(database_revision(settings, url))):
+            if command == "upgrade" and asyncio.run(_ahead_of_this_release(settings, url)):
                 return
             getattr(alembic_commands(settings, url), command)(*args)
             if command == "upgrade":
@@ -116,9 +128,23 @@ def known_revisions() -> frozenset[str]:
     return frozenset(revision.revision for revision in script.walk_revisions())
 
 
-def _ahead_of_this_release(revision: str | None) -> bool:
-    if revision is None or revision in known_revisions():
-        return False
+async def _ahead_of_this_release(settings: Settings, url: str) -> bool:
+    engine = create_owner_engine(settings, url)
+    try:
+        async with engine.connect() as connection:
+            revision = await current_revision(connection)
+            if revision is None or revision in known_revisions():
+                return False
+            lacking = await schema_lacks(connection)
+    finally:
+        await engine.dispose()
+    if lacking:
+        msg = (
+            f"the database is at revision {revision}, which this release does not know, and lacks "
+            f"{', '.join(lacking[:5])}{' ...' if len(lacking) > 5 else ''} that it needs: is DATABASE_URL the right "
+            "database?"
+        )
+        raise SchemaMismatchError(msg)
     logger.warning(
         "the database schema is at revision %s, which this release does not know (its head is %s): a later release "
         "migrated it; nothing to upgrade (migrations are expand-only, so this release runs on it)",
@@ -126,6 +152,25 @@ def _ahead_of_this_release(revision: str | None) -> bool:
         head_revision(),
     )
     return True
+
+
+_COLUMNS_PRESENT = text(
+    "SELECT c.relname AS table_name, a.attname AS column_name FROM pg_attribute a"
+    " JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace"
+    " WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p') AND a.attnum > 0 AND NOT a.attisdropped"
+)
+
+
+async def schema_lacks(connection: AsyncConnection) -> list[str]:
+    """`table.column` of this release's models that the database lacks (none when its schema covers them).
+
+    Read from the catalog (any role may), so the runtime role can ask too.
+    """
+    import zkeb.db.models  # noqa: F401, PLC0415 - registers every model's table in the metadata
+
+    present = {(row.table_name, row.column_name) for row in await connection.execute(_COLUMNS_PRESENT)}
+    tables = metadata_registry.get(None).sorted_tables
+    return sorted(f"{t.name}.{c.name}" for t in tables for c in t.columns if (t.name, c.name) not in present)
 
 
 async def database_revision(settings: Settings, url: str) -> str | None:

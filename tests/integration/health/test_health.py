@@ -12,7 +12,7 @@ from litestar.testing import AsyncTestClient
 from sqlalchemy.engine import make_url
 
 from zkeb.app import create_app
-from zkeb.core.migrations import head_revision, known_revisions, run_alembic
+from zkeb.core.migrations import SchemaMismatchError, head_revision, known_revisions, run_alembic
 from zkeb.core.runtime import get_runtime
 
 from support import make_settings, problem
@@ -210,3 +210,21 @@ async def test_openapi_document_lists_the_health_routes(client: AsyncTestClient[
     assert document["openapi"].startswith("3.1")
     assert {"/api/health", "/api/health/ready", "/api/version"} <= set(document["paths"])
     assert "BearerAuth" in document["components"]["securitySchemes"]
+
+
+async def test_an_unknown_revision_on_a_schema_lacking_this_releases_columns_is_not_taken_for_ahead(
+    client: AsyncTestClient[Litestar],
+    owner_connection: asyncpg.Connection,
+    base_settings_env: dict[str, str],
+    database_url: str,
+) -> None:
+    # Another application's database (its own alembic_version), or a branch never merged: not a later release's
+    # schema, so neither ready nor silently left alone by `zkeb db upgrade`.
+    await owner_connection.execute("UPDATE alembic_version SET version_num = 'f00d'")
+    await owner_connection.execute("ALTER TABLE backups DROP COLUMN restored_at")
+    ready = await client.get("/api/health/ready")
+    assert ready.status_code == 503
+    assert "does not know and lacks its tables" in ready.json()["reasons"][0]
+    settings = make_settings(base_settings_env, DATABASE_URL=database_url)
+    with pytest.raises(SchemaMismatchError, match=r"revision f00d.*lacks backups\.restored_at"):
+        await asyncio.to_thread(run_alembic, settings, database_url, "upgrade", "head")

@@ -9,6 +9,7 @@ from sqlalchemy import text
 from sqlalchemy.pool import QueuePool
 
 from zkeb.core.database import VERSION_TABLE, RuntimeRoleError
+from zkeb.core.migrations import schema_lacks
 from zkeb.core.runtime import Runtime
 from zkeb.domain.health.schemas import DependencyCheck
 
@@ -30,9 +31,12 @@ class HealthService:
         head = self.runtime.schema_head
         pool = self.runtime.engine.pool
         pool_stats = (pool.size(), pool.checkedout()) if isinstance(pool, QueuePool) else (None, None)
+        lacking: list[str] = []
         try:
             async with asyncio.timeout(PROBE_TIMEOUT), self.runtime.engine.connect() as connection:
                 revision = (await connection.execute(_REVISION_QUERY)).scalar_one_or_none()
+                if revision is not None and revision not in self.runtime.schema_revisions:
+                    lacking = await schema_lacks(connection)
         except TimeoutError:
             return DependencyCheck(status="unhealthy", detail="timed out", schema_head=head)
         except Exception as exc:  # noqa: BLE001 - any failure means unhealthy; the class name is enough
@@ -49,6 +53,10 @@ class HealthService:
         if revision == head:
             return check
         if revision is not None and revision not in self.runtime.schema_revisions:
+            if lacking:  # not a later release's schema: another application's database, or an unmerged branch
+                check.status = "unhealthy"
+                check.detail = "database schema is at a revision this release does not know and lacks its tables"
+                return check
             # Migrated by a later release (this one was rolled back to, or is still draining while the next one
             # deploys): migrations are expand-only, so this release keeps working on it.
             check.detail = "database schema is ahead of this release's migrations (a later release migrated it)"
