@@ -58,18 +58,22 @@ def _friendly_errors(func: F) -> F:
         from asyncpg import PostgresError  # noqa: PLC0415
         from sqlalchemy.exc import SQLAlchemyError  # noqa: PLC0415
 
-        from zkeb.core.migrations import SchemaMismatchError  # noqa: PLC0415
-
+        # Nothing from zkeb.core here: `serve` must set up prometheus_client's multiprocess mode before any zkeb.core
+        # module imports it.
         try:
             return func(*args, **kwargs)
         except CommandError as exc:  # e.g. an unknown revision, nothing to downgrade
             raise click.ClickException(f"migration refused: {exc}") from None
-        except SchemaMismatchError as exc:
-            raise click.ClickException(str(exc)) from None
         except OSError as exc:
             raise click.ClickException(f"cannot reach the database: {exc.strerror or exc}") from None
         except (SQLAlchemyError, AdvancedAlchemyError, PostgresError) as exc:
             raise click.ClickException(_explain_database_error(exc)) from None
+        except Exception as exc:
+            from zkeb.core.migrations import SchemaMismatchError  # noqa: PLC0415 - only now (see above)
+
+            if isinstance(exc, SchemaMismatchError):
+                raise click.ClickException(str(exc)) from None
+            raise
 
     return wrapper  # type: ignore[return-value]
 

@@ -369,6 +369,21 @@ async def test_creation_with_upload_can_complete_in_one_request(client: Client, 
     assert restored.content == payload
 
 
+async def _committed_meanwhile(session: AsyncSession, tenant: Tenant, statement: str, *args: Any) -> None:
+    """Run `statement` for `tenant` and commit it, on another connection of the server's own pool.
+
+    For a change made "concurrently" at an exact point of a request: the server runs in the test client's event loop,
+    which the test's own connections cannot be used from.
+    """
+    assert isinstance(session.bind, AsyncEngine)
+    async with session.bind.connect() as other:
+        raw = (await other.get_raw_connection()).driver_connection
+        assert isinstance(raw, asyncpg.Connection)
+        async with raw.transaction():
+            await raw.execute("SELECT set_config('zkeb.org_id', $1, true)", str(tenant.organization_id))
+            await raw.execute(statement, *args)
+
+
 @pytest.mark.parametrize(
     "refusal",
     [
@@ -397,21 +412,17 @@ async def test_a_refused_creation_with_upload_creates_nothing(
     if refusal == "nonce":  # another upload of this envelope commits between this one's checks and its commit
 
         async def charge_after_the_nonce_was_taken(session: AsyncSession, **kwargs: Any) -> Any:
-            assert isinstance(session.bind, AsyncEngine)
-            async with session.bind.connect() as other:
-                raw = (await other.get_raw_connection()).driver_connection
-                assert isinstance(raw, asyncpg.Connection)
-                async with raw.transaction():
-                    await raw.execute("SELECT set_config('zkeb.org_id', $1, true)", str(tenant.organization_id))
-                    await raw.execute(
-                        "INSERT INTO payload_nonces"
-                        " (id, organization_id, project_id, device_id_hash, nonce, created_at, updated_at)"
-                        " VALUES (gen_random_uuid(), $1, $2, $3, $4, now(), now())",
-                        tenant.organization_id,
-                        tenant.project_id,
-                        envelope.device_id_hash,
-                        envelope.payload_nonce,
-                    )
+            await _committed_meanwhile(
+                session,
+                tenant,
+                "INSERT INTO payload_nonces"
+                " (id, organization_id, project_id, device_id_hash, nonce, created_at, updated_at)"
+                " VALUES (gen_random_uuid(), $1, $2, $3, $4, now(), now())",
+                tenant.organization_id,
+                tenant.project_id,
+                envelope.device_id_hash,
+                envelope.payload_nonce,
+            )
             return await charge_quota(session, **kwargs)
 
         monkeypatch.setattr(services, "charge_quota", charge_after_the_nonce_was_taken)
@@ -606,16 +617,8 @@ async def test_a_completing_patch_whose_upload_ended_during_verification_commits
     )
 
     async def charge_after_a_concurrent_change(session: AsyncSession, **kwargs: Any) -> Any:
-        # Another connection of the server's own pool (the server runs in the test client's event loop), committed
-        # before the commit step goes on.
-        assert isinstance(session.bind, AsyncEngine)
-        async with session.bind.connect() as other:
-            raw = (await other.get_raw_connection()).driver_connection
-            assert isinstance(raw, asyncpg.Connection)
-            async with raw.transaction():
-                await raw.execute("SELECT set_config('zkeb.org_id', $1, true)", str(tenant.organization_id))
-                for statement in meanwhile:
-                    await raw.execute(statement, payload_id)
+        for statement in meanwhile:
+            await _committed_meanwhile(session, tenant, statement, payload_id)
         return await charge_quota(session, **kwargs)
 
     monkeypatch.setattr(services, "charge_quota", charge_after_a_concurrent_change)
