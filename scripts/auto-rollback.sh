@@ -9,7 +9,7 @@ usage() {
 Usage: auto-rollback.sh [--help] [HEALTH_URL]
 
 Polls HEALTH_URL every INTERVAL seconds, at most MAX_CHECKS times. A check fails
-when the URL does not answer 2xx within REQUEST_TIMEOUT seconds. After
+when the URL does not answer 2xx within PROBE_TIMEOUT seconds. After
 FAILURE_THRESHOLD consecutive failures the rollback command runs exactly once
 and the script exits 1. When all MAX_CHECKS polls finish without reaching the
 threshold the deployment is considered healthy and the script exits 0. The
@@ -20,7 +20,7 @@ Environment (defaults in brackets):
   INTERVAL            seconds between polls [5]
   MAX_CHECKS          number of polls [12]
   FAILURE_THRESHOLD   consecutive failures that trigger the rollback [3]
-  REQUEST_TIMEOUT     seconds per request [5]
+  PROBE_TIMEOUT       seconds per request [5] (not the server's REQUEST_TIMEOUT, in ms)
   DEADLINE_SECONDS    hard stop for the whole watch [INTERVAL*MAX_CHECKS + 60]
   ROLLBACK_CMD        shell command that performs the rollback
                       [scripts/railway-deploy.sh rollback "$ROLLBACK_DEPLOYMENT_ID"]
@@ -46,10 +46,10 @@ fi
 INTERVAL="${INTERVAL:-5}"
 MAX_CHECKS="${MAX_CHECKS:-12}"
 FAILURE_THRESHOLD="${FAILURE_THRESHOLD:-3}"
-REQUEST_TIMEOUT="${REQUEST_TIMEOUT:-5}"
+PROBE_TIMEOUT="${PROBE_TIMEOUT:-5}"
 DEADLINE_SECONDS="${DEADLINE_SECONDS:-}"
 
-for name in INTERVAL MAX_CHECKS FAILURE_THRESHOLD REQUEST_TIMEOUT DEADLINE_SECONDS; do
+for name in INTERVAL MAX_CHECKS FAILURE_THRESHOLD PROBE_TIMEOUT DEADLINE_SECONDS; do
   if [[ "${name}" == DEADLINE_SECONDS && -z "${DEADLINE_SECONDS}" ]]; then
     DEADLINE_SECONDS=$((INTERVAL * MAX_CHECKS + 60))
   fi
@@ -58,8 +58,8 @@ for name in INTERVAL MAX_CHECKS FAILURE_THRESHOLD REQUEST_TIMEOUT DEADLINE_SECON
     exit 2
   fi
 done
-if ((MAX_CHECKS < 1 || FAILURE_THRESHOLD < 1 || REQUEST_TIMEOUT < 1)); then
-  echo "auto-rollback: MAX_CHECKS, FAILURE_THRESHOLD and REQUEST_TIMEOUT must be at least 1" >&2
+if ((MAX_CHECKS < 1 || FAILURE_THRESHOLD < 1 || PROBE_TIMEOUT < 1)); then
+  echo "auto-rollback: MAX_CHECKS, FAILURE_THRESHOLD and PROBE_TIMEOUT must be at least 1" >&2
   exit 2
 fi
 command -v curl >/dev/null 2>&1 || { echo "auto-rollback: curl is required" >&2; exit 2; }
@@ -84,8 +84,8 @@ consecutive=0
 start=${SECONDS}
 echo "auto-rollback: watching ${HEALTH_URL} (${MAX_CHECKS} checks, every ${INTERVAL}s, threshold ${FAILURE_THRESHOLD})"
 for ((check = 1; check <= MAX_CHECKS; check++)); do
-  if curl --silent --fail --output /dev/null --max-time "${REQUEST_TIMEOUT}" \
-    --connect-timeout "${REQUEST_TIMEOUT}" "${HEALTH_URL}"; then
+  if curl --silent --fail --output /dev/null --max-time "${PROBE_TIMEOUT}" \
+    --connect-timeout "${PROBE_TIMEOUT}" "${HEALTH_URL}"; then
     consecutive=0
     echo "auto-rollback: check ${check}/${MAX_CHECKS} healthy"
   else

@@ -17,14 +17,14 @@ Smoke-tests a running ZKEB server. Exits 0 when every check passes, 1 otherwise.
   5. GET /api/health/redis  -> 200, JSON status "healthy" ("disabled" is accepted
                                unless REQUIRE_REDIS=1).
 Each check is retried RETRIES times, RETRY_DELAY seconds apart, and every
-request is bounded by REQUEST_TIMEOUT seconds.
+request is bounded by PROBE_TIMEOUT seconds.
 
 Environment (defaults in brackets):
   BASE_URL             server root, e.g. https://zkeb.example.com (or first argument)
   READY_WAIT_SECONDS   how long to wait for readiness [60]; 0 skips the wait
   RETRIES              attempts per check [3]
   RETRY_DELAY          seconds between attempts [2]
-  REQUEST_TIMEOUT      seconds per request [5]
+  PROBE_TIMEOUT        seconds per request [5] (not the server's REQUEST_TIMEOUT, in ms)
   EXPECT_COMMIT        commit /api/version must report [unset: not checked]
   REQUIRE_REDIS        1 = redis must be "healthy", not "disabled" [0]
 EOF
@@ -45,7 +45,7 @@ BASE_URL="${BASE_URL%/}"
 READY_WAIT_SECONDS="${READY_WAIT_SECONDS:-60}"
 RETRIES="${RETRIES:-3}"
 RETRY_DELAY="${RETRY_DELAY:-2}"
-REQUEST_TIMEOUT="${REQUEST_TIMEOUT:-5}"
+PROBE_TIMEOUT="${PROBE_TIMEOUT:-5}"
 EXPECT_COMMIT="${EXPECT_COMMIT:-}"
 REQUIRE_REDIS="${REQUIRE_REDIS:-0}"
 
@@ -60,7 +60,7 @@ trap 'rm -f "${body_file}"' EXIT
 fetch() {
   local status
   status="$(curl --silent --show-error --output "${body_file}" --write-out '%{http_code}' \
-    --max-time "${REQUEST_TIMEOUT}" --connect-timeout "${REQUEST_TIMEOUT}" \
+    --max-time "${PROBE_TIMEOUT}" --connect-timeout "${PROBE_TIMEOUT}" \
     -H 'Accept: application/json' "${BASE_URL}$1" 2>/dev/null)" || true
   printf '%s' "${status:-000}"
 }

@@ -61,6 +61,14 @@ _SECRET_SHAPES = re.compile(
 _REDACTED = "[REDACTED]"
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _printable(text: str) -> str:
+    """`text` with control characters written as escapes: a request path must not drive the developer's terminal."""
+    return _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
+
+
 def redact(text: str) -> str:
     """Mask API keys, JWTs and bearer credentials in `text`."""
     return _SECRET_SHAPES.sub(_REDACTED, text)
@@ -136,8 +144,8 @@ class ConsoleFormatter(logging.Formatter):
         shown_level = f"{level.upper():<7}"
         if self.colors:
             shown_level = f"{self._LEVEL_COLORS.get(level, self._ALARM)}{shown_level}{self._RESET}"
-        extras = " ".join(f"{k}={v}" for k, v in fields.items())
-        line = f"{stamp} {shown_level} {logger_name:<14} {event}" + (f"  {extras}" if extras else "")
+        extras = " ".join(f"{k}={_printable(str(v))}" for k, v in fields.items())
+        line = f"{stamp} {shown_level} {logger_name:<14} {_printable(event)}" + (f"  {extras}" if extras else "")
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return redact(line)

@@ -20,7 +20,7 @@ def _watch_env(tmp_path: Path, health_url: str, **extra: str) -> tuple[dict[str,
             "INTERVAL": "0",
             "MAX_CHECKS": "10",
             "FAILURE_THRESHOLD": "3",
-            "REQUEST_TIMEOUT": "2",
+            "PROBE_TIMEOUT": "2",
             "ROLLBACK_CMD": f"echo rolled-back >> '{marker}'",
         }
     )

@@ -102,6 +102,14 @@ def test_json_lines_carry_time_level_logger_event_request_id_and_extra_fields() 
     assert "\n" not in line
 
 
+def test_console_lines_escape_control_characters_from_the_request() -> None:
+    # A path like /%1b[2J reaches the access log decoded: written raw, it would clear or recolor the terminal.
+    line = ConsoleFormatter(colors=False).format(_record("GET %s 404", "/\x1b[2J\x00x", route="/\x07"))
+    assert not any(control in line for control in ("\x1b", "\x00", "\x07"))
+    assert "GET /\\x1b[2J\\x00x 404" in line
+    assert "route=/\\x07" in line
+
+
 @pytest.mark.parametrize("formatter", [JsonFormatter(), ConsoleFormatter(colors=False)])
 def test_credentials_that_slip_into_a_log_line_are_masked(formatter: logging.Formatter) -> None:
     line = formatter.format(_record("auth %s then %s", f"Bearer {API_KEY}", JWT, header=f"Authorization: Bearer {JWT}"))
