@@ -111,7 +111,6 @@ def main() -> None:
 @click.option("--host", default=None, help="Interface to listen on (HOST, default 0.0.0.0).")
 @click.option("--port", type=int, default=None, help="Port (PORT, default 3000).")
 @click.option("--workers", type=int, default=None, help="Worker processes (WEB_CONCURRENCY, default 1).")
-@_friendly_errors
 def serve(host: str | None, port: int | None, workers: int | None) -> None:
     """Run the API under granian; SIGTERM drains in-flight requests before exiting."""
     from granian import Granian  # noqa: PLC0415
@@ -126,14 +125,11 @@ def serve(host: str | None, port: int | None, workers: int | None) -> None:
     prepare_multiprocess_dir(needed=worker_count > 1 or settings.metrics_port is not None)
     from zkeb.core.logging import configure_logging, log_format, logging_dictconfig  # noqa: PLC0415
     from zkeb.core.metrics import serve_metrics_for_workers  # noqa: PLC0415
-    from zkeb.core.migrations import run_alembic  # noqa: PLC0415
 
     configure_logging(settings.log_level, log_format(settings.env))
     _preflight(settings)
     _warn_dev_secrets(settings)
-    url = _database_url(settings)
-    if settings.auto_migrate:
-        run_alembic(settings, url, "upgrade", "head")
+    url = _served_database(settings)
     # Workers inherit the resolved database and do not migrate again.
     os.environ["DATABASE_URL"] = url.replace("postgresql+asyncpg://", "postgresql://", 1)
     os.environ["ZKEB_AUTO_MIGRATE"] = "false"
@@ -153,6 +149,17 @@ def serve(host: str | None, port: int | None, workers: int | None) -> None:
     )
     click.echo(f"ZKEB listening on http://{host or settings.host}:{port or settings.port}", err=True)
     server.serve()
+
+
+@_friendly_errors
+def _served_database(settings: Settings) -> str:
+    """The database `serve` uses, migrated when auto-migration is on (database failures as one line)."""
+    from zkeb.core.migrations import run_alembic  # noqa: PLC0415
+
+    url = _database_url(settings)
+    if settings.auto_migrate:
+        run_alembic(settings, url, "upgrade", "head")
+    return url
 
 
 def _preflight(settings: Settings) -> None:

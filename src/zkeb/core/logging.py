@@ -61,7 +61,7 @@ _SECRET_SHAPES = re.compile(
 _REDACTED = "[REDACTED]"
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1 (e.g. CSI, \x9b)
 
 
 def _printable(text: str) -> str:
@@ -116,6 +116,8 @@ class JsonFormatter(logging.Formatter):
             fields["exception"] = record.exc_text
         if record.stack_info:
             fields["stack"] = self.formatStack(record.stack_info)
+        # Masked before encoding too: JSON escapes (a tab written as `\t`) would hide a secret's shape from `redact`.
+        fields = {key: redact(value) if isinstance(value, str) else value for key, value in fields.items()}
         return redact(json.dumps(fields, default=str, ensure_ascii=False, separators=(",", ":")))
 
 
@@ -144,8 +146,11 @@ class ConsoleFormatter(logging.Formatter):
         shown_level = f"{level.upper():<7}"
         if self.colors:
             shown_level = f"{self._LEVEL_COLORS.get(level, self._ALARM)}{shown_level}{self._RESET}"
-        extras = " ".join(f"{k}={_printable(str(v))}" for k, v in fields.items())
-        line = f"{stamp} {shown_level} {logger_name:<14} {_printable(event)}" + (f"  {extras}" if extras else "")
+        # Masked, then escaped: an escaped tab (`\x09`) would hide a secret's shape from `redact`.
+        extras = " ".join(f"{k}={_printable(redact(str(v)))}" for k, v in fields.items())
+        line = f"{stamp} {shown_level} {logger_name:<14} {_printable(redact(event))}" + (
+            f"  {extras}" if extras else ""
+        )
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return redact(line)

@@ -462,6 +462,37 @@ async def test_a_creation_with_upload_refused_at_its_commit_by_the_quota_says_wh
     assert await owner_connection.fetchval("SELECT count(*) FROM backups") == 0
 
 
+async def test_a_creation_with_upload_cut_by_a_database_failure_says_where_the_upload_is(
+    client: Client, tenant: Tenant, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The database connection drops at the commit (a failover): the bytes stay stored, so the answer must carry the
+    # Location to resume from, or the client could never finish this upload.
+    payload = os.urandom(1000)
+    envelope = sign_envelope(tenant, payload)
+
+    async def charge_on_a_dropped_connection(session: AsyncSession, **kwargs: Any) -> Any:
+        raise asyncpg.ConnectionDoesNotExistError("connection was closed in the middle of operation")
+
+    monkeypatch.setattr(services, "charge_quota", charge_on_a_dropped_connection)
+    response = await client.post(
+        "/api/v1/uploads",
+        content=payload,
+        headers=tus_headers(
+            tenant.project_key,
+            **{"Upload-Length": str(len(payload)), "Upload-Metadata": envelope.tus_metadata(), "Content-Type": OCTETS},
+        ),
+    )
+    assert response.status_code == 503, response.text
+    assert "resume it at its Location" in problem(response)["detail"]
+    monkeypatch.undo()
+    head = await client.head(response.headers["location"], headers=tus_headers(tenant.project_key))
+    assert head.status_code == 200
+    offset = int(head.headers["upload-offset"])
+    done = await patch(client, tenant, response.headers["location"], payload[offset:], offset)
+    assert done.status_code == 204, done.text
+    assert "zkeb-backup-id" in done.headers
+
+
 async def test_creation_with_partial_upload_reports_the_offset(client: Client, tenant: Tenant) -> None:
     payload = os.urandom(1000)
     envelope = sign_envelope(tenant, payload)

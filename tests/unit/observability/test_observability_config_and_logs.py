@@ -108,6 +108,16 @@ def test_console_lines_escape_control_characters_from_the_request() -> None:
     assert not any(control in line for control in ("\x1b", "\x00", "\x07"))
     assert "GET /\\x1b[2J\\x00x 404" in line
     assert "route=/\\x07" in line
+    # C1 controls too (\x9b is a one-byte CSI).
+    assert "\\x9b" in ConsoleFormatter(colors=False).format(_record("GET /\x9b31m 404"))
+
+
+@pytest.mark.parametrize("formatter", [JsonFormatter(), ConsoleFormatter(colors=False)])
+def test_a_secret_next_to_a_control_character_is_masked_before_it_is_escaped(formatter: logging.Formatter) -> None:
+    key = "zkeb_" + "k" * 43
+    line = formatter.format(_record("Authorization: Bearer\t%s and\t%s", key, key, header=f"Bearer\t{key}"))
+    assert key not in line
+    assert "k" * 43 not in line
 
 
 @pytest.mark.parametrize("formatter", [JsonFormatter(), ConsoleFormatter(colors=False)])

@@ -754,6 +754,12 @@ class UploadController(Controller):
                     "the server is busy (no database connection free); resume the upload at its Location shortly",
                     headers={"Retry-After": "1", "Location": headers["Location"]},
                 ) from None
+            except Exception:  # e.g. the database failed over mid-body: what was stored stays, resumable
+                logger.exception("creation-with-upload failed after its upload was created")
+                raise ServiceUnavailableError(
+                    "the upload could not be finished; resume it at its Location",
+                    headers={"Retry-After": "1", "Location": headers["Location"]},
+                ) from None
             headers["Upload-Offset"] = str(outcome.offset)
             headers["Upload-Expires"] = format_upload_expires(outcome.expires_at)
             if outcome.backup_id is not None:
@@ -845,12 +851,19 @@ class UploadController(Controller):
 
 
 async def _discard_upload(session: AsyncSession, upload_id: UUID, payload_id: UUID) -> None:
-    """Delete an upload and its bytes, as termination does (nothing when it is already gone)."""
-    await session.rollback()  # whatever the refused request left open
-    # The session row first, as every writer locks it.
-    if await session.scalar(_LOCK_SESSION, {"id": upload_id}) is not None:
-        await session.execute(sa_delete(Payload).where(Payload.id == payload_id))
-    await session.commit()
+    """Delete an upload and its bytes, as termination does (nothing when it is already gone).
+
+    Best effort, for a request that is being refused anyway: when the database fails now, the refusal still goes out
+    and the sweeper removes the upload once it expires.
+    """
+    try:
+        await session.rollback()  # whatever the refused request left open
+        # The session row first, as every writer locks it.
+        if await session.scalar(_LOCK_SESSION, {"id": upload_id}) is not None:
+            await session.execute(sa_delete(Payload).where(Payload.id == payload_id))
+        await session.commit()
+    except Exception as exc:  # noqa: BLE001 - see above
+        logger.warning("could not discard a refused upload; it expires", extra={"error": type(exc).__name__})
 
 
 # --- expiration ------------------------------------------------------------------------------------------------
