@@ -83,11 +83,7 @@ def _explain_database_error(exc: BaseException) -> str:
 
     PostgreSQL's message line names objects (a database, a role, a relation), never a password or a row's values.
     """
-    chain: list[BaseException] = []
-    current: BaseException | None = exc
-    while current is not None and len(chain) < 10:
-        chain.append(current)
-        current = current.__cause__ or current.__context__
+    chain = _error_chain(exc)
     names = {type(error).__name__ for error in chain}
     root = chain[-1]
     message = str(root).strip().splitlines()[0] if str(root).strip() else ""
@@ -300,12 +296,17 @@ def _admin_errors(func: F) -> F:
 
 
 def _is_unmigrated(exc: BaseException) -> bool:
+    return any(type(error).__name__ in {"UndefinedTableError", "UndefinedFunctionError"} for error in _error_chain(exc))
+
+
+def _error_chain(exc: BaseException) -> list[BaseException]:
+    """`exc` and its causes, outermost first (the driver's error last), at most ten."""
+    chain: list[BaseException] = []
     current: BaseException | None = exc
-    while current is not None:
-        if type(current).__name__ in {"UndefinedTableError", "UndefinedFunctionError"}:
-            return True
+    while current is not None and len(chain) < 10:
+        chain.append(current)
         current = current.__cause__ or current.__context__
-    return False
+    return chain
 
 
 def _validated_name(name: str, param_hint: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 from pathlib import Path
@@ -116,16 +117,20 @@ async def provision_runtime_login(settings: Settings, url: str) -> None:
         await engine.dispose()
 
 
+@functools.cache
+def _scripts() -> ScriptDirectory:
+    # Read from disk once per process (about 7 ms): every app's runtime asks for the head and the known revisions.
+    return ScriptDirectory(str(migrations_dir()))
+
+
 def head_revision() -> str | None:
     """The newest revision in `db/migrations` (read from disk, no database needed)."""
-    script = ScriptDirectory(str(migrations_dir()))
-    return script.get_current_head()
+    return _scripts().get_current_head()
 
 
 def known_revisions() -> frozenset[str]:
     """Every revision in `db/migrations`: a database at any other one was migrated by a later release."""
-    script = ScriptDirectory(str(migrations_dir()))
-    return frozenset(revision.revision for revision in script.walk_revisions())
+    return frozenset(revision.revision for revision in _scripts().walk_revisions())
 
 
 async def _ahead_of_this_release(settings: Settings, url: str) -> bool:
