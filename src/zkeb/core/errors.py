@@ -83,12 +83,14 @@ class UnsupportedMediaTypeError(ProblemError):
 
 
 class BoundedRequest(Request[Any, Any, Any]):
-    """Litestar's request, except for three kinds of bad body.
+    """Litestar's request, except for four kinds of bad body.
 
     - A JSON body declared as another content type: 415 (Litestar decodes it whatever its `Content-Type`).
     - A JSON body nested past the decoder's depth: 400, not 500. Litestar decodes a `data` body without a target
       type first (`Request.json()`), and msgspec raises `RecursionError` for a document nested a thousand levels
       deep; Litestar catches only `DecodeError`.
+    - A JSON body with a string that is not valid UTF-8 (a stray 0xFF byte, an overlong or a surrogate encoding):
+      400, not 500. msgspec raises `UnicodeDecodeError` for it, which Litestar does not catch either.
     - A body that ends early (`IncompleteBodyError`): 400, not 500. The server reports a truncated body or a
       malformed chunked encoding as `http.disconnect`, which Litestar's `stream()` raises as a 500 ("client
       disconnected prematurely").
@@ -107,7 +109,7 @@ class BoundedRequest(Request[Any, Any, Any]):
             ) from None
 
     async def json(self) -> Any:
-        """The decoded JSON body: 415 when it is declared as something else, 400 when nested too deeply.
+        """The decoded JSON body: 415 when it is declared as something else, 400 when nested too deeply or not UTF-8.
 
         A body without a `Content-Type` is read as JSON.
         """
@@ -118,6 +120,8 @@ class BoundedRequest(Request[Any, Any, Any]):
             return await super().json()
         except RecursionError:
             raise ProblemError("the JSON body is nested too deeply") from None
+        except UnicodeDecodeError:
+            raise ProblemError("the JSON body is not valid UTF-8") from None
 
 
 class NotFoundError(ProblemError):
