@@ -15,9 +15,11 @@ from litestar.openapi.plugins import ScalarRenderPlugin
 from litestar.router import Router
 from litestar.static_files import create_static_files_router
 
-__all__ = ("SCALAR_ASSETS_PATH", "SCALAR_BUNDLE", "scalar_assets_router", "scalar_render_plugin")
+__all__ = ("SCALAR_ASSETS_PATH", "SCALAR_BUNDLE", "SCALAR_PAGE_PATH", "scalar_assets_router", "scalar_render_plugin")
 
 SCALAR_ASSETS_PATH = "/schema/assets/scalar"
+#: Where the page is served (the OpenAPI config's `/schema` and the plugin's path).
+SCALAR_PAGE_PATH = "/schema/scalar"
 SCALAR_BUNDLE = Path(__file__).parent / "static" / "scalar" / "api-reference.js"
 #: An empty stylesheet: Litestar's page links one (by default its theme, from a CDN); the bundle styles itself.
 _NO_STYLESHEET = "data:text/css,"
@@ -26,6 +28,7 @@ _NO_STYLESHEET = "data:text/css,"
 def scalar_render_plugin() -> ScalarRenderPlugin:
     """Litestar's Scalar page, pointed at the packaged bundle, with no CDN stylesheet, favicon or fonts."""
     return ScalarRenderPlugin(
+        path=SCALAR_PAGE_PATH.removeprefix("/schema"),
         js_url=f"{SCALAR_ASSETS_PATH}/{SCALAR_BUNDLE.name}",
         css_url=_NO_STYLESHEET,
         favicon="",
