@@ -3,7 +3,8 @@
 `static/scalar/api-reference.js` is Scalar's standalone bundle at the version `scripts/scalar/package-lock.json`
 pins, copied by `scripts/scalar/vendor.sh` (which checks the tarball against the lock's integrity). Serving it
 ourselves keeps a third-party script that the lock does not pin off this page, and the page working where no CDN is
-reachable. The bundle carries its own styles; the page asks for no web fonts, so it loads nothing from elsewhere.
+reachable. The bundle carries its own styles; the page asks for no web fonts, telemetry or hosted services, so it loads
+nothing from elsewhere.
 """
 
 from __future__ import annotations
@@ -23,6 +24,15 @@ SCALAR_PAGE_PATH = "/schema/scalar"
 SCALAR_BUNDLE = Path(__file__).parent / "static" / "scalar" / "api-reference.js"
 #: An empty stylesheet: Litestar's page links one (by default its theme, from a CDN); the bundle styles itself.
 _NO_STYLESHEET = "data:text/css,"
+#: Scalar's options: no web fonts, no telemetry (on by default), none of its hosted services' buttons (developer
+#: tools, the AI agent, MCP), which would call scalar.com; the page's Content-Security-Policy would block them anyway.
+SCALAR_OPTIONS = {
+    "withDefaultFonts": False,
+    "telemetry": False,
+    "showDeveloperTools": "never",
+    "agent": {"disabled": True},
+    "mcp": {"disabled": True},
+}
 
 
 def scalar_render_plugin() -> ScalarRenderPlugin:
@@ -32,7 +42,7 @@ def scalar_render_plugin() -> ScalarRenderPlugin:
         js_url=f"{SCALAR_ASSETS_PATH}/{SCALAR_BUNDLE.name}",
         css_url=_NO_STYLESHEET,
         favicon="",
-        options={"withDefaultFonts": False},
+        options=SCALAR_OPTIONS,
     )
 
 

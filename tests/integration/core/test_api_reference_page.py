@@ -26,6 +26,7 @@ async def test_scalar_page_loads_only_the_packaged_bundle(client: AsyncTestClien
     urls = _URL_ATTRIBUTE.findall(page.text)
     assert f"{SCALAR_ASSETS_PATH}/api-reference.js" in urls
     assert not [url for url in urls if "//" in url], urls  # nothing from another host: no CDN script, style or icon
+    assert '"telemetry":false' in page.text  # Scalar's telemetry is on unless turned off
     policy = page.headers["content-security-policy"]
     assert "default-src 'none'" in policy
     assert "script-src 'self' 'unsafe-inline';" in policy  # this server's scripts only
