@@ -41,20 +41,27 @@ async def test_scalar_page_loads_only_the_packaged_bundle(client: AsyncTestClien
     assert (await client.get(f"{SCALAR_ASSETS_PATH}/../../../settings.py")).status_code == 404
 
 
-def _chromium() -> str:
-    """Debian's chromium, installed with apt-get when missing (skips, saying why, only when that cannot be done)."""
-    if Path(CHROMIUM).exists():
-        return CHROMIUM
-    if shutil.which("apt-get") is None:
-        pytest.skip("chromium is not installed and there is no apt-get to install it")
-    install = subprocess.run(
-        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "chromium"],
+def _apt_get(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["apt-get", *args],
         env={"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
         capture_output=True,
         text=True,
         timeout=600,
         check=False,
     )
+
+
+def _chromium() -> str:
+    """Debian's chromium, installed with apt-get when missing (skips, saying why, only when that cannot be done)."""
+    if Path(CHROMIUM).exists():
+        return CHROMIUM
+    if shutil.which("apt-get") is None:
+        pytest.skip("chromium is not installed and there is no apt-get to install it")
+    install = _apt_get("install", "-y", "-qq", "chromium")
+    if install.returncode != 0:  # a fresh machine may have no package lists yet
+        _apt_get("update", "-qq")
+        install = _apt_get("install", "-y", "-qq", "chromium")
     if install.returncode != 0 or not Path(CHROMIUM).exists():
         pytest.skip(f"chromium could not be installed with apt-get: {install.stderr.strip()[-500:]}")
     return CHROMIUM
