@@ -157,7 +157,7 @@ class DevicePage(msgspec.Struct, kw_only=True):
 
 
 class TokenRequest(_Body):
-    """`POST /api/v1/auth/token`: an Ed25519 signature over the AUTH message (DESIGN.md) by the device's key."""
+    """`POST /api/v1/auth/token`: an Ed25519 signature over the proof message (docs/protocol.md §5.2)."""
 
     project_id: UUID
     device_id_hash: DeviceIdHashHex

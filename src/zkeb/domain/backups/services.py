@@ -103,7 +103,7 @@ class NewPayload:
 def verify_backup_signature(
     envelope: BackupEnvelope, *, project_id: UUID, public_key: bytes, payload_sha256: bytes, payload_size: int
 ) -> None:
-    """Check the device's Ed25519 signature over DESIGN.md's message (which binds the project id).
+    """Check the device's Ed25519 signature over the signed message (docs/protocol.md §4; it binds the project id).
 
     Raises:
         UnprocessableError: the signature does not verify (422 naming `signature`).
