@@ -90,7 +90,7 @@ Executor = AsyncSession | AsyncConnection
 
 #: Bytes the open (unexpired) tus uploads of project `:p` reserve, but for upload `:u` (the one committing).
 _RESERVED_SQL = (
-    "(SELECT coalesce(sum(s.upload_length), 0) FROM upload_sessions s"
+    "(SELECT CAST(coalesce(sum(s.upload_length), 0) AS bigint) FROM upload_sessions s"
     " WHERE s.project_id = :p AND s.expires_at > now() AND s.id IS DISTINCT FROM CAST(:u AS uuid))"
 )
 # Constant fragments only (S608): the values are bound parameters.
@@ -102,10 +102,11 @@ _CHARGE = text(
 _USAGE_OF = text(
     f"SELECT used_bytes + {_RESERVED_SQL} AS used_bytes, storage_quota_bytes FROM projects WHERE id = :p"  # noqa: S608
 )
+_LOCK_PROJECT_ROW = text("SELECT 1 FROM projects WHERE id = :p FOR UPDATE")
 #: Locks the project row (creations of its uploads are serialized with each other and with its commits).
 _LOCK_FOR_UPLOAD = text("SELECT used_bytes, storage_quota_bytes FROM projects WHERE id = :p FOR UPDATE")
 _OPEN_UPLOADS = text(
-    "SELECT count(*) AS open, coalesce(sum(upload_length), 0) AS reserved FROM upload_sessions"
+    "SELECT count(*) AS open, CAST(coalesce(sum(upload_length), 0) AS bigint) AS reserved FROM upload_sessions"
     " WHERE project_id = :p AND expires_at > now()"
 )
 _REFUND = text("UPDATE projects SET used_bytes = GREATEST(used_bytes - :n, 0) WHERE id = :p")
@@ -160,12 +161,15 @@ async def charge_quota(
     """Add `size` bytes to the project's usage if they fit under its quota; returns its retention policy.
 
     The room open tus uploads reserve is not available, but for that of `upload_id` (the upload committing).
-    Runs in the commit's transaction and locks the project row until it ends.
+    Runs in the commit's transaction and locks the project row until it ends: first, so that the charge, a
+    statement of its own, sees the uploads that commits serialized before it ended (an `UPDATE` waiting for the lock
+    would re-check only the project row, not the reservations).
 
     Raises:
         InsufficientStorageError: the bytes do not fit (507 with `used`, `quota`, `requested`).
         NotFoundError: the project does not exist (in this tenant).
     """
+    await executor.execute(_LOCK_PROJECT_ROW, {"p": project_id})
     row = (await executor.execute(_CHARGE, {"n": size, "p": project_id, "u": upload_id})).first()
     if row is not None:
         return RetentionPolicy(row.retention_keep_last, row.retention_days)
