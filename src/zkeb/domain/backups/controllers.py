@@ -167,6 +167,8 @@ def _decode_envelope(media_type: str, body: bytes) -> tuple[BackupEnvelope, memo
         if field is None:
             raise ProblemError(f"the body is not an envelope: {exc}", status_code=422) from None
         raise invalid_field(field, str(exc)) from None
+    except UnicodeDecodeError:  # msgspec raises it for invalid UTF-8 inside a string (JSON, or a msgpack str)
+        raise ClientException("the body holds a string that is not valid UTF-8") from None
     except msgspec.DecodeError:
         raise ClientException(
             "the body is not valid " + ("msgpack" if media_type in _MSGPACK_TYPES else "JSON")
@@ -499,7 +501,8 @@ class ProjectStorageController(Controller):
         description=(
             "`used_bytes` counts every backup until it is purged (the trash included) and is what the quota "
             "(`quota_bytes`, null: unlimited) limits. `backups` are visible ones, `trashed_backups` those in the "
-            "trash. "
+            "trash. `reserved_bytes` is what the `open_uploads` (tus) reserve of the quota until they complete, "
+            "are terminated or expire. "
             "Org admins and project keys see every device in `by_device`; a device token sees its own share only."
         ),
     )
@@ -513,6 +516,8 @@ class ProjectStorageController(Controller):
             backups=report.backups,
             trashed_backups=report.trashed_backups,
             quota_bytes=report.quota_bytes,
+            reserved_bytes=report.reserved_bytes,
+            open_uploads=report.open_uploads,
             by_device=[
                 DeviceUsage(
                     device_id_hash=d.device_id_hash.hex(),

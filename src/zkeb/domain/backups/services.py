@@ -319,7 +319,12 @@ class BackupService(BackupRepositoryService):
             session = self.session
             method = "tus" if upload is not None else "single"
             try:
-                policy = await charge_quota(session, project_id=project_id, size=payload_size)
+                policy = await charge_quota(
+                    session,
+                    project_id=project_id,
+                    size=payload_size,
+                    upload_id=upload.upload_id if upload is not None else None,
+                )
                 if upload is not None:  # the session row before the payload's: the order every writer locks them in
                     await _end_upload(session, upload)
                 # Taken under the project lock: creation order is commit order, so retention ranks it newest.
@@ -342,7 +347,11 @@ class BackupService(BackupRepositoryService):
                 session.add(backup)
                 await session.flush()
                 trashed = await apply_retention(
-                    session, project_id=project_id, policy=policy, container_id=envelope.container_id
+                    session,
+                    project_id=project_id,
+                    policy=policy,
+                    container_id=envelope.container_id,
+                    device_id_hash=envelope.device_id_hash,
                 )
                 await record_retention_events(
                     session, organization_id=organization_id, project_id=project_id, trashed=trashed, settings=settings

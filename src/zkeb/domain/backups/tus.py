@@ -142,6 +142,8 @@ ENVELOPE_METADATA_KEYS = (
     "backup_timestamp",
 )
 _HEX_64 = re.compile(rb"[0-9a-fA-F]{64}")
+#: A `Host` header: a DNS name or IPv4 address, or a bracketed IPv6 address, and an optional port.
+_HOST = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]{2,45}\])(?::[0-9]{1,5})?")
 
 
 # --- errors (tus status codes) ---------------------------------------------------------------------------------
@@ -244,14 +246,24 @@ def _base_headers(upload: UploadSession | None = None, offset: int | None = None
     return headers
 
 
-def _upload_url(request: Request[Any, Any, Any], context: BackupsContext, upload_id: UUID) -> str:
-    """The upload's absolute URL (some clients cannot resolve a relative `Location`).
+def _uploads_url(request: Request[Any, Any, Any], context: BackupsContext) -> str:
+    """The absolute URL of the uploads collection, which each upload's `Location` extends.
 
-    The scheme is https when the request came over TLS, directly or through a trusted proxy (`TRUSTED_PROXIES`).
+    Absolute, as some clients cannot resolve a relative `Location`: `PUBLIC_URL` when configured (what a deployment
+    should do: `Host` is the client's to choose), else the request's `Host`, which must then name a host (400
+    otherwise). The scheme is then https when the request came over TLS, directly or through a trusted proxy
+    (`TRUSTED_PROXIES`).
+
+    Raises:
+        ProblemError: no `PUBLIC_URL` and no usable `Host` (400).
     """
+    if context.settings.public_url is not None:
+        return f"{context.settings.public_url}{UPLOADS_PATH}"
+    host = request.headers.get("host")
+    if host is None or not _HOST.fullmatch(host):
+        raise _malformed("a Host header naming this server is required (the upload's Location is built from it)")
     tls = request_is_tls(request.scope, trusted_proxies(context.settings.trusted_proxies))
-    host = request.headers.get("host") or f"{request.url.hostname}:{request.url.port}"
-    return f"{'https' if tls else request.url.scheme}://{host}{UPLOADS_PATH}/{upload_id}"
+    return f"{'https' if tls else request.url.scheme}://{host}{UPLOADS_PATH}"
 
 
 def envelope_from_metadata(header: str) -> BackupEnvelope:
@@ -679,7 +691,9 @@ class UploadController(Controller):
             "`Upload-Length` (1..`MAX_UPLOAD_SIZE`, else 413) and `Upload-Metadata` with every envelope field but the "
             "payload, validated now: 400 malformed, 422 naming an invalid field, 409 for a reused `payload_nonce` "
             "(naming `backup_id` when this very envelope was committed), "
-            "507 when `Upload-Length` does not fit under the project's storage quota. "
+            "507 when `Upload-Length` does not fit under the project's storage quota, which open uploads reserve "
+            "their `Upload-Length` from; 429 when the project already has `MAX_OPEN_UPLOADS` uploads open; 400 "
+            "without `PUBLIC_URL` configured and without a `Host` header. "
             "With `Content-Type: application/offset+octet-stream` the body is the upload's first bytes."
         ),
     )
@@ -704,13 +718,16 @@ class UploadController(Controller):
         checksum = _checksum(request) if with_upload else None
         if with_upload and (request.content_length or 0) > length:
             raise UploadTooLargeError(f"the body ({request.content_length} bytes) exceeds Upload-Length ({length})")
+        uploads_url = _uploads_url(request, context)
         assert principal.project_id is not None
         service = BackupService(session=db_session)
         device = await service.device_for_upload(principal, envelope.device_id_hash)
         await service.ensure_nonce_unused(
             principal.project_id, envelope.device_id_hash, envelope.payload_nonce, signature=envelope.signature
         )
-        await LifecycleService(session=db_session).check_quota(principal.project_id, length)
+        await LifecycleService(session=db_session).reserve_upload(
+            principal.project_id, length, max_open_uploads=context.settings.max_open_uploads
+        )
         new = service.add_payload(
             organization_id=principal.organization_id, project_id=principal.project_id, crypto=context.crypto
         )
@@ -737,7 +754,7 @@ class UploadController(Controller):
         await db_session.commit()
         TUS_SESSIONS_CREATED.inc()
         headers = _base_headers(upload)
-        headers["Location"] = _upload_url(request, context, upload.id)
+        headers["Location"] = f"{uploads_url}/{upload.id}"
         if with_upload and request.content_length != 0:
             # Read now: a rollback on the way (a refused commit) expires the ORM object.
             upload_id, payload_id = upload.id, upload.payload_id
