@@ -14,13 +14,19 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from zkeb.lib.byteforms import BytesField, TextEncoding, decode_bytes_fields
 from zkeb.lib.envelope import (
+    AUTH_TAG_LENGTH,
+    DEVICE_ID_HASH_LENGTH,
+    ED25519_SIGNATURE_LENGTH,
+    NONCE_LENGTH,
     auth_message,
     backup_signed_message,
     datetime_to_epoch_microseconds,
     parse_rfc3339_utc,
     verify_ed25519,
 )
+from zkeb.lib.tus import parse_upload_metadata
 
 
 @pytest.fixture(scope="module")
@@ -107,3 +113,34 @@ def test_openapi_envelope_example_is_the_guide_vector(vectors: dict[str, Any]) -
     assert base64.b64decode(ENVELOPE_EXAMPLE["payload_nonce"]).hex() == backup["payload_nonce_hex"]
     assert base64.b64decode(ENVELOPE_EXAMPLE["metadata_auth_tag"]).hex() == backup["metadata_auth_tag_hex"]
     assert ENVELOPE_EXAMPLE["backup_timestamp"] == backup["backup_timestamp"]
+
+
+def test_the_tus_text_form_metadata_vector_carries_the_vector_envelope(
+    project_root: Path, vectors: dict[str, Any]
+) -> None:
+    guide = (project_root / "docs" / "api-guide.md").read_text()
+    match = re.search(r"<!-- zkeb-tus-text-metadata-vector -->\s*```text\n(.*?)\n```", guide, re.DOTALL)
+    assert match, "the tus text-form metadata vector is missing from docs/api-guide.md"
+    values = parse_upload_metadata(match.group(1))
+    fields = (
+        BytesField("device_id_hash", DEVICE_ID_HASH_LENGTH, TextEncoding.HEX),
+        BytesField("payload_nonce", NONCE_LENGTH),
+        BytesField("payload_auth_tag", AUTH_TAG_LENGTH),
+        BytesField("metadata", None),
+        BytesField("metadata_nonce", NONCE_LENGTH),
+        BytesField("metadata_auth_tag", AUTH_TAG_LENGTH),
+        BytesField("signature", ED25519_SIGNATURE_LENGTH),
+    )
+    decoded = decode_bytes_fields(fields, {name: value or b"" for name, value in values.items()})
+    backup = vectors["backup"]
+    assert decoded == {
+        "device_id_hash": bytes.fromhex(backup["device_id_hash_hex"]),
+        "payload_nonce": bytes.fromhex(backup["payload_nonce_hex"]),
+        "payload_auth_tag": bytes.fromhex(backup["payload_auth_tag_hex"]),
+        "metadata": base64.b64decode(backup["metadata_base64"]),
+        "metadata_nonce": bytes.fromhex(backup["metadata_nonce_hex"]),
+        "metadata_auth_tag": bytes.fromhex(backup["metadata_auth_tag_hex"]),
+        "signature": bytes.fromhex(backup["signature_hex"]),
+    }
+    assert values["container_id"] == backup["container_id"].encode()
+    assert values["backup_timestamp"] == backup["backup_timestamp"].encode()
