@@ -68,11 +68,14 @@ def calls(result: dict[str, Any]) -> list[tuple[str, int | None]]:
 async def test_a_12_mb_backup_in_5_mib_chunks_with_text_form_metadata_restores_byte_identical(
     http: httpx.AsyncClient, live_url: str, tenant: Tenant, tmp_path: Path
 ) -> None:
-    envelope = sign_envelope(tenant, os.urandom(TWELVE_MB))
+    # The largest encrypted metadata (8 KiB): its text form, base64 again for tus, is a 15 KB header.
+    envelope = sign_envelope(tenant, os.urandom(TWELVE_MB), metadata=os.urandom(8192))
     result = await upload_with_tus_js(live_url, tenant, envelope, tmp_path)
     assert result["ok"], result
     assert calls(result) == [("POST", None), ("PATCH", 0), ("PATCH", FIVE_MIB), ("PATCH", 2 * FIVE_MIB)]
     assert await restore(http, tenant, result["backupId"]) == envelope.payload
+    backup = await http.get(f"/api/v1/backups/{result['backupId']}", headers=auth(tenant.project_key))
+    assert backup.json()["metadata"] == envelope.tus_text_metadata()["metadata"]
 
 
 async def test_upload_data_during_creation_sends_the_first_chunk_with_the_post(
