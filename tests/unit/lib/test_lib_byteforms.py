@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from hypothesis import example, given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from zkeb.lib.byteforms import (
@@ -49,6 +49,8 @@ def envelope_fields(draw: st.DrawFn) -> dict[str, bytes]:
 
 
 envelopes = st.composite(envelope_fields)()
+# No per-example deadline: the suite shares a busy machine, and a slow example is not a wrong one.
+relaxed = settings(deadline=None)
 
 
 def encode(values: dict[str, bytes], form: ValueForm, *, device_form: ValueForm) -> dict[str, bytes]:
@@ -70,6 +72,7 @@ def test_the_two_forms_of_a_fixed_length_field_never_have_the_same_length(length
         assert len(text_form(field, bytes(length))) == field.text_length
 
 
+@relaxed
 @given(st.sampled_from(FIXED), st.data())
 def test_a_fixed_length_value_round_trips_in_both_forms(field: BytesField, data: st.DataObject) -> None:
     assert field.length is not None
@@ -78,6 +81,7 @@ def test_a_fixed_length_value_round_trips_in_both_forms(field: BytesField, data:
     assert form_of(field, text_form(field, value)) is ValueForm.TEXT
 
 
+@relaxed
 @given(st.sampled_from(FIXED), st.binary(max_size=200))
 @example(BytesField("payload_nonce", 12), b"A" * 15 + b"=")  # right length, not canonical base64
 @example(BytesField("payload_auth_tag", 16), b"AAAAAAAAAAAAAAAAAAAAAB==")  # unused bits set: not canonical
@@ -114,6 +118,7 @@ def test_hex_device_id_hash_is_read_in_either_case() -> None:
     assert decode_bytes_fields((field,), {field.name: upper}) == {field.name: digest}
 
 
+@relaxed
 @given(envelopes, st.sampled_from(ValueForm), st.sampled_from(ValueForm))
 def test_an_envelope_in_either_form_decodes_to_the_bytes_the_client_meant(
     values: dict[str, bytes], form: ValueForm, device_form: ValueForm
@@ -121,6 +126,7 @@ def test_an_envelope_in_either_form_decodes_to_the_bytes_the_client_meant(
     assert decode_bytes_fields(FIELDS, encode(values, form, device_form=device_form)) == values
 
 
+@relaxed
 @given(envelopes)
 @example({**{f.name: bytes(f.length or 0) for f in FIXED}, "metadata": b"QUJD"})
 @example({**{f.name: bytes(f.length or 0) for f in FIXED}, "metadata": b""})
@@ -129,6 +135,7 @@ def test_raw_metadata_that_spells_base64_is_read_raw_when_its_siblings_are_raw(v
     assert decode_bytes_fields(FIELDS, raw)["metadata"] == values["metadata"]
 
 
+@relaxed
 @given(envelopes, st.sampled_from(BASE64_FIXED[1:]))
 def test_base64_fields_in_mixed_forms_are_refused_naming_the_first_that_differs(
     values: dict[str, bytes], odd_one: BytesField
@@ -154,6 +161,7 @@ def test_a_variable_length_field_has_no_form_of_its_own() -> None:
         form_of(METADATA, b"x")
 
 
+@relaxed
 @given(envelopes)
 def test_a_field_read_in_the_other_form_never_verifies_under_the_device_signature(values: dict[str, bytes]) -> None:
     key = Ed25519PrivateKey.generate()
