@@ -99,7 +99,8 @@ _TUS_REQUEST_HEADERS: dict[tuple[str, str], list[dict[str, Any]]] = {
             "Upload-Metadata",
             "Every envelope field but `payload`, as `key base64value` pairs separated by commas; text fields are "
             "base64 of their UTF-8, bytes fields base64 of either their raw bytes or their JSON text (standard "
-            "base64, `device_id_hash` hex) in one form for all of them: see the API guide's 'Upload-Metadata' rule.",
+            "base64, `device_id_hash` hex), the base64 ones all in one form: see the API guide's 'Upload-Metadata' "
+            "rule.",
             required=True,
         ),
         _header("Content-Type", "`application/offset+octet-stream` when the body carries the first bytes."),
