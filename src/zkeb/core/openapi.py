@@ -97,9 +97,9 @@ _TUS_REQUEST_HEADERS: dict[tuple[str, str], list[dict[str, Any]]] = {
         _header("Upload-Length", "Payload size in bytes (≤ `MAX_UPLOAD_SIZE`, else 413).", "integer", required=True),
         _header(
             "Upload-Metadata",
-            "Every envelope field but `payload`, as `key base64value` pairs separated by commas: text fields "
-            "(`container_id`, `backup_timestamp`) base64 of their UTF-8, bytes fields base64 of their raw bytes; "
-            "`device_id_hash` also as base64 of its 64 hex characters (docs/protocol.md §3.2).",
+            "Every envelope field but `payload`, as `key base64value` pairs separated by commas; text fields are "
+            "base64 of their UTF-8, bytes fields base64 of either their raw bytes or their JSON text (standard "
+            "base64, `device_id_hash` hex), the base64 ones all in one form (docs/protocol.md §3.2 has the rule).",
             required=True,
         ),
         _header("Content-Type", "`application/offset+octet-stream` when the body carries the first bytes."),

@@ -105,11 +105,15 @@ def request_is_tls(scope: Scope, proxies: TrustedProxies) -> bool:
     return proto is not None and proto.split(",")[0].strip().lower() == "https"
 
 
-#: Request and response headers a browser client may use across origins (bearer auth, tus, rate limits).
+#: Request and response headers a browser client may use across origins (bearer auth, tus, resumable downloads,
+#: rate limits).
 CORS_ALLOW_HEADERS = (
     "Authorization",
     "Content-Type",
     "X-Request-Id",
+    "Range",
+    "If-Range",
+    "If-None-Match",
     "Tus-Resumable",
     "Upload-Length",
     "Upload-Defer-Length",
@@ -125,6 +129,11 @@ CORS_EXPOSE_HEADERS = (
     "RateLimit-Policy",
     "Retry-After",
     "Content-Range",
+    "Content-Length",
+    "Accept-Ranges",
+    "ETag",
+    "Repr-Digest",
+    "Content-Disposition",
     "Tus-Resumable",
     "Tus-Version",
     "Tus-Extension",
@@ -152,7 +161,9 @@ SERVER_BANNER = b"zkeb"
 def cors_config(settings: Settings) -> CORSConfig | None:
     """Litestar's CORS for the `CORS_ORIGINS` allow-list; None (no CORS headers at all) when the list is empty.
 
-    Credentials travel in `Authorization`, not cookies, so `allow_credentials` stays off.
+    Credentials travel in `Authorization`, not cookies, so `allow_credentials` stays off. Litestar adds its expose,
+    allow-headers and allow-methods headers to a response for any `Origin`; `SecurityHeadersMiddleware` drops them
+    when the origin is not allowed (no `Access-Control-Allow-Origin`), so an origin outside the list gets none.
     """
     if not settings.cors_origins:
         return None
@@ -176,7 +187,9 @@ class SecurityHeadersMiddleware:
       no-store` unless the handler set one; on the Scalar page (`/schema/scalar`) a policy that lets it run only
       what this server serves (Swagger UI, at `/schema/swagger`, still comes from Litestar's CDN and gets none);
     - `Server: zkeb`, replacing any banner. Granian adds `server: granian` only when the application sent no
-      `server` header, so setting ours hides the server's name and version.
+      `server` header, so setting ours hides the server's name and version;
+    - no `Access-Control-*` header on a response without `Access-Control-Allow-Origin`: an origin outside
+      `CORS_ORIGINS` learns nothing of the CORS configuration.
     """
 
     def __init__(self, app: ASGIApp, settings: Settings) -> None:
@@ -195,6 +208,8 @@ class SecurityHeadersMiddleware:
             if message["type"] == "http.response.start":
                 headers = [(k, v) for k, v in message.get("headers", ()) if k.lower() != b"server"]
                 names = {k.lower() for k, _ in headers}
+                if b"access-control-allow-origin" not in names:
+                    headers = [(k, v) for k, v in headers if not k.lower().startswith(b"access-control-")]
                 defaults = [
                     (b"x-content-type-options", b"nosniff"),
                     (b"referrer-policy", b"no-referrer"),

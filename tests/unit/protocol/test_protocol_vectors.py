@@ -40,6 +40,7 @@ from zkeb.lib.envelope import (
     parse_rfc3339_utc,
     verify_ed25519,
 )
+from zkeb.lib.tus import parse_upload_metadata
 
 _TABLE_ROW = re.compile(r"^\| (\d+) \| (\d+) \| [^|]+ \| `([0-9a-f]+)` \|$", re.MULTILINE)
 
@@ -221,7 +222,16 @@ def test_tus_upload_metadata_in_either_form_is_the_same_envelope(vectors: dict[s
     assert text_form != tus["upload_metadata"]
     assert base64.b64decode(tus["device_id_hash_text_form"]).decode() == backup["device_id_hash_hex"]
     assert envelope_from_metadata(text_form) == envelope
+    assert envelope_from_metadata(tus["upload_metadata_text_form"]) == envelope
     _verify(vectors, envelope_from_metadata(tus["upload_metadata"]), payload)
+
+
+def test_the_text_form_header_is_the_json_bodys_fields_as_strings(vectors: dict[str, Any]) -> None:
+    body, header = vectors["backup"]["json_body"], vectors["backup"]["tus"]["upload_metadata_text_form"]
+    strings = {key: (value or b"").decode() for key, value in parse_upload_metadata(header).items()}
+    expected = {key: value for key, value in body.items() if key != "payload"}
+    expected["device_id_hash"] = expected["device_id_hash"].lower()
+    assert strings == expected
 
 
 def test_a_vector_body_with_another_project_or_payload_is_refused(vectors: dict[str, Any]) -> None:

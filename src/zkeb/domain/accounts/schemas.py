@@ -31,7 +31,9 @@ DEFAULT_LIST_LIMIT = 50
 # Bounds: a PostgreSQL BIGINT for bytes; a century for day counts; a million kept versions per device and container.
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200, description="1 to 200 characters")]
 QuotaBytes = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1, description="bytes; null means unlimited")]
-KeepLast = Annotated[int, msgspec.Meta(ge=1, le=1_000_000, description="newest N backups kept per device in each container")]
+KeepLast = Annotated[
+    int, msgspec.Meta(ge=1, le=1_000_000, description="newest N backups kept per device in each container")
+]
 Days = Annotated[int, msgspec.Meta(ge=1, le=36_500)]
 MinAgeDays = Annotated[int, msgspec.Meta(ge=0, le=36_500)]
 DeviceIdHashHex = Annotated[

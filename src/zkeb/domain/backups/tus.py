@@ -8,10 +8,11 @@ ZKEB specifics:
 - `Upload-Metadata` carries every envelope field but the payload, each value base64 as tus requires:
   `container_id` and `backup_timestamp` are base64 of their text (UUID, RFC 3339); `device_id_hash`,
   `payload_nonce`, `payload_auth_tag`, `metadata`, `metadata_nonce`, `metadata_auth_tag` and `signature` are base64
-  of their raw bytes (`device_id_hash` is base64 of the 32 raw bytes; base64 of its 64 hex characters is accepted
-  too). Other keys (e.g. a client's `filename`) are ignored. The envelope, the device and the nonce are checked at
-  creation (400 malformed, 422 invalid naming the field, 409 reused nonce, 507 when `Upload-Length` does not fit
-  under the project's storage quota), so a bad upload fails before any byte.
+  of either their raw bytes or their JSON text (standard base64, `device_id_hash` hex), so that string-only clients
+  can send them; `zkeb.lib.byteforms` holds the exact rule. Other keys (e.g. a client's `filename`) are ignored.
+  The envelope, the device and the nonce are checked at creation (400 malformed, 422 invalid naming the field, 409
+  reused nonce, 507 when `Upload-Length` does not fit under the project's storage quota), so a bad upload fails
+  before any byte.
 - The commit charges the quota again, atomically: a completing PATCH may answer 507 when concurrent uploads took
   the room. The upload then stays (its offset unchanged), so the client can resend the last bytes once room is made.
 - The PATCH that completes the upload verifies the device signature and commits the backup atomically; its
@@ -93,6 +94,8 @@ from zkeb.domain.backups.storage import (
     raw_connection,
 )
 from zkeb.lib.atrest import ChunkCipher
+from zkeb.lib.byteforms import BytesField, FieldFormError, TextEncoding, decode_bytes_fields
+from zkeb.lib.envelope import AUTH_TAG_LENGTH, DEVICE_ID_HASH_LENGTH, ED25519_SIGNATURE_LENGTH, NONCE_LENGTH
 from zkeb.lib.tus import (
     TUS_CHECKSUM_ALGORITHMS,
     TUS_EXTENSIONS,
@@ -141,9 +144,18 @@ ENVELOPE_METADATA_KEYS = (
     "signature",
     "backup_timestamp",
 )
-_HEX_64 = re.compile(rb"[0-9a-fA-F]{64}")
 #: A `Host` header: a DNS name or IPv4 address, or a bracketed IPv6 address, and an optional port.
 _HOST = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]{2,45}\])(?::[0-9]{1,5})?")
+#: The bytes fields of `Upload-Metadata`, each raw or in its JSON text form (`zkeb.lib.byteforms` has the rule).
+_BYTES_FIELDS = (
+    BytesField("device_id_hash", DEVICE_ID_HASH_LENGTH, TextEncoding.HEX),
+    BytesField("payload_nonce", NONCE_LENGTH),
+    BytesField("payload_auth_tag", AUTH_TAG_LENGTH),
+    BytesField("metadata", None),
+    BytesField("metadata_nonce", NONCE_LENGTH),
+    BytesField("metadata_auth_tag", AUTH_TAG_LENGTH),
+    BytesField("signature", ED25519_SIGNATURE_LENGTH),
+)
 
 
 # --- errors (tus status codes) ---------------------------------------------------------------------------------
@@ -293,18 +305,19 @@ def envelope_from_metadata(header: str) -> BackupEnvelope:
         container_id = UUID(text_of("container_id"))
     except ValueError:
         raise invalid_field("container_id", "must be base64 of a UUID") from None
-    device_id_hash = raw("device_id_hash")
-    if _HEX_64.fullmatch(device_id_hash):
-        device_id_hash = bytes.fromhex(device_id_hash.decode())
+    try:
+        fields = decode_bytes_fields(_BYTES_FIELDS, {field.name: raw(field.name) for field in _BYTES_FIELDS})
+    except FieldFormError as exc:
+        raise invalid_field(exc.field, exc.detail) from None
     return validate_envelope(
         container_id=container_id,
-        device_id_hash=device_id_hash,
-        payload_nonce=raw("payload_nonce"),
-        payload_auth_tag=raw("payload_auth_tag"),
-        metadata=raw("metadata"),
-        metadata_nonce=raw("metadata_nonce"),
-        metadata_auth_tag=raw("metadata_auth_tag"),
-        signature=raw("signature"),
+        device_id_hash=fields["device_id_hash"],
+        payload_nonce=fields["payload_nonce"],
+        payload_auth_tag=fields["payload_auth_tag"],
+        metadata=fields["metadata"],
+        metadata_nonce=fields["metadata_nonce"],
+        metadata_auth_tag=fields["metadata_auth_tag"],
+        signature=fields["signature"],
         backup_timestamp=text_of("backup_timestamp"),
     )
 
