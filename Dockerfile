@@ -9,33 +9,30 @@ FROM ghcr.io/astral-sh/uv:0.13.9 AS uv
 
 # ---------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS builder
+# Optional extras to install, e.g. --build-arg EXTRAS=grpc for OTLP over gRPC (pyproject.toml lists them).
+ARG EXTRAS=""
 ENV UV_COMPILE_BYTECODE=1 \
     UV_LINK_MODE=copy \
     UV_NO_CACHE=1 \
     UV_PYTHON_DOWNLOADS=never \
     UV_PROJECT_ENVIRONMENT=/app/.venv
 COPY --from=uv /uv /usr/local/bin/uv
+# strip, for the wheels' shared objects: their debug symbols are ~23 MB of the venv (builder stage only).
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends binutils=2.40-2 \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 # Dependencies first: this layer is reused until pyproject.toml or uv.lock change.
 COPY pyproject.toml uv.lock ./
-RUN uv sync --locked --no-dev --no-editable --no-install-project
+RUN uv sync --locked --no-dev --no-editable --no-install-project ${EXTRAS:+--extra "${EXTRAS}"} \
+    && find /app/.venv -type f -name '*.so*' -exec strip --strip-unneeded {} +
 # Then the project itself, installed as a wheel (no source tree in the runtime).
 COPY README.md ./
 COPY src ./src
-RUN uv sync --locked --no-dev --no-editable
+RUN uv sync --locked --no-dev --no-editable ${EXTRAS:+--extra "${EXTRAS}"}
 
 # ---------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime
-ARG VERSION=0.0.0+unknown
-ARG COMMIT=unknown
-ARG BUILD_DATE=unknown
-LABEL org.opencontainers.image.title="zkeb-api" \
-      org.opencontainers.image.description="ZKEB zero-knowledge encrypted backup server" \
-      org.opencontainers.image.licenses="Apache-2.0" \
-      org.opencontainers.image.version="${VERSION}" \
-      org.opencontainers.image.revision="${COMMIT}" \
-      org.opencontainers.image.created="${BUILD_DATE}"
-
 RUN groupadd --system --gid 10001 zkeb \
     && useradd --system --uid 10001 --gid zkeb --home-dir /app --no-create-home \
        --shell /usr/sbin/nologin zkeb \
@@ -46,15 +43,26 @@ ENV PATH="/app/.venv/bin:${PATH}" \
     PYTHONUNBUFFERED=1 \
     PORT=3000 \
     ZKEB_ENV=production \
-    ZKEB_DATA_DIR=/var/lib/zkeb \
-    ZKEB_VERSION=${VERSION} \
-    ZKEB_COMMIT=${COMMIT} \
-    ZKEB_BUILD_DATE=${BUILD_DATE}
+    ZKEB_DATA_DIR=/var/lib/zkeb
 
 WORKDIR /app
 # Root-owned and read-only for the service user: the code cannot be rewritten at runtime.
 COPY --from=builder /app/.venv /app/.venv
 COPY db/migrations /app/db/migrations
+
+# Build metadata last: a new commit changes only these metadata-only steps, not the layers above.
+ARG VERSION=0.0.0+unknown
+ARG COMMIT=unknown
+ARG BUILD_DATE=unknown
+LABEL org.opencontainers.image.title="zkeb-api" \
+      org.opencontainers.image.description="ZKEB zero-knowledge encrypted backup server" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${COMMIT}" \
+      org.opencontainers.image.created="${BUILD_DATE}"
+ENV ZKEB_VERSION=${VERSION} \
+    ZKEB_COMMIT=${COMMIT} \
+    ZKEB_BUILD_DATE=${BUILD_DATE}
 
 USER 10001:10001
 EXPOSE 3000
