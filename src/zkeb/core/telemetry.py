@@ -130,7 +130,7 @@ class TracingConfig:
         if "otlp" in config.exporters and protocol == "grpc" and not _grpc_exporter_installed():
             msg = (
                 f"{protocol_var}=grpc needs the gRPC exporter, which is the optional 'grpc' extra "
-                "(install zkeb[grpc]); the default http/protobuf needs nothing more"
+                "(zkeb[grpc]; for the image: --build-arg EXTRAS=grpc); the default http/protobuf needs nothing more"
             )
             raise SettingsError(msg)
         if config.enabled:
