@@ -220,14 +220,19 @@ make_bases() {
 # --- build -----------------------------------------------------------------------------------------------
 
 build_image() {
-  local commit started
+  local commit started before ctr
   commit="$(git rev-parse HEAD)"
+  before="$(buildah containers -q)"
   started="$(date +%s)"
   buildah bud --quiet --isolation chroot --pull=never --layers --format docker \
     --build-arg VERSION="$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml | head -n1)" \
     --build-arg COMMIT="${commit}" --build-arg BUILD_DATE="$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
     -f Dockerfile -t "${IMAGE_TAG}" . >"${WORK}/build.log" 2>&1 \
     || { tail -n 30 "${WORK}/build.log" >&2; die "buildah bud failed (log above)"; }
+  # buildah 1.28 leaves the working container of a stage used only by COPY --from (the uv stage) behind.
+  for ctr in $(buildah containers -q); do
+    grep -qx "${ctr}" <<<"${before}" || buildah rm "${ctr}" >/dev/null
+  done
   echo "built ${IMAGE_TAG} in $(($(date +%s) - started)) s"
   COMMIT="${commit}"
 }
@@ -251,17 +256,23 @@ descendants() {
   done
 }
 
-# serve_pid: the pid of the image's CMD, the process a container runtime signals as PID 1 (chroot isolation
-# shares the host's pid space; between `buildah run` and the CMD are buildah's own chroot helpers).
+# find_serve_pid: the pid of the image's CMD, the process a container runtime signals as PID 1 (chroot
+# isolation shares the host's pid space; between `buildah run` and the CMD are buildah's chroot helpers).
+find_serve_pid() {
+  local pid
+  for pid in $(descendants "${SERVE_RUNNER}"); do
+    if [[ "$(cat "/proc/${pid}/comm" 2>/dev/null)" != *buildah* ]]; then
+      echo "${pid}"
+      return
+    fi
+  done
+}
+
 serve_pid() {
   local pid
   for _ in $(seq 1 50); do
-    for pid in $(descendants "${SERVE_RUNNER}"); do
-      if [[ "$(cat "/proc/${pid}/comm" 2>/dev/null)" != *buildah* ]]; then
-        echo "${pid}"
-        return
-      fi
-    done
+    pid="$(find_serve_pid)"
+    [[ -n "${pid}" ]] && { echo "${pid}"; return; }
     sleep 0.1
   done
   die "the image's CMD did not start (log: ${WORK}/serve.log)"
@@ -302,7 +313,7 @@ stop_serve() {
 cleanup() {
   local rc=$?
   if [[ -n "${SERVE_RUNNER:-}" ]] && kill -0 "${SERVE_RUNNER}" 2>/dev/null; then
-    kill -TERM "$(serve_pid)" 2>/dev/null || true
+    kill -TERM "$(find_serve_pid)" "${SERVE_RUNNER}" 2>/dev/null || true
     wait "${SERVE_RUNNER}" 2>/dev/null || true
   fi
   [[ -n "${CTR:-}" ]] && buildah rm "${CTR}" >/dev/null 2>&1
