@@ -33,6 +33,19 @@ RUN uv sync --locked --no-dev --no-editable ${EXTRAS:+--extra "${EXTRAS}"}
 
 # ---------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime
+# Build metadata first, before the RUN below (whose cache key has the build arguments): placed after the cached
+# layers, `ENV ZKEB_COMMIT=${COMMIT}` was reused from an earlier build by buildah's layer cache and the image
+# reported the previous commit (seen with scripts/image-check.sh, buildah 1.28).
+ARG VERSION=0.0.0+unknown
+ARG COMMIT=unknown
+ARG BUILD_DATE=unknown
+LABEL org.opencontainers.image.title="zkeb-api" \
+      org.opencontainers.image.description="ZKEB zero-knowledge encrypted backup server" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${COMMIT}" \
+      org.opencontainers.image.created="${BUILD_DATE}"
+
 RUN groupadd --system --gid 10001 zkeb \
     && useradd --system --uid 10001 --gid zkeb --home-dir /app --no-create-home \
        --shell /usr/sbin/nologin zkeb \
@@ -43,26 +56,15 @@ ENV PATH="/app/.venv/bin:${PATH}" \
     PYTHONUNBUFFERED=1 \
     PORT=3000 \
     ZKEB_ENV=production \
-    ZKEB_DATA_DIR=/var/lib/zkeb
+    ZKEB_DATA_DIR=/var/lib/zkeb \
+    ZKEB_VERSION=${VERSION} \
+    ZKEB_COMMIT=${COMMIT} \
+    ZKEB_BUILD_DATE=${BUILD_DATE}
 
 WORKDIR /app
 # Root-owned and read-only for the service user: the code cannot be rewritten at runtime.
 COPY --from=builder /app/.venv /app/.venv
 COPY db/migrations /app/db/migrations
-
-# Build metadata last: a new commit changes only these metadata-only steps, not the layers above.
-ARG VERSION=0.0.0+unknown
-ARG COMMIT=unknown
-ARG BUILD_DATE=unknown
-LABEL org.opencontainers.image.title="zkeb-api" \
-      org.opencontainers.image.description="ZKEB zero-knowledge encrypted backup server" \
-      org.opencontainers.image.licenses="Apache-2.0" \
-      org.opencontainers.image.version="${VERSION}" \
-      org.opencontainers.image.revision="${COMMIT}" \
-      org.opencontainers.image.created="${BUILD_DATE}"
-ENV ZKEB_VERSION=${VERSION} \
-    ZKEB_COMMIT=${COMMIT} \
-    ZKEB_BUILD_DATE=${BUILD_DATE}
 
 USER 10001:10001
 EXPOSE 3000

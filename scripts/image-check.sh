@@ -223,6 +223,9 @@ build_image() {
   local commit started before ctr
   commit="$(git rev-parse HEAD)"
   before="$(buildah containers -q)"
+  # Each build leaves the previous image and, in turn, its cached steps untagged: drop those older than a day
+  # (recent ones stay as the layer cache), so buildah's store stays bounded on a machine that runs this often.
+  buildah images -q --filter dangling=true --filter until=24h | xargs -r buildah rmi >/dev/null 2>&1 || true
   started="$(date +%s)"
   buildah bud --quiet --isolation chroot --pull=never --layers --format docker \
     --build-arg VERSION="$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml | head -n1)" \
