@@ -9,23 +9,33 @@ FROM ghcr.io/astral-sh/uv:0.13.9 AS uv
 
 # ---------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS builder
+# Optional extras to install, e.g. --build-arg EXTRAS=grpc for OTLP over gRPC (pyproject.toml lists them).
+ARG EXTRAS=""
 ENV UV_COMPILE_BYTECODE=1 \
     UV_LINK_MODE=copy \
     UV_NO_CACHE=1 \
     UV_PYTHON_DOWNLOADS=never \
     UV_PROJECT_ENVIRONMENT=/app/.venv
 COPY --from=uv /uv /usr/local/bin/uv
+# strip, for the wheels' shared objects: their debug symbols are ~23 MB of the venv (builder stage only).
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends binutils=2.40-2 \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 # Dependencies first: this layer is reused until pyproject.toml or uv.lock change.
 COPY pyproject.toml uv.lock ./
-RUN uv sync --locked --no-dev --no-editable --no-install-project
+RUN uv sync --locked --no-dev --no-editable --no-install-project ${EXTRAS:+--extra "${EXTRAS}"} \
+    && find /app/.venv -type f -name '*.so*' -exec strip --strip-unneeded {} +
 # Then the project itself, installed as a wheel (no source tree in the runtime).
 COPY README.md ./
 COPY src ./src
-RUN uv sync --locked --no-dev --no-editable
+RUN uv sync --locked --no-dev --no-editable ${EXTRAS:+--extra "${EXTRAS}"}
 
 # ---------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime
+# Build metadata first, before the RUN below (whose cache key has the build arguments): placed after the cached
+# layers, `ENV ZKEB_COMMIT=${COMMIT}` was reused from an earlier build by buildah's layer cache and the image
+# reported the previous commit (seen with scripts/image-check.sh, buildah 1.28).
 ARG VERSION=0.0.0+unknown
 ARG COMMIT=unknown
 ARG BUILD_DATE=unknown

@@ -100,7 +100,8 @@ class Device:
         return ",".join(f"{k} {base64.b64encode(v).decode()}" for k, v in values.items())
 
 
-async def _provision(client: httpx.AsyncClient, admin_key: str) -> tuple[uuid.UUID, str, Device]:
+async def provision(client: httpx.AsyncClient, admin_key: str) -> tuple[uuid.UUID, str, Device]:
+    """A project, an API key for it and an enrolled device, made with the organization admin key."""
     headers = {"Authorization": f"Bearer {admin_key}"}
     project = (await client.post("/api/v1/projects", json={"name": "bench"}, headers=headers)).json()
     project_id = uuid.UUID(project["id"])
@@ -247,7 +248,7 @@ async def run(server_url: str, repeats: int) -> None:
         rss: dict[int, int] = {}
         with granian(env) as (base, server):
             async with httpx.AsyncClient(base_url=base, timeout=300) as client:
-                project_id, key, device = await _provision(client, admin_key)
+                project_id, key, device = await provision(client, admin_key)
                 worker = worker_pid(server)
                 for size_mib in SIZES_MIB:
                     payload = os.urandom(size_mib * MIB)

@@ -106,7 +106,8 @@ class TracingConfig:
         """Read the standard variables (default: `os.environ`).
 
         Raises:
-            SettingsError: an unknown exporter or protocol; the message names the variable.
+            SettingsError: an unknown exporter or protocol, or gRPC asked for without the `grpc` extra installed;
+                the message names the variable.
         """
         env = os.environ if environ is None else environ
         if env.get("OTEL_SDK_DISABLED", "").strip().lower() in _TRUE:
@@ -126,6 +127,12 @@ class TracingConfig:
             msg = f"{protocol_var} must be http/protobuf or grpc (got {protocol!r})"
             raise SettingsError(msg)
         config = cls(exporters=tuple(n for n in names if n != "none"), protocol=protocol)
+        if "otlp" in config.exporters and protocol == "grpc" and not _grpc_exporter_installed():
+            msg = (
+                f"{protocol_var}=grpc needs the gRPC exporter, which is the optional 'grpc' extra "
+                "(zkeb[grpc]; for the image: --build-arg EXTRAS=grpc); the default http/protobuf needs nothing more"
+            )
+            raise SettingsError(msg)
         if config.enabled:
             _check_sampler(env)
             _check_excluded_urls(env)
@@ -175,8 +182,16 @@ _ENDPOINT_VARS = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDP
 _PROTOCOL_VARS = ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL")
 
 
+def _grpc_exporter_installed() -> bool:
+    try:
+        import opentelemetry.exporter.otlp.proto.grpc  # noqa: F401, PLC0415 - only whether it is installed
+    except ImportError:
+        return False
+    return True
+
+
 def _otlp_exporter(protocol: str) -> SpanExporter:
-    # Imported on demand: the gRPC exporter pulls in grpcio, which only its users should pay for.
+    # Imported on demand: the gRPC exporter (the `grpc` extra) pulls in grpcio, which only its users should pay for.
     if protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (  # noqa: PLC0415
             OTLPSpanExporter as GrpcSpanExporter,

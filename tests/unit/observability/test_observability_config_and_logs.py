@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import logging.config
+import sys
 
 import pytest
 
@@ -40,6 +41,18 @@ def test_tracing_is_configured_only_by_the_standard_variables(
     assert config.exporters == exporters
     assert config.enabled == bool(exporters)
     assert config.protocol == protocol
+
+
+def test_grpc_protocol_without_the_grpc_extra_is_a_configuration_error_naming_the_extra(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A None entry in sys.modules makes `import` fail as it does where the package is not installed.
+    monkeypatch.setitem(sys.modules, "opentelemetry.exporter.otlp.proto.grpc", None)
+    environ = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}
+    with pytest.raises(SettingsError, match=r"OTEL_EXPORTER_OTLP_PROTOCOL=grpc .*'grpc' extra"):
+        TracingConfig.from_env(environ)
+    # Console-only tracing never loads an OTLP exporter, so the protocol variable alone is not an error.
+    assert TracingConfig.from_env({"OTEL_TRACES_EXPORTER": "console", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}).enabled
 
 
 @pytest.mark.parametrize(
