@@ -69,6 +69,8 @@ def _one_line_errors(command: Callable[..., None]) -> Callable[..., None]:
             _fail("interrupted; run the same command again to resume", 130)
         except OSError as exc:
             _fail(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc), EXIT_FAILURE)
+        except Exception as exc:  # noqa: BLE001 - the contract is one stderr line, even for a bug of ours
+            _fail(f"unexpected {type(exc).__name__}: {exc}", EXIT_FAILURE)
 
     return wrapper
 
@@ -130,7 +132,7 @@ def _progress(description: str, enabled: bool) -> Iterator[Callable[[int, int], 
 
 
 def _emit(as_json: bool, obj: msgspec.Struct | dict[str, Any], text: str) -> None:
-    click.echo(msgspec.json.encode(obj).decode() if as_json else text)
+    click.echo(msgspec.json.encode(obj, enc_hook=str).decode() if as_json else text)
 
 
 def _uuid(_ctx: click.Context, _param: click.Parameter, value: str | None) -> uuid.UUID | None:
