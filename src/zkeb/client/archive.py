@@ -1,13 +1,14 @@
 """Directories as tar streams: packed reproducibly for backup, extracted safely on restore.
 
 Packing walks the tree in sorted order (tarfile sorts each directory listing) and keeps links as links, so the
-same tree gives the same bytes: that is what lets an interrupted directory backup resume. Extraction uses the
-standard library's ``data`` filter: no absolute paths, no ``..``, no links pointing outside the target, no device
-files, and no set-uid bits.
+same tree gives the same bytes: that is what lets an interrupted directory backup resume. Extraction refuses
+absolute names outright, then applies the standard library's ``data`` filter: no ``..``, no links pointing outside
+the target, no device files, and no set-uid bits.
 """
 
 from __future__ import annotations
 
+import os
 import tarfile
 from pathlib import Path
 
@@ -22,6 +23,14 @@ def pack_directory(source: Path, destination: Path) -> None:
         archive.add(source, arcname=source.name, recursive=True)
 
 
+def _refuse_absolute_then_data(member: tarfile.TarInfo, destination: str) -> tarfile.TarInfo | None:
+    # The stdlib's ``data`` filter strips a leading "/" and extracts inside the target; our archives never hold one,
+    # so an absolute name means a foreign archive: refuse it rather than guess.
+    if os.path.isabs(member.name) or member.name.startswith(("/", "\\")):
+        raise tarfile.AbsolutePathError(member)
+    return tarfile.data_filter(member, destination)
+
+
 def extract_tar(archive_path: Path, target: Path) -> None:
     """Extract a backup's tar stream into ``target`` (an empty directory), refusing any unsafe member.
 
@@ -30,7 +39,7 @@ def extract_tar(archive_path: Path, target: Path) -> None:
     """
     try:
         with tarfile.open(archive_path, "r:") as archive:
-            archive.extractall(target, filter="data")
+            archive.extractall(target, filter=_refuse_absolute_then_data)  # noqa: S202 - filtered
     except tarfile.FilterError as exc:
         raise IntegrityError(f"refusing an unsafe archive member: {exc}") from None
     except tarfile.TarError as exc:

@@ -37,7 +37,7 @@ from zkeb.client.keys import KeyFile
 from zkeb.client.models import RestoreResult, ServerEnvelope, VerifyResult
 from zkeb.client.transport import RETRYABLE_STATUS, Transport, api_error, retry_after_seconds
 
-__all__ = ("Restorer",)
+__all__ = ("Restorer", "Verified", "check_envelope")
 
 Progress = Callable[[int, int], None]
 
@@ -60,6 +60,33 @@ def _repr_digest(value: str | None) -> bytes | None:
             except ValueError:
                 return None
     return None
+
+
+def check_envelope(keys: KeyFile, envelope: ServerEnvelope) -> Verified:
+    """Verify the envelope's signature with this device's public key and open its metadata.
+
+    Raises:
+        IntegrityError: If another device made the backup, the signature does not verify, or the metadata
+            does not decrypt with this key file's backup key.
+    """
+    if envelope.device_id_hash != keys.device_id_hash.hex():
+        raise IntegrityError(f"backup {envelope.id} was made by another device; restore it with that device's key file")
+    message = backup_signed_message(
+        project_id=envelope.project_id,
+        container_id=envelope.container_id,
+        device_id_hash=keys.device_id_hash,
+        backup_timestamp=envelope.backup_timestamp,
+        payload_nonce=envelope.payload_nonce,
+        payload_auth_tag=envelope.payload_auth_tag,
+        payload_sha256=bytes.fromhex(envelope.payload_sha256),
+        payload_size=envelope.encrypted_payload_size,
+        metadata=envelope.metadata,
+        metadata_nonce=envelope.metadata_nonce,
+        metadata_auth_tag=envelope.metadata_auth_tag,
+    )
+    verify_signature(keys.public_key, envelope.signature, message)
+    metadata = decrypt_metadata(keys.backup_key, envelope.metadata, envelope.metadata_nonce, envelope.metadata_auth_tag)
+    return Verified(envelope, metadata)
 
 
 class _Transfer:
@@ -125,36 +152,6 @@ class Restorer:
         )
         return msgspec.json.decode(response.content, type=ServerEnvelope)
 
-    def check(self, envelope: ServerEnvelope) -> Verified:
-        """Verify the envelope's signature with this device's public key and open its metadata.
-
-        Raises:
-            IntegrityError: If another device made the backup, the signature does not verify, or the metadata
-                does not decrypt with this key file's backup key.
-        """
-        if envelope.device_id_hash != self.keys.device_id_hash.hex():
-            raise IntegrityError(
-                f"backup {envelope.id} was made by another device; restore it with that device's key file"
-            )
-        message = backup_signed_message(
-            project_id=envelope.project_id,
-            container_id=envelope.container_id,
-            device_id_hash=self.keys.device_id_hash,
-            backup_timestamp=envelope.backup_timestamp,
-            payload_nonce=envelope.payload_nonce,
-            payload_auth_tag=envelope.payload_auth_tag,
-            payload_sha256=bytes.fromhex(envelope.payload_sha256),
-            payload_size=envelope.encrypted_payload_size,
-            metadata=envelope.metadata,
-            metadata_nonce=envelope.metadata_nonce,
-            metadata_auth_tag=envelope.metadata_auth_tag,
-        )
-        verify_signature(self.keys.public_key, envelope.signature, message)
-        metadata = decrypt_metadata(
-            self.keys.backup_key, envelope.metadata, envelope.metadata_nonce, envelope.metadata_auth_tag
-        )
-        return Verified(envelope, metadata)
-
     async def _download(self, verified: Verified, sink: BinaryIO | None, progress: Progress | None) -> None:
         """Stream, decrypt and check the payload, writing plaintext to ``sink`` (unauthenticated until this returns)."""
         envelope = verified.envelope
@@ -189,7 +186,7 @@ class Restorer:
 
     async def verify(self, envelope: ServerEnvelope, progress: Progress | None = None) -> VerifyResult:
         """Download and check a backup end to end, writing nothing."""
-        verified = self.check(envelope)
+        verified = check_envelope(self.keys, envelope)
         await self._download(verified, None, progress)
         meta = verified.metadata
         return VerifyResult(id=envelope.id, name=meta.name, kind=meta.kind, size=meta.size, sha256=meta.sha256)
@@ -198,7 +195,7 @@ class Restorer:
         self, envelope: ServerEnvelope, sink: BinaryIO, progress: Progress | None = None
     ) -> RestoreResult:
         """Decrypt a backup into ``sink``, which receives unauthenticated bytes: discard it if this raises."""
-        verified = self.check(envelope)
+        verified = check_envelope(self.keys, envelope)
         await self._download(verified, sink, progress)
         meta = verified.metadata
         return RestoreResult(
@@ -214,7 +211,7 @@ class Restorer:
             ConfigurationError: If the destination already exists.
             IntegrityError: If any check fails; nothing is left at the destination.
         """
-        verified = self.check(envelope)
+        verified = check_envelope(self.keys, envelope)
         meta = verified.metadata
         target, temporary = await asyncio.to_thread(self._prepare, destination, meta.name)
         try:

@@ -6,6 +6,7 @@ a byte budget), observe the server's offset, and kill the CLI there: a determini
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -104,8 +105,7 @@ async def database_bytes(connection: asyncpg.Connection) -> bytes:
     parts: list[bytes] = []
     for table in tables:
         for row in await connection.fetch(f'SELECT * FROM "{table["schemaname"]}"."{table["tablename"]}"'):
-            for value in row.values():
-                parts.append(value if isinstance(value, bytes) else str(value).encode())
+            parts.extend(value if isinstance(value, bytes) else str(value).encode() for value in row.values())
     return b"\x00".join(parts)
 
 
@@ -157,8 +157,6 @@ class StallingProxy:
             pass
         finally:
             for end in (source, sink):
-                try:
+                with contextlib.suppress(OSError):
                     end.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
                 end.close()

@@ -6,6 +6,7 @@ it holds no plaintext and no key material.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -14,6 +15,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import httpx
@@ -93,23 +95,24 @@ def _settled_offset(location: str, key: str) -> int:
         time.sleep(0.1)
 
 
-async def test_backup_killed_mid_upload_resumes_from_the_server_offset_and_restores_byte_identical(
-    enrolled: Cli, project: Project, tmp_path: Path, owner_connection: asyncpg.Connection
-) -> None:
-    plaintext = marked_plaintext(30 * MIB)
-    source = tmp_path / "big-secret-file.bin"
-    source.write_bytes(plaintext)
-    container = str(uuid.uuid4())
+def _backup_killed_then_rerun(
+    cli: Cli, project: Project, source: Path, container: str, state_home: Path
+) -> tuple[dict[str, Any], int, int]:
+    """Back up through a proxy that stalls after 12 MiB, kill the CLI there, then run the same command again.
+
+    Returns:
+        The re-run's JSON result, the server's offset after the kill, and the bytes the re-run sent.
+    """
     proxy = StallingProxy(project.server)
     proxy.budget = 12 * MIB
     try:
         first = subprocess.Popen(
-            enrolled.command("backup", str(source), "--container", container, "--json"),
-            env=enrolled.environ(ZKEB_SERVER=proxy.url),
+            cli.command("backup", str(source), "--container", container, "--json"),
+            env=cli.environ(ZKEB_SERVER=proxy.url),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        location = _upload_location(tmp_path / "state")
+        location = _upload_location(state_home)
         assert proxy.stalled.wait(120), "the upload never reached the proxy's budget"
         first.kill()
         first.wait()
@@ -118,10 +121,22 @@ async def test_backup_killed_mid_upload_resumes_from_the_server_offset_and_resto
         assert 8 * MIB <= offset < 30 * MIB
         proxy.budget = None
         before = proxy.forwarded
-        result = enrolled.json("backup", str(source), "--container", container, ZKEB_SERVER=proxy.url)
-        sent_again = proxy.forwarded - before
+        result = cli.json("backup", str(source), "--container", container, ZKEB_SERVER=proxy.url)
+        return result, offset, proxy.forwarded - before
     finally:
         proxy.close()
+
+
+async def test_backup_killed_mid_upload_resumes_from_the_server_offset_and_restores_byte_identical(
+    enrolled: Cli, project: Project, tmp_path: Path, owner_connection: asyncpg.Connection
+) -> None:
+    plaintext = marked_plaintext(30 * MIB)
+    source = tmp_path / "big-secret-file.bin"
+    source.write_bytes(plaintext)
+    container = str(uuid.uuid4())
+    result, offset, sent_again = await asyncio.to_thread(
+        _backup_killed_then_rerun, enrolled, project, source, container, tmp_path / "state"
+    )
 
     assert result["transfer"] == "tus"
     assert result["resumed_from"] == offset
