@@ -102,19 +102,25 @@ def decrypt_metadata(key: bytes, ciphertext: bytes, nonce: bytes, tag: bytes) ->
 
 
 class PayloadEncryptor:
-    """Streaming AES-256-GCM encryption of one payload, hashing the plaintext and the ciphertext as it goes."""
+    """Streaming AES-256-GCM encryption of one payload, hashing the plaintext and the ciphertext as it goes.
 
-    def __init__(self, key: bytes, nonce: bytes) -> None:
+    With ``digests=False`` it only encrypts: the pass that re-sends a payload already sealed needs just the bytes
+    and the tag (compared with the sealed one), and skipping two SHA-256 over the whole payload is most of its cost.
+    """
+
+    def __init__(self, key: bytes, nonce: bytes, *, digests: bool = True) -> None:
         self._encryptor = Cipher(algorithms.AES(key), modes.GCM(nonce)).encryptor()
+        self._digests = digests
         self.plain_sha256 = hashlib.sha256()
         self.cipher_sha256 = hashlib.sha256()
         self.size = 0
 
     def update(self, plaintext: bytes) -> bytes:
         """Encrypt the next plaintext bytes; returns as many ciphertext bytes (GCM is a stream mode)."""
-        self.plain_sha256.update(plaintext)
         out = self._encryptor.update(plaintext)
-        self.cipher_sha256.update(out)
+        if self._digests:
+            self.plain_sha256.update(plaintext)
+            self.cipher_sha256.update(out)
         self.size += len(out)
         return out
 

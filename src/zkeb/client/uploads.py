@@ -353,7 +353,7 @@ class Uploader:
         total = state.payload_size
 
         async def body() -> AsyncIterator[bytes]:
-            encryptor = PayloadEncryptor(self.keys.backup_key, state.payload_nonce)
+            encryptor = PayloadEncryptor(self.keys.backup_key, state.payload_nonce, digests=False)
             position, sent = 0, offset
             with source.open() as handle:
                 for chunk in _chunks(handle):
