@@ -61,6 +61,7 @@ def cli(project: Project, tmp_path: Path) -> Cli:
             "ZKEB_TOKEN": project.admin_key,
             "ZKEB_PROJECT": str(project.project_id),
             "XDG_STATE_HOME": str(tmp_path / "state"),
+            "ZKEB_TOKEN_PROJECT": project.project_key,  # not read by the CLI: the tests' own HEAD requests use it
         }
     )
 
@@ -95,34 +96,47 @@ def _settled_offset(location: str, key: str) -> int:
         time.sleep(0.1)
 
 
+def _kill_mid_upload(cli: Cli, proxy: StallingProxy, source: Path, container: str, state_home: Path) -> int:
+    """Back up through `proxy` (stalling after 12 MiB), kill the CLI there; returns the server's offset."""
+    proxy.budget = 12 * MIB
+    first = subprocess.Popen(
+        cli.command("backup", str(source), "--container", container, "--json"),
+        env=cli.environ(ZKEB_SERVER=proxy.url),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    location = _upload_location(state_home)
+    assert proxy.stalled.wait(120), "the upload never reached the proxy's budget"
+    first.kill()
+    first.wait()
+    # The recorded Location names the proxy (the host the CLI spoke to); ask the server directly.
+    host = f"http://{proxy.upstream[0]}:{proxy.upstream[1]}"
+    offset = _settled_offset(location.replace(proxy.url, host), cli.env["ZKEB_TOKEN_PROJECT"])
+    assert 8 * MIB <= offset < 30 * MIB
+    proxy.budget = None
+    return offset
+
+
 def _backup_killed_then_rerun(
-    cli: Cli, project: Project, source: Path, container: str, state_home: Path
+    cli: Cli, project: Project, source: Path, container: str, state_home: Path, *, change: bool = False
 ) -> tuple[dict[str, Any], int, int]:
-    """Back up through a proxy that stalls after 12 MiB, kill the CLI there, then run the same command again.
+    """Kill a backup mid-upload, optionally change the file (same size and mtime), then run the same command again.
 
     Returns:
         The re-run's JSON result, the server's offset after the kill, and the bytes the re-run sent.
     """
     proxy = StallingProxy(project.server)
-    proxy.budget = 12 * MIB
     try:
-        first = subprocess.Popen(
-            cli.command("backup", str(source), "--container", container, "--json"),
-            env=cli.environ(ZKEB_SERVER=proxy.url),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        location = _upload_location(state_home)
-        assert proxy.stalled.wait(120), "the upload never reached the proxy's budget"
-        first.kill()
-        first.wait()
-        # The recorded Location names the proxy (the host the CLI spoke to); ask the server directly.
-        offset = _settled_offset(location.replace(proxy.url, project.server), project.project_key)
-        assert 8 * MIB <= offset < 30 * MIB
-        proxy.budget = None
-        before = proxy.forwarded
+        offset = _kill_mid_upload(cli, proxy, source, container, state_home)
+        if change:
+            before = source.stat()
+            with source.open("r+b") as handle:
+                handle.seek(5 * MIB)
+                handle.write(b"changed!" * 1024)
+            os.utime(source, ns=(before.st_atime_ns, before.st_mtime_ns))
+        sent_before = proxy.forwarded
         result = cli.json("backup", str(source), "--container", container, ZKEB_SERVER=proxy.url)
-        return result, offset, proxy.forwarded - before
+        return result, offset, proxy.forwarded - sent_before
     finally:
         proxy.close()
 
@@ -155,6 +169,27 @@ async def test_backup_killed_mid_upload_resumes_from_the_server_offset_and_resto
     for secret in (keys.backup_key, keys.signing_key.private_bytes_raw()):
         for form in (secret, secret.hex().encode(), base64.b64encode(secret)):
             assert form not in stored, "key material is in the database"
+
+
+async def test_a_file_changed_between_runs_is_sent_afresh_not_mixed_with_the_old_upload(
+    enrolled: Cli, project: Project, tmp_path: Path, owner_connection: asyncpg.Connection
+) -> None:
+    source = tmp_path / "changing.bin"
+    source.write_bytes(os.urandom(30 * MIB))
+    container = str(uuid.uuid4())
+
+    result, offset, sent_again = await asyncio.to_thread(
+        _backup_killed_then_rerun, enrolled, project, source, container, tmp_path / "state", change=True
+    )
+
+    assert offset > 0
+    assert result["resumed_from"] == 0
+    assert sent_again > 30 * MIB, "the changed file was not sent whole"
+    restored = tmp_path / "restored.bin"
+    enrolled.ok("restore", result["id"], "-o", str(restored))
+    assert restored.read_bytes() == source.read_bytes()
+    assert await owner_connection.fetchval("SELECT count(*) FROM upload_sessions") == 0, "the old upload was kept"
+    assert await owner_connection.fetchval("SELECT count(*) FROM backups") == 1
 
 
 async def test_directory_round_trip_restores_the_same_tree(enrolled: Cli, tmp_path: Path) -> None:
