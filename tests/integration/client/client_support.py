@@ -110,12 +110,16 @@ async def database_bytes(connection: asyncpg.Connection) -> bytes:
 
 
 class StallingProxy:
-    """A TCP proxy that stops forwarding client bytes once `budget` of them have passed (None: no limit)."""
+    """A TCP proxy that stops forwarding client bytes once `budget` of them have passed (None: no limit).
+
+    It can also answer the next `busy_answers` connections itself with a 503 and `Retry-After: 1`.
+    """
 
     def __init__(self, upstream: str) -> None:
         host, port = upstream.removeprefix("http://").split(":")
         self.upstream = (host, int(port))
         self.budget: int | None = None
+        self.busy_answers = 0  # this many connections get a 503 with Retry-After instead of being forwarded
         self.forwarded = 0
         self.stalled = threading.Event()
         self._lock = threading.Lock()
@@ -135,9 +139,30 @@ class StallingProxy:
                 downstream, _ = self._listener.accept()
             except OSError:
                 return
+            with self._lock:
+                busy, self.busy_answers = self.busy_answers > 0, max(self.busy_answers - 1, 0)
+            if busy:
+                threading.Thread(target=self._answer_busy, args=(downstream,), daemon=True).start()
+                continue
             upstream = socket.create_connection(self.upstream)
             threading.Thread(target=self._pump, args=(downstream, upstream, True), daemon=True).start()
             threading.Thread(target=self._pump, args=(upstream, downstream, False), daemon=True).start()
+
+    @staticmethod
+    def _answer_busy(downstream: socket.socket) -> None:
+        """Read one request head and answer 503 with `Retry-After: 1`, as an overloaded server or balancer would."""
+        with downstream:
+            head = b""
+            while b"\r\n\r\n" not in head and (data := downstream.recv(65536)):
+                head += data
+            body = b'{"status": 503, "title": "Service Unavailable", "detail": "try again shortly"}'
+            downstream.sendall(
+                b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nConnection: close\r\n"
+                b"Content-Type: application/problem+json\r\nContent-Length: "
+                + str(len(body)).encode()
+                + b"\r\n\r\n"
+                + body
+            )
 
     def _pump(self, source: socket.socket, sink: socket.socket, counted: bool) -> None:
         dropping = False  # once over budget, this connection's further bytes are read and thrown away

@@ -5,12 +5,13 @@ from __future__ import annotations
 import io
 import os
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from client_support import MIB, Project, make_project
+from client_support import MIB, Project, StallingProxy, make_project
 
 from zkeb.client import ApiError, AsyncClient, Client, KeyFile, ZkebClientError
 
@@ -91,6 +92,25 @@ async def test_server_problems_become_api_errors_with_status_title_detail_and_re
     assert error.detail
     assert error.request_id
     assert str(error).startswith("server answered 404")
+
+
+async def test_503_with_retry_after_is_retried_after_the_time_the_server_asks(
+    project: Project, keys: KeyFile, tmp_path: Path
+) -> None:
+    proxy = StallingProxy(project.server)
+    proxy.busy_answers = 2  # the first two connections (each request's, as the 503 closes them) are refused
+    try:
+        async with AsyncClient(proxy.url, keys=keys, state_dir=tmp_path / "state") as client:
+            started = time.monotonic()
+            backup = await client.backup_bytes(b"through a busy server", uuid.uuid4())
+            elapsed = time.monotonic() - started
+            restored = await client.restore_bytes(backup.id)
+    finally:
+        proxy.close()
+
+    assert restored == b"through a busy server"
+    assert proxy.busy_answers == 0
+    assert elapsed >= 2.0, "the client did not wait the Retry-After it was given"
 
 
 def test_blocking_client_backs_up_and_restores_a_file(project: Project, keys: KeyFile, tmp_path: Path) -> None:
