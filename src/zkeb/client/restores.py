@@ -17,6 +17,7 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -40,6 +41,9 @@ from zkeb.client.transport import RETRYABLE_STATUS, Transport, api_error, retry_
 __all__ = ("Restorer", "Verified", "check_envelope")
 
 Progress = Callable[[int, int], None]
+
+#: Bytes gathered before a block goes to the worker thread.
+BLOCK_SIZE = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -90,7 +94,12 @@ def check_envelope(keys: KeyFile, envelope: ServerEnvelope) -> Verified:
 
 
 class _Transfer:
-    """One payload's download in progress, across the requests that resume it."""
+    """One payload's download in progress, across the requests that resume it.
+
+    Received bytes are gathered into blocks of about 1 MiB that one worker thread decrypts, hashes and writes, in
+    order, while the event loop reads the next block from the network (hashlib and file writes release the GIL).
+    At most one block waits behind the one being processed, so memory stays at a few MiB.
+    """
 
     def __init__(
         self, decryptor: PayloadDecryptor, envelope: ServerEnvelope, sink: BinaryIO | None, progress: Progress | None
@@ -100,6 +109,18 @@ class _Transfer:
         self.sink = sink
         self.progress = progress
         self.received = 0
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zkeb-restore")
+        self._pending: asyncio.Future[None] | None = None
+
+    def _absorb(self, block: bytes) -> None:
+        plain = self.decryptor.update(block)
+        if self.sink is not None:
+            self.sink.write(plain)
+
+    async def _submit(self, block: bytes) -> None:
+        if self._pending is not None:
+            await self._pending
+        self._pending = asyncio.get_running_loop().run_in_executor(self._worker, self._absorb, block)
 
     async def receive(self, response: httpx.Response) -> None:
         """Decrypt a response's body into the sink (a 206 continuing where the last one stopped)."""
@@ -112,23 +133,37 @@ class _Transfer:
         if digest is not None and digest.hex() != self.envelope.payload_sha256:
             raise IntegrityError("the server's digest of the payload is not the signed one")
         total = self.envelope.encrypted_payload_size
-        async for chunk in response.aiter_bytes():
-            self.received += len(chunk)
-            if self.received > total:
-                raise IntegrityError("the server sent more bytes than the signed payload size")
-            plain = self.decryptor.update(chunk)
-            if self.sink is not None:
-                self.sink.write(plain)
-            if self.progress is not None:
-                self.progress(self.received, total)
+        block = bytearray()
+        try:
+            async for chunk in response.aiter_bytes():
+                self.received += len(chunk)
+                if self.received > total:
+                    raise IntegrityError("the server sent more bytes than the signed payload size")
+                block += chunk
+                if len(block) >= BLOCK_SIZE:
+                    await self._submit(bytes(block))
+                    block.clear()
+                if self.progress is not None:
+                    self.progress(self.received, total)
+        finally:
+            # What arrived before a dropped connection is kept (in order): the next request asks for the rest.
+            if block:
+                await self._submit(bytes(block))
 
-    def finish(self, metadata: BackupMetadata) -> None:
-        """Check the ciphertext digest, the tag, and the plaintext's SHA-256."""
+    async def finish(self, metadata: BackupMetadata) -> None:
+        """Wait for the last block, then check the ciphertext digest, the tag, and the plaintext's SHA-256."""
+        if self._pending is not None:
+            await self._pending
+        self._worker.shutdown()
         if self.decryptor.cipher_sha256.hexdigest() != self.envelope.payload_sha256:
             raise IntegrityError("the payload's SHA-256 is not the signed one (altered on the server?)")
         self.decryptor.finish()
         if self.decryptor.plain_sha256.hexdigest() != metadata.sha256:
             raise IntegrityError("the decrypted data's SHA-256 does not match the backup's record")
+
+    def close(self) -> None:
+        """Stop the worker (after a failure, without waiting for queued blocks that no longer matter)."""
+        self._worker.shutdown(wait=True, cancel_futures=True)
 
 
 class Restorer:
@@ -161,6 +196,15 @@ class Restorer:
             sink,
             progress,
         )
+        try:
+            await self._fetch(transfer)
+            await transfer.finish(verified.metadata)
+        finally:
+            transfer.close()
+
+    async def _fetch(self, transfer: _Transfer) -> None:
+        """Receive the whole payload, resuming with `Range`/`If-Range` after connection loss, 429 and 503."""
+        envelope = transfer.envelope
         policy = self.transport.retry
         path = f"/api/v1/backups/{envelope.id}/payload"
         failures = 0
@@ -182,7 +226,6 @@ class Restorer:
             if failures >= policy.attempts:
                 raise TransferError(f"the download kept failing ({error.strip()})")
             await asyncio.sleep(wait)
-        transfer.finish(verified.metadata)
 
     async def verify(self, envelope: ServerEnvelope, progress: Progress | None = None) -> VerifyResult:
         """Download and check a backup end to end, writing nothing."""
