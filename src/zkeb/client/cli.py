@@ -92,10 +92,10 @@ class Settings(msgspec.Struct):
             data = self.identity.read_bytes()
         except FileNotFoundError:
             raise KeyFileError(f"{self.identity} does not exist (create it with `zkeb-client keygen`)") from None
-        passphrase = self.passphrase
-        if passphrase is None and KeyFile.is_sealed(data) and sys.stdin.isatty():
-            passphrase = click.prompt("Key file passphrase", hide_input=True, err=True)
-        return KeyFile.from_bytes(data, passphrase)
+        if self.passphrase is None and KeyFile.is_sealed(data) and sys.stdin.isatty():
+            # Kept for the run: `enroll` rewrites the file and must seal it again with the same passphrase.
+            self.passphrase = click.prompt("Key file passphrase", hide_input=True, err=True)
+        return KeyFile.from_bytes(data, self.passphrase)
 
     def client(self, *, keys: bool = True) -> AsyncClient:
         """An SDK client from these settings."""
@@ -264,10 +264,11 @@ def enroll(settings: Settings, label: str) -> None:
         async with settings.client() as client:
             return await client.enroll(label)
 
+    keys = settings.keys()
     enrollment = _run(go)
-    keys = settings.keys().with_project(settings.project)
     assert settings.identity is not None  # settings.keys() checked it
-    keys.rewrite(settings.identity, settings.passphrase)
+    sealed = KeyFile.is_sealed(settings.identity.read_bytes())
+    keys.with_project(settings.project).rewrite(settings.identity, settings.passphrase if sealed else None)
     click.echo(f"enrolled device {enrollment.id} ({enrollment.device_id_hash}) in project {settings.project}")
 
 

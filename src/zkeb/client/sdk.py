@@ -132,16 +132,19 @@ class AsyncClient:
     ) -> BackupResult:
         """Back up a file, or a directory as a tar stream; an interrupted call, repeated, resumes."""
         uploader = self._uploader()
-        source = await asyncio.to_thread(self._source, Path(path), uploader, container_id)
-        return await uploader.backup(source, container_id, progress)
+        source, pack_key = await asyncio.to_thread(self._source, Path(path), uploader, container_id)
+        result = await uploader.backup(source, container_id, progress)
+        if pack_key is not None:
+            self.states.discard(pack_key)  # the directory's tar stream, once backed up
+        return result
 
-    def _source(self, path: Path, uploader: Uploader, container_id: uuid.UUID) -> Source:
-        """A file as it is; a directory packed (reproducibly) into a tar file in the state directory."""
+    def _source(self, path: Path, uploader: Uploader, container_id: uuid.UUID) -> tuple[Source, str | None]:
+        """A file as it is; a directory packed (reproducibly) into a tar file in the state directory, and its key."""
         absolute = path.absolute()
         if not absolute.is_dir():
             if not absolute.is_file():
                 raise ConfigurationError(f"{path} is not a file or directory")
-            return _file_source(absolute, absolute.name, "file", str(absolute))
+            return _file_source(absolute, absolute.name, "file", str(absolute)), None
         resume_id = f"dir:{absolute}"
         key = self.states.key(
             server=self.transport.server,
@@ -158,7 +161,7 @@ class AsyncClient:
             temporary.unlink()
         else:
             temporary.replace(pack)
-        return _file_source(pack, absolute.name, "directory", resume_id)
+        return _file_source(pack, absolute.name, "directory", resume_id), key
 
     async def backup_bytes(
         self, data: bytes, container_id: uuid.UUID, name: str = "data", progress: Progress | None = None

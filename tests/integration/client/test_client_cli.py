@@ -213,6 +213,7 @@ async def test_directory_round_trip_restores_the_same_tree(enrolled: Cli, tmp_pa
     assert (copy / "empty").read_bytes() == b""
     assert os.readlink(copy / "latest") == "2026/december/a.jpg"
     assert sorted(p.relative_to(copy) for p in copy.rglob("*")) == sorted(p.relative_to(tree) for p in tree.rglob("*"))
+    assert not list((tmp_path / "state" / "zkeb-client" / "packs").iterdir()), "the tar stream was left behind"
 
 
 def _nothing_written(folder: Path, name: str) -> None:
@@ -294,6 +295,27 @@ async def test_restore_of_a_backup_with_a_replaced_signature_fails_in_one_line_a
 
     assert_one_line_failure(result, 3, "signature does not verify")
     assert list(out.iterdir()) == []
+
+
+async def test_enrolling_a_sealed_key_file_keeps_it_sealed_and_remembers_the_project(
+    cli: Cli, project: Project, tmp_path: Path
+) -> None:
+    cli.ok("keygen", ZKEB_PASSPHRASE="a long passphrase")
+    cli.ok("enroll", "--label", "laptop", ZKEB_PASSPHRASE="a long passphrase")
+    document = json.loads((tmp_path / "device.key").read_bytes())
+    source = tmp_path / "notes.txt"
+    source.write_bytes(b"sealed notes")
+
+    # No project given: the key file names it now.
+    backup = cli.json("backup", str(source), "--container", str(uuid.uuid4()), ZKEB_PASSPHRASE="a long passphrase",
+                      ZKEB_PROJECT="", ZKEB_TOKEN="")  # fmt: skip
+    refused = cli.run("ls", ZKEB_PASSPHRASE="not it")
+
+    assert "secret" not in document
+    assert document["sealed"]["kdf"] == "scrypt"
+    assert document["project_id"] == str(project.project_id)
+    assert backup["size"] == len(b"sealed notes")
+    assert_one_line_failure(refused, 4, "wrong passphrase")
 
 
 async def test_ls_verify_and_rm(enrolled: Cli, tmp_path: Path) -> None:
