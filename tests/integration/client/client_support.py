@@ -112,7 +112,8 @@ async def database_bytes(connection: asyncpg.Connection) -> bytes:
 class StallingProxy:
     """A TCP proxy that stops forwarding client bytes once `budget` of them have passed (None: no limit).
 
-    It can also answer the next `busy_answers` connections itself with a 503 and `Retry-After: 1`.
+    It can also answer the next `busy_answers` connections itself with a 503 and `Retry-After: 1`, and drop the
+    first connection whose answer passes `cut_response_after` bytes (a download cut mid-way).
     """
 
     def __init__(self, upstream: str) -> None:
@@ -120,7 +121,11 @@ class StallingProxy:
         self.upstream = (host, int(port))
         self.budget: int | None = None
         self.busy_answers = 0  # this many connections get a 503 with Retry-After instead of being forwarded
+        self.cut_response_after: int | None = None  # drop the next connection whose answer passes this many bytes
         self.forwarded = 0
+        self.answered = 0  # bytes forwarded from the server to the client
+        self.cuts = 0
+        self.requests: list[bytes] = []  # client bytes that start a request line, for tests to inspect
         self.stalled = threading.Event()
         self._lock = threading.Lock()
         self._listener = socket.create_server(("127.0.0.1", 0))
@@ -166,17 +171,29 @@ class StallingProxy:
 
     def _pump(self, source: socket.socket, sink: socket.socket, counted: bool) -> None:
         dropping = False  # once over budget, this connection's further bytes are read and thrown away
+        answered = 0
         try:
             while data := source.recv(256 * 1024):
                 if counted and not dropping:
                     with self._lock:
+                        if data[:8].split(b" ")[0] in {b"GET", b"HEAD", b"POST", b"PATCH", b"DELETE", b"OPTIONS"}:
+                            self.requests.append(data[:2048])
                         if self.budget is not None and self.forwarded + len(data) > self.budget:
                             data = data[: max(self.budget - self.forwarded, 0)]
                             dropping = True
                             self.stalled.set()
                         self.forwarded += len(data)
                     sink.sendall(data)
-                elif not dropping:
+                elif not counted:
+                    with self._lock:
+                        answered += len(data)
+                        cut = self.cut_response_after is not None and answered > self.cut_response_after
+                        if cut:
+                            self.cut_response_after = None
+                            self.cuts += 1
+                        self.answered += len(data)
+                    if cut:
+                        return  # the connection drops mid-answer (closed below)
                     sink.sendall(data)
         except OSError:
             pass

@@ -113,6 +113,29 @@ async def test_503_with_retry_after_is_retried_after_the_time_the_server_asks(
     assert elapsed >= 2.0, "the client did not wait the Retry-After it was given"
 
 
+async def test_a_download_cut_mid_way_resumes_with_range_and_if_range(
+    project: Project, keys: KeyFile, tmp_path: Path
+) -> None:
+    data = os.urandom(10 * MIB)
+    async with AsyncClient(project.server, keys=keys, state_dir=tmp_path / "state") as direct:
+        backup = await direct.backup_bytes(data, uuid.uuid4(), name="cut.bin")
+    proxy = StallingProxy(project.server)
+    try:
+        async with AsyncClient(proxy.url, keys=keys, state_dir=tmp_path / "state") as client:
+            envelope = await client.envelope(backup.id)
+            proxy.cut_response_after = 4 * MIB
+            restored = await client.restore_bytes(backup.id)
+    finally:
+        proxy.close()
+
+    ranged = [head for head in proxy.requests if b"/payload" in head and b"\r\nrange: bytes=" in head.lower()]
+    assert restored == data
+    assert proxy.cuts == 1, "the download was never cut"
+    assert len(ranged) == 1
+    assert f'if-range: "{envelope.payload_sha256}"'.encode() in ranged[0].lower()
+    assert proxy.answered < 10 * MIB + 4 * MIB + MIB, "the download started over instead of resuming"
+
+
 def test_blocking_client_backs_up_and_restores_a_file(project: Project, keys: KeyFile, tmp_path: Path) -> None:
     source = tmp_path / "report.pdf"
     source.write_bytes(os.urandom(2 * MIB))
