@@ -75,7 +75,7 @@ def _one_line_errors(command: Callable[..., None]) -> Callable[..., None]:
     return wrapper
 
 
-class Settings(msgspec.Struct):
+class CliSettings(msgspec.Struct):
     """The group's options, handed to each command."""
 
     server: str | None
@@ -204,7 +204,7 @@ def cli(
 
     Exit status: 0 success, 1 server refusal or network failure, 2 usage, 3 verification failure, 4 key file.
     """
-    ctx.obj = Settings(server=server, identity=identity, token=token, project=project, passphrase=passphrase)
+    ctx.obj = CliSettings(server=server, identity=identity, token=token, project=project, passphrase=passphrase)
 
 
 @cli.command()
@@ -212,7 +212,7 @@ def cli(
 @click.option("--from-recovery", is_flag=True, help="Rebuild the key file from a recovery form read on stdin.")
 @click.pass_obj
 @_one_line_errors
-def keygen(settings: Settings, seal: bool | None, from_recovery: bool) -> None:
+def keygen(settings: CliSettings, seal: bool | None, from_recovery: bool) -> None:
     """Create a device key file (Ed25519 identity + 256-bit backup key), mode 0600; never overwrites.
 
     With --passphrase (or ZKEB_PASSPHRASE, or --seal to be prompted) the secret is sealed with scrypt
@@ -239,7 +239,7 @@ def keygen(settings: Settings, seal: bool | None, from_recovery: bool) -> None:
 @cli.command("export-recovery")
 @click.pass_obj
 @_one_line_errors
-def export_recovery(settings: Settings) -> None:
+def export_recovery(settings: CliSettings) -> None:
     """Print the keys as a recovery form (base32 with a checksum) to keep offline, e.g. on paper.
 
     Anyone holding it can read and forge your backups. Rebuild a key file from it with
@@ -252,7 +252,7 @@ def export_recovery(settings: Settings) -> None:
 @click.option("--label", required=True, help="A name for this device, shown to the project's admins.")
 @click.pass_obj
 @_one_line_errors
-def enroll(settings: Settings, label: str) -> None:
+def enroll(settings: CliSettings, label: str) -> None:
     """Register this device's public key in the project (needs an org-admin key as --token).
 
     The key file then remembers the project, so later commands need no --project.
@@ -278,7 +278,7 @@ def enroll(settings: Settings, label: str) -> None:
 @JSON_OPTION
 @click.pass_obj
 @_one_line_errors
-def backup(settings: Settings, path: Path, container: uuid.UUID, as_json: bool) -> None:
+def backup(settings: CliSettings, path: Path, container: uuid.UUID, as_json: bool) -> None:
     """Encrypt, sign and upload PATH (a file, or a directory as a tar stream).
 
     Small files go in one request, larger ones by tus; if interrupted, run the same command again and it
@@ -306,7 +306,7 @@ def backup(settings: Settings, path: Path, container: uuid.UUID, as_json: bool) 
 @click.pass_obj
 @_one_line_errors
 def restore(
-    settings: Settings,
+    settings: CliSettings,
     *,
     backup_id: uuid.UUID | None,
     latest: bool,
@@ -338,7 +338,7 @@ def restore(
 @JSON_OPTION
 @click.pass_obj
 @_one_line_errors
-def list_backups(settings: Settings, container: uuid.UUID | None, as_json: bool) -> None:
+def list_backups(settings: CliSettings, container: uuid.UUID | None, as_json: bool) -> None:
     """List backups, newest first (names shown for those this key file can open)."""
 
     async def go() -> Any:
@@ -359,7 +359,7 @@ def list_backups(settings: Settings, container: uuid.UUID | None, as_json: bool)
 @JSON_OPTION
 @click.pass_obj
 @_one_line_errors
-def verify(settings: Settings, backup_id: uuid.UUID, as_json: bool) -> None:
+def verify(settings: CliSettings, backup_id: uuid.UUID, as_json: bool) -> None:
     """Download a backup and check its signature, digest and decryption; writes nothing."""
 
     async def go() -> Any:
@@ -376,7 +376,7 @@ def verify(settings: Settings, backup_id: uuid.UUID, as_json: bool) -> None:
 @JSON_OPTION
 @click.pass_obj
 @_one_line_errors
-def remove(settings: Settings, backup_id: uuid.UUID, as_json: bool) -> None:
+def remove(settings: CliSettings, backup_id: uuid.UUID, as_json: bool) -> None:
     """Move a backup to the project's trash (an org admin can restore or purge it)."""
 
     async def go() -> None:
