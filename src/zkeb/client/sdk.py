@@ -42,14 +42,19 @@ class _Page(msgspec.Struct):
 
 
 def _file_source(path: Path, name: str, kind: Literal["file", "directory"], resume_id: str | None) -> Source:
-    stat = path.stat()
+    def current() -> tuple[int, int]:
+        now = path.stat()
+        return now.st_size, now.st_mtime_ns
+
+    size, mtime_ns = current()
     return Source(
         open=lambda: path.open("rb"),
-        size=stat.st_size,
+        size=size,
         name=name,
         kind=kind,
-        mtime_ns=stat.st_mtime_ns,
+        mtime_ns=mtime_ns,
         resume_id=resume_id,
+        current=current,
     )
 
 

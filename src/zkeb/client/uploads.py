@@ -61,6 +61,8 @@ class Source:
         open: Opens the stream at its start (called once per pass).
         resume_id: Names the source for resume records (an absolute path); None means no resume.
         mtime_ns: The source's modification time, part of the quick "did it change" check.
+        current: The source's (size, mtime_ns) now, for a source that can change under us (a file); checked before
+            each PATCH so that bytes already shown to the server under this nonce are never re-sent from changed data.
     """
 
     open: Callable[[], AbstractContextManager[IO[bytes]]]
@@ -69,6 +71,7 @@ class Source:
     kind: Literal["file", "directory"]
     mtime_ns: int
     resume_id: str | None = None
+    current: Callable[[], tuple[int, int]] | None = None
 
 
 def _chunks(handle: IO[bytes]) -> Iterator[bytes]:
@@ -351,6 +354,8 @@ class Uploader:
         self, state: UploadState, source: Source, offset: int, progress: Progress | None
     ) -> httpx.Response:
         total = state.payload_size
+        if source.current is not None and source.current() != (state.source_size, state.source_mtime_ns):
+            raise ZkebClientError(f"{source.name} changed while it was being backed up; run the command again")
 
         async def body() -> AsyncIterator[bytes]:
             encryptor = PayloadEncryptor(self.keys.backup_key, state.payload_nonce, digests=False)
