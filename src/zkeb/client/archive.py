@@ -39,7 +39,7 @@ def extract_tar(archive_path: Path, target: Path) -> None:
     """
     try:
         with tarfile.open(archive_path, "r:") as archive:
-            archive.extractall(target, filter=_refuse_absolute_then_data)  # noqa: S202 - filtered
+            archive.extractall(target, filter=_refuse_absolute_then_data)  # noqa: S202  # nosec B202 - every member is filtered
     except tarfile.FilterError as exc:
         raise IntegrityError(f"refusing an unsafe archive member: {exc}") from None
     except tarfile.TarError as exc:
