@@ -1,0 +1,392 @@
+"""`zkeb-client`: the command line over the SDK (keygen, export-recovery, enroll, backup, restore, ls, verify, rm).
+
+Settings come from flags or the environment (`ZKEB_SERVER`, `ZKEB_IDENTITY`, `ZKEB_TOKEN`, `ZKEB_PROJECT`,
+`ZKEB_PASSPHRASE`). Exit status: 0 success, 1 the server refused or could not be reached, 2 bad usage or settings,
+3 a backup failed verification, 4 a key-file problem. On failure stderr gets one line, ``zkeb-client: error: ...``.
+With ``--json`` the last stdout line is one JSON object (``ls`` prints ``{"items": [...]}``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import sys
+import uuid
+from collections.abc import Callable, Coroutine, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import click
+import msgspec
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+from zkeb.client.errors import ConfigurationError, IntegrityError, KeyFileError, ZkebClientError
+from zkeb.client.keys import KeyFile
+from zkeb.client.sdk import AsyncClient
+
+__all__ = ("main",)
+
+EXIT_FAILURE, EXIT_USAGE, EXIT_INTEGRITY, EXIT_KEYFILE = 1, 2, 3, 4
+T = TypeVar("T")
+
+_stderr = Console(stderr=True)
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    click.echo(f"zkeb-client: error: {' '.join(message.split())}", err=True)
+    sys.exit(code)
+
+
+def _exit_code(exc: ZkebClientError) -> int:
+    if isinstance(exc, ConfigurationError):
+        return EXIT_USAGE
+    if isinstance(exc, IntegrityError):
+        return EXIT_INTEGRITY
+    if isinstance(exc, KeyFileError):
+        return EXIT_KEYFILE
+    return EXIT_FAILURE
+
+
+def _one_line_errors(command: Callable[..., None]) -> Callable[..., None]:
+    """Turn the client's exceptions (and Ctrl-C) into one stderr line and the documented exit status."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        try:
+            command(*args, **kwargs)
+        except ZkebClientError as exc:
+            _fail(str(exc), _exit_code(exc))
+        except KeyboardInterrupt:
+            _fail("interrupted; run the same command again to resume", 130)
+        except OSError as exc:
+            _fail(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc), EXIT_FAILURE)
+        except Exception as exc:  # noqa: BLE001 - the contract is one stderr line, even for a bug of ours
+            _fail(f"unexpected {type(exc).__name__}: {exc}", EXIT_FAILURE)
+
+    return wrapper
+
+
+class CliSettings(msgspec.Struct):
+    """The group's options, handed to each command."""
+
+    server: str | None
+    identity: Path | None
+    token: str | None
+    project: uuid.UUID | None
+    passphrase: str | None
+
+    def keys(self) -> KeyFile:
+        """The key file, opened (asking for its passphrase on a terminal when it is sealed and none was given)."""
+        if self.identity is None:
+            raise ConfigurationError("no key file: pass --identity or set ZKEB_IDENTITY")
+        try:
+            data = self.identity.read_bytes()
+        except FileNotFoundError:
+            raise KeyFileError(f"{self.identity} does not exist (create it with `zkeb-client keygen`)") from None
+        if self.passphrase is None and KeyFile.is_sealed(data) and sys.stdin.isatty():
+            # Kept for the run: `enroll` rewrites the file and must seal it again with the same passphrase.
+            self.passphrase = click.prompt("Key file passphrase", hide_input=True, err=True)
+        return KeyFile.from_bytes(data, self.passphrase)
+
+    def client(self, *, keys: bool = True) -> AsyncClient:
+        """An SDK client from these settings."""
+        if not self.server:
+            raise ConfigurationError("no server: pass --server or set ZKEB_SERVER")
+        opened = self.keys() if keys else None
+        return AsyncClient(self.server, keys=opened, api_key=self.token, project_id=self.project)
+
+
+def _run(coroutine: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    return asyncio.run(coroutine())
+
+
+@contextmanager
+def _progress(description: str, enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
+    """A rich progress bar (bytes, rate, ETA) on stderr when it is a terminal; nothing when piped."""
+    if not enabled or not _stderr.is_terminal:
+        yield None
+        return
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=_stderr, transient=True) as bar:
+        task = bar.add_task(description, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
+
+
+def _emit(as_json: bool, obj: msgspec.Struct | dict[str, Any], text: str) -> None:
+    click.echo(msgspec.json.encode(obj, enc_hook=str).decode() if as_json else text)
+
+
+def _uuid(_ctx: click.Context, _param: click.Parameter, value: str | None) -> uuid.UUID | None:
+    if value is None:
+        return None
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a UUID") from None
+
+
+JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last stdout line.")
+CONTAINER_HELP = "The container (a UUID you choose) grouping this app's backups."
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option(
+    "--server",
+    envvar="ZKEB_SERVER",
+    metavar="URL",
+    help="Server base URL, e.g. http://127.0.0.1:3000. [env: ZKEB_SERVER]",
+)
+@click.option(
+    "--identity",
+    envvar="ZKEB_IDENTITY",
+    type=click.Path(dir_okay=False, path_type=Path),
+    metavar="FILE",
+    help="This device's key file. [env: ZKEB_IDENTITY]",
+)
+@click.option(
+    "--token",
+    envvar="ZKEB_TOKEN",
+    metavar="KEY",
+    help="API key (zkeb_...): org admin for enroll, or a project key for ls/rm. Device commands fetch and refresh "
+    "their own device token from the key file. [env: ZKEB_TOKEN]",
+)
+@click.option(
+    "--project",
+    envvar="ZKEB_PROJECT",
+    callback=_uuid,
+    metavar="UUID",
+    help="Project id; after enroll the key file remembers it. [env: ZKEB_PROJECT]",
+)
+@click.option(
+    "--passphrase",
+    envvar="ZKEB_PASSPHRASE",
+    metavar="TEXT",
+    help="Passphrase sealing the key file (prompted for on a terminal when needed). [env: ZKEB_PASSPHRASE]",
+)
+@click.version_option(package_name="zkeb", prog_name="zkeb-client")
+@click.pass_context
+def cli(
+    ctx: click.Context,
+    *,
+    server: str | None,
+    identity: Path | None,
+    token: str | None,
+    project: uuid.UUID | None,
+    passphrase: str | None,
+) -> None:
+    """Encrypt, sign and back up files to a ZKEB server, and restore them; the server never sees a key.
+
+    \b
+    First steps:
+      zkeb-client --identity device.key keygen
+      zkeb-client --identity device.key --server URL --token ORG_ADMIN_KEY --project UUID enroll --label laptop
+      zkeb-client --identity device.key --server URL backup ./notes.txt --container UUID
+      zkeb-client --identity device.key --server URL restore --latest --container UUID -o ./restored.txt
+
+    Exit status: 0 success, 1 server refusal or network failure, 2 usage, 3 verification failure, 4 key file.
+    """
+    ctx.obj = CliSettings(server=server, identity=identity, token=token, project=project, passphrase=passphrase)
+
+
+@cli.command()
+@click.option("--seal/--no-seal", default=None, help="Seal with the passphrase (default: when one is given).")
+@click.option("--from-recovery", is_flag=True, help="Rebuild the key file from a recovery form read on stdin.")
+@click.pass_obj
+@_one_line_errors
+def keygen(settings: CliSettings, seal: bool | None, from_recovery: bool) -> None:
+    """Create a device key file (Ed25519 identity + 256-bit backup key), mode 0600; never overwrites.
+
+    With --passphrase (or ZKEB_PASSPHRASE, or --seal to be prompted) the secret is sealed with scrypt
+    (N=2^17, r=8, p=1, 128 MiB per guess) and AES-256-GCM. Losing this file, and its recovery form,
+    means losing every backup made with it: nobody, not the server's operator, can decrypt them.
+    """
+    if settings.identity is None:
+        raise ConfigurationError("no key file: pass --identity or set ZKEB_IDENTITY")
+    passphrase = settings.passphrase
+    if seal and passphrase is None:
+        passphrase = click.prompt("New passphrase", hide_input=True, confirmation_prompt=True, err=True)
+    if seal is False:
+        passphrase = None
+    keys = KeyFile.from_recovery_text(sys.stdin.read()) if from_recovery else KeyFile.generate()
+    keys.write_new(settings.identity, passphrase)
+    click.echo(f"device id hash: {keys.device_id_hash.hex()}")
+    click.echo(
+        f"wrote {settings.identity}{' (sealed with your passphrase)' if passphrase else ''}. Keep a copy offline "
+        "(`zkeb-client export-recovery`): without this key file your backups cannot be restored by anyone.",
+        err=True,
+    )
+
+
+@cli.command("export-recovery")
+@click.pass_obj
+@_one_line_errors
+def export_recovery(settings: CliSettings) -> None:
+    """Print the keys as a recovery form (base32 with a checksum) to keep offline, e.g. on paper.
+
+    Anyone holding it can read and forge your backups. Rebuild a key file from it with
+    `zkeb-client keygen --from-recovery < form.txt` (then `enroll` again, or pass --project).
+    """
+    click.echo(settings.keys().recovery_text())
+
+
+@cli.command()
+@click.option("--label", required=True, help="A name for this device, shown to the project's admins.")
+@click.pass_obj
+@_one_line_errors
+def enroll(settings: CliSettings, label: str) -> None:
+    """Register this device's public key in the project (needs an org-admin key as --token).
+
+    The key file then remembers the project, so later commands need no --project.
+    """
+    if settings.project is None:
+        raise ConfigurationError("enroll needs the project: pass --project or set ZKEB_PROJECT")
+
+    async def go() -> Any:
+        async with settings.client() as client:
+            return await client.enroll(label)
+
+    keys = settings.keys()
+    enrollment = _run(go)
+    assert settings.identity is not None  # settings.keys() checked it
+    sealed = KeyFile.is_sealed(settings.identity.read_bytes())
+    keys.with_project(settings.project).rewrite(settings.identity, settings.passphrase if sealed else None)
+    click.echo(f"enrolled device {enrollment.id} ({enrollment.device_id_hash}) in project {settings.project}")
+
+
+@cli.command()
+@click.argument("path", type=click.Path(exists=True, path_type=Path))
+@click.option("--container", required=True, callback=_uuid, metavar="UUID", help=CONTAINER_HELP)
+@JSON_OPTION
+@click.pass_obj
+@_one_line_errors
+def backup(settings: CliSettings, path: Path, container: uuid.UUID, as_json: bool) -> None:
+    """Encrypt, sign and upload PATH (a file, or a directory as a tar stream).
+
+    Small files go in one request, larger ones by tus; if interrupted, run the same command again and it
+    continues from the server's offset (a file changed in between is detected and sent afresh).
+    """
+
+    async def go() -> Any:
+        async with settings.client() as client:
+            with _progress(f"backup {path.name}", not as_json) as progress:
+                return await client.backup_file(path, container, progress)
+
+    result = _run(go)
+    note = f", resumed at byte {result.resumed_from}" if result.resumed_from else ""
+    _emit(as_json, result, f"backed up {result.name} ({result.size} bytes{note}) as {result.id}")
+
+
+@cli.command()
+@click.argument("backup_id", required=False, callback=_uuid, metavar="[ID]")
+@click.option("--latest", is_flag=True, help="Restore the newest backup in --container instead of ID.")
+@click.option("--container", callback=_uuid, metavar="UUID", help=CONTAINER_HELP)
+@click.option(
+    "-o", "--output", required=True, type=click.Path(path_type=Path), help="Where to write it (inside, if a directory)."
+)
+@JSON_OPTION
+@click.pass_obj
+@_one_line_errors
+def restore(
+    settings: CliSettings,
+    *,
+    backup_id: uuid.UUID | None,
+    latest: bool,
+    container: uuid.UUID | None,
+    output: Path,
+    as_json: bool,
+) -> None:
+    """Download, verify (signature, digest, tag, SHA-256), decrypt and write a backup atomically.
+
+    Nothing is written at the destination unless every check passes; a directory backup is extracted
+    refusing absolute paths, `..` and links leaving it.
+    """
+    if (backup_id is None) == (not latest):
+        raise ConfigurationError("give a backup ID or --latest (with --container), not both")
+    if latest and container is None:
+        raise ConfigurationError("--latest needs --container")
+
+    async def go() -> Any:
+        async with settings.client() as client:
+            with _progress("restore", not as_json) as progress:
+                return await client.restore_file(backup_id, output, container_id=container, progress=progress)
+
+    result = _run(go)
+    _emit(as_json, result, f"restored {result.name} ({result.size} bytes) to {result.path}")
+
+
+@cli.command("ls")
+@click.option("--container", callback=_uuid, metavar="UUID", help="Only this container's backups.")
+@JSON_OPTION
+@click.pass_obj
+@_one_line_errors
+def list_backups(settings: CliSettings, container: uuid.UUID | None, as_json: bool) -> None:
+    """List backups, newest first (names shown for those this key file can open)."""
+
+    async def go() -> Any:
+        async with settings.client(keys=settings.identity is not None) as client:
+            return await client.list(container)
+
+    records = _run(go)
+    if as_json:
+        _emit(True, {"items": records}, "")
+        return
+    for record in records:
+        described = f"{record.name} ({record.kind}, {record.size} bytes)" if record.name else "(another device's)"
+        click.echo(f"{record.id}  {record.created_at:%Y-%m-%d %H:%M:%S}  {record.container_id}  {described}")
+
+
+@cli.command()
+@click.argument("backup_id", callback=_uuid, metavar="ID")
+@JSON_OPTION
+@click.pass_obj
+@_one_line_errors
+def verify(settings: CliSettings, backup_id: uuid.UUID, as_json: bool) -> None:
+    """Download a backup and check its signature, digest and decryption; writes nothing."""
+
+    async def go() -> Any:
+        async with settings.client() as client:
+            with _progress("verify", not as_json) as progress:
+                return await client.verify(backup_id, progress)
+
+    result = _run(go)
+    _emit(as_json, result, f"backup {result.id} verified: {result.name} ({result.size} bytes)")
+
+
+@cli.command("rm")
+@click.argument("backup_id", callback=_uuid, metavar="ID")
+@JSON_OPTION
+@click.pass_obj
+@_one_line_errors
+def remove(settings: CliSettings, backup_id: uuid.UUID, as_json: bool) -> None:
+    """Move a backup to the project's trash (an org admin can restore or purge it)."""
+
+    async def go() -> None:
+        async with settings.client(keys=settings.identity is not None) as client:
+            await client.delete(backup_id)
+
+    _run(go)
+    _emit(as_json, {"id": str(backup_id), "deleted": True}, f"moved {backup_id} to the trash")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="zkeb-client")

@@ -1,0 +1,217 @@
+"""HTTP to a ZKEB server over httpx: credentials, retries with backoff, and problem+json turned into `ApiError`.
+
+Device commands authenticate with a device token the transport fetches itself (a fresh Ed25519 proof of possession)
+and refreshes before it expires or when the server answers 401; org-admin work (enrolment) uses the API key.
+Requests whose body can be sent again are retried on connection loss, 429 and 503, waiting as `Retry-After` says
+(or backing off exponentially with jitter when it says nothing); streamed bodies are resumed by their callers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import Any, Literal
+
+import httpx
+import msgspec
+
+from zkeb.client.crypto import auth_message
+from zkeb.client.errors import ApiError, ConfigurationError, TransferError
+from zkeb.client.keys import KeyFile
+
+__all__ = ("Credential", "RetryPolicy", "Transport")
+
+#: Which credential a request carries: the device token, the API key, or none.
+Credential = Literal["device", "api_key", "none"]
+
+RETRYABLE_STATUS = frozenset({429, 502, 503, 504})
+_TOKEN_MARGIN_SECONDS = 60
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How hard to try: ``attempts`` in all, waits from ``base_delay`` doubling up to ``max_delay`` seconds."""
+
+    attempts: int = 6
+    base_delay: float = 0.5
+    max_delay: float = 30.0
+
+    def delay(self, attempt: int, retry_after: float | None) -> float:
+        """Seconds to wait before attempt ``attempt + 1`` (``Retry-After`` wins when the server sent one)."""
+        if retry_after is not None:
+            return min(max(retry_after, 0.0), self.max_delay)
+        backoff = min(self.base_delay * 2.0**attempt, self.max_delay)
+        return backoff / 2 + random.uniform(0, backoff / 2)  # noqa: S311 - jitter, not a secret
+
+
+def retry_after_seconds(response: httpx.Response) -> float | None:
+    """The response's `Retry-After` in seconds (delta-seconds or an HTTP date), or None."""
+    value = response.headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        moment = parsedate_to_datetime(value)
+        return float(moment.timestamp()) - time.time()
+    except (TypeError, ValueError):
+        return None
+
+
+def api_error(response: httpx.Response) -> ApiError:
+    """The `ApiError` for a non-success response, from its problem+json body when it has one."""
+    title, detail = response.reason_phrase or "error", None
+    request_id = response.headers.get("x-request-id")
+    try:
+        body = response.json()
+    except (ValueError, httpx.ResponseNotRead):
+        body = None
+    if isinstance(body, dict):
+        title = str(body.get("title") or title)
+        detail = str(body["detail"]) if body.get("detail") is not None else None
+        request_id = str(body.get("request_id") or request_id or "") or None
+    return ApiError(response.status_code, title, detail, request_id)
+
+
+class _Token(msgspec.Struct):
+    access_token: str
+    expires_in: int
+
+
+class Transport:
+    """One server connection pool and its credentials."""
+
+    def __init__(
+        self,
+        server: str,
+        *,
+        api_key: str | None = None,
+        keys: KeyFile | None = None,
+        project_id: uuid.UUID | None = None,
+        retry: RetryPolicy | None = None,
+        timeout: float = 60.0,
+    ) -> None:
+        if not server.startswith(("http://", "https://")):
+            raise ConfigurationError(f"server must be an http(s) URL, got {server!r}")
+        self.server = server.rstrip("/")
+        self.api_key = api_key
+        self.keys = keys
+        self.project_id = project_id
+        self.retry = retry or RetryPolicy()
+        self._http = httpx.AsyncClient(base_url=self.server, timeout=httpx.Timeout(timeout, connect=10.0))
+        self._token: str | None = None
+        self._token_expires = 0.0
+        self._token_lock = asyncio.Lock()
+
+    async def aclose(self) -> None:
+        """Close the connection pool."""
+        await self._http.aclose()
+
+    def url(self, path: str) -> str:
+        """An absolute URL for a path on the server (a `Location` may already be absolute)."""
+        return path if path.startswith(("http://", "https://")) else f"{self.server}{path}"
+
+    async def _device_token(self, *, force: bool = False) -> str:
+        async with self._token_lock:
+            if not force and self._token is not None and time.monotonic() < self._token_expires:
+                return self._token
+            if self.keys is None or self.project_id is None:
+                raise ConfigurationError("a device command needs the key file and the project (--identity, --project)")
+            timestamp_ms = int(time.time() * 1000)
+            message = auth_message(
+                project_id=self.project_id, device_id_hash=self.keys.device_id_hash, timestamp_ms=timestamp_ms
+            )
+            body = {
+                "project_id": str(self.project_id),
+                "device_id_hash": self.keys.device_id_hash.hex(),
+                "timestamp_ms": timestamp_ms,
+                "signature": base64.b64encode(self.keys.signing_key.sign(message)).decode(),
+            }
+            response = await self._send("POST", "/api/v1/auth/token", {}, json=body)
+            if response.status_code != 200:
+                raise api_error(response)
+            token = msgspec.json.decode(response.content, type=_Token)
+            self._token = token.access_token
+            self._token_expires = time.monotonic() + max(token.expires_in - _TOKEN_MARGIN_SECONDS, 1)
+            return self._token
+
+    async def _headers(
+        self, credential: Credential, headers: Mapping[str, str] | None, *, refresh: bool
+    ) -> dict[str, str]:
+        result = dict(headers or {})
+        if credential == "device":
+            if self.keys is None and self.api_key is not None:
+                result["Authorization"] = f"Bearer {self.api_key}"
+            else:
+                result["Authorization"] = f"Bearer {await self._device_token(force=refresh)}"
+        elif credential == "api_key":
+            if self.api_key is None:
+                raise ConfigurationError("this command needs an API key (--token or ZKEB_TOKEN)")
+            result["Authorization"] = f"Bearer {self.api_key}"
+        return result
+
+    async def _send(self, method: str, path: str, headers: Mapping[str, str], **kwargs: Any) -> httpx.Response:
+        """Send a request with a replayable body, retrying connection loss, 429 and 503."""
+        attempt = 0
+        while True:
+            try:
+                response = await self._http.request(method, self.url(path), headers=headers, **kwargs)
+            except httpx.TransportError as exc:
+                if attempt + 1 >= self.retry.attempts:
+                    raise TransferError(f"cannot reach {self.server}: {exc.__class__.__name__} {exc}".strip()) from exc
+                await asyncio.sleep(self.retry.delay(attempt, None))
+            else:
+                if response.status_code not in RETRYABLE_STATUS or attempt + 1 >= self.retry.attempts:
+                    return response
+                await asyncio.sleep(self.retry.delay(attempt, retry_after_seconds(response)))
+            attempt += 1
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        credential: Credential = "device",
+        headers: Mapping[str, str] | None = None,
+        expect: tuple[int, ...] = (200,),
+        **kwargs: Any,
+    ) -> httpx.Response:
+        """Send a request whose body is in memory (retried as the policy says) and check its status.
+
+        Raises:
+            ApiError: If the final answer's status is not in ``expect``.
+            TransferError: If the server stayed unreachable.
+        """
+        response = await self._send(method, path, await self._headers(credential, headers, refresh=False), **kwargs)
+        if response.status_code == 401 and credential == "device" and self.keys is not None:
+            response = await self._send(method, path, await self._headers(credential, headers, refresh=True), **kwargs)
+        if response.status_code not in expect:
+            raise api_error(response)
+        return response
+
+    async def authorization(self, credential: Credential = "device") -> dict[str, str]:
+        """The headers carrying ``credential``, for a request the caller sends itself (a streamed body)."""
+        return await self._headers(credential, None, refresh=False)
+
+    async def send_stream(self, request: httpx.Request) -> httpx.Response:
+        """Send a request built with `build_request` and return it unread (one attempt: the caller resumes)."""
+        return await self._http.send(request, stream=True)
+
+    def build_request(self, method: str, path: str, **kwargs: Any) -> httpx.Request:
+        """An httpx request for this server."""
+        return self._http.build_request(method, self.url(path), **kwargs)
+
+    @asynccontextmanager
+    async def stream(self, method: str, path: str, headers: Mapping[str, str]) -> AsyncIterator[httpx.Response]:
+        """A response whose body is read as it arrives (one attempt: the caller resumes with `Range`)."""
+        async with self._http.stream(method, self.url(path), headers=headers) as response:
+            yield response

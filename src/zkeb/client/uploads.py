@@ -1,0 +1,388 @@
+"""Backing up: encrypt, sign and upload a file's bytes, in one request when small and by tus when large.
+
+A tus upload's metadata carries the payload's tag and signature, so a large file is read twice: a first pass
+encrypts it to learn the tag and digests (the ciphertext is dropped), the second encrypts it again, with the same key
+and nonce, while sending. The same plaintext gives the same ciphertext, which is also how a re-run resumes an
+interrupted upload: the resume record keeps the nonce and envelope, and the first pass checks the file still has
+the SHA-256 it had; a changed file abandons the old upload and starts afresh with a new nonce, so a nonce never
+encrypts two different plaintexts. Memory stays at a few 1 MiB chunks whatever the size.
+
+This is our own resumable transfer on httpx rather than a tus library: tus clients want a seekable file of
+ciphertext (which would need a second copy of the data on disk), are synchronous or bring another HTTP stack, and
+cannot produce the body on the fly from an encryptor; here the body is an async generator of freshly encrypted
+chunks, and the protocol used (create, HEAD, PATCH from the offset) is small.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import IO, Literal
+
+import httpx
+import msgspec
+
+from zkeb.client.crypto import (
+    BackupMetadata,
+    PayloadEncryptor,
+    backup_signed_message,
+    encrypt_metadata,
+    new_nonce,
+    rfc3339,
+    seal_payload,
+)
+from zkeb.client.errors import ApiError, TransferError, ZkebClientError
+from zkeb.client.keys import KeyFile
+from zkeb.client.models import BackupResult
+from zkeb.client.state import StateStore, UploadState
+from zkeb.client.transport import RETRYABLE_STATUS, Transport, api_error, retry_after_seconds
+
+__all__ = ("CHUNK_SIZE", "SINGLE_SHOT_THRESHOLD", "Progress", "Source", "Uploader")
+
+CHUNK_SIZE = 1024 * 1024
+SINGLE_SHOT_THRESHOLD = 8 * 1024 * 1024
+TUS_HEADERS = {"Tus-Resumable": "1.0.0"}
+BACKUP_ID_HEADER = "zkeb-backup-id"
+
+#: Called with (bytes done, bytes in all) as a transfer advances.
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class Source:
+    """What to back up: a readable, seekable binary stream of ``size`` bytes and how to describe it.
+
+    Attributes:
+        open: Opens the stream at its start (called once per pass).
+        resume_id: Names the source for resume records (an absolute path); None means no resume.
+        mtime_ns: The source's modification time, part of the quick "did it change" check.
+        current: The source's (size, mtime_ns) now, for a source that can change under us (a file); checked before
+            each PATCH so that bytes already shown to the server under this nonce are never re-sent from changed data.
+    """
+
+    open: Callable[[], AbstractContextManager[IO[bytes]]]
+    size: int
+    name: str
+    kind: Literal["file", "directory"]
+    mtime_ns: int
+    resume_id: str | None = None
+    current: Callable[[], tuple[int, int]] | None = None
+
+
+def _chunks(handle: IO[bytes]) -> Iterator[bytes]:
+    while chunk := handle.read(CHUNK_SIZE):
+        yield chunk
+
+
+def _read_all(source: Source) -> Iterator[bytes]:
+    with source.open() as handle:
+        yield from _chunks(handle)
+
+
+def tus_metadata(fields: dict[str, bytes]) -> str:
+    """The `Upload-Metadata` header: each value base64 of its raw bytes, as tus requires."""
+    return ",".join(f"{name} {base64.b64encode(value).decode()}" for name, value in fields.items())
+
+
+class Uploader:
+    """Backs up sources for one device into one project."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        keys: KeyFile,
+        project_id: uuid.UUID,
+        states: StateStore,
+        *,
+        threshold: int = SINGLE_SHOT_THRESHOLD,
+    ) -> None:
+        self.transport = transport
+        self.keys = keys
+        self.project_id = project_id
+        self.states = states
+        self.threshold = threshold
+        self._max_size: int | None = None
+
+    async def max_upload_size(self) -> int:
+        """The server's largest payload (`Tus-Max-Size` of `OPTIONS /api/v1/uploads`)."""
+        if self._max_size is None:
+            response = await self.transport.request("OPTIONS", "/api/v1/uploads", credential="none", expect=(200, 204))
+            self._max_size = int(response.headers["tus-max-size"])
+        return self._max_size
+
+    def _sign(
+        self,
+        container_id: uuid.UUID,
+        timestamp: datetime,
+        *,
+        nonce: bytes,
+        tag: bytes,
+        digest: bytes,
+        size: int,
+        metadata: tuple[bytes, bytes, bytes],
+    ) -> bytes:
+        message = backup_signed_message(
+            project_id=self.project_id,
+            container_id=container_id,
+            device_id_hash=self.keys.device_id_hash,
+            backup_timestamp=timestamp,
+            payload_nonce=nonce,
+            payload_auth_tag=tag,
+            payload_sha256=digest,
+            payload_size=size,
+            metadata=metadata[0],
+            metadata_nonce=metadata[1],
+            metadata_auth_tag=metadata[2],
+        )
+        return self.keys.signing_key.sign(message)
+
+    async def backup(self, source: Source, container_id: uuid.UUID, progress: Progress | None = None) -> BackupResult:
+        """Encrypt, sign and upload ``source`` into ``container_id``.
+
+        Raises:
+            ZkebClientError: If the source is empty or larger than the server takes (before any upload), the source
+                changed during the upload, or the server refused it (`ApiError`).
+        """
+        if source.size == 0:
+            raise ZkebClientError(f"{source.name} is empty; a backup holds at least one byte")
+        limit = await self.max_upload_size()
+        if source.size > limit:
+            raise ZkebClientError(f"{source.name} is {source.size} bytes; the server takes at most {limit} bytes")
+        if source.size <= self.threshold:
+            return await self._single_shot(source, container_id, progress)
+        return await self._tus(source, container_id, progress)
+
+    async def _single_shot(self, source: Source, container_id: uuid.UUID, progress: Progress | None) -> BackupResult:
+        nonce = new_nonce()
+        encryptor = PayloadEncryptor(self.keys.backup_key, nonce)
+        payload = b"".join(encryptor.update(chunk) for chunk in _read_all(source))
+        tag = encryptor.finish()
+        plain_sha256 = encryptor.plain_sha256.hexdigest()
+        metadata = encrypt_metadata(
+            self.keys.backup_key,
+            BackupMetadata(source.name, encryptor.size, source.mtime_ns / 1e9, plain_sha256, source.kind),
+        )
+        timestamp = datetime.now(UTC)
+        digest = encryptor.cipher_sha256.digest()
+        signature = self._sign(
+            container_id, timestamp, nonce=nonce, tag=tag, digest=digest, size=len(payload), metadata=metadata
+        )
+        body = msgspec.msgpack.encode(
+            {
+                "container_id": str(container_id),
+                "device_id_hash": self.keys.device_id_hash,
+                "payload": payload,
+                "payload_nonce": nonce,
+                "payload_auth_tag": tag,
+                "metadata": metadata[0],
+                "metadata_nonce": metadata[1],
+                "metadata_auth_tag": metadata[2],
+                "signature": signature,
+                "backup_timestamp": rfc3339(timestamp),
+            }
+        )
+        response = await self.transport.request(
+            "POST",
+            "/api/v1/backups",
+            content=body,
+            headers={"Content-Type": "application/msgpack", "Accept": "application/json"},
+            expect=(201,),
+        )
+        if progress is not None:
+            progress(len(payload), len(payload))
+        return BackupResult(
+            id=uuid.UUID(response.json()["id"]),
+            container_id=container_id,
+            name=source.name,
+            kind=source.kind,
+            size=source.size,
+            encrypted_size=len(payload),
+            sha256=plain_sha256,
+            transfer="single-shot",
+        )
+
+    def _new_state(self, source: Source, container_id: uuid.UUID) -> UploadState:
+        nonce = new_nonce()
+        sealed = seal_payload(self.keys.backup_key, nonce, _read_all(source))
+        metadata = encrypt_metadata(
+            self.keys.backup_key,
+            BackupMetadata(source.name, sealed.size, source.mtime_ns / 1e9, sealed.plain_sha256.hex(), source.kind),
+        )
+        timestamp = datetime.now(UTC)
+        signature = self._sign(
+            container_id,
+            timestamp,
+            nonce=nonce,
+            tag=sealed.tag,
+            digest=sealed.cipher_sha256,
+            size=sealed.size,
+            metadata=metadata,
+        )
+        return UploadState(
+            location="",
+            source_size=source.size,
+            source_mtime_ns=source.mtime_ns,
+            plain_sha256=sealed.plain_sha256,
+            payload_nonce=nonce,
+            payload_auth_tag=sealed.tag,
+            payload_sha256=sealed.cipher_sha256,
+            payload_size=sealed.size,
+            metadata=metadata[0],
+            metadata_nonce=metadata[1],
+            metadata_auth_tag=metadata[2],
+            signature=signature,
+            backup_timestamp=timestamp,
+        )
+
+    def _still_same(self, state: UploadState, source: Source) -> bool:
+        """Whether ``source`` still encrypts, under the recorded nonce, to the recorded payload."""
+        if state.source_size != source.size or state.source_mtime_ns != source.mtime_ns:
+            return False
+        sealed = seal_payload(self.keys.backup_key, state.payload_nonce, _read_all(source))
+        return sealed.plain_sha256 == state.plain_sha256 and sealed.tag == state.payload_auth_tag
+
+    async def _create(self, state: UploadState, container_id: uuid.UUID) -> str:
+        fields = {
+            "container_id": str(container_id).encode(),
+            "device_id_hash": self.keys.device_id_hash,
+            "payload_nonce": state.payload_nonce,
+            "payload_auth_tag": state.payload_auth_tag,
+            "metadata": state.metadata,
+            "metadata_nonce": state.metadata_nonce,
+            "metadata_auth_tag": state.metadata_auth_tag,
+            "signature": state.signature,
+            "backup_timestamp": rfc3339(state.backup_timestamp).encode(),
+        }
+        headers = {**TUS_HEADERS, "Upload-Length": str(state.payload_size), "Upload-Metadata": tus_metadata(fields)}
+        response = await self.transport.request("POST", "/api/v1/uploads", headers=headers, expect=(201,))
+        return self.transport.url(response.headers["location"])
+
+    async def _offset(self, location: str) -> int | None:
+        """The upload's offset on the server, or None when the upload is gone (finished, expired or purged)."""
+        try:
+            response = await self.transport.request("HEAD", location, headers=TUS_HEADERS)
+        except ApiError as exc:
+            if exc.status in {404, 410}:
+                return None
+            raise
+        return int(response.headers["upload-offset"])
+
+    async def _tus(self, source: Source, container_id: uuid.UUID, progress: Progress | None) -> BackupResult:
+        key = None
+        if source.resume_id is not None:
+            key = self.states.key(
+                server=self.transport.server,
+                project_id=self.project_id,
+                container_id=container_id,
+                device_id_hash=self.keys.device_id_hash,
+                source=source.resume_id,
+            )
+        state = self.states.load(key) if key is not None else None
+        offset = 0
+        if state is not None and await asyncio.to_thread(self._still_same, state, source):
+            found = await self._offset(state.location)
+            if found is None:
+                state = None
+            else:
+                offset = found
+        elif state is not None:
+            await self._abandon(state.location)
+            state = None
+        resumed_from = offset
+        if state is None:
+            state = await asyncio.to_thread(self._new_state, source, container_id)
+            state = msgspec.structs.replace(state, location=await self._create(state, container_id))
+            if key is not None:
+                self.states.save(key, state)
+        backup_id = await self._send_all(state, source, offset, progress)
+        if key is not None:
+            self.states.discard(key)
+        return BackupResult(
+            id=backup_id,
+            container_id=container_id,
+            name=source.name,
+            kind=source.kind,
+            size=source.size,
+            encrypted_size=state.payload_size,
+            sha256=state.plain_sha256.hex(),
+            transfer="tus",
+            resumed_from=resumed_from,
+        )
+
+    async def _abandon(self, location: str) -> None:
+        """Terminate an upload whose source changed (best effort: an expired one is gone anyway)."""
+        try:
+            await self.transport.request("DELETE", location, headers=TUS_HEADERS, expect=(204, 404, 410))
+        except ZkebClientError:
+            return
+
+    async def _send_all(self, state: UploadState, source: Source, offset: int, progress: Progress | None) -> uuid.UUID:
+        """PATCH the ciphertext from ``offset`` until the server commits, resuming after each failure."""
+        policy = self.transport.retry
+        failures = 0
+        while True:
+            try:
+                response = await self._patch(state, source, offset, progress)
+            except httpx.TransportError as exc:
+                error: Exception = exc
+                wait = policy.delay(failures, None)
+            else:
+                backup_id = response.headers.get(BACKUP_ID_HEADER)
+                if response.status_code == 204 and backup_id is not None:
+                    return uuid.UUID(backup_id)
+                if response.status_code not in {*RETRYABLE_STATUS, 204, 409}:
+                    raise api_error(response)
+                error = api_error(response)
+                wait = policy.delay(failures, retry_after_seconds(response))
+                if response.status_code == 204:
+                    failures = -1  # progress was made: the server kept what was sent
+            failures += 1
+            if failures >= policy.attempts:
+                raise TransferError(f"the upload kept failing ({error}); run the same command again to resume")
+            await asyncio.sleep(wait)
+            found = await self._offset(state.location)
+            if found is None:
+                raise TransferError("the upload disappeared from the server (expired?); run the command again")
+            offset = found
+
+    async def _patch(
+        self, state: UploadState, source: Source, offset: int, progress: Progress | None
+    ) -> httpx.Response:
+        total = state.payload_size
+        if source.current is not None and source.current() != (state.source_size, state.source_mtime_ns):
+            raise ZkebClientError(f"{source.name} changed while it was being backed up; run the command again")
+
+        async def body() -> AsyncIterator[bytes]:
+            encryptor = PayloadEncryptor(self.keys.backup_key, state.payload_nonce, digests=False)
+            position, sent = 0, offset
+            with source.open() as handle:
+                for chunk in _chunks(handle):
+                    ciphertext = encryptor.update(chunk)
+                    end = position + len(ciphertext)
+                    if end > offset:
+                        piece = ciphertext[max(offset - position, 0) :]
+                        yield piece
+                        sent += len(piece)
+                        if progress is not None:
+                            progress(sent, total)
+                    position = end
+            if encryptor.finish() != state.payload_auth_tag or position != total:
+                raise ZkebClientError(f"{source.name} changed while it was being backed up; run the command again")
+
+        headers = {
+            **TUS_HEADERS,
+            **await self.transport.authorization(),
+            "Content-Type": "application/offset+octet-stream",
+            "Upload-Offset": str(offset),
+            "Content-Length": str(total - offset),
+        }
+        request = self.transport.build_request("PATCH", state.location, headers=headers, content=body())
+        response = await self.transport.send_stream(request)
+        await response.aread()
+        await response.aclose()
+        return response

@@ -1,0 +1,153 @@
+"""The SDK (`AsyncClient`, `Client`) against a real granian server on PostgreSQL: bytes, files, streams, errors."""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from client_support import MIB, Project, StallingProxy, make_project
+
+from zkeb.client import ApiError, AsyncClient, Client, KeyFile, ZkebClientError
+
+from support import granian_server, make_settings
+
+
+@pytest.fixture
+def live_url(base_settings_env: dict[str, str], database_url: str) -> Iterator[str]:
+    with granian_server({**base_settings_env, "DATABASE_URL": database_url}) as url:
+        yield url
+
+
+@pytest.fixture
+async def project(live_url: str, base_settings_env: dict[str, str], database_url: str) -> Project:
+    return await make_project(live_url, make_settings(base_settings_env, DATABASE_URL=database_url))
+
+
+@pytest.fixture
+async def keys(project: Project) -> KeyFile:
+    keys = KeyFile.generate().with_project(project.project_id)
+    async with AsyncClient(project.server, keys=keys, api_key=project.admin_key) as admin:
+        enrollment = await admin.enroll("sdk-test")
+    assert enrollment.device_id_hash == keys.device_id_hash.hex()
+    return keys
+
+
+async def test_async_client_round_trips_bytes_and_streams_with_progress(
+    project: Project, keys: KeyFile, tmp_path: Path
+) -> None:
+    container = uuid.uuid4()
+    small, large = os.urandom(100_000), os.urandom(9 * MIB + 3)
+    seen: list[tuple[int, int]] = []
+    read_end, write_end = os.pipe()
+
+    def feed() -> None:
+        with os.fdopen(write_end, "wb") as pipe:
+            pipe.write(large)
+
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    async with AsyncClient(project.server, keys=keys, state_dir=tmp_path / "state") as client:
+        one = await client.backup_bytes(small, container, name="small.bin")
+        with os.fdopen(read_end, "rb") as pipe:  # a stream that cannot seek: spooled, then sent by tus
+            two = await client.backup_stream(
+                pipe, container, name="large.bin", progress=lambda d, t: seen.append((d, t))
+            )
+        sink = io.BytesIO()
+        restored = await client.restore_stream(two.id, sink)
+        small_back = await client.restore_bytes(one.id)
+        listed = await client.list(container)
+        verified = await client.verify(one.id)
+    feeder.join()
+
+    assert (one.transfer, two.transfer) == ("single-shot", "tus")
+    assert small_back == small
+    assert sink.getvalue() == large
+    assert restored.size == len(large)
+    assert seen[-1] == (two.encrypted_size, two.encrypted_size)
+    assert [(r.id, r.name, r.size) for r in listed] == [
+        (two.id, "large.bin", len(large)),
+        (one.id, "small.bin", 100_000),
+    ]
+    assert verified.verified
+
+
+async def test_server_problems_become_api_errors_with_status_title_detail_and_request_id(
+    project: Project, keys: KeyFile
+) -> None:
+    async with AsyncClient(project.server, keys=keys) as client:
+        backup = await client.backup_bytes(b"to be deleted", uuid.uuid4())
+        await client.delete(backup.id)
+        with pytest.raises(ApiError) as caught:
+            await client.restore_bytes(backup.id)
+
+    error = caught.value
+    assert error.status == 404
+    assert error.title
+    assert error.detail
+    assert error.request_id
+    assert str(error).startswith("server answered 404")
+
+
+async def test_503_with_retry_after_is_retried_after_the_time_the_server_asks(
+    project: Project, keys: KeyFile, tmp_path: Path
+) -> None:
+    proxy = StallingProxy(project.server)
+    proxy.busy_answers = 2  # the first two connections (each request's, as the 503 closes them) are refused
+    try:
+        async with AsyncClient(proxy.url, keys=keys, state_dir=tmp_path / "state") as client:
+            started = time.monotonic()
+            backup = await client.backup_bytes(b"through a busy server", uuid.uuid4())
+            elapsed = time.monotonic() - started
+            restored = await client.restore_bytes(backup.id)
+    finally:
+        proxy.close()
+
+    assert restored == b"through a busy server"
+    assert proxy.busy_answers == 0
+    assert elapsed >= 2.0, "the client did not wait the Retry-After it was given"
+
+
+async def test_a_download_cut_mid_way_resumes_with_range_and_if_range(
+    project: Project, keys: KeyFile, tmp_path: Path
+) -> None:
+    data = os.urandom(10 * MIB)
+    async with AsyncClient(project.server, keys=keys, state_dir=tmp_path / "state") as direct:
+        backup = await direct.backup_bytes(data, uuid.uuid4(), name="cut.bin")
+    proxy = StallingProxy(project.server)
+    try:
+        async with AsyncClient(proxy.url, keys=keys, state_dir=tmp_path / "state") as client:
+            envelope = await client.envelope(backup.id)
+            proxy.cut_response_after = 4 * MIB
+            restored = await client.restore_bytes(backup.id)
+    finally:
+        proxy.close()
+
+    ranged = [head for head in proxy.requests if b"/payload" in head and b"\r\nrange: bytes=" in head.lower()]
+    assert restored == data
+    assert proxy.cuts == 1, "the download was never cut"
+    assert len(ranged) == 1
+    assert f'if-range: "{envelope.payload_sha256}"'.encode() in ranged[0].lower()
+    assert proxy.answered < 10 * MIB + 4 * MIB + MIB, "the download started over instead of resuming"
+
+
+def test_blocking_client_backs_up_and_restores_a_file(project: Project, keys: KeyFile, tmp_path: Path) -> None:
+    source = tmp_path / "report.pdf"
+    source.write_bytes(os.urandom(2 * MIB))
+    container = uuid.uuid4()
+
+    with Client(project.server, keys=keys, state_dir=tmp_path / "state") as client:
+        limit = client.max_upload_size()
+        backup = client.backup_file(source, container)
+        restored = client.restore_file(None, tmp_path / "out.pdf", container_id=container)
+        with pytest.raises(ZkebClientError, match="already exists"):
+            client.restore_file(backup.id, tmp_path / "out.pdf")
+
+    assert limit == 100 * 1000 * 1000
+    assert restored.path == tmp_path / "out.pdf"
+    assert (tmp_path / "out.pdf").read_bytes() == source.read_bytes()

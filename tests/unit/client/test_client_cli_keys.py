@@ -1,0 +1,55 @@
+"""`zkeb-client keygen` and `export-recovery` as a user runs them: a sealed key file opens only with its passphrase."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+CLI = str(Path(sys.executable).with_name("zkeb-client"))
+
+
+def _run(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("ZKEB_")} | env
+    return subprocess.run(
+        [CLI, *args], env=environ, capture_output=True, text=True, check=False, stdin=subprocess.DEVNULL
+    )
+
+
+def test_a_passphrase_sealed_key_file_opens_only_with_its_passphrase(tmp_path: Path) -> None:
+    identity = str(tmp_path / "device.key")
+    made = _run("keygen", ZKEB_IDENTITY=identity, ZKEB_PASSPHRASE="right passphrase")
+
+    wrong = _run("export-recovery", ZKEB_IDENTITY=identity, ZKEB_PASSPHRASE="wrong passphrase")
+    missing = _run("export-recovery", ZKEB_IDENTITY=identity)
+    right = _run("export-recovery", ZKEB_IDENTITY=identity, ZKEB_PASSPHRASE="right passphrase")
+
+    assert made.returncode == 0, made.stderr
+    assert "cannot be restored by anyone" in made.stderr
+    assert (wrong.returncode, wrong.stderr) == (4, "zkeb-client: error: wrong passphrase for the key file\n")
+    assert missing.returncode == 4
+    assert missing.stderr.count("\n") == 1
+    assert "sealed" in missing.stderr
+    assert right.returncode == 0
+    assert right.stdout.startswith("ZKEB-RECOVERY-1\n")
+
+
+def test_keygen_refuses_to_overwrite_and_recovery_rebuilds_the_same_identity(tmp_path: Path) -> None:
+    identity = str(tmp_path / "device.key")
+    first = _run("keygen", ZKEB_IDENTITY=identity)
+    again = _run("keygen", ZKEB_IDENTITY=identity)
+    form = _run("export-recovery", ZKEB_IDENTITY=identity).stdout
+    rebuilt = subprocess.run(
+        [CLI, "keygen", "--from-recovery"],
+        env={k: v for k, v in os.environ.items() if not k.startswith("ZKEB_")} | {"ZKEB_IDENTITY": f"{identity}.2"},
+        input=form,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+    assert first.returncode == 0
+    assert (again.returncode, again.stderr.count("\n")) == (4, 1)
+    assert "refusing to overwrite" in again.stderr
+    assert rebuilt.stdout == first.stdout  # the same device id hash

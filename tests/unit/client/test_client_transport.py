@@ -1,0 +1,52 @@
+"""Retry timing: `Retry-After` (seconds or an HTTP date) wins, otherwise exponential backoff with jitter, capped."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+
+import httpx
+import pytest
+
+from zkeb.client import ApiError, RetryPolicy
+from zkeb.client.transport import api_error, retry_after_seconds
+
+
+def _response(status: int, headers: dict[str, str] | None = None, json: object = None) -> httpx.Response:
+    return httpx.Response(status, headers=headers, json=json)
+
+
+def test_retry_after_in_seconds_and_as_a_date_are_understood() -> None:
+    later = format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
+    assert retry_after_seconds(_response(429, {"Retry-After": "7"})) == 7.0
+    assert 25 < (retry_after_seconds(_response(503, {"Retry-After": later})) or 0) <= 30
+    assert retry_after_seconds(_response(503, {"Retry-After": "soon"})) is None
+    assert retry_after_seconds(_response(503)) is None
+
+
+def test_the_server_says_when_and_backoff_doubles_up_to_the_cap() -> None:
+    policy = RetryPolicy(base_delay=1.0, max_delay=8.0)
+    assert policy.delay(0, 3.0) == 3.0
+    assert policy.delay(0, 100.0) == 8.0
+    assert 0.5 <= policy.delay(0, None) <= 1.0
+    assert 2.0 <= policy.delay(2, None) <= 4.0
+    assert 4.0 <= policy.delay(10, None) <= 8.0
+
+
+def test_a_problem_body_becomes_an_api_error_with_its_fields() -> None:
+    body = {"status": 404, "title": "Not Found", "detail": "backup not found", "request_id": "abc123"}
+    error = api_error(_response(404, {"content-type": "application/problem+json"}, body))
+    assert isinstance(error, ApiError)
+    assert (error.status, error.title, error.detail, error.request_id) == (
+        404,
+        "Not Found",
+        "backup not found",
+        "abc123",
+    )
+    assert str(error) == "server answered 404 Not Found: backup not found (request abc123)"
+
+
+@pytest.mark.parametrize("content", [b"", b"<html>bad gateway</html>"])
+def test_a_non_problem_body_still_gives_a_one_line_error(content: bytes) -> None:
+    error = api_error(httpx.Response(502, content=content, headers={"x-request-id": "r1"}))
+    assert str(error) == "server answered 502 Bad Gateway (request r1)"
