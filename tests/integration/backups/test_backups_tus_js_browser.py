@@ -17,7 +17,9 @@ import asyncpg
 import httpx
 import pytest
 from backups_support import MIB, NOTHING_STORED, Tenant, device_token, make_tenant, row_counts, sign_envelope
-from tus_js_support import JS_DIR, ensure_chromium, ensure_node_modules, fresh_profile, run_node, static_site
+from tus_js_support import JS_DIR, ensure_node_modules, fresh_profile, run_node, static_site
+
+from chromium_support import chromium_executable
 
 from support import Envelope, free_port, granian_server, make_settings
 
@@ -33,7 +35,7 @@ class Site:
 @pytest.fixture
 def site(base_settings_env: dict[str, str], database_url: str) -> Iterator[Site]:
     ensure_node_modules()
-    ensure_chromium()
+    chromium_executable()
     page_port = free_port()
     env = {**base_settings_env, "DATABASE_URL": database_url, "CORS_ORIGINS": f"http://127.0.0.1:{page_port}"}
     with granian_server(env) as api:
@@ -72,7 +74,7 @@ async def run_page(site: Site, page_host: str, envelopes: dict[str, Envelope], s
         outcome = await run_node(
             "tus_browser_run.mjs",
             {
-                "chromium": str(ensure_chromium()),
+                "chromium": str(chromium_executable()),
                 "userDataDir": profile,
                 "pageUrl": f"http://{page_host}:{site.page_port}/",
                 "scenario": {"api": site.api, "chunkSize": MIB, **scenario},

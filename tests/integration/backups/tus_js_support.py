@@ -1,8 +1,8 @@
 """Running the real JavaScript tus clients from the suite: npm packages, Node scripts, Chromium, and the network.
 
 The npm packages are pinned by `tests/js/package-lock.json` and installed with `npm ci` when `tests/js/node_modules`
-is missing or was installed from another lock file. Without Node.js the tests skip, saying so. Chromium is Debian's
-`chromium`, installed with apt-get when missing.
+is missing or was installed from another lock file. Without Node.js the tests skip, saying so. The browser is
+`chromium_support.chromium_executable()`.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import shutil
 import subprocess
 import tempfile
@@ -23,7 +22,6 @@ from typing import Any
 import pytest
 
 JS_DIR = Path(__file__).resolve().parents[2] / "js"
-CHROMIUM = Path("/usr/bin/chromium")
 NODE_TIMEOUT_SECONDS = 180
 
 
@@ -47,22 +45,6 @@ def ensure_node_modules() -> None:
     )
     assert result.returncode == 0, f"npm ci failed in {JS_DIR}:\n{result.stderr[-4000:]}"
     shutil.copyfile(lock, installed)
-
-
-def ensure_chromium() -> Path:
-    """Debian's Chromium, installed with apt-get when missing; skip the calling test where apt-get cannot run."""
-    if CHROMIUM.exists():
-        return CHROMIUM
-    apt_get = shutil.which("apt-get")
-    if apt_get is None:
-        pytest.skip(f"{CHROMIUM} is missing and there is no apt-get to install Debian's chromium")
-    prefix = [] if os.geteuid() == 0 else ["sudo", "-n"]
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for command in ([apt_get, "update", "-q"], [apt_get, "install", "-y", "-q", "--no-install-recommends", "chromium"]):
-        result = subprocess.run([*prefix, *command], capture_output=True, text=True, env=env, timeout=900, check=False)
-        assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stderr[-4000:]}"
-    assert CHROMIUM.exists(), "apt-get installed chromium but /usr/bin/chromium is missing"
-    return CHROMIUM
 
 
 async def run_node(script: str, job: Mapping[str, Any]) -> dict[str, Any]:

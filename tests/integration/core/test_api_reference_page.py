@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import tempfile
-from pathlib import Path
 
-import pytest
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
+from chromium_support import chromium_executable
 from zkeb.core.apidocs import SCALAR_ASSETS_PATH, SCALAR_BUNDLE
 
 from support import granian_server
 
-CHROMIUM = "/usr/bin/chromium"
 _URL_ATTRIBUTE = re.compile(r"""(?:src|href)\s*=\s*["']([^"']*)["']""")
 
 
@@ -39,32 +36,6 @@ async def test_scalar_page_loads_only_the_packaged_bundle(client: AsyncTestClien
     assert bundle.headers["x-content-type-options"] == "nosniff"
     assert bundle.content == SCALAR_BUNDLE.read_bytes()
     assert (await client.get(f"{SCALAR_ASSETS_PATH}/../../../settings.py")).status_code == 404
-
-
-def _apt_get(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["apt-get", *args],
-        env={"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-
-
-def _chromium() -> str:
-    """Debian's chromium, installed with apt-get when missing (skips, saying why, only when that cannot be done)."""
-    if Path(CHROMIUM).exists():
-        return CHROMIUM
-    if shutil.which("apt-get") is None:
-        pytest.skip("chromium is not installed and there is no apt-get to install it")
-    install = _apt_get("install", "-y", "-qq", "chromium")
-    if install.returncode != 0:  # a fresh machine may have no package lists yet
-        _apt_get("update", "-qq")
-        install = _apt_get("install", "-y", "-qq", "chromium")
-    if install.returncode != 0 or not Path(CHROMIUM).exists():
-        pytest.skip(f"chromium could not be installed with apt-get: {install.stderr.strip()[-500:]}")
-    return CHROMIUM
 
 
 def _render_offline(chromium: str, url: str) -> tuple[str, str]:
@@ -100,7 +71,7 @@ def _render_offline(chromium: str, url: str) -> tuple[str, str]:
 def test_scalar_page_renders_the_api_in_headless_chromium_without_network(
     base_settings_env: dict[str, str], database_url: str
 ) -> None:
-    chromium = _chromium()
+    chromium = str(chromium_executable())
     with granian_server({**base_settings_env, "DATABASE_URL": database_url}) as url:
         dom, log = _render_offline(chromium, f"{url}/schema/scalar")
     # Scalar rendered the reference from /schema/openapi.json: the API's title as a heading (not only the page's
