@@ -48,6 +48,8 @@ __all__ = (
     "own_postgres",
     "own_redis",
     "server_env",
+    "tus_create",
+    "tus_patch",
     "tus_upload",
     "zkeb_serve",
 )
@@ -306,20 +308,37 @@ async def make_fault_tenant(url: str, settings: Settings) -> FaultTenant:
     return FaultTenant(project_id, key.json()["key"], device_key, device_id_hash)
 
 
+async def tus_create(client: httpx.AsyncClient, tenant: FaultTenant, envelope: Envelope) -> httpx.Response:
+    """`POST /api/v1/uploads` for `envelope` (its `Location` is the upload's URL)."""
+    return await client.post(
+        "/api/v1/uploads",
+        headers={
+            "Tus-Resumable": "1.0.0", **tenant.auth,
+            "Upload-Length": str(len(envelope.payload)), "Upload-Metadata": envelope.tus_metadata(),
+        },
+    )  # fmt: skip
+
+
+async def tus_patch(
+    client: httpx.AsyncClient, tenant: FaultTenant, location: str, payload: bytes, offset: int = 0
+) -> httpx.Response:
+    """Send `payload` from `offset` to the end in one PATCH."""
+    return await client.patch(
+        location,
+        content=payload[offset:],
+        headers={
+            "Tus-Resumable": "1.0.0", **tenant.auth,
+            "Upload-Offset": str(offset), "Content-Type": "application/offset+octet-stream",
+        },
+    )  # fmt: skip
+
+
 async def tus_upload(client: httpx.AsyncClient, tenant: FaultTenant, envelope: Envelope) -> httpx.Response:
     """Create a tus upload for `envelope` and send its whole payload in one PATCH; the PATCH's response.
 
     A refused creation is returned as is.
     """
-    tus = {"Tus-Resumable": "1.0.0", **tenant.auth}
-    created = await client.post(
-        "/api/v1/uploads",
-        headers={**tus, "Upload-Length": str(len(envelope.payload)), "Upload-Metadata": envelope.tus_metadata()},
-    )
+    created = await tus_create(client, tenant, envelope)
     if created.status_code != 201:
         return created
-    return await client.patch(
-        created.headers["location"],
-        content=envelope.payload,
-        headers={**tus, "Upload-Offset": "0", "Content-Type": "application/offset+octet-stream"},
-    )
+    return await tus_patch(client, tenant, created.headers["location"], envelope.payload)
