@@ -109,18 +109,15 @@ def main() -> None:
 @click.option("--workers", type=int, default=None, help="Worker processes (WEB_CONCURRENCY, default 1).")
 def serve(host: str | None, port: int | None, workers: int | None) -> None:
     """Run the API under granian; SIGTERM drains in-flight requests before exiting."""
-    from granian import Granian  # noqa: PLC0415
-    from granian.constants import Interfaces  # noqa: PLC0415
-    from granian.log import LogLevels  # noqa: PLC0415
-
     from zkeb.prometheus_multiprocess import prepare_multiprocess_dir  # noqa: PLC0415
 
     settings = _load_settings()
     worker_count = workers or int(os.environ.get("WEB_CONCURRENCY", "1"))
     # Before anything imports prometheus_client (any zkeb.core module does): forked workers inherit its value store.
     prepare_multiprocess_dir(needed=worker_count > 1 or settings.metrics_port is not None)
-    from zkeb.core.logging import configure_logging, log_format, logging_dictconfig  # noqa: PLC0415
+    from zkeb.core.logging import configure_logging, log_format  # noqa: PLC0415
     from zkeb.core.metrics import serve_metrics_for_workers  # noqa: PLC0415
+    from zkeb.server import production_server  # noqa: PLC0415
 
     configure_logging(settings.log_level, log_format(settings.env))
     _preflight(settings)
@@ -130,18 +127,8 @@ def serve(host: str | None, port: int | None, workers: int | None) -> None:
     os.environ["DATABASE_URL"] = url.replace("postgresql+asyncpg://", "postgresql://", 1)
     os.environ["ZKEB_AUTO_MIGRATE"] = "false"
     serve_metrics_for_workers(settings, host or settings.host)
-    server = Granian(
-        "zkeb.app:create_app",
-        factory=True,
-        interface=Interfaces.ASGI,
-        address=host or settings.host,
-        port=port or settings.port,
-        workers=worker_count,
-        workers_kill_timeout=max(int(settings.shutdown_grace_seconds), 1),
-        respawn_failed_workers=True,
-        log_access=False,
-        log_level=LogLevels(settings.log_level.lower()),
-        log_dictconfig=logging_dictconfig(settings.log_level, log_format(settings.env)),
+    server = production_server(
+        "zkeb.app:create_app", settings, host=host or settings.host, port=port or settings.port, workers=worker_count
     )
     click.echo(f"ZKEB listening on http://{host or settings.host}:{port or settings.port}", err=True)
     server.serve()

@@ -93,8 +93,11 @@ def principal_of(connection: ASGIConnection[Any, Any, Any, Any]) -> Principal:
     return user
 
 
-def requires_org_admin(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+async def requires_org_admin(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
     """Guard: only an organization admin key.
+
+    Guards are coroutines: Litestar runs a plain function guard in a worker thread, a hop per request that costs
+    more than the check (and, under load, waits for the GIL).
 
     Raises:
         NotFoundError: a project key or device on an admin route (the route's resources are not theirs).
@@ -103,7 +106,7 @@ def requires_org_admin(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRo
         raise NotFoundError("not found")
 
 
-def requires_backup_access(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+async def requires_backup_access(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
     """Guard: a project key or a device token (backups belong to a project)."""
     if principal_of(connection).kind not in ("project", "device"):
         raise NotFoundError("not found")

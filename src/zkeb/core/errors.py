@@ -44,6 +44,7 @@ __all__ = (
     "exception_handlers",
     "problem_response",
     "request_id_var",
+    "span_id_var",
     "trace_id_var",
 )
 
@@ -52,8 +53,10 @@ logger = logging.getLogger("zkeb.errors")
 PROBLEM_JSON = "application/problem+json"
 #: The current request's id, set by the request-id middleware.
 request_id_var: ContextVar[str | None] = ContextVar("zkeb_request_id", default=None)
-#: The current trace id (hex), set by the telemetry middleware when tracing is on.
+#: The current trace id (hex), set by the telemetry middleware on every request.
 trace_id_var: ContextVar[str | None] = ContextVar("zkeb_trace_id", default=None)
+#: The server's span id (hex) of the current request when tracing is off (no SDK span carries it then).
+span_id_var: ContextVar[str | None] = ContextVar("zkeb_span_id", default=None)
 
 
 class ProblemError(HTTPException):

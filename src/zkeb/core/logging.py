@@ -30,7 +30,7 @@ from litestar.enums import ScopeType
 from litestar.types import ASGIApp, HTTPScope, Message, Receive, ReceiveMessage, Scope, Send
 from opentelemetry import trace
 
-from zkeb.core.errors import request_id_var, trace_id_var
+from zkeb.core.errors import request_id_var, span_id_var, trace_id_var
 
 __all__ = (
     "ACCESS_LOGGER",
@@ -78,7 +78,7 @@ def _trace_fields() -> tuple[str | None, str | None]:
     context = trace.get_current_span().get_span_context()
     if context.is_valid:
         return format(context.trace_id, "032x"), format(context.span_id, "016x")
-    return trace_id_var.get(), None
+    return trace_id_var.get(), span_id_var.get()
 
 
 def _fields(record: logging.LogRecord) -> dict[str, Any]:

@@ -192,15 +192,31 @@ def record_bytes_restored(size: int) -> None:
     BACKUP_BYTES_RESTORED.inc(size)
 
 
+#: How many label combinations are kept resolved (methods come from clients: the set is not closed).
+_SERIES_CACHE_SIZE = 4096
+_series_cache: dict[tuple[Any, ...], Any] = {}
+
+
+def _series(metric: Any, *labels: str) -> Any:
+    """`metric.labels(*labels)`, resolved once: `labels()` takes a lock and validates on every call."""
+    key = (metric, *labels)
+    series = _series_cache.get(key)
+    if series is None:
+        if len(_series_cache) >= _SERIES_CACHE_SIZE:
+            _series_cache.clear()
+        series = _series_cache[key] = metric.labels(*labels)
+    return series
+
+
 def observe_request(record: AccessRecord) -> None:
     """Record one finished request (an access-log observer)."""
     status = str(record.status)
-    HTTP_REQUESTS.labels(record.method, record.route, status).inc()
-    HTTP_REQUEST_DURATION.labels(record.method, record.route, status).observe(record.duration_s)
+    _series(HTTP_REQUESTS, record.method, record.route, status).inc()
+    _series(HTTP_REQUEST_DURATION, record.method, record.route, status).observe(record.duration_s)
     if record.bytes_in:
-        HTTP_REQUEST_BYTES.labels(record.route).inc(record.bytes_in)
+        _series(HTTP_REQUEST_BYTES, record.route).inc(record.bytes_in)
     if record.bytes_out:
-        HTTP_RESPONSE_BYTES.labels(record.route).inc(record.bytes_out)
+        _series(HTTP_RESPONSE_BYTES, record.route).inc(record.bytes_out)
 
 
 class _ProcessSampler:

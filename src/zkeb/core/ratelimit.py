@@ -88,25 +88,33 @@ _KEY_PREFIX = "zkeb:rl:"
 _REMEMBERED_PRINCIPALS = 10_000
 
 # KEYS[1] bucket; ARGV: limit, period (ms), commit (1 charges one request, 0 only asks whether one would pass).
-# Returns {allowed, remaining, reset_ms, retry_after_ms}. Redis's own clock, so every process agrees on "now".
+# With KEYS[2] (a gate: the client IP's authentication-failures bucket) and ARGV[4], ARGV[5] its limit and period,
+# the gate is probed first (never charged) and, when it is exhausted, KEYS[1] is left alone: one round trip for
+# both. Returns {allowed, remaining, reset_ms, retry_after_ms, refused_by_gate}. Redis's own clock, so every
+# process agrees on "now".
 _GCRA_LUA = """
-local limit = tonumber(ARGV[1])
-local period = tonumber(ARGV[2])
-local commit = tonumber(ARGV[3])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local interval = period / limit
-local tat = tonumber(redis.call('GET', KEYS[1]))
-if not tat or tat < now then tat = now end
-local new_tat = tat + interval
-local diff = now - (new_tat - period)
-if diff < 0 then
-  return {0, 0, math.ceil(tat - now), math.ceil(-diff)}
+local function gcra(key, limit, period, commit)
+  local interval = period / limit
+  local tat = tonumber(redis.call('GET', key))
+  if not tat or tat < now then tat = now end
+  local new_tat = tat + interval
+  local diff = now - (new_tat - period)
+  if diff < 0 then
+    return {0, 0, math.ceil(tat - now), math.ceil(-diff)}
+  end
+  if commit == 1 then
+    redis.call('SET', key, string.format('%.3f', new_tat), 'PX', math.max(1, math.ceil(new_tat - now)))
+  end
+  return {1, math.floor(diff / interval), math.ceil(new_tat - now), 0}
 end
-if commit == 1 then
-  redis.call('SET', KEYS[1], string.format('%.3f', new_tat), 'PX', math.max(1, math.ceil(new_tat - now)))
+if #KEYS == 2 then
+  local gate = gcra(KEYS[2], tonumber(ARGV[4]), tonumber(ARGV[5]), 0)
+  if gate[1] == 0 then return {gate[1], gate[2], gate[3], gate[4], 1} end
 end
-return {1, math.floor(diff / interval), math.ceil(new_tat - now), 0}
+local r = gcra(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]))
+return {r[1], r[2], r[3], r[4], 0}
 """
 
 
@@ -203,17 +211,36 @@ class RateLimiter:
 
     async def charge(self, key: str, quota: Quota, *, commit: bool = True) -> Decision | None:
         """Charge `key`; None when Redis is failing (the request goes through unchecked)."""
+        charged = await self.charge_gated(key, quota, commit=commit)
+        return charged[1] if charged is not None else None
+
+    async def charge_gated(
+        self, key: str, quota: Quota, *, commit: bool = True, gate: tuple[str, Quota] | None = None
+    ) -> tuple[bool, Decision] | None:
+        """Charge `key` unless the `gate` bucket (probed, never charged) is exhausted, in one Redis round trip.
+
+        Returns whether the gate refused and the refusing (or charging) decision; None when Redis is failing.
+        """
         if self._script is None:
-            return self._memory.charge(key, quota, commit=commit)
+            if gate is not None and not (probe := self._memory.charge(*gate, commit=False)).allowed:
+                return True, probe
+            return False, self._memory.charge(key, quota, commit=commit)
         if time.monotonic() < self._redis_retry_at:
             return None
+        keys = [_KEY_PREFIX + key]
+        args = [quota.limit, quota.window * 1000, int(commit)]
+        if gate is not None:
+            keys.append(_KEY_PREFIX + gate[0])
+            args += [gate[1].limit, gate[1].window * 1000]
         try:
-            result = await self._script(keys=[_KEY_PREFIX + key], args=[quota.limit, quota.window * 1000, int(commit)])
+            result = await self._script(keys=keys, args=args)
         except (RedisError, OSError, TimeoutError) as exc:
             self._redis_failed(exc)
             return None
-        allowed, remaining, reset_ms, retry_ms = (int(v) for v in result)
-        return _decision(quota, allowed, remaining, reset_ms, retry_ms)
+        allowed, remaining, reset_ms, retry_ms, by_gate = (int(v) for v in result)
+        refused_by_gate = bool(by_gate) and gate is not None
+        decided_quota = gate[1] if refused_by_gate and gate is not None else quota
+        return refused_by_gate, _decision(decided_quota, allowed, remaining, reset_ms, retry_ms)
 
     def _redis_failed(self, exc: BaseException) -> None:
         REDIS_FAILURES.inc()
@@ -284,18 +311,22 @@ class RateLimitMiddleware(ASGIMiddleware):
         ip = client_ip(scope, limiter.proxies) or "unknown"
         authorization = _authorization(scope)
         failures_key = f"authfail:{ip}"
+        gate: tuple[str, Quota] | None = None
         if scope["path"] == TOKEN_PATH:
             key, quota, bucket = f"token:{ip}", limiter.token_quota, "token"
         elif authorization:
             key, quota, bucket = _credential_key(authorization), limiter.default_quota, "credential"
-            failures = await limiter.charge(failures_key, limiter.token_quota, commit=False)
-            if failures is not None and not failures.allowed:
-                await self._refuse(scope, failures_key, "auth_failures", failures)
+            gate = (failures_key, limiter.token_quota)  # while the IP's failures are exhausted, no credential passes
         else:
             key, quota, bucket = f"ip:{ip}", limiter.default_quota, "ip"
-        decision = await limiter.charge(key, quota)
-        if decision is not None and not decision.allowed:
-            await self._refuse(scope, key, bucket, decision)
+        charged = await limiter.charge_gated(key, quota, gate=gate)
+        decision = None
+        if charged is not None:
+            refused_by_gate, decision = charged
+            if refused_by_gate:
+                await self._refuse(scope, failures_key, "auth_failures", decision)
+            if not decision.allowed:
+                await self._refuse(scope, key, bucket, decision)
         extra = _encode_headers(decision.headers()) if decision is not None else []
         status: int | None = None
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import os
 import re
-import uuid
 
 from litestar.enums import ScopeType
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
@@ -27,7 +27,7 @@ class RequestIdMiddleware:
             await self.app(scope, receive, send)
             return
         incoming = next((v for k, v in scope["headers"] if k == b"x-request-id"), None)
-        request_id = incoming.decode() if incoming and _VALID.match(incoming) else uuid.uuid4().hex
+        request_id = incoming.decode() if incoming and _VALID.match(incoming) else os.urandom(16).hex()
         header_value = request_id.encode()
         token = request_id_var.set(request_id)
 

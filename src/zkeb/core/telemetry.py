@@ -53,8 +53,6 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExport
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.semconv.attributes.http_attributes import HTTP_ROUTE
 from opentelemetry.trace import (
-    NonRecordingSpan,
-    SpanContext,
     SpanKind,
     Status,
     StatusCode,
@@ -65,7 +63,7 @@ from opentelemetry.util.http import ExcludeList, get_excluded_urls, parse_exclud
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from zkeb.core.errors import trace_id_var
+from zkeb.core.errors import span_id_var, trace_id_var
 from zkeb.settings import Settings, SettingsError
 
 __all__ = (
@@ -297,11 +295,14 @@ class ServerSpanMiddleware:
             await self.app(scope, receive, send)
             return
         carrier, host = _read_headers(scope)
+        if self.tracer is None:
+            await self._context_only(scope, receive, send, carrier)
+            return
         if self.excluded.url_disabled(f"{scope.get('scheme', 'http')}://{host}{scope['path']}"):
             await self._untraced(scope, receive, send)
             return
         method = scope["method"]
-        span = self._start_span(scope, carrier, method)
+        span = self._start_span(self.tracer, scope, carrier, method)
         span_context = span.get_span_context()
         trace_id = format_trace_id(span_context.trace_id)
         span_id = format_span_id(span_context.span_id)
@@ -338,18 +339,35 @@ class ServerSpanMiddleware:
             trace_id_var.reset(trace_token)
             context.detach(context_token)
 
-    def _start_span(self, scope: Scope, carrier: dict[str, str] | None, method: str) -> trace.Span:
+    async def _context_only(self, scope: Scope, receive: Receive, send: Send, carrier: dict[str, str] | None) -> None:
+        """Tracing off: the request's trace context without the OpenTelemetry context machinery.
+
+        The incoming `traceparent`'s trace id (or a new one) and a span id of this server's, not sampled, go to the
+        scope (access log), the context variables (problem+json bodies, log lines) and `traceresponse`; nothing
+        is attached to OpenTelemetry's context, which no instrumentation reads when tracing is off.
+        """
+        parent = trace.get_current_span(propagate.extract(carrier)).get_span_context() if carrier else None
+        trace_id = parent.trace_id if parent is not None and parent.is_valid else self.ids.generate_trace_id()
+        trace_hex, span_hex = format_trace_id(trace_id), format_span_id(self.ids.generate_span_id())
+        cast("dict[str, Any]", scope)[SPAN_CONTEXT_SCOPE_KEY] = (trace_hex, span_hex)
+        traceresponse = f"00-{trace_hex}-{span_hex}-00".encode()
+
+        async def send_with_traceresponse(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), (b"traceresponse", traceresponse)]
+            await send(message)
+
+        trace_token, span_token = trace_id_var.set(trace_hex), span_id_var.set(span_hex)
+        try:
+            await self.app(scope, receive, send_with_traceresponse)
+        finally:
+            span_id_var.reset(span_token)
+            trace_id_var.reset(trace_token)
+
+    @staticmethod
+    def _start_span(tracer: trace.Tracer, scope: Scope, carrier: dict[str, str] | None, method: str) -> trace.Span:
         parent_context = propagate.extract(carrier) if carrier else None
-        if self.tracer is None:
-            parent = trace.get_current_span(parent_context).get_span_context() if parent_context else None
-            if parent is not None and parent.is_valid:
-                trace_id, trace_state = parent.trace_id, parent.trace_state
-            else:
-                trace_id, trace_state = self.ids.generate_trace_id(), None
-            return NonRecordingSpan(
-                SpanContext(trace_id, self.ids.generate_span_id(), is_remote=False, trace_state=trace_state)
-            )
-        return self.tracer.start_span(
+        return tracer.start_span(
             method,
             context=parent_context,
             kind=SpanKind.SERVER,

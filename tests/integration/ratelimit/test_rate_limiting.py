@@ -133,6 +133,23 @@ async def test_token_issuance_is_limited_per_client_ip_at_the_stricter_rate(
 async def test_repeated_authentication_failures_throttle_the_client_ip(
     limited_client: AsyncTestClient[Litestar], limited_settings: Settings, database_url: str
 ) -> None:
+    await _assert_failures_throttle_the_ip(limited_client, limited_settings, database_url)
+
+
+async def test_repeated_authentication_failures_throttle_the_client_ip_with_buckets_in_redis(
+    base_settings_env: dict[str, str], database_url: str, redis_url: str
+) -> None:
+    settings = make_settings(
+        base_settings_env, DATABASE_URL=database_url, REDIS_URL=redis_url,
+        RATE_LIMIT_PER_MINUTE="3", TOKEN_RATE_LIMIT_PER_MINUTE="2",
+    )  # fmt: skip
+    async with AsyncTestClient(app=create_app(settings)) as client:
+        await _assert_failures_throttle_the_ip(client, settings, database_url)
+
+
+async def _assert_failures_throttle_the_ip(
+    limited_client: AsyncTestClient[Litestar], limited_settings: Settings, database_url: str
+) -> None:
     _org, key = await _org_key(limited_settings, database_url)
     for n in range(2):
         response = await limited_client.get(AUDIT, headers=_auth(f"zkeb_guess{n}"))
