@@ -37,7 +37,7 @@ from pathlib import Path
 import httpx
 from harness import ROOT, add_database_option, create_database, create_org, drop_database, granian, production_env
 from harness import with_database as database_at
-from upload import MIB, _provision, _restore, _restore_raw, _upload
+from upload import MIB, _restore, _restore_raw, _upload, provision
 
 from zkeb.client import AsyncClient, KeyFile
 
@@ -102,7 +102,7 @@ async def run(server_url: str, repeats: int) -> None:
         admin_key = create_org(env)
         with granian(env) as (base, _server):
             async with httpx.AsyncClient(base_url=base, timeout=300) as http:
-                project_id, key, device = await _provision(http, admin_key)
+                project_id, key, device = await provision(http, admin_key)
                 cli_env = {
                     "ZKEB_SERVER": base,
                     "ZKEB_IDENTITY": str(work / "device.key"),
