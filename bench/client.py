@@ -60,9 +60,12 @@ sys.exit(os.waitstatus_to_exitcode(status))
 
 def _cli(env: dict[str, str], *args: str) -> tuple[float, int, str]:
     """Run `zkeb-client` to completion: (wall seconds, peak RSS KiB, stdout); raises on failure."""
+    environment = {**os.environ, **env}
+    if "PYTHONPYCACHEPREFIX" in env:
+        environment.pop("PYTHONDONTWRITEBYTECODE", None)
     started = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-c", LAUNCHER, CLI, *args], env={**os.environ, **env}, capture_output=True, check=False
+        [sys.executable, "-c", LAUNCHER, CLI, *args], env=environment, capture_output=True, check=False
     )
     elapsed = time.perf_counter() - started
     err = done.stderr.decode().strip().splitlines()
@@ -88,7 +91,7 @@ class Round:
     sdk_down: float
 
 
-async def run(server_url: str, repeats: int) -> None:
+async def run(server_url: str, repeats: int, *, bytecode: bool) -> None:
     """Create a database, start the server, measure, print the table, drop the database."""
     name = await create_database(server_url)
     database_url = database_at(server_url, name)
@@ -110,6 +113,8 @@ async def run(server_url: str, repeats: int) -> None:
                     "ZKEB_PROJECT": str(project_id),
                     "XDG_STATE_HOME": str(work / "state"),
                 }
+                if bytecode:
+                    cli_env["PYTHONPYCACHEPREFIX"] = str(work / "pycache")
                 _cli(cli_env, "keygen")
                 _cli(cli_env, "enroll", "--label", "bench")
                 small, large = work / "small.bin", work / "large.bin"
@@ -149,8 +154,10 @@ async def run(server_url: str, repeats: int) -> None:
     def rate(seconds: float) -> str:
         return f"{SIZE / MIB / seconds:.0f}"
 
+    cache = "with a bytecode cache" if bytecode else "as the environment says about bytecode"
     print(
-        f"\n100 MiB file, {repeats} rounds, MiB/s; CLI = a new `zkeb-client` process per command, SDK = AsyncClient\n"
+        f"\n100 MiB file, {repeats} rounds, MiB/s; CLI = a new `zkeb-client` process per command ({cache}), "
+        "SDK = AsyncClient\n"
     )
     print("| round | server tus upload | CLI backup | SDK backup | raw download (socket) | download (httpx) "
           "| CLI restore | SDK restore |")  # fmt: skip
@@ -178,8 +185,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_database_option(parser)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--no-bytecode",
+        dest="bytecode",
+        action="store_false",
+        help="run the CLI as this environment says (PYTHONDONTWRITEBYTECODE=1 here) instead of with a bytecode cache",
+    )
     args = parser.parse_args()
-    asyncio.run(run(args.database_url, args.repeats))
+    asyncio.run(run(args.database_url, args.repeats, bytecode=args.bytecode))
 
 
 if __name__ == "__main__":
