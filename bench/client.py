@@ -37,7 +37,7 @@ from pathlib import Path
 import httpx
 from harness import ROOT, add_database_option, create_database, create_org, drop_database, granian, production_env
 from harness import with_database as database_at
-from upload import MIB, _provision, _restore, _restore_raw, _upload
+from upload import MIB, _restore, _restore_raw, _upload, provision
 
 from zkeb.client import AsyncClient, KeyFile
 
@@ -60,9 +60,12 @@ sys.exit(os.waitstatus_to_exitcode(status))
 
 def _cli(env: dict[str, str], *args: str) -> tuple[float, int, str]:
     """Run `zkeb-client` to completion: (wall seconds, peak RSS KiB, stdout); raises on failure."""
+    environment = {**os.environ, **env}
+    if "PYTHONPYCACHEPREFIX" in env:
+        environment.pop("PYTHONDONTWRITEBYTECODE", None)
     started = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-c", LAUNCHER, CLI, *args], env={**os.environ, **env}, capture_output=True, check=False
+        [sys.executable, "-c", LAUNCHER, CLI, *args], env=environment, capture_output=True, check=False
     )
     elapsed = time.perf_counter() - started
     err = done.stderr.decode().strip().splitlines()
@@ -88,7 +91,7 @@ class Round:
     sdk_down: float
 
 
-async def run(server_url: str, repeats: int) -> None:
+async def run(server_url: str, repeats: int, *, bytecode: bool) -> None:
     """Create a database, start the server, measure, print the table, drop the database."""
     name = await create_database(server_url)
     database_url = database_at(server_url, name)
@@ -102,7 +105,7 @@ async def run(server_url: str, repeats: int) -> None:
         admin_key = create_org(env)
         with granian(env) as (base, _server):
             async with httpx.AsyncClient(base_url=base, timeout=300) as http:
-                project_id, key, device = await _provision(http, admin_key)
+                project_id, key, device = await provision(http, admin_key)
                 cli_env = {
                     "ZKEB_SERVER": base,
                     "ZKEB_IDENTITY": str(work / "device.key"),
@@ -110,6 +113,8 @@ async def run(server_url: str, repeats: int) -> None:
                     "ZKEB_PROJECT": str(project_id),
                     "XDG_STATE_HOME": str(work / "state"),
                 }
+                if bytecode:
+                    cli_env["PYTHONPYCACHEPREFIX"] = str(work / "pycache")
                 _cli(cli_env, "keygen")
                 _cli(cli_env, "enroll", "--label", "bench")
                 small, large = work / "small.bin", work / "large.bin"
@@ -119,12 +124,14 @@ async def run(server_url: str, repeats: int) -> None:
 
                 rss: dict[str, list[int]] = {"small": [], "large": []}
                 rows: list[Round] = []
+                floor: list[float] = []  # wall seconds of the CLI backing up 1 MiB: start-up and round trips
                 keys = KeyFile.from_bytes((work / "device.key").read_bytes())
                 async with AsyncClient(base, keys=keys, state_dir=work / "sdk-state") as sdk:
                     for number in range(repeats):
                         container = str(uuid.uuid4())
-                        _, peak, _ = _cli(cli_env, "backup", str(small), "--container", container, "--json")
+                        small_up, peak, _ = _cli(cli_env, "backup", str(small), "--container", container, "--json")
                         rss["small"].append(peak)
+                        floor.append(small_up)
                         cli_up, peak, out = _cli(cli_env, "backup", str(large), "--container", container, "--json")
                         rss["large"].append(peak)
                         backup_id = json.loads(out.strip().splitlines()[-1])["id"]
@@ -149,8 +156,10 @@ async def run(server_url: str, repeats: int) -> None:
     def rate(seconds: float) -> str:
         return f"{SIZE / MIB / seconds:.0f}"
 
+    cache = "with a bytecode cache" if bytecode else "as the environment says about bytecode"
     print(
-        f"\n100 MiB file, {repeats} rounds, MiB/s; CLI = a new `zkeb-client` process per command, SDK = AsyncClient\n"
+        f"\n100 MiB file, {repeats} rounds, MiB/s; CLI = a new `zkeb-client` process per command ({cache}), "
+        "SDK = AsyncClient\n"
     )
     print("| round | server tus upload | CLI backup | SDK backup | raw download (socket) | download (httpx) "
           "| CLI restore | SDK restore |")  # fmt: skip
@@ -166,6 +175,10 @@ async def run(server_url: str, repeats: int) -> None:
     print(f"  CLI restore / raw socket download:   {_spread([r.raw_down / r.cli_down for r in rows])}")
     print(f"  SDK restore / raw socket download:   {_spread([r.raw_down / r.sdk_down for r in rows])}")
     print(f"  SDK restore / httpx download:        {_spread([r.httpx_down / r.sdk_down for r in rows])}")
+    print(
+        f"CLI fixed cost (wall seconds of a 1 MiB backup: start-up, token, round trips): {_spread(floor)}; "
+        f"the 100 MiB raw download took {_spread([r.raw_down for r in rows])} s"
+    )
     small_peak, large_peak = max(rss["small"]) / 1024, max(rss["large"]) / 1024
     print(
         f"CLI peak RSS: {small_peak:.1f} MiB backing up 1 MiB; {large_peak:.1f} MiB backing up or restoring 100 MiB; "
@@ -178,8 +191,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_database_option(parser)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--no-bytecode",
+        dest="bytecode",
+        action="store_false",
+        help="run the CLI as this environment says (PYTHONDONTWRITEBYTECODE=1 here) instead of with a bytecode cache",
+    )
     args = parser.parse_args()
-    asyncio.run(run(args.database_url, args.repeats))
+    asyncio.run(run(args.database_url, args.repeats, bytecode=args.bytecode))
 
 
 if __name__ == "__main__":

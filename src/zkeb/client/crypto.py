@@ -14,6 +14,7 @@ import hashlib
 import os
 import struct
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Literal
@@ -147,17 +148,25 @@ def seal_payload(key: bytes, nonce: bytes, chunks: Iterable[bytes]) -> SealedPay
     The caller encrypts the same plaintext again with the same key and nonce to send it: the same bytes, so the same
     ciphertext, which is what lets a tus upload be created (its metadata carries the tag and signature) before the
     first byte is sent, and lets an interrupted upload resume.
+
+    The two SHA-256 are most of the cost, and hashlib releases the GIL for large buffers: each chunk's plaintext and
+    ciphertext are hashed by two threads while this one reads and encrypts the next chunk. Each digest still sees its
+    chunks in order (a chunk is handed over only once the previous one is hashed), and at most two chunks are held.
     """
-    encryptor = PayloadEncryptor(key, nonce)
-    for chunk in chunks:
-        encryptor.update(chunk)
+    encryptor = PayloadEncryptor(key, nonce, digests=False)
+    plain, cipher = hashlib.sha256(), hashlib.sha256()
+    pending: tuple[Future[None], ...] = ()
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="zkeb-seal") as pool:
+        for chunk in chunks:
+            ciphertext = encryptor.update(chunk)
+            for hashed in pending:
+                hashed.result()
+            pending = (pool.submit(plain.update, chunk), pool.submit(cipher.update, ciphertext))
+        for hashed in pending:
+            hashed.result()
     tag = encryptor.finish()
     return SealedPayload(
-        nonce=nonce,
-        tag=tag,
-        size=encryptor.size,
-        plain_sha256=encryptor.plain_sha256.digest(),
-        cipher_sha256=encryptor.cipher_sha256.digest(),
+        nonce=nonce, tag=tag, size=encryptor.size, plain_sha256=plain.digest(), cipher_sha256=cipher.digest()
     )
 
 
@@ -170,8 +179,16 @@ class PayloadDecryptor:
         self.plain_sha256 = hashlib.sha256()
 
     def update(self, ciphertext: bytes) -> bytes:
-        """Decrypt the next ciphertext bytes."""
+        """Hash and decrypt the next ciphertext bytes (`hash_ciphertext` then `decrypt`)."""
+        self.hash_ciphertext(ciphertext)
+        return self.decrypt(ciphertext)
+
+    def hash_ciphertext(self, ciphertext: bytes) -> None:
+        """Add the next ciphertext bytes to the ciphertext's SHA-256 (independent of `decrypt`: another thread may)."""
         self.cipher_sha256.update(ciphertext)
+
+    def decrypt(self, ciphertext: bytes) -> bytes:
+        """Decrypt the next ciphertext bytes, adding the plaintext to its SHA-256."""
         out = self._decryptor.update(ciphertext)
         self.plain_sha256.update(out)
         return out

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import random
+import ssl
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -87,6 +88,19 @@ class _Token(msgspec.Struct):
     expires_in: int
 
 
+def _tls_verification(server: str) -> ssl.SSLContext | bool:
+    """httpx's default verification for an https server; for a plain-http one, a context that trusts no certificate.
+
+    httpx builds its TLS context (loading the whole CA bundle, 50-150 ms of a CLI run) when the client is made, even
+    if no request will use TLS. A plain-http server needs none; should a response still point to an https URL, the
+    empty context fails verification (it still requires a certificate and checks the host name) instead of skipping
+    it.
+    """
+    if server.startswith("https://"):
+        return True
+    return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+
+
 class Transport:
     """One server connection pool and its credentials."""
 
@@ -107,7 +121,9 @@ class Transport:
         self.keys = keys
         self.project_id = project_id
         self.retry = retry or RetryPolicy()
-        self._http = httpx.AsyncClient(base_url=self.server, timeout=httpx.Timeout(timeout, connect=10.0))
+        self._http = httpx.AsyncClient(
+            base_url=self.server, timeout=httpx.Timeout(timeout, connect=10.0), verify=_tls_verification(self.server)
+        )
         self._token: str | None = None
         self._token_expires = 0.0
         self._token_lock = asyncio.Lock()

@@ -295,8 +295,11 @@ class Uploader:
             state = None
         resumed_from = offset
         if state is None:
-            state = await asyncio.to_thread(self._new_state, source, container_id)
-            state = msgspec.structs.replace(state, location=await self._create(state, container_id))
+            # The device token is fetched (a network round trip) while the sealing pass reads the file.
+            fresh, _ = await asyncio.gather(
+                asyncio.to_thread(self._new_state, source, container_id), self.transport.authorization()
+            )
+            state = msgspec.structs.replace(fresh, location=await self._create(fresh, container_id))
             if key is not None:
                 self.states.save(key, state)
         backup_id = await self._send_all(state, source, offset, progress)

@@ -91,6 +91,20 @@ def test_sealing_twice_gives_the_same_tag_and_digest_so_uploads_can_resume() -> 
     assert changed.plain_sha256 != first.plain_sha256
 
 
+def test_sealing_in_many_chunks_gives_the_digests_and_tag_of_the_whole_payload() -> None:
+    key, nonce = os.urandom(32), os.urandom(12)
+    chunks = [os.urandom(size) for size in (1, 65536, 1024 * 1024, 3, 500_000, 1024 * 1024 + 7) * 4]
+    plaintext = b"".join(chunks)
+    sealed_whole = AESGCM(key).encrypt(nonce, plaintext, None)
+
+    sealed = seal_payload(key, nonce, chunks)
+
+    assert sealed.tag == sealed_whole[-16:]
+    assert sealed.size == len(plaintext)
+    assert sealed.plain_sha256 == hashlib.sha256(plaintext).digest()
+    assert sealed.cipher_sha256 == hashlib.sha256(sealed_whole[:-16]).digest()
+
+
 @pytest.mark.parametrize("where", ["ciphertext", "tag", "key"])
 def test_altered_ciphertext_tag_or_key_fails_decryption(where: str) -> None:
     key, nonce, plaintext = os.urandom(32), os.urandom(12), os.urandom(5000)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
@@ -9,7 +10,7 @@ import httpx
 import pytest
 
 from zkeb.client import ApiError, RetryPolicy
-from zkeb.client.transport import api_error, retry_after_seconds
+from zkeb.client.transport import _tls_verification, api_error, retry_after_seconds
 
 
 def _response(status: int, headers: dict[str, str] | None = None, json: object = None) -> httpx.Response:
@@ -50,3 +51,12 @@ def test_a_problem_body_becomes_an_api_error_with_its_fields() -> None:
 def test_a_non_problem_body_still_gives_a_one_line_error(content: bytes) -> None:
     error = api_error(httpx.Response(502, content=content, headers={"x-request-id": "r1"}))
     assert str(error) == "server answered 502 Bad Gateway (request r1)"
+
+
+def test_a_plain_http_server_gets_a_tls_context_that_trusts_no_certificate_and_https_keeps_the_default() -> None:
+    context = _tls_verification("http://127.0.0.1:8000")
+    assert isinstance(context, ssl.SSLContext)
+    assert context.verify_mode == ssl.CERT_REQUIRED
+    assert context.check_hostname
+    assert context.cert_store_stats()["x509_ca"] == 0
+    assert _tls_verification("https://backup.example") is True
