@@ -52,7 +52,11 @@ _TOUCH = text(
     "UPDATE api_keys SET last_used_at = now() "
     "WHERE id = :id AND (last_used_at IS NULL OR last_used_at < now() - make_interval(secs => :interval))"
 )
-_DEVICE_STATE = text("SELECT revoked_at FROM devices WHERE id = :id AND project_id = :project_id")
+#: The device a token names, only if the token's `dih` is that device's hash (a token minted with another hash is
+#: refused rather than trusted for the hash it claims).
+_DEVICE_STATE = text(
+    "SELECT revoked_at FROM devices WHERE id = :id AND project_id = :project_id AND device_id_hash = :device_id_hash"
+)
 
 _last_used_written: dict[UUID, float] = {}
 #: RFC 6750's challenge for a bearer token that is expired, revoked, malformed or otherwise invalid.
@@ -145,7 +149,10 @@ async def _authenticate_device_token(runtime: Runtime, token: str) -> Principal:
         ) from None
     async with tenant_transaction(runtime.engine, claims.organization_id) as connection:
         state = (
-            await connection.execute(_DEVICE_STATE, {"id": claims.device_id, "project_id": claims.project_id})
+            await connection.execute(
+                _DEVICE_STATE,
+                {"id": claims.device_id, "project_id": claims.project_id, "device_id_hash": claims.device_id_hash},
+            )
         ).one_or_none()
     if state is None or state.revoked_at is not None:
         raise _AuthenticationFailure(
