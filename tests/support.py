@@ -112,9 +112,17 @@ class Envelope:
             if name != "payload"
         }
 
-    def tus_metadata(self) -> str:
-        """The `Upload-Metadata` header."""
-        return ",".join(f"{k} {base64.b64encode(v).decode()}" for k, v in self.tus_metadata_values().items())
+    def tus_text_metadata(self) -> dict[str, str]:
+        """The metadata map a string-only tus client sends: every field but the payload in its JSON text form."""
+        return {name: value for name, value in self.json().items() if name != "payload"}
+
+    def tus_metadata(self, *, text: bool = False) -> str:
+        """The `Upload-Metadata` header: bytes fields raw, or in their JSON text form when `text`."""
+        if text:
+            values = {name: value.encode() for name, value in self.tus_text_metadata().items()}
+        else:
+            values = self.tus_metadata_values()
+        return ",".join(f"{k} {base64.b64encode(v).decode()}" for k, v in values.items())
 
 
 def sign_backup(

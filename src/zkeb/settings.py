@@ -88,6 +88,11 @@ class Settings:
     trusted_proxies: tuple[str, ...] = ()
     #: Seconds between in-process maintenance passes (`MAINTENANCE_INTERVAL`; 0 leaves maintenance to cron).
     maintenance_interval_seconds: float = 60.0
+    #: The service's public base URL (`PUBLIC_URL`, e.g. `https://backups.example.com`), without a trailing slash:
+    #: absolute URLs the service hands out (a tus upload's `Location`) start with it. None: taken from `Host`.
+    public_url: str | None = None
+    #: Most tus uploads a project may have open at once (`MAX_OPEN_UPLOADS`).
+    max_open_uploads: int = 100
 
     @property
     def is_production(self) -> bool:
@@ -149,6 +154,8 @@ class Settings:
             build_date=reader.text("ZKEB_BUILD_DATE", "unknown"),
             trusted_proxies=reader.networks("TRUSTED_PROXIES"),
             maintenance_interval_seconds=reader.number("MAINTENANCE_INTERVAL", 60.0, minimum=0.0),
+            public_url=reader.base_url("PUBLIC_URL"),
+            max_open_uploads=reader.integer("MAX_OPEN_UPLOADS", 100, minimum=1),
         )
 
 
@@ -241,6 +248,16 @@ class _EnvReader:
             return False
         msg = f"{name} must be true or false (got {raw!r})"
         raise SettingsError(msg)
+
+    def base_url(self, name: str) -> str | None:
+        raw = self.optional(name)
+        if raw is None:
+            return None
+        parts = urlsplit(raw)
+        if parts.scheme not in {"http", "https"} or not parts.hostname or parts.query or parts.fragment:
+            msg = f"{name} must be an http:// or https:// base URL without query or fragment (got {raw!r})"
+            raise SettingsError(msg)
+        return raw.rstrip("/")
 
     def networks(self, name: str) -> tuple[str, ...]:
         items = tuple(item.strip() for item in self.text(name, "").split(",") if item.strip())

@@ -17,10 +17,17 @@ from typing import Any, ClassVar
 from advanced_alchemy.exceptions import IntegrityError as RepositoryIntegrityError
 from advanced_alchemy.exceptions import NotFoundError as RepositoryNotFoundError
 from advanced_alchemy.exceptions import RepositoryError
+from asyncpg.exceptions import (
+    InterfaceError,
+    OperatorInterventionError,
+    PostgresConnectionError,
+    QueryCanceledError,
+)
 from litestar import MediaType, Request, Response
 from litestar.exceptions import HTTPException, InternalServerException, ValidationException
 from litestar.handlers import HTTPRouteHandler
 from litestar.types import ExceptionHandlersMap
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 __all__ = (
@@ -33,6 +40,7 @@ __all__ = (
     "ServiceUnavailableError",
     "UnprocessableError",
     "UnsupportedMediaTypeError",
+    "database_connection_lost",
     "exception_handlers",
     "problem_response",
     "request_id_var",
@@ -83,12 +91,14 @@ class UnsupportedMediaTypeError(ProblemError):
 
 
 class BoundedRequest(Request[Any, Any, Any]):
-    """Litestar's request, except for three kinds of bad body.
+    """Litestar's request, except for four kinds of bad body.
 
     - A JSON body declared as another content type: 415 (Litestar decodes it whatever its `Content-Type`).
     - A JSON body nested past the decoder's depth: 400, not 500. Litestar decodes a `data` body without a target
       type first (`Request.json()`), and msgspec raises `RecursionError` for a document nested a thousand levels
       deep; Litestar catches only `DecodeError`.
+    - A JSON body with a string that is not valid UTF-8 (a stray 0xFF byte, an overlong or a surrogate encoding):
+      400, not 500. msgspec raises `UnicodeDecodeError` for it, which Litestar does not catch either.
     - A body that ends early (`IncompleteBodyError`): 400, not 500. The server reports a truncated body or a
       malformed chunked encoding as `http.disconnect`, which Litestar's `stream()` raises as a 500 ("client
       disconnected prematurely").
@@ -107,7 +117,7 @@ class BoundedRequest(Request[Any, Any, Any]):
             ) from None
 
     async def json(self) -> Any:
-        """The decoded JSON body: 415 when it is declared as something else, 400 when nested too deeply.
+        """The decoded JSON body: 415 when it is declared as something else, 400 when nested too deeply or not UTF-8.
 
         A body without a `Content-Type` is read as JSON.
         """
@@ -118,6 +128,8 @@ class BoundedRequest(Request[Any, Any, Any]):
             return await super().json()
         except RecursionError:
             raise ProblemError("the JSON body is nested too deeply") from None
+        except UnicodeDecodeError:
+            raise ProblemError("the JSON body is not valid UTF-8") from None
 
 
 class NotFoundError(ProblemError):
@@ -245,7 +257,36 @@ def _pool_timeout_problem(request: Request[Any, Any, Any], exc: PoolTimeoutError
     )
 
 
+def database_connection_lost(exc: BaseException) -> bool:
+    """Whether `exc`, or an error it was raised from, is a lost database connection (retryable, not a defect).
+
+    A backend terminated (`pg_terminate_backend`, a failover, a restart: SQLSTATE class 57 but a cancelled query),
+    a connection closed mid-operation or found closed (asyncpg says so only in an `InterfaceError`'s message, as
+    SQLAlchemy's dialect also reads it), or one that cannot be opened; SQLAlchemy marks the ones it detects as
+    `connection_invalidated`.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, DBAPIError) and current.connection_invalidated:
+            return True
+        if (
+            isinstance(current, PostgresConnectionError | ConnectionError)
+            or (isinstance(current, OperatorInterventionError) and not isinstance(current, QueryCanceledError))
+            or (isinstance(current, InterfaceError) and "connection is closed" in str(current))
+        ):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
 def _unexpected_exception_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
+    if database_connection_lost(exc):
+        logger.warning("database connection lost on %s %s: %s", request.method, request.url.path, type(exc).__name__)
+        return problem_response(
+            request, 503, "the database connection was lost; retry shortly", headers={"Retry-After": "1"}
+        )
     logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return problem_response(request, 500, "An unexpected error occurred; quote the request id when reporting it")
 

@@ -7,7 +7,7 @@ Scalar and Swagger UI load) adds, once per process:
 - `security: []` on public operations (those the authentication middleware skips), bearer security elsewhere;
 - the tus request and response headers on `/api/v1/uploads*`, and the discovery `OPTIONS` operation;
 - the raw-body envelope of `POST /api/v1/backups` (JSON or msgpack) with the test-vector envelope of
-  docs/api-guide.md as its example;
+  docs/protocol.md as its example;
 - a description from the handler's docstring where an operation has none, and tag descriptions.
 """
 
@@ -97,8 +97,9 @@ _TUS_REQUEST_HEADERS: dict[tuple[str, str], list[dict[str, Any]]] = {
         _header("Upload-Length", "Payload size in bytes (≤ `MAX_UPLOAD_SIZE`, else 413).", "integer", required=True),
         _header(
             "Upload-Metadata",
-            "Every envelope field but `payload`, as `key base64value` pairs separated by commas; bytes fields "
-            "are base64 of the raw bytes (`device_id_hash` too), text fields base64 of their UTF-8.",
+            "Every envelope field but `payload`, as `key base64value` pairs separated by commas; text fields are "
+            "base64 of their UTF-8, bytes fields base64 of either their raw bytes or their JSON text (standard "
+            "base64, `device_id_hash` hex), the base64 ones all in one form (docs/protocol.md §3.2 has the rule).",
             required=True,
         ),
         _header("Content-Type", "`application/offset+octet-stream` when the body carries the first bytes."),
@@ -150,7 +151,7 @@ _TUS_DISCOVERY = {
     },
 }
 
-#: The envelope of docs/api-guide.md's test vectors, as a `POST /api/v1/backups` JSON body.
+#: The envelope of docs/protocol.md's test vectors (§9), as a `POST /api/v1/backups` JSON body.
 ENVELOPE_EXAMPLE: dict[str, str] = {
     "container_id": "0192f5e4-7a3b-7c1d-9e2f-000000000001",
     "device_id_hash": "9224d0c18f375c8c8f6b3bdce41f18fe7b3b85281dfac188de41154dfcd42260",
@@ -173,7 +174,9 @@ def _b64(description: str) -> dict[str, Any]:
 
 ENVELOPE_SCHEMA: dict[str, Any] = {
     "type": "object",
-    "description": "A backup envelope (DESIGN.md). In msgpack, bytes fields are `bin`; `device_id_hash` 32 bytes.",
+    "description": (
+        "A backup envelope (docs/protocol.md §2). In msgpack, bytes fields are `bin`; `device_id_hash` 32 bytes."
+    ),
     "required": list(ENVELOPE_EXAMPLE),
     "properties": {
         "container_id": {"type": "string", "format": "uuid"},
@@ -188,7 +191,7 @@ ENVELOPE_SCHEMA: dict[str, Any] = {
         "metadata": _b64("Encrypted metadata, ≤ 8 KiB."),
         "metadata_nonce": _b64("12 bytes."),
         "metadata_auth_tag": _b64("16 bytes."),
-        "signature": _b64("64-byte Ed25519 signature of the signed message (docs/api-guide.md)."),
+        "signature": _b64("64-byte Ed25519 signature of the signed message (docs/protocol.md §4)."),
         "backup_timestamp": {"type": "string", "format": "date-time", "description": "RFC 3339 UTC."},
     },
 }

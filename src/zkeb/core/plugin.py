@@ -7,10 +7,11 @@ from collections.abc import Sequence
 from advanced_alchemy.extensions.litestar import SQLAlchemyPlugin
 from litestar.config.app import AppConfig
 from litestar.openapi import OpenAPIConfig
-from litestar.openapi.plugins import ScalarRenderPlugin, SwaggerRenderPlugin
+from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme, Server
 from litestar.plugins import InitPluginProtocol
 
+from zkeb.core.apidocs import scalar_assets_router, scalar_render_plugin
 from zkeb.core.database import create_app_engine, sqlalchemy_config
 from zkeb.core.errors import BoundedRequest, exception_handlers
 from zkeb.core.logging import configure_logging, install_access_log, log_format
@@ -31,6 +32,9 @@ API_DESCRIPTION = """\
 ZKEB stores client-side encrypted backups. Devices encrypt locally and upload only ciphertext, an
 encrypted metadata blob and an Ed25519 signature; ZKEB verifies the signature before a backup becomes
 visible and streams the ciphertext back on restore. Errors are RFC 9457 `application/problem+json`.
+
+The normative protocol (envelope, field encodings, the signed messages with test vectors, device tokens, tus
+uploads, restores, status codes and errors) is `docs/protocol.md` in the ZKEB repository.
 """
 
 
@@ -60,7 +64,7 @@ class CorePlugin(InitPluginProtocol):
             version=settings.version,
             description=API_DESCRIPTION,
             path="/schema",
-            render_plugins=[ScalarRenderPlugin(), SwaggerRenderPlugin(), ZkebOpenAPIJson()],
+            render_plugins=[scalar_render_plugin(), SwaggerRenderPlugin(), ZkebOpenAPIJson()],
             servers=[Server(url="/", description="This server")],
             components=Components(
                 security_schemes={
@@ -72,6 +76,7 @@ class CorePlugin(InitPluginProtocol):
                 }
             ),
         )
+        app_config.route_handlers.append(scalar_assets_router())
         app_config.plugins.append(SQLAlchemyPlugin(config=sqlalchemy_config(engine)))
         instrument_app(app_config, settings, engine, runtime.redis)
         install_metrics(app_config, settings, engine)

@@ -15,6 +15,7 @@ from litestar.config.cors import CORSConfig
 from litestar.enums import ScopeType
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
+from zkeb.core.apidocs import SCALAR_PAGE_PATH
 from zkeb.settings import Settings
 
 __all__ = (
@@ -104,11 +105,15 @@ def request_is_tls(scope: Scope, proxies: TrustedProxies) -> bool:
     return proto is not None and proto.split(",")[0].strip().lower() == "https"
 
 
-#: Request and response headers a browser client may use across origins (bearer auth, tus, rate limits).
+#: Request and response headers a browser client may use across origins (bearer auth, tus, resumable downloads,
+#: rate limits).
 CORS_ALLOW_HEADERS = (
     "Authorization",
     "Content-Type",
     "X-Request-Id",
+    "Range",
+    "If-Range",
+    "If-None-Match",
     "Tus-Resumable",
     "Upload-Length",
     "Upload-Defer-Length",
@@ -124,6 +129,11 @@ CORS_EXPOSE_HEADERS = (
     "RateLimit-Policy",
     "Retry-After",
     "Content-Range",
+    "Content-Length",
+    "Accept-Ranges",
+    "ETag",
+    "Repr-Digest",
+    "Content-Disposition",
     "Tus-Resumable",
     "Tus-Version",
     "Tus-Extension",
@@ -138,13 +148,22 @@ CORS_EXPOSE_HEADERS = (
 HSTS_VALUE = b"max-age=63072000; includeSubDomains"
 # The API answers JSON only: nothing in a response may load, run or be framed.
 API_CSP_VALUE = b"default-src 'none'; frame-ancestors 'none'"
+# The Scalar page runs only what this server serves: its bundle, Litestar's inline bootstrap (the configuration) and
+# the styles the bundle injects; it fetches only this server's OpenAPI document (and the API, for "try it").
+DOCS_CSP_VALUE = (
+    b"default-src 'none'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline' data:; "
+    b"img-src 'self' data: blob:; font-src 'self' data:; connect-src 'self'; "
+    b"base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
 SERVER_BANNER = b"zkeb"
 
 
 def cors_config(settings: Settings) -> CORSConfig | None:
     """Litestar's CORS for the `CORS_ORIGINS` allow-list; None (no CORS headers at all) when the list is empty.
 
-    Credentials travel in `Authorization`, not cookies, so `allow_credentials` stays off.
+    Credentials travel in `Authorization`, not cookies, so `allow_credentials` stays off. Litestar adds its expose,
+    allow-headers and allow-methods headers to a response for any `Origin`; `SecurityHeadersMiddleware` drops them
+    when the origin is not allowed (no `Access-Control-Allow-Origin`), so an origin outside the list gets none.
     """
     if not settings.cors_origins:
         return None
@@ -164,10 +183,13 @@ class SecurityHeadersMiddleware:
     - `X-Content-Type-Options: nosniff` and `Referrer-Policy: no-referrer` everywhere;
     - `Strict-Transport-Security` only when the request came over TLS (the ASGI scheme, or `X-Forwarded-Proto:
       https` from a trusted proxy): HSTS over plain HTTP is ignored by browsers and wrong behind a TLS-less hop;
-    - on `/api/` paths `Content-Security-Policy: default-src 'none'; frame-ancestors 'none'` (the OpenAPI pages
-      under `/schema` load scripts, so they keep none) and `Cache-Control: no-store` unless the handler set one;
+    - on `/api/` paths `Content-Security-Policy: default-src 'none'; frame-ancestors 'none'` and `Cache-Control:
+      no-store` unless the handler set one; on the Scalar page (`/schema/scalar`) a policy that lets it run only
+      what this server serves (Swagger UI, at `/schema/swagger`, still comes from Litestar's CDN and gets none);
     - `Server: zkeb`, replacing any banner. Granian adds `server: granian` only when the application sent no
-      `server` header, so setting ours hides the server's name and version.
+      `server` header, so setting ours hides the server's name and version;
+    - no `Access-Control-*` header on a response without `Access-Control-Allow-Origin`: an origin outside
+      `CORS_ORIGINS` learns nothing of the CORS configuration.
     """
 
     def __init__(self, app: ASGIApp, settings: Settings) -> None:
@@ -180,11 +202,14 @@ class SecurityHeadersMiddleware:
             return
         tls = request_is_tls(scope, self.proxies)
         api = scope["path"].startswith("/api/")
+        docs = scope["path"] == SCALAR_PAGE_PATH
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 headers = [(k, v) for k, v in message.get("headers", ()) if k.lower() != b"server"]
                 names = {k.lower() for k, _ in headers}
+                if b"access-control-allow-origin" not in names:
+                    headers = [(k, v) for k, v in headers if not k.lower().startswith(b"access-control-")]
                 defaults = [
                     (b"x-content-type-options", b"nosniff"),
                     (b"referrer-policy", b"no-referrer"),
@@ -194,6 +219,8 @@ class SecurityHeadersMiddleware:
                     defaults.append((b"strict-transport-security", HSTS_VALUE))
                 if api:
                     defaults += [(b"content-security-policy", API_CSP_VALUE), (b"cache-control", b"no-store")]
+                elif docs:
+                    defaults.append((b"content-security-policy", DOCS_CSP_VALUE))
                 # A handler's own value wins; the defaults never duplicate a header.
                 headers += [(name, value) for name, value in defaults if name not in names]
                 message["headers"] = headers

@@ -1,7 +1,7 @@
 """The byte strings that devices sign: the backup envelope and the device-token proof of possession.
 
-Both layouts are fixed by the API contract (DESIGN.md, "Backup envelope" and "Tenancy and security model"); any
-change breaks every client signature, so they carry a version in their domain-separation prefix.
+Both layouts are fixed by the protocol (docs/protocol.md §4 and §5.2, with test vectors); any change breaks every
+client signature, so they carry a version in their domain-separation prefix.
 """
 
 from __future__ import annotations

@@ -331,3 +331,30 @@ async def test_a_project_key_and_a_device_may_read_their_own_project_but_not_man
         )
         assert patched.status_code == 404
         problem(patched)
+
+
+@pytest.mark.parametrize(
+    "bad_utf8",
+    [b"\xff", b"\xc0\xaf", b"\xed\xa0\x80"],  # an invalid start byte, an overlong '/', an encoded surrogate
+    ids=["invalid-byte", "overlong", "surrogate"],
+)
+async def test_invalid_utf8_inside_a_json_string_is_400_everywhere(
+    client: Client, settings: Settings, owner_connection: asyncpg.Connection, bad_utf8: bytes
+) -> None:
+    _, admin_key = await create_org(settings, "acme")
+    project = await create_project(client, admin_key, "p")
+    before = await table_snapshot(owner_connection)
+    body = b'{"name": "x' + bad_utf8 + b'"}'
+    json_headers = {**auth(admin_key), "Content-Type": "application/json"}
+    requests = [
+        ("POST", "/api/v1/auth/token", {"Content-Type": "application/json"}),  # no credential needed
+        ("POST", "/api/v1/projects", json_headers),
+        ("PATCH", f"/api/v1/projects/{project['id']}", json_headers),
+        ("POST", f"/api/v1/projects/{project['id']}/devices", json_headers),
+        ("POST", f"/api/v1/projects/{project['id']}/api-keys", json_headers),
+    ]
+    for method, path, headers in requests:
+        response = await client.request(method, path, content=body, headers=headers)
+        assert response.status_code == 400, (method, path, response.text)
+        assert "not valid UTF-8" in problem(response)["detail"]
+    assert await table_snapshot(owner_connection) == before

@@ -8,6 +8,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 import asyncpg
+import httpx
 import pytest
 from audit_support import create_org, write_events
 from litestar import Litestar
@@ -17,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from zkeb.core.database import create_app_engine
 from zkeb.settings import Settings
 
-from support import problem
+from support import granian_server, problem
 
 
 @pytest.fixture
@@ -255,3 +256,44 @@ async def test_the_runtime_role_cannot_update_or_delete_audit_rows(
             with pytest.raises(asyncpg.InsufficientPrivilegeError):
                 await owner_connection.execute(statement)
     assert await owner_connection.fetch("SELECT id, hash FROM audit_events ORDER BY seq") == before
+
+
+@pytest.mark.parametrize("character", ["\x00", "\x01", "\t", "\n", "\x1f", "\x7f", "\x85"])
+@pytest.mark.parametrize("name", ["action", "cursor", "since", "until", "limit"])
+async def test_a_control_character_in_a_filter_is_a_400_naming_the_parameter(
+    client: AsyncTestClient[Litestar],
+    engine: AsyncEngine,
+    settings: Settings,
+    owner_connection: asyncpg.Connection,
+    name: str,
+    character: str,
+) -> None:
+    org_id, key = await create_org(engine, settings)
+    await write_events(engine, settings, org_id, 2, action="test.one")
+    first = await client.get("/api/v1/audit-events", params={"limit": 1}, headers=_auth(key))
+    valid = {
+        "action": "test.one",
+        "cursor": first.json()["next_cursor"],
+        "since": "2026-01-01T00:00:00Z",
+        "until": "2026-01-01T00:00:00Z",
+        "limit": "10",
+    }
+    before = await _count(owner_connection, org_id)
+    for value in (character, valid[name] + character, character + valid[name]):
+        response = await client.get("/api/v1/audit-events", params={name: value}, headers=_auth(key))
+        assert response.status_code == 400, (name, value, response.text)
+        body = problem(response)
+        assert name in body["detail"], body
+    assert await _count(owner_connection, org_id) == before
+
+
+async def test_a_nul_in_the_action_filter_is_a_400_on_the_live_server(
+    base_settings_env: dict[str, str], database_url: str, settings: Settings, engine: AsyncEngine
+) -> None:
+    _, key = await create_org(engine, settings)
+    with granian_server({**base_settings_env, "DATABASE_URL": database_url}) as url:
+        async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+            for query in ("action=%00", "action=api_key.created%00", "action=%0A", "cursor=%00", "since=%00"):
+                response = await http.get(f"/api/v1/audit-events?{query}", headers=_auth(key))
+                assert response.status_code == 400, (query, response.text)
+                assert query.split("=")[0] in problem(response)["detail"]

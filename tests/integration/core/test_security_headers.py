@@ -75,3 +75,55 @@ async def test_a_header_the_handler_set_is_not_duplicated(client: AsyncTestClien
     response = await client.get("/api/health/live")
     assert response.headers.get_list("cache-control") == ["no-store"]
     assert response.headers.get_list("x-content-type-options") == ["nosniff"]
+
+
+async def test_cors_lets_an_allowed_origin_drive_tus_and_resume_a_download(
+    base_settings_env: dict[str, str], settings: Settings
+) -> None:
+    cors_settings = make_settings(
+        base_settings_env, DATABASE_URL=str(settings.database_url), CORS_ORIGINS="https://app.example"
+    )
+    origin = {"Origin": "https://app.example"}
+    async with AsyncTestClient(app=create_app(cors_settings)) as cors_client:
+        preflights = {
+            method: await cors_client.options(
+                "/api/v1/uploads/0190a000-0000-7000-8000-000000000000",
+                headers={**origin, "Access-Control-Request-Method": method, "Access-Control-Request-Headers": asked},
+            )
+            for method, asked in (
+                ("POST", "authorization,tus-resumable,upload-length,upload-metadata,content-type,upload-offset"),
+                ("PATCH", "authorization,tus-resumable,upload-offset,content-type,upload-checksum"),
+                ("HEAD", "authorization,tus-resumable"),
+                ("DELETE", "authorization,tus-resumable"),
+                ("GET", "authorization,range,if-range,if-none-match"),
+            )
+        }
+        simple = await cors_client.get("/api/health/live", headers=origin)
+    for method, preflight in preflights.items():
+        assert preflight.status_code == 204, (method, preflight.text)
+        assert preflight.headers["access-control-allow-origin"] == "https://app.example"
+        assert method in preflight.headers["access-control-allow-methods"]
+    exposed = {name.strip().lower() for name in simple.headers["access-control-expose-headers"].split(",")}
+    tus = {"location", "tus-resumable", "upload-offset", "upload-length", "upload-expires", "zkeb-backup-id"}
+    download = {"etag", "content-range", "accept-ranges", "content-length", "repr-digest", "content-disposition"}
+    assert tus | download <= exposed
+
+
+async def test_an_origin_outside_the_list_gets_no_cors_header_at_all(
+    base_settings_env: dict[str, str], settings: Settings
+) -> None:
+    cors_settings = make_settings(
+        base_settings_env, DATABASE_URL=str(settings.database_url), CORS_ORIGINS="https://app.example"
+    )
+    evil = {"Origin": "https://evil.example"}
+    async with AsyncTestClient(app=create_app(cors_settings)) as cors_client:
+        responses = [
+            await cors_client.get("/api/health/live", headers=evil),
+            await cors_client.post("/api/v1/uploads", headers={**evil, "Tus-Resumable": "1.0.0"}),
+            await cors_client.options("/api/v1/uploads", headers={**evil, "Access-Control-Request-Method": "POST"}),
+        ]
+    for response in responses:
+        assert not [name for name in response.headers if name.lower().startswith("access-control-")], (
+            response.status_code,
+            response.headers,
+        )

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import asyncpg
 import pytest
@@ -16,6 +19,8 @@ from zkeb.core.migrations import SchemaMismatchError, head_revision, known_revis
 from zkeb.core.runtime import get_runtime
 
 from support import make_settings, problem
+
+RFC3339_UTC = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?Z")
 
 
 async def test_health_reports_every_check_healthy(client: AsyncTestClient[Litestar]) -> None:
@@ -40,6 +45,23 @@ async def test_live_ready_db_and_redis_probes(client: AsyncTestClient[Litestar])
     assert redis.json()["status"] == "disabled"
 
 
+async def test_db_probe_keeps_the_reference_fields_database_and_the_databases_clock(
+    client: AsyncTestClient[Litestar],
+) -> None:
+    before = datetime.now(UTC) - timedelta(seconds=5)
+    body = (await client.get("/api/health/db")).json()
+    after = datetime.now(UTC) + timedelta(seconds=5)
+    assert body["status"] == "healthy"
+    assert body["database"] == "postgresql"
+    assert RFC3339_UTC.fullmatch(body["timestamp"]), body["timestamp"]
+    assert before <= datetime.fromisoformat(body["timestamp"]) <= after
+
+
+async def test_redis_probe_names_the_cache_even_when_disabled(client: AsyncTestClient[Litestar]) -> None:
+    body = (await client.get("/api/health/redis")).json()
+    assert body == {"status": "disabled", "cache": "redis", "detail": body["detail"]}
+
+
 async def test_version_reports_build_and_schema(base_settings_env: dict[str, str], database_url: str) -> None:
     settings = make_settings(
         base_settings_env, DATABASE_URL=database_url, ZKEB_COMMIT="abc1234", ZKEB_BUILD_DATE="2026-11-27T00:00:00Z"
@@ -61,6 +83,8 @@ async def test_redis_probe_is_healthy_with_redis(
         overall = await client.get("/api/health")
     assert response.status_code == 200
     assert response.json()["status"] == "healthy"
+    assert response.json()["cache"] == "redis"
+    assert response.json()["response"] == "PONG"
     assert overall.json()["checks"]["redis"]["status"] == "healthy"
 
 
@@ -71,6 +95,8 @@ async def test_unreachable_redis_answers_503_quickly(base_settings_env: dict[str
         overall = await client.get("/api/health")
     assert response.status_code == 503
     assert response.json()["status"] == "unhealthy"
+    assert response.json()["cache"] == "redis"
+    assert "response" not in response.json()
     assert overall.status_code == 503
 
 
@@ -88,6 +114,8 @@ async def test_database_unreachable_makes_health_and_ready_503_but_live_200(
     assert health.status_code == 503
     assert health.json()["status"] == "unhealthy"
     assert db.status_code == 503
+    assert db.json()["database"] == "postgresql"
+    assert "timestamp" not in db.json()
     assert "127.0.0.1" not in db.text
     assert live.status_code == 200
 
@@ -228,3 +256,24 @@ async def test_an_unknown_revision_on_a_schema_lacking_this_releases_columns_is_
     settings = make_settings(base_settings_env, DATABASE_URL=database_url)
     with pytest.raises(SchemaMismatchError, match=r"revision f00d.*lacks backups\.restored_at"):
         await asyncio.to_thread(run_alembic, settings, database_url, "upgrade", "head")
+
+
+async def test_openapi_documents_the_reference_fields_of_the_probes(client: AsyncTestClient[Litestar]) -> None:
+    document = (await client.get("/schema/openapi.json")).json()
+    schemas = document["components"]["schemas"]
+
+    def response_schema(path: str) -> dict[str, Any]:
+        ref = document["paths"][path]["get"]["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
+        schema: dict[str, Any] = schemas[ref.rsplit("/", 1)[1]]
+        return schema
+
+    database = response_schema("/api/health/db")
+    assert "database" in database["required"]
+    assert database["properties"]["database"].get("const", database["properties"]["database"].get("enum")) in (
+        "postgresql",
+        ["postgresql"],
+    )
+    assert "timestamp" in database["properties"]
+    redis = response_schema("/api/health/redis")
+    assert "cache" in redis["required"]
+    assert "response" in redis["properties"]

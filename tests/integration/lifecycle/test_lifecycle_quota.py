@@ -115,6 +115,8 @@ async def test_usage_counts_bytes_backups_trash_and_devices_and_devices_see_thei
         "backups": 2,
         "trashed_backups": 1,
         "quota_bytes": None,
+        "reserved_bytes": 0,
+        "open_uploads": 0,
         "by_device": sorted(
             [
                 {"device_id_hash": first.device_id_hash.hex(), "used_bytes": 300, "backups": 1, "trashed_backups": 1},

@@ -93,42 +93,41 @@ async def test_twenty_concurrent_single_shot_uploads_admit_exactly_as_many_as_fi
     assert (counts["backups"], counts["payloads"], counts["payload_nonces"]) == (7, 7, 7)
 
 
-async def test_twenty_tus_uploads_completing_at_once_admit_exactly_as_many_as_fit(
+async def test_twenty_tus_creations_at_once_reserve_exactly_as_many_as_fit_and_those_complete(
     live_url: str, settings_for_live: Settings, owner_connection: asyncpg.Connection
 ) -> None:
+    # An open upload reserves its Upload-Length: creations race for the room, and each admitted upload can commit.
     tenant = await _tenant_with_quota(live_url, settings_for_live, 5 * SIZE)
     envelopes = [sign_envelope(tenant, os.urandom(SIZE)) for _ in range(20)]
-    locations = []
-    async with httpx.AsyncClient(base_url=live_url, timeout=60) as http:
-        for envelope in envelopes:  # each fits when it is created: they race at the PATCH that commits
+    start = asyncio.Event()
+
+    async def create(envelope: Envelope) -> tuple[int, str | None]:
+        async with httpx.AsyncClient(base_url=live_url, timeout=60) as http:
+            await start.wait()
             created = await http.post(
                 "/api/v1/uploads",
                 headers=tus_headers(
                     tenant.project_key, **{"Upload-Length": str(SIZE), "Upload-Metadata": envelope.tus_metadata()}
                 ),
             )
-            assert created.status_code == 201, created.text
-            locations.append(created.headers["location"])
-    start = asyncio.Event()
-    headers = tus_headers(tenant.project_key, **{"Upload-Offset": "0", "Content-Type": OCTETS})
+            return created.status_code, created.headers.get("location")
 
-    async def complete(url: str, envelope: Envelope) -> int:
+    tasks = [asyncio.create_task(create(e)) for e in envelopes]
+    start.set()
+    created = await asyncio.gather(*tasks)
+    assert sorted(status for status, _ in created) == [201] * 5 + [507] * 15
+    assert (await _usage(live_url, tenant))["reserved_bytes"] == 5 * SIZE
+    headers = tus_headers(tenant.project_key, **{"Upload-Offset": "0", "Content-Type": OCTETS})
+    admitted = [(url, e) for (status, url), e in zip(created, envelopes, strict=True) if status == 201]
+
+    async def complete(url: str | None, envelope: Envelope) -> int:
+        assert url is not None
         async with httpx.AsyncClient(timeout=60) as http:
-            await start.wait()
             return (await http.patch(url, content=envelope.payload, headers=headers)).status_code
 
-    tasks = [asyncio.create_task(complete(u, e)) for u, e in zip(locations, envelopes, strict=True)]
-    start.set()
-    statuses = await asyncio.gather(*tasks)
-    assert sorted(statuses) == [204] * 5 + [507] * 15
+    statuses = await asyncio.gather(*(complete(u, e) for u, e in admitted))
+    assert statuses == [204] * 5
     counts = await row_counts(owner_connection)
-    assert (counts["backups"], counts["upload_sessions"]) == (5, 15)
-    assert (await _usage(live_url, tenant))["used_bytes"] == 5 * SIZE
-    # Each refused PATCH gave its upload back and dropped the chunks past the offset it recorded, so a resend of
-    # the remaining bytes starts clean.
-    assert await owner_connection.fetchval("SELECT count(*) FROM upload_sessions WHERE lease_id IS NOT NULL") == 0
-    unrecorded = await owner_connection.fetchval(
-        "SELECT count(*) FROM backup_chunks c JOIN upload_sessions s ON s.payload_id = c.payload_id"
-        " WHERE c.byte_offset >= s.upload_offset"
-    )
-    assert unrecorded == 0
+    assert (counts["backups"], counts["upload_sessions"]) == (5, 0)
+    usage = await _usage(live_url, tenant)
+    assert (usage["used_bytes"], usage["reserved_bytes"]) == (5 * SIZE, 0)

@@ -107,7 +107,7 @@ def test_validate_envelope_checks_lengths_and_timestamp() -> None:
         "payload_nonce": b"\0" * 12,
         "payload_auth_tag": b"\0" * 16,
         "metadata": b"",
-        "metadata_nonce": b"\0" * 12,
+        "metadata_nonce": b"\1" * 12,
         "metadata_auth_tag": b"\0" * 16,
         "signature": b"\0" * 64,
         "backup_timestamp": "2026-01-01T00:00:00Z",

@@ -431,7 +431,8 @@ class AuthTokenController(Controller):
         data: JSONBody[TokenRequest],
     ) -> Response[TokenResponse]:
         """Verify the proof and return a short-lived HS256 device token."""
+        runtime = get_runtime(state)
         issued = await DeviceTokenService(session=db_session).issue_token(
-            data, settings=get_runtime(state).settings, request=request
+            data, settings=runtime.settings, redis=runtime.redis, request=request
         )
         return Response(TokenResponse(access_token=issued.token, expires_in=issued.expires_in), headers=_NO_STORE)

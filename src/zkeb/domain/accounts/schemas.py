@@ -28,10 +28,12 @@ __all__ = (
 MAX_LIST_LIMIT = 100
 DEFAULT_LIST_LIMIT = 50
 
-# Bounds: a PostgreSQL BIGINT for bytes; a century for day counts; a million kept versions per container.
+# Bounds: a PostgreSQL BIGINT for bytes; a century for day counts; a million kept versions per device and container.
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200, description="1 to 200 characters")]
 QuotaBytes = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1, description="bytes; null means unlimited")]
-KeepLast = Annotated[int, msgspec.Meta(ge=1, le=1_000_000, description="newest N backups kept per container")]
+KeepLast = Annotated[
+    int, msgspec.Meta(ge=1, le=1_000_000, description="newest N backups kept per device in each container")
+]
 Days = Annotated[int, msgspec.Meta(ge=1, le=36_500)]
 MinAgeDays = Annotated[int, msgspec.Meta(ge=0, le=36_500)]
 DeviceIdHashHex = Annotated[
@@ -157,7 +159,7 @@ class DevicePage(msgspec.Struct, kw_only=True):
 
 
 class TokenRequest(_Body):
-    """`POST /api/v1/auth/token`: an Ed25519 signature over the AUTH message (DESIGN.md) by the device's key."""
+    """`POST /api/v1/auth/token`: an Ed25519 signature over the proof message (docs/protocol.md §5.2)."""
 
     project_id: UUID
     device_id_hash: DeviceIdHashHex

@@ -6,11 +6,13 @@ lookup is explicit about whose data it wants and an unknown or foreign id is sim
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import datetime
 import hashlib
 import logging
+import time
 import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,13 +23,16 @@ import msgspec
 from advanced_alchemy.exceptions import IntegrityError
 from advanced_alchemy.repository import SQLAlchemyAsyncRepository
 from advanced_alchemy.service import SQLAlchemyAsyncRepositoryService
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from litestar.connection import ASGIConnection
 from litestar.exceptions import NotAuthorizedException
+from redis.asyncio import Redis
 from sqlalchemy import delete, func, select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from uuid_utils.compat import uuid7
 
+from zkeb.core import auditthrottle
 from zkeb.core.audit import AuditOutcome, record_event
 from zkeb.core.auth import Principal
 from zkeb.core.errors import ConflictError, NotFoundError, UnprocessableError
@@ -38,7 +43,7 @@ from zkeb.domain.accounts.schemas import DeviceEnroll, ProjectCreate, ProjectUpd
 from zkeb.lib.apikeys import generate_api_key, hash_api_key, public_prefix
 from zkeb.lib.devicekeys import InvalidPublicKeyError, validate_ed25519_public_key
 from zkeb.lib.devicetokens import MAX_TOKEN_LIFETIME, issue_device_token, signing_secret
-from zkeb.lib.envelope import auth_message, verify_ed25519
+from zkeb.lib.envelope import ED25519_SIGNATURE_LENGTH, auth_message, verify_ed25519
 from zkeb.settings import Settings
 
 __all__ = (
@@ -61,6 +66,13 @@ logger = logging.getLogger("zkeb.accounts")
 PROOF_MAX_SKEW = datetime.timedelta(minutes=5)
 #: Spent proofs older than this are purged a batch at a time, on successful issuance.
 _PROOF_PURGE_BATCH = 100
+#: No refused proof is answered sooner: longer than a refusal's work with its audit write takes on a healthy server.
+REFUSAL_MIN_SECONDS = 0.05
+#: The tenant an unknown project's device lookup runs as: no organization has it, so nothing is visible.
+_NO_TENANT = UUID(int=0)
+#: What a proof is checked against when there is no usable device key or no 64-byte signature.
+_STAND_IN_KEY = Ed25519PrivateKey.generate().public_key().public_bytes_raw()
+_STAND_IN_SIGNATURE = bytes(ED25519_SIGNATURE_LENGTH)
 _INVALID_PROOF = "invalid proof of possession"
 _LOCK_ORGANIZATION = text("SELECT id FROM organizations WHERE id = :id FOR UPDATE")
 
@@ -467,50 +479,46 @@ class DeviceTokenService(SQLAlchemyAsyncRepositoryService[DeviceProof]):
         data: TokenRequest,
         *,
         settings: Settings,
+        redis: Redis | None = None,
         request: ASGIConnection[Any, Any, Any, Any] | None = None,
         now: datetime.datetime | None = None,
     ) -> IssuedDeviceToken:
         """Verify a proof of possession and sign a device token.
 
-        Every refusal is the same 401 (no oracle for which part failed); the reason goes to the audit log when
-        the project is known.
+        Every refusal is the same 401 (no oracle for which part failed) after the same work: an unknown project or
+        device still costs a device lookup and a signature check (against a stand-in key), and no refusal answers
+        sooner than `REFUSAL_MIN_SECONDS`, which covers the audit write that only a known project gets. That write
+        is aggregated (`zkeb.core.auditthrottle`): one `auth.token_refused` event per project and minute.
 
         Raises:
             NotAuthorizedException: unknown project, unknown or revoked device, stale timestamp, bad signature, or
                 a proof already used.
         """
+        started = time.monotonic()
         session = self.repository.session
         now = now or datetime.datetime.now(datetime.UTC)
         organization_id: UUID | None = await session.scalar(select(func.zkeb_project_organization(data.project_id)))
         # That lookup ran before the tenant was known: end its transaction so the next one begins as the tenant.
         await session.rollback()
-        if organization_id is None:
-            logger.info("device token refused: unknown project")
-            raise _invalid_proof()
-        session.info[TENANT_INFO_KEY] = organization_id
+        # An unknown project looks its device up as no tenant at all: row-level security finds nothing.
+        session.info[TENANT_INFO_KEY] = organization_id or _NO_TENANT
         device_id_hash = bytes.fromhex(data.device_id_hash)
         device = await session.scalar(
             select(Device).where(
-                Device.organization_id == organization_id,
+                Device.organization_id == (organization_id or _NO_TENANT),
                 Device.project_id == data.project_id,
                 Device.device_id_hash == device_id_hash,
             )
         )
         reason = await self._refusal_reason(data, device, device_id_hash=device_id_hash, now=now)
-        if reason is not None or device is None:
-            await record_event(
-                session,
-                organization_id=organization_id,
-                action="auth.token_refused",
-                actor_type="device",
-                actor_id=str(device.id) if device is not None else None,
-                outcome="failure",
-                target_type="project",
-                target_id=str(data.project_id),
-                details={"reason": reason or "unknown device", "device_id_hash": data.device_id_hash.lower()},
-                request=request,
+        if organization_id is None:
+            reason = "unknown project"
+        if reason is not None or device is None or organization_id is None:
+            await self._record_refusal(
+                data, organization_id, device, reason or "unknown device", redis=redis, request=request
             )
             await session.commit()
+            await asyncio.sleep(max(0.0, REFUSAL_MIN_SECONDS - (time.monotonic() - started)))
             raise _invalid_proof()
         await self._purge_expired_proofs(now)
         token, expires_in = issue_device_token(
@@ -535,9 +543,56 @@ class DeviceTokenService(SQLAlchemyAsyncRepositoryService[DeviceProof]):
         )
         return IssuedDeviceToken(token=token, expires_in=expires_in, device=device)
 
+    async def _record_refusal(
+        self,
+        data: TokenRequest,
+        organization_id: UUID | None,
+        device: Device | None,
+        reason: str,
+        *,
+        redis: Redis | None,
+        request: ASGIConnection[Any, Any, Any, Any] | None,
+    ) -> None:
+        """The first refusal of a project in each minute goes to its audit log, counting the previous minute's."""
+        admission = await auditthrottle.admit(redis, f"token-refused:{data.project_id}")
+        if organization_id is None or not admission.record:
+            logger.info("device token refused: %s", reason)
+            return
+        await record_event(
+            self.repository.session,
+            organization_id=organization_id,
+            action="auth.token_refused",
+            actor_type="device",
+            actor_id=str(device.id) if device is not None else None,
+            outcome="failure",
+            target_type="project",
+            target_id=str(data.project_id),
+            details={
+                "reason": reason,
+                "device_id_hash": data.device_id_hash.lower(),
+                "window_seconds": auditthrottle.WINDOW_SECONDS,
+                "refusals_in_previous_window": admission.previous_window_count,
+            },
+            request=request,
+        )
+
     async def _refusal_reason(
         self, data: TokenRequest, device: Device | None, *, device_id_hash: bytes, now: datetime.datetime
     ) -> str | None:
+        try:
+            signature = base64.b64decode(data.signature, validate=True)
+        except (binascii.Error, ValueError):
+            signature = b""
+        message = auth_message(
+            project_id=data.project_id, device_id_hash=device_id_hash, timestamp_ms=data.timestamp_ms
+        )
+        usable = device is not None and device.revoked_at is None
+        # Checked whatever else is wrong, against a stand-in key when there is no usable one: the same work.
+        verified = verify_ed25519(
+            device.public_key if device is not None and usable else _STAND_IN_KEY,
+            signature if len(signature) == ED25519_SIGNATURE_LENGTH else _STAND_IN_SIGNATURE,
+            message,
+        )
         if device is None:
             return "unknown device"
         if device.revoked_at is not None:
@@ -545,14 +600,9 @@ class DeviceTokenService(SQLAlchemyAsyncRepositoryService[DeviceProof]):
         now_ms = int(now.timestamp() * 1000)
         if abs(now_ms - data.timestamp_ms) > PROOF_MAX_SKEW // datetime.timedelta(milliseconds=1):
             return "stale timestamp"
-        try:
-            signature = base64.b64decode(data.signature, validate=True)
-        except (binascii.Error, ValueError):
+        if len(signature) != ED25519_SIGNATURE_LENGTH:
             return "malformed signature"
-        message = auth_message(
-            project_id=data.project_id, device_id_hash=device_id_hash, timestamp_ms=data.timestamp_ms
-        )
-        if not verify_ed25519(device.public_key, signature, message):
+        if not verified:
             return "bad signature"
         # Spent once, everywhere: the unique (organization, proof hash) row is the cross-process replay guard.
         expires_at = datetime.datetime.fromtimestamp(data.timestamp_ms / 1000, datetime.UTC) + PROOF_MAX_SKEW

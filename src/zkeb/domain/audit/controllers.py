@@ -18,6 +18,13 @@ from zkeb.domain.audit.services import AuditEventService
 
 __all__ = ("AuditController",)
 
+#: Actions are dotted lowercase names (`api_key.created`); anything else, a control character above all, is a 400
+#: naming the parameter (a NUL used to reach PostgreSQL, which refused it, and came back as a 409).
+#: `(?!\n)`: Python's `$` also matches before a final newline (ECMAScript's, in the OpenAPI schema, does not).
+_ACTION_PATTERN = r"^[a-z0-9_-]+(\.[a-z0-9_-]+)*(?!\n)$"
+#: Cursors are unpadded URL-safe base64.
+_CURSOR_PATTERN = r"^[A-Za-z0-9_-]+(?!\n)$"
+
 
 def _read(event: AuditEvent) -> AuditEventRead:
     return AuditEventRead(
@@ -58,11 +65,12 @@ class AuditController(Controller):
         db_session: NamedDependency[AsyncSession],
         *,
         action: Annotated[
-            str | None, Parameter(max_length=64, description="Exact action, e.g. `api_key.created`")
+            str | None,
+            Parameter(pattern=_ACTION_PATTERN, max_length=64, description="Exact action, e.g. `api_key.created`"),
         ] = None,
         since: Annotated[datetime.datetime | None, Parameter(description="RFC 3339; events at or after")] = None,
         until: Annotated[datetime.datetime | None, Parameter(description="RFC 3339; events before")] = None,
-        cursor: Annotated[str | None, Parameter(max_length=64)] = None,
+        cursor: Annotated[str | None, Parameter(pattern=_CURSOR_PATTERN, max_length=64)] = None,
         limit: Annotated[int, Parameter(ge=1, le=100)] = 50,
     ) -> AuditEventPage:
         """One page of the organization's events."""

@@ -46,6 +46,7 @@ from zkeb.domain.backups.schemas import (
 )
 from zkeb.domain.backups.services import BackupService, backup_read, backup_read_msgpack, verify_backup_signature
 from zkeb.domain.backups.storage import ChunkPipeline, plan_read, stream_plaintext
+from zkeb.lib.negotiation import negotiate
 from zkeb.lib.ranges import RangeNotSatisfiableError, etag_matches, parse_range
 
 __all__ = (
@@ -115,19 +116,36 @@ def _media_type(request: Request[Any, Any, Any]) -> str:
     return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
 
 
-def _wants_msgpack(request: Request[Any, Any, Any]) -> bool:
-    accept = request.headers.get("accept", "")
-    return any(part.split(";", 1)[0].strip().lower() in _MSGPACK_TYPES for part in accept.split(","))
+#: A backup's representations, the default first (`Accept` missing, or naming none of them).
+_BACKUP_REPRESENTATIONS = (_JSON, MSGPACK, *sorted(_MSGPACK_TYPES - {MSGPACK}))
 
 
-def _backup_response(request: Request[Any, Any, Any], backup: Any, status_code: int = 200) -> Response[Any]:
+def _representation(request: Request[Any, Any, Any]) -> str:
+    """The media type `Accept` prefers, `q` values honoured (docs/api-guide.md, "Content negotiation").
+
+    Nothing acceptable: the header is disregarded for the first representation it does not refuse with `q=0`
+    (JSON, then msgpack); 406 when it refuses them all.
+    """
+    negotiation = negotiate(request.headers.get("accept"), _BACKUP_REPRESENTATIONS)
+    if negotiation.chosen is not None:
+        return negotiation.chosen
+    for media_type in (_JSON, MSGPACK):  # the other msgpack names are aliases, not representations to fall back to
+        if media_type not in negotiation.refused:
+            return media_type
+    raise ProblemError(
+        "no representation is acceptable: a backup is application/json or application/msgpack", status_code=406
+    )
+
+
+def _backup_response(media_type: str, backup: Any, status_code: int = 200) -> Response[Any]:
+    """A backup as `media_type` (from `_representation`, decided before anything changes)."""
     headers = {"Cache-Control": "no-store", "Vary": "Accept"}
     if status_code == 201:
         headers["Location"] = f"/api/v1/backups/{backup.id}"
-    if _wants_msgpack(request):
+    if media_type in _MSGPACK_TYPES:
         return Response(
             msgspec.msgpack.encode(backup_read_msgpack(backup)),
-            media_type=MSGPACK,
+            media_type=media_type,
             status_code=status_code,
             headers=headers,
         )
@@ -149,6 +167,8 @@ def _decode_envelope(media_type: str, body: bytes) -> tuple[BackupEnvelope, memo
         if field is None:
             raise ProblemError(f"the body is not an envelope: {exc}", status_code=422) from None
         raise invalid_field(field, str(exc)) from None
+    except UnicodeDecodeError:  # msgspec raises it for invalid UTF-8 inside a string (JSON, or a msgpack str)
+        raise ClientException("the body holds a string that is not valid UTF-8") from None
     except msgspec.DecodeError:
         raise ClientException(
             "the body is not valid " + ("msgpack" if media_type in _MSGPACK_TYPES else "JSON")
@@ -207,6 +227,7 @@ class BackupController(Controller):
         media_type = _media_type(request)
         if media_type not in _MSGPACK_TYPES and media_type != _JSON:
             raise UnsupportedMediaTypeError("send the envelope as application/msgpack or application/json")
+        representation = _representation(request)
         with tracer.start_as_current_span("backups.receive", attributes={"zkeb.project_id": str(project_id)}) as span:
             body = await request.body()
             span.set_attribute("zkeb.bytes", len(body))
@@ -259,7 +280,7 @@ class BackupController(Controller):
         except BaseException:
             await asyncio.shield(service.delete_payload(new.id))
             raise
-        return _backup_response(request, backup, status_code=201)
+        return _backup_response(representation, backup, status_code=201)
 
     @get(
         "/",
@@ -298,7 +319,7 @@ class BackupController(Controller):
     ) -> Response[BackupRead]:
         """One backup's envelope."""
         backup = await BackupService(session=db_session).get_visible(principal_of(request), backup_id)
-        return _backup_response(request, backup)
+        return _backup_response(_representation(request), backup)
 
     @get(
         "/{backup_id:uuid}/payload",
@@ -429,8 +450,9 @@ class BackupController(Controller):
         self, request: Request[Any, Any, Any], db_session: NamedDependency[AsyncSession], backup_id: FromPath[UUID]
     ) -> Response[BackupRead]:
         """Bring one backup back from the trash."""
+        representation = _representation(request)
         backup = await LifecycleService(session=db_session).restore(principal_of(request), backup_id, request=request)
-        return _backup_response(request, backup)
+        return _backup_response(representation, backup)
 
 
 class ContainerController(Controller):
@@ -451,7 +473,7 @@ class ContainerController(Controller):
     ) -> Response[BackupRead]:
         """The latest backup of one container."""
         backup = await BackupService(session=db_session).latest_in_container(principal_of(request), container_id)
-        return _backup_response(request, backup)
+        return _backup_response(_representation(request), backup)
 
 
 def _trashed_read(backup: Backup, trash_retention: timedelta) -> TrashedBackupRead:
@@ -479,7 +501,8 @@ class ProjectStorageController(Controller):
         description=(
             "`used_bytes` counts every backup until it is purged (the trash included) and is what the quota "
             "(`quota_bytes`, null: unlimited) limits. `backups` are visible ones, `trashed_backups` those in the "
-            "trash. "
+            "trash. `reserved_bytes` is what the `open_uploads` (tus) reserve of the quota until they complete, "
+            "are terminated or expire. "
             "Org admins and project keys see every device in `by_device`; a device token sees its own share only."
         ),
     )
@@ -493,6 +516,8 @@ class ProjectStorageController(Controller):
             backups=report.backups,
             trashed_backups=report.trashed_backups,
             quota_bytes=report.quota_bytes,
+            reserved_bytes=report.reserved_bytes,
+            open_uploads=report.open_uploads,
             by_device=[
                 DeviceUsage(
                     device_id_hash=d.device_id_hash.hex(),

@@ -5,11 +5,21 @@ included, until they are purged. A commit charges the payload in the commit's ow
 conditional `UPDATE ... WHERE used_bytes + n <= storage_quota_bytes`: the row lock it takes serializes concurrent
 commits of a project, and PostgreSQL re-evaluates the condition on the row as the previous commit left it, so no
 two uploads can both squeeze under the limit. Uploads are also checked when they start (single-shot before any
-byte is stored, tus at creation from `Upload-Length`), without reserving anything: the commit decides.
+byte is stored, tus at creation from `Upload-Length`).
+
+Open tus uploads reserve their `Upload-Length`: a creation locks the project row and is refused (507) unless
+`used_bytes` plus what the project's open (unexpired) uploads reserve plus the new length fits under the quota,
+and (429) once the project has `MAX_OPEN_UPLOADS` open uploads. A reservation ends with its upload: at the
+commit, which charges the length in the transaction that deletes the session, at termination, and at expiry
+(an expired session reserves nothing, before the sweeper even deletes it). Every check and charge counts the
+reservations of the other open uploads, so an upload that reserved its room can always commit (unless an org
+admin lowered the quota meanwhile), and stored bytes never exceed the quota.
 
 Retention. After the commit charged the quota (so the project row is locked and commits of the project are
-serialized), the container's backups beyond the newest `retention_keep_last`, and those older than
-`retention_days`, go to the trash (`deleted_by = 'retention'`). Age never removes a container's newest backup,
+serialized), the backups of the same device in the same container beyond the newest `retention_keep_last`, and
+those older than `retention_days`, go to the trash (`deleted_by = 'retention'`): retention ranks per (container,
+device), whoever uploaded (a device token or a project key acting for the device), so one device's upload never
+trashes another device's backup. Age never removes a (container, device)'s newest backup,
 and a backup an org admin restored from the trash is left alone (it was brought back on purpose). The
 maintenance runner applies the same rule to projects whose policy changed since their last commit.
 
@@ -57,6 +67,7 @@ __all__ = (
     "ProjectUsageReport",
     "PurgedBackup",
     "RetentionPolicy",
+    "TooManyOpenUploadsError",
     "TrashedBackup",
     "apply_retention",
     "charge_quota",
@@ -77,12 +88,27 @@ SYSTEM_ACTOR = "system"
 
 Executor = AsyncSession | AsyncConnection
 
+#: Bytes the open (unexpired) tus uploads of project `:p` reserve, but for upload `:u` (the one committing).
+_RESERVED_SQL = (
+    "(SELECT CAST(coalesce(sum(s.upload_length), 0) AS bigint) FROM upload_sessions s"
+    " WHERE s.project_id = :p AND s.expires_at > now() AND s.id IS DISTINCT FROM CAST(:u AS uuid))"
+)
+# Constant fragments only (S608): the values are bound parameters.
 _CHARGE = text(
-    "UPDATE projects SET used_bytes = used_bytes + :n "
-    "WHERE id = :p AND (storage_quota_bytes IS NULL OR used_bytes + :n <= storage_quota_bytes) "
+    "UPDATE projects SET used_bytes = used_bytes + :n "  # noqa: S608
+    f"WHERE id = :p AND (storage_quota_bytes IS NULL OR used_bytes + :n + {_RESERVED_SQL} <= storage_quota_bytes) "
     "RETURNING used_bytes, retention_keep_last, retention_days"
 )
-_USAGE_OF = text("SELECT used_bytes, storage_quota_bytes FROM projects WHERE id = :p")
+_USAGE_OF = text(
+    f"SELECT used_bytes + {_RESERVED_SQL} AS used_bytes, storage_quota_bytes FROM projects WHERE id = :p"  # noqa: S608
+)
+_LOCK_PROJECT_ROW = text("SELECT 1 FROM projects WHERE id = :p FOR UPDATE")
+#: Locks the project row (creations of its uploads are serialized with each other and with its commits).
+_LOCK_FOR_UPLOAD = text("SELECT used_bytes, storage_quota_bytes FROM projects WHERE id = :p FOR UPDATE")
+_OPEN_UPLOADS = text(
+    "SELECT count(*) AS open, CAST(coalesce(sum(upload_length), 0) AS bigint) AS reserved FROM upload_sessions"
+    " WHERE project_id = :p AND expires_at > now()"
+)
 _REFUND = text("UPDATE projects SET used_bytes = GREATEST(used_bytes - :n, 0) WHERE id = :p")
 _LOCK_PROJECT = text(
     "SELECT append_only, append_only_min_age_days FROM projects WHERE id = :p AND organization_id = :o FOR UPDATE"
@@ -93,6 +119,12 @@ class InsufficientStorageError(ProblemError):
     """The project's storage quota cannot take the upload (507); the body says `used`, `quota`, `requested`."""
 
     status_code: int = 507
+
+
+class TooManyOpenUploadsError(ProblemError):
+    """The project already has `MAX_OPEN_UPLOADS` tus uploads open (429)."""
+
+    status_code: int = 429
 
 
 class AppendOnlyError(ProblemError):
@@ -112,7 +144,7 @@ def quota_exceeded(*, used: int, quota: int, requested: int) -> InsufficientStor
 
 @dataclass(frozen=True, slots=True)
 class RetentionPolicy:
-    """Keep the newest `keep_last` backups per container and/or those younger than `days` (None: no limit)."""
+    """Keep each device's newest `keep_last` backups per container and/or those younger than `days` (None: no limit)."""
 
     keep_last: int | None = None
     days: int | None = None
@@ -123,19 +155,25 @@ class RetentionPolicy:
         return self.keep_last is not None or self.days is not None
 
 
-async def charge_quota(executor: Executor, *, project_id: UUID, size: int) -> RetentionPolicy:
+async def charge_quota(
+    executor: Executor, *, project_id: UUID, size: int, upload_id: UUID | None = None
+) -> RetentionPolicy:
     """Add `size` bytes to the project's usage if they fit under its quota; returns its retention policy.
 
-    Runs in the commit's transaction and locks the project row until it ends.
+    The room open tus uploads reserve is not available, but for that of `upload_id` (the upload committing).
+    Runs in the commit's transaction and locks the project row until it ends: first, so that the charge, a
+    statement of its own, sees the uploads that commits serialized before it ended (an `UPDATE` waiting for the lock
+    would re-check only the project row, not the reservations).
 
     Raises:
         InsufficientStorageError: the bytes do not fit (507 with `used`, `quota`, `requested`).
         NotFoundError: the project does not exist (in this tenant).
     """
-    row = (await executor.execute(_CHARGE, {"n": size, "p": project_id})).first()
+    await executor.execute(_LOCK_PROJECT_ROW, {"p": project_id})
+    row = (await executor.execute(_CHARGE, {"n": size, "p": project_id, "u": upload_id})).first()
     if row is not None:
         return RetentionPolicy(row.retention_keep_last, row.retention_days)
-    current = (await executor.execute(_USAGE_OF, {"p": project_id})).first()
+    current = (await executor.execute(_USAGE_OF, {"p": project_id, "u": upload_id})).first()
     if current is None:
         raise NotFoundError("project not found")
     raise quota_exceeded(used=current.used_bytes, quota=current.storage_quota_bytes, requested=size)
@@ -155,18 +193,23 @@ async def apply_retention(
     project_id: UUID,
     policy: RetentionPolicy,
     container_id: UUID | None = None,
+    device_id_hash: bytes | None = None,
     limit: int | None = None,
 ) -> list[TrashedBackup]:
-    """Move the backups `policy` no longer keeps to the trash; one container's, or every container's.
+    """Move the backups `policy` no longer keeps to the trash; one (container, device)'s, or every one's.
 
-    Ranks a container's visible backups newest first (`created_at`, then id); restored backups are neither ranked
-    nor removed. The caller holds the project row lock (commit or maintenance), so rankings do not race.
+    Ranks each device's visible backups in a container newest first (`created_at`, then id), so one device's
+    uploads never send another device's backups to the trash; restored backups are neither ranked nor removed.
+    The caller holds the project row lock (commit or maintenance), so rankings do not race.
     """
     if not policy.active:
         return []
     rank = (
         func.row_number()
-        .over(partition_by=Backup.container_id, order_by=(Backup.created_at.desc(), Backup.id.desc()))
+        .over(
+            partition_by=(Backup.container_id, Backup.device_id_hash),
+            order_by=(Backup.created_at.desc(), Backup.id.desc()),
+        )
         .label("rank")
     )
     ranked_query = select(Backup.id, Backup.created_at, rank).where(
@@ -174,6 +217,8 @@ async def apply_retention(
     )
     if container_id is not None:
         ranked_query = ranked_query.where(Backup.container_id == container_id)
+    if device_id_hash is not None:
+        ranked_query = ranked_query.where(Backup.device_id_hash == device_id_hash)
     ranked = ranked_query.subquery("ranked")
     removed: list[Any] = []
     if policy.keep_last is not None:
@@ -278,6 +323,8 @@ class ProjectUsageReport:
     trashed_backups: int
     quota_bytes: int | None
     by_device: list[DeviceUsageRow]
+    reserved_bytes: int
+    open_uploads: int
 
 
 def deleted_by_of(principal: Principal) -> str:
@@ -312,12 +359,36 @@ class LifecycleService(BackupRepositoryService):
         Raises:
             InsufficientStorageError: it does not fit (507).
         """
-        current = (await self.session.execute(_USAGE_OF, {"p": project_id})).first()
+        current = (await self.session.execute(_USAGE_OF, {"p": project_id, "u": None})).first()
         if current is None:
             raise NotFoundError("project not found")
         quota = current.storage_quota_bytes
         if quota is not None and current.used_bytes + size > quota:
             raise quota_exceeded(used=current.used_bytes, quota=quota, requested=size)
+
+    async def reserve_upload(self, project_id: UUID, length: int, *, max_open_uploads: int) -> None:
+        """Check that a new tus upload of `length` bytes may open; the caller then adds it in this transaction.
+
+        Locks the project row until the caller's commit, so the upload's reservation (its `Upload-Length`, counted
+        while it is open) is in place before another creation or commit of the project checks the room.
+
+        Raises:
+            InsufficientStorageError: the length does not fit beside the usage and the open uploads (507).
+            TooManyOpenUploadsError: the project has `max_open_uploads` uploads open already (429).
+        """
+        project = (await self.session.execute(_LOCK_FOR_UPLOAD, {"p": project_id})).first()
+        if project is None:
+            raise NotFoundError("project not found")
+        uploads = (await self.session.execute(_OPEN_UPLOADS, {"p": project_id})).one()
+        if uploads.open >= max_open_uploads:
+            raise TooManyOpenUploadsError(
+                f"the project has {uploads.open} open uploads, the most it may have (MAX_OPEN_UPLOADS); finish, "
+                "terminate or let expire one first",
+                headers={"Retry-After": "60"},
+            )
+        quota, used = project.storage_quota_bytes, project.used_bytes + uploads.reserved
+        if quota is not None and used + length > quota:
+            raise quota_exceeded(used=used, quota=quota, requested=length)
 
     async def _project(self, principal: Principal, project_id: UUID) -> Project:
         principal.require_project(project_id)
@@ -349,6 +420,7 @@ class LifecycleService(BackupRepositoryService):
             .order_by(Backup.device_id_hash)
         )
         rows = (await self.session.execute(query)).all()
+        uploads = (await self.session.execute(_OPEN_UPLOADS, {"p": project_id})).one()
         devices = [DeviceUsageRow(bytes(r.device_id_hash), int(r.used), int(r.backups), int(r.trashed)) for r in rows]
         report_devices = devices
         if principal.kind == "device":
@@ -359,6 +431,8 @@ class LifecycleService(BackupRepositoryService):
             trashed_backups=sum(d.trashed_backups for d in devices),
             quota_bytes=project.storage_quota_bytes,
             by_device=report_devices,
+            reserved_bytes=int(uploads.reserved),
+            open_uploads=int(uploads.open),
         )
 
     async def trash_page(

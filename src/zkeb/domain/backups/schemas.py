@@ -143,6 +143,8 @@ def validate_envelope(
     """
     if len(metadata) > MAX_METADATA_SIZE:
         raise invalid_field("metadata", f"must be at most {MAX_METADATA_SIZE} bytes, got {len(metadata)}")
+    if bytes(metadata_nonce) == bytes(payload_nonce):
+        raise invalid_field("metadata_nonce", "must differ from payload_nonce (one key encrypts both)")
     try:
         timestamp = parse_rfc3339_utc(backup_timestamp)
     except ValueError as exc:
@@ -230,13 +232,19 @@ class DeviceUsage(msgspec.Struct):
 
 
 class ProjectUsage(msgspec.Struct):
-    """A project's storage. `used_bytes` counts every backup until it is purged, trashed ones included."""
+    """A project's storage. `used_bytes` counts every backup until it is purged, trashed ones included.
+
+    `reserved_bytes` is what the project's `open_uploads` (tus, unexpired) reserve of the quota: their
+    `Upload-Length`, until each is committed (then counted in `used_bytes`), terminated or expired.
+    """
 
     used_bytes: int
     backups: int
     trashed_backups: int
     quota_bytes: int | None
     by_device: list[DeviceUsage]
+    reserved_bytes: int
+    open_uploads: int
 
 
 class QuotaProblem(msgspec.Struct, kw_only=True):

@@ -103,7 +103,7 @@ class NewPayload:
 def verify_backup_signature(
     envelope: BackupEnvelope, *, project_id: UUID, public_key: bytes, payload_sha256: bytes, payload_size: int
 ) -> None:
-    """Check the device's Ed25519 signature over DESIGN.md's message (which binds the project id).
+    """Check the device's Ed25519 signature over the signed message (docs/protocol.md §4; it binds the project id).
 
     Raises:
         UnprocessableError: the signature does not verify (422 naming `signature`).
@@ -319,7 +319,12 @@ class BackupService(BackupRepositoryService):
             session = self.session
             method = "tus" if upload is not None else "single"
             try:
-                policy = await charge_quota(session, project_id=project_id, size=payload_size)
+                policy = await charge_quota(
+                    session,
+                    project_id=project_id,
+                    size=payload_size,
+                    upload_id=upload.upload_id if upload is not None else None,
+                )
                 if upload is not None:  # the session row before the payload's: the order every writer locks them in
                     await _end_upload(session, upload)
                 # Taken under the project lock: creation order is commit order, so retention ranks it newest.
@@ -342,7 +347,11 @@ class BackupService(BackupRepositoryService):
                 session.add(backup)
                 await session.flush()
                 trashed = await apply_retention(
-                    session, project_id=project_id, policy=policy, container_id=envelope.container_id
+                    session,
+                    project_id=project_id,
+                    policy=policy,
+                    container_id=envelope.container_id,
+                    device_id_hash=envelope.device_id_hash,
                 )
                 await record_retention_events(
                     session, organization_id=organization_id, project_id=project_id, trashed=trashed, settings=settings

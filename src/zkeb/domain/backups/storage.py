@@ -142,14 +142,22 @@ async def raw_connection(engine: AsyncEngine) -> AsyncIterator[asyncpg.Connectio
 
     Callers run their own short transactions and set the tenant in each. On any error the connection is
     invalidated rather than returned, so a transaction broken mid-way never reaches another request.
+
+    Raises:
+        ServiceUnavailableError: the connection was lost under the caller (its backend terminated, the database
+            failed over): 503 with `Retry-After`, whatever error asyncpg raised for it.
     """
     async with engine.connect() as connection:
         fairy = await connection.get_raw_connection()
         driver: asyncpg.Connection = fairy.driver_connection
         try:
             yield driver
-        except BaseException:
+        except BaseException as exc:
             await connection.invalidate()
+            if isinstance(exc, Exception) and not isinstance(exc, HTTPException) and driver.is_closed():
+                raise ServiceUnavailableError(
+                    "the database connection was lost; retry shortly", headers={"Retry-After": "1"}
+                ) from exc
             raise
 
 

@@ -8,10 +8,11 @@ ZKEB specifics:
 - `Upload-Metadata` carries every envelope field but the payload, each value base64 as tus requires:
   `container_id` and `backup_timestamp` are base64 of their text (UUID, RFC 3339); `device_id_hash`,
   `payload_nonce`, `payload_auth_tag`, `metadata`, `metadata_nonce`, `metadata_auth_tag` and `signature` are base64
-  of their raw bytes (`device_id_hash` is base64 of the 32 raw bytes; base64 of its 64 hex characters is accepted
-  too). Other keys (e.g. a client's `filename`) are ignored. The envelope, the device and the nonce are checked at
-  creation (400 malformed, 422 invalid naming the field, 409 reused nonce, 507 when `Upload-Length` does not fit
-  under the project's storage quota), so a bad upload fails before any byte.
+  of either their raw bytes or their JSON text (standard base64, `device_id_hash` hex), so that string-only clients
+  can send them; `zkeb.lib.byteforms` holds the exact rule. Other keys (e.g. a client's `filename`) are ignored.
+  The envelope, the device and the nonce are checked at creation (400 malformed, 422 invalid naming the field, 409
+  reused nonce, 507 when `Upload-Length` does not fit under the project's storage quota), so a bad upload fails
+  before any byte.
 - The commit charges the quota again, atomically: a completing PATCH may answer 507 when concurrent uploads took
   the room. The upload then stays (its offset unchanged), so the client can resend the last bytes once room is made.
 - The PATCH that completes the upload verifies the device signature and commits the backup atomically; its
@@ -93,6 +94,8 @@ from zkeb.domain.backups.storage import (
     raw_connection,
 )
 from zkeb.lib.atrest import ChunkCipher
+from zkeb.lib.byteforms import BytesField, FieldFormError, TextEncoding, decode_bytes_fields
+from zkeb.lib.envelope import AUTH_TAG_LENGTH, DEVICE_ID_HASH_LENGTH, ED25519_SIGNATURE_LENGTH, NONCE_LENGTH
 from zkeb.lib.tus import (
     TUS_CHECKSUM_ALGORITHMS,
     TUS_EXTENSIONS,
@@ -141,7 +144,18 @@ ENVELOPE_METADATA_KEYS = (
     "signature",
     "backup_timestamp",
 )
-_HEX_64 = re.compile(rb"[0-9a-fA-F]{64}")
+#: A `Host` header: a DNS name or IPv4 address, or a bracketed IPv6 address, and an optional port.
+_HOST = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]{2,45}\])(?::[0-9]{1,5})?")
+#: The bytes fields of `Upload-Metadata`, each raw or in its JSON text form (`zkeb.lib.byteforms` has the rule).
+_BYTES_FIELDS = (
+    BytesField("device_id_hash", DEVICE_ID_HASH_LENGTH, TextEncoding.HEX),
+    BytesField("payload_nonce", NONCE_LENGTH),
+    BytesField("payload_auth_tag", AUTH_TAG_LENGTH),
+    BytesField("metadata", None),
+    BytesField("metadata_nonce", NONCE_LENGTH),
+    BytesField("metadata_auth_tag", AUTH_TAG_LENGTH),
+    BytesField("signature", ED25519_SIGNATURE_LENGTH),
+)
 
 
 # --- errors (tus status codes) ---------------------------------------------------------------------------------
@@ -244,14 +258,24 @@ def _base_headers(upload: UploadSession | None = None, offset: int | None = None
     return headers
 
 
-def _upload_url(request: Request[Any, Any, Any], context: BackupsContext, upload_id: UUID) -> str:
-    """The upload's absolute URL (some clients cannot resolve a relative `Location`).
+def _uploads_url(request: Request[Any, Any, Any], context: BackupsContext) -> str:
+    """The absolute URL of the uploads collection, which each upload's `Location` extends.
 
-    The scheme is https when the request came over TLS, directly or through a trusted proxy (`TRUSTED_PROXIES`).
+    Absolute, as some clients cannot resolve a relative `Location`: `PUBLIC_URL` when configured (what a deployment
+    should do: `Host` is the client's to choose), else the request's `Host`, which must then name a host (400
+    otherwise). The scheme is then https when the request came over TLS, directly or through a trusted proxy
+    (`TRUSTED_PROXIES`).
+
+    Raises:
+        ProblemError: no `PUBLIC_URL` and no usable `Host` (400).
     """
+    if context.settings.public_url is not None:
+        return f"{context.settings.public_url}{UPLOADS_PATH}"
+    host = request.headers.get("host")
+    if host is None or not _HOST.fullmatch(host):
+        raise _malformed("a Host header naming this server is required (the upload's Location is built from it)")
     tls = request_is_tls(request.scope, trusted_proxies(context.settings.trusted_proxies))
-    host = request.headers.get("host") or f"{request.url.hostname}:{request.url.port}"
-    return f"{'https' if tls else request.url.scheme}://{host}{UPLOADS_PATH}/{upload_id}"
+    return f"{'https' if tls else request.url.scheme}://{host}{UPLOADS_PATH}"
 
 
 def envelope_from_metadata(header: str) -> BackupEnvelope:
@@ -281,18 +305,19 @@ def envelope_from_metadata(header: str) -> BackupEnvelope:
         container_id = UUID(text_of("container_id"))
     except ValueError:
         raise invalid_field("container_id", "must be base64 of a UUID") from None
-    device_id_hash = raw("device_id_hash")
-    if _HEX_64.fullmatch(device_id_hash):
-        device_id_hash = bytes.fromhex(device_id_hash.decode())
+    try:
+        fields = decode_bytes_fields(_BYTES_FIELDS, {field.name: raw(field.name) for field in _BYTES_FIELDS})
+    except FieldFormError as exc:
+        raise invalid_field(exc.field, exc.detail) from None
     return validate_envelope(
         container_id=container_id,
-        device_id_hash=device_id_hash,
-        payload_nonce=raw("payload_nonce"),
-        payload_auth_tag=raw("payload_auth_tag"),
-        metadata=raw("metadata"),
-        metadata_nonce=raw("metadata_nonce"),
-        metadata_auth_tag=raw("metadata_auth_tag"),
-        signature=raw("signature"),
+        device_id_hash=fields["device_id_hash"],
+        payload_nonce=fields["payload_nonce"],
+        payload_auth_tag=fields["payload_auth_tag"],
+        metadata=fields["metadata"],
+        metadata_nonce=fields["metadata_nonce"],
+        metadata_auth_tag=fields["metadata_auth_tag"],
+        signature=fields["signature"],
         backup_timestamp=text_of("backup_timestamp"),
     )
 
@@ -679,7 +704,9 @@ class UploadController(Controller):
             "`Upload-Length` (1..`MAX_UPLOAD_SIZE`, else 413) and `Upload-Metadata` with every envelope field but the "
             "payload, validated now: 400 malformed, 422 naming an invalid field, 409 for a reused `payload_nonce` "
             "(naming `backup_id` when this very envelope was committed), "
-            "507 when `Upload-Length` does not fit under the project's storage quota. "
+            "507 when `Upload-Length` does not fit under the project's storage quota, which open uploads reserve "
+            "their `Upload-Length` from; 429 when the project already has `MAX_OPEN_UPLOADS` uploads open; 400 "
+            "without `PUBLIC_URL` configured and without a `Host` header. "
             "With `Content-Type: application/offset+octet-stream` the body is the upload's first bytes."
         ),
     )
@@ -704,13 +731,16 @@ class UploadController(Controller):
         checksum = _checksum(request) if with_upload else None
         if with_upload and (request.content_length or 0) > length:
             raise UploadTooLargeError(f"the body ({request.content_length} bytes) exceeds Upload-Length ({length})")
+        uploads_url = _uploads_url(request, context)
         assert principal.project_id is not None
         service = BackupService(session=db_session)
         device = await service.device_for_upload(principal, envelope.device_id_hash)
         await service.ensure_nonce_unused(
             principal.project_id, envelope.device_id_hash, envelope.payload_nonce, signature=envelope.signature
         )
-        await LifecycleService(session=db_session).check_quota(principal.project_id, length)
+        await LifecycleService(session=db_session).reserve_upload(
+            principal.project_id, length, max_open_uploads=context.settings.max_open_uploads
+        )
         new = service.add_payload(
             organization_id=principal.organization_id, project_id=principal.project_id, crypto=context.crypto
         )
@@ -737,7 +767,7 @@ class UploadController(Controller):
         await db_session.commit()
         TUS_SESSIONS_CREATED.inc()
         headers = _base_headers(upload)
-        headers["Location"] = _upload_url(request, context, upload.id)
+        headers["Location"] = f"{uploads_url}/{upload.id}"
         if with_upload and request.content_length != 0:
             # Read now: a rollback on the way (a refused commit) expires the ORM object.
             upload_id, payload_id = upload.id, upload.payload_id

@@ -9,7 +9,15 @@ from litestar import Controller, Response, get
 from litestar.datastructures import State
 
 from zkeb.core.runtime import get_runtime
-from zkeb.domain.health.schemas import DependencyCheck, HealthReport, Liveness, Readiness, VersionInfo
+from zkeb.domain.health.schemas import (
+    DatabaseCheck,
+    HealthChecks,
+    HealthReport,
+    Liveness,
+    Readiness,
+    RedisCheck,
+    VersionInfo,
+)
 from zkeb.domain.health.services import HealthService
 
 __all__ = ("HealthController",)
@@ -40,7 +48,7 @@ class HealthController(Controller):
             status="healthy" if healthy else "unhealthy",
             version=runtime.settings.version,
             uptime_seconds=round(time.monotonic() - runtime.started_at, 3),
-            checks={"database": database, "redis": redis},
+            checks=HealthChecks(database=database, redis=redis),
         )
         return Response(report, status_code=_status_code(healthy), headers=_NO_STORE)
 
@@ -63,14 +71,29 @@ class HealthController(Controller):
         body = Readiness(status="not_ready" if reasons else "ready", reasons=reasons)
         return Response(body, status_code=_status_code(not reasons), headers=_NO_STORE)
 
-    @get("/health/db", summary="Database probe")
-    async def database(self, state: State) -> Response[DependencyCheck]:
-        """Connectivity, latency, schema revision and pool usage."""
+    @get(
+        "/health/db",
+        summary="Database probe",
+        description=(
+            "200 `healthy` or 503 `unhealthy` with latency, schema revision and pool usage; `database` is always "
+            "`postgresql` and `timestamp` the database's clock (RFC 3339 UTC) whenever it answered, as in the "
+            "reference deployment."
+        ),
+    )
+    async def database(self, state: State) -> Response[DatabaseCheck]:
+        """Connectivity, latency, the database's clock, schema revision and pool usage."""
         check = await HealthService(get_runtime(state)).database()
         return Response(check, status_code=_status_code(check.status == "healthy"), headers=_NO_STORE)
 
-    @get("/health/redis", summary="Redis probe", description="`disabled` (200) when no Redis is configured.")
-    async def redis(self, state: State) -> Response[DependencyCheck]:
+    @get(
+        "/health/redis",
+        summary="Redis probe",
+        description=(
+            '200 `healthy` with `response: "PONG"` (Redis\'s answer), 503 `unhealthy`, or `disabled` (200) when no '
+            "Redis is configured; `cache` is always `redis`, as in the reference deployment."
+        ),
+    )
+    async def redis(self, state: State) -> Response[RedisCheck]:
         """PING latency."""
         check = await HealthService(get_runtime(state)).redis()
         return Response(check, status_code=_status_code(check.status != "unhealthy"), headers=_NO_STORE)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import UTC
 
 from sqlalchemy import text
 from sqlalchemy.pool import QueuePool
@@ -11,12 +12,15 @@ from sqlalchemy.pool import QueuePool
 from zkeb.core.database import VERSION_TABLE, RuntimeRoleError
 from zkeb.core.migrations import schema_lacks
 from zkeb.core.runtime import Runtime
-from zkeb.domain.health.schemas import DependencyCheck
+from zkeb.domain.health.schemas import DatabaseCheck, RedisCheck
 
 __all__ = ("PROBE_TIMEOUT", "HealthService")
 
 PROBE_TIMEOUT = 1.5
-_REVISION_QUERY = text(f"SELECT version_num FROM {VERSION_TABLE}")  # noqa: S608 - a constant
+#: The database's clock (the reference probe's `SELECT NOW()`) and the schema revision, in one round trip.
+_PROBE_QUERY = text(f"SELECT now(), (SELECT version_num FROM {VERSION_TABLE})")  # noqa: S608 - a constant
+#: What Redis answers to `PING` (redis-py reports it as `True`), shown as the reference probe shows it.
+_PONG = "PONG"
 
 
 class HealthService:
@@ -25,7 +29,7 @@ class HealthService:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
 
-    async def database(self) -> DependencyCheck:
+    async def database(self) -> DatabaseCheck:
         """Connect, read the schema revision and compare it with the code's migration head."""
         started = time.perf_counter()
         head = self.runtime.schema_head
@@ -34,15 +38,22 @@ class HealthService:
         lacking: list[str] = []
         try:
             async with asyncio.timeout(PROBE_TIMEOUT), self.runtime.engine.connect() as connection:
-                revision = (await connection.execute(_REVISION_QUERY)).scalar_one_or_none()
+                clock, revision = (await connection.execute(_PROBE_QUERY)).one()
                 if revision is not None and revision not in self.runtime.schema_revisions:
                     lacking = await schema_lacks(connection)
         except TimeoutError:
-            return DependencyCheck(status="unhealthy", detail="timed out", schema_head=head)
+            return DatabaseCheck(database="postgresql", status="unhealthy", detail="timed out", schema_head=head)
         except Exception as exc:  # noqa: BLE001 - any failure means unhealthy; the class name is enough
-            return DependencyCheck(status="unhealthy", detail=f"unreachable ({type(exc).__name__})", schema_head=head)
+            return DatabaseCheck(
+                database="postgresql",
+                status="unhealthy",
+                detail=f"unreachable ({type(exc).__name__})",
+                schema_head=head,
+            )
         latency = round((time.perf_counter() - started) * 1000, 2)
-        check = DependencyCheck(
+        check = DatabaseCheck(
+            database="postgresql",
+            timestamp=clock.astimezone(UTC),
             status="healthy",
             latency_ms=latency,
             schema_revision=revision,
@@ -65,20 +76,23 @@ class HealthService:
             check.detail = "database schema is behind this release's migrations: run `zkeb db upgrade`"
         return check
 
-    async def redis(self) -> DependencyCheck:
+    async def redis(self) -> RedisCheck:
         """PING Redis, or report `disabled` when no `REDIS_URL` is configured."""
         client = self.runtime.redis
         if client is None:
-            return DependencyCheck(status="disabled", detail="REDIS_URL is not set; in-process stores are used")
+            return RedisCheck(
+                cache="redis", status="disabled", detail="REDIS_URL is not set; in-process stores are used"
+            )
         started = time.perf_counter()
         try:
             async with asyncio.timeout(PROBE_TIMEOUT):
                 await client.ping()
         except TimeoutError:
-            return DependencyCheck(status="unhealthy", detail="timed out")
+            return RedisCheck(cache="redis", status="unhealthy", detail="timed out")
         except Exception as exc:  # noqa: BLE001
-            return DependencyCheck(status="unhealthy", detail=f"unreachable ({type(exc).__name__})")
-        return DependencyCheck(status="healthy", latency_ms=round((time.perf_counter() - started) * 1000, 2))
+            return RedisCheck(cache="redis", status="unhealthy", detail=f"unreachable ({type(exc).__name__})")
+        latency = round((time.perf_counter() - started) * 1000, 2)
+        return RedisCheck(cache="redis", status="healthy", latency_ms=latency, response=_PONG)
 
     async def readiness_reasons(self) -> list[str]:
         """Why this instance should not receive traffic (empty when ready)."""
