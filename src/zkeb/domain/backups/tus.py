@@ -70,10 +70,12 @@ from zkeb.core.errors import (
     exception_handlers,
 )
 from zkeb.core.metrics import ORPHAN_PAYLOADS_PURGED, TUS_SESSIONS_CREATED, TUS_SESSIONS_EXPIRED
+from zkeb.core.runtime import get_runtime
 from zkeb.core.security import request_is_tls, trusted_proxies
 from zkeb.core.tenancy import tenant_transaction
 from zkeb.db.models import Payload, UploadSession
 from zkeb.domain.backups.context import BackupsContext, backups_context
+from zkeb.domain.backups.finalize import InMemoryPayload, commit_in_memory
 from zkeb.domain.backups.lifecycle import SYSTEM_ACTOR, LifecycleService
 from zkeb.domain.backups.schemas import BackupEnvelope, invalid_field, validate_envelope
 from zkeb.domain.backups.services import (
@@ -132,6 +134,9 @@ ORPHAN_AGE = timedelta(hours=1)
 SWEEP_INTERVAL_SECONDS = 60.0
 SWEEP_BATCH = 100
 BACKUP_ID_HEADER = "Zkeb-Backup-Id"
+#: A creation-with-upload whose body is the whole payload and at most this long is stored and committed in one
+#: transaction, like a single-shot upload (`zkeb.domain.backups.finalize`); longer ones stream through a session.
+IN_MEMORY_UPLOAD_MAX = 256 * 1024
 
 ENVELOPE_METADATA_KEYS = (
     "container_id",
@@ -648,13 +653,16 @@ class PatchReceiver:
                 payload_size=upload.upload_length,
                 payload_sha256=payload_sha256,
                 chunk_count=chunk_count,
+                principal=principal,
                 upload=lease,
                 settings=self.context.settings,
+                request=self.request,
             )
         except (UnprocessableError, ConflictError):
             # The envelope is fixed at creation: an upload that fails verification can never succeed.
             await asyncio.shield(self._discard(lease, payload_id))
             raise
+        get_runtime(self.request.app.state).audit_linker.notify(principal.organization_id)
         return backup.id
 
 
@@ -732,6 +740,10 @@ class UploadController(Controller):
         if with_upload and (request.content_length or 0) > length:
             raise UploadTooLargeError(f"the body ({request.content_length} bytes) exceeds Upload-Length ({length})")
         uploads_url = _uploads_url(request, context)
+        if with_upload and request.content_length == length <= IN_MEMORY_UPLOAD_MAX:
+            return await _create_whole(
+                request, context, principal, envelope, checksum=checksum, uploads_url=uploads_url
+            )
         assert principal.project_id is not None
         service = BackupService(session=db_session)
         device = await service.device_for_upload(principal, envelope.device_id_hash)
@@ -878,6 +890,45 @@ class UploadController(Controller):
         await db_session.execute(sa_delete(Payload).where(Payload.id == upload.payload_id))
         await db_session.commit()
         return Response(None, status_code=204, headers={"Tus-Resumable": TUS_VERSION})
+
+
+async def _create_whole(
+    request: Request[Any, Any, Any],
+    context: BackupsContext,
+    principal: Principal,
+    envelope: BackupEnvelope,
+    *,
+    checksum: tuple[str, bytes] | None,
+    uploads_url: str,
+) -> Response[bytes]:
+    """A creation-with-upload that carries the whole (small) payload: one transaction, as a single-shot upload.
+
+    Nothing is stored before the commit, so a refusal (460, 422, 409, 507) leaves nothing behind; the `Location`
+    answered names an upload that is already complete (its `HEAD` is 404, as after any completed upload).
+    """
+    with tracer.start_as_current_span("backups.receive") as span:
+        body = await request.body()
+        span.set_attribute("zkeb.bytes", len(body))
+    if checksum is not None and not hmac.compare_digest(hashlib.new(checksum[0], body).digest(), checksum[1]):
+        raise ChecksumMismatchError(
+            f"the body does not match Upload-Checksum ({checksum[0]}); nothing was stored",
+            headers={"Upload-Offset": "0"},
+        )
+    backup = await commit_in_memory(
+        context,
+        principal,
+        envelope,
+        InMemoryPayload.of(body),
+        method="tus",
+        request=request,
+        audit_committed=get_runtime(request.app.state).audit_linker.notify,
+    )
+    TUS_SESSIONS_CREATED.inc()
+    headers = _base_headers()
+    headers["Location"] = f"{uploads_url}/{uuid7()}"
+    headers["Upload-Offset"] = str(len(body))
+    headers[BACKUP_ID_HEADER] = str(backup.id)
+    return Response(b"", status_code=201, headers=headers, media_type=MediaType.TEXT)
 
 
 async def _discard_upload(session: AsyncSession, upload_id: UUID, payload_id: UUID) -> None:
