@@ -53,7 +53,7 @@ from zkeb.domain.backups.store.commits import (
     read_admission,
     trash_beyond_retention,
 )
-from zkeb.domain.backups.store.connection import pooled_connection, tenant_transaction
+from zkeb.domain.backups.store.connection import pooled_connection, raw_tenant_transaction
 
 __all__ = ("InMemoryPayload", "commit_in_memory")
 
@@ -130,7 +130,7 @@ async def commit_in_memory(
     with tracer.start_as_current_span("backups.commit", attributes=attributes) as span:
         async with pooled_connection(context.engine) as connection:
             try:
-                async with tenant_transaction(connection, job.organization_id):
+                async with raw_tenant_transaction(connection, job.organization_id):
                     admission = await read_admission(
                         connection,
                         project_id=job.project_id,
@@ -154,7 +154,7 @@ async def commit_in_memory(
                 span.set_attribute("zkeb.outcome", "conflict")
                 record_backup_failed("nonce_reuse")
                 # Committed meanwhile: by this very envelope (a concurrent retry), the conflict names its backup.
-                async with tenant_transaction(connection, job.organization_id, readonly=True):
+                async with raw_tenant_transaction(connection, job.organization_id, readonly=True):
                     owner = await nonce_owner(
                         connection,
                         project_id=job.project_id,

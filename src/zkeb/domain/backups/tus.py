@@ -93,8 +93,8 @@ from zkeb.domain.backups.storage import (
     TransactionHook,
     delete_chunks_from,
     hash_stored_chunks,
-    raw_connection,
 )
+from zkeb.domain.backups.store.connection import pooled_connection, raw_tenant_transaction
 from zkeb.lib.atrest import ChunkCipher
 from zkeb.lib.byteforms import BytesField, FieldFormError, TextEncoding, decode_bytes_fields
 from zkeb.lib.envelope import AUTH_TAG_LENGTH, DEVICE_ID_HASH_LENGTH, ED25519_SIGNATURE_LENGTH, NONCE_LENGTH
@@ -368,7 +368,6 @@ class _AbandonedPatchError(Exception):
     """A PATCH with a checksum lost its connection: nothing of it can be verified, so nothing is kept."""
 
 
-_SET_TENANT = "SELECT set_config('zkeb.org_id', $1, true)"
 # Every writer locks an upload's session row before its payload's rows: the claim and each chunk batch here, the
 # commit (`BackupService.commit_backup`), termination and the sweeper.
 _CLAIM = (
@@ -469,8 +468,10 @@ class PatchReceiver:
             ProblemError: the offset moved since the request was checked (409), or the upload is gone (404, 410).
         """
         upload, organization_id = self.upload, self.principal.organization_id
-        async with raw_connection(self.context.engine) as connection, connection.transaction():
-            await connection.execute(_SET_TENANT, str(organization_id))
+        async with (
+            pooled_connection(self.context.engine) as connection,
+            raw_tenant_transaction(connection, organization_id),
+        ):
             claimed = await connection.fetchrow(_CLAIM, upload.id, lease.lease_id, UPLOAD_EXPIRY, upload.upload_offset)
             if claimed is not None:
                 # Chunks past the acknowledged offset were stored by a PATCH that failed or was taken over.
@@ -510,8 +511,10 @@ class PatchReceiver:
         Does nothing once the lease is gone: released, committed, or taken over by a later PATCH.
         """
         organization_id = self.principal.organization_id
-        async with raw_connection(self.context.engine) as connection, connection.transaction():
-            await connection.execute(_SET_TENANT, str(organization_id))
+        async with (
+            pooled_connection(self.context.engine) as connection,
+            raw_tenant_transaction(connection, organization_id),
+        ):
             if undo is None:
                 offset = await connection.fetchval(_RELEASE, lease.upload_id, lease.lease_id)
             else:
@@ -524,8 +527,10 @@ class PatchReceiver:
 
     async def _discard(self, lease: UploadLease, payload_id: UUID) -> None:
         """Delete an upload that can never succeed, with its bytes, if this PATCH still owns it."""
-        async with raw_connection(self.context.engine) as connection, connection.transaction():
-            await connection.execute(_SET_TENANT, str(self.principal.organization_id))
+        async with (
+            pooled_connection(self.context.engine) as connection,
+            raw_tenant_transaction(connection, self.principal.organization_id),
+        ):
             # The session row first, then the payload (its chunks go with it): the order every writer locks them in.
             if await connection.fetchval(_END_LEASED, lease.upload_id, lease.lease_id) is not None:
                 await connection.execute(_DELETE_PAYLOAD_NOW, payload_id)
@@ -557,8 +562,10 @@ class PatchReceiver:
         self._check_digest(patch_digest)
         offset = start + pipeline.received
         if offset < upload.upload_length:
-            async with raw_connection(self.context.engine) as connection, connection.transaction():
-                await connection.execute(_SET_TENANT, str(organization_id))
+            async with (
+                pooled_connection(self.context.engine) as connection,
+                raw_tenant_transaction(connection, organization_id),
+            ):
                 expires_at = await connection.fetchval(_RELEASE_AT, upload.id, lease.lease_id, offset)
                 if expires_at is None:
                     raise await _lease_lost(connection, upload.id)
@@ -575,7 +582,7 @@ class PatchReceiver:
             ServiceUnavailableError: a stored chunk is missing while the upload is still this PATCH's (503).
         """
         organization_id = self.principal.organization_id
-        async with raw_connection(self.context.engine) as connection:
+        async with pooled_connection(self.context.engine) as connection:
             try:
                 await hash_stored_chunks(
                     connection,
@@ -587,8 +594,7 @@ class PatchReceiver:
                 )
             except ServiceUnavailableError:
                 # A termination or the commit of a takeover between the claim and this read deletes the chunks.
-                async with connection.transaction(readonly=True):
-                    await connection.execute(_SET_TENANT, str(organization_id))
+                async with raw_tenant_transaction(connection, organization_id, readonly=True):
                     if await connection.fetchval(_LEASE_HOLDS, lease.upload_id, lease.lease_id) is None:
                         raise await _lease_lost(connection, lease.upload_id) from None
                 raise

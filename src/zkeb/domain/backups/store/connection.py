@@ -2,7 +2,7 @@
 
 The backups domain's hot paths (chunk writes, restores, the one-transaction commit) run on the driver connection
 under SQLAlchemy's pool: fewer round trips and no ORM work per statement. Every such transaction acts for one
-organization (row-level security) through `tenant_transaction`, so no caller sets the tenant by hand.
+organization (row-level security) through `raw_tenant_transaction`, so no caller sets the tenant by hand.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import asyncpg
 from litestar.exceptions import HTTPException
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-__all__ = ("pooled_connection", "tenant_transaction")
+__all__ = ("pooled_connection", "raw_tenant_transaction")
 
 _SET_TENANT = "SELECT set_config('zkeb.org_id', $1, true)"
 #: For writes whose durability a later synchronous commit provides (see `zkeb.domain.backups.storage`).
@@ -43,7 +43,7 @@ async def pooled_connection(engine: AsyncEngine) -> AsyncIterator[asyncpg.Connec
 
 
 @contextlib.asynccontextmanager
-async def tenant_transaction(
+async def raw_tenant_transaction(
     connection: asyncpg.Connection,
     organization_id: UUID,
     *,
