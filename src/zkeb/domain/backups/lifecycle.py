@@ -369,19 +369,6 @@ def decode_trash_cursor(cursor: str) -> tuple[datetime, UUID]:
 class LifecycleService(BackupRepositoryService):
     """Quota checks, usage, the trash (delete, list, restore, purge) and append-only rules, for one request."""
 
-    async def check_quota(self, project_id: UUID, size: int) -> None:
-        """Refuse an upload of `size` bytes that cannot fit now (the commit checks again, atomically).
-
-        Raises:
-            InsufficientStorageError: it does not fit (507).
-        """
-        current = (await self.session.execute(_USAGE_OF, {"p": project_id, "u": None})).first()
-        if current is None:
-            raise NotFoundError("project not found")
-        quota = current.storage_quota_bytes
-        if quota is not None and current.used_bytes + size > quota:
-            raise quota_exceeded(used=current.used_bytes, quota=quota, requested=size)
-
     async def reserve_upload(self, project_id: UUID, length: int, *, max_open_uploads: int) -> None:
         """Check that a new tus upload of `length` bytes may open; the caller then adds it in this transaction.
 

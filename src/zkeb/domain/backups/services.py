@@ -414,12 +414,6 @@ class BackupService(BackupRepositoryService):
         record_backup_created(method, payload_size)
         return backup
 
-    async def delete_payload(self, payload_id: UUID) -> None:
-        """Delete a payload that no backup references, its chunks and upload session with it, and commit."""
-        await self.session.rollback()
-        await self.session.execute(delete(Payload).where(Payload.id == payload_id))
-        await self.session.commit()
-
     # --- queries -------------------------------------------------------------------------------------------------
 
     def _visible(self, principal: Principal) -> list[object]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -573,8 +572,3 @@ async def stream_plaintext(
                 reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
-
-
-def new_sha256() -> Any:
-    """A SHA-256 accumulator for a payload."""
-    return hashlib.sha256()

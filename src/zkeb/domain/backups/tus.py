@@ -131,7 +131,6 @@ OFFSET_OCTET_STREAM = "application/offset+octet-stream"
 UPLOAD_EXPIRY = timedelta(hours=24)
 #: Payloads no backup and no upload references (a process died mid single-shot upload) are purged after this.
 ORPHAN_AGE = timedelta(hours=1)
-SWEEP_INTERVAL_SECONDS = 60.0
 SWEEP_BATCH = 100
 BACKUP_ID_HEADER = "Zkeb-Backup-Id"
 #: A creation-with-upload whose body is the whole payload and at most this long is stored and committed in one
@@ -1001,16 +1000,13 @@ class UploadSweeper:
         self,
         engine: AsyncEngine,
         *,
-        interval: float = SWEEP_INTERVAL_SECONDS,
         batch: int = SWEEP_BATCH,
         settings: Settings | None = None,
     ) -> None:
-        """Sweep every `interval` seconds, at most `batch` payloads of each kind per pass."""
+        """Sweep at most `batch` payloads of each kind per pass (the maintenance runner schedules the passes)."""
         self._engine = engine
-        self._interval = interval
         self._batch = batch
         self._settings = settings
-        self._task: asyncio.Task[None] | None = None
 
     async def sweep_once(self) -> int:
         """One pass; returns how many payloads it deleted."""
@@ -1059,26 +1055,3 @@ class UploadSweeper:
         if result.deleted:
             logger.info("purged %d expired uploads and %d orphaned payloads", expired, orphaned)
         return result
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.sweep_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                logger.exception("upload sweep failed; retrying in %.0f s", self._interval)
-            await asyncio.sleep(self._interval)
-
-    def start(self) -> None:
-        """Run in the background of this process (each process runs one; they do not collide)."""
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="zkeb-upload-sweeper")
-
-    async def stop(self) -> None:
-        """Stop the background task."""
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
