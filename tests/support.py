@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import os
@@ -28,7 +29,39 @@ from zkeb.domain.accounts.services import OrganizationService
 from zkeb.lib.envelope import backup_signed_message, format_rfc3339_utc
 from zkeb.settings import Settings
 
-__all__ = ("Envelope", "create_org", "free_port", "granian_server", "make_settings", "problem", "sign_backup")
+__all__ = (
+    "PROJECT_USED_BYTES",
+    "Envelope",
+    "audit_linked",
+    "create_org",
+    "free_port",
+    "granian_server",
+    "make_settings",
+    "problem",
+    "sign_backup",
+)
+
+#: A project's used bytes in SQL over `projects p`: its counter plus its usage shards (what the API reports).
+PROJECT_USED_BYTES = (
+    "(p.used_bytes"
+    " + coalesce((SELECT sum(s.used_bytes) FROM project_usage_shards s WHERE s.project_id = p.id), 0)::bigint)"
+)
+
+
+async def audit_linked(connection: Any, organization_id: uuid.UUID) -> None:
+    """Wait until the server's audit linker has chained the organization's waiting events (asyncpg, as the owner).
+
+    A backup's commit leaves its events unchained for a moment (see `zkeb.core.audit_linker`); a test that reads
+    `audit_events` itself, rather than through the audit API (which links first), waits for them here.
+    """
+    for _ in range(750):  # 15 s
+        waiting = await connection.fetchval(
+            "SELECT count(*) FROM audit_pending_events WHERE organization_id = $1", organization_id
+        )
+        if not waiting:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{waiting} audit events were never linked")
 
 
 def make_settings(base: dict[str, str], **overrides: str) -> Settings:

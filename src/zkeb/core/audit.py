@@ -40,9 +40,12 @@ from zkeb.settings import Settings
 __all__ = (
     "CHAINED_FIELDS",
     "AuditOutcome",
+    "audit_enabled",
+    "audited_text",
     "chained_fields",
     "record_event",
     "record_event_on_connection",
+    "request_fields",
     "sanitize_details",
 )
 
@@ -168,7 +171,8 @@ def sanitize_details(details: Mapping[str, object] | None) -> dict[str, Any]:
     return decoded
 
 
-def _text(field: str, value: str | None) -> str | None:
+def audited_text(field: str, value: str | None) -> str | None:
+    """A text field as stored: control characters escaped, cut to the column's length."""
     if value is None:
         return None
     return escape_control_chars(value)[: _MAX_LENGTHS[field]]
@@ -179,16 +183,18 @@ def chained_fields(row: Mapping[str, Any]) -> dict[str, object]:
     return {name: row[name] for name in CHAINED_FIELDS}
 
 
-def _enabled(settings: Settings | None, request: ASGIConnection[Any, Any, Any, Any] | None) -> bool:
+def audit_enabled(settings: Settings | None, request: ASGIConnection[Any, Any, Any, Any] | None) -> bool:
+    """Whether events are written (`ENABLE_AUDIT_LOGS`), from explicit settings or the request's app."""
     if settings is None and request is not None:
         runtime = getattr(request.app.state, "runtime", None)
         settings = getattr(runtime, "settings", None)
     return settings.enable_audit_logs if settings is not None else True
 
 
-def _request_fields(
+def request_fields(
     request: ASGIConnection[Any, Any, Any, Any] | None, settings: Settings | None
 ) -> dict[str, str | None]:
+    """The request's fields of an event (client IP through trusted proxies only, user agent, request and trace ids)."""
     fields: dict[str, str | None] = {
         "client_ip": None,
         "user_agent": None,
@@ -202,7 +208,7 @@ def _request_fields(
         proxies = trusted_proxies(settings.trusted_proxies if settings is not None else ())
         fields["client_ip"] = client_ip(request.scope, proxies)
         fields["user_agent"] = request.headers.get("user-agent")
-    return {name: _text(name, value) for name, value in fields.items()}
+    return {name: audited_text(name, value) for name, value in fields.items()}
 
 
 async def record_event(
@@ -242,20 +248,20 @@ async def record_event(
     Raises:
         TypeError: `details` has a value without a JSON form.
     """
-    if not _enabled(settings, request):
+    if not audit_enabled(settings, request):
         return
-    request_fields = _request_fields(request, settings)
+    fields_of_request = request_fields(request, settings)
     clean_details = sanitize_details(details)
     if organization_id is None:
         logger.warning(
             "audit event without organization: action=%s outcome=%s actor_type=%s actor_id=%s client_ip=%s "
             "request_id=%s details=%s",
-            _text("action", action),
+            audited_text("action", action),
             outcome,
-            _text("actor_type", actor_type),
-            _text("actor_id", actor_id),
-            request_fields["client_ip"],
-            request_fields["request_id"],
+            audited_text("actor_type", actor_type),
+            audited_text("actor_id", actor_id),
+            fields_of_request["client_ip"],
+            fields_of_request["request_id"],
             msgspec.json.encode(clean_details).decode(),
         )
         return
@@ -270,13 +276,13 @@ async def record_event(
         "organization_id": organization_id,
         "seq": int(head.seq) + 1,
         "occurred_at": occurred_at,
-        "actor_type": _text("actor_type", actor_type),
-        "actor_id": _text("actor_id", actor_id),
-        "action": _text("action", action),
-        "target_type": _text("target_type", target_type),
-        "target_id": _text("target_id", target_id),
+        "actor_type": audited_text("actor_type", actor_type),
+        "actor_id": audited_text("actor_id", actor_id),
+        "action": audited_text("action", action),
+        "target_type": audited_text("target_type", target_type),
+        "target_id": audited_text("target_id", target_id),
         "outcome": outcome,
-        **request_fields,
+        **fields_of_request,
         "details": clean_details,
     }
     prev_hash = bytes(head.hash)

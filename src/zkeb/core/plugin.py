@@ -56,6 +56,8 @@ class CorePlugin(InitPluginProtocol):
         runtime = Runtime(settings=settings, database_url=url, engine=engine, redis=create_redis(settings))
         app_config.state["runtime"] = runtime
         app_config.on_startup.append(runtime.startup)
+        # Shutdown hooks run in list order. Domain plugins come after this one and insert their hooks at the front
+        # (`on_shutdown.insert(0, ...)`), so everything that still needs the database stops before this releases it.
         app_config.on_shutdown.append(runtime.shutdown)
         app_config.exception_handlers = {**exception_handlers(), **app_config.exception_handlers}
         app_config.request_class = BoundedRequest

@@ -13,6 +13,7 @@ from redis.asyncio import Redis
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from zkeb.core.audit_linker import AuditLinker
 from zkeb.core.database import check_runtime_role
 from zkeb.core.migrations import head_revision, known_revisions, provision_runtime_login, run_alembic
 from zkeb.settings import Settings
@@ -38,6 +39,12 @@ class Runtime:
     role_checked: bool = False
     #: Domains' own readiness conditions: each answers why this process is not ready, or None.
     readiness_checks: list[Callable[[], Awaitable[str | None]]] = field(default_factory=list)
+    #: Links the audit events that busy transactions leave unchained (see `zkeb.core.audit_linker`).
+    audit_linker: AuditLinker = field(init=False)
+
+    def __post_init__(self) -> None:
+        """The audit linker works through the app's engine."""
+        self.audit_linker = AuditLinker(self.engine)
 
     async def startup(self) -> None:
         """Migrate when configured to, then refuse to serve unless row-level security cannot be bypassed.
@@ -60,6 +67,7 @@ class Runtime:
             if isinstance(exc, DBAPIError) and not exc.connection_invalidated and not _is_connect_error(exc):
                 raise
             logger.warning("database unreachable at start (%s); readiness answers 503 until it is", type(exc).__name__)
+        self.audit_linker.start()
 
     async def ensure_role_checked(self) -> None:
         """Run the runtime-role self-check once per process.
@@ -74,8 +82,9 @@ class Runtime:
         self.role_checked = True
 
     async def shutdown(self) -> None:
-        """Stop answering ready, then release the pools."""
+        """Stop answering ready, link the audit events still waiting, then release the pools."""
         self.draining = True
+        await self.audit_linker.stop()
         if self.redis is not None:
             await self.redis.aclose()
         await self.engine.dispose()

@@ -36,10 +36,10 @@ from zkeb.core.runtime import get_runtime
 from zkeb.domain.backups import services, tus
 from zkeb.domain.backups.lifecycle import charge_quota
 from zkeb.domain.backups.storage import hash_stored_chunks
-from zkeb.domain.backups.tus import UploadSweeper
+from zkeb.domain.backups.tus import IN_MEMORY_UPLOAD_MAX, UploadSweeper
 from zkeb.settings import Settings
 
-from support import Envelope, make_settings, problem
+from support import PROJECT_USED_BYTES, Envelope, make_settings, problem
 
 Client = AsyncTestClient[Litestar]
 OCTETS = "application/offset+octet-stream"
@@ -401,7 +401,7 @@ async def test_a_refused_creation_with_upload_creates_nothing(
     refusal: str,
 ) -> None:
     # The client gets no Location with the refusal, so an upload left behind could be neither resumed nor ended.
-    payload = os.urandom(1000)
+    payload = os.urandom(IN_MEMORY_UPLOAD_MAX + 1000)  # streamed through an upload session
     envelope = sign_envelope(tenant, payload if refusal != "signature" else b"other bytes, other signature")
     headers = {"Upload-Length": str(len(payload)), "Upload-Metadata": envelope.tus_metadata(), "Content-Type": OCTETS}
     body, status = payload, {"checksum": 460, "too-long": 413, "signature": 422, "nonce": 409}[refusal]
@@ -439,7 +439,7 @@ async def test_a_creation_with_upload_refused_at_its_commit_by_the_quota_says_wh
 ) -> None:
     # The quota is checked at creation, and again at the commit: another upload may have filled it in between
     # (here: the quota shrinks just before the commit). The upload stays, to be completed once there is room.
-    payload = os.urandom(1000)
+    payload = os.urandom(IN_MEMORY_UPLOAD_MAX + 1000)  # streamed through an upload session
     envelope = sign_envelope(tenant, payload)
 
     async def charge_after_the_quota_shrank(session: AsyncSession, **kwargs: Any) -> Any:
@@ -467,7 +467,7 @@ async def test_a_creation_with_upload_cut_by_a_database_failure_says_where_the_u
 ) -> None:
     # The database connection drops at the commit (a failover): the bytes stay stored, so the answer must carry the
     # Location to resume from, or the client could never finish this upload.
-    payload = os.urandom(1000)
+    payload = os.urandom(IN_MEMORY_UPLOAD_MAX + 1000)  # streamed through an upload session
     envelope = sign_envelope(tenant, payload)
 
     async def charge_on_a_dropped_connection(session: AsyncSession, **kwargs: Any) -> Any:
@@ -658,7 +658,7 @@ async def test_a_completing_patch_whose_upload_ended_during_verification_commits
     assert detail in problem(response)["detail"]
     assert await owner_connection.fetchval("SELECT count(*) FROM backups") == 0
     assert await owner_connection.fetchval("SELECT count(*) FROM payload_nonces") == 0
-    assert await owner_connection.fetchval("SELECT used_bytes FROM projects") == 0
+    assert await owner_connection.fetchval(f"SELECT {PROJECT_USED_BYTES} FROM projects p") == 0
 
 
 # --- Expiration ---------------------------------------------------------------------------------------------------

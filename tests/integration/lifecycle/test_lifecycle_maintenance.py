@@ -29,6 +29,8 @@ from zkeb.core.database import create_app_engine
 from zkeb.domain.backups.maintenance import MaintenanceReport, MaintenanceRunner
 from zkeb.settings import Settings
 
+from support import PROJECT_USED_BYTES
+
 TRASHED_PER_TENANT = 12
 EXPIRED_UPLOADS_PER_TENANT = 4
 OVER_RETENTION_PER_TENANT = 5
@@ -103,7 +105,7 @@ async def test_two_runners_at_once_never_remove_anything_twice_or_fail(
         assert len(expired) == len(set(expired)) == EXPIRED_UPLOADS_PER_TENANT
         # Every byte freed once: usage equals what the remaining backups hold.
         used, held = await owner_connection.fetchrow(
-            "SELECT p.used_bytes, (SELECT coalesce(sum(encrypted_payload_size), 0) FROM backups b "
+            f"SELECT {PROJECT_USED_BYTES}, (SELECT coalesce(sum(encrypted_payload_size), 0) FROM backups b "
             "WHERE b.project_id = p.id) FROM projects p WHERE p.id = $1",
             tenant.project_id,
         )

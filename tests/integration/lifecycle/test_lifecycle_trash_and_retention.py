@@ -31,7 +31,7 @@ from zkeb.core.database import create_app_engine
 from zkeb.domain.backups.maintenance import MaintenanceReport, MaintenanceRunner
 from zkeb.settings import Settings
 
-from support import problem
+from support import PROJECT_USED_BYTES, audit_linked, problem
 
 
 @pytest.fixture
@@ -67,6 +67,7 @@ async def _run_maintenance(settings: Settings) -> MaintenanceReport:
 
 
 async def _audit_actions(owner: asyncpg.Connection, organization_id: uuid.UUID) -> list[tuple[str, str, str]]:
+    await audit_linked(owner, organization_id)
     rows = await owner.fetch(
         "SELECT action, actor_type, target_id FROM audit_events WHERE organization_id = $1 ORDER BY seq",
         organization_id,
@@ -275,7 +276,10 @@ async def test_the_runner_purges_the_trash_after_trash_retention_days(
     assert report.trash_purged == 1
     remaining = {str(r["id"]) for r in await owner_connection.fetch("SELECT id FROM backups")}
     assert remaining == {recent, visible}
-    assert await owner_connection.fetchval("SELECT used_bytes FROM projects WHERE id = $1", tenant.project_id) == 600
+    used = await owner_connection.fetchval(
+        f"SELECT {PROJECT_USED_BYTES} FROM projects p WHERE p.id = $1", tenant.project_id
+    )
+    assert used == 600
     events = await _audit_actions(owner_connection, tenant.organization_id)
     assert ("backup.purged", "system", expired) in events
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from zkeb.db.models.accounts import ApiKey, Device, DeviceProof, Organization, Project
-from zkeb.db.models.audit import AuditChainHead, AuditEvent
+from zkeb.db.models.accounts import ApiKey, Device, DeviceProof, Organization, Project, ProjectUsageShard
+from zkeb.db.models.audit import AuditChainHead, AuditEvent, AuditPendingEvent
 from zkeb.db.models.backups import Backup, BackupChunk, Payload, PayloadNonce, UploadSession
 
 __all__ = (
@@ -11,6 +11,7 @@ __all__ = (
     "ApiKey",
     "AuditChainHead",
     "AuditEvent",
+    "AuditPendingEvent",
     "Backup",
     "BackupChunk",
     "Device",
@@ -19,6 +20,7 @@ __all__ = (
     "Payload",
     "PayloadNonce",
     "Project",
+    "ProjectUsageShard",
     "UploadSession",
 )
 
@@ -26,6 +28,7 @@ __all__ = (
 TENANT_TABLES = (
     "organizations",
     "projects",
+    "project_usage_shards",
     "api_keys",
     "devices",
     "device_proofs",
@@ -36,4 +39,5 @@ TENANT_TABLES = (
     "upload_sessions",
     "audit_events",
     "audit_chain_heads",
+    "audit_pending_events",
 )

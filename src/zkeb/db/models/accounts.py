@@ -3,15 +3,29 @@
 from __future__ import annotations
 
 import datetime
+from typing import TYPE_CHECKING
 from uuid import UUID
 
 from advanced_alchemy.base import UUIDv7AuditBase
-from sqlalchemy import BigInteger, CheckConstraint, ForeignKey, Index, LargeBinary, String, UniqueConstraint, text
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    ForeignKey,
+    Index,
+    LargeBinary,
+    SmallInteger,
+    String,
+    UniqueConstraint,
+    cast,
+    func,
+    select,
+    text,
+)
+from sqlalchemy.orm import Mapped, column_property, mapped_column
 
 from zkeb.db.models._base import TenantModel, TimestampUTC
 
-__all__ = ("ApiKey", "Device", "DeviceProof", "Organization", "Project")
+__all__ = ("ApiKey", "Device", "DeviceProof", "Organization", "Project", "ProjectUsageShard")
 
 
 class Organization(UUIDv7AuditBase):
@@ -41,6 +55,36 @@ class Project(TenantModel):
     retention_days: Mapped[int | None] = mapped_column(default=None)
     append_only: Mapped[bool] = mapped_column(default=False, server_default=text("false"))
     append_only_min_age_days: Mapped[int] = mapped_column(default=0, server_default=text("0"))
+    if TYPE_CHECKING:
+        #: `used_bytes` plus the project's usage shards: what its backups use (mapped below, after the shards).
+        total_used_bytes: int
+
+
+class ProjectUsageShard(TenantModel):
+    """Payload bytes committed to a project through one database connection (`pg_backend_pid() % SHARDS`).
+
+    A project's usage is `projects.used_bytes` plus its shards: commits to a project without a quota add to their
+    connection's shard, so they never wait for one another on the project row (`zkeb.domain.backups.store`).
+    """
+
+    __tablename__ = "project_usage_shards"
+    __table_args__ = (UniqueConstraint("project_id", "shard", name="uq_project_usage_shards_project_shard"),)
+
+    project_id: Mapped[UUID] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
+    shard: Mapped[int] = mapped_column(SmallInteger)
+    used_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
+
+
+Project.total_used_bytes = column_property(  # type: ignore[assignment]
+    Project.__table__.c.used_bytes
+    + func.coalesce(
+        select(cast(func.sum(ProjectUsageShard.used_bytes), BigInteger))
+        .where(ProjectUsageShard.project_id == Project.__table__.c.id)
+        .correlate_except(ProjectUsageShard)
+        .scalar_subquery(),
+        0,
+    )
+)
 
 
 class ApiKey(TenantModel):

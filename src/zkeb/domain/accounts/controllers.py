@@ -89,7 +89,7 @@ def _project_read(project: Project) -> ProjectRead:
         created_at=project.created_at,
         updated_at=project.updated_at,
         storage_quota_bytes=project.storage_quota_bytes,
-        used_bytes=project.used_bytes,
+        used_bytes=project.total_used_bytes,
         retention_keep_last=project.retention_keep_last,
         retention_days=project.retention_days,
         append_only=project.append_only,

@@ -62,6 +62,7 @@ class AuditController(Controller):
     )
     async def list_events(
         self,
+        request: Request,  # type: ignore[type-arg]
         db_session: NamedDependency[AsyncSession],
         *,
         action: Annotated[
@@ -75,9 +76,9 @@ class AuditController(Controller):
     ) -> AuditEventPage:
         """One page of the organization's events."""
         since, until = _instant("since", since), _instant("until", until)
-        items, next_cursor = await AuditEventService(session=db_session).page(
-            action=action, since=since, until=until, cursor=cursor, limit=limit
-        )
+        service = AuditEventService(session=db_session)
+        await service.link_waiting(principal_of(request).organization_id)
+        items, next_cursor = await service.page(action=action, since=since, until=until, cursor=cursor, limit=limit)
         return AuditEventPage(items=[_read(event) for event in items], next_cursor=next_cursor)
 
     @get(
@@ -88,7 +89,9 @@ class AuditController(Controller):
     async def verify(self, request: Request, db_session: NamedDependency[AsyncSession]) -> ChainVerification:  # type: ignore[type-arg]
         """Check every link of the organization's chain and its head."""
         organization_id = principal_of(request).organization_id
-        report = await AuditEventService(session=db_session).verify_chain(organization_id)
+        service = AuditEventService(session=db_session)
+        await service.link_waiting(organization_id)
+        report = await service.verify_chain(organization_id)
         broken = report.first_broken
         return ChainVerification(
             valid=report.valid,

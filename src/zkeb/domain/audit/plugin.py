@@ -49,13 +49,17 @@ class ChainHeadLogger:
             self._task = asyncio.create_task(self._run(app), name="zkeb-audit-head-logger")
 
     async def stop(self, app: Litestar) -> None:
-        """Stop the task and log the heads one last time (shutdown hook, before the engine is disposed)."""
+        """Stop the task and log the heads one last time (shutdown hook, before the engine is disposed).
+
+        The process's audit linker stops first, so the heads logged include the events it linked last.
+        """
         if self._task is None:
             return
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
         self._task = None
+        await get_runtime(app.state).audit_linker.stop()
         await self._log_once(app)
 
 
@@ -69,6 +73,7 @@ class AuditPlugin(InitPluginProtocol):
         """Add the audit controller and the head logger's lifespan hooks."""
         app_config.route_handlers.append(AuditController)
         app_config.on_startup.append(self.head_logger.start)
-        # Shutdown hooks run in reverse order: this one runs before the core plugin disposes the engine.
-        app_config.on_shutdown.append(self.head_logger.stop)
+        # Litestar runs shutdown hooks in list order; the core's (which disposes the engine) is already in the list,
+        # so a domain puts its own first: the last head is logged while the pool is still there.
+        app_config.on_shutdown.insert(0, self.head_logger.stop)
         return app_config

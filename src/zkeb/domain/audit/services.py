@@ -18,6 +18,7 @@ from sqlalchemy import ColumnElement, Table, func, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from zkeb.core.audit import chained_fields
+from zkeb.core.audit_linker import LINK_BATCH, link_pending_events
 from zkeb.core.errors import ProblemError
 from zkeb.core.tenancy import tenant_transaction
 from zkeb.db.models.audit import AuditChainHead, AuditEvent
@@ -184,6 +185,14 @@ class AuditEventService(SQLAlchemyAsyncRepositoryService[AuditEvent]):
         next_cursor = encode_cursor(items[-1].seq) if len(rows) > limit else None
         return items, next_cursor
 
+    async def link_waiting(self, organization_id: UUID) -> None:
+        """Chain the organization's events still waiting to be linked, so a reader sees every committed event.
+
+        Runs in the request's transaction (committed with the response) and waits for the chain head.
+        """
+        while await link_pending_events(self.repository.session, organization_id) == LINK_BATCH:
+            pass
+
     async def verify_chain(self, organization_id: UUID, *, batch_size: int = VERIFY_BATCH_SIZE) -> ChainReport:
         """Walk the organization's whole chain in `seq` order, `batch_size` rows at a time."""
         return await verify_organization_chain(self.repository.session, organization_id, batch_size=batch_size)
@@ -275,7 +284,7 @@ async def log_chain_heads(engine: AsyncEngine) -> int:
 async def verify_all_chains(
     engine: AsyncEngine, organization_ids: Sequence[UUID] | None = None
 ) -> list[tuple[UUID, ChainReport]]:
-    """Verify the chains of `organization_ids` (default: every organization the engine's role can list).
+    """Link waiting events, then verify the chains of `organization_ids` (default: every organization listable).
 
     Each organization is verified in its own transaction acting for it, so row-level security holds whatever
     the role; listing every organization needs a role that bypasses it (the schema owner as superuser).
@@ -288,5 +297,8 @@ async def verify_all_chains(
     reports: list[tuple[UUID, ChainReport]] = []
     for organization_id in organization_ids:
         async with tenant_transaction(engine, organization_id) as connection:
+            # Events committed but not linked yet join the chain first (see zkeb.core.audit_linker).
+            while await link_pending_events(connection, organization_id) == LINK_BATCH:
+                pass
             reports.append((organization_id, await verify_organization_chain(connection, organization_id)))
     return reports

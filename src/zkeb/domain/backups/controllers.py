@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import hashlib
 from datetime import timedelta
 from typing import Any
 from uuid import UUID
@@ -24,8 +22,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from zkeb.core.auth import Principal, principal_of, requires_backup_access, requires_org_admin
 from zkeb.core.errors import ProblemError, UnsupportedMediaTypeError
+from zkeb.core.runtime import get_runtime
 from zkeb.db.models import Backup
 from zkeb.domain.backups.context import backups_context
+from zkeb.domain.backups.finalize import InMemoryPayload, commit_in_memory
 from zkeb.domain.backups.lifecycle import LifecycleService
 from zkeb.domain.backups.schemas import (
     AppendOnlyProblem,
@@ -44,8 +44,8 @@ from zkeb.domain.backups.schemas import (
     parse_device_id_hash_hex,
     validate_envelope,
 )
-from zkeb.domain.backups.services import BackupService, backup_read, backup_read_msgpack, verify_backup_signature
-from zkeb.domain.backups.storage import ChunkPipeline, plan_read, stream_plaintext
+from zkeb.domain.backups.services import BackupService, backup_read, backup_read_msgpack
+from zkeb.domain.backups.storage import plan_read, stream_plaintext
 from zkeb.lib.negotiation import negotiate
 from zkeb.lib.ranges import RangeNotSatisfiableError, etag_matches, parse_range
 
@@ -217,9 +217,7 @@ class BackupController(Controller):
             "507 over the project's storage quota. Larger payloads: tus at `/api/v1/uploads`."
         ),
     )
-    async def create_backup(
-        self, request: Request[Any, Any, Any], db_session: NamedDependency[AsyncSession], state: State
-    ) -> Response[BackupRead]:
+    async def create_backup(self, request: Request[Any, Any, Any], state: State) -> Response[BackupRead]:
         """Verify and store a single-shot upload."""
         principal = principal_of(request)
         project_id = _require_project(principal)
@@ -239,47 +237,15 @@ class BackupController(Controller):
             raise ProblemError(
                 f"payload exceeds MAX_UPLOAD_SIZE ({context.settings.max_upload_size} bytes)", status_code=413
             )
-        service = BackupService(session=db_session)
-        device = await service.device_for_upload(principal, envelope.device_id_hash)
-        await service.ensure_nonce_unused(
-            project_id, envelope.device_id_hash, envelope.payload_nonce, signature=envelope.signature
-        )
-        await LifecycleService(session=db_session).check_quota(project_id, size)
-        with tracer.start_as_current_span("backups.hash", attributes={"zkeb.bytes": size}):
-            payload_sha256 = hashlib.sha256(payload).digest()
-        verify_backup_signature(
+        backup = await commit_in_memory(
+            context,
+            principal,
             envelope,
-            project_id=project_id,
-            public_key=device.public_key,
-            payload_sha256=payload_sha256,
-            payload_size=size,
+            InMemoryPayload.of(payload),
+            method="single",
+            request=request,
+            audit_committed=get_runtime(state).audit_linker.notify,
         )
-        new = service.add_payload(
-            organization_id=principal.organization_id, project_id=project_id, crypto=context.crypto
-        )
-        await db_session.commit()
-        try:
-            with tracer.start_as_current_span("backups.encrypt_and_store", attributes={"zkeb.bytes": size}) as span:
-                async with ChunkPipeline(
-                    context.engine, organization_id=principal.organization_id, payload_id=new.id, cipher=new.cipher
-                ) as pipeline:
-                    await pipeline.write(payload)
-                    await pipeline.close()
-                span.set_attribute("zkeb.chunk_count", pipeline.next_seq)
-            backup = await service.commit_backup(
-                organization_id=principal.organization_id,
-                project_id=project_id,
-                device=device,
-                envelope=envelope,
-                payload_id=new.id,
-                payload_size=size,
-                payload_sha256=payload_sha256,
-                chunk_count=pipeline.next_seq,
-                settings=context.settings,
-            )
-        except BaseException:
-            await asyncio.shield(service.delete_payload(new.id))
-            raise
         return _backup_response(representation, backup, status_code=201)
 
     @get(

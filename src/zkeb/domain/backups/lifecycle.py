@@ -42,6 +42,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
+import asyncpg
 from litestar.connection import ASGIConnection
 from litestar.exceptions import ClientException
 from opentelemetry import trace
@@ -49,11 +50,13 @@ from sqlalchemy import and_, delete, func, literal, or_, select, text, tuple_, u
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from zkeb.core.audit import record_event
+from zkeb.core.audit_linker import append_unchained_event
 from zkeb.core.auth import Principal
 from zkeb.core.errors import NotFoundError, ProblemError
 from zkeb.core.metrics import BACKUPS_PURGED, BACKUPS_RESTORED, BACKUPS_TRASHED
 from zkeb.db.models import Backup, Payload, Project
 from zkeb.domain.backups.repository import BackupRepositoryService
+from zkeb.domain.backups.store.commits import USED_BYTES_SQL
 from zkeb.lib.cursors import decode_keyset_cursor, encode_keyset_cursor
 from zkeb.settings import Settings
 
@@ -95,21 +98,25 @@ _RESERVED_SQL = (
 )
 # Constant fragments only (S608): the values are bound parameters.
 _CHARGE = text(
-    "UPDATE projects SET used_bytes = used_bytes + :n "  # noqa: S608
-    f"WHERE id = :p AND (storage_quota_bytes IS NULL OR used_bytes + :n + {_RESERVED_SQL} <= storage_quota_bytes) "
-    "RETURNING used_bytes, retention_keep_last, retention_days"
+    "UPDATE projects p SET used_bytes = p.used_bytes + :n "  # noqa: S608
+    f"WHERE p.id = :p AND (p.storage_quota_bytes IS NULL"
+    f" OR {USED_BYTES_SQL} + :n + {_RESERVED_SQL} <= p.storage_quota_bytes) "
+    "RETURNING p.retention_keep_last, p.retention_days"
 )
 _USAGE_OF = text(
-    f"SELECT used_bytes + {_RESERVED_SQL} AS used_bytes, storage_quota_bytes FROM projects WHERE id = :p"  # noqa: S608
+    f"SELECT {USED_BYTES_SQL} + {_RESERVED_SQL} AS used_bytes, p.storage_quota_bytes FROM projects p WHERE p.id = :p"  # noqa: S608
 )
 _LOCK_PROJECT_ROW = text("SELECT 1 FROM projects WHERE id = :p FOR UPDATE")
 #: Locks the project row (creations of its uploads are serialized with each other and with its commits).
-_LOCK_FOR_UPLOAD = text("SELECT used_bytes, storage_quota_bytes FROM projects WHERE id = :p FOR UPDATE")
+_LOCK_FOR_UPLOAD = text(
+    f"SELECT {USED_BYTES_SQL} AS used_bytes, p.storage_quota_bytes FROM projects p WHERE p.id = :p FOR UPDATE"  # noqa: S608
+)
 _OPEN_UPLOADS = text(
     "SELECT count(*) AS open, CAST(coalesce(sum(upload_length), 0) AS bigint) AS reserved FROM upload_sessions"
     " WHERE project_id = :p AND expires_at > now()"
 )
-_REFUND = text("UPDATE projects SET used_bytes = GREATEST(used_bytes - :n, 0) WHERE id = :p")
+#: Usage is the project's counter plus its usage shards, so the counter alone may go below zero.
+_REFUND = text("UPDATE projects SET used_bytes = used_bytes - :n WHERE id = :p")
 _LOCK_PROJECT = text(
     "SELECT append_only, append_only_min_age_days FROM projects WHERE id = :p AND organization_id = :o FOR UPDATE"
 )
@@ -242,26 +249,35 @@ async def apply_retention(
 
 
 async def record_retention_events(
-    executor: Executor,
+    executor: Executor | asyncpg.Connection,
     *,
     organization_id: UUID,
     project_id: UUID,
     trashed: Sequence[TrashedBackup],
     settings: Settings | None = None,
+    chained: bool = True,
 ) -> None:
-    """Audit each backup retention moved to the trash (actor `system`), in the caller's transaction."""
+    """Audit each backup retention moved to the trash (actor `system`), in the caller's transaction.
+
+    `chained=False` (a backup's commit) leaves the events for the audit linker instead of taking the chain head
+    (`zkeb.core.audit_linker`); an asyncpg connection is only accepted then.
+    """
     for item in trashed:
-        await record_event(
-            executor,
-            organization_id=organization_id,
-            action="backup.trashed",
-            actor_type=SYSTEM_ACTOR,
-            actor_id=RETENTION,
-            target_type="backup",
-            target_id=str(item.id),
-            details={"reason": RETENTION, "project_id": str(project_id), "container_id": str(item.container_id)},
-            settings=settings,
-        )
+        event: dict[str, Any] = {
+            "organization_id": organization_id,
+            "action": "backup.trashed",
+            "actor_type": SYSTEM_ACTOR,
+            "actor_id": RETENTION,
+            "target_type": "backup",
+            "target_id": str(item.id),
+            "details": {"reason": RETENTION, "project_id": str(project_id), "container_id": str(item.container_id)},
+            "settings": settings,
+        }
+        if not chained:
+            await append_unchained_event(executor, **event)
+        else:
+            assert not isinstance(executor, asyncpg.Connection)
+            await record_event(executor, **event)
 
 
 @dataclass(frozen=True, slots=True)
@@ -353,19 +369,6 @@ def decode_trash_cursor(cursor: str) -> tuple[datetime, UUID]:
 class LifecycleService(BackupRepositoryService):
     """Quota checks, usage, the trash (delete, list, restore, purge) and append-only rules, for one request."""
 
-    async def check_quota(self, project_id: UUID, size: int) -> None:
-        """Refuse an upload of `size` bytes that cannot fit now (the commit checks again, atomically).
-
-        Raises:
-            InsufficientStorageError: it does not fit (507).
-        """
-        current = (await self.session.execute(_USAGE_OF, {"p": project_id, "u": None})).first()
-        if current is None:
-            raise NotFoundError("project not found")
-        quota = current.storage_quota_bytes
-        if quota is not None and current.used_bytes + size > quota:
-            raise quota_exceeded(used=current.used_bytes, quota=quota, requested=size)
-
     async def reserve_upload(self, project_id: UUID, length: int, *, max_open_uploads: int) -> None:
         """Check that a new tus upload of `length` bytes may open; the caller then adds it in this transaction.
 
@@ -426,7 +429,7 @@ class LifecycleService(BackupRepositoryService):
         if principal.kind == "device":
             report_devices = [d for d in devices if d.device_id_hash == principal.device_id_hash]
         return ProjectUsageReport(
-            used_bytes=project.used_bytes,
+            used_bytes=project.total_used_bytes,
             backups=sum(d.backups for d in devices),
             trashed_backups=sum(d.trashed_backups for d in devices),
             quota_bytes=project.storage_quota_bytes,

@@ -10,8 +10,10 @@ import hmac
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 from uuid import UUID
 
+from litestar.connection import ASGIConnection
 from litestar.exceptions import ClientException
 from opentelemetry import trace
 from sqlalchemy import delete, literal, select, tuple_, update
@@ -19,6 +21,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from uuid_utils.compat import uuid7
 
+from zkeb.core.audit_linker import append_unchained_event
 from zkeb.core.auth import Principal
 from zkeb.core.errors import ConflictError, NotFoundError, ProblemError
 from zkeb.core.metrics import record_backup_created, record_backup_failed
@@ -49,6 +52,7 @@ __all__ = (
     "backup_read_msgpack",
     "decode_cursor",
     "encode_cursor",
+    "nonce_conflict",
     "verify_backup_signature",
 )
 
@@ -245,7 +249,7 @@ class BackupService(BackupRepositoryService):
             and committed_signature is not None
             and hmac.compare_digest(signature, committed_signature)
         )
-        raise _nonce_conflict(backup_id if same_envelope else None)
+        raise nonce_conflict(backup_id if same_envelope else None)
 
     def add_payload(self, *, organization_id: UUID, project_id: UUID, crypto: PayloadCrypto) -> NewPayload:
         """Stage a payload row with a fresh wrapped data key (the caller commits)."""
@@ -273,8 +277,10 @@ class BackupService(BackupRepositoryService):
         payload_size: int,
         payload_sha256: bytes,
         chunk_count: int,
+        principal: Principal,
         upload: UploadLease | None = None,
         settings: Settings | None = None,
+        request: ASGIConnection[Any, Any, Any, Any] | None = None,
     ) -> Backup:
         """The commit step: one transaction makes the backup visible, records its nonce and seals its payload.
 
@@ -283,6 +289,8 @@ class BackupService(BackupRepositoryService):
         policy (see `zkeb.domain.backups.lifecycle`).
 
         A tus upload's session is deleted in the same transaction, provided `upload`'s lease still holds it.
+        `backup.created` (actor: `principal`) and retention's removals are audited unchained in the same
+        transaction; the caller wakes the audit linker once this returns.
 
         Raises:
             ConflictError: the `payload_nonce` was committed meanwhile by another upload (409).
@@ -353,8 +361,31 @@ class BackupService(BackupRepositoryService):
                     container_id=envelope.container_id,
                     device_id_hash=envelope.device_id_hash,
                 )
+                await append_unchained_event(
+                    session,
+                    organization_id=organization_id,
+                    action="backup.created",
+                    actor_type=principal.actor_type,
+                    actor_id=principal.credential_id,
+                    target_type="backup",
+                    target_id=str(backup.id),
+                    details={
+                        "project_id": str(project_id),
+                        "container_id": str(envelope.container_id),
+                        "device_id": str(device.id),
+                        "size": payload_size,
+                        "method": method,
+                    },
+                    request=request,
+                    settings=settings,
+                )
                 await record_retention_events(
-                    session, organization_id=organization_id, project_id=project_id, trashed=trashed, settings=settings
+                    session,
+                    organization_id=organization_id,
+                    project_id=project_id,
+                    trashed=trashed,
+                    settings=settings,
+                    chained=False,
                 )
                 await session.commit()
             except InsufficientStorageError:
@@ -376,18 +407,12 @@ class BackupService(BackupRepositoryService):
                     await self.ensure_nonce_unused(
                         project_id, envelope.device_id_hash, envelope.payload_nonce, signature=envelope.signature
                     )
-                    raise _nonce_conflict() from None
+                    raise nonce_conflict() from None
                 raise
             span.set_attribute("zkeb.outcome", "committed")
             span.set_attribute("zkeb.retention_trashed", len(trashed))
         record_backup_created(method, payload_size)
         return backup
-
-    async def delete_payload(self, payload_id: UUID) -> None:
-        """Delete a payload that no backup references, its chunks and upload session with it, and commit."""
-        await self.session.rollback()
-        await self.session.execute(delete(Payload).where(Payload.id == payload_id))
-        await self.session.commit()
 
     # --- queries -------------------------------------------------------------------------------------------------
 
@@ -457,7 +482,8 @@ class BackupService(BackupRepositoryService):
         return PayloadKey(payload.key_id, payload.wrapped_key), spans
 
 
-def _nonce_conflict(backup_id: UUID | None = None) -> ConflictError:
+def nonce_conflict(backup_id: UUID | None = None) -> ConflictError:
+    """The 409 for a `payload_nonce` used before; naming `backup_id` when it holds this very envelope."""
     if backup_id is not None:
         return ConflictError(
             "this envelope was already committed as backup_id (an earlier attempt succeeded); payload_nonce must "

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from uuid_utils.compat import uuid7
 
 from zkeb.core.errors import ServiceUnavailableError
 from zkeb.core.metrics import record_bytes_restored
+from zkeb.domain.backups.store.connection import pooled_connection, raw_tenant_transaction
 from zkeb.lib.atrest import (
     ChunkCipher,
     DataKeyUnwrapError,
@@ -58,7 +58,6 @@ __all__ = (
     "delete_chunks_from",
     "hash_stored_chunks",
     "plan_read",
-    "raw_connection",
     "stream_plaintext",
 )
 
@@ -86,8 +85,6 @@ FETCH_QUEUE_DEPTH = 1
 #: longer than this.
 READ_TRANSACTION_SECONDS = 0.5
 
-_BEGIN_CHUNK_TX = "SELECT set_config('zkeb.org_id', $1, true), set_config('synchronous_commit', 'off', true)"
-_SET_TENANT = "SELECT set_config('zkeb.org_id', $1, true)"
 _INSERT_CHUNK = (
     "INSERT INTO backup_chunks (id, organization_id, payload_id, seq, byte_offset, plain_size, data, "
     "created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, now(), now())"
@@ -136,37 +133,11 @@ class PayloadCrypto:
         return ChunkCipher(data_key, payload_id)
 
 
-@contextlib.asynccontextmanager
-async def raw_connection(engine: AsyncEngine) -> AsyncIterator[asyncpg.Connection]:
-    """A raw asyncpg connection from the app's pool (the runtime role), outside any ORM session.
-
-    Callers run their own short transactions and set the tenant in each. On any error the connection is
-    invalidated rather than returned, so a transaction broken mid-way never reaches another request.
-
-    Raises:
-        ServiceUnavailableError: the connection was lost under the caller (its backend terminated, the database
-            failed over): 503 with `Retry-After`, whatever error asyncpg raised for it.
-    """
-    async with engine.connect() as connection:
-        fairy = await connection.get_raw_connection()
-        driver: asyncpg.Connection = fairy.driver_connection
-        try:
-            yield driver
-        except BaseException as exc:
-            await connection.invalidate()
-            if isinstance(exc, Exception) and not isinstance(exc, HTTPException) and driver.is_closed():
-                raise ServiceUnavailableError(
-                    "the database connection was lost; retry shortly", headers={"Retry-After": "1"}
-                ) from exc
-            raise
-
-
 async def delete_chunks_from(
     connection: asyncpg.Connection, organization_id: UUID, payload_id: UUID, offset: int
 ) -> None:
     """Delete the chunks of a payload that start at or after `offset` (bytes never acknowledged)."""
-    async with connection.transaction():
-        await connection.execute(_SET_TENANT, str(organization_id))
+    async with raw_tenant_transaction(connection, organization_id):
         await connection.execute(_DELETE_CHUNKS_FROM, payload_id, offset)
 
 
@@ -182,8 +153,7 @@ async def hash_stored_chunks(
     """Feed the plaintext of chunks `0 .. chunk_count-1` to `digest` (a resumed upload's hash prefix)."""
     with tracer.start_as_current_span("backups.hash_stored", attributes={"zkeb.chunk_count": chunk_count}):
         for first in range(0, chunk_count, READ_BATCH):
-            async with connection.transaction(readonly=True):
-                await connection.execute(_SET_TENANT, str(organization_id))
+            async with raw_tenant_transaction(connection, organization_id, readonly=True):
                 rows = await connection.fetch(
                     _SELECT_CHUNKS_BELOW, payload_id, first, min(first + READ_BATCH, chunk_count)
                 )
@@ -231,8 +201,7 @@ class ChunkPipeline:
         """Prepare to write chunks `first_seq, ...` starting at byte `first_offset` of the payload."""
         self._engine = engine
         self._in_transaction = in_transaction
-        self._organization_id = str(organization_id)
-        self._org_uuid = organization_id
+        self._organization_id = organization_id
         self._payload_id = payload_id
         self._cipher = cipher
         self._digests = tuple(digests)
@@ -384,7 +353,7 @@ class ChunkPipeline:
         queue = self._queue
         while (item := await queue.get()) is not None:
             # A pooled connection only while chunks are waiting: a slow client's upload holds none between chunks.
-            async with raw_connection(self._engine) as connection:
+            async with pooled_connection(self._engine) as connection:
                 while True:
                     batch, finished = self._take_batch(item)
                     await self._store(connection, batch)
@@ -402,11 +371,10 @@ class ChunkPipeline:
             attributes={"zkeb.chunk_count": len(batch), "zkeb.bytes": size, "zkeb.first_seq": batch[0][0]},
         ):
             rows = [
-                (uuid7(), self._org_uuid, self._payload_id, seq, offset, plain, blob)
+                (uuid7(), self._organization_id, self._payload_id, seq, offset, plain, blob)
                 for seq, offset, plain, blob in batch
             ]
-            async with connection.transaction():
-                await connection.execute(_BEGIN_CHUNK_TX, self._organization_id)
+            async with raw_tenant_transaction(connection, self._organization_id, synchronous_commit=False):
                 if self._in_transaction is not None:
                     last_seq, last_offset, last_size, _ = batch[-1]
                     await self._in_transaction(connection, last_seq + 1, last_offset + last_size)
@@ -485,7 +453,7 @@ class _PayloadReader:
         steps: Sequence[ReadStep],
     ) -> None:
         self._engine = engine
-        self._organization_id = str(organization_id)
+        self._organization_id = organization_id
         self._payload_id = payload_id
         self._cipher = cipher
         self._steps = steps
@@ -501,8 +469,10 @@ class _PayloadReader:
             left_over: list[Any] | None = None
             with tracer.start_as_current_span("backups.read_chunks") as span:
                 first = index
-                async with raw_connection(self._engine) as connection, connection.transaction(readonly=True):
-                    await connection.execute(_SET_TENANT, self._organization_id)
+                async with (
+                    pooled_connection(self._engine) as connection,
+                    raw_tenant_transaction(connection, self._organization_id, readonly=True),
+                ):
                     deadline = loop.time() + READ_TRANSACTION_SECONDS
                     while index < len(self._steps):
                         batch = self._steps[index : index + READ_BATCH]
@@ -602,8 +572,3 @@ async def stream_plaintext(
                 reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
-
-
-def new_sha256() -> Any:
-    """A SHA-256 accumulator for a payload."""
-    return hashlib.sha256()

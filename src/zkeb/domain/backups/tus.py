@@ -70,10 +70,12 @@ from zkeb.core.errors import (
     exception_handlers,
 )
 from zkeb.core.metrics import ORPHAN_PAYLOADS_PURGED, TUS_SESSIONS_CREATED, TUS_SESSIONS_EXPIRED
+from zkeb.core.runtime import get_runtime
 from zkeb.core.security import request_is_tls, trusted_proxies
 from zkeb.core.tenancy import tenant_transaction
 from zkeb.db.models import Payload, UploadSession
 from zkeb.domain.backups.context import BackupsContext, backups_context
+from zkeb.domain.backups.finalize import InMemoryPayload, commit_in_memory
 from zkeb.domain.backups.lifecycle import SYSTEM_ACTOR, LifecycleService
 from zkeb.domain.backups.schemas import BackupEnvelope, invalid_field, validate_envelope
 from zkeb.domain.backups.services import (
@@ -91,8 +93,8 @@ from zkeb.domain.backups.storage import (
     TransactionHook,
     delete_chunks_from,
     hash_stored_chunks,
-    raw_connection,
 )
+from zkeb.domain.backups.store.connection import pooled_connection, raw_tenant_transaction
 from zkeb.lib.atrest import ChunkCipher
 from zkeb.lib.byteforms import BytesField, FieldFormError, TextEncoding, decode_bytes_fields
 from zkeb.lib.envelope import AUTH_TAG_LENGTH, DEVICE_ID_HASH_LENGTH, ED25519_SIGNATURE_LENGTH, NONCE_LENGTH
@@ -129,9 +131,11 @@ OFFSET_OCTET_STREAM = "application/offset+octet-stream"
 UPLOAD_EXPIRY = timedelta(hours=24)
 #: Payloads no backup and no upload references (a process died mid single-shot upload) are purged after this.
 ORPHAN_AGE = timedelta(hours=1)
-SWEEP_INTERVAL_SECONDS = 60.0
 SWEEP_BATCH = 100
 BACKUP_ID_HEADER = "Zkeb-Backup-Id"
+#: A creation-with-upload whose body is the whole payload and at most this long is stored and committed in one
+#: transaction, like a single-shot upload (`zkeb.domain.backups.finalize`); longer ones stream through a session.
+IN_MEMORY_UPLOAD_MAX = 256 * 1024
 
 ENVELOPE_METADATA_KEYS = (
     "container_id",
@@ -363,7 +367,6 @@ class _AbandonedPatchError(Exception):
     """A PATCH with a checksum lost its connection: nothing of it can be verified, so nothing is kept."""
 
 
-_SET_TENANT = "SELECT set_config('zkeb.org_id', $1, true)"
 # Every writer locks an upload's session row before its payload's rows: the claim and each chunk batch here, the
 # commit (`BackupService.commit_backup`), termination and the sweeper.
 _CLAIM = (
@@ -464,8 +467,10 @@ class PatchReceiver:
             ProblemError: the offset moved since the request was checked (409), or the upload is gone (404, 410).
         """
         upload, organization_id = self.upload, self.principal.organization_id
-        async with raw_connection(self.context.engine) as connection, connection.transaction():
-            await connection.execute(_SET_TENANT, str(organization_id))
+        async with (
+            pooled_connection(self.context.engine) as connection,
+            raw_tenant_transaction(connection, organization_id),
+        ):
             claimed = await connection.fetchrow(_CLAIM, upload.id, lease.lease_id, UPLOAD_EXPIRY, upload.upload_offset)
             if claimed is not None:
                 # Chunks past the acknowledged offset were stored by a PATCH that failed or was taken over.
@@ -505,8 +510,10 @@ class PatchReceiver:
         Does nothing once the lease is gone: released, committed, or taken over by a later PATCH.
         """
         organization_id = self.principal.organization_id
-        async with raw_connection(self.context.engine) as connection, connection.transaction():
-            await connection.execute(_SET_TENANT, str(organization_id))
+        async with (
+            pooled_connection(self.context.engine) as connection,
+            raw_tenant_transaction(connection, organization_id),
+        ):
             if undo is None:
                 offset = await connection.fetchval(_RELEASE, lease.upload_id, lease.lease_id)
             else:
@@ -519,8 +526,10 @@ class PatchReceiver:
 
     async def _discard(self, lease: UploadLease, payload_id: UUID) -> None:
         """Delete an upload that can never succeed, with its bytes, if this PATCH still owns it."""
-        async with raw_connection(self.context.engine) as connection, connection.transaction():
-            await connection.execute(_SET_TENANT, str(self.principal.organization_id))
+        async with (
+            pooled_connection(self.context.engine) as connection,
+            raw_tenant_transaction(connection, self.principal.organization_id),
+        ):
             # The session row first, then the payload (its chunks go with it): the order every writer locks them in.
             if await connection.fetchval(_END_LEASED, lease.upload_id, lease.lease_id) is not None:
                 await connection.execute(_DELETE_PAYLOAD_NOW, payload_id)
@@ -552,8 +561,10 @@ class PatchReceiver:
         self._check_digest(patch_digest)
         offset = start + pipeline.received
         if offset < upload.upload_length:
-            async with raw_connection(self.context.engine) as connection, connection.transaction():
-                await connection.execute(_SET_TENANT, str(organization_id))
+            async with (
+                pooled_connection(self.context.engine) as connection,
+                raw_tenant_transaction(connection, organization_id),
+            ):
                 expires_at = await connection.fetchval(_RELEASE_AT, upload.id, lease.lease_id, offset)
                 if expires_at is None:
                     raise await _lease_lost(connection, upload.id)
@@ -570,7 +581,7 @@ class PatchReceiver:
             ServiceUnavailableError: a stored chunk is missing while the upload is still this PATCH's (503).
         """
         organization_id = self.principal.organization_id
-        async with raw_connection(self.context.engine) as connection:
+        async with pooled_connection(self.context.engine) as connection:
             try:
                 await hash_stored_chunks(
                     connection,
@@ -582,8 +593,7 @@ class PatchReceiver:
                 )
             except ServiceUnavailableError:
                 # A termination or the commit of a takeover between the claim and this read deletes the chunks.
-                async with connection.transaction(readonly=True):
-                    await connection.execute(_SET_TENANT, str(organization_id))
+                async with raw_tenant_transaction(connection, organization_id, readonly=True):
                     if await connection.fetchval(_LEASE_HOLDS, lease.upload_id, lease.lease_id) is None:
                         raise await _lease_lost(connection, lease.upload_id) from None
                 raise
@@ -648,13 +658,16 @@ class PatchReceiver:
                 payload_size=upload.upload_length,
                 payload_sha256=payload_sha256,
                 chunk_count=chunk_count,
+                principal=principal,
                 upload=lease,
                 settings=self.context.settings,
+                request=self.request,
             )
         except (UnprocessableError, ConflictError):
             # The envelope is fixed at creation: an upload that fails verification can never succeed.
             await asyncio.shield(self._discard(lease, payload_id))
             raise
+        get_runtime(self.request.app.state).audit_linker.notify(principal.organization_id)
         return backup.id
 
 
@@ -732,6 +745,10 @@ class UploadController(Controller):
         if with_upload and (request.content_length or 0) > length:
             raise UploadTooLargeError(f"the body ({request.content_length} bytes) exceeds Upload-Length ({length})")
         uploads_url = _uploads_url(request, context)
+        if with_upload and request.content_length == length <= IN_MEMORY_UPLOAD_MAX:
+            return await _create_whole(
+                request, context, principal, envelope, checksum=checksum, uploads_url=uploads_url
+            )
         assert principal.project_id is not None
         service = BackupService(session=db_session)
         device = await service.device_for_upload(principal, envelope.device_id_hash)
@@ -880,6 +897,45 @@ class UploadController(Controller):
         return Response(None, status_code=204, headers={"Tus-Resumable": TUS_VERSION})
 
 
+async def _create_whole(
+    request: Request[Any, Any, Any],
+    context: BackupsContext,
+    principal: Principal,
+    envelope: BackupEnvelope,
+    *,
+    checksum: tuple[str, bytes] | None,
+    uploads_url: str,
+) -> Response[bytes]:
+    """A creation-with-upload that carries the whole (small) payload: one transaction, as a single-shot upload.
+
+    Nothing is stored before the commit, so a refusal (460, 422, 409, 507) leaves nothing behind; the `Location`
+    answered names an upload that is already complete (its `HEAD` is 404, as after any completed upload).
+    """
+    with tracer.start_as_current_span("backups.receive") as span:
+        body = await request.body()
+        span.set_attribute("zkeb.bytes", len(body))
+    if checksum is not None and not hmac.compare_digest(hashlib.new(checksum[0], body).digest(), checksum[1]):
+        raise ChecksumMismatchError(
+            f"the body does not match Upload-Checksum ({checksum[0]}); nothing was stored",
+            headers={"Upload-Offset": "0"},
+        )
+    backup = await commit_in_memory(
+        context,
+        principal,
+        envelope,
+        InMemoryPayload.of(body),
+        method="tus",
+        request=request,
+        audit_committed=get_runtime(request.app.state).audit_linker.notify,
+    )
+    TUS_SESSIONS_CREATED.inc()
+    headers = _base_headers()
+    headers["Location"] = f"{uploads_url}/{uuid7()}"
+    headers["Upload-Offset"] = str(len(body))
+    headers[BACKUP_ID_HEADER] = str(backup.id)
+    return Response(b"", status_code=201, headers=headers, media_type=MediaType.TEXT)
+
+
 async def _discard_upload(session: AsyncSession, upload_id: UUID, payload_id: UUID) -> None:
     """Delete an upload and its bytes, as termination does (nothing when it is already gone).
 
@@ -944,16 +1000,13 @@ class UploadSweeper:
         self,
         engine: AsyncEngine,
         *,
-        interval: float = SWEEP_INTERVAL_SECONDS,
         batch: int = SWEEP_BATCH,
         settings: Settings | None = None,
     ) -> None:
-        """Sweep every `interval` seconds, at most `batch` payloads of each kind per pass."""
+        """Sweep at most `batch` payloads of each kind per pass (the maintenance runner schedules the passes)."""
         self._engine = engine
-        self._interval = interval
         self._batch = batch
         self._settings = settings
-        self._task: asyncio.Task[None] | None = None
 
     async def sweep_once(self) -> int:
         """One pass; returns how many payloads it deleted."""
@@ -1002,26 +1055,3 @@ class UploadSweeper:
         if result.deleted:
             logger.info("purged %d expired uploads and %d orphaned payloads", expired, orphaned)
         return result
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.sweep_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                logger.exception("upload sweep failed; retrying in %.0f s", self._interval)
-            await asyncio.sleep(self._interval)
-
-    def start(self) -> None:
-        """Run in the background of this process (each process runs one; they do not collide)."""
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="zkeb-upload-sweeper")
-
-    async def stop(self) -> None:
-        """Stop the background task."""
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task

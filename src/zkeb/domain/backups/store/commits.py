@@ -1,0 +1,340 @@
+"""The statements of a backup's commit: admission reads, the rows of a new backup, usage and retention.
+
+A backup whose payload is in memory (a single-shot upload, a tus upload sent in one request) is admitted, stored
+and committed in one transaction on one connection (see `zkeb.domain.backups.finalize`); these are its statements,
+each one round trip.
+
+Usage. A project's `used_bytes` is `projects.used_bytes` plus its rows in `project_usage_shards`. A commit to a
+project without a quota adds its bytes to the shard of its database connection (`pg_backend_pid() % SHARDS`): a
+pooled connection serves one request at a time, so concurrent commits of one project update different rows and
+never wait for each other's commit. A project with a quota is charged on its own row, by a conditional `UPDATE`
+counting the bytes open tus uploads reserve, after locking the row (no two commits squeeze under the limit). The
+lock is taken just before the commit's inserts (their foreign keys would otherwise share-lock the row first, and
+upgrading that lock can deadlock), so it is held for the inserts, the charge and the commit, not the admission.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING
+from uuid import UUID
+
+if TYPE_CHECKING:
+    import asyncpg
+
+__all__ = (
+    "RESERVED_BYTES_SQL",
+    "SHARDS",
+    "USED_BYTES_SQL",
+    "Admission",
+    "NewBackup",
+    "TrashedRow",
+    "charge_project_row",
+    "insert_backup",
+    "insert_chunk",
+    "lock_project_row",
+    "lock_retention_scope",
+    "nonce_owner",
+    "project_usage",
+    "read_admission",
+    "trash_beyond_retention",
+)
+
+#: Usage shards per project: more than the connections that commit to one project at once, in practice.
+SHARDS = 64
+#: A project's used bytes, for a query over `projects p`: its own counter plus its shards.
+USED_BYTES_SQL = (
+    "(p.used_bytes"
+    " + coalesce((SELECT sum(s.used_bytes) FROM project_usage_shards s WHERE s.project_id = p.id), 0)::bigint)"
+)
+
+#: What the open (unexpired) tus uploads of project `p` reserve (their `Upload-Length`), over `projects p`.
+RESERVED_BYTES_SQL = (
+    "(SELECT CAST(coalesce(sum(u.upload_length), 0) AS bigint) FROM upload_sessions u"
+    " WHERE u.project_id = p.id AND u.expires_at > now())"
+)
+
+_ADMISSION = f"""
+SELECT p.storage_quota_bytes AS quota,
+       CASE WHEN p.storage_quota_bytes IS NULL THEN 0 ELSE {USED_BYTES_SQL} + {RESERVED_BYTES_SQL} END AS used,
+       p.retention_keep_last, p.retention_days,
+       d.id AS device_id, d.public_key,
+       n.id AS nonce_id, b.id AS nonce_backup_id, b.signature AS nonce_signature
+FROM projects p
+LEFT JOIN devices d ON d.project_id = p.id AND d.device_id_hash = $2 AND d.revoked_at IS NULL
+LEFT JOIN payload_nonces n ON n.project_id = p.id AND n.device_id_hash = $2 AND n.nonce = $3
+LEFT JOIN backups b ON b.id = n.backup_id AND b.deleted_at IS NULL
+WHERE p.id = $1
+"""  # noqa: S608 - a constant fragment, no input
+
+_NONCE_OWNER = """
+SELECT b.id, b.signature FROM payload_nonces n
+LEFT JOIN backups b ON b.id = n.backup_id AND b.deleted_at IS NULL
+WHERE n.project_id = $1 AND n.device_id_hash = $2 AND n.nonce = $3
+"""
+
+# One statement: the payload with its first chunk, the nonce, the backup and (without a quota) the usage shard.
+# `created_at` is the clock at this statement, after any retention lock, so a scope's creation order is its commit
+# order.
+_INSERT_BACKUP = f"""
+WITH payload AS (
+    INSERT INTO payloads (id, organization_id, project_id, key_id, wrapped_key, size, chunk_count, sha256,
+                          created_at, updated_at)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now(), now())
+    RETURNING id
+), chunk AS (
+    INSERT INTO backup_chunks (id, organization_id, payload_id, seq, byte_offset, plain_size, data,
+                               created_at, updated_at)
+    SELECT $9, $2, payload.id, 0, 0, $10, $11, now(), now() FROM payload
+), nonce AS (
+    INSERT INTO payload_nonces (id, organization_id, project_id, device_id_hash, nonce, backup_id,
+                                created_at, updated_at)
+    VALUES ($12, $2, $3, $13, $14, $15, now(), now())
+), shard AS (
+    INSERT INTO project_usage_shards (id, organization_id, project_id, shard, used_bytes, created_at, updated_at)
+    SELECT $16, $2, $3, pg_backend_pid() % {SHARDS}, $6, now(), now() WHERE $17::boolean
+    ON CONFLICT (project_id, shard)
+    DO UPDATE SET used_bytes = project_usage_shards.used_bytes + EXCLUDED.used_bytes, updated_at = now()
+)
+INSERT INTO backups (id, organization_id, project_id, device_id, payload_id, container_id, device_id_hash,
+                     encrypted_payload_size, payload_sha256, payload_nonce, payload_auth_tag, metadata,
+                     metadata_nonce, metadata_auth_tag, signature, backup_timestamp, created_at, updated_at)
+SELECT $15, $2, $3, $18, payload.id, $19, $13, $6, $8, $14, $20, $21, $22, $23, $24, $25,
+       clock_timestamp(), clock_timestamp()
+FROM payload
+RETURNING created_at
+"""  # noqa: S608 - SHARDS is a constant
+
+_INSERT_CHUNK = (
+    "INSERT INTO backup_chunks (id, organization_id, payload_id, seq, byte_offset, plain_size, data, "
+    "created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, now(), now())"
+)
+
+_LOCK_PROJECT = "SELECT 1 FROM projects WHERE id = $1 FOR UPDATE"
+# A statement after the lock: its snapshot sees every charge and reservation committed before the lock was granted
+# (a waiting UPDATE would re-check only the row itself).
+_CHARGE_PROJECT = f"""
+UPDATE projects p SET used_bytes = p.used_bytes + $2
+WHERE p.id = $1
+  AND (p.storage_quota_bytes IS NULL OR {USED_BYTES_SQL} + {RESERVED_BYTES_SQL} + $2 <= p.storage_quota_bytes)
+RETURNING p.id
+"""  # noqa: S608 - constant fragments
+
+_USAGE = (
+    f"SELECT {USED_BYTES_SQL} + {RESERVED_BYTES_SQL} AS used, p.storage_quota_bytes AS quota"  # noqa: S608
+    " FROM projects p WHERE p.id = $1"
+)
+
+_LOCK_SCOPE = "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))"
+
+_TRASH_BEYOND_RETENTION = """
+WITH ranked AS (
+    SELECT id, created_at, row_number() OVER (ORDER BY created_at DESC, id DESC) AS rank
+    FROM backups
+    WHERE project_id = $1 AND container_id = $2 AND device_id_hash = $3
+      AND deleted_at IS NULL AND restored_at IS NULL
+)
+UPDATE backups b SET deleted_at = now(), deleted_by = $6, updated_at = now()
+FROM ranked r
+WHERE b.id = r.id AND b.deleted_at IS NULL
+  AND (($4::integer IS NOT NULL AND r.rank > $4)
+       OR ($5::integer IS NOT NULL AND r.rank > 1 AND r.created_at < now() - make_interval(days => $5)))
+RETURNING b.id, b.container_id
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """What admitting an upload reads, in one statement: the project's policy, the device and the nonce."""
+
+    quota: int | None
+    used: int
+    retention_keep_last: int | None
+    retention_days: int | None
+    device_id: UUID | None
+    public_key: bytes | None
+    nonce_used: bool
+    nonce_backup_id: UUID | None
+    nonce_signature: bytes | None
+
+
+async def read_admission(
+    connection: asyncpg.Connection, *, project_id: UUID, device_id_hash: bytes, nonce: bytes
+) -> Admission | None:
+    """The project's quota, usage and retention, the enrolled unrevoked device, and any earlier use of the nonce.
+
+    None when the project does not exist (in this tenant).
+    """
+    row = await connection.fetchrow(_ADMISSION, project_id, device_id_hash, nonce)
+    if row is None:
+        return None
+    return Admission(
+        quota=row["quota"],
+        used=int(row["used"]),
+        retention_keep_last=row["retention_keep_last"],
+        retention_days=row["retention_days"],
+        device_id=row["device_id"],
+        public_key=row["public_key"],
+        nonce_used=row["nonce_id"] is not None,
+        nonce_backup_id=row["nonce_backup_id"],
+        nonce_signature=row["nonce_signature"],
+    )
+
+
+async def nonce_owner(
+    connection: asyncpg.Connection, *, project_id: UUID, device_id_hash: bytes, nonce: bytes
+) -> tuple[UUID | None, bytes | None] | None:
+    """(visible backup id, its signature) of a used nonce (both None when the backup is gone); None if unused."""
+    row = await connection.fetchrow(_NONCE_OWNER, project_id, device_id_hash, nonce)
+    return None if row is None else (row["id"], row["signature"])
+
+
+@dataclass(frozen=True, slots=True)
+class NewBackup:
+    """Every column of a new backup, its payload, nonce and first chunk."""
+
+    id: UUID
+    organization_id: UUID
+    project_id: UUID
+    device_id: UUID
+    payload_id: UUID
+    key_id: str
+    wrapped_key: bytes
+    size: int
+    chunk_count: int
+    sha256: bytes
+    container_id: UUID
+    device_id_hash: bytes
+    payload_nonce: bytes
+    payload_auth_tag: bytes
+    metadata: bytes
+    metadata_nonce: bytes
+    metadata_auth_tag: bytes
+    signature: bytes
+    backup_timestamp: datetime
+
+
+async def insert_backup(
+    connection: asyncpg.Connection,
+    backup: NewBackup,
+    *,
+    first_chunk: tuple[UUID, int, bytes],
+    nonce_id: UUID,
+    shard_id: UUID,
+    charge_shard: bool,
+) -> datetime:
+    """Insert the payload (with `first_chunk`: id, plaintext size, ciphertext), the nonce and the backup; its time.
+
+    With `charge_shard`, the payload's bytes go to the project's usage shard of this connection.
+
+    Raises:
+        asyncpg.UniqueViolationError: the nonce is taken (`uq_payload_nonces`).
+    """
+    chunk_id, plain_size, data = first_chunk
+    created_at: datetime = await connection.fetchval(
+        _INSERT_BACKUP,
+        backup.payload_id,
+        backup.organization_id,
+        backup.project_id,
+        backup.key_id,
+        backup.wrapped_key,
+        backup.size,
+        backup.chunk_count,
+        backup.sha256,
+        chunk_id,
+        plain_size,
+        data,
+        nonce_id,
+        backup.device_id_hash,
+        backup.payload_nonce,
+        backup.id,
+        shard_id,
+        charge_shard,
+        backup.device_id,
+        backup.container_id,
+        backup.payload_auth_tag,
+        backup.metadata,
+        backup.metadata_nonce,
+        backup.metadata_auth_tag,
+        backup.signature,
+        backup.backup_timestamp,
+    )
+    return created_at
+
+
+async def insert_chunk(
+    connection: asyncpg.Connection,
+    *,
+    chunk_id: UUID,
+    organization_id: UUID,
+    payload_id: UUID,
+    seq: int,
+    offset: int,
+    plain_size: int,
+    data: bytes,
+) -> None:
+    """Insert one more chunk of a payload."""
+    await connection.execute(_INSERT_CHUNK, chunk_id, organization_id, payload_id, seq, offset, plain_size, data)
+
+
+async def lock_project_row(connection: asyncpg.Connection, project_id: UUID) -> None:
+    """Lock the project row until the commit (the order a quota needs; see the module docstring).
+
+    Taken before the commit's inserts, whose foreign keys share-lock the row: upgrading that share lock later could
+    deadlock with a transaction already waiting to lock the row (a deletion, a policy change, another commit).
+    """
+    await connection.execute(_LOCK_PROJECT, project_id)
+
+
+async def charge_project_row(connection: asyncpg.Connection, *, project_id: UUID, size: int) -> bool:
+    """Charge `size` bytes on the (locked) project row if they fit beside its usage and the uploads' reservations."""
+    return await connection.fetchval(_CHARGE_PROJECT, project_id, size) is not None
+
+
+async def project_usage(connection: asyncpg.Connection, project_id: UUID) -> tuple[int, int | None] | None:
+    """(used and reserved bytes, quota) of a project; None when it does not exist."""
+    row = await connection.fetchrow(_USAGE, project_id)
+    return None if row is None else (int(row["used"]), row["quota"])
+
+
+async def lock_retention_scope(
+    connection: asyncpg.Connection, *, project_id: UUID, container_id: UUID, device_id_hash: bytes
+) -> None:
+    """Serialize the commits that retention ranks together (one device's backups in one container) until commit."""
+    await connection.execute(_LOCK_SCOPE, f"retention:{project_id}:{container_id}:{device_id_hash.hex()}")
+
+
+@dataclass(frozen=True, slots=True)
+class TrashedRow:
+    """A backup retention moved to the trash."""
+
+    id: UUID
+    container_id: UUID
+
+
+async def trash_beyond_retention(
+    connection: asyncpg.Connection,
+    *,
+    project_id: UUID,
+    container_id: UUID,
+    device_id_hash: bytes,
+    keep_last: int | None,
+    days: int | None,
+    deleted_by: str,
+) -> list[TrashedRow]:
+    """Move one device's backups of a container that the policy no longer keeps to the trash.
+
+    Newest first by `created_at`, then id; restored backups are neither ranked nor removed, and age never removes
+    the newest. The caller holds `lock_retention_scope`.
+    """
+    rows = await connection.fetch(
+        _TRASH_BEYOND_RETENTION,
+        project_id,
+        container_id,
+        device_id_hash,
+        keep_last,
+        days,
+        deleted_by,
+    )
+    return [TrashedRow(row["id"], row["container_id"]) for row in rows]

@@ -1,0 +1,60 @@
+"""Raw asyncpg connections from the app's pool, and the one helper that opens a transaction for a tenant.
+
+The backups domain's hot paths (chunk writes, restores, the one-transaction commit) run on the driver connection
+under SQLAlchemy's pool: fewer round trips and no ORM work per statement. Every such transaction acts for one
+organization (row-level security) through `raw_tenant_transaction`, so no caller sets the tenant by hand.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from uuid import UUID
+
+import asyncpg
+from litestar.exceptions import HTTPException
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+__all__ = ("pooled_connection", "raw_tenant_transaction")
+
+_SET_TENANT = "SELECT set_config('zkeb.org_id', $1, true)"
+#: For writes whose durability a later synchronous commit provides (see `zkeb.domain.backups.storage`).
+_SET_TENANT_ASYNC_COMMIT = "SELECT set_config('zkeb.org_id', $1, true), set_config('synchronous_commit', 'off', true)"
+
+
+@contextlib.asynccontextmanager
+async def pooled_connection(engine: AsyncEngine) -> AsyncIterator[asyncpg.Connection]:
+    """A raw asyncpg connection from the app's pool (the runtime role), outside any ORM session.
+
+    On an error the connection is invalidated rather than returned, so a transaction broken mid-way never reaches
+    another request; a refusal (an HTTP error) or a statement PostgreSQL refused, raised once the transaction has
+    rolled back, leaves a clean connection that goes back to the pool.
+    """
+    async with engine.connect() as connection:
+        fairy = await connection.get_raw_connection()
+        driver: asyncpg.Connection = fairy.driver_connection
+        try:
+            yield driver
+        except BaseException as exc:
+            clean = isinstance(exc, HTTPException | asyncpg.PostgresError) and not driver.is_in_transaction()
+            if not clean or driver.is_closed():
+                await connection.invalidate()
+            raise
+
+
+@contextlib.asynccontextmanager
+async def raw_tenant_transaction(
+    connection: asyncpg.Connection,
+    organization_id: UUID,
+    *,
+    readonly: bool = False,
+    synchronous_commit: bool = True,
+) -> AsyncIterator[asyncpg.Connection]:
+    """A transaction on `connection` acting for `organization_id`; commits on success, rolls back on error.
+
+    `synchronous_commit=False` skips the commit's WAL flush: only for rows that stay invisible until a later
+    synchronous commit references them (whose flush then covers them too).
+    """
+    async with connection.transaction(readonly=readonly):
+        await connection.execute(_SET_TENANT if synchronous_commit else _SET_TENANT_ASYNC_COMMIT, str(organization_id))
+        yield connection
