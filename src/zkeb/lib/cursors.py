@@ -23,7 +23,14 @@ def decode_keyset_cursor(cursor: str) -> tuple[datetime, UUID]:
         ValueError: the cursor is malformed, its timestamp naive or out of range once in UTC.
     """
     try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        decoded = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+    except (binascii.Error, ValueError):
+        raise ValueError("malformed cursor") from None
+    # Only canonical text, padded or not: the decoder silently skips characters outside the alphabet.
+    if base64.urlsafe_b64encode(decoded).decode().rstrip("=") != cursor.rstrip("="):
+        raise ValueError("malformed cursor")
+    try:
+        raw = decoded.decode()
         at, _, identifier = raw.partition("|")
         instant, row_id = datetime.fromisoformat(at), UUID(identifier)
     except (binascii.Error, UnicodeDecodeError, ValueError):

@@ -61,7 +61,11 @@ class KeysetCursor:
         if len(value) > 128:
             raise InvalidCursorError
         try:
-            raw = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)).decode("ascii")
+            decoded = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+            # Only canonical text, padded or not: the decoder silently skips characters outside the alphabet.
+            if base64.urlsafe_b64encode(decoded).rstrip(b"=").decode() != value.rstrip("="):
+                raise InvalidCursorError
+            raw = decoded.decode("ascii")
             micros, _, id_hex = raw.partition(".")
             created_at = _EPOCH + datetime.timedelta(microseconds=int(micros))
             return cls(created_at=created_at, id=UUID(hex=id_hex))
