@@ -19,6 +19,7 @@ from advanced_alchemy.exceptions import NotFoundError as RepositoryNotFoundError
 from advanced_alchemy.exceptions import RepositoryError
 from asyncpg.exceptions import (
     InterfaceError,
+    LockNotAvailableError,
     OperatorInterventionError,
     PostgresConnectionError,
     QueryCanceledError,
@@ -41,6 +42,7 @@ __all__ = (
     "UnprocessableError",
     "UnsupportedMediaTypeError",
     "database_connection_lost",
+    "database_timed_out",
     "exception_handlers",
     "problem_response",
     "request_id_var",
@@ -284,11 +286,32 @@ def database_connection_lost(exc: BaseException) -> bool:
     return False
 
 
+def database_timed_out(exc: BaseException) -> bool:
+    """Whether `exc`, or an error it was raised from, is a statement or lock timeout (retryable, not a defect).
+
+    `statement_timeout` (asyncpg's command timeout is `REQUEST_TIMEOUT`) and `lock_timeout` cancel the statement: its
+    transaction rolled back, so nothing it wrote is visible, and the same request may succeed a moment later.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, QueryCanceledError | LockNotAvailableError):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
 def _unexpected_exception_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
     if database_connection_lost(exc):
         logger.warning("database connection lost on %s %s: %s", request.method, request.url.path, type(exc).__name__)
         return problem_response(
             request, 503, "the database connection was lost; retry shortly", headers={"Retry-After": "1"}
+        )
+    if database_timed_out(exc):
+        logger.warning("database timeout on %s %s: %s", request.method, request.url.path, type(exc).__name__)
+        return problem_response(
+            request, 503, "the database did not answer in time; retry shortly", headers={"Retry-After": "1"}
         )
     logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return problem_response(request, 500, "An unexpected error occurred; quote the request id when reporting it")
