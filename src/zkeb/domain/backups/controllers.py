@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 from uuid import UUID
@@ -77,6 +78,14 @@ def _payload_headers(backup: Backup) -> tuple[str, dict[str, str]]:
         "Content-Disposition": f'attachment; filename="{backup.id}.bin"',
         "Accept-Ranges": "bytes",
     }
+
+
+async def _starting_with(first: bytes | None, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """`first` (None: nothing), then the rest of the stream it was taken from."""
+    if first is not None:
+        yield first
+    async for piece in rest:
+        yield piece
 
 
 class PayloadRangeError(ProblemError):
@@ -348,8 +357,11 @@ class BackupController(Controller):
                 "zkeb.chunk_count": len(steps),
             },
         )
+        # The first piece before the answer: a failure to read it (a lost database connection, say) is then this
+        # handler's error, a 503 problem, rather than a broken response whose headers granian has not sent yet.
+        first = await anext(content, None)
         return Stream(
-            content,
+            _starting_with(first, content),
             status_code=206 if byte_range is not None else 200,
             media_type="application/octet-stream",
             headers=headers,

@@ -547,28 +547,34 @@ async def stream_plaintext(
     """Yield the payload bytes `steps` select, reading and decrypting ahead of the client on its own connection.
 
     Memory stays at a few chunks whatever the size (see `_PayloadReader`). Closing the generator (the client went
-    away) stops the reader and releases its connection.
+    away) stops the reader and releases its connection. The generator may be started in one task (the handler waits
+    for the first piece, so a failure before any byte is its error, a 503 before headers) and finished in another
+    (the response's): its span is therefore never the current one across a `yield`, only the reader's parent.
     """
     payload_reader = _PayloadReader(engine, organization_id, payload_id, cipher, steps)
-    with tracer.start_as_current_span("backups.send", attributes=attributes or {}) as span:
+    span = tracer.start_span("backups.send", attributes=attributes or {})
+    with trace.use_span(span, end_on_exit=False):
         reader = asyncio.create_task(payload_reader.run(), name=f"zkeb-chunk-reader-{payload_id}")
-        sent = 0
-        try:
-            while True:
-                item = await payload_reader.pieces.get()
-                if item is None:
-                    break
-                if isinstance(item, BaseException):
-                    logger.error("restore of payload %s failed after %d bytes: %s", payload_id, sent, item)
-                    span.set_attribute("zkeb.outcome", "error")
-                    raise item
-                sent += len(item)
-                yield item
-            span.set_attribute("zkeb.outcome", "success")
-        finally:
-            span.set_attribute("zkeb.bytes", sent)
-            record_bytes_restored(sent)
-            if not reader.done():
-                reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await reader
+    sent = 0
+    try:
+        while True:
+            item = await payload_reader.pieces.get()
+            if item is None:
+                break
+            if isinstance(item, BaseException):
+                logger.error("restore of payload %s failed after %d bytes: %s", payload_id, sent, item)
+                span.set_attribute("zkeb.outcome", "error")
+                span.record_exception(item)
+                span.set_status(trace.Status(trace.StatusCode.ERROR, type(item).__name__))
+                raise item
+            sent += len(item)
+            yield item
+        span.set_attribute("zkeb.outcome", "success")
+    finally:
+        span.set_attribute("zkeb.bytes", sent)
+        span.end()
+        record_bytes_restored(sent)
+        if not reader.done():
+            reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await reader
