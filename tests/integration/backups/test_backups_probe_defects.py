@@ -187,7 +187,8 @@ async def test_a_restore_losing_its_database_connection_mid_stream_breaks_the_bo
         await download()
     assert received < len(payload)
 
-    # Before headers: the request's own pooled connections were terminated too; each answers 503, never 500.
+    # Before headers: the request's own pooled connections were terminated too. Each answer is the payload or a 503
+    # problem, never a 500 (the old code's); a pool that replaces its dead connections unnoticed answers only 200s.
     async with httpx.AsyncClient(base_url=live_url, timeout=60) as fresh:
         statuses = set()
         await _terminate_app_backends(owner_connection)
@@ -201,7 +202,6 @@ async def test_a_restore_losing_its_database_connection_mid_stream_breaks_the_bo
                 assert response.status_code == 200
                 assert response.content == payload
         assert statuses <= {200, 503}
-        assert 503 in statuses
 
 
 # --- 2. open tus uploads and the quota ---------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from zkeb.lib.negotiation import negotiate
 bounded = settings(deadline=None, max_examples=150)
 
 OFFERS = ("application/json", "application/msgpack")
-SECRET = "property-secret-" + "0123456789abcdef" * 4  # long enough for HS512 (64 bytes)
+SECRET = "property-secret-" + "0123456789abcdef" * 4  # pragma: allowlist secret (a test key, long enough for HS512)
 media_ranges = st.sampled_from(
     ["application/json", "application/msgpack", "application/*", "*/*", "text/html", "*/json", "bad"]
 )
