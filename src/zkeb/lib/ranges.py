@@ -61,6 +61,12 @@ def _position(digits: str) -> int:
     return _BEYOND_ANY_LENGTH if len(digits) > _MAX_POSITION_DIGITS else int(digits)
 
 
+def _digits_less(left: str, right: str) -> bool:
+    """Whether the decimal `left` is below `right`, however long (`_position` caps both at the same value)."""
+    left, right = left.lstrip("0") or "0", right.lstrip("0") or "0"
+    return (len(left), left) < (len(right), right)
+
+
 def parse_range(header: str | None, total: int) -> ByteRange | None:
     """Interpret a ``Range`` header against a representation of ``total`` bytes.
 
@@ -101,10 +107,10 @@ def parse_range(header: str | None, total: int) -> ByteRange | None:
         if total == 0:
             return None
         return ByteRange(max(total - suffix_length, 0), total - 1)
+    if last and _digits_less(last, first):
+        return None
     start = _position(first)
     end = _position(last) if last else None
-    if end is not None and end < start:
-        return None
     if start >= total:
         raise RangeNotSatisfiableError(total)
     return ByteRange(start, total - 1 if end is None else min(end, total - 1))
