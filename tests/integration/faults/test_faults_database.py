@@ -224,12 +224,6 @@ async def _run_fault(
     assert traffic.slowest < REQUEST_BOUND_SECONDS
     allowed = {"201", "204", "200", "503", "mid-body", "cut-off"}
     wrong = [key for key in traffic.statuses if key.rsplit(" ", 1)[-1] not in allowed]
-    if wrong == ["restore 500"] and traffic.problems_without_json == ["restore 500 Internal server error"] * len(
-        traffic.problems_without_json
-    ):
-        pytest.xfail(  # everything else held; see the report of issue 20
-            "known defect: a restore whose database connection dies as its stream starts gets granian's plain 500"
-        )
     assert not traffic.problems_without_json
     assert not wrong, (traffic.statuses, log[-6000:])
     return traffic
