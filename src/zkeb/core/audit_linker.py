@@ -37,6 +37,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from uuid_utils.compat import uuid7
 
 from zkeb.core.audit import AuditOutcome, audit_enabled, audited_text, chained_fields, request_fields, sanitize_details
+from zkeb.core.errors import database_connection_lost
 from zkeb.db.models.audit import AuditChainHead, AuditEvent
 from zkeb.lib.hashchain import GENESIS_HASH, chain_hash
 from zkeb.settings import Settings
@@ -222,8 +223,11 @@ class AuditLinker:
                 self._announced.update(left)
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                logger.exception("linking audit events failed; retrying at the next sweep")
+            except Exception as exc:
+                if database_connection_lost(exc):  # a restart or failover: expected, and the events wait safely
+                    logger.warning("linking audit events failed: the database connection was lost; retrying later")
+                else:
+                    logger.exception("linking audit events failed; retrying at the next sweep")
 
     def start(self) -> None:
         """Run in the background of this process."""

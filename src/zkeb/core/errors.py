@@ -19,6 +19,7 @@ from advanced_alchemy.exceptions import NotFoundError as RepositoryNotFoundError
 from advanced_alchemy.exceptions import RepositoryError
 from asyncpg.exceptions import (
     InterfaceError,
+    InternalClientError,
     LockNotAvailableError,
     OperatorInterventionError,
     PostgresConnectionError,
@@ -269,6 +270,12 @@ def database_connection_lost(exc: BaseException) -> bool:
     a connection closed mid-operation or found closed (asyncpg says so only in an `InterfaceError`'s message, as
     SQLAlchemy's dialect also reads it), or one that cannot be opened; SQLAlchemy marks the ones it detects as
     `connection_invalidated`.
+
+    One more: a backend terminated while its connection sat idle in the pool sends its FATAL error before closing
+    the socket. asyncpg, not expecting a message while idle, leaves the protocol waiting for a sync point that never
+    comes, and until the close is read the connection looks open: the next statement fails with asyncpg's
+    `InternalClientError` "cannot switch to state …; another operation … is in progress". That connection is lost
+    too (a use of one connection by two tasks at once is asyncpg's `InterfaceError`, not this).
     """
     seen: set[int] = set()
     current: BaseException | None = exc
@@ -280,6 +287,7 @@ def database_connection_lost(exc: BaseException) -> bool:
             isinstance(current, PostgresConnectionError | ConnectionError)
             or (isinstance(current, OperatorInterventionError) and not isinstance(current, QueryCanceledError))
             or (isinstance(current, InterfaceError) and "connection is closed" in str(current))
+            or (isinstance(current, InternalClientError) and "another operation" in str(current))
         ):
             return True
         current = current.__cause__ or current.__context__

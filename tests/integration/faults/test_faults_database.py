@@ -225,6 +225,9 @@ async def _run_fault(
     allowed = {"201", "204", "200", "503", "mid-body", "cut-off"}
     wrong = [key for key in traffic.statuses if key.rsplit(" ", 1)[-1] not in allowed]
     assert not traffic.problems_without_json
+    for line in log.splitlines():
+        if "unhandled error" in line:
+            print(line)  # its traceback, shown beside the failure
     assert not wrong, (traffic.statuses, log[-6000:])
     return traffic
 
