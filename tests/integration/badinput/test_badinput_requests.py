@@ -597,8 +597,9 @@ def _tamper(cursor: str, how: str) -> str:
     if how == "truncated":
         return cursor[: len(cursor) // 2]
     if how == "flipped-character":
-        middle = len(cursor) // 2
-        return cursor[:middle] + ("A" if cursor[middle] != "A" else "B") + cursor[middle + 1 :]
+        # In the listing's name. A flip inside the position can spell another well-formed position, which then
+        # pages from there like any position (a cursor carries no authority; see zkeb.core.cursors).
+        return ("A" if cursor[0] != "A" else "B") + cursor[1:]
     if how == "appended":
         return cursor + "AAAA"
     if how == "not-base64":

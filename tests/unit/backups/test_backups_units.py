@@ -1,4 +1,4 @@
-"""Pure parts of the backups domain: read planning, tus metadata, envelope validation, cursors, the keyring."""
+"""Pure parts of the backups domain: read planning, tus metadata, envelope validation, the keyring."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from zkeb.core.errors import ProblemError, UnprocessableError
 from zkeb.domain.backups.context import build_keyring
 from zkeb.domain.backups.schemas import validate_envelope
-from zkeb.domain.backups.services import decode_cursor
 from zkeb.domain.backups.storage import ChunkSpan, ReadStep, _PayloadReader, plan_read
 from zkeb.domain.backups.tus import ENVELOPE_METADATA_KEYS, envelope_from_metadata
 from zkeb.lib.atrest import ChunkCipher, master_key_id, parse_master_key
@@ -117,12 +116,6 @@ def test_validate_envelope_checks_lengths_and_timestamp() -> None:
         with pytest.raises(UnprocessableError) as caught:
             validate_envelope(**{**good, field: bad})  # type: ignore[arg-type]
         assert caught.value.problem_extra == {"field": field}
-
-
-def test_cursor_rejects_garbage() -> None:
-    for cursor in ("", "!!!", base64.urlsafe_b64encode(b"2026-01-01T00:00:00|nope").decode()):
-        with pytest.raises(Exception, match="cursor"):
-            decode_cursor(cursor)
 
 
 def _settings(**env: str) -> Settings:

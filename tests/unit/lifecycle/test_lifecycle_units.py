@@ -1,26 +1,19 @@
-"""Pure parts of the lifecycle: retention policy, the 507 problem, trash cursors, deleted_by, key status."""
+"""Pure parts of the lifecycle: retention policy, the 507 problem, deleted_by, key status."""
 
 from __future__ import annotations
 
 import base64
-from datetime import UTC, datetime
-from types import SimpleNamespace
-from typing import cast
 from uuid import UUID
 
 import pytest
-from litestar.exceptions import ClientException
 
 from zkeb.core.auth import Principal
-from zkeb.db.models import Backup
 from zkeb.domain.backups.context import build_keyring
 from zkeb.domain.backups.keys import KeyStatus, configured_key_ids
 from zkeb.domain.backups.lifecycle import (
     InsufficientStorageError,
     RetentionPolicy,
-    decode_trash_cursor,
     deleted_by_of,
-    encode_trash_cursor,
     quota_exceeded,
 )
 from zkeb.lib.atrest import master_key_id, parse_master_key
@@ -43,15 +36,6 @@ def test_quota_exceeded_is_a_507_naming_used_quota_and_requested() -> None:
     assert error.status_code == 507
     assert error.problem_extra == {"used": 900, "quota": 1000, "requested": 200}
     assert "1000" in error.detail
-
-
-def test_trash_cursor_round_trips_and_refuses_garbage() -> None:
-    backup = cast("Backup", SimpleNamespace(id=UUID(int=7), deleted_at=datetime(2026, 11, 27, 12, 0, tzinfo=UTC)))
-    assert decode_trash_cursor(encode_trash_cursor(backup)) == (backup.deleted_at, backup.id)
-    naive = base64.urlsafe_b64encode(f"2026-11-27T12:00:00|{UUID(int=1)}".encode()).decode()
-    for cursor in ("!!", "bm9wZQ", naive):
-        with pytest.raises(ClientException):
-            decode_trash_cursor(cursor)
 
 
 def test_deleted_by_names_the_credential_kind_and_id_within_the_column() -> None:

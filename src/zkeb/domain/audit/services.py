@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import datetime
 import logging
 from collections.abc import Mapping, Sequence
@@ -19,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from zkeb.core.audit import chained_fields
 from zkeb.core.audit_linker import LINK_BATCH, link_pending_events
-from zkeb.core.errors import ProblemError
+from zkeb.core.cursors import InvalidCursorError, decode_sequence_cursor, encode_sequence_cursor
 from zkeb.core.tenancy import tenant_transaction
 from zkeb.db.models.audit import AuditChainHead, AuditEvent
 from zkeb.lib.hashchain import GENESIS_HASH, chain_hash
@@ -30,9 +28,6 @@ __all__ = (
     "ChainHead",
     "ChainReport",
     "ChainWalk",
-    "InvalidCursorError",
-    "decode_cursor",
-    "encode_cursor",
     "log_chain_heads",
     "read_chain_heads",
     "verify_all_chains",
@@ -44,36 +39,8 @@ logger = logging.getLogger("zkeb.audit")
 VERIFY_BATCH_SIZE = 500
 _EVENTS = cast("Table", AuditEvent.__table__)
 _HEADS = cast("Table", AuditChainHead.__table__)
-_CURSOR_PREFIX = "seq:"
 _MAX_SEQ = 2**63 - 1  # audit_events.seq is a bigint
 _ALL_HEADS = text("SELECT organization_id, seq, hash, updated_at FROM zkeb_audit_chain_heads()")
-
-
-class InvalidCursorError(ProblemError):
-    """The `cursor` query parameter is not one this service issued."""
-
-    status_code: int = 400
-
-
-def encode_cursor(seq: int) -> str:
-    """An opaque cursor that resumes listing below `seq`."""
-    return base64.urlsafe_b64encode(f"{_CURSOR_PREFIX}{seq}".encode()).rstrip(b"=").decode()
-
-
-def decode_cursor(cursor: str) -> int:
-    """The `seq` a cursor resumes below.
-
-    Raises:
-        InvalidCursorError: the cursor is malformed (400).
-    """
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        seq = int(raw.removeprefix(_CURSOR_PREFIX)) if raw.startswith(_CURSOR_PREFIX) else 0
-    except (ValueError, binascii.Error, UnicodeDecodeError):
-        raise InvalidCursorError("cursor is not valid", extra={"field": "cursor"}) from None
-    if not 1 <= seq <= _MAX_SEQ:
-        raise InvalidCursorError("cursor is not valid", extra={"field": "cursor"})
-    return seq
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,10 +146,13 @@ class AuditEventService(SQLAlchemyAsyncRepositoryService[AuditEvent]):
         if until is not None:
             conditions.append(AuditEvent.occurred_at < until)
         if cursor is not None:
-            conditions.append(AuditEvent.seq < decode_cursor(cursor))
+            after = decode_sequence_cursor("audit_events", cursor)
+            if not 1 <= after <= _MAX_SEQ:
+                raise InvalidCursorError
+            conditions.append(AuditEvent.seq < after)
         rows = await self.get_many(*conditions, OrderBy("seq", "desc"), LimitOffset(limit=limit + 1, offset=0))
         items = list(rows[:limit])
-        next_cursor = encode_cursor(items[-1].seq) if len(rows) > limit else None
+        next_cursor = encode_sequence_cursor("audit_events", items[-1].seq) if len(rows) > limit else None
         return items, next_cursor
 
     async def link_waiting(self, organization_id: UUID) -> None:

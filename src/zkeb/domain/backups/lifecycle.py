@@ -44,7 +44,6 @@ from uuid import UUID
 
 import asyncpg
 from litestar.connection import ASGIConnection
-from litestar.exceptions import ClientException
 from opentelemetry import trace
 from sqlalchemy import and_, delete, func, literal, or_, select, text, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
@@ -52,12 +51,12 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from zkeb.core.audit import record_event
 from zkeb.core.audit_linker import append_unchained_event
 from zkeb.core.auth import Principal
+from zkeb.core.cursors import decode_keyset_cursor, encode_keyset_cursor
 from zkeb.core.errors import NotFoundError, ProblemError
 from zkeb.core.metrics import BACKUPS_PURGED, BACKUPS_RESTORED, BACKUPS_TRASHED
 from zkeb.db.models import Backup, Payload, Project
 from zkeb.domain.backups.repository import BackupRepositoryService
 from zkeb.domain.backups.store.commits import USED_BYTES_SQL
-from zkeb.lib.cursors import decode_keyset_cursor, encode_keyset_cursor
 from zkeb.settings import Settings
 
 __all__ = (
@@ -74,9 +73,7 @@ __all__ = (
     "TrashedBackup",
     "apply_retention",
     "charge_quota",
-    "decode_trash_cursor",
     "deleted_by_of",
-    "encode_trash_cursor",
     "purge_backups",
     "quota_exceeded",
     "record_retention_events",
@@ -348,24 +345,6 @@ def deleted_by_of(principal: Principal) -> str:
     return f"{principal.actor_type}:{principal.credential_id}"[:80]
 
 
-def encode_trash_cursor(backup: Backup) -> str:
-    """An opaque keyset cursor after `backup` in trash order (most recently deleted first)."""
-    assert backup.deleted_at is not None
-    return encode_keyset_cursor(backup.deleted_at, backup.id)
-
-
-def decode_trash_cursor(cursor: str) -> tuple[datetime, UUID]:
-    """The position a cursor from `encode_trash_cursor` stands for.
-
-    Raises:
-        ClientException: the cursor is malformed (400).
-    """
-    try:
-        return decode_keyset_cursor(cursor)
-    except ValueError:
-        raise ClientException("cursor is malformed; pass back next_cursor unchanged") from None
-
-
 class LifecycleService(BackupRepositoryService):
     """Quota checks, usage, the trash (delete, list, restore, purge) and append-only rules, for one request."""
 
@@ -449,12 +428,14 @@ class LifecycleService(BackupRepositoryService):
         await self._project(principal, project_id)
         query = select(Backup).where(Backup.project_id == project_id, Backup.deleted_at.is_not(None))
         if cursor:
-            deleted_at, after_id = decode_trash_cursor(cursor)
+            deleted_at, after_id = decode_keyset_cursor("trash", cursor)
             query = query.where(tuple_(Backup.deleted_at, Backup.id) < tuple_(literal(deleted_at), literal(after_id)))
         query = query.order_by(Backup.deleted_at.desc(), Backup.id.desc()).limit(limit + 1)
         rows = list((await self.session.scalars(query)).all())
         if len(rows) > limit:
-            return rows[:limit], encode_trash_cursor(rows[limit - 1])
+            last = rows[limit - 1]
+            assert last.deleted_at is not None
+            return rows[:limit], encode_keyset_cursor("trash", last.deleted_at, last.id)
         return rows, None
 
     async def _find(self, principal: Principal, backup_id: UUID, *, include_trashed: bool) -> Backup:

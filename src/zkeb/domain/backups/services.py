@@ -14,7 +14,6 @@ from typing import Any
 from uuid import UUID
 
 from litestar.connection import ASGIConnection
-from litestar.exceptions import ClientException
 from opentelemetry import trace
 from sqlalchemy import delete, literal, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
@@ -23,6 +22,7 @@ from uuid_utils.compat import uuid7
 
 from zkeb.core.audit_linker import append_unchained_event
 from zkeb.core.auth import Principal
+from zkeb.core.cursors import decode_keyset_cursor, encode_keyset_cursor
 from zkeb.core.errors import ConflictError, NotFoundError, ProblemError
 from zkeb.core.metrics import record_backup_created, record_backup_failed
 from zkeb.db.models import Backup, BackupChunk, Device, Payload, PayloadNonce, UploadSession
@@ -36,7 +36,6 @@ from zkeb.domain.backups.repository import BackupRepositoryService
 from zkeb.domain.backups.schemas import BackupEnvelope, BackupRead, BackupReadMsgpack, invalid_field
 from zkeb.domain.backups.storage import ChunkSpan, PayloadCrypto, PayloadKey
 from zkeb.lib.atrest import ChunkCipher
-from zkeb.lib.cursors import decode_keyset_cursor, encode_keyset_cursor
 from zkeb.lib.envelope import backup_signed_message, format_rfc3339_utc, verify_ed25519
 from zkeb.settings import Settings
 
@@ -50,8 +49,6 @@ __all__ = (
     "UploadLeaseLostError",
     "backup_read",
     "backup_read_msgpack",
-    "decode_cursor",
-    "encode_cursor",
     "nonce_conflict",
     "verify_backup_signature",
 )
@@ -142,24 +139,6 @@ def _sha256(data: bytes) -> bytes:
     import hashlib  # noqa: PLC0415 - keeps the module's imports about services
 
     return hashlib.sha256(data).digest()
-
-
-def encode_cursor(backup: Backup) -> str:
-    """An opaque keyset cursor after `backup` in newest-first order."""
-    assert backup.created_at is not None
-    return encode_keyset_cursor(backup.created_at, backup.id)
-
-
-def decode_cursor(cursor: str) -> tuple[datetime, UUID]:
-    """The position a cursor from `encode_cursor` stands for.
-
-    Raises:
-        ClientException: the cursor is malformed (400).
-    """
-    try:
-        return decode_keyset_cursor(cursor)
-    except ValueError:
-        raise ClientException("cursor is malformed; pass back next_cursor unchanged") from None
 
 
 def backup_read(backup: Backup) -> BackupRead:
@@ -449,12 +428,14 @@ class BackupService(BackupRepositoryService):
         if device_id_hash is not None:
             query = query.where(Backup.device_id_hash == device_id_hash)
         if cursor:
-            created_at, after_id = decode_cursor(cursor)
+            created_at, after_id = decode_keyset_cursor("backups", cursor)
             query = query.where(tuple_(Backup.created_at, Backup.id) < tuple_(literal(created_at), literal(after_id)))
         query = query.order_by(Backup.created_at.desc(), Backup.id.desc()).limit(limit + 1)
         rows = list((await self.session.scalars(query)).all())
         if len(rows) > limit:
-            return rows[:limit], encode_cursor(rows[limit - 1])
+            last = rows[limit - 1]
+            assert last.created_at is not None
+            return rows[:limit], encode_keyset_cursor("backups", last.created_at, last.id)
         return rows, None
 
     async def latest_in_container(self, principal: Principal, container_id: UUID) -> Backup:
