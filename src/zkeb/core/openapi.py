@@ -5,10 +5,10 @@ Scalar and Swagger UI load) adds, once per process:
 - the `ProblemDetails` schema and the problem+json error responses every operation can answer (401/429/503 and
   the rest), replacing Litestar's generic 400 (whose body is not what ZKEB sends);
 - `security: []` on public operations (those the authentication middleware skips), bearer security elsewhere;
-- the tus request and response headers on `/api/v1/uploads*`, and the discovery `OPTIONS` operation;
-- the raw-body envelope of `POST /api/v1/backups` (JSON or msgpack) with the test-vector envelope of
-  docs/protocol.md as its example;
-- a description from the handler's docstring where an operation has none, and tag descriptions.
+- a description from the handler's docstring where an operation has none, and tag descriptions;
+- no content on 204 and 304 responses (Litestar declares its default media type there);
+- then what each domain registers in `Runtime.openapi_additions` (e.g. the backups domain's tus headers and
+  envelope schema): core knows no domain's paths.
 """
 
 from __future__ import annotations
@@ -22,9 +22,12 @@ from litestar.middleware import AbstractAuthenticationMiddleware, DefineMiddlewa
 from litestar.openapi.plugins import JsonRenderPlugin
 from litestar.routes import HTTPRoute
 
-__all__ = ("ZkebOpenAPIJson", "complete_openapi")
+from zkeb.core.runtime import get_runtime
 
-_PROBLEM_REF = "#/components/schemas/ProblemDetails"
+__all__ = ("PROBLEM_REF", "ZkebOpenAPIJson", "complete_openapi", "problem_response")
+
+#: The problem+json schema every error response refers to; domains add their extra members to its properties.
+PROBLEM_REF = "#/components/schemas/ProblemDetails"
 _METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
 
 PROBLEM_SCHEMA: dict[str, Any] = {
@@ -40,13 +43,6 @@ PROBLEM_SCHEMA: dict[str, Any] = {
         "request_id": {"type": "string", "description": "Also in the `X-Request-Id` header; quote it in reports."},
         "trace_id": {"type": "string", "description": "The W3C trace id (also in the `traceresponse` header)."},
         "errors": {"description": "Which fields were invalid, for 400 and 422."},
-        "field": {"type": "string", "description": "The envelope field at fault (422, and 409 for `payload_nonce`)."},
-        "backup_id": {
-            "type": "string",
-            "format": "uuid",
-            "description": "409 for a reused nonce: the backup this very envelope was committed as, when it was.",
-        },
-        "reason": {"type": "string", "description": "Why a 403 refused (e.g. `append_only`)."},
     },
     "additionalProperties": True,
 }
@@ -55,7 +51,7 @@ _PROBLEMS: dict[str, str] = {
     "400": "Malformed request (bad JSON, header or parameter).",
     "401": "No credential, or an invalid, expired or revoked one.",
     "404": "Unknown, or belonging to another tenant (never 403).",
-    "409": "Conflict: duplicate, reused payload nonce, or tus offset mismatch.",
+    "409": "Conflict with the resource's current state.",
     "413": "Body or `Upload-Length` over the limit; sent before the body is read when the length is declared.",
     "415": "Unsupported `Content-Type`.",
     "422": "Valid syntax, invalid content (a field, or a signature that does not verify).",
@@ -70,152 +66,21 @@ _RATE_LIMIT_HEADERS = {
 }
 _SECURED = ("400", "401", "404", "422", "429", "500", "503")
 _PUBLIC = ("400", "429", "500", "503")
-_UPLOAD_EXTRA = ("409", "413", "415")
-
-_TUS_RESUMABLE = {
-    "name": "Tus-Resumable",
-    "in": "header",
-    "required": True,
-    "description": "Must be `1.0.0` (else 412).",
-    "schema": {"type": "string", "enum": ["1.0.0"]},
-}
-
-
-def _header(name: str, description: str, schema_type: str = "string", *, required: bool = False) -> dict[str, Any]:
-    return {
-        "name": name,
-        "in": "header",
-        "required": required,
-        "description": description,
-        "schema": {"type": schema_type},
-    }
-
-
-_TUS_REQUEST_HEADERS: dict[tuple[str, str], list[dict[str, Any]]] = {
-    ("post", "/api/v1/uploads"): [
-        _TUS_RESUMABLE,
-        _header("Upload-Length", "Payload size in bytes (≤ `MAX_UPLOAD_SIZE`, else 413).", "integer", required=True),
-        _header(
-            "Upload-Metadata",
-            "Every envelope field but `payload`, as `key base64value` pairs separated by commas; text fields are "
-            "base64 of their UTF-8, bytes fields base64 of either their raw bytes or their JSON text (standard "
-            "base64, `device_id_hash` hex), the base64 ones all in one form (docs/protocol.md §3.2 has the rule).",
-            required=True,
-        ),
-        _header("Content-Type", "`application/offset+octet-stream` when the body carries the first bytes."),
-        _header("Upload-Checksum", "`sha256 <base64>` or `sha1 <base64>` of this request's body (460 on mismatch)."),
-    ],
-    ("patch", "/api/v1/uploads/{upload_id}"): [
-        _TUS_RESUMABLE,
-        _header("Content-Type", "Must be `application/offset+octet-stream` (else 415).", required=True),
-        _header(
-            "Upload-Offset",
-            "The offset this chunk starts at; must equal the server's (else 409).",
-            "integer",
-            required=True,
-        ),
-        _header("Upload-Checksum", "`sha256 <base64>` or `sha1 <base64>` of this chunk (460 on mismatch)."),
-    ],
-    ("head", "/api/v1/uploads/{upload_id}"): [_TUS_RESUMABLE],
-    ("delete", "/api/v1/uploads/{upload_id}"): [_TUS_RESUMABLE],
-}
-_TUS_RESPONSE_HEADERS: dict[str, dict[str, Any]] = {
-    "Tus-Resumable": {"description": "`1.0.0`.", "schema": {"type": "string"}},
-    "Upload-Offset": {"description": "Bytes stored so far.", "schema": {"type": "integer"}},
-    "Upload-Length": {"description": "Declared payload size.", "schema": {"type": "integer"}},
-    "Upload-Expires": {"description": "RFC 9110 date after which the upload is purged.", "schema": {"type": "string"}},
-    "Location": {"description": "The new upload's URL.", "schema": {"type": "string"}},
-    "Zkeb-Backup-Id": {
-        "description": "On the request that completes the upload: the committed backup's id.",
-        "schema": {"type": "string", "format": "uuid"},
-    },
-}
-_TUS_DISCOVERY = {
-    "tags": ["uploads (tus)"],
-    "summary": "tus discovery",
-    "description": "The server's tus capabilities. Needs no credential.",
-    "security": [],
-    "responses": {
-        "204": {
-            "description": "Capabilities.",
-            "headers": {
-                "Tus-Version": {"description": "`1.0.0`.", "schema": {"type": "string"}},
-                "Tus-Extension": {
-                    "description": "`creation,creation-with-upload,termination,checksum,expiration`.",
-                    "schema": {"type": "string"},
-                },
-                "Tus-Max-Size": {"description": "`MAX_UPLOAD_SIZE` in bytes.", "schema": {"type": "integer"}},
-                "Tus-Checksum-Algorithm": {"description": "`sha1,sha256`.", "schema": {"type": "string"}},
-            },
-        }
-    },
-}
-
-#: The envelope of docs/protocol.md's test vectors (§9), as a `POST /api/v1/backups` JSON body.
-ENVELOPE_EXAMPLE: dict[str, str] = {
-    "container_id": "0192f5e4-7a3b-7c1d-9e2f-000000000001",
-    "device_id_hash": "9224d0c18f375c8c8f6b3bdce41f18fe7b3b85281dfac188de41154dfcd42260",
-    # pragma: allowlist nextline secret
-    "payload": "WktFQiB0ZXN0IHZlY3RvcjogdGhpcyBzdGFuZHMgZm9yIEFFUy0yNTYtR0NNIGNpcGhlcnRleHQu",
-    "payload_nonce": "AAECAwQFBgcICQoL",
-    "payload_auth_tag": "EBESExQVFhcYGRobHB0eHw==",
-    "metadata": "ZW5jcnlwdGVkIG1ldGFkYXRhIGV4YW1wbGU=",
-    "metadata_nonce": "ICEiIyQlJicoKSor",
-    "metadata_auth_tag": "MDEyMzQ1Njc4OTo7PD0+Pw==",
-    # pragma: allowlist nextline secret
-    "signature": "TJV5q0++8aGSn7Plf1jGJ+mGNTCuh9PJD+s4bUoR3+opg0SU7nH3qzlmgkY7RModDdS3o1xecepA8cO7OExeAw==",
-    "backup_timestamp": "2026-11-27T10:00:00.123456Z",
-}
-
-
-def _b64(description: str) -> dict[str, Any]:
-    return {"type": "string", "contentEncoding": "base64", "description": description}
-
-
-ENVELOPE_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "description": (
-        "A backup envelope (docs/protocol.md §2). In msgpack, bytes fields are `bin`; `device_id_hash` 32 bytes."
-    ),
-    "required": list(ENVELOPE_EXAMPLE),
-    "properties": {
-        "container_id": {"type": "string", "format": "uuid"},
-        "device_id_hash": {
-            "type": "string",
-            "pattern": "^[0-9a-f]{64}$",
-            "description": "SHA-256 of the device id, hex.",
-        },
-        "payload": _b64("AES-256-GCM ciphertext, 1 byte .. MAX_UPLOAD_SIZE."),
-        "payload_nonce": _b64("12 bytes."),
-        "payload_auth_tag": _b64("16 bytes."),
-        "metadata": _b64("Encrypted metadata, ≤ 8 KiB."),
-        "metadata_nonce": _b64("12 bytes."),
-        "metadata_auth_tag": _b64("16 bytes."),
-        "signature": _b64("64-byte Ed25519 signature of the signed message (docs/protocol.md §4)."),
-        "backup_timestamp": {"type": "string", "format": "date-time", "description": "RFC 3339 UTC."},
-    },
-}
 
 _TAGS = [
     {"name": "health", "description": "Liveness, readiness, dependency probes and version; no credential."},
-    {"name": "auth", "description": "Device tokens from a proof of possession."},
-    {"name": "projects", "description": "Projects, their API keys and devices (org admin)."},
-    {"name": "api keys", "description": "Revoking API keys (org admin)."},
-    {"name": "devices", "description": "Revoking devices (org admin)."},
-    {"name": "backups", "description": "Single-shot uploads, listing, restore and deletion."},
-    {"name": "uploads (tus)", "description": "tus 1.0.0 resumable uploads."},
-    {"name": "audit", "description": "The hash-chained audit log (org admin)."},
     {"name": "observability", "description": "Prometheus metrics."},
 ]
 
 
-def _problem_response(status: str, description: str | None = None) -> dict[str, Any]:
+def problem_response(status: str, description: str | None = None) -> dict[str, Any]:
+    """An OpenAPI response of a problem+json body with `status` (described generically unless `description`)."""
     description = description or _PROBLEMS[status]
     response: dict[str, Any] = {
         "description": description,
         "content": {
             "application/problem+json": {
-                "schema": {"$ref": _PROBLEM_REF},
+                "schema": {"$ref": PROBLEM_REF},
                 "example": {
                     "type": "about:blank",
                     "title": "Not Found" if status == "404" else "Error",
@@ -256,12 +121,10 @@ def _handlers(app: Litestar) -> dict[tuple[str, str], Any]:
     return found
 
 
-def _problem_statuses(method: str, path: str, operation: dict[str, Any], *, public: bool) -> list[str]:
+def _problem_statuses(operation: dict[str, Any], *, public: bool) -> list[str]:
     """The problem+json statuses an operation can answer."""
     statuses = list(_PUBLIC if public else _SECURED)
-    if path.startswith("/api/v1/uploads") or (path == "/api/v1/backups" and method == "post"):
-        statuses.extend(_UPLOAD_EXTRA)
-    elif "requestBody" in operation:  # a JSON body declared as another content type
+    if "requestBody" in operation:  # a JSON body declared as another content type
         statuses.append("415")
     return statuses
 
@@ -270,9 +133,8 @@ def complete_openapi(schema: dict[str, Any], app: Litestar) -> dict[str, Any]:
     """A copy of Litestar's `schema` completed as the module docstring describes."""
     document = copy.deepcopy(schema)
     components = document.setdefault("components", {})
-    components.setdefault("schemas", {})["ProblemDetails"] = PROBLEM_SCHEMA
-    components["schemas"]["BackupEnvelope"] = ENVELOPE_SCHEMA
-    document["tags"] = _TAGS
+    components.setdefault("schemas", {})["ProblemDetails"] = copy.deepcopy(PROBLEM_SCHEMA)
+    document["tags"] = copy.deepcopy(_TAGS)
     public = _public_patterns(app)
     handlers = _handlers(app)
     for path, item in document.get("paths", {}).items():
@@ -290,74 +152,16 @@ def complete_openapi(schema: dict[str, Any], app: Litestar) -> dict[str, Any]:
             if not operation.get("description") and handler is not None and getattr(handler.fn, "__doc__", None):
                 operation["description"] = handler.fn.__doc__.strip().split("\n\n")[0]
             responses = operation.setdefault("responses", {})
-            for status in _problem_statuses(method, path, operation, public=is_public):
+            for status in _problem_statuses(operation, public=is_public):
                 current = responses.get(status)
                 if current is None or "application/problem+json" not in current.get("content", {}):
-                    responses[status] = _problem_response(status)
-            if path.startswith("/api/v1/uploads"):
-                _document_tus(operation, method, path)
-        if path == "/api/v1/uploads" and "options" not in item:
-            item["options"] = copy.deepcopy(_TUS_DISCOVERY)
-    payload = document.get("paths", {}).get("/api/v1/backups/{backup_id}/payload", {}).get("get")
-    if isinstance(payload, dict):
-        responses = payload.setdefault("responses", {})
-        responses.setdefault(
-            "206",
-            {
-                "description": "The byte range asked for (`Range`); `Content-Range` names it.",
-                "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
-            },
-        )
-        responses.setdefault("304", {"description": "`If-None-Match` matched the payload's `ETag`; no body."})
-        responses.setdefault(
-            "416", _problem_response("416", "The range selects no byte of the payload; `Content-Range: bytes */size`.")
-        )
-    backups = document.get("paths", {}).get("/api/v1/backups", {}).get("post")
-    if isinstance(backups, dict) and "requestBody" not in backups:
-        backups["requestBody"] = {
-            "required": True,
-            "description": "The whole envelope; body ≤ 16 MiB (use tus uploads for more).",
-            "content": {
-                "application/json": {
-                    "schema": {"$ref": "#/components/schemas/BackupEnvelope"},
-                    "example": ENVELOPE_EXAMPLE,
-                },
-                "application/msgpack": {"schema": {"$ref": "#/components/schemas/BackupEnvelope"}},
-            },
-        }
+                    responses[status] = problem_response(status)
+            for status in ("204", "304"):
+                if status in responses:
+                    responses[status].pop("content", None)
+    for addition in get_runtime(app.state).openapi_additions:
+        addition(document)
     return document
-
-
-def _document_tus(operation: dict[str, Any], method: str, path: str) -> None:
-    parameters = operation.setdefault("parameters", [])
-    present = {(p.get("in"), p.get("name", "").lower()) for p in parameters}
-    for header in _TUS_REQUEST_HEADERS.get((method, path), []):
-        if ("header", header["name"].lower()) not in present:
-            parameters.append(header)
-    if method == "patch":
-        operation["requestBody"] = {
-            "required": True,
-            "content": {"application/offset+octet-stream": {"schema": {"type": "string", "format": "binary"}}},
-        }
-        operation["responses"].setdefault(
-            "460", _problem_response("460", "Checksum mismatch (tus checksum extension).")
-        )
-    if method in {"post", "patch"}:
-        operation["responses"].setdefault(
-            "507",
-            _problem_response(
-                "507", "Over the project's storage quota (`used`, `quota`, `requested` in bytes); nothing is kept."
-            ),
-        )
-    if method in {"head", "patch"}:
-        operation["responses"].setdefault("410", _problem_response("410", "The upload expired."))
-    if method != "options":
-        operation["responses"].setdefault("412", _problem_response("412", "Unsupported or missing `Tus-Resumable`."))
-    for status, response in operation["responses"].items():
-        if status.startswith("2"):
-            headers = response.setdefault("headers", {})
-            for name, header in _TUS_RESPONSE_HEADERS.items():
-                headers.setdefault(name, header)
 
 
 class ZkebOpenAPIJson(JsonRenderPlugin):

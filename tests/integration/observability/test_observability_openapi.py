@@ -8,7 +8,7 @@ from litestar import Litestar
 from litestar.testing import AsyncTestClient
 from openapi_spec_validator import validate
 
-from zkeb.core.openapi import ENVELOPE_EXAMPLE
+from zkeb.domain.backups.openapi import ENVELOPE_EXAMPLE
 
 _METHODS = ("get", "put", "post", "delete", "options", "head", "patch")
 
@@ -83,7 +83,35 @@ async def test_tus_operations_document_their_headers(client: AsyncTestClient[Lit
     assert "application/problem+json" in download["416"]["content"]
     assert "Zkeb-Backup-Id" in patch["responses"]["204"]["headers"]
     assert "Location" in create["responses"]["201"]["headers"]
-    assert "options" in paths["/api/v1/uploads"]
+    # Discovery is public, and its 204 carries the capabilities and no body (schemathesis found it promising JSON).
+    discovery = paths["/api/v1/uploads"]["options"]
+    assert discovery["security"] == []
+    assert {"Tus-Version", "Tus-Extension", "Tus-Max-Size"} <= discovery["responses"]["204"]["headers"].keys()
+    assert "Upload-Offset" not in discovery["responses"]["204"]["headers"]
+    assert not {"409", "413", "415"} & discovery["responses"].keys()
+
+
+async def test_no_204_or_304_response_promises_a_body(client: AsyncTestClient[Litestar]) -> None:
+    document = await _document(client)
+    without_body = [
+        (method, path, status)
+        for method, path, operation in _operations(document)
+        for status, response in operation["responses"].items()
+        if status in {"204", "304"}
+    ]
+    assert len(without_body) >= 4, without_body  # PATCH and DELETE of an upload, discovery, the restore's 304
+    for method, path, status in without_body:
+        assert "content" not in document["paths"][path][method]["responses"][status], (method, path, status)
+
+
+async def test_each_domain_adds_its_own_tags_and_problem_members(client: AsyncTestClient[Litestar]) -> None:
+    document = await _document(client)
+    tags = [tag["name"] for tag in document["tags"]]
+    assert len(tags) == len(set(tags))
+    used = {tag for _, _, operation in _operations(document) for tag in operation.get("tags", [])}
+    assert used <= set(tags), used - set(tags)
+    members = document["components"]["schemas"]["ProblemDetails"]["properties"]
+    assert {"request_id", "errors", "field", "backup_id", "reason"} <= members.keys()
 
 
 async def test_single_shot_upload_documents_the_envelope_with_the_guide_example(

@@ -22,8 +22,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from zkeb.core.errors import UnprocessableError
-from zkeb.core.openapi import ENVELOPE_EXAMPLE
 from zkeb.domain.accounts.schemas import TokenRequest
+from zkeb.domain.backups.openapi import ENVELOPE_EXAMPLE
 from zkeb.domain.backups.schemas import (
     BackupEnvelope,
     EnvelopeJson,

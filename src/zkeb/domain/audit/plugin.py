@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import Any
 
 from litestar import Litestar
 from litestar.config.app import AppConfig
@@ -18,8 +19,14 @@ __all__ = ("AuditPlugin", "ChainHeadLogger")
 
 logger = logging.getLogger("zkeb.audit")
 
+_TAG = {"name": "audit", "description": "The hash-chained audit log (org admin)."}
+
 #: How often every organization's chain head is logged (seconds).
 HEAD_LOG_INTERVAL_SECONDS = 900.0
+
+
+def _add_audit_openapi(document: dict[str, Any]) -> None:
+    document["tags"].append(dict(_TAG))
 
 
 class ChainHeadLogger:
@@ -70,8 +77,9 @@ class AuditPlugin(InitPluginProtocol):
         self.head_logger = ChainHeadLogger(head_log_interval)
 
     def on_app_init(self, app_config: AppConfig) -> AppConfig:
-        """Add the audit controller and the head logger's lifespan hooks."""
+        """Add the audit controller, its OpenAPI tag and the head logger's lifespan hooks."""
         app_config.route_handlers.append(AuditController)
+        app_config.state["runtime"].openapi_additions.append(_add_audit_openapi)
         app_config.on_startup.append(self.head_logger.start)
         # Litestar runs shutdown hooks in list order; the core's (which disposes the engine) is already in the list,
         # so a domain puts its own first: the last head is logged while the pool is still there.

@@ -10,6 +10,7 @@ from zkeb.domain.backups.context import STATE_KEY, BackupsContext, build_keyring
 from zkeb.domain.backups.controllers import BackupController, ContainerController, ProjectStorageController
 from zkeb.domain.backups.keys import StoredKeysCheck
 from zkeb.domain.backups.maintenance import MaintenanceRunner
+from zkeb.domain.backups.openapi import add_backups_openapi
 from zkeb.domain.backups.storage import PayloadCrypto
 from zkeb.domain.backups.tus import UploadController
 
@@ -45,6 +46,7 @@ class BackupsPlugin(InitPluginProtocol):
         )
         stored_keys = StoredKeysCheck(runtime.engine, keyring)
         runtime.readiness_checks.append(stored_keys)
+        runtime.openapi_additions.append(add_backups_openapi)
 
         async def start_stored_keys_check() -> None:
             stored_keys.start()

@@ -1,0 +1,256 @@
+"""The backups domain's part of the OpenAPI document: what Litestar cannot infer from its handlers.
+
+Registered in `Runtime.openapi_additions` by the domain's plugin; `zkeb.core.openapi` runs it after its generic
+completion (problem responses, security, descriptions):
+- the tus request and response headers on `/api/v1/uploads*`, their extra statuses (409, 410, 412, 413, 415, 460,
+  507), and the discovery `OPTIONS` operation (204, no body);
+- the raw-body envelope of `POST /api/v1/backups` (JSON or msgpack) with the test-vector envelope of
+  docs/protocol.md as its example, and the restore's 206/304/416;
+- the members the domain's problems add (`field`, `backup_id`, `reason`), and its tags.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from zkeb.core.openapi import problem_response
+
+__all__ = ("ENVELOPE_EXAMPLE", "ENVELOPE_SCHEMA", "add_backups_openapi")
+
+_PROBLEM_MEMBERS: dict[str, Any] = {
+    "field": {"type": "string", "description": "The envelope field at fault (422, and 409 for `payload_nonce`)."},
+    "backup_id": {
+        "type": "string",
+        "format": "uuid",
+        "description": "409 for a reused nonce: the backup this very envelope was committed as, when it was.",
+    },
+    "reason": {"type": "string", "description": "Why a 403 refused (e.g. `append_only`)."},
+}
+_TAGS = [
+    {"name": "backups", "description": "Single-shot uploads, listing, restore and deletion."},
+    {"name": "uploads (tus)", "description": "tus 1.0.0 resumable uploads."},
+]
+#: Statuses every upload (single-shot or tus) can answer beside the generic ones.
+_UPLOAD_PROBLEMS = {
+    "409": "Conflict: a duplicate backup, a reused payload nonce, or a tus offset that is not the server's.",
+    "413": "Body or `Upload-Length` over the limit; sent before the body is read when the length is declared.",
+    "415": "Unsupported `Content-Type`.",
+}
+
+_TUS_RESUMABLE = {
+    "name": "Tus-Resumable",
+    "in": "header",
+    "required": True,
+    "description": "Must be `1.0.0` (else 412).",
+    "schema": {"type": "string", "enum": ["1.0.0"]},
+}
+
+
+def _header(name: str, description: str, schema_type: str = "string", *, required: bool = False) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "header",
+        "required": required,
+        "description": description,
+        "schema": {"type": schema_type},
+    }
+
+
+_TUS_REQUEST_HEADERS: dict[tuple[str, str], list[dict[str, Any]]] = {
+    ("post", "/api/v1/uploads"): [
+        _TUS_RESUMABLE,
+        _header("Upload-Length", "Payload size in bytes (≤ `MAX_UPLOAD_SIZE`, else 413).", "integer", required=True),
+        _header(
+            "Upload-Metadata",
+            "Every envelope field but `payload`, as `key base64value` pairs separated by commas; text fields are "
+            "base64 of their UTF-8, bytes fields base64 of either their raw bytes or their JSON text (standard "
+            "base64, `device_id_hash` hex), the base64 ones all in one form (docs/protocol.md §3.2 has the rule).",
+            required=True,
+        ),
+        _header("Content-Type", "`application/offset+octet-stream` when the body carries the first bytes."),
+        _header("Upload-Checksum", "`sha256 <base64>` or `sha1 <base64>` of this request's body (460 on mismatch)."),
+    ],
+    ("patch", "/api/v1/uploads/{upload_id}"): [
+        _TUS_RESUMABLE,
+        _header("Content-Type", "Must be `application/offset+octet-stream` (else 415).", required=True),
+        _header(
+            "Upload-Offset",
+            "The offset this chunk starts at; must equal the server's (else 409).",
+            "integer",
+            required=True,
+        ),
+        _header("Upload-Checksum", "`sha256 <base64>` or `sha1 <base64>` of this chunk (460 on mismatch)."),
+    ],
+    ("head", "/api/v1/uploads/{upload_id}"): [_TUS_RESUMABLE],
+    ("delete", "/api/v1/uploads/{upload_id}"): [_TUS_RESUMABLE],
+}
+_TUS_RESPONSE_HEADERS: dict[str, dict[str, Any]] = {
+    "Tus-Resumable": {"description": "`1.0.0`.", "schema": {"type": "string"}},
+    "Upload-Offset": {"description": "Bytes stored so far.", "schema": {"type": "integer"}},
+    "Upload-Length": {"description": "Declared payload size.", "schema": {"type": "integer"}},
+    "Upload-Expires": {"description": "RFC 9110 date after which the upload is purged.", "schema": {"type": "string"}},
+    "Location": {"description": "The new upload's URL.", "schema": {"type": "string"}},
+    "Zkeb-Backup-Id": {
+        "description": "On the request that completes the upload: the committed backup's id.",
+        "schema": {"type": "string", "format": "uuid"},
+    },
+}
+_TUS_DISCOVERY = {
+    "tags": ["uploads (tus)"],
+    "summary": "tus discovery",
+    "description": "The server's tus capabilities. Needs no credential.",
+    "security": [],
+    "responses": {
+        "204": {
+            "description": "Capabilities.",
+            "headers": {
+                "Tus-Version": {"description": "`1.0.0`.", "schema": {"type": "string"}},
+                "Tus-Extension": {
+                    "description": "`creation,creation-with-upload,termination,checksum,expiration`.",
+                    "schema": {"type": "string"},
+                },
+                "Tus-Max-Size": {"description": "`MAX_UPLOAD_SIZE` in bytes.", "schema": {"type": "integer"}},
+                "Tus-Checksum-Algorithm": {"description": "`sha1,sha256`.", "schema": {"type": "string"}},
+            },
+        }
+    },
+}
+
+#: The envelope of docs/protocol.md's test vectors (§9), as a `POST /api/v1/backups` JSON body.
+ENVELOPE_EXAMPLE: dict[str, str] = {
+    "container_id": "0192f5e4-7a3b-7c1d-9e2f-000000000001",
+    "device_id_hash": "9224d0c18f375c8c8f6b3bdce41f18fe7b3b85281dfac188de41154dfcd42260",
+    # pragma: allowlist nextline secret
+    "payload": "WktFQiB0ZXN0IHZlY3RvcjogdGhpcyBzdGFuZHMgZm9yIEFFUy0yNTYtR0NNIGNpcGhlcnRleHQu",
+    "payload_nonce": "AAECAwQFBgcICQoL",
+    "payload_auth_tag": "EBESExQVFhcYGRobHB0eHw==",
+    "metadata": "ZW5jcnlwdGVkIG1ldGFkYXRhIGV4YW1wbGU=",
+    "metadata_nonce": "ICEiIyQlJicoKSor",
+    "metadata_auth_tag": "MDEyMzQ1Njc4OTo7PD0+Pw==",
+    # pragma: allowlist nextline secret
+    "signature": "TJV5q0++8aGSn7Plf1jGJ+mGNTCuh9PJD+s4bUoR3+opg0SU7nH3qzlmgkY7RModDdS3o1xecepA8cO7OExeAw==",
+    "backup_timestamp": "2026-11-27T10:00:00.123456Z",
+}
+
+
+def _b64(description: str) -> dict[str, Any]:
+    return {"type": "string", "contentEncoding": "base64", "description": description}
+
+
+ENVELOPE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": (
+        "A backup envelope (docs/protocol.md §2). In msgpack, bytes fields are `bin`; `device_id_hash` 32 bytes."
+    ),
+    "required": list(ENVELOPE_EXAMPLE),
+    "properties": {
+        "container_id": {"type": "string", "format": "uuid"},
+        "device_id_hash": {
+            "type": "string",
+            "pattern": "^[0-9a-f]{64}$",
+            "description": "SHA-256 of the device id, hex.",
+        },
+        "payload": _b64("AES-256-GCM ciphertext, 1 byte .. MAX_UPLOAD_SIZE."),
+        "payload_nonce": _b64("12 bytes."),
+        "payload_auth_tag": _b64("16 bytes."),
+        "metadata": _b64("Encrypted metadata, ≤ 8 KiB."),
+        "metadata_nonce": _b64("12 bytes."),
+        "metadata_auth_tag": _b64("16 bytes."),
+        "signature": _b64("64-byte Ed25519 signature of the signed message (docs/protocol.md §4)."),
+        "backup_timestamp": {"type": "string", "format": "date-time", "description": "RFC 3339 UTC."},
+    },
+}
+
+
+def add_backups_openapi(document: dict[str, Any]) -> None:
+    """Complete `document` (already generically completed) with the backups domain's part."""
+    document["components"]["schemas"]["ProblemDetails"]["properties"].update(copy.deepcopy(_PROBLEM_MEMBERS))
+    document["components"]["schemas"]["BackupEnvelope"] = copy.deepcopy(ENVELOPE_SCHEMA)
+    document["tags"].extend(copy.deepcopy(_TAGS))
+    paths = document.get("paths", {})
+    for path, item in paths.items():
+        if not path.startswith("/api/v1/uploads"):
+            continue
+        if path == "/api/v1/uploads":
+            _document_discovery(item)
+        for method, operation in item.items():
+            if isinstance(operation, dict) and "responses" in operation and method != "options":
+                _add_upload_problems(operation)
+                _document_tus(operation, method, path)
+    payload = paths.get("/api/v1/backups/{backup_id}/payload", {}).get("get")
+    if isinstance(payload, dict):
+        responses = payload.setdefault("responses", {})
+        responses.setdefault(
+            "206",
+            {
+                "description": "The byte range asked for (`Range`); `Content-Range` names it.",
+                "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+            },
+        )
+        responses.setdefault("304", {"description": "`If-None-Match` matched the payload's `ETag`; no body."})
+        responses.setdefault(
+            "416", problem_response("416", "The range selects no byte of the payload; `Content-Range: bytes */size`.")
+        )
+    backups = paths.get("/api/v1/backups", {}).get("post")
+    if isinstance(backups, dict):
+        _add_upload_problems(backups)
+        backups.setdefault(
+            "requestBody",
+            {
+                "required": True,
+                "description": "The whole envelope; body ≤ 16 MiB (use tus uploads for more).",
+                "content": {
+                    "application/json": {
+                        "schema": {"$ref": "#/components/schemas/BackupEnvelope"},
+                        "example": ENVELOPE_EXAMPLE,
+                    },
+                    "application/msgpack": {"schema": {"$ref": "#/components/schemas/BackupEnvelope"}},
+                },
+            },
+        )
+
+
+def _document_discovery(item: dict[str, Any]) -> None:
+    """The discovery `OPTIONS`: its 204 carries the capability headers and no body."""
+    discovery = item.setdefault("options", {"responses": {}})
+    discovery.update({key: copy.deepcopy(value) for key, value in _TUS_DISCOVERY.items() if key != "responses"})
+    discovery.setdefault("responses", {}).update(copy.deepcopy(_TUS_DISCOVERY["responses"]))
+
+
+def _add_upload_problems(operation: dict[str, Any]) -> None:
+    responses = operation["responses"]
+    for status, description in _UPLOAD_PROBLEMS.items():
+        current = responses.get(status)
+        if current is None or "application/problem+json" not in current.get("content", {}):
+            responses[status] = problem_response(status, description)
+
+
+def _document_tus(operation: dict[str, Any], method: str, path: str) -> None:
+    parameters = operation.setdefault("parameters", [])
+    present = {(p.get("in"), p.get("name", "").lower()) for p in parameters}
+    for header in _TUS_REQUEST_HEADERS.get((method, path), []):
+        if ("header", header["name"].lower()) not in present:
+            parameters.append(header)
+    if method == "patch":
+        operation["requestBody"] = {
+            "required": True,
+            "content": {"application/offset+octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+        }
+        operation["responses"].setdefault("460", problem_response("460", "Checksum mismatch (tus checksum extension)."))
+    if method in {"post", "patch"}:
+        operation["responses"].setdefault(
+            "507",
+            problem_response(
+                "507", "Over the project's storage quota (`used`, `quota`, `requested` in bytes); nothing is kept."
+            ),
+        )
+    if method in {"head", "patch"}:
+        operation["responses"].setdefault("410", problem_response("410", "The upload expired."))
+    if method != "options":
+        operation["responses"].setdefault("412", problem_response("412", "Unsupported or missing `Tus-Resumable`."))
+    for status, response in operation["responses"].items():
+        if status.startswith("2"):
+            headers = response.setdefault("headers", {})
+            for name, header in _TUS_RESPONSE_HEADERS.items():
+                headers.setdefault(name, header)
