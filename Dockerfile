@@ -11,7 +11,8 @@ FROM ghcr.io/astral-sh/uv:0.13.9 AS uv
 FROM ${PYTHON_IMAGE} AS builder
 # Optional extras to install, e.g. --build-arg EXTRAS=grpc for OTLP over gRPC (pyproject.toml lists them).
 ARG EXTRAS=""
-ENV UV_COMPILE_BYTECODE=1 \
+# No blanket bytecode: scripts/image_bytecode.py compiles what the server imports (below).
+ENV UV_COMPILE_BYTECODE=0 \
     UV_LINK_MODE=copy \
     UV_NO_CACHE=1 \
     UV_PYTHON_DOWNLOADS=never \
@@ -24,12 +25,22 @@ RUN apt-get update \
 WORKDIR /src
 # Dependencies first: this layer is reused until pyproject.toml or uv.lock change.
 COPY pyproject.toml uv.lock ./
+# What the runtime never reads leaves with the build: the shared objects' symbols, type stubs, C/C++/Cython sources
+# and headers, and the test suites some wheels ship (greenlet's, certifi's).
 RUN uv sync --locked --no-dev --no-editable --no-install-project ${EXTRAS:+--extra "${EXTRAS}"} \
-    && find /app/.venv -type f -name '*.so*' -exec strip --strip-unneeded {} +
+    && find /app/.venv -type f -name '*.so*' -exec strip --strip-unneeded {} + \
+    && find /app/.venv/lib -type f \( -name '*.pyi' -o -name '*.pyx' -o -name '*.pxd' -o -name '*.pxi' \
+       -o -name '*.c' -o -name '*.cpp' -o -name '*.h' -o -name '*.hpp' \) -delete \
+    && find /app/.venv/lib -depth -type d -name tests -path '*/site-packages/*/tests' -exec rm -rf {} +
 # Then the project itself, installed as a wheel (no source tree in the runtime).
 COPY README.md ./
 COPY src ./src
-RUN uv sync --locked --no-dev --no-editable ${EXTRAS:+--extra "${EXTRAS}"}
+# The app it builds finds its Alembic scripts under the working directory here (in the runtime, under /app).
+COPY db/migrations ./db/migrations
+COPY scripts/image_bytecode.py ./scripts/
+RUN uv sync --locked --no-dev --no-editable ${EXTRAS:+--extra "${EXTRAS}"} \
+    && /app/.venv/bin/python -B scripts/image_bytecode.py \
+    && /app/.venv/bin/python -m compileall -q db/migrations
 
 # ---------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime
@@ -64,7 +75,8 @@ ENV PATH="/app/.venv/bin:${PATH}" \
 WORKDIR /app
 # Root-owned and read-only for the service user: the code cannot be rewritten at runtime.
 COPY --from=builder /app/.venv /app/.venv
-COPY db/migrations /app/db/migrations
+# From the builder, where they were compiled with the rest: every `zkeb serve` and `zkeb db upgrade` reads them.
+COPY --from=builder /src/db/migrations /app/db/migrations
 
 USER 10001:10001
 EXPOSE 3000

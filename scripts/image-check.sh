@@ -35,6 +35,9 @@ Environment (defaults in brackets):
   REDIS_URL       Redis URL the server uses [TEST_REDIS_URL, else redis://127.0.0.1:6379/0]
   IMAGE_TAG       tag of the built image [localhost/zkeb:check]
   STARTUP_RUNS    starts timed for start-to-ready [3]
+  REAL_BASE_MB    unpacked size of the real python base, for the estimate printed
+                  beside a stand-in's figures [130.0: python:3.11.16-slim-bookworm,
+                  linux/amd64, as docker-library/repo-info lists it]
   DEBIAN_MIRROR   mirror for debootstrap [the first one in this machine's apt sources]
   CA_BUNDLE       CA bundle the stand-in base carries [SSL_CERT_FILE, else the Debian bundle]
 EOF
@@ -52,6 +55,7 @@ PG_URL="${PG_URL:-postgresql://postgres@127.0.0.1:5432/postgres}"
 REDIS_URL="${REDIS_URL:-${TEST_REDIS_URL:-redis://127.0.0.1:6379/0}}"
 IMAGE_TAG="${IMAGE_TAG:-localhost/zkeb:check}"
 STARTUP_RUNS="${STARTUP_RUNS:-3}"
+REAL_BASE_MB="${REAL_BASE_MB:-130.0}"
 CA_BUNDLE="${CA_BUNDLE:-${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}}"
 STAND_IN_LABEL="org.zkeb.image-check.stand-in"
 BUILDAH_RUN=(buildah run --isolation chroot --network host)
@@ -437,9 +441,12 @@ print(f"start-to-ready (buildah run of the CMD to /api/health/ready 200): median
 report() {
   step "sizes"
   buildah inspect --type image "${PYTHON_BASE}" >"${WORK}/base.json"
-  python3 - "${WORK}/image.json" "${WORK}/base.json" <<'PY'
+  local base_kind
+  base_kind="$(base_state "${PYTHON_BASE}" "")"
+  python3 - "${WORK}/image.json" "${WORK}/base.json" "${base_kind}" "${REAL_BASE_MB}" "${PYTHON_BASE}" <<'PY'
 import json, sys
-image, base = (json.load(open(path))["Docker"] for path in sys.argv[1:])
+image, base = (json.load(open(path))["Docker"] for path in sys.argv[1:3])
+base_kind, real_base_mb, base_name = sys.argv[3], float(sys.argv[4]), sys.argv[5]
 history = image["history"]
 image, base = image["rootfs"]["diff_ids"], base["rootfs"]["diff_ids"]
 with open("/var/lib/containers/storage/overlay-layers/layers.json") as f:
@@ -449,6 +456,9 @@ steps = [h.get("created_by", "") for h in history if not h.get("empty_layer")]
 total = sum(sizes.get(d, 0) for d in image)
 base_total = sum(sizes.get(d, 0) for d in base)
 print(f"image {mb(total)} unpacked; its base {mb(base_total)}; added by the Dockerfile {mb(total - base_total)}")
+if base_kind != "real":
+    print(f"  on the real {base_name} ({real_base_mb:.1f} MB, REAL_BASE_MB) it would be about "
+          f"{real_base_mb + (total - base_total) / 1e6:.1f} MB")
 for i, digest in enumerate(image):
     what = steps[i] if i < len(steps) else ""
     what = what.replace("/bin/sh -c ", "").replace("#(nop) ", "").strip()
