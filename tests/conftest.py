@@ -177,9 +177,28 @@ async def redis_url(redis_server_url: str) -> AsyncIterator[str]:
 
 
 @pytest.fixture
-def settings(base_settings_env: dict[str, str], database_url: str) -> Settings:
-    """Settings for this test's database, without Redis."""
-    return make_settings(base_settings_env, DATABASE_URL=database_url)
+def payload_store_env(request: pytest.FixtureRequest) -> dict[str, str]:
+    """The variables that choose the payload store: none (PostgreSQL) unless a test parametrizes this fixture
+    indirectly with `"s3"` (`support.BOTH_STORES`), which configures a new bucket on the moto server."""
+    kind = getattr(request, "param", "postgres")
+    if kind == "postgres":
+        return {}
+    assert kind == "s3", kind
+    store: PayloadStoreSettings = request.getfixturevalue("s3_store_settings")
+    assert store.endpoint_url is not None
+    return {
+        "PAYLOAD_STORE": "s3",
+        "S3_BUCKET": store.bucket,
+        "S3_PREFIX": store.prefix,
+        "S3_ENDPOINT_URL": store.endpoint_url,
+        "S3_REGION": store.region,
+    }
+
+
+@pytest.fixture
+def settings(base_settings_env: dict[str, str], database_url: str, payload_store_env: dict[str, str]) -> Settings:
+    """Settings for this test's database (and payload store, see `payload_store_env`), without Redis."""
+    return make_settings(base_settings_env, DATABASE_URL=database_url, **payload_store_env)
 
 
 @pytest.fixture

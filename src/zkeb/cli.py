@@ -155,6 +155,24 @@ def _preflight(settings: Settings) -> None:
         TracingConfig.from_env()
     except SettingsError as exc:
         raise click.ClickException(f"configuration error: {exc}") from None
+    if settings.payload_store.kind == "s3":
+        _check_payload_store(settings)
+
+
+def _check_payload_store(settings: Settings, *, timeout: float = 20.0) -> None:
+    """Refuse to start, in one line, when the S3 bucket cannot be used (before any worker starts)."""
+    from zkeb.domain.backups.store.s3 import PayloadStoreUnavailableError, S3ChunkStore  # noqa: PLC0415
+
+    async def check() -> None:
+        async with asyncio.timeout(timeout), S3ChunkStore(settings.payload_store) as store:
+            await store.check()
+
+    try:
+        asyncio.run(check())
+    except PayloadStoreUnavailableError as exc:
+        raise click.ClickException(f"payload store: {exc.detail}") from None
+    except TimeoutError:
+        raise click.ClickException(f"payload store: the S3 store did not answer within {timeout:g} s") from None
 
 
 @main.group()

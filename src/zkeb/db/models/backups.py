@@ -38,13 +38,14 @@ class Payload(TenantModel):
     """A stored ciphertext: its wrapped data key and, once complete, its size and digest.
 
     Chunks belong to the payload, so an upload session and the backup it becomes share them: completing
-    an upload never copies bytes.
+    an upload never copies bytes. `store` says where the chunks' bytes are; readers follow it, not the setting.
     """
 
     __tablename__ = "payloads"
     __table_args__ = (
         CheckConstraint("sha256 IS NULL OR octet_length(sha256) = 32", name="sha256_len"),
         CheckConstraint("size >= 0", name="size"),
+        CheckConstraint("store IN ('postgres', 's3')", name="store"),
         Index("ix_payloads_key_id", "key_id"),
     )
 
@@ -54,6 +55,8 @@ class Payload(TenantModel):
     size: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
     chunk_count: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     sha256: Mapped[bytes | None] = mapped_column(LargeBinary, default=None)
+    #: Where the chunk bytes are: `postgres` (`backup_chunks.data`) or `s3` (one object a chunk; docs/storage.md).
+    store: Mapped[str] = mapped_column(String(16), default="postgres", server_default=text("'postgres'"))
 
 
 class BackupChunk(TenantModel):

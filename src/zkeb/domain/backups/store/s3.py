@@ -15,17 +15,31 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 from uuid import UUID
 
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from zkeb.core.errors import ServiceUnavailableError
+from zkeb.domain.backups.store.connection import raw_tenant_transaction
+from zkeb.domain.backups.store.payloads import (
+    READ_BATCH,
+    ChunkWrite,
+    Handover,
+    PayloadStore,
+    RowsHook,
+    StoredChunksMissingError,
+    StoreKind,
+    delete_chunk_rows_from,
+    insert_chunk_rows,
+)
 from zkeb.settings import PayloadStoreSettings
 
 if TYPE_CHECKING:
+    import asyncpg
+    from sqlalchemy.ext.asyncio import AsyncEngine
     from types_aiobotocore_s3 import S3Client
 
 __all__ = (
@@ -33,6 +47,7 @@ __all__ = (
     "ChunkMissingError",
     "PayloadStoreUnavailableError",
     "S3ChunkStore",
+    "S3PayloadStore",
     "StoredObject",
 )
 
@@ -53,7 +68,7 @@ class ChunkConflictError(PayloadStoreUnavailableError):
     """A conditional PUT found the chunk's key taken: another writer got there first."""
 
 
-class ChunkMissingError(PayloadStoreUnavailableError):
+class ChunkMissingError(StoredChunksMissingError, PayloadStoreUnavailableError):
     """A chunk the database lists has no object."""
 
 
@@ -102,6 +117,10 @@ class S3ChunkStore:
 
     async def __aexit__(self, *exc_info: object) -> None:
         """Close the client and its connections."""
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the client and its connections (nothing when it is not open)."""
         stack, self._stack, self._client = self._stack, None, None
         if stack is not None:
             await stack.aclose()
@@ -142,6 +161,10 @@ class S3ChunkStore:
             else:
                 reason = f"answered {status or _code(exc)}"
             raise PayloadStoreUnavailableError(f"the S3 bucket {self.bucket!r} {reason}") from None
+        except NoCredentialsError:
+            raise PayloadStoreUnavailableError(
+                "no AWS credentials found (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or a role)"
+            ) from None
         except BotoCoreError as exc:
             raise PayloadStoreUnavailableError(f"cannot reach the S3 store: {_describe(exc)}") from None
 
@@ -254,6 +277,97 @@ class S3ChunkStore:
             return StoredObject(UUID(parts[1]), UUID(parts[2]), int(parts[3]), size)
         except ValueError:
             return None
+
+
+class S3PayloadStore(PayloadStore):
+    """Chunk bytes as objects (`S3ChunkStore`), rows in PostgreSQL with an empty `data` (docs/storage.md).
+
+    A batch's objects are stored before its rows are committed, so a row always has its object; an object without
+    a row (a PATCH that died in between) is deleted by the next claim of the upload.
+    """
+
+    kind: ClassVar[StoreKind] = "s3"
+    stages_bytes: ClassVar[bool] = True
+
+    def __init__(self, objects: S3ChunkStore, *, check_timeout: float = 5.0) -> None:
+        """Store chunk bytes through `objects` (opened and closed by the owner)."""
+        self.objects = objects
+        self._check_timeout = check_timeout
+
+    async def write_batch(
+        self,
+        connection: asyncpg.Connection,
+        *,
+        organization_id: UUID,
+        payload_id: UUID,
+        chunks: Sequence[ChunkWrite],
+        before_rows: RowsHook | None = None,
+    ) -> None:
+        """PUT the objects (conditionally), then commit the rows (see `PayloadStore.write_batch`)."""
+        await self.objects.put_chunks(organization_id, payload_id, [(c.seq, c.blob) for c in chunks])
+        # Not flushed here: the synchronous commit that makes the backup visible flushes these rows too.
+        async with raw_tenant_transaction(connection, organization_id, synchronous_commit=False):
+            if before_rows is not None:
+                await before_rows(connection)
+            await insert_chunk_rows(
+                connection, organization_id=organization_id, payload_id=payload_id, chunks=chunks, keep_bytes=False
+            )
+
+    async def read_batches(
+        self,
+        engine: AsyncEngine,  # noqa: ARG002 - the interface's: objects need no database connection
+        *,
+        organization_id: UUID,
+        payload_id: UUID,
+        seqs: Sequence[int],
+        handover: Handover,
+    ) -> None:
+        """`READ_BATCH` objects fetched concurrently per batch; no database connection is held."""
+        for first in range(0, len(seqs), READ_BATCH):
+            await handover(await self.objects.get_chunks(organization_id, payload_id, seqs[first : first + READ_BATCH]))
+
+    async def read_stored(
+        self,
+        connection: asyncpg.Connection,  # noqa: ARG002 - the interface's: objects need no database connection
+        *,
+        organization_id: UUID,
+        payload_id: UUID,
+        first: int,
+        stop: int,
+    ) -> list[bytes]:
+        """The objects of chunks `first .. stop-1` (see `PayloadStore.read_stored`)."""
+        return await self.objects.get_chunks(organization_id, payload_id, range(first, stop))
+
+    async def delete_chunks_from(
+        self, connection: asyncpg.Connection, *, organization_id: UUID, payload_id: UUID, offset: int
+    ) -> None:
+        """Delete the rows, then every object from the first chunk no row keeps (see the class docstring)."""
+        kept = await delete_chunk_rows_from(
+            connection, organization_id=organization_id, payload_id=payload_id, offset=offset
+        )
+        await self.objects.delete_chunks_from(organization_id, payload_id, kept)
+
+    async def stage(self, organization_id: UUID, payload_id: UUID, chunks: Sequence[tuple[int, bytes]]) -> None:
+        """PUT the objects (conditionally), concurrently."""
+        await self.objects.put_chunks(organization_id, payload_id, chunks)
+
+    async def unstage(self, organization_id: UUID, payload_id: UUID) -> None:
+        """Delete the payload's objects; one left behind (the store failing again) is the reconciler's to report."""
+        try:
+            await self.objects.delete_payload(organization_id, payload_id)
+        except PayloadStoreUnavailableError:
+            logger.warning("objects of the refused payload %s stay in the bucket until reconciled", payload_id)
+
+    async def check(self) -> str | None:
+        """Why the bucket cannot be used now, or None."""
+        try:
+            async with asyncio.timeout(self._check_timeout):
+                await self.objects.check()
+        except TimeoutError:
+            return f"payload store: the S3 store did not answer within {self._check_timeout:g} s"
+        except PayloadStoreUnavailableError as exc:
+            return f"payload store: {exc.detail}"
+        return None
 
 
 async def _gather_limited(coroutines: Sequence[Any], limit: int) -> list[Any]:
