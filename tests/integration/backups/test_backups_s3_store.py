@@ -5,10 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import os
+import socket
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import asyncpg
@@ -19,8 +24,11 @@ from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
 from zkeb.app import create_app
+from zkeb.core.database import create_app_engine
 from zkeb.domain.backups.context import build_keyring
-from zkeb.lib.atrest import unwrap_data_key
+from zkeb.domain.backups.maintenance import MaintenanceReport, MaintenanceRunner
+from zkeb.domain.backups.store.s3 import S3ChunkStore
+from zkeb.lib.atrest import CHUNK_OVERHEAD, unwrap_data_key
 from zkeb.settings import PayloadStoreSettings, Settings
 
 from support import make_settings, problem
@@ -342,3 +350,136 @@ async def test_a_refused_single_shot_upload_leaves_no_object_and_no_row(
     assert await row_counts(owner_connection) == before
     assert before["payloads"] == NOTHING_STORED["payloads"]
     assert await _objects(s3_store_settings) == {}
+
+
+async def _maintenance_pass(settings: Settings) -> MaintenanceReport:
+    """One maintenance pass with its own engine and S3 client (the test client's app runs in another thread)."""
+    assert settings.database_url is not None
+    engine = create_app_engine(settings, settings.database_url)
+    try:
+        async with S3ChunkStore(settings.payload_store) as objects:
+            return await MaintenanceRunner(engine, settings, objects=objects).run_once()
+    finally:
+        await engine.dispose()
+
+
+@S3_ONLY
+async def test_purged_and_terminated_payloads_lose_their_objects_at_the_next_maintenance_pass(
+    client: Client,
+    tenant: Tenant,
+    settings: Settings,
+    s3_store_settings: PayloadStoreSettings,
+    owner_connection: asyncpg.Connection,
+) -> None:
+    kept_payload = os.urandom(2 * MIB)
+    kept = await client.post(
+        "/api/v1/backups", json=sign_envelope(tenant, kept_payload).json(), headers=auth(tenant.project_key)
+    )
+    purged = await client.post(
+        "/api/v1/backups", json=sign_envelope(tenant, os.urandom(MIB + 1)).json(), headers=auth(tenant.project_key)
+    )
+    location, payload = await _tus_create(client, tenant, os.urandom(3 * MIB))
+    assert (await _patch(client, tenant, location, 0, payload[:MIB])).status_code == 204
+    assert len(await _objects(s3_store_settings)) == 5
+
+    deleted = await client.delete(
+        f"/api/v1/backups/{purged.json()['id']}", params={"purge": "true"}, headers=auth(tenant.admin_key)
+    )
+    assert deleted.status_code == 204, deleted.text
+    terminated = await client.delete(location, headers=tus_headers(tenant.project_key))
+    assert terminated.status_code == 204
+    # Recorded in the deleting transactions; the bytes are still there until the pass.
+    assert await owner_connection.fetchval("SELECT count(*) FROM payload_object_deletions") == 2
+    assert len(await _objects(s3_store_settings)) == 5
+
+    report = await _maintenance_pass(settings)
+
+    assert (report.objects_deleted, report.failed) == (3, [])
+    assert await owner_connection.fetchval("SELECT count(*) FROM payload_object_deletions") == 0
+    kept_payload_id = await owner_connection.fetchval(
+        "SELECT payload_id FROM backups WHERE id = $1", uuid.UUID(kept.json()["id"])
+    )
+    assert {key.rsplit("/", 2)[1] for key in await _objects(s3_store_settings)} == {str(kept_payload_id)}
+    restored = await client.get(f"/api/v1/backups/{kept.json()['id']}/payload", headers=auth(tenant.project_key))
+    assert restored.content == kept_payload
+
+
+@S3_ONLY
+async def test_objects_of_a_deleted_payload_stay_recorded_while_the_store_fails(
+    client: Client,
+    tenant: Tenant,
+    settings: Settings,
+    s3_store_settings: PayloadStoreSettings,
+    owner_connection: asyncpg.Connection,
+) -> None:
+    created = await client.post(
+        "/api/v1/backups", json=sign_envelope(tenant, os.urandom(100)).json(), headers=auth(tenant.project_key)
+    )
+    purge = await client.delete(
+        f"/api/v1/backups/{created.json()['id']}", params={"purge": "true"}, headers=auth(tenant.admin_key)
+    )
+    assert purge.status_code == 204
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as closed:  # bound, not listening: refused
+        closed.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{closed.getsockname()[1]}"
+        unreachable = replace(settings, payload_store=replace(settings.payload_store, endpoint_url=endpoint))
+        report = await _maintenance_pass(unreachable)
+    assert report.failed == ["objects"]
+    assert await owner_connection.fetchval("SELECT count(*) FROM payload_object_deletions") == 1
+    assert len(await _objects(s3_store_settings)) == 1
+
+    assert (await _maintenance_pass(settings)).objects_deleted == 1
+    assert await _objects(s3_store_settings) == {}
+
+
+def _zkeb(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "zkeb", *args], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def _cli_env(base_settings_env: dict[str, str], database_url: str, payload_store_env: dict[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ZKEB_", "DATABASE_", "REDIS_", "S3_", "PAYLOAD_"))}
+    return {**env, **base_settings_env, "DATABASE_URL": database_url, **payload_store_env}
+
+
+@S3_ONLY
+async def test_storage_status_reports_where_payloads_live_and_the_bucket(
+    client: Client,
+    tenant: Tenant,
+    base_settings_env: dict[str, str],
+    database_url: str,
+    payload_store_env: dict[str, str],
+) -> None:
+    response = await client.post(
+        "/api/v1/backups", json=sign_envelope(tenant, os.urandom(2 * MIB)).json(), headers=auth(tenant.project_key)
+    )
+    assert response.status_code == 201
+    env = _cli_env(base_settings_env, database_url, payload_store_env)
+
+    result = await asyncio.to_thread(_zkeb, env, "storage", "status", "--json")
+
+    assert result.returncode == 0, result.stderr
+    status = json.loads(result.stdout)
+    assert status["payload_store"] == "s3"
+    assert status["stores"] == {"s3": {"payloads": 1, "bytes": 2 * MIB, "chunks": 2}}
+    assert status["pending_object_deletions"] == 0
+    assert status["bucket"]["objects"] == 2
+    assert status["bucket"]["bytes"] == 2 * MIB + 2 * CHUNK_OVERHEAD
+
+
+@S3_ONLY
+async def test_serve_and_storage_status_refuse_a_missing_bucket_in_one_line(
+    base_settings_env: dict[str, str], database_url: str, payload_store_env: dict[str, str]
+) -> None:
+    env = _cli_env(base_settings_env, database_url, {**payload_store_env, "S3_BUCKET": "zkeb-no-such-bucket"})
+
+    served = await asyncio.to_thread(_zkeb, env, "serve", "--port", "1")
+    status = await asyncio.to_thread(_zkeb, env, "storage", "status")
+
+    for result in (served, status):
+        assert result.returncode == 1
+        assert result.stderr.strip().splitlines()[-1] == (
+            "Error: payload store: the S3 bucket 'zkeb-no-such-bucket' does not exist"
+        )
+    assert "ZKEB listening" not in served.stderr

@@ -51,7 +51,7 @@ class BackupsPlugin(InitPluginProtocol):
         context = BackupsContext(
             settings=runtime.settings, engine=runtime.engine, crypto=PayloadCrypto(keyring), stores=stores
         )
-        runner = MaintenanceRunner(runtime.engine, runtime.settings)
+        runner = MaintenanceRunner(runtime.engine, runtime.settings, objects=opened)
         app_config.state[STATE_KEY] = context
         app_config.state[MAINTENANCE_STATE_KEY] = runner
         app_config.route_handlers.extend(
