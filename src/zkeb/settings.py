@@ -11,6 +11,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from zkeb.lib.sizes import parse_size
 
-__all__ = ("Settings", "SettingsError", "get_settings", "normalize_database_url")
+__all__ = ("PayloadStoreSettings", "Settings", "SettingsError", "get_settings", "normalize_database_url")
 
 logger = logging.getLogger("zkeb.settings")
 
@@ -31,6 +32,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
 # libpq options asyncpg understands as connect() keywords; the rest of a platform URL's query is dropped.
+_BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _SSLMODES = frozenset({"disable", "allow", "prefer", "require", "verify-ca", "verify-full"})
 
 
@@ -52,6 +54,53 @@ class Secrets:
     api_key_salt: str = field(default="", repr=False)
     api_key_salt_new: str | None = field(default=None, repr=False)
     generated_dev_secrets: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class PayloadStoreSettings:
+    """Where new payloads' chunks go (`PAYLOAD_STORE`) and, for `s3`, the bucket (docs/storage.md).
+
+    Credentials are not settings: botocore's standard chain finds them (`AWS_*` variables, profile, roles).
+    """
+
+    kind: Literal["postgres", "s3"] = "postgres"
+    bucket: str = ""
+    #: Key prefix inside the bucket, empty or ending with `/`.
+    prefix: str = ""
+    #: None for AWS; another S3-compatible store's endpoint otherwise.
+    endpoint_url: str | None = None
+    region: str = "us-east-1"
+
+    @classmethod
+    def from_reader(cls, reader: _EnvReader) -> PayloadStoreSettings:
+        """Read `PAYLOAD_STORE` and the `S3_*` variables.
+
+        Raises:
+            SettingsError: an unknown store, `s3` without `S3_BUCKET`, a malformed bucket, prefix or endpoint.
+        """
+        kind = cast("Literal['postgres', 's3']", reader.choice("PAYLOAD_STORE", ("postgres", "s3"), "postgres"))
+        if kind == "postgres":
+            return cls()
+        bucket = reader.optional("S3_BUCKET")
+        if bucket is None:
+            msg = "PAYLOAD_STORE=s3 requires S3_BUCKET to be set"
+            raise SettingsError(msg)
+        if not _BUCKET_NAME.fullmatch(bucket):
+            msg = f"S3_BUCKET must be a bucket name (3-63 lowercase letters, digits, dots, hyphens; got {bucket!r})"
+            raise SettingsError(msg)
+        prefix = reader.text("S3_PREFIX", "")
+        if prefix.startswith("/") or "//" in prefix:
+            msg = f"S3_PREFIX must not start with / or contain // (got {prefix!r})"
+            raise SettingsError(msg)
+        if prefix and not prefix.endswith("/"):
+            prefix += "/"
+        return cls(
+            kind=kind,
+            bucket=bucket,
+            prefix=prefix,
+            endpoint_url=reader.base_url("S3_ENDPOINT_URL"),
+            region=reader.text("S3_REGION", "us-east-1"),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +142,8 @@ class Settings:
     public_url: str | None = None
     #: Most tus uploads a project may have open at once (`MAX_OPEN_UPLOADS`).
     max_open_uploads: int = 100
+    #: Where payload chunks are stored (`PAYLOAD_STORE`, `S3_*`).
+    payload_store: PayloadStoreSettings = field(default_factory=PayloadStoreSettings)
 
     @property
     def is_production(self) -> bool:
@@ -156,6 +207,7 @@ class Settings:
             maintenance_interval_seconds=reader.number("MAINTENANCE_INTERVAL", 60.0, minimum=0.0),
             public_url=reader.base_url("PUBLIC_URL"),
             max_open_uploads=reader.integer("MAX_OPEN_UPLOADS", 100, minimum=1),
+            payload_store=PayloadStoreSettings.from_reader(reader),
         )
 
 

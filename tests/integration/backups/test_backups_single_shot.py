@@ -19,7 +19,7 @@ from litestar.testing import AsyncTestClient
 from zkeb.lib.envelope import parse_rfc3339_utc
 from zkeb.settings import Settings
 
-from support import problem
+from support import BOTH_STORES, problem
 
 Client = AsyncTestClient[Litestar]
 
@@ -39,6 +39,7 @@ async def tenant(client: Client, settings: Settings) -> Tenant:
     return await make_tenant(client, settings)
 
 
+@BOTH_STORES
 async def test_json_upload_round_trips_envelope_and_payload(client: Client, tenant: Tenant) -> None:
     payload = os.urandom(3000)
     envelope = sign_envelope(tenant, payload)
@@ -64,6 +65,7 @@ async def test_json_upload_round_trips_envelope_and_payload(client: Client, tena
     assert restored.content == payload
 
 
+@BOTH_STORES
 async def test_msgpack_upload_round_trips_and_answers_msgpack_on_request(client: Client, tenant: Tenant) -> None:
     payload = os.urandom(MIB + 17)
     envelope = sign_envelope(tenant, payload)

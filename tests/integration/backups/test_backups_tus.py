@@ -39,7 +39,7 @@ from zkeb.domain.backups.storage import hash_stored_chunks
 from zkeb.domain.backups.tus import IN_MEMORY_UPLOAD_MAX, UploadSweeper
 from zkeb.settings import Settings
 
-from support import PROJECT_USED_BYTES, Envelope, make_settings, problem
+from support import BOTH_STORES, PROJECT_USED_BYTES, Envelope, make_settings, problem
 
 Client = AsyncTestClient[Litestar]
 OCTETS = "application/offset+octet-stream"
@@ -128,6 +128,7 @@ async def test_head_reports_offset_length_and_no_store(client: Client, tenant: T
     assert head.headers["upload-offset"] == "40"
 
 
+@BOTH_STORES
 async def test_patches_append_and_the_completing_patch_commits(
     client: Client, tenant: Tenant, owner_connection: asyncpg.Connection
 ) -> None:
@@ -185,6 +186,7 @@ async def test_patch_needs_offset_octet_stream_and_upload_offset(client: Client,
     assert bad_offset.status_code == 400
 
 
+@BOTH_STORES
 async def test_body_past_upload_length_is_413_and_nothing_is_kept(
     client: Client, tenant: Tenant, owner_connection: asyncpg.Connection
 ) -> None:
@@ -351,6 +353,7 @@ async def test_a_second_upload_of_a_committed_envelope_is_409_naming_its_backup(
 # --- Creation With Upload -----------------------------------------------------------------------------------------
 
 
+@BOTH_STORES
 async def test_creation_with_upload_can_complete_in_one_request(client: Client, tenant: Tenant) -> None:
     payload = os.urandom(MIB + 3)
     envelope = sign_envelope(tenant, payload)
@@ -524,6 +527,7 @@ async def test_matching_checksum_is_accepted(client: Client, tenant: Tenant, alg
     assert response.headers["upload-offset"] == "3000"
 
 
+@BOTH_STORES
 @pytest.mark.parametrize("algorithm", ["sha1", "sha256"])
 async def test_checksum_mismatch_is_460_and_the_offset_is_unchanged(
     client: Client, tenant: Tenant, owner_connection: asyncpg.Connection, algorithm: str
@@ -558,6 +562,7 @@ async def test_unsupported_checksum_algorithm_is_400(client: Client, tenant: Ten
 # --- Termination --------------------------------------------------------------------------------------------------
 
 
+@BOTH_STORES
 async def test_termination_deletes_the_upload_and_its_bytes(
     client: Client, tenant: Tenant, owner_connection: asyncpg.Connection
 ) -> None:

@@ -36,7 +36,11 @@ async def test_health_reports_every_check_healthy(client: AsyncTestClient[Litest
 
 async def test_live_ready_db_and_redis_probes(client: AsyncTestClient[Litestar]) -> None:
     assert (await client.get("/api/health/live")).json() == {"status": "alive"}
-    assert (await client.get("/api/health/ready")).json() == {"status": "ready", "reasons": []}
+    assert (await client.get("/api/health/ready")).json() == {
+        "status": "ready",
+        "reasons": [],
+        "payload_store": "postgres",
+    }
     db = await client.get("/api/health/db")
     assert db.status_code == 200
     assert db.json()["pool_size"] >= 1

@@ -15,6 +15,7 @@ from zkeb.core.errors import ProblemError, UnprocessableError
 from zkeb.domain.backups.context import build_keyring
 from zkeb.domain.backups.schemas import validate_envelope
 from zkeb.domain.backups.storage import ChunkSpan, ReadStep, _PayloadReader, plan_read
+from zkeb.domain.backups.store.payloads import PostgresPayloadStore
 from zkeb.domain.backups.tus import ENVELOPE_METADATA_KEYS, envelope_from_metadata
 from zkeb.lib.atrest import ChunkCipher, master_key_id, parse_master_key
 from zkeb.lib.ranges import ByteRange
@@ -149,7 +150,14 @@ async def test_a_payload_reader_cancelled_while_waiting_for_a_batch_leaves_no_ta
     # The client went away mid-download: the response closes the stream, which cancels the reader while it waits
     # for the fetcher's next batch. Its wait on the batch queue must go with it, not linger until garbage collection
     # ("Task was destroyed but it is pending!").
-    reader = _PayloadReader(cast("AsyncEngine", None), uuid.uuid4(), uuid.uuid4(), cast("ChunkCipher", None), [])
+    reader = _PayloadReader(
+        cast("AsyncEngine", None),
+        PostgresPayloadStore(),
+        organization_id=uuid.uuid4(),
+        payload_id=uuid.uuid4(),
+        cipher=cast("ChunkCipher", None),
+        steps=[],
+    )
     fetcher = asyncio.create_task(_still_reading())
     before = asyncio.all_tasks()
     waiting = asyncio.create_task(reader._next_batch(fetcher))

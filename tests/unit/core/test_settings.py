@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from zkeb.settings import Settings, SettingsError, normalize_database_url
+from zkeb.settings import PayloadStoreSettings, Settings, SettingsError, normalize_database_url
 
 PROD_SECRETS = {
     "ZKEB_MASTER_ENCRYPTION_KEY": "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=",
@@ -145,3 +145,55 @@ def test_database_url_set_turns_auto_migrate_off_unless_asked(tmp_path: Path) ->
     env = {"ZKEB_DATA_DIR": str(tmp_path), "DATABASE_URL": "postgres://u@h/d"}
     assert Settings.from_env(env).auto_migrate is False
     assert Settings.from_env({**env, "ZKEB_AUTO_MIGRATE": "true"}).auto_migrate is True
+
+
+def test_payloads_stay_in_postgres_unless_told_otherwise(tmp_path: Path) -> None:
+    settings = Settings.from_env({"ZKEB_DATA_DIR": str(tmp_path), "S3_BUCKET": "ignored-without-s3"})
+    assert settings.payload_store == PayloadStoreSettings()
+    assert settings.payload_store.kind == "postgres"
+
+
+def test_an_s3_payload_store_reads_the_standard_names(tmp_path: Path) -> None:
+    settings = Settings.from_env(
+        {
+            "ZKEB_DATA_DIR": str(tmp_path),
+            "PAYLOAD_STORE": "S3",
+            "S3_BUCKET": "zkeb-payloads",
+            "S3_PREFIX": "prod/zkeb",
+            "S3_ENDPOINT_URL": "https://account.r2.cloudflarestorage.com/",
+            "S3_REGION": "auto",
+        }
+    )
+    assert settings.payload_store == PayloadStoreSettings(
+        kind="s3",
+        bucket="zkeb-payloads",
+        prefix="prod/zkeb/",
+        endpoint_url="https://account.r2.cloudflarestorage.com",
+        region="auto",
+    )
+
+
+def test_an_s3_payload_store_on_aws_has_no_endpoint(tmp_path: Path) -> None:
+    store = Settings.from_env({"ZKEB_DATA_DIR": str(tmp_path), "PAYLOAD_STORE": "s3", "S3_BUCKET": "b-1"}).payload_store
+    assert (store.endpoint_url, store.region, store.prefix) == (None, "us-east-1", "")
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"PAYLOAD_STORE": "gcs"}, "PAYLOAD_STORE must be one of postgres, s3 (got 'gcs')"),
+        ({"PAYLOAD_STORE": "s3"}, "PAYLOAD_STORE=s3 requires S3_BUCKET to be set"),
+        ({"PAYLOAD_STORE": "s3", "S3_BUCKET": "Bad_Bucket"}, "S3_BUCKET must be a bucket name"),
+        ({"PAYLOAD_STORE": "s3", "S3_BUCKET": "ok-bucket", "S3_PREFIX": "/abs"}, "S3_PREFIX must not start with /"),
+        (
+            {"PAYLOAD_STORE": "s3", "S3_BUCKET": "ok-bucket", "S3_ENDPOINT_URL": "minio:9000"},
+            "S3_ENDPOINT_URL must be an http:// or https:// base URL",
+        ),
+    ],
+)
+def test_invalid_payload_store_settings_are_refused_naming_the_variable(
+    tmp_path: Path, environ: dict[str, str], message: str
+) -> None:
+    with pytest.raises(SettingsError) as refused:
+        Settings.from_env({"ZKEB_DATA_DIR": str(tmp_path), **environ})
+    assert str(refused.value).startswith(message)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from zkeb.db.models.accounts import ApiKey, Device, DeviceProof, Organization, Project, ProjectUsageShard
 from zkeb.db.models.audit import AuditChainHead, AuditEvent, AuditPendingEvent
-from zkeb.db.models.backups import Backup, BackupChunk, Payload, PayloadNonce, UploadSession
+from zkeb.db.models.backups import Backup, BackupChunk, Payload, PayloadNonce, PayloadObjectDeletion, UploadSession
 
 __all__ = (
     "TENANT_TABLES",
@@ -19,6 +19,7 @@ __all__ = (
     "Organization",
     "Payload",
     "PayloadNonce",
+    "PayloadObjectDeletion",
     "Project",
     "ProjectUsageShard",
     "UploadSession",
@@ -37,6 +38,7 @@ TENANT_TABLES = (
     "backups",
     "payload_nonces",
     "upload_sessions",
+    "payload_object_deletions",
     "audit_events",
     "audit_chain_heads",
     "audit_pending_events",

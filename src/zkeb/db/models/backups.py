@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 from uuid import UUID
 
+from advanced_alchemy.base import UUIDv7AuditBase
 from sqlalchemy import (
     BigInteger,
     CheckConstraint,
@@ -21,7 +22,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 from zkeb.db.models._base import TenantModel, TimestampUTC
 from zkeb.db.models.accounts import Organization
 
-__all__ = ("Backup", "BackupChunk", "Payload", "PayloadNonce", "UploadSession")
+__all__ = ("Backup", "BackupChunk", "Payload", "PayloadNonce", "PayloadObjectDeletion", "UploadSession")
 
 _ENVELOPE_CHECKS = (
     ("octet_length(device_id_hash) = 32", "device_hash_len"),
@@ -38,13 +39,14 @@ class Payload(TenantModel):
     """A stored ciphertext: its wrapped data key and, once complete, its size and digest.
 
     Chunks belong to the payload, so an upload session and the backup it becomes share them: completing
-    an upload never copies bytes.
+    an upload never copies bytes. `store` says where the chunks' bytes are; readers follow it, not the setting.
     """
 
     __tablename__ = "payloads"
     __table_args__ = (
         CheckConstraint("sha256 IS NULL OR octet_length(sha256) = 32", name="sha256_len"),
         CheckConstraint("size >= 0", name="size"),
+        CheckConstraint("store IN ('postgres', 's3')", name="store"),
         Index("ix_payloads_key_id", "key_id"),
     )
 
@@ -54,6 +56,22 @@ class Payload(TenantModel):
     size: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
     chunk_count: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     sha256: Mapped[bytes | None] = mapped_column(LargeBinary, default=None)
+    #: Where the chunk bytes are: `postgres` (`backup_chunks.data`) or `s3` (one object a chunk; docs/storage.md).
+    store: Mapped[str] = mapped_column(String(16), default="postgres", server_default=text("'postgres'"))
+
+
+class PayloadObjectDeletion(UUIDv7AuditBase):
+    """A deleted payload whose S3 objects are still to be deleted (a trigger on `payloads` records it).
+
+    Tenant data with row-level security, but no foreign key: the record outlives its payload, project and
+    organization until the maintenance pass has deleted the objects (docs/storage.md §6).
+    """
+
+    __tablename__ = "payload_object_deletions"
+    __table_args__ = (UniqueConstraint("payload_id", name="uq_payload_object_deletions_payload"),)
+
+    organization_id: Mapped[UUID]
+    payload_id: Mapped[UUID]
 
 
 class BackupChunk(TenantModel):

@@ -1,4 +1,4 @@
-"""What the backups domain needs from one running app: settings, the engine and the master keyring."""
+"""What the backups domain needs from one running app: settings, the engine, the master keyring, payload stores."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from litestar.datastructures import State
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from zkeb.domain.backups.storage import PayloadCrypto
+from zkeb.domain.backups.store.payloads import PayloadStores
 from zkeb.lib.atrest import MasterKeyring, parse_master_key
 from zkeb.settings import Settings, SettingsError
 
@@ -43,6 +44,8 @@ class BackupsContext:
     settings: Settings
     engine: AsyncEngine
     crypto: PayloadCrypto
+    #: Where payload chunks go (`stores.default`) and are read from (`stores.for_kind(payload.store)`).
+    stores: PayloadStores
 
 
 def backups_context(state: State) -> BackupsContext:

@@ -336,7 +336,7 @@ class BackupController(Controller):
             raise PayloadRangeError(
                 "the range selects no byte of the payload", headers={"Content-Range": exc.content_range}
             ) from None
-        key, spans = await service.payload_layout(backup)
+        key, spans, store = await service.payload_layout(backup)
         await db_session.commit()
         cipher = context.crypto.cipher(backup.payload_id, key)
         steps = plan_read(spans, byte_range)
@@ -346,6 +346,7 @@ class BackupController(Controller):
             headers["Content-Range"] = byte_range.content_range(size)
         content = stream_plaintext(
             context.engine,
+            store=context.stores.for_kind(store),
             organization_id=principal.organization_id,
             payload_id=backup.payload_id,
             cipher=cipher,

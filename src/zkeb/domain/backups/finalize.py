@@ -16,6 +16,7 @@ under an advisory lock of one (container, device), and the audit event waits unc
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 from collections.abc import Callable
@@ -38,7 +39,7 @@ from zkeb.domain.backups.context import BackupsContext
 from zkeb.domain.backups.lifecycle import RETENTION, TrashedBackup, quota_exceeded, record_retention_events
 from zkeb.domain.backups.schemas import BackupEnvelope, invalid_field
 from zkeb.domain.backups.services import nonce_conflict, verify_backup_signature
-from zkeb.domain.backups.storage import CHUNK_SIZE
+from zkeb.domain.backups.storage import CHUNK_SIZE, PayloadKey
 from zkeb.domain.backups.store.commits import (
     Admission,
     NewBackup,
@@ -54,12 +55,16 @@ from zkeb.domain.backups.store.commits import (
     trash_beyond_retention,
 )
 from zkeb.domain.backups.store.connection import pooled_connection, raw_tenant_transaction
+from zkeb.domain.backups.store.payloads import PayloadStore
+from zkeb.lib.atrest import ChunkCipher
 
 __all__ = ("InMemoryPayload", "commit_in_memory")
 
 tracer = trace.get_tracer("zkeb.backups")
 
 _NONCE_CONSTRAINT = "uq_payload_nonces"
+#: Chunks encrypted and staged at once when the store keeps bytes outside PostgreSQL.
+STAGE_BATCH = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,42 +133,81 @@ async def commit_in_memory(
         "zkeb.bytes": job.size,
     }
     with tracer.start_as_current_span("backups.commit", attributes=attributes) as span:
-        async with pooled_connection(context.engine) as connection:
-            try:
-                async with raw_tenant_transaction(connection, job.organization_id):
-                    admission = await read_admission(
-                        connection,
-                        project_id=job.project_id,
-                        device_id_hash=envelope.device_id_hash,
-                        nonce=envelope.payload_nonce,
-                    )
-                    device_id, public_key = _admit(admission, envelope, job.size, method)
-                    verify_backup_signature(
-                        envelope,
-                        project_id=job.project_id,
-                        public_key=public_key,
-                        payload_sha256=payload.sha256,
-                        payload_size=job.size,
-                    )
-                    assert admission is not None
-                    created_at, trashed = await _store(connection, job, admission, device_id)
-                    audited = await _audit(connection, job, device_id, trashed, request)
-            except asyncpg.UniqueViolationError as exc:
-                if exc.constraint_name != _NONCE_CONSTRAINT:
-                    raise
-                span.set_attribute("zkeb.outcome", "conflict")
-                record_backup_failed("nonce_reuse")
-                # Committed meanwhile: by this very envelope (a concurrent retry), the conflict names its backup.
-                async with raw_tenant_transaction(connection, job.organization_id, readonly=True):
-                    owner = await nonce_owner(
-                        connection,
-                        project_id=job.project_id,
-                        device_id_hash=envelope.device_id_hash,
-                        nonce=envelope.payload_nonce,
-                    )
-                raise _conflict_for(envelope, owner) from None
-        span.set_attribute("zkeb.outcome", "committed")
-        span.set_attribute("zkeb.retention_trashed", len(trashed))
+        store = context.stores.default
+        key, cipher = context.crypto.new_key(job.payload_id)
+        # Bytes kept outside PostgreSQL are stored before its transaction opens, never while it is open; a refused
+        # or failed commit deletes them again.
+        try:
+            await _stage(store, job, cipher)
+            return await _commit(job, store, key, cipher, request, audit_committed, span)
+        except BaseException:
+            if store.stages_bytes:
+                await asyncio.shield(store.unstage(job.organization_id, job.payload_id))
+            raise
+
+
+async def _stage(store: PayloadStore, job: _NewBackupJob, cipher: ChunkCipher) -> None:
+    """Encrypt and stage the chunks a few at a time (memory: the body plus `STAGE_BATCH` chunks)."""
+    view = memoryview(job.payload.data).cast("B")
+    chunk_count = max(1, -(-job.size // CHUNK_SIZE))
+    if not store.stages_bytes:
+        return  # the rows carry the bytes
+    with tracer.start_as_current_span("backups.stage", attributes={"zkeb.chunk_count": chunk_count}):
+        for first in range(0, chunk_count, STAGE_BATCH):
+            chunks = [
+                (seq, cipher.encrypt(seq, view[seq * CHUNK_SIZE : (seq + 1) * CHUNK_SIZE]))
+                for seq in range(first, min(first + STAGE_BATCH, chunk_count))
+            ]
+            await store.stage(job.organization_id, job.payload_id, chunks)
+
+
+async def _commit(  # noqa: PLR0917 - the commit's parts, each once
+    job: _NewBackupJob,
+    store: PayloadStore,
+    key: PayloadKey,
+    cipher: ChunkCipher,
+    request: ASGIConnection[Any, Any, Any, Any] | None,
+    audit_committed: Callable[[UUID], None] | None,
+    span: trace.Span,
+) -> Backup:
+    """The one transaction: admit, verify, write the rows, charge, apply retention, audit."""
+    context, envelope, payload, method = job.context, job.envelope, job.payload, job.method
+    async with pooled_connection(context.engine) as connection:
+        try:
+            async with raw_tenant_transaction(connection, job.organization_id):
+                admission = await read_admission(
+                    connection,
+                    project_id=job.project_id,
+                    device_id_hash=envelope.device_id_hash,
+                    nonce=envelope.payload_nonce,
+                )
+                device_id, public_key = _admit(admission, envelope, job.size, method)
+                verify_backup_signature(
+                    envelope,
+                    project_id=job.project_id,
+                    public_key=public_key,
+                    payload_sha256=payload.sha256,
+                    payload_size=job.size,
+                )
+                assert admission is not None
+                created_at, trashed = await _store(connection, job, admission, device_id, store, key, cipher)
+                audited = await _audit(connection, job, device_id, trashed, request)
+        except asyncpg.UniqueViolationError as exc:
+            if exc.constraint_name != _NONCE_CONSTRAINT:
+                raise
+            span.set_attribute("zkeb.outcome", "conflict")
+            record_backup_failed("nonce_reuse")
+            # Committed meanwhile: by this very envelope (a concurrent retry), the conflict names its backup.
+            async with raw_tenant_transaction(connection, job.organization_id, readonly=True):
+                owner = await nonce_owner(
+                    connection,
+                    project_id=job.project_id,
+                    device_id_hash=envelope.device_id_hash,
+                    nonce=envelope.payload_nonce,
+                )
+            raise _conflict_for(envelope, owner) from None
+    span.set_attribute("zkeb.outcome", "committed")
+    span.set_attribute("zkeb.retention_trashed", len(trashed))
     if trashed:
         BACKUPS_TRASHED.labels(reason=RETENTION).inc(len(trashed))
     record_backup_created(method, job.size)
@@ -191,8 +235,14 @@ async def commit_in_memory(
     )
 
 
-async def _store(
-    connection: asyncpg.Connection, job: _NewBackupJob, admission: Admission, device_id: UUID
+async def _store(  # noqa: PLR0917 - the commit's parts, each once
+    connection: asyncpg.Connection,
+    job: _NewBackupJob,
+    admission: Admission,
+    device_id: UUID,
+    store: PayloadStore,
+    key: PayloadKey,
+    cipher: ChunkCipher,
 ) -> tuple[datetime, list[TrashedRow]]:
     """Write the payload, its chunks, the nonce and the backup, charge the usage and apply retention.
 
@@ -210,8 +260,12 @@ async def _store(
         )
     if admission.quota is not None:
         await lock_project_row(connection, job.project_id)
-    key, cipher = job.context.crypto.new_key(job.payload_id)
     view = memoryview(job.payload.data).cast("B")
+
+    def row_data(seq: int, piece: memoryview) -> bytes:
+        # With staged chunks the rows carry no bytes: nothing to encrypt again here.
+        return b"" if store.stages_bytes else cipher.encrypt(seq, piece)
+
     chunk_count = max(1, -(-size // CHUNK_SIZE))
     with tracer.start_as_current_span("backups.store", attributes={"zkeb.chunk_count": chunk_count}):
         first = view[:CHUNK_SIZE]
@@ -237,8 +291,9 @@ async def _store(
                 metadata_auth_tag=envelope.metadata_auth_tag,
                 signature=envelope.signature,
                 backup_timestamp=envelope.backup_timestamp,
+                store=store.kind,
             ),
-            first_chunk=(uuid7(), len(first), cipher.encrypt(0, first)),
+            first_chunk=(uuid7(), len(first), row_data(0, first)),
             nonce_id=uuid7(),
             shard_id=uuid7(),
             charge_shard=admission.quota is None,
@@ -253,7 +308,7 @@ async def _store(
                 seq=seq,
                 offset=seq * CHUNK_SIZE,
                 plain_size=len(piece),
-                data=cipher.encrypt(seq, piece),
+                data=row_data(seq, piece),
             )
     # With a quota, the project row (locked above) is charged once the rows are written.
     if admission.quota is not None and not await charge_project_row(connection, project_id=job.project_id, size=size):

@@ -11,6 +11,8 @@ transaction that makes it, and counted in Prometheus.
 - Trash: backups in the trash for longer than `TRASH_RETENTION_DAYS` are purged (payload, chunks, quota).
 - Retention: projects with a retention policy get it applied to every container, a page of projects per pass,
   so a policy tightened by an org admin takes effect without waiting for the next upload.
+- Objects: with the S3 payload store, the objects of payloads deleted by any of the above (or by the API) are
+  deleted from the bucket (`zkeb.domain.backups.store.outbox`), last, so one pass frees what it removed.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ from zkeb.domain.backups.lifecycle import (
     purge_backups,
     record_retention_events,
 )
+from zkeb.domain.backups.store.outbox import ObjectDeletionDrain
+from zkeb.domain.backups.store.s3 import S3ChunkStore
 from zkeb.domain.backups.tus import SWEEPER_ACTOR_ID, UploadSweeper
 from zkeb.settings import Settings
 
@@ -179,6 +183,8 @@ class MaintenanceReport:
     orphaned_payloads: int = 0
     trash_purged: int = 0
     retention_trashed: int = 0
+    #: Objects deleted from the S3 payload store (of payloads deleted this pass or before).
+    objects_deleted: int = 0
     more: bool = False
     failed: list[str] = field(default_factory=list)
 
@@ -211,13 +217,18 @@ class MaintenanceRunner:
         *,
         batch: int = MAINTENANCE_BATCH,
         interval: float | None = None,
+        objects: S3ChunkStore | None = None,
     ) -> None:
-        """Sweep `batch` items per task and pass, every `interval` seconds (default `MAINTENANCE_INTERVAL`)."""
+        """Sweep `batch` items per task and pass, every `interval` seconds (default `MAINTENANCE_INTERVAL`).
+
+        `objects` (the open S3 chunk store, when payloads go to S3) deletes the objects of deleted payloads.
+        """
         self.interval = settings.maintenance_interval_seconds if interval is None else interval
         self.batch = batch
         self.uploads = UploadSweeper(engine, batch=batch, settings=settings)
         self.trash = TrashPurger(engine, settings, batch=batch)
         self.retention = RetentionSweeper(engine, settings, batch=batch)
+        self.objects = None if objects is None else ObjectDeletionDrain(engine, objects, batch=batch)
         self._task: asyncio.Task[None] | None = None
 
     async def run_once(self) -> MaintenanceReport:
@@ -237,10 +248,16 @@ class MaintenanceRunner:
             report.retention_trashed, more = await self.retention.sweep_once()
             report.more = report.more or more
 
+        async def objects() -> None:
+            assert self.objects is not None
+            report.objects_deleted, more = await self.objects.drain_once()
+            report.more = report.more or more
+
         tasks: tuple[tuple[str, Callable[[], Awaitable[None]]], ...] = (
             ("uploads", uploads),
             ("trash", trash),
             ("retention", retention),
+            *((("objects", objects),) if self.objects is not None else ()),
         )
         with tracer.start_as_current_span("backups.maintenance"):
             for name, task in tasks:

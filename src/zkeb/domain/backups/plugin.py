@@ -12,11 +12,22 @@ from zkeb.domain.backups.keys import StoredKeysCheck
 from zkeb.domain.backups.maintenance import MaintenanceRunner
 from zkeb.domain.backups.openapi import add_backups_openapi
 from zkeb.domain.backups.storage import PayloadCrypto
+from zkeb.domain.backups.store.payloads import PayloadStores
+from zkeb.domain.backups.store.s3 import S3ChunkStore, S3PayloadStore
 from zkeb.domain.backups.tus import UploadController
+from zkeb.settings import Settings
 
 __all__ = ("BackupsPlugin",)
 
 MAINTENANCE_STATE_KEY = "backups_maintenance"
+
+
+def payload_stores(settings: Settings) -> tuple[PayloadStores, S3ChunkStore | None]:
+    """The payload stores `settings` configure, and the S3 client to open at start-up when there is one."""
+    if settings.payload_store.kind != "s3":
+        return PayloadStores("postgres"), None
+    objects = S3ChunkStore(settings.payload_store)
+    return PayloadStores("s3", s3=S3PayloadStore(objects)), objects
 
 
 class BackupsPlugin(InitPluginProtocol):
@@ -37,8 +48,11 @@ class BackupsPlugin(InitPluginProtocol):
         """
         runtime: Runtime = app_config.state["runtime"]
         keyring = build_keyring(runtime.settings)
-        context = BackupsContext(settings=runtime.settings, engine=runtime.engine, crypto=PayloadCrypto(keyring))
-        runner = MaintenanceRunner(runtime.engine, runtime.settings)
+        stores, opened = payload_stores(runtime.settings)
+        context = BackupsContext(
+            settings=runtime.settings, engine=runtime.engine, crypto=PayloadCrypto(keyring), stores=stores
+        )
+        runner = MaintenanceRunner(runtime.engine, runtime.settings, objects=opened)
         app_config.state[STATE_KEY] = context
         app_config.state[MAINTENANCE_STATE_KEY] = runner
         app_config.route_handlers.extend(
@@ -47,6 +61,11 @@ class BackupsPlugin(InitPluginProtocol):
         stored_keys = StoredKeysCheck(runtime.engine, keyring)
         runtime.readiness_checks.append(stored_keys)
         runtime.openapi_additions.append(add_backups_openapi)
+        runtime.readiness_checks.append(stores.check)
+        if opened is not None:
+            # The object store's client (and its connection pool) lives as long as the app: first up, last down.
+            app_config.on_startup.insert(0, opened.__aenter__)
+            app_config.on_shutdown.append(opened.close)
 
         async def start_stored_keys_check() -> None:
             stored_keys.start()

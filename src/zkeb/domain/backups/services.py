@@ -35,6 +35,7 @@ from zkeb.domain.backups.lifecycle import (
 from zkeb.domain.backups.repository import BackupRepositoryService
 from zkeb.domain.backups.schemas import BackupEnvelope, BackupRead, BackupReadMsgpack, invalid_field
 from zkeb.domain.backups.storage import ChunkSpan, PayloadCrypto, PayloadKey
+from zkeb.domain.backups.store.payloads import StoreKind
 from zkeb.lib.atrest import ChunkCipher
 from zkeb.lib.envelope import backup_signed_message, format_rfc3339_utc, verify_ed25519
 from zkeb.settings import Settings
@@ -230,8 +231,10 @@ class BackupService(BackupRepositoryService):
         )
         raise nonce_conflict(backup_id if same_envelope else None)
 
-    def add_payload(self, *, organization_id: UUID, project_id: UUID, crypto: PayloadCrypto) -> NewPayload:
-        """Stage a payload row with a fresh wrapped data key (the caller commits)."""
+    def add_payload(
+        self, *, organization_id: UUID, project_id: UUID, crypto: PayloadCrypto, store: StoreKind
+    ) -> NewPayload:
+        """Stage a payload row with a fresh wrapped data key, its chunks to go to `store` (the caller commits)."""
         payload_id = uuid7()
         key, cipher = crypto.new_key(payload_id)
         self.session.add(
@@ -241,6 +244,7 @@ class BackupService(BackupRepositoryService):
                 project_id=project_id,
                 key_id=key.key_id,
                 wrapped_key=key.wrapped_key,
+                store=store,
             )
         )
         return NewPayload(payload_id, cipher)
@@ -451,8 +455,8 @@ class BackupService(BackupRepositoryService):
             raise NotFoundError("no backup in this container")
         return backups[0]
 
-    async def payload_layout(self, backup: Backup) -> tuple[PayloadKey, list[ChunkSpan]]:
-        """The wrapped key and chunk map of a backup's payload."""
+    async def payload_layout(self, backup: Backup) -> tuple[PayloadKey, list[ChunkSpan], str]:
+        """The wrapped key, chunk map and store (`payloads.store`) of a backup's payload."""
         payload = await self.session.get_one(Payload, backup.payload_id)
         rows = await self.session.execute(
             select(BackupChunk.seq, BackupChunk.byte_offset, BackupChunk.plain_size)
@@ -460,7 +464,7 @@ class BackupService(BackupRepositoryService):
             .order_by(BackupChunk.seq)
         )
         spans = [ChunkSpan(r.seq, r.byte_offset, r.plain_size) for r in rows]
-        return PayloadKey(payload.key_id, payload.wrapped_key), spans
+        return PayloadKey(payload.key_id, payload.wrapped_key), spans, payload.store
 
 
 def nonce_conflict(backup_id: UUID | None = None) -> ConflictError:

@@ -1,16 +1,13 @@
 """Payload chunk storage: streamed, pipelined writes and prefetched reads of at-rest encrypted chunks.
 
-A payload is stored as ordered chunks of about `CHUNK_SIZE` bytes in `backup_chunks`, each encrypted with the
-payload's data key (`ChunkCipher`, the chunk's sequence number bound as associated data). Writes never hold one
-transaction across an upload: chunks are inserted in short transactions on a raw asyncpg connection of the app's
-pool, while the request keeps receiving, hashing and encrypting the next chunk (PostgreSQL's single backend is the
-bottleneck, so the two must overlap). The writer holds its pooled connection only while chunks are waiting for it,
-so a client sending slowly holds none between chunks. Chunks are invisible to clients until the backup row that
-references their payload commits; nothing else references them.
-
-Chunk transactions commit with `synchronous_commit = off`: the commit that makes a backup visible is synchronous,
-and flushing its WAL record flushes every earlier record, chunks included, so durability of a visible backup is
-unchanged while the chunk writes skip one fsync each.
+A payload is stored as ordered chunks of about `CHUNK_SIZE` bytes, each encrypted with the payload's data key
+(`ChunkCipher`, the chunk's sequence number bound as associated data), in the payload's store
+(`zkeb.domain.backups.store.payloads`: PostgreSQL's `backup_chunks`, or an S3 bucket with the rows in PostgreSQL).
+Writes never hold one transaction across an upload: chunks are written in short batches on a raw asyncpg
+connection of the app's pool, while the request keeps receiving, hashing and encrypting the next chunk (the store
+is the bottleneck, so the two must overlap). The writer holds its pooled connection only while chunks are waiting
+for it, so a client sending slowly holds none between chunks. Chunks are invisible to clients until the backup row
+that references their payload commits; nothing else references them.
 """
 
 from __future__ import annotations
@@ -27,13 +24,14 @@ from litestar.exceptions import HTTPException
 from opentelemetry import trace
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine
-from uuid_utils.compat import uuid7
 
-from zkeb.core.errors import ServiceUnavailableError
+from zkeb.core.errors import ProblemError, ServiceUnavailableError
 from zkeb.core.metrics import record_bytes_restored
-from zkeb.domain.backups.store.connection import pooled_connection, raw_tenant_transaction
+from zkeb.domain.backups.store.connection import pooled_connection
+from zkeb.domain.backups.store.payloads import READ_BATCH, ChunkWrite, PayloadStore, StoredChunksMissingError
 from zkeb.lib.atrest import (
     ChunkCipher,
+    ChunkIntegrityError,
     DataKeyUnwrapError,
     MasterKeyring,
     UnknownKeyIdError,
@@ -54,8 +52,8 @@ __all__ = (
     "PayloadKey",
     "PipelineError",
     "ReadStep",
+    "StoredPayloadCorruptError",
     "TransactionHook",
-    "delete_chunks_from",
     "hash_stored_chunks",
     "plan_read",
     "stream_plaintext",
@@ -72,28 +70,10 @@ CHUNK_SIZE = 1 << 20
 WRITE_QUEUE_DEPTH = 2
 #: Most chunks inserted in one transaction.
 WRITE_BATCH = 2
-#: Chunks fetched per query on restore, and decrypted chunks buffered ahead of the client. With queries following
-#: each other in one transaction (READ_TRANSACTION_SECONDS), 2 per query already matches asyncpg's own read
-#: ceiling in bench/upload.py; more per query would only add memory (1 per query was ~20 % slower).
-READ_BATCH = 2
+#: Decrypted chunks buffered ahead of the client on restore (the store fetches `READ_BATCH` chunks at a time).
 READ_QUEUE_DEPTH = 2
 #: Fetched (still encrypted) batches waiting to be decrypted.
 FETCH_QUEUE_DEPTH = 1
-#: Longest a restore keeps one read-only transaction open. Queries follow each other in it while the client keeps
-#: up (no BEGIN/SET/COMMIT round trips per batch); a client that falls behind makes it commit instead of waiting, so
-#: a slow download never holds its transaction (and its lock on the chunk table), nor its pooled connection, for
-#: longer than this.
-READ_TRANSACTION_SECONDS = 0.5
-
-_INSERT_CHUNK = (
-    "INSERT INTO backup_chunks (id, organization_id, payload_id, seq, byte_offset, plain_size, data, "
-    "created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, now(), now())"
-)
-_SELECT_CHUNKS = "SELECT seq, data FROM backup_chunks WHERE payload_id = $1 AND seq = ANY($2::integer[]) ORDER BY seq"
-_SELECT_CHUNKS_BELOW = (
-    "SELECT seq, data FROM backup_chunks WHERE payload_id = $1 AND seq >= $2 AND seq < $3 ORDER BY seq"
-)
-_DELETE_CHUNKS_FROM = "DELETE FROM backup_chunks WHERE payload_id = $1 AND byte_offset >= $2"
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,17 +113,10 @@ class PayloadCrypto:
         return ChunkCipher(data_key, payload_id)
 
 
-async def delete_chunks_from(
-    connection: asyncpg.Connection, organization_id: UUID, payload_id: UUID, offset: int
-) -> None:
-    """Delete the chunks of a payload that start at or after `offset` (bytes never acknowledged)."""
-    async with raw_tenant_transaction(connection, organization_id):
-        await connection.execute(_DELETE_CHUNKS_FROM, payload_id, offset)
-
-
 async def hash_stored_chunks(
     connection: asyncpg.Connection,
     *,
+    store: PayloadStore,
     organization_id: UUID,
     payload_id: UUID,
     cipher: ChunkCipher,
@@ -153,24 +126,28 @@ async def hash_stored_chunks(
     """Feed the plaintext of chunks `0 .. chunk_count-1` to `digest` (a resumed upload's hash prefix)."""
     with tracer.start_as_current_span("backups.hash_stored", attributes={"zkeb.chunk_count": chunk_count}):
         for first in range(0, chunk_count, READ_BATCH):
-            async with raw_tenant_transaction(connection, organization_id, readonly=True):
-                rows = await connection.fetch(
-                    _SELECT_CHUNKS_BELOW, payload_id, first, min(first + READ_BATCH, chunk_count)
+            stop = min(first + READ_BATCH, chunk_count)
+            try:
+                blobs = await store.read_stored(
+                    connection, organization_id=organization_id, payload_id=payload_id, first=first, stop=stop
                 )
-            for expected, row in enumerate(rows, start=first):
-                if row["seq"] != expected:
-                    raise ServiceUnavailableError("a stored chunk of this upload is missing")
-                digest.update(cipher.decrypt(row["seq"], row["data"]))
-            if len(rows) != min(READ_BATCH, chunk_count - first):
-                raise ServiceUnavailableError("a stored chunk of this upload is missing")
+            except StoredChunksMissingError:
+                raise ServiceUnavailableError("a stored chunk of this upload is missing") from None
+            for seq, blob in enumerate(blobs, start=first):
+                digest.update(cipher.decrypt(seq, blob))
+
+
+class StoredPayloadCorruptError(ProblemError):
+    """A stored chunk failed authentication: changed or damaged at rest; neither transient nor the client's (500)."""
+
+    status_code: int = 500
 
 
 class PipelineError(RuntimeError):
     """The chunk writer failed; the upload cannot continue."""
 
 
-#: A chunk on its way to the writer: sequence number, byte offset, plaintext size, ciphertext.
-_Chunk = tuple[int, int, int, bytes]
+_Chunk = ChunkWrite
 #: Runs first in each chunk transaction with the sequence number and byte offset that follow the batch; raising
 #: aborts the write (a tus PATCH checks its lease and records its progress here).
 TransactionHook = Callable[["asyncpg.Connection", int, int], Awaitable[None]]
@@ -189,6 +166,7 @@ class ChunkPipeline:
         self,
         engine: AsyncEngine,
         *,
+        store: PayloadStore,
         organization_id: UUID,
         payload_id: UUID,
         cipher: ChunkCipher,
@@ -200,6 +178,7 @@ class ChunkPipeline:
     ) -> None:
         """Prepare to write chunks `first_seq, ...` starting at byte `first_offset` of the payload."""
         self._engine = engine
+        self._payload_store = store
         self._in_transaction = in_transaction
         self._organization_id = organization_id
         self._payload_id = payload_id
@@ -309,7 +288,7 @@ class ChunkPipeline:
             digest.update(plaintext)
         size = len(plaintext)
         blob = self._cipher.encrypt(self.next_seq, plaintext)
-        await self._put((self.next_seq, self.next_offset, size, blob))
+        await self._put(ChunkWrite(self.next_seq, self.next_offset, size, blob))
         self.next_seq += 1
         self.next_offset += size
 
@@ -365,23 +344,25 @@ class ChunkPipeline:
                         return
 
     async def _store(self, connection: asyncpg.Connection, batch: list[_Chunk]) -> None:
-        size = sum(plain for _, _, plain, _ in batch)
+        size = sum(chunk.plain_size for chunk in batch)
         with tracer.start_as_current_span(
             "backups.store_chunks",
-            attributes={"zkeb.chunk_count": len(batch), "zkeb.bytes": size, "zkeb.first_seq": batch[0][0]},
+            attributes={"zkeb.chunk_count": len(batch), "zkeb.bytes": size, "zkeb.first_seq": batch[0].seq},
         ):
-            rows = [
-                (uuid7(), self._organization_id, self._payload_id, seq, offset, plain, blob)
-                for seq, offset, plain, blob in batch
-            ]
-            async with raw_tenant_transaction(connection, self._organization_id, synchronous_commit=False):
-                if self._in_transaction is not None:
-                    last_seq, last_offset, last_size, _ = batch[-1]
-                    await self._in_transaction(connection, last_seq + 1, last_offset + last_size)
-                if len(rows) == 1:
-                    await connection.execute(_INSERT_CHUNK, *rows[0])
-                else:
-                    await connection.executemany(_INSERT_CHUNK, rows)
+            hook = self._in_transaction
+            last = batch[-1]
+
+            async def before_rows(connection: asyncpg.Connection) -> None:
+                if hook is not None:
+                    await hook(connection, last.seq + 1, last.offset + last.plain_size)
+
+            await self._payload_store.write_batch(
+                connection,
+                organization_id=self._organization_id,
+                payload_id=self._payload_id,
+                chunks=batch,
+                before_rows=before_rows if hook is not None else None,
+            )
             self.stored_chunks += len(batch)
 
 
@@ -430,72 +411,45 @@ def plan_read(chunks: Sequence[ChunkSpan], byte_range: ByteRange | None) -> list
     return steps
 
 
-def _require_rows(rows: Sequence[Any], batch: Sequence[ReadStep]) -> None:
-    if [row["seq"] for row in rows] != [step.seq for step in batch]:
-        raise PipelineError("stored chunks vanished while reading (the backup was deleted?)")
-
-
 class _PayloadReader:
-    """Two stages ahead of the client: a fetcher reads `READ_BATCH` chunks per query, and a decrypter turns the
-    previous batch into plaintext pieces, so PostgreSQL is already sending batch k+1 while batch k is decrypted and
-    sent. At most `FETCH_QUEUE_DEPTH` fetched batches and `READ_QUEUE_DEPTH` pieces wait.
+    """Two stages ahead of the client: a fetcher reads `READ_BATCH` chunks at a time from the payload's store, and a
+    decrypter turns the previous batch into plaintext pieces, so the store is already sending batch k+1 while batch
+    k is decrypted and sent. At most `FETCH_QUEUE_DEPTH` fetched batches and `READ_QUEUE_DEPTH` pieces wait.
 
-    The fetcher's queries share one read-only transaction, on one pooled connection, for at most
-    `READ_TRANSACTION_SECONDS`; when the client is slow it commits and gives the connection back before waiting.
+    How the fetcher holds database connections is the store's (`PayloadStore.read_batches`): the PostgreSQL store
+    shares one read-only transaction per short read window, the S3 store holds none.
     """
 
     def __init__(
         self,
         engine: AsyncEngine,
+        store: PayloadStore,
+        *,
         organization_id: UUID,
         payload_id: UUID,
         cipher: ChunkCipher,
         steps: Sequence[ReadStep],
     ) -> None:
         self._engine = engine
+        self._store = store
         self._organization_id = organization_id
         self._payload_id = payload_id
         self._cipher = cipher
         self._steps = steps
-        self._fetched: asyncio.Queue[list[Any] | None] = asyncio.Queue(maxsize=FETCH_QUEUE_DEPTH)
+        self._fetched: asyncio.Queue[list[bytes] | None] = asyncio.Queue(maxsize=FETCH_QUEUE_DEPTH)
         self.pieces: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue(maxsize=READ_QUEUE_DEPTH)
 
     async def _fetch(self) -> None:
-        # One pooled connection per read window, given back before waiting for a slow client: a stalled download
-        # holds neither a transaction nor a connection of the pool the API's requests need.
-        loop = asyncio.get_running_loop()
-        index = 0
-        while index < len(self._steps):
-            left_over: list[Any] | None = None
-            with tracer.start_as_current_span("backups.read_chunks") as span:
-                first = index
-                async with (
-                    pooled_connection(self._engine) as connection,
-                    raw_tenant_transaction(connection, self._organization_id, readonly=True),
-                ):
-                    deadline = loop.time() + READ_TRANSACTION_SECONDS
-                    while index < len(self._steps):
-                        batch = self._steps[index : index + READ_BATCH]
-                        rows = await connection.fetch(_SELECT_CHUNKS, self._payload_id, [s.seq for s in batch])
-                        _require_rows(rows, batch)
-                        index += len(batch)
-                        try:  # hand the batch over, but commit rather than wait past the deadline
-                            async with asyncio.timeout_at(deadline):
-                                await self._fetched.put(rows)
-                        except TimeoutError:
-                            left_over = rows
-                            break
-                        finally:
-                            del rows  # the decrypter frees each chunk as it goes; hold none here
-                        if loop.time() >= deadline:
-                            break
-                span.set_attribute("zkeb.chunk_count", index - first)
-            if left_over is not None:
-                await self._fetched.put(left_over)
-                del left_over
+        await self._store.read_batches(
+            self._engine,
+            organization_id=self._organization_id,
+            payload_id=self._payload_id,
+            seqs=[step.seq for step in self._steps],
+            handover=self._fetched.put,
+        )
         await self._fetched.put(None)
 
-    async def _next_batch(self, fetcher: asyncio.Task[None]) -> list[Any] | None:
+    async def _next_batch(self, fetcher: asyncio.Task[None]) -> list[bytes] | None:
         """The next fetched batch, or None at the end; re-raises the fetcher's failure."""
         get = asyncio.ensure_future(self._fetched.get())
         try:
@@ -513,12 +467,23 @@ class _PayloadReader:
         fetcher = asyncio.create_task(self._fetch(), name=f"zkeb-chunk-fetcher-{self._payload_id}")
         try:
             position = 0
-            while (rows := await self._next_batch(fetcher)) is not None:
-                for index in range(len(rows)):
+            while (blobs := await self._next_batch(fetcher)) is not None:
+                for index in range(len(blobs)):
                     step = self._steps[position]
                     with tracer.start_as_current_span("backups.decrypt", attributes={"zkeb.seq": step.seq}):
-                        plaintext = self._cipher.decrypt(step.seq, rows[index]["data"])
-                    rows[index] = None  # release each ciphertext as soon as it is decrypted
+                        try:
+                            plaintext = self._cipher.decrypt(step.seq, blobs[index])
+                        except ChunkIntegrityError as exc:
+                            logger.error(  # noqa: TRY400 - the traceback adds nothing
+                                "payload %s: stored chunk %d failed its integrity check: %s",
+                                self._payload_id,
+                                step.seq,
+                                exc,
+                            )
+                            raise StoredPayloadCorruptError(
+                                "the stored payload failed its integrity check and cannot be restored"
+                            ) from None
+                    blobs[index] = b""  # release each ciphertext as soon as it is decrypted
                     whole = step.start == 0 and step.stop == len(plaintext)
                     await self.pieces.put(plaintext if whole else plaintext[step.start : step.stop])
                     del plaintext
@@ -538,6 +503,7 @@ class _PayloadReader:
 async def stream_plaintext(
     engine: AsyncEngine,
     *,
+    store: PayloadStore,
     organization_id: UUID,
     payload_id: UUID,
     cipher: ChunkCipher,
@@ -551,7 +517,9 @@ async def stream_plaintext(
     for the first piece, so a failure before any byte is its error, a 503 before headers) and finished in another
     (the response's): its span is therefore never the current one across a `yield`, only the reader's parent.
     """
-    payload_reader = _PayloadReader(engine, organization_id, payload_id, cipher, steps)
+    payload_reader = _PayloadReader(
+        engine, store, organization_id=organization_id, payload_id=payload_id, cipher=cipher, steps=steps
+    )
     span = tracer.start_span("backups.send", attributes=attributes or {})
     with trace.use_span(span, end_on_exit=False):
         reader = asyncio.create_task(payload_reader.run(), name=f"zkeb-chunk-reader-{payload_id}")

@@ -39,7 +39,7 @@ import hashlib
 import hmac
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
@@ -91,10 +91,10 @@ from zkeb.domain.backups.storage import (
     ChunkPipeline,
     PayloadKey,
     TransactionHook,
-    delete_chunks_from,
     hash_stored_chunks,
 )
 from zkeb.domain.backups.store.connection import pooled_connection, raw_tenant_transaction
+from zkeb.domain.backups.store.payloads import PayloadStore
 from zkeb.lib.atrest import ChunkCipher
 from zkeb.lib.byteforms import BytesField, FieldFormError, TextEncoding, decode_bytes_fields
 from zkeb.lib.envelope import AUTH_TAG_LENGTH, DEVICE_ID_HASH_LENGTH, ED25519_SIGNATURE_LENGTH, NONCE_LENGTH
@@ -417,6 +417,8 @@ class PatchReceiver:
     principal: Principal
     upload: UploadSession
     checksum: tuple[str, bytes] | None
+    #: The payload's store, known once `receive` has read the payload.
+    store: PayloadStore = field(init=False)
 
     async def receive(self) -> PatchOutcome:
         """Claim the upload, stream the body into chunks, and record the new offset or commit the backup.
@@ -431,6 +433,7 @@ class PatchReceiver:
         payload_id, start = upload.payload_id, upload.upload_offset
         payload = await self.session.get_one(Payload, payload_id)
         cipher = self.context.crypto.cipher(upload.payload_id, PayloadKey(payload.key_id, payload.wrapped_key))
+        self.store = self.context.stores.for_kind(payload.store)
         await self.session.commit()  # release the session's connection: the bytes go through short transactions
         remaining = upload.upload_length - upload.upload_offset
         announced = self.request.content_length
@@ -474,7 +477,12 @@ class PatchReceiver:
             claimed = await connection.fetchrow(_CLAIM, upload.id, lease.lease_id, UPLOAD_EXPIRY, upload.upload_offset)
             if claimed is not None:
                 # Chunks past the acknowledged offset were stored by a PATCH that failed or was taken over.
-                await delete_chunks_from(connection, organization_id, upload.payload_id, upload.upload_offset)
+                await self.store.delete_chunks_from(
+                    connection,
+                    organization_id=organization_id,
+                    payload_id=upload.payload_id,
+                    offset=upload.upload_offset,
+                )
                 return claimed["chunk_count"], claimed["expires_at"]
             current = await connection.fetchrow(_UNCLAIMED, upload.id)
         if current is None:
@@ -522,7 +530,9 @@ class PatchReceiver:
                     return
                 await connection.execute(_RECORD_CHUNKS, payload_id, chunk_count, offset)
             if offset is not None:
-                await delete_chunks_from(connection, organization_id, payload_id, offset)
+                await self.store.delete_chunks_from(
+                    connection, organization_id=organization_id, payload_id=payload_id, offset=offset
+                )
 
     async def _discard(self, lease: UploadLease, payload_id: UUID) -> None:
         """Delete an upload that can never succeed, with its bytes, if this PATCH still owns it."""
@@ -545,6 +555,7 @@ class PatchReceiver:
         patch_digest = hashlib.new(self.checksum[0]) if self.checksum else None
         pipeline = ChunkPipeline(
             self.context.engine,
+            store=self.store,
             organization_id=organization_id,
             payload_id=payload_id,
             cipher=cipher,
@@ -585,6 +596,7 @@ class PatchReceiver:
             try:
                 await hash_stored_chunks(
                     connection,
+                    store=self.store,
                     organization_id=organization_id,
                     payload_id=self.upload.payload_id,
                     cipher=cipher,
@@ -759,7 +771,10 @@ class UploadController(Controller):
             principal.project_id, length, max_open_uploads=context.settings.max_open_uploads
         )
         new = service.add_payload(
-            organization_id=principal.organization_id, project_id=principal.project_id, crypto=context.crypto
+            organization_id=principal.organization_id,
+            project_id=principal.project_id,
+            crypto=context.crypto,
+            store=context.stores.default.kind,
         )
         upload = UploadSession(
             id=uuid7(),

@@ -62,13 +62,19 @@ class HealthController(Controller):
         summary="Readiness",
         description=(
             "503 with `reasons` when the database is unreachable, its schema is behind the code, stored data keys "
-            "need a master key that is not configured, or the server is draining."
+            "need a master key that is not configured, the S3 payload store cannot be used, or the server is "
+            "draining. `payload_store` names where new payloads go."
         ),
     )
     async def ready(self, state: State) -> Response[Readiness]:
         """Whether a load balancer should route traffic here."""
-        reasons = await HealthService(get_runtime(state)).readiness_reasons()
-        body = Readiness(status="not_ready" if reasons else "ready", reasons=reasons)
+        runtime = get_runtime(state)
+        reasons = await HealthService(runtime).readiness_reasons()
+        body = Readiness(
+            status="not_ready" if reasons else "ready",
+            reasons=reasons,
+            payload_store=runtime.settings.payload_store.kind,
+        )
         return Response(body, status_code=_status_code(not reasons), headers=_NO_STORE)
 
     @get(

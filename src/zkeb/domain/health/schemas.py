@@ -84,6 +84,8 @@ class Readiness(msgspec.Struct):
 
     status: Literal["ready", "not_ready"]
     reasons: list[str] = msgspec.field(default_factory=list)
+    #: Where new payloads' chunks go (`PAYLOAD_STORE`; docs/storage.md).
+    payload_store: Literal["postgres", "s3"] = "postgres"
 
 
 class VersionInfo(msgspec.Struct):

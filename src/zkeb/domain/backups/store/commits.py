@@ -79,9 +79,9 @@ WHERE n.project_id = $1 AND n.device_id_hash = $2 AND n.nonce = $3
 # order.
 _INSERT_BACKUP = f"""
 WITH payload AS (
-    INSERT INTO payloads (id, organization_id, project_id, key_id, wrapped_key, size, chunk_count, sha256,
+    INSERT INTO payloads (id, organization_id, project_id, key_id, wrapped_key, size, chunk_count, sha256, store,
                           created_at, updated_at)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now(), now())
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $26, now(), now())
     RETURNING id
 ), chunk AS (
     INSERT INTO backup_chunks (id, organization_id, payload_id, seq, byte_offset, plain_size, data,
@@ -213,6 +213,8 @@ class NewBackup:
     metadata_auth_tag: bytes
     signature: bytes
     backup_timestamp: datetime
+    #: Where the payload's chunk bytes are (`payloads.store`).
+    store: str = "postgres"
 
 
 async def insert_backup(
@@ -224,7 +226,7 @@ async def insert_backup(
     shard_id: UUID,
     charge_shard: bool,
 ) -> datetime:
-    """Insert the payload (with `first_chunk`: id, plaintext size, ciphertext), the nonce and the backup; its time.
+    """Insert the payload (with `first_chunk`: id, plaintext size, row data), the nonce and the backup; its time.
 
     With `charge_shard`, the payload's bytes go to the project's usage shard of this connection.
 
@@ -259,6 +261,7 @@ async def insert_backup(
         backup.metadata_auth_tag,
         backup.signature,
         backup.backup_timestamp,
+        backup.store,
     )
     return created_at
 

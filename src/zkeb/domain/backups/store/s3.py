@@ -1,0 +1,411 @@
+"""Encrypted payload chunks as objects in an S3-compatible bucket (docs/storage.md).
+
+One object per at-rest chunk, at `{prefix}payloads/{organization_id}/{payload_id}/{seq:08d}`, holding exactly the
+bytes the PostgreSQL store keeps in `backup_chunks.data` (AES-GCM under the payload's data key): nothing else goes to
+the bucket, no metadata, no key. Writes are conditional (`If-None-Match: *`), so a chunk is never overwritten.
+
+Every failure of the store (an error status, a timeout, no connection) is a `PayloadStoreUnavailableError`, a 503
+for the client, with a message naming the operation and never a key, body or credential.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+from uuid import UUID
+
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+from zkeb.core.errors import ServiceUnavailableError
+from zkeb.domain.backups.store.connection import raw_tenant_transaction
+from zkeb.domain.backups.store.payloads import (
+    READ_BATCH,
+    ChunkWrite,
+    Handover,
+    PayloadStore,
+    RowsHook,
+    StoredChunksMissingError,
+    StoreKind,
+    delete_chunk_rows_from,
+    insert_chunk_rows,
+)
+from zkeb.settings import PayloadStoreSettings
+
+if TYPE_CHECKING:
+    import asyncpg
+    from sqlalchemy.ext.asyncio import AsyncEngine
+    from types_aiobotocore_s3 import S3Client
+
+__all__ = (
+    "ChunkConflictError",
+    "ChunkMissingError",
+    "PayloadStoreUnavailableError",
+    "S3ChunkStore",
+    "S3PayloadStore",
+    "StoredObject",
+)
+
+logger = logging.getLogger("zkeb.backups.s3")
+
+#: Objects fetched or stored at once by one call (a batch of the pipelines is a few chunks).
+CONCURRENCY = 8
+#: Keys per DeleteObjects request (the S3 API's maximum).
+DELETE_BATCH = 1000
+_SEQ_DIGITS = 8
+
+
+class PayloadStoreUnavailableError(ServiceUnavailableError):
+    """The object store failed or could not be reached; the client may retry (503)."""
+
+
+class ChunkConflictError(PayloadStoreUnavailableError):
+    """A conditional PUT found the chunk's key taken: another writer got there first."""
+
+
+class ChunkMissingError(StoredChunksMissingError, PayloadStoreUnavailableError):
+    """A chunk the database lists has no object."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredObject:
+    """One chunk object found in the bucket."""
+
+    organization_id: UUID
+    payload_id: UUID
+    seq: int
+    size: int
+
+
+class S3ChunkStore:
+    """Puts, gets, deletes and lists the chunk objects of payloads in one bucket under one prefix.
+
+    Use as an async context manager (it opens one client, with its connection pool, for the process).
+    """
+
+    def __init__(self, settings: PayloadStoreSettings, *, connect_timeout: float = 5.0, read_timeout: float = 30.0):
+        """Prepare a client for `settings` (credentials from botocore's standard chain)."""
+        self._settings = settings
+        self._config = AioConfig(
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            retries={"mode": "standard", "max_attempts": 3},
+            max_pool_connections=32,
+        )
+        self._client: S3Client | None = None
+        self._stack: contextlib.AsyncExitStack | None = None
+
+    async def __aenter__(self) -> S3ChunkStore:
+        """Open the client."""
+        stack = contextlib.AsyncExitStack()
+        session = get_session()
+        self._client = await stack.enter_async_context(
+            session.create_client(
+                "s3",
+                region_name=self._settings.region,
+                endpoint_url=self._settings.endpoint_url,
+                config=self._config,
+            )
+        )
+        self._stack = stack
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        """Close the client and its connections."""
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the client and its connections (nothing when it is not open)."""
+        stack, self._stack, self._client = self._stack, None, None
+        if stack is not None:
+            await stack.aclose()
+
+    @property
+    def _s3(self) -> S3Client:
+        if self._client is None:
+            raise RuntimeError("the S3 chunk store is not open")
+        return self._client
+
+    @property
+    def bucket(self) -> str:
+        """The bucket's name."""
+        return self._settings.bucket
+
+    def payload_prefix(self, organization_id: UUID, payload_id: UUID) -> str:
+        """The key prefix of one payload's chunks."""
+        return f"{self._settings.prefix}payloads/{organization_id}/{payload_id}/"
+
+    def key(self, organization_id: UUID, payload_id: UUID, seq: int) -> str:
+        """The key of chunk `seq` of a payload."""
+        return f"{self.payload_prefix(organization_id, payload_id)}{seq:0{_SEQ_DIGITS}d}"
+
+    async def check(self) -> None:
+        """Raise unless the bucket exists and the credentials may use it.
+
+        Raises:
+            PayloadStoreUnavailableError: the message says what is wrong, in one line.
+        """
+        try:
+            await self._s3.head_bucket(Bucket=self.bucket)
+        except ClientError as exc:
+            status = _status(exc)
+            if status == 404:
+                reason = "does not exist"
+            elif status in {401, 403}:
+                reason = "refuses these credentials (403)"
+            else:
+                reason = f"answered {status or _code(exc)}"
+            raise PayloadStoreUnavailableError(f"the S3 bucket {self.bucket!r} {reason}") from None
+        except NoCredentialsError:
+            raise PayloadStoreUnavailableError(
+                "no AWS credentials found (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or a role)"
+            ) from None
+        except BotoCoreError as exc:
+            raise PayloadStoreUnavailableError(f"cannot reach the S3 store: {_describe(exc)}") from None
+
+    async def put_chunk(self, organization_id: UUID, payload_id: UUID, seq: int, blob: bytes | memoryview) -> None:
+        """Store chunk `seq`, refusing to overwrite an existing object.
+
+        Raises:
+            ChunkConflictError: the key already holds an object.
+            PayloadStoreUnavailableError: the store failed.
+        """
+        try:
+            await self._s3.put_object(
+                Bucket=self.bucket,
+                Key=self.key(organization_id, payload_id, seq),
+                Body=bytes(blob),
+                IfNoneMatch="*",
+            )
+        except ClientError as exc:
+            if _status(exc) == 412:
+                raise ChunkConflictError(f"chunk {seq} of the payload is already stored") from None
+            raise _unavailable("store a chunk", exc) from None
+        except BotoCoreError as exc:
+            raise _unavailable("store a chunk", exc) from None
+
+    async def put_chunks(
+        self, organization_id: UUID, payload_id: UUID, chunks: Sequence[tuple[int, bytes | memoryview]]
+    ) -> None:
+        """Store several chunks concurrently (see `put_chunk`); all are stored when this returns."""
+        await _gather_limited(
+            [self.put_chunk(organization_id, payload_id, seq, blob) for seq, blob in chunks], CONCURRENCY
+        )
+
+    async def get_chunk(self, organization_id: UUID, payload_id: UUID, seq: int) -> bytes:
+        """The stored bytes of chunk `seq`.
+
+        Raises:
+            ChunkMissingError: there is no such object.
+            PayloadStoreUnavailableError: the store failed.
+        """
+        try:
+            response = await self._s3.get_object(Bucket=self.bucket, Key=self.key(organization_id, payload_id, seq))
+            async with response["Body"] as body:
+                return await body.read()
+        except ClientError as exc:
+            if _code(exc) in {"NoSuchKey", "404"}:
+                raise ChunkMissingError(f"chunk {seq} of the payload is missing from the object store") from None
+            raise _unavailable("read a chunk", exc) from None
+        except (TimeoutError, BotoCoreError, OSError) as exc:
+            raise _unavailable("read a chunk", exc) from None
+
+    async def get_chunks(self, organization_id: UUID, payload_id: UUID, seqs: Sequence[int]) -> list[bytes]:
+        """The stored bytes of several chunks, fetched concurrently, in the order of `seqs`."""
+        return await _gather_limited([self.get_chunk(organization_id, payload_id, seq) for seq in seqs], CONCURRENCY)
+
+    async def list_payload(self, organization_id: UUID, payload_id: UUID) -> list[StoredObject]:
+        """The chunk objects of one payload, by sequence number."""
+        found = [obj async for obj in self._list(self.payload_prefix(organization_id, payload_id))]
+        return sorted(found, key=lambda obj: obj.seq)
+
+    async def list_all(self) -> AsyncIterator[StoredObject]:
+        """Every chunk object under the prefix (for the reconciler); keys that are not chunks are skipped."""
+        async for obj in self._list(f"{self._settings.prefix}payloads/"):
+            yield obj
+
+    async def delete_chunks_from(self, organization_id: UUID, payload_id: UUID, first_seq: int) -> int:
+        """Delete the payload's chunk objects with `seq >= first_seq` (written past an acknowledged offset).
+
+        Returns:
+            How many objects were deleted.
+        """
+        stored = await self.list_payload(organization_id, payload_id)
+        keys = [self.key(organization_id, payload_id, obj.seq) for obj in stored if obj.seq >= first_seq]
+        await self._delete_keys(keys)
+        return len(keys)
+
+    async def delete_payload(self, organization_id: UUID, payload_id: UUID) -> int:
+        """Delete every chunk object of a payload; how many there were."""
+        return await self.delete_chunks_from(organization_id, payload_id, 0)
+
+    async def _delete_keys(self, keys: Sequence[str]) -> None:
+        for first in range(0, len(keys), DELETE_BATCH):
+            batch = keys[first : first + DELETE_BATCH]
+            try:
+                response = await self._s3.delete_objects(
+                    Bucket=self.bucket, Delete={"Objects": [{"Key": key} for key in batch], "Quiet": True}
+                )
+            except (ClientError, BotoCoreError) as exc:
+                raise _unavailable("delete chunks", exc) from None
+            if errors := response.get("Errors"):
+                raise PayloadStoreUnavailableError(
+                    f"the object store refused to delete {len(errors)} chunk(s): {errors[0].get('Code', 'unknown')}"
+                )
+
+    async def _list(self, prefix: str) -> AsyncIterator[StoredObject]:
+        paginator = self._s3.get_paginator("list_objects_v2")
+        try:
+            async for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+                for item in page.get("Contents", []):
+                    parsed = self._parse_key(item.get("Key", ""), item.get("Size", 0))
+                    if parsed is not None:
+                        yield parsed
+        except (ClientError, BotoCoreError) as exc:
+            raise _unavailable("list chunks", exc) from None
+
+    def _parse_key(self, key: str, size: int) -> StoredObject | None:
+        parts = key.removeprefix(self._settings.prefix).split("/")
+        if len(parts) != 4 or parts[0] != "payloads" or len(parts[3]) != _SEQ_DIGITS or not parts[3].isdigit():
+            return None
+        try:
+            return StoredObject(UUID(parts[1]), UUID(parts[2]), int(parts[3]), size)
+        except ValueError:
+            return None
+
+
+class S3PayloadStore(PayloadStore):
+    """Chunk bytes as objects (`S3ChunkStore`), rows in PostgreSQL with an empty `data` (docs/storage.md).
+
+    A batch's objects are stored before its rows are committed, so a row always has its object; an object without
+    a row (a PATCH that died in between) is deleted by the next claim of the upload.
+    """
+
+    kind: ClassVar[StoreKind] = "s3"
+    stages_bytes: ClassVar[bool] = True
+
+    def __init__(self, objects: S3ChunkStore, *, check_timeout: float = 5.0) -> None:
+        """Store chunk bytes through `objects` (opened and closed by the owner)."""
+        self.objects = objects
+        self._check_timeout = check_timeout
+
+    async def write_batch(
+        self,
+        connection: asyncpg.Connection,
+        *,
+        organization_id: UUID,
+        payload_id: UUID,
+        chunks: Sequence[ChunkWrite],
+        before_rows: RowsHook | None = None,
+    ) -> None:
+        """PUT the objects (conditionally), then commit the rows (see `PayloadStore.write_batch`)."""
+        await self.objects.put_chunks(organization_id, payload_id, [(c.seq, c.blob) for c in chunks])
+        # Not flushed here: the synchronous commit that makes the backup visible flushes these rows too.
+        async with raw_tenant_transaction(connection, organization_id, synchronous_commit=False):
+            if before_rows is not None:
+                await before_rows(connection)
+            await insert_chunk_rows(
+                connection, organization_id=organization_id, payload_id=payload_id, chunks=chunks, keep_bytes=False
+            )
+
+    async def read_batches(
+        self,
+        engine: AsyncEngine,  # noqa: ARG002 - the interface's: objects need no database connection
+        *,
+        organization_id: UUID,
+        payload_id: UUID,
+        seqs: Sequence[int],
+        handover: Handover,
+    ) -> None:
+        """`READ_BATCH` objects fetched concurrently per batch; no database connection is held."""
+        for first in range(0, len(seqs), READ_BATCH):
+            await handover(await self.objects.get_chunks(organization_id, payload_id, seqs[first : first + READ_BATCH]))
+
+    async def read_stored(
+        self,
+        connection: asyncpg.Connection,  # noqa: ARG002 - the interface's: objects need no database connection
+        *,
+        organization_id: UUID,
+        payload_id: UUID,
+        first: int,
+        stop: int,
+    ) -> list[bytes]:
+        """The objects of chunks `first .. stop-1` (see `PayloadStore.read_stored`)."""
+        return await self.objects.get_chunks(organization_id, payload_id, range(first, stop))
+
+    async def delete_chunks_from(
+        self, connection: asyncpg.Connection, *, organization_id: UUID, payload_id: UUID, offset: int
+    ) -> None:
+        """Delete the rows, then every object from the first chunk no row keeps (see the class docstring)."""
+        kept = await delete_chunk_rows_from(
+            connection, organization_id=organization_id, payload_id=payload_id, offset=offset
+        )
+        await self.objects.delete_chunks_from(organization_id, payload_id, kept)
+
+    async def stage(self, organization_id: UUID, payload_id: UUID, chunks: Sequence[tuple[int, bytes]]) -> None:
+        """PUT the objects (conditionally), concurrently."""
+        await self.objects.put_chunks(organization_id, payload_id, chunks)
+
+    async def unstage(self, organization_id: UUID, payload_id: UUID) -> None:
+        """Delete the payload's objects; one left behind (the store failing again) is the reconciler's to report."""
+        try:
+            await self.objects.delete_payload(organization_id, payload_id)
+        except PayloadStoreUnavailableError:
+            logger.warning("objects of the refused payload %s stay in the bucket until reconciled", payload_id)
+
+    async def check(self) -> str | None:
+        """Why the bucket cannot be used now, or None."""
+        try:
+            async with asyncio.timeout(self._check_timeout):
+                await self.objects.check()
+        except TimeoutError:
+            return f"payload store: the S3 store did not answer within {self._check_timeout:g} s"
+        except PayloadStoreUnavailableError as exc:
+            return f"payload store: {exc.detail}"
+        return None
+
+
+async def _gather_limited(coroutines: Sequence[Any], limit: int) -> list[Any]:
+    """Run `coroutines` at most `limit` at a time; their results in order. The first failure cancels the rest."""
+    semaphore = asyncio.Semaphore(limit)
+
+    async def limited(coroutine: Any) -> Any:
+        async with semaphore:
+            return await coroutine
+
+    tasks = [asyncio.ensure_future(limited(coroutine)) for coroutine in coroutines]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+def _status(exc: ClientError) -> int | None:
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return int(status) if status is not None else None
+
+
+def _code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", "unknown"))
+
+
+def _describe(exc: BaseException) -> str:
+    # botocore's messages name the endpoint and the operation, never credentials or bodies.
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def _unavailable(action: str, exc: BaseException) -> PayloadStoreUnavailableError:
+    if isinstance(exc, ClientError):
+        detail = f"answered {_status(exc) or ''} {_code(exc)}".replace("  ", " ")
+    else:
+        detail = _describe(exc)
+    logger.warning("object store: cannot %s: %s", action, detail)
+    return PayloadStoreUnavailableError(f"the object store is unavailable (could not {action})")

@@ -1,0 +1,165 @@
+"""The S3 chunk store against moto's standalone S3 server: layout, conditional writes, reads, deletion, listing."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+from uuid import uuid4
+
+import pytest
+from aiobotocore.session import get_session
+
+from zkeb.domain.backups.store.s3 import (
+    ChunkConflictError,
+    ChunkMissingError,
+    PayloadStoreUnavailableError,
+    S3ChunkStore,
+    StoredObject,
+)
+from zkeb.lib.atrest import ChunkCipher, ChunkIntegrityError, new_data_key
+from zkeb.settings import PayloadStoreSettings
+
+
+@pytest.fixture
+async def store(s3_store_settings: PayloadStoreSettings) -> AsyncIterator[S3ChunkStore]:
+    async with S3ChunkStore(s3_store_settings) as opened:
+        yield opened
+
+
+@contextlib.asynccontextmanager
+async def _raw_client(settings: PayloadStoreSettings) -> AsyncIterator[Any]:
+    """A plain S3 client of the bucket, to look at objects as anyone with bucket access would."""
+    async with get_session().create_client(
+        "s3", region_name=settings.region, endpoint_url=settings.endpoint_url
+    ) as client:
+        yield client
+
+
+async def _get_raw(settings: PayloadStoreSettings, key: str) -> tuple[bytes, dict[str, str]]:
+    async with _raw_client(settings) as client:
+        response = await client.get_object(Bucket=settings.bucket, Key=key)
+        async with response["Body"] as body:
+            return await body.read(), dict(response["Metadata"])
+
+
+async def _put_raw(settings: PayloadStoreSettings, key: str, body: bytes) -> None:
+    async with _raw_client(settings) as client:
+        await client.put_object(Bucket=settings.bucket, Key=key, Body=body)
+
+
+async def test_chunks_round_trip_under_the_documented_keys(
+    store: S3ChunkStore, s3_store_settings: PayloadStoreSettings
+) -> None:
+    organization_id, payload_id = uuid4(), uuid4()
+    chunks = [(seq, os.urandom(100 + seq)) for seq in range(3)]
+    await store.put_chunks(organization_id, payload_id, chunks)
+
+    assert await store.get_chunks(organization_id, payload_id, [2, 0]) == [chunks[2][1], chunks[0][1]]
+    assert await store.list_payload(organization_id, payload_id) == [
+        StoredObject(organization_id, payload_id, seq, len(blob)) for seq, blob in chunks
+    ]
+    key = f"zkeb/payloads/{organization_id}/{payload_id}/00000001"
+    assert store.key(organization_id, payload_id, 1) == key
+    assert (await _get_raw(s3_store_settings, key))[0] == chunks[1][1]
+
+
+async def test_a_chunk_is_never_overwritten(store: S3ChunkStore) -> None:
+    organization_id, payload_id = uuid4(), uuid4()
+    await store.put_chunk(organization_id, payload_id, 0, b"first")
+
+    with pytest.raises(ChunkConflictError) as refused:
+        await store.put_chunk(organization_id, payload_id, 0, b"second")
+
+    assert refused.value.status_code == 503
+    assert await store.get_chunk(organization_id, payload_id, 0) == b"first"
+
+
+async def test_a_missing_chunk_is_reported_as_missing(store: S3ChunkStore) -> None:
+    with pytest.raises(ChunkMissingError, match="chunk 4 of the payload is missing"):
+        await store.get_chunks(uuid4(), uuid4(), [4])
+
+
+async def test_deleting_from_a_chunk_keeps_the_ones_before_and_other_payloads(store: S3ChunkStore) -> None:
+    organization_id, payload_id, other = uuid4(), uuid4(), uuid4()
+    await store.put_chunks(organization_id, payload_id, [(seq, b"x" * (seq + 1)) for seq in range(5)])
+    await store.put_chunks(organization_id, other, [(0, b"other")])
+
+    assert await store.delete_chunks_from(organization_id, payload_id, 3) == 2
+    assert [obj.seq for obj in await store.list_payload(organization_id, payload_id)] == [0, 1, 2]
+    assert await store.delete_payload(organization_id, payload_id) == 3
+    assert await store.list_payload(organization_id, payload_id) == []
+    assert [obj.payload_id async for obj in store.list_all()] == [other]
+
+
+async def test_listing_skips_keys_that_are_not_chunks(
+    store: S3ChunkStore, s3_store_settings: PayloadStoreSettings
+) -> None:
+    organization_id, payload_id = uuid4(), uuid4()
+    await store.put_chunk(organization_id, payload_id, 0, b"chunk")
+    for stray in ("zkeb/payloads/readme.txt", f"zkeb/payloads/{organization_id}/{payload_id}/notaseq1"):
+        await _put_raw(s3_store_settings, stray, b"?")
+
+    assert [obj.seq async for obj in store.list_all()] == [0]
+
+
+async def test_a_bucket_that_does_not_exist_fails_the_check_in_one_line(
+    s3_store_settings: PayloadStoreSettings,
+) -> None:
+    settings = PayloadStoreSettings(
+        kind="s3", bucket="zkeb-no-such-bucket", endpoint_url=s3_store_settings.endpoint_url
+    )
+    async with S3ChunkStore(settings) as store:
+        with pytest.raises(PayloadStoreUnavailableError) as failed:
+            await store.check()
+    assert failed.value.detail == "the S3 bucket 'zkeb-no-such-bucket' does not exist"
+
+
+async def test_an_unreachable_store_is_unavailable_not_an_error(s3_store_settings: PayloadStoreSettings) -> None:
+    with socket_closed_port() as port:
+        settings = PayloadStoreSettings(kind="s3", bucket="zkeb-any", endpoint_url=f"http://127.0.0.1:{port}")
+        async with S3ChunkStore(settings, connect_timeout=1.0, read_timeout=1.0) as store:
+            with pytest.raises(PayloadStoreUnavailableError, match="cannot reach the S3 store"):
+                await store.check()
+            with pytest.raises(PayloadStoreUnavailableError, match="could not store a chunk") as failed:
+                await store.put_chunk(uuid4(), uuid4(), 0, b"bytes")
+    assert failed.value.status_code == 503
+
+
+async def test_objects_hold_only_ciphertext_and_a_tampered_one_fails_authentication(
+    store: S3ChunkStore, s3_store_settings: PayloadStoreSettings
+) -> None:
+    organization_id, payload_id = uuid4(), uuid4()
+    data_key = new_data_key()
+    cipher = ChunkCipher(data_key, payload_id)
+    plaintext = b"device ciphertext, recognisable " * 64
+    await store.put_chunk(organization_id, payload_id, 0, cipher.encrypt(0, plaintext))
+
+    key = store.key(organization_id, payload_id, 0)
+    stored, metadata = await _get_raw(s3_store_settings, key)
+    assert plaintext[:32] not in stored
+    assert data_key not in stored
+    assert metadata == {}
+    assert cipher.decrypt(0, await store.get_chunk(organization_id, payload_id, 0)) == plaintext
+
+    tampered = bytearray(stored)
+    tampered[20] ^= 1
+    await store.delete_payload(organization_id, payload_id)
+    await store.put_chunk(organization_id, payload_id, 0, bytes(tampered))
+    with pytest.raises(ChunkIntegrityError, match="chunk 0 failed authentication"):
+        cipher.decrypt(0, await store.get_chunk(organization_id, payload_id, 0))
+
+
+class socket_closed_port:  # noqa: N801 - used as a context manager
+    """A loopback port nothing listens on, for as long as the block runs."""
+
+    def __enter__(self) -> int:
+        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._socket.bind(("127.0.0.1", 0))
+        port: int = self._socket.getsockname()[1]
+        return port
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._socket.close()
