@@ -26,12 +26,16 @@ WORKDIR /src
 # Dependencies first: this layer is reused until pyproject.toml or uv.lock change.
 COPY pyproject.toml uv.lock ./
 # What the runtime never reads leaves with the build: the shared objects' symbols, type stubs, C/C++/Cython sources
-# and headers, and the test suites some wheels ship (greenlet's, certifi's).
+# and headers, the test suites some wheels ship (greenlet's, certifi's), and the API models of the ~440 AWS services
+# botocore carries (22 MB) but those the S3 payload store calls: S3, and STS and SSO for role and SSO credentials
+# (scripts/image-check.sh runs the S3 store from the image against a real S3 server).
 RUN uv sync --locked --no-dev --no-editable --no-install-project ${EXTRAS:+--extra "${EXTRAS}"} \
     && find /app/.venv -type f -name '*.so*' -exec strip --strip-unneeded {} + \
     && find /app/.venv/lib -type f \( -name '*.pyi' -o -name '*.pyx' -o -name '*.pxd' -o -name '*.pxi' \
        -o -name '*.c' -o -name '*.cpp' -o -name '*.h' -o -name '*.hpp' \) -delete \
-    && find /app/.venv/lib -depth -type d -name tests -path '*/site-packages/*/tests' -exec rm -rf {} +
+    && find /app/.venv/lib -depth -type d -name tests -path '*/site-packages/*/tests' -exec rm -rf {} + \
+    && find /app/.venv/lib/python*/site-packages/botocore/data -mindepth 1 -maxdepth 1 -type d \
+       ! -name s3 ! -name sts ! -name sso ! -name sso-oidc -exec rm -rf {} +
 # Then the project itself, installed as a wheel (no source tree in the runtime).
 COPY README.md ./
 COPY src ./src

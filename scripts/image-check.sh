@@ -317,8 +317,30 @@ stop_serve() {
   wait "${SERVE_RUNNER}" || SERVE_STATUS=$?
 }
 
+# check_s3_store: `zkeb storage status` in the image with PAYLOAD_STORE=s3 against moto's standalone S3 server (the
+# repository's dev environment) on a free loopback port: the image's botocore, trimmed to the models the store
+# calls, signs and sends the store's requests.
+check_s3_store() {
+  local moto_port bucket="zkeb-image-check"
+  moto_port="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+  uv run --locked --quiet moto_server -H 127.0.0.1 -p "${moto_port}" >"${WORK}/moto.log" 2>&1 &
+  MOTO_PID=$!
+  for _ in $(seq 1 60); do
+    curl -fsS -o /dev/null "http://127.0.0.1:${moto_port}/" 2>/dev/null && break
+    sleep 0.5
+  done
+  curl -fsS -o /dev/null -X PUT "http://127.0.0.1:${moto_port}/${bucket}" || die "moto's S3 server did not start"
+  in_image env PAYLOAD_STORE=s3 S3_BUCKET="${bucket}" S3_ENDPOINT_URL="http://127.0.0.1:${moto_port}" \
+    S3_REGION=us-east-1 AWS_ACCESS_KEY_ID=image-check AWS_SECRET_ACCESS_KEY=image-check \
+    zkeb storage status || die "zkeb storage status with PAYLOAD_STORE=s3 failed in the image"
+  kill "${MOTO_PID}" 2>/dev/null || true
+  wait "${MOTO_PID}" 2>/dev/null || true
+  MOTO_PID=""
+}
+
 cleanup() {
   local rc=$?
+  [[ -n "${MOTO_PID:-}" ]] && kill "${MOTO_PID}" 2>/dev/null
   if [[ -n "${SERVE_RUNNER:-}" ]] && kill -0 "${SERVE_RUNNER}" 2>/dev/null; then
     kill -TERM "$(find_serve_pid)" "${SERVE_RUNNER}" 2>/dev/null || true
     wait "${SERVE_RUNNER}" 2>/dev/null || true
@@ -382,6 +404,9 @@ print("\n".join([value] if isinstance(value, str) else value))')
     echo "\$ ${command}"
     in_image sh -c "${command}" || die "pre-deploy command '${command}' failed"
   done
+
+  step "the S3 payload store from the image (moto's S3 server on the host)"
+  check_s3_store
 
   step "serve (${SERVE_CMD[*]}), readiness"
   start_serve

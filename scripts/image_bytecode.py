@@ -65,6 +65,22 @@ def _import_what_the_server_imports() -> None:
     create_app()
     # AnyIO's asyncio backend, which Litestar loads when it first serves a request.
     anyio.run(anyio.sleep, 0)
+    anyio.run(_open_an_s3_client)
+
+
+async def _open_an_s3_client() -> None:
+    """What the S3 payload store loads when it opens its client at start-up (opening one sends no request)."""
+    from aiobotocore.session import get_session  # noqa: PLC0415
+
+    client = get_session().create_client(
+        "s3",
+        region_name="us-east-1",
+        endpoint_url="http://127.0.0.1:9",
+        aws_access_key_id="build",
+        aws_secret_access_key="build",  # pragma: allowlist secret (nothing is sent)
+    )
+    async with client:
+        pass
 
 
 def main() -> int:
