@@ -4,6 +4,9 @@ Settings come from flags or the environment (`ZKEB_SERVER`, `ZKEB_IDENTITY`, `ZK
 `ZKEB_PASSPHRASE`). Exit status: 0 success, 1 the server refused or could not be reached, 2 bad usage or settings,
 3 a backup failed verification, 4 a key-file problem. On failure stderr gets one line, ``zkeb-client: error: ...``.
 With ``--json`` the last stdout line is one JSON object (``ls`` prints ``{"items": [...]}``).
+
+Start-up is part of every command's time, so what only some commands need is imported where it is used: the SDK
+and its HTTP stack by the commands that talk to a server, rich only when a progress bar is shown on a terminal.
 """
 
 from __future__ import annotations
@@ -15,30 +18,21 @@ import uuid
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 import msgspec
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
 
 from zkeb.client.errors import ConfigurationError, IntegrityError, KeyFileError, ZkebClientError
 from zkeb.client.keys import KeyFile
-from zkeb.client.sdk import AsyncClient
+
+if TYPE_CHECKING:
+    from zkeb.client.sdk import AsyncClient
 
 __all__ = ("main",)
 
 EXIT_FAILURE, EXIT_USAGE, EXIT_INTEGRITY, EXIT_KEYFILE = 1, 2, 3, 4
 T = TypeVar("T")
-
-_stderr = Console(stderr=True)
 
 
 def _fail(message: str, code: int) -> NoReturn:
@@ -102,6 +96,8 @@ class CliSettings(msgspec.Struct):
         if not self.server:
             raise ConfigurationError("no server: pass --server or set ZKEB_SERVER")
         opened = self.keys() if keys else None
+        from zkeb.client.sdk import AsyncClient  # noqa: PLC0415 - the HTTP stack, for the commands that use it
+
         return AsyncClient(self.server, keys=opened, api_key=self.token, project_id=self.project)
 
 
@@ -112,7 +108,21 @@ def _run(coroutine: Callable[[], Coroutine[Any, Any, T]]) -> T:
 @contextmanager
 def _progress(description: str, enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
     """A rich progress bar (bytes, rate, ETA) on stderr when it is a terminal; nothing when piped."""
-    if not enabled or not _stderr.is_terminal:
+    if not enabled or not sys.stderr.isatty():
+        yield None
+        return
+    from rich.console import Console  # noqa: PLC0415 - a tenth of the start-up, for a terminal only
+    from rich.progress import (  # noqa: PLC0415
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    stderr = Console(stderr=True)
+    if not stderr.is_terminal:
         yield None
         return
     columns = (
@@ -122,7 +132,7 @@ def _progress(description: str, enabled: bool) -> Iterator[Callable[[int, int], 
         TransferSpeedColumn(),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=_stderr, transient=True) as bar:
+    with Progress(*columns, console=stderr, transient=True) as bar:
         task = bar.add_task(description, total=None)
 
         def update(done: int, total: int) -> None:
@@ -389,4 +399,8 @@ def remove(settings: CliSettings, backup_id: uuid.UUID, as_json: bool) -> None:
 
 def main() -> None:
     """Console-script entry point."""
+    # httpx imports its own command line (click, rich and pygments, about a third of our start-up) whenever those are
+    # installed, and falls back to a stub `httpx.main` when that import fails. This process never runs httpx's CLI,
+    # so it takes the fallback: a None entry in sys.modules makes that one import fail (nothing else changes).
+    sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
     cli(prog_name="zkeb-client")

@@ -33,7 +33,6 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from zkeb.client.errors import KeyFileError
 
@@ -78,7 +77,7 @@ class _Document(msgspec.Struct, frozen=True, omit_defaults=True):
 
 
 def _public_bytes(private_key: Ed25519PrivateKey) -> bytes:
-    return private_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    return private_key.public_key().public_bytes_raw()
 
 
 def _scrypt(passphrase: str, salt: bytes, params: ScryptParameters) -> bytes:

@@ -15,9 +15,11 @@ import base64
 import os
 import shutil
 import tempfile
+import threading
 import uuid
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -42,8 +44,10 @@ __all__ = ("Restorer", "Verified", "check_envelope")
 
 Progress = Callable[[int, int], None]
 
-#: Bytes gathered before a block goes to the worker thread.
+#: Bytes gathered before a block goes to the worker threads.
 BLOCK_SIZE = 1024 * 1024
+#: Blocks handed to the worker threads and not yet done with: how far the network may run ahead of them.
+BLOCKS_IN_FLIGHT = 3
 
 
 @dataclass(frozen=True)
@@ -93,15 +97,19 @@ def check_envelope(keys: KeyFile, envelope: ServerEnvelope) -> Verified:
     return Verified(envelope, metadata)
 
 
+class _StoppedError(Exception):
+    """The download was abandoned by its caller: the worker thread stops reading."""
+
+
 class _Transfer:
     """One payload's download in progress, across the requests that resume it.
 
-    Received pieces (httpx hands over about 64 KiB at a time) are gathered into blocks of about 1 MiB, joined once
-    (no growing buffer copied again). Two worker threads take each block: one hashes the ciphertext, the other
-    decrypts it, hashes the plaintext and writes it, each in order, while the event loop reads the next block from the
-    network (hashlib releases the GIL for large buffers, as file writes do, so on two cores the two SHA-256 run
-    side by side). A block is handed over only once both workers are done with the previous one, so memory stays at
-    a few MiB.
+    The body is read by a worker thread through httpx's blocking client: per received piece (httpcore reads 64 KiB at
+    a time) that costs about a third of the CPU time of its asyncio stack, and the socket reads release the GIL.
+    Pieces are gathered into blocks of about 1 MiB, joined once, and each block goes to two more threads: one hashes
+    the ciphertext, the other decrypts it, hashes the plaintext and writes it, each taking the blocks in order
+    (hashlib, AES-GCM and file writes release the GIL, so on two cores they run beside the network reads). At most
+    `BLOCKS_IN_FLIGHT` blocks wait for those threads, so memory stays at a few MiB whatever the size.
     """
 
     def __init__(
@@ -114,27 +122,36 @@ class _Transfer:
         self.received = 0
         self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zkeb-restore-hash")
         self._decrypter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zkeb-restore-decrypt")
-        self._pending: tuple[asyncio.Future[None], ...] = ()
+        self._in_flight: deque[tuple[Future[None], Future[None]]] = deque()
+        self._stopping = threading.Event()
 
     def _decrypt(self, block: bytes) -> None:
         plain = self.decryptor.decrypt(block)
         if self.sink is not None:
             self.sink.write(plain)
 
-    async def _submit(self, pieces: list[bytes]) -> None:
-        for step in self._pending:
-            await step
+    def _wait_oldest(self) -> None:
+        for step in self._in_flight.popleft():
+            step.result()  # a failed write (a full disk) is raised here
+
+    def _submit(self, pieces: list[bytes]) -> None:
+        while len(self._in_flight) >= BLOCKS_IN_FLIGHT:
+            self._wait_oldest()
         block = b"".join(pieces)  # one copy of about 1 MiB
-        loop = asyncio.get_running_loop()
-        self._pending = (
-            loop.run_in_executor(self._hasher, self.decryptor.hash_ciphertext, block),
-            loop.run_in_executor(self._decrypter, self._decrypt, block),
+        self._in_flight.append(
+            (self._hasher.submit(self.decryptor.hash_ciphertext, block), self._decrypter.submit(self._decrypt, block))
         )
 
-    async def receive(self, response: httpx.Response) -> None:
-        """Decrypt a response's body into the sink (a 206 continuing where the last one stopped)."""
+    def receive(self, response: httpx.Response) -> None:
+        """Decrypt a response's body into the sink (a 206 continuing where the last one stopped); blocking.
+
+        Raises:
+            ApiError: If the server refused the request.
+            IntegrityError: If the answer is not the signed payload, or continues a different one.
+            httpx.TransportError: If the connection was lost (what arrived is kept, for the next request to continue).
+        """
         if response.status_code not in {200, 206}:
-            await response.aread()
+            response.read()
             raise api_error(response)
         if self.received and response.status_code != 206:
             raise IntegrityError("the payload changed on the server during the download")
@@ -145,30 +162,34 @@ class _Transfer:
         pieces: list[bytes] = []
         gathered = 0
         try:
-            async for piece in response.aiter_bytes():
+            for piece in response.iter_bytes():
+                if self._stopping.is_set():
+                    raise _StoppedError
                 self.received += len(piece)
                 if self.received > total:
                     raise IntegrityError("the server sent more bytes than the signed payload size")
                 pieces.append(piece)
                 gathered += len(piece)
                 if gathered >= BLOCK_SIZE:
-                    await self._submit(pieces)
+                    self._submit(pieces)
                     pieces, gathered = [], 0
                     if self.progress is not None:
                         self.progress(self.received, total)
         finally:
             # What arrived before a dropped connection is kept (in order): the next request asks for the rest.
             if pieces:
-                await self._submit(pieces)
+                self._submit(pieces)
         if self.progress is not None:
             self.progress(self.received, total)
 
-    async def finish(self, metadata: BackupMetadata) -> None:
+    def stop(self) -> None:
+        """Ask `receive` to stop at its next piece (the caller was cancelled; a stalled read ends at its timeout)."""
+        self._stopping.set()
+
+    def finish(self, metadata: BackupMetadata) -> None:
         """Wait for the last block, then check the ciphertext digest, the tag, and the plaintext's SHA-256."""
-        for step in self._pending:
-            await step
-        self._hasher.shutdown()
-        self._decrypter.shutdown()
+        while self._in_flight:
+            self._wait_oldest()
         if self.decryptor.cipher_sha256.hexdigest() != self.envelope.payload_sha256:
             raise IntegrityError("the payload's SHA-256 is not the signed one (altered on the server?)")
         self.decryptor.finish()
@@ -176,7 +197,7 @@ class _Transfer:
             raise IntegrityError("the decrypted data's SHA-256 does not match the backup's record")
 
     def close(self) -> None:
-        """Stop the worker (after a failure, without waiting for queued blocks that no longer matter)."""
+        """Stop the workers (after a failure, without waiting for queued blocks that no longer matter)."""
         self._hasher.shutdown(wait=True, cancel_futures=True)
         self._decrypter.shutdown(wait=True, cancel_futures=True)
 
@@ -205,38 +226,59 @@ class Restorer:
     async def _download(self, verified: Verified, sink: BinaryIO | None, progress: Progress | None) -> None:
         """Stream, decrypt and check the payload, writing plaintext to ``sink`` (unauthenticated until this returns)."""
         envelope = verified.envelope
+        report: Progress | None = None
+        if progress is not None:
+            # The transfer runs in worker threads; the caller's callback still runs on its event loop.
+            loop, callback = asyncio.get_running_loop(), progress
+
+            def report_on_loop(done: int, total: int) -> None:
+                loop.call_soon_threadsafe(callback, done, total)
+
+            report = report_on_loop
         transfer = _Transfer(
             PayloadDecryptor(self.keys.backup_key, envelope.payload_nonce, envelope.payload_auth_tag),
             envelope,
             sink,
-            progress,
+            report,
         )
         try:
             await self._fetch(transfer)
-            await transfer.finish(verified.metadata)
+            await asyncio.to_thread(transfer.finish, verified.metadata)
         finally:
             transfer.close()
+
+    def _receive_once(self, transfer: _Transfer, url: str, headers: dict[str, str]) -> tuple[float | None, str] | None:
+        """One request for the rest of the payload, in a worker thread: None once its body is in, or why to retry."""
+        with self.transport.blocking_stream("GET", url, headers) as response:
+            if response.status_code in RETRYABLE_STATUS:
+                response.read()
+                return retry_after_seconds(response), str(api_error(response))
+            transfer.receive(response)
+            return None
 
     async def _fetch(self, transfer: _Transfer) -> None:
         """Receive the whole payload, resuming with `Range`/`If-Range` after connection loss, 429 and 503."""
         envelope = transfer.envelope
         policy = self.transport.retry
-        path = f"/api/v1/backups/{envelope.id}/payload"
+        url = self.transport.url(f"/api/v1/backups/{envelope.id}/payload")
         failures = 0
         while transfer.received < envelope.encrypted_payload_size:
             headers = await self.transport.authorization()
             if transfer.received:
                 headers |= {"Range": f"bytes={transfer.received}-", "If-Range": f'"{envelope.payload_sha256}"'}
+            attempt = asyncio.ensure_future(asyncio.to_thread(self._receive_once, transfer, url, headers))
             try:
-                async with self.transport.stream("GET", path, headers) as response:
-                    if response.status_code in RETRYABLE_STATUS:
-                        await response.aread()
-                        wait, error = policy.delay(failures, retry_after_seconds(response)), str(api_error(response))
-                    else:
-                        await transfer.receive(response)
-                        continue
+                refused = await asyncio.shield(attempt)
             except httpx.TransportError as exc:
                 wait, error = policy.delay(failures, None), f"{exc.__class__.__name__} {exc}"
+            except asyncio.CancelledError:
+                transfer.stop()  # nothing may write to the sink once the caller has gone on to discard it
+                await asyncio.wait([attempt])
+                raise
+            else:
+                if refused is None:
+                    continue
+                wait, error = policy.delay(failures, refused[0]), refused[1]
             failures += 1
             if failures >= policy.attempts:
                 raise TransferError(f"the download kept failing ({error.strip()})")

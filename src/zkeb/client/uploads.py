@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractContextManager
@@ -79,9 +80,13 @@ def _chunks(handle: IO[bytes]) -> Iterator[bytes]:
         yield chunk
 
 
-def _read_all(source: Source) -> Iterator[bytes]:
+def _read_all(source: Source, stop: threading.Event | None = None) -> Iterator[bytes]:
+    """The source's bytes in chunks; cut short (an incomplete read, to be discarded) once ``stop`` is set."""
     with source.open() as handle:
-        yield from _chunks(handle)
+        for chunk in _chunks(handle):
+            if stop is not None and stop.is_set():
+                return
+            yield chunk
 
 
 def tus_metadata(fields: dict[str, bytes]) -> str:
@@ -150,12 +155,15 @@ class Uploader:
         """
         if source.size == 0:
             raise ZkebClientError(f"{source.name} is empty; a backup holds at least one byte")
+        if source.size <= self.threshold:
+            await self._check_size(source)
+            return await self._single_shot(source, container_id, progress)
+        return await self._tus(source, container_id, progress)
+
+    async def _check_size(self, source: Source) -> None:
         limit = await self.max_upload_size()
         if source.size > limit:
             raise ZkebClientError(f"{source.name} is {source.size} bytes; the server takes at most {limit} bytes")
-        if source.size <= self.threshold:
-            return await self._single_shot(source, container_id, progress)
-        return await self._tus(source, container_id, progress)
 
     async def _single_shot(self, source: Source, container_id: uuid.UUID, progress: Progress | None) -> BackupResult:
         nonce = new_nonce()
@@ -206,9 +214,9 @@ class Uploader:
             transfer="single-shot",
         )
 
-    def _new_state(self, source: Source, container_id: uuid.UUID) -> UploadState:
+    def _new_state(self, source: Source, container_id: uuid.UUID, stop: threading.Event) -> UploadState:
         nonce = new_nonce()
-        sealed = seal_payload(self.keys.backup_key, nonce, _read_all(source))
+        sealed = seal_payload(self.keys.backup_key, nonce, _read_all(source, stop))
         metadata = encrypt_metadata(
             self.keys.backup_key,
             BackupMetadata(source.name, sealed.size, source.mtime_ns / 1e9, sealed.plain_sha256.hex(), source.kind),
@@ -284,6 +292,8 @@ class Uploader:
             )
         state = self.states.load(key) if key is not None else None
         offset = 0
+        if state is not None:
+            await self._check_size(source)
         if state is not None and await asyncio.to_thread(self._still_same, state, source):
             found = await self._offset(state.location)
             if found is None:
@@ -295,10 +305,7 @@ class Uploader:
             state = None
         resumed_from = offset
         if state is None:
-            # The device token is fetched (a network round trip) while the sealing pass reads the file.
-            fresh, _ = await asyncio.gather(
-                asyncio.to_thread(self._new_state, source, container_id), self.transport.authorization()
-            )
+            fresh = await self._seal_and_prepare(source, container_id)
             state = msgspec.structs.replace(fresh, location=await self._create(fresh, container_id))
             if key is not None:
                 self.states.save(key, state)
@@ -316,6 +323,23 @@ class Uploader:
             transfer="tus",
             resumed_from=resumed_from,
         )
+
+    async def _seal_and_prepare(self, source: Source, container_id: uuid.UUID) -> UploadState:
+        """A new upload's state from the sealing pass over the file.
+
+        The round trips it does not depend on (the server's size limit, then the device token) go while it reads; a
+        source over the limit stops it at its next chunk and is refused before anything is uploaded.
+        """
+        stop = threading.Event()
+        sealing = asyncio.ensure_future(asyncio.to_thread(self._new_state, source, container_id, stop))
+        try:
+            await self._check_size(source)
+            await self.transport.authorization()
+        except BaseException:
+            stop.set()
+            await asyncio.wait([sealing])
+            raise
+        return await sealing
 
     async def _abandon(self, location: str) -> None:
         """Terminate an upload whose source changed (best effort: an expired one is gone anyway)."""

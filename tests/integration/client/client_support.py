@@ -112,8 +112,9 @@ async def database_bytes(connection: asyncpg.Connection) -> bytes:
 class StallingProxy:
     """A TCP proxy that stops forwarding client bytes once `budget` of them have passed (None: no limit).
 
-    It can also answer the next `busy_answers` connections itself with a 503 and `Retry-After: 1`, and drop the
-    first connection whose answer passes `cut_response_after` bytes (a download cut mid-way).
+    It can also answer the next `busy_answers` connections itself with a 503 and `Retry-After: 1`, drop the
+    first connection whose answer passes `cut_response_after` bytes (a download cut mid-way), and flip one bit of
+    the byte at `flip_response_byte` of the next answer that long (ciphertext altered on the way).
     """
 
     def __init__(self, upstream: str) -> None:
@@ -122,6 +123,8 @@ class StallingProxy:
         self.budget: int | None = None
         self.busy_answers = 0  # this many connections get a 503 with Retry-After instead of being forwarded
         self.cut_response_after: int | None = None  # drop the next connection whose answer passes this many bytes
+        self.flip_response_byte: int | None = None  # flip a bit of this byte (counted from the answer's start)
+        self.flips = 0
         self.forwarded = 0
         self.answered = 0  # bytes forwarded from the server to the client
         self.cuts = 0
@@ -186,6 +189,13 @@ class StallingProxy:
                     sink.sendall(data)
                 elif not counted:
                     with self._lock:
+                        flip = self.flip_response_byte
+                        if flip is not None and answered <= flip < answered + len(data):
+                            altered = bytearray(data)
+                            altered[flip - answered] ^= 0x01
+                            data = bytes(altered)
+                            self.flip_response_byte = None
+                            self.flips += 1
                         answered += len(data)
                         cut = self.cut_response_after is not None and answered > self.cut_response_after
                         if cut:

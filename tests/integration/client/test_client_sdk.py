@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import io
 import os
 import threading
@@ -13,7 +15,7 @@ from pathlib import Path
 import pytest
 from client_support import MIB, Project, StallingProxy, make_project
 
-from zkeb.client import ApiError, AsyncClient, Client, KeyFile, ZkebClientError
+from zkeb.client import ApiError, AsyncClient, Client, IntegrityError, KeyFile, ZkebClientError
 
 from support import granian_server, make_settings
 
@@ -151,3 +153,80 @@ def test_blocking_client_backs_up_and_restores_a_file(project: Project, keys: Ke
     assert limit == 100 * 1000 * 1000
     assert restored.path == tmp_path / "out.pdf"
     assert (tmp_path / "out.pdf").read_bytes() == source.read_bytes()
+
+
+async def test_a_bit_flipped_late_in_the_download_fails_the_restore_and_leaves_nothing(
+    project: Project, keys: KeyFile, tmp_path: Path
+) -> None:
+    data = os.urandom(12 * MIB + 5)
+    async with AsyncClient(project.server, keys=keys, state_dir=tmp_path / "state") as direct:
+        backup = await direct.backup_bytes(data, uuid.uuid4(), name="late.bin")
+    out = tmp_path / "out"
+    out.mkdir()
+    proxy = StallingProxy(project.server)
+    proxy.flip_response_byte = 11 * MIB  # in the payload's last blocks, long after the first ones were written
+    try:
+        async with AsyncClient(proxy.url, keys=keys, state_dir=tmp_path / "state") as client:
+            with pytest.raises(IntegrityError, match="SHA-256 is not the signed one"):
+                await client.restore_file(backup.id, out / "late.bin")
+    finally:
+        proxy.close()
+
+    assert proxy.flips == 1, "the download was never altered"
+    assert list(out.iterdir()) == [], "a partial or temporary file was left behind"
+
+
+class _FullDisk:
+    """A sink with room for `room` bytes, then ENOSPC, as a full disk answers."""
+
+    def __init__(self, room: int) -> None:
+        self.room = room
+        self.written = 0
+
+    def write(self, data: bytes) -> int:
+        size = len(data)
+        if self.written + size > self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.written += size
+        return size
+
+
+async def test_a_failing_write_ends_the_restore_with_that_error(
+    project: Project, keys: KeyFile, tmp_path: Path
+) -> None:
+    data = os.urandom(16 * MIB)
+    sink = _FullDisk(3 * MIB)
+    async with AsyncClient(project.server, keys=keys, state_dir=tmp_path / "state") as client:
+        backup = await client.backup_bytes(data, uuid.uuid4(), name="big.bin")
+        with pytest.raises(OSError, match="No space left on device"):
+            await client.restore_stream(backup.id, sink)  # type: ignore[arg-type]
+        assert await client.restore_bytes(backup.id) == data  # the client is still usable
+    assert sink.written <= 3 * MIB
+
+
+async def test_a_cancelled_restore_stops_its_threads_leaves_nothing_and_reported_progress_on_the_loop(
+    project: Project, keys: KeyFile, tmp_path: Path
+) -> None:
+    data = os.urandom(48 * MIB)
+    out = tmp_path / "out"
+    out.mkdir()
+    reporters: set[int] = set()
+    restoring: asyncio.Task[object] | None = None
+
+    def progress(done: int, _total: int) -> None:
+        reporters.add(threading.get_ident())
+        if done >= 2 * MIB and restoring is not None:
+            restoring.cancel()
+
+    async with AsyncClient(project.server, keys=keys, state_dir=tmp_path / "state") as client:
+        backup = await client.backup_bytes(data, uuid.uuid4(), name="big.bin")
+        restoring = asyncio.create_task(client.restore_file(backup.id, out / "big.bin", progress=progress))
+        with pytest.raises(asyncio.CancelledError):
+            await restoring
+        workers = [thread.name for thread in threading.enumerate() if thread.name.startswith("zkeb-restore")]
+        await asyncio.sleep(0.3)
+        left = list(out.iterdir())
+
+    assert reporters == {threading.get_ident()}
+    assert workers == []
+    assert left == [], "a partial or temporary file was left behind, or written after the restore was cancelled"
