@@ -12,25 +12,10 @@ more than one worker or `METRICS_PORT` is set (a worker is a separate process ev
 scrape aggregates every worker (prometheus_client's multiprocess mode). Set it yourself to choose the directory;
 it must be empty at start and writable.
 
-Metric objects for the domains (import and increment them; all live in prometheus_client's default registry):
-
-| object | metric | labels |
-| --- | --- | --- |
-| `BACKUPS_CREATED` | `zkeb_backups_created_total` | `method` = `single` or `tus` |
-| `BACKUPS_FAILED` | `zkeb_backups_failed_total` | `method`, `reason` (see `record_backup_failed`) |
-| `BACKUP_BYTES_UPLOADED` | `zkeb_backup_bytes_uploaded_total` | |
-| `BACKUP_BYTES_RESTORED` | `zkeb_backup_bytes_restored_total` | |
-| `BACKUP_PAYLOAD_SIZE` | `zkeb_backup_payload_size_bytes` (histogram) | |
-| `TUS_SESSIONS_CREATED` | `zkeb_tus_sessions_created_total` | |
-| `TUS_SESSIONS_EXPIRED` | `zkeb_tus_sessions_expired_total` | |
-| `BACKUPS_TRASHED` | `zkeb_backups_trashed_total` | `reason` = `deleted` or `retention` |
-| `BACKUPS_RESTORED` | `zkeb_backups_restored_total` | |
-| `BACKUPS_PURGED` | `zkeb_backups_purged_total` | `reason` = `admin` or `trash_expired` |
-| `ORPHAN_PAYLOADS_PURGED` | `zkeb_orphan_payloads_purged_total` | |
-| `DATA_KEYS_REWRAPPED` | `zkeb_data_keys_rewrapped_total` | |
-| `MAINTENANCE_PASSES` | `zkeb_maintenance_passes_total` | `task`, `outcome` = `ok` or `error` |
-`record_backup_created()`, `record_backup_failed()` and `record_bytes_restored()` wrap the common cases.
-`zkeb_tus_sessions_open` is sampled from the database; request, pool and process metrics are recorded here.
+Domains define their own metric objects beside their code (e.g. `zkeb.domain.backups.metrics`), in the same
+default registry, and register in `Runtime.metric_samplers` the gauges they sample from the database; this module
+records request, pool and process metrics, and runs the samplers before a scrape (and every 15 s in multiprocess
+mode).
 """
 
 from __future__ import annotations
@@ -40,6 +25,7 @@ import contextlib
 import hmac
 import logging
 import os
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,39 +44,23 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client import multiprocess as prometheus_multiprocess
-from sqlalchemy import event, text
+from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import QueuePool
 
 from zkeb.core.auth import bearer_credential
 from zkeb.core.errors import NotFoundError
 from zkeb.core.logging import AccessRecord
-from zkeb.core.runtime import get_runtime
+from zkeb.core.runtime import Runtime, get_runtime
 from zkeb.prometheus_multiprocess import multiprocess_dir
 from zkeb.settings import Settings
 
 __all__ = (
-    "BACKUPS_CREATED",
-    "BACKUPS_FAILED",
-    "BACKUPS_PURGED",
-    "BACKUPS_RESTORED",
-    "BACKUPS_TRASHED",
-    "BACKUP_BYTES_RESTORED",
-    "BACKUP_BYTES_UPLOADED",
-    "BACKUP_PAYLOAD_SIZE",
-    "DATA_KEYS_REWRAPPED",
     "DB_CONNECTIONS_OPENED",
-    "MAINTENANCE_PASSES",
     "METRICS_SECURITY_SCHEME",
-    "ORPHAN_PAYLOADS_PURGED",
-    "TUS_SESSIONS_CREATED",
-    "TUS_SESSIONS_EXPIRED",
     "MetricsController",
     "install_metrics",
     "observe_request",
-    "record_backup_created",
-    "record_backup_failed",
-    "record_bytes_restored",
     "render_metrics",
     "serve_metrics_for_workers",
     "start_metrics_listener",
@@ -99,7 +69,6 @@ __all__ = (
 logger = logging.getLogger("zkeb.metrics")
 
 METRICS_SECURITY_SCHEME = "MetricsToken"
-_KIB, _MIB = 1024, 1024 * 1024
 
 # --- HTTP -------------------------------------------------------------------------------------------------------
 HTTP_REQUESTS = Counter(
@@ -128,36 +97,6 @@ DB_CONNECTIONS_OPENED = Counter(
     "zkeb_db_connections_opened_total", "Database connections the request pool has opened (logins; churn shows here)."
 )
 
-# --- backups (incremented by the backups domain) ---------------------------------------------------------------
-BACKUPS_CREATED = Counter("zkeb_backups_created_total", "Backups committed.", ["method"])
-BACKUPS_FAILED = Counter("zkeb_backups_failed_total", "Backup uploads refused or failed.", ["method", "reason"])
-BACKUP_BYTES_UPLOADED = Counter("zkeb_backup_bytes_uploaded_total", "Payload bytes of committed backups.")
-BACKUP_BYTES_RESTORED = Counter("zkeb_backup_bytes_restored_total", "Payload bytes streamed back to clients.")
-BACKUP_PAYLOAD_SIZE = Histogram(
-    "zkeb_backup_payload_size_bytes",
-    "Payload size of committed backups.",
-    buckets=(_KIB, 16 * _KIB, 256 * _KIB, _MIB, 4 * _MIB, 16 * _MIB, 64 * _MIB, 256 * _MIB, 1024 * _MIB),
-)
-TUS_SESSIONS_CREATED = Counter("zkeb_tus_sessions_created_total", "tus upload sessions created.")
-TUS_SESSIONS_EXPIRED = Counter(
-    "zkeb_tus_sessions_expired_total", "Expired tus upload sessions (and orphaned upload payloads) purged."
-)
-TUS_SESSIONS_OPEN = Gauge(
-    "zkeb_tus_sessions_open", "Unexpired, uncompleted tus upload sessions (all tenants).", multiprocess_mode="livemax"
-)
-
-# --- backup lifecycle (incremented by the backups domain's lifecycle and maintenance) -----------------------------
-BACKUPS_TRASHED = Counter("zkeb_backups_trashed_total", "Backups moved to the trash.", ["reason"])
-BACKUPS_RESTORED = Counter("zkeb_backups_restored_total", "Backups brought back from the trash.")
-BACKUPS_PURGED = Counter("zkeb_backups_purged_total", "Backups purged with their payload.", ["reason"])
-ORPHAN_PAYLOADS_PURGED = Counter(
-    "zkeb_orphan_payloads_purged_total", "Payloads no backup or upload referenced (a crashed upload), purged."
-)
-DATA_KEYS_REWRAPPED = Counter("zkeb_data_keys_rewrapped_total", "Payload data keys re-wrapped under the active key.")
-MAINTENANCE_PASSES = Counter(
-    "zkeb_maintenance_passes_total", "Maintenance task passes, by task and outcome.", ["task", "outcome"]
-)
-
 # --- process ------------------------------------------------------------------------------------------------------
 PROCESS_MEMORY = Gauge(
     "zkeb_process_resident_memory_bytes", "Resident memory of the serving processes.", multiprocess_mode="livesum"
@@ -171,26 +110,6 @@ CPU_LIMIT = Gauge(
 BUILD_INFO = Gauge(
     "zkeb_build_info", "Version and commit of the running build.", ["version", "commit"], multiprocess_mode="max"
 )
-
-_OPEN_SESSIONS = text("SELECT zkeb_open_upload_sessions()")
-
-
-def record_backup_created(method: str, payload_size: int) -> None:
-    """Count one committed backup of `payload_size` bytes (`method`: `single` or `tus`)."""
-    BACKUPS_CREATED.labels(method=method).inc()
-    BACKUP_BYTES_UPLOADED.inc(payload_size)
-    BACKUP_PAYLOAD_SIZE.observe(payload_size)
-
-
-def record_backup_failed(reason: str, method: str = "any") -> None:
-    """Count one refused or failed upload (`reason`: signature, nonce_reuse, quota, validation, checksum, error)."""
-    BACKUPS_FAILED.labels(method=method, reason=reason).inc()
-
-
-def record_bytes_restored(size: int) -> None:
-    """Count payload bytes sent back to a client."""
-    BACKUP_BYTES_RESTORED.inc(size)
-
 
 #: How many label combinations are kept resolved (methods come from clients: the set is not closed).
 _SERIES_CACHE_SIZE = 4096
@@ -266,12 +185,16 @@ def render_metrics() -> bytes:
     return generate_latest(REGISTRY)
 
 
-async def _refresh_database_gauges(engine: AsyncEngine) -> None:
-    try:
-        async with asyncio.timeout(2), engine.connect() as connection:
-            TUS_SESSIONS_OPEN.set((await connection.execute(_OPEN_SESSIONS)).scalar_one())
-    except Exception as exc:  # noqa: BLE001 - a scrape must answer even when the database does not
-        logger.debug("could not sample open upload sessions", extra={"error": type(exc).__name__})
+async def _run_samplers(samplers: Sequence[Callable[[], Awaitable[None]]]) -> None:
+    """Each domain's database-sampled gauges, each within 2 s: a scrape answers even when the database does not."""
+    for sampler in samplers:
+        try:
+            async with asyncio.timeout(2):
+                await sampler()
+        except Exception as exc:  # noqa: BLE001 - the gauge keeps its last value
+            logger.debug(
+                "could not sample a gauge", extra={"sampler": sampler.__qualname__, "error": type(exc).__name__}
+            )
 
 
 def _bearer_matches(request: Request[Any, Any, Any], token: str) -> bool:
@@ -307,7 +230,7 @@ class MetricsController(Controller):
             raise NotAuthorizedException(
                 "metrics need 'Authorization: Bearer <METRICS_TOKEN>'", headers={"WWW-Authenticate": "Bearer"}
             )
-        await _refresh_database_gauges(runtime.engine)
+        await _run_samplers(runtime.metric_samplers)
         body = await asyncio.to_thread(render_metrics)
         return Response(body, media_type=CONTENT_TYPE_LATEST, headers={"Cache-Control": "no-store"})
 
@@ -334,10 +257,11 @@ def _watch_pool(engine: AsyncEngine) -> None:
     event.listen(pool, "connect", opened)
 
 
-def install_metrics(app_config: AppConfig, settings: Settings, engine: AsyncEngine) -> None:
+def install_metrics(app_config: AppConfig, runtime: Runtime) -> None:
     """Add `/metrics`, pool gauges and, in multiprocess mode, a sampler that keeps this worker's gauges fresh."""
+    settings = runtime.settings
     app_config.route_handlers.append(MetricsController)
-    _watch_pool(engine)
+    _watch_pool(runtime.engine)
     BUILD_INFO.labels(version=settings.version, commit=settings.commit).set(1)
     CPU_LIMIT.set(available_cpus())
     sampler: asyncio.Task[None] | None = None
@@ -345,7 +269,7 @@ def install_metrics(app_config: AppConfig, settings: Settings, engine: AsyncEngi
     async def sample_forever() -> None:
         while True:
             _sampler.sample()
-            await _refresh_database_gauges(engine)
+            await _run_samplers(runtime.metric_samplers)
             await asyncio.sleep(15)
 
     async def start_sampler() -> None:

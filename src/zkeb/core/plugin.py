@@ -81,7 +81,7 @@ class CorePlugin(InitPluginProtocol):
         app_config.route_handlers.append(scalar_assets_router())
         app_config.plugins.append(SQLAlchemyPlugin(config=sqlalchemy_config(engine)))
         instrument_app(app_config, settings, engine, runtime.redis)
-        install_metrics(app_config, settings, engine)
+        install_metrics(app_config, runtime)
         install_access_log(app_config, on_complete=[observe_request])
         app_config.cors_config = cors_config(settings)
         # Before the domains' middleware, so it runs ahead of authentication (see zkeb.core.ratelimit).

@@ -40,6 +40,8 @@ class Runtime:
     role_checked: bool = False
     #: Domains' own readiness conditions: each answers why this process is not ready, or None.
     readiness_checks: list[Callable[[], Awaitable[str | None]]] = field(default_factory=list)
+    #: Domains' own gauges sampled from the database before a scrape (see `zkeb.core.metrics`).
+    metric_samplers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     #: Domains' own parts of the OpenAPI document, each completing it in place (see `zkeb.core.openapi`).
     openapi_additions: list[Callable[[dict[str, Any]], None]] = field(default_factory=list)
     #: Links the audit events that busy transactions leave unchained (see `zkeb.core.audit_linker`).

@@ -33,10 +33,10 @@ from uuid_utils.compat import uuid7
 from zkeb.core.audit_linker import append_unchained_event
 from zkeb.core.auth import Principal
 from zkeb.core.errors import ConflictError, NotFoundError
-from zkeb.core.metrics import BACKUPS_TRASHED, record_backup_created, record_backup_failed
 from zkeb.db.models import Backup
 from zkeb.domain.backups.context import BackupsContext
 from zkeb.domain.backups.lifecycle import RETENTION, TrashedBackup, quota_exceeded, record_retention_events
+from zkeb.domain.backups.metrics import BACKUPS_TRASHED, record_backup_created, record_backup_failed
 from zkeb.domain.backups.schemas import BackupEnvelope, invalid_field
 from zkeb.domain.backups.services import nonce_conflict, verify_backup_signature
 from zkeb.domain.backups.storage import CHUNK_SIZE, PayloadKey

@@ -23,9 +23,9 @@ from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from zkeb.core.audit import record_event
-from zkeb.core.metrics import DATA_KEYS_REWRAPPED
 from zkeb.core.tenancy import tenant_transaction
 from zkeb.db.models import Payload
+from zkeb.domain.backups.metrics import DATA_KEYS_REWRAPPED
 from zkeb.lib.atrest import DataKeyUnwrapError, MasterKeyring, master_key_id, unwrap_data_key, wrap_data_key
 from zkeb.settings import Settings
 

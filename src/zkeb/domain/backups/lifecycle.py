@@ -53,8 +53,8 @@ from zkeb.core.audit_linker import append_unchained_event
 from zkeb.core.auth import Principal
 from zkeb.core.cursors import decode_keyset_cursor, encode_keyset_cursor
 from zkeb.core.errors import NotFoundError, ProblemError
-from zkeb.core.metrics import BACKUPS_PURGED, BACKUPS_RESTORED, BACKUPS_TRASHED
 from zkeb.db.models import Backup, Payload, Project
+from zkeb.domain.backups.metrics import BACKUPS_PURGED, BACKUPS_RESTORED, BACKUPS_TRASHED
 from zkeb.domain.backups.repository import BackupRepositoryService
 from zkeb.domain.backups.store.commits import USED_BYTES_SQL
 from zkeb.settings import Settings

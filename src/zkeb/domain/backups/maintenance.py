@@ -35,7 +35,6 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from zkeb.core.audit import record_event
-from zkeb.core.metrics import BACKUPS_PURGED, MAINTENANCE_PASSES
 from zkeb.core.tenancy import tenant_transaction
 from zkeb.db.models import Backup
 from zkeb.domain.backups.lifecycle import (
@@ -45,6 +44,7 @@ from zkeb.domain.backups.lifecycle import (
     purge_backups,
     record_retention_events,
 )
+from zkeb.domain.backups.metrics import BACKUPS_PURGED, MAINTENANCE_PASSES
 from zkeb.domain.backups.store.outbox import ObjectDeletionDrain
 from zkeb.domain.backups.store.s3 import S3ChunkStore
 from zkeb.domain.backups.tus import SWEEPER_ACTOR_ID, UploadSweeper

@@ -10,6 +10,7 @@ from zkeb.domain.backups.context import STATE_KEY, BackupsContext, build_keyring
 from zkeb.domain.backups.controllers import BackupController, ContainerController, ProjectStorageController
 from zkeb.domain.backups.keys import StoredKeysCheck
 from zkeb.domain.backups.maintenance import MaintenanceRunner
+from zkeb.domain.backups.metrics import open_upload_sessions_sampler
 from zkeb.domain.backups.openapi import add_backups_openapi
 from zkeb.domain.backups.storage import PayloadCrypto
 from zkeb.domain.backups.store.payloads import PayloadStores
@@ -61,6 +62,7 @@ class BackupsPlugin(InitPluginProtocol):
         stored_keys = StoredKeysCheck(runtime.engine, keyring)
         runtime.readiness_checks.append(stored_keys)
         runtime.openapi_additions.append(add_backups_openapi)
+        runtime.metric_samplers.append(open_upload_sessions_sampler(runtime.engine))
         runtime.readiness_checks.append(stores.check)
         if opened is not None:
             # The object store's client (and its connection pool) lives as long as the app: first up, last down.

@@ -24,7 +24,6 @@ from zkeb.core.audit_linker import append_unchained_event
 from zkeb.core.auth import Principal
 from zkeb.core.cursors import decode_keyset_cursor, encode_keyset_cursor
 from zkeb.core.errors import ConflictError, NotFoundError, ProblemError
-from zkeb.core.metrics import record_backup_created, record_backup_failed
 from zkeb.db.models import Backup, BackupChunk, Device, Payload, PayloadNonce, UploadSession
 from zkeb.domain.backups.lifecycle import (
     InsufficientStorageError,
@@ -32,6 +31,7 @@ from zkeb.domain.backups.lifecycle import (
     charge_quota,
     record_retention_events,
 )
+from zkeb.domain.backups.metrics import record_backup_created, record_backup_failed
 from zkeb.domain.backups.repository import BackupRepositoryService
 from zkeb.domain.backups.schemas import BackupEnvelope, BackupRead, BackupReadMsgpack, invalid_field
 from zkeb.domain.backups.storage import ChunkSpan, PayloadCrypto, PayloadKey

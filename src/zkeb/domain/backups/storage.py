@@ -26,7 +26,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from zkeb.core.errors import ProblemError, ServiceUnavailableError
-from zkeb.core.metrics import record_bytes_restored
+from zkeb.domain.backups.metrics import record_bytes_restored
 from zkeb.domain.backups.store.connection import pooled_connection
 from zkeb.domain.backups.store.payloads import READ_BATCH, ChunkWrite, PayloadStore, StoredChunksMissingError
 from zkeb.lib.atrest import (

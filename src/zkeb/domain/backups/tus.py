@@ -69,7 +69,6 @@ from zkeb.core.errors import (
     UnprocessableError,
     exception_handlers,
 )
-from zkeb.core.metrics import ORPHAN_PAYLOADS_PURGED, TUS_SESSIONS_CREATED, TUS_SESSIONS_EXPIRED
 from zkeb.core.runtime import get_runtime
 from zkeb.core.security import request_is_tls, trusted_proxies
 from zkeb.core.tenancy import tenant_transaction
@@ -77,6 +76,7 @@ from zkeb.db.models import Payload, UploadSession
 from zkeb.domain.backups.context import BackupsContext, backups_context
 from zkeb.domain.backups.finalize import InMemoryPayload, commit_in_memory
 from zkeb.domain.backups.lifecycle import SYSTEM_ACTOR, LifecycleService
+from zkeb.domain.backups.metrics import ORPHAN_PAYLOADS_PURGED, TUS_SESSIONS_CREATED, TUS_SESSIONS_EXPIRED
 from zkeb.domain.backups.schemas import BackupEnvelope, invalid_field, validate_envelope
 from zkeb.domain.backups.services import (
     UPLOAD_ENDED,
