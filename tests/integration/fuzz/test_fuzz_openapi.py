@@ -7,7 +7,7 @@ an open tus upload. For the org admin, the project key and the device in turn:
   resources in their path (so they reach past 404);
 - then schemathesis' stateful phase follows the document's links from created and listed resources to the
   operations that take their ids.
-Each response must be no 5xx and conform to the document (status, headers, body schema). Every failure is
+Each response must be no 5xx and conform to the document (status, media type, headers, body schema). Every failure is
 collected, then reported together. Under CI the examples are the same every run (the "ci" Hypothesis profile).
 """
 
@@ -35,7 +35,12 @@ from hypothesis.stateful import initialize
 from schemathesis.checks import not_a_server_error
 from schemathesis.core.failures import Failure, FailureGroup
 from schemathesis.generation.stateful.state_machine import StepInput, StepOutput
-from schemathesis.specs.openapi.checks import response_schema_conformance
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
 
 from zkeb.lib.envelope import auth_message
 from zkeb.settings import Settings
@@ -47,7 +52,13 @@ pytestmark = pytest.mark.timeout(240)
 #: Generated requests per operation and principal, and stateful scenarios per principal (keeps the module ~2 min).
 EXAMPLES_PER_OPERATION = 12
 STATEFUL_SCENARIOS = 40
-CHECKS = [not_a_server_error, response_schema_conformance]
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+]
 
 
 # A tus PATCH body is raw bytes: sent as schemathesis sends `application/octet-stream`.

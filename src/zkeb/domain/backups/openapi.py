@@ -2,10 +2,10 @@
 
 Registered in `Runtime.openapi_additions` by the domain's plugin; `zkeb.core.openapi` runs it after its generic
 completion (problem responses, security, descriptions):
-- the tus request and response headers on `/api/v1/uploads*`, their extra statuses (409, 410, 412, 413, 415, 460,
-  507), and the discovery `OPTIONS` operation (204, no body);
+- the tus request and response headers on `/api/v1/uploads*` (whose 2xx responses have no body), their extra
+  statuses (409, 410, 412, 413, 415, 460, 507), and the discovery `OPTIONS` operation (204, no body);
 - the raw-body envelope of `POST /api/v1/backups` (JSON or msgpack) with the test-vector envelope of
-  docs/protocol.md as its example, and the restore's 206/304/416;
+  docs/protocol.md as its example, the restore's 206/304/416, and the payload's media type on its `HEAD`;
 - the members the domain's problems add (`field`, `backup_id`, `reason`), and its tags;
 - the links from each created or listed backup, tus upload and project to the operations that take its id.
 """
@@ -273,6 +273,12 @@ def add_backups_openapi(document: dict[str, Any]) -> None:
         responses.setdefault(
             "416", problem_response("416", "The range selects no byte of the payload; `Content-Range: bytes */size`.")
         )
+    payload_headers = paths.get("/api/v1/backups/{backup_id}/payload", {}).get("head")
+    if isinstance(payload_headers, dict) and "200" in payload_headers.get("responses", {}):
+        # No body, but the `Content-Type` (and `Content-Length`) of the payload a GET would send.
+        payload_headers["responses"]["200"]["content"] = {
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+        }
     backups = paths.get("/api/v1/backups", {}).get("post")
     if isinstance(backups, dict):
         _add_upload_problems(backups)
@@ -333,6 +339,7 @@ def _document_tus(operation: dict[str, Any], method: str, path: str) -> None:
         operation["responses"].setdefault("412", problem_response("412", "Unsupported or missing `Tus-Resumable`."))
     for status, response in operation["responses"].items():
         if status.startswith("2"):
+            response.pop("content", None)  # tus answers in headers; its 2xx responses have no body
             headers = response.setdefault("headers", {})
             for name, header in _TUS_RESPONSE_HEADERS.items():
                 headers.setdefault(name, header)
