@@ -166,3 +166,14 @@ async def test_links_lead_from_each_created_resource_to_the_operations_that_take
         ("patch", "/api/v1/uploads/{upload_id}"),
         ("delete", "/api/v1/uploads/{upload_id}"),
     }
+
+
+async def test_tus_successes_promise_no_body_and_a_payload_head_names_its_media_type(
+    client: AsyncTestClient[Litestar],
+) -> None:
+    paths = (await _document(client))["paths"]
+    for method, operation in paths["/api/v1/uploads/{upload_id}"].items():
+        assert all("content" not in r for s, r in operation["responses"].items() if s.startswith("2")), method
+    assert "content" not in paths["/api/v1/uploads"]["post"]["responses"]["201"]
+    head = paths["/api/v1/backups/{backup_id}/payload"]["head"]["responses"]["200"]
+    assert list(head["content"]) == ["application/octet-stream"]
