@@ -98,6 +98,8 @@ class Outcome:
 
     statuses: dict[str, Counter[int]] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
+    #: Why the phase stopped before its budget, if it did.
+    cut_short: str | None = None
 
     def record(self, label: str, status: int) -> None:
         self.statuses.setdefault(label, Counter())[status] += 1
@@ -286,21 +288,27 @@ def _run_stateful(schema: Any, base_url: str, principal: Principal, outcome: Out
         Links.upload_signed_backup = upload_signed_backup
         Links.open_signed_upload = open_signed_upload
 
-    Links.run(
-        settings=hypothesis.settings(
-            max_examples=STATEFUL_SCENARIOS,
-            stateful_step_count=6,
-            deadline=None,
-            suppress_health_check=list(hypothesis.HealthCheck),
-            phases=[hypothesis.Phase.explicit, hypothesis.Phase.generate],
+    try:
+        Links.run(
+            settings=hypothesis.settings(
+                max_examples=STATEFUL_SCENARIOS,
+                stateful_step_count=6,
+                deadline=None,
+                suppress_health_check=list(hypothesis.HealthCheck),
+                phases=[hypothesis.Phase.explicit, hypothesis.Phase.generate],
+            )
         )
-    )
+    except hypothesis.errors.Flaky as exc:
+        # Hypothesis replayed a scenario and the live server (whose state earlier scenarios changed) answered it
+        # otherwise. Not a finding: schemathesis' own runner ends the phase the same way. What ran is recorded.
+        outcome.cut_short = type(exc).__name__
 
 
 def _summary(phase: str, principal: Principal, outcome: Outcome) -> str:
     return (
         f"{principal.name} {phase}: {outcome.examples()} requests over {len(outcome.statuses)} operations, "
         f"{len(outcome.reached())} answered 2xx ({', '.join(outcome.reached())}), {len(outcome.failures)} failures"
+        + (f" (stopped early: {outcome.cut_short})" if outcome.cut_short else "")
     )
 
 
@@ -314,8 +322,8 @@ async def test_fuzzed_requests_get_no_5xx_and_responses_conform_to_the_document(
     schema = schemathesis.openapi.from_url(f"{live_url}/schema/openapi.json")
     examples, stateful = Outcome(), Outcome()
     _run_examples(schema, live_url, principal, examples)
-    _run_stateful(schema, live_url, principal, stateful)
     print(_summary("examples", principal, examples))  # the fuzz counts, shown with `pytest -s`
+    _run_stateful(schema, live_url, principal, stateful)
     print(_summary("stateful", principal, stateful))
     failures = sorted(set(examples.failures + stateful.failures))
     assert not failures, "\n".join(failures)
