@@ -8,13 +8,14 @@ Scalar and Swagger UI load) adds, once per process:
 - a description from the handler's docstring where an operation has none, and tag descriptions;
 - no content on 204 and 304 responses (Litestar declares its default media type there);
 - then what each domain registers in `Runtime.openapi_additions` (e.g. the backups domain's tus headers and
-  envelope schema): core knows no domain's paths.
+  envelope schema, and each domain's `Link`s, added with `add_links`): core knows no domain's paths.
 """
 
 from __future__ import annotations
 
 import copy
 import re
+from dataclasses import dataclass, field
 from typing import Any
 
 from litestar import Litestar, Request
@@ -24,7 +25,7 @@ from litestar.routes import HTTPRoute
 
 from zkeb.core.runtime import get_runtime
 
-__all__ = ("PROBLEM_REF", "ZkebOpenAPIJson", "complete_openapi", "problem_response")
+__all__ = ("PROBLEM_REF", "Link", "ZkebOpenAPIJson", "add_links", "complete_openapi", "problem_response")
 
 #: The problem+json schema every error response refers to; domains add their extra members to its properties.
 PROBLEM_REF = "#/components/schemas/ProblemDetails"
@@ -96,6 +97,40 @@ def problem_response(status: str, description: str | None = None) -> dict[str, A
     if status == "429":
         response["headers"] = _RATE_LIMIT_HEADERS
     return response
+
+
+@dataclass(frozen=True)
+class Link:
+    """An OpenAPI link (OAS 3.1 §4.8.20) from one operation's response to an operation that uses a value of it.
+
+    `parameters` map the target's parameter names to runtime expressions (`$response.body#/id`,
+    `$response.header.Location`); clients and stateful fuzzers follow them from a created resource to its uses.
+    """
+
+    name: str
+    source: tuple[str, str, str]  #: method, path and status of the response the value comes from
+    target: tuple[str, str]  #: method and path of the operation that uses it
+    parameters: dict[str, str] = field(default_factory=dict)
+    description: str = ""
+
+
+def add_links(document: dict[str, Any], links: list[Link]) -> None:
+    """Add `links` to the responses of `document`; the target is named by its `operationId`.
+
+    A link whose source response or target operation is not in the document is left out, so a domain can name
+    another domain's operations without knowing whether that domain is installed.
+    """
+    paths = document.get("paths", {})
+    for link in links:
+        method, path, status = link.source
+        response = paths.get(path, {}).get(method, {}).get("responses", {}).get(status)
+        target = paths.get(link.target[1], {}).get(link.target[0])
+        if not isinstance(response, dict) or not isinstance(target, dict) or "operationId" not in target:
+            continue
+        entry: dict[str, Any] = {"operationId": target["operationId"], "parameters": dict(link.parameters)}
+        if link.description:
+            entry["description"] = link.description
+        response.setdefault("links", {})[link.name] = entry
 
 
 def _public_patterns(app: Litestar) -> list[re.Pattern[str]]:

@@ -123,3 +123,57 @@ async def test_single_shot_upload_documents_the_envelope_with_the_guide_example(
     assert "application/msgpack" in body
     envelope = document["components"]["schemas"]["BackupEnvelope"]
     assert set(envelope["required"]) == set(ENVELOPE_EXAMPLE)
+
+
+async def test_links_lead_from_each_created_resource_to_the_operations_that_take_its_id(
+    client: AsyncTestClient[Litestar],
+) -> None:
+    document = await _document(client)
+    by_id = {operation["operationId"]: (method, path, operation) for method, path, operation in _operations(document)}
+    targets: dict[tuple[str, str, str], set[tuple[str, str]]] = {}
+    for method, path, operation in _operations(document):
+        for status, response in operation["responses"].items():
+            for link in response.get("links", {}).values():
+                target_method, target_path, target = by_id[link["operationId"]]
+                declared = {
+                    parameter["name"] for parameter in target.get("parameters", []) if parameter["in"] == "path"
+                }
+                assert set(link["parameters"]) <= declared, (method, path, link)
+                assert all(value.startswith(("$response.", "$request.")) for value in link["parameters"].values())
+                targets.setdefault((method, path, status), set()).add((target_method, target_path))
+    assert targets[("post", "/api/v1/projects", "201")] >= {
+        ("get", "/api/v1/projects/{project_id}"),
+        ("patch", "/api/v1/projects/{project_id}"),
+        ("post", "/api/v1/projects/{project_id}/api-keys"),
+        ("post", "/api/v1/projects/{project_id}/devices"),
+        ("get", "/api/v1/projects/{project_id}/usage"),
+    }
+    assert targets[("post", "/api/v1/projects/{project_id}/api-keys", "201")] == {
+        ("delete", "/api/v1/api-keys/{key_id}")
+    }
+    assert targets[("post", "/api/v1/projects/{project_id}/devices", "201")] == {
+        ("delete", "/api/v1/devices/{device_id}")
+    }
+    assert targets[("post", "/api/v1/backups", "201")] >= {
+        ("get", "/api/v1/backups/{backup_id}"),
+        ("get", "/api/v1/backups/{backup_id}/payload"),
+        ("delete", "/api/v1/backups/{backup_id}"),
+        ("post", "/api/v1/backups/{backup_id}/restore"),
+        ("get", "/api/v1/containers/{container_id}/backups/latest"),
+    }
+    assert targets[("post", "/api/v1/uploads", "201")] == {
+        ("head", "/api/v1/uploads/{upload_id}"),
+        ("patch", "/api/v1/uploads/{upload_id}"),
+        ("delete", "/api/v1/uploads/{upload_id}"),
+    }
+
+
+async def test_tus_successes_promise_no_body_and_a_payload_head_names_its_media_type(
+    client: AsyncTestClient[Litestar],
+) -> None:
+    paths = (await _document(client))["paths"]
+    for method, operation in paths["/api/v1/uploads/{upload_id}"].items():
+        assert all("content" not in r for s, r in operation["responses"].items() if s.startswith("2")), method
+    assert "content" not in paths["/api/v1/uploads"]["post"]["responses"]["201"]
+    head = paths["/api/v1/backups/{backup_id}/payload"]["head"]["responses"]["200"]
+    assert list(head["content"]) == ["application/octet-stream"]

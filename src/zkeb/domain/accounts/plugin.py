@@ -8,6 +8,7 @@ from litestar.config.app import AppConfig
 from litestar.middleware import DefineMiddleware
 from litestar.plugins import InitPluginProtocol
 
+from zkeb.core.openapi import Link, add_links
 from zkeb.domain.accounts.authentication import AUTH_EXCLUDED_PATHS, BearerAuthenticationMiddleware
 from zkeb.domain.accounts.controllers import (
     ApiKeyController,
@@ -26,8 +27,45 @@ _TAGS = [
 ]
 
 
+_PROJECTS = "/api/v1/projects"
+_PROJECT = "/api/v1/projects/{project_id}"
+_API_KEYS = "/api/v1/projects/{project_id}/api-keys"
+_DEVICES = "/api/v1/projects/{project_id}/devices"
+#: What uses a project's id: its own operations, its keys and its devices.
+_PROJECT_USES = {
+    "GetProject": ("get", _PROJECT),
+    "UpdateProject": ("patch", _PROJECT),
+    "ListApiKeys": ("get", _API_KEYS),
+    "CreateApiKey": ("post", _API_KEYS),
+    "ListDevices": ("get", _DEVICES),
+    "EnrollDevice": ("post", _DEVICES),
+}
+
+
+def _accounts_links() -> list[Link]:
+    """Links from each created (or listed) project, key and device to the operations that take its id."""
+    links = [
+        Link(name, ("post", _PROJECTS, "201"), target, {"project_id": "$response.body#/id"}, "The new project.")
+        for name, target in _PROJECT_USES.items()
+    ]
+    links += [
+        Link(name, ("get", _PROJECTS, "200"), target, {"project_id": "$response.body#/items/0/id"}, "The first one.")
+        for name, target in _PROJECT_USES.items()
+    ]
+    for collection, item, name, parameter in (
+        (_API_KEYS, "/api/v1/api-keys/{key_id}", "RevokeApiKey", "key_id"),
+        (_DEVICES, "/api/v1/devices/{device_id}", "RevokeDevice", "device_id"),
+    ):
+        links.append(Link(name, ("post", collection, "201"), ("delete", item), {parameter: "$response.body#/id"}))
+        links.append(
+            Link(name, ("get", collection, "200"), ("delete", item), {parameter: "$response.body#/items/0/id"})
+        )
+    return links
+
+
 def _add_accounts_openapi(document: dict[str, Any]) -> None:
     document["tags"].extend(dict(tag) for tag in _TAGS)
+    add_links(document, _accounts_links())
 
 
 class AccountsPlugin(InitPluginProtocol):

@@ -2,11 +2,12 @@
 
 Registered in `Runtime.openapi_additions` by the domain's plugin; `zkeb.core.openapi` runs it after its generic
 completion (problem responses, security, descriptions):
-- the tus request and response headers on `/api/v1/uploads*`, their extra statuses (409, 410, 412, 413, 415, 460,
-  507), and the discovery `OPTIONS` operation (204, no body);
+- the tus request and response headers on `/api/v1/uploads*` (whose 2xx responses have no body), their extra
+  statuses (409, 410, 412, 413, 415, 460, 507), and the discovery `OPTIONS` operation (204, no body);
 - the raw-body envelope of `POST /api/v1/backups` (JSON or msgpack) with the test-vector envelope of
-  docs/protocol.md as its example, and the restore's 206/304/416;
-- the members the domain's problems add (`field`, `backup_id`, `reason`), and its tags.
+  docs/protocol.md as its example, the restore's 206/304/416, and the payload's media type on its `HEAD`;
+- the members the domain's problems add (`field`, `backup_id`, `reason`), and its tags;
+- the links from each created or listed backup, tus upload and project to the operations that take its id.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from zkeb.core.openapi import problem_response
+from zkeb.core.openapi import Link, add_links, problem_response
 
 __all__ = ("ENVELOPE_EXAMPLE", "ENVELOPE_SCHEMA", "add_backups_openapi")
 
@@ -163,6 +164,86 @@ ENVELOPE_SCHEMA: dict[str, Any] = {
 }
 
 
+_BACKUP = "/api/v1/backups/{backup_id}"
+_UPLOAD = "/api/v1/uploads/{upload_id}"
+#: What uses a backup's id.
+_BACKUP_USES = {
+    "GetBackup": ("get", _BACKUP),
+    "DownloadPayload": ("get", f"{_BACKUP}/payload"),
+    "PayloadHeaders": ("head", f"{_BACKUP}/payload"),
+    "RestoreBackup": ("post", f"{_BACKUP}/restore"),
+    "DeleteBackup": ("delete", _BACKUP),
+}
+#: What uses a project's id here.
+_PROJECT_USES = {
+    "ProjectTrash": ("get", "/api/v1/projects/{project_id}/trash"),
+    "ProjectUsage": ("get", "/api/v1/projects/{project_id}/usage"),
+}
+#: Where a backup's fields are in each response that names one (a runtime expression without the field's name).
+_BACKUP_SOURCES = {
+    ("post", "/api/v1/backups", "201"): "$response.body#/",
+    ("get", "/api/v1/backups", "200"): "$response.body#/items/0/",
+    ("get", "/api/v1/containers/{container_id}/backups/latest", "200"): "$response.body#/",
+}
+
+
+def _backups_links() -> list[Link]:
+    """Links from each backup, upload and project a response names to the operations that take its id."""
+    links: list[Link] = []
+    for source, at in _BACKUP_SOURCES.items():
+        links += [Link(name, source, target, {"backup_id": f"{at}id"}) for name, target in _BACKUP_USES.items()]
+        links += [
+            Link(name, source, target, {"project_id": f"{at}project_id"}) for name, target in _PROJECT_USES.items()
+        ]
+        links.append(
+            Link(
+                "LatestBackup",
+                source,
+                ("get", "/api/v1/containers/{container_id}/backups/latest"),
+                {"container_id": f"{at}container_id"},
+            )
+        )
+    # A deleted backup waits in the trash, where the org admin can restore it.
+    links.append(
+        Link(
+            "RestoreBackup",
+            ("delete", _BACKUP, "204"),
+            _BACKUP_USES["RestoreBackup"],
+            {"backup_id": "$request.path.backup_id"},
+        )
+    )
+    links.append(
+        Link(
+            "RestoreBackup",
+            ("get", "/api/v1/projects/{project_id}/trash", "200"),
+            _BACKUP_USES["RestoreBackup"],
+            {"backup_id": "$response.body#/items/0/id"},
+        )
+    )
+    # The upload that completes answers with the committed backup's id in a header.
+    links += [
+        Link(name, ("patch", _UPLOAD, "204"), target, {"backup_id": "$response.header.Zkeb-Backup-Id"})
+        for name, target in _BACKUP_USES.items()
+    ]
+    links += [
+        Link(name, ("post", "/api/v1/projects", "201"), target, {"project_id": "$response.body#/id"})
+        for name, target in _PROJECT_USES.items()
+    ]
+    # `Location` is the upload's path; the id is its last segment (schemathesis' `#regex:` extractor takes it).
+    upload_id = "$response.header.Location#regex:/api/v1/uploads/([^/?]+)"
+    for name, method in (("UploadOffset", "head"), ("Append", "patch"), ("Terminate", "delete")):
+        links.append(
+            Link(
+                name,
+                ("post", "/api/v1/uploads", "201"),
+                (method, _UPLOAD),
+                {"upload_id": upload_id},
+                "The new upload, named by the last segment of its `Location`.",
+            )
+        )
+    return links
+
+
 def add_backups_openapi(document: dict[str, Any]) -> None:
     """Complete `document` (already generically completed) with the backups domain's part."""
     document["components"]["schemas"]["ProblemDetails"]["properties"].update(copy.deepcopy(_PROBLEM_MEMBERS))
@@ -192,6 +273,12 @@ def add_backups_openapi(document: dict[str, Any]) -> None:
         responses.setdefault(
             "416", problem_response("416", "The range selects no byte of the payload; `Content-Range: bytes */size`.")
         )
+    payload_headers = paths.get("/api/v1/backups/{backup_id}/payload", {}).get("head")
+    if isinstance(payload_headers, dict) and "200" in payload_headers.get("responses", {}):
+        # No body, but the `Content-Type` (and `Content-Length`) of the payload a GET would send.
+        payload_headers["responses"]["200"]["content"] = {
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+        }
     backups = paths.get("/api/v1/backups", {}).get("post")
     if isinstance(backups, dict):
         _add_upload_problems(backups)
@@ -209,6 +296,7 @@ def add_backups_openapi(document: dict[str, Any]) -> None:
                 },
             },
         )
+    add_links(document, _backups_links())
 
 
 def _document_discovery(item: dict[str, Any]) -> None:
@@ -251,6 +339,7 @@ def _document_tus(operation: dict[str, Any], method: str, path: str) -> None:
         operation["responses"].setdefault("412", problem_response("412", "Unsupported or missing `Tus-Resumable`."))
     for status, response in operation["responses"].items():
         if status.startswith("2"):
+            response.pop("content", None)  # tus answers in headers; its 2xx responses have no body
             headers = response.setdefault("headers", {})
             for name, header in _TUS_RESPONSE_HEADERS.items():
                 headers.setdefault(name, header)
