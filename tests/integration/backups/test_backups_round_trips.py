@@ -91,7 +91,9 @@ async def _trips(counted: Counted, url: str, headers: dict[str, str]) -> tuple[i
     return min(attempts, key=lambda attempt: attempt[0] + attempt[1])
 
 
-async def test_a_device_reads_an_envelope_or_a_page_in_one_transaction_of_five_round_trips(counted: Counted) -> None:
+async def test_a_device_reads_an_envelope_a_page_or_the_latest_in_one_transaction_of_five_round_trips(
+    counted: Counted,
+) -> None:
     # BEGIN, the tenant's set_config, the device's revocation state, the read, COMMIT; plus the limiter's EVALSHA.
     tenant = await make_tenant(counted.client, counted.settings)
     backup_id = await _backup_of(counted, tenant)
@@ -100,6 +102,9 @@ async def test_a_device_reads_an_envelope_or_a_page_in_one_transaction_of_five_r
     assert await _trips(counted, f"/api/v1/backups/{backup_id}", auth(token)) == (5, 1, one_transaction)
     assert await _trips(counted, "/api/v1/backups", auth(token)) == (5, 1, one_transaction)
     assert counted.redis.statements == ["EVALSHA"]
+    container = (await counted.client.get(f"/api/v1/backups/{backup_id}", headers=auth(token))).json()["container_id"]
+    latest = f"/api/v1/containers/{container}/backups/latest"
+    assert await _trips(counted, latest, auth(token)) == (5, 1, one_transaction)
 
 
 async def test_a_project_key_reads_with_one_key_lookup_and_one_transaction(counted: Counted) -> None:

@@ -451,6 +451,7 @@ class ContainerController(Controller):
     @get(
         "/{container_id:uuid}/backups/latest",
         guards=[requires_backup_access],
+        opt={AUTH_IN_REQUEST_SESSION: True},
         summary="The newest backup of a container",
         description="404 when the container has no backup visible to the caller. JSON or msgpack by `Accept`.",
     )
