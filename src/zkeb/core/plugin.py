@@ -12,7 +12,7 @@ from litestar.openapi.spec import Components, SecurityScheme, Server
 from litestar.plugins import InitPluginProtocol
 
 from zkeb.core.apidocs import scalar_assets_router, scalar_render_plugin
-from zkeb.core.database import create_app_engine, sqlalchemy_config
+from zkeb.core.database import create_app_engine
 from zkeb.core.errors import BoundedRequest, exception_handlers
 from zkeb.core.logging import configure_logging, install_access_log, log_format
 from zkeb.core.metrics import install_metrics, observe_request
@@ -79,7 +79,7 @@ class CorePlugin(InitPluginProtocol):
             ),
         )
         app_config.route_handlers.append(scalar_assets_router())
-        app_config.plugins.append(SQLAlchemyPlugin(config=sqlalchemy_config(engine)))
+        app_config.plugins.append(SQLAlchemyPlugin(config=runtime.db_config))
         instrument_app(app_config, settings, engine, runtime.redis)
         install_metrics(app_config, runtime)
         install_access_log(app_config, on_complete=[observe_request])

@@ -9,13 +9,15 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from advanced_alchemy.extensions.litestar import SQLAlchemyAsyncConfig
+from litestar.connection import ASGIConnection
 from litestar.datastructures import State
 from redis.asyncio import Redis
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from zkeb.core.audit_linker import AuditLinker
-from zkeb.core.database import check_runtime_role
+from zkeb.core.database import check_runtime_role, sqlalchemy_config
 from zkeb.core.migrations import head_revision, known_revisions, provision_runtime_login, run_alembic
 from zkeb.settings import Settings
 
@@ -46,10 +48,21 @@ class Runtime:
     openapi_additions: list[Callable[[dict[str, Any]], None]] = field(default_factory=list)
     #: Links the audit events that busy transactions leave unchained (see `zkeb.core.audit_linker`).
     audit_linker: AuditLinker = field(init=False)
+    #: advanced-alchemy's configuration around `engine`: it provides each request's `db_session`.
+    db_config: SQLAlchemyAsyncConfig = field(init=False)
 
     def __post_init__(self) -> None:
-        """The audit linker works through the app's engine."""
+        """The audit linker and the request sessions work through the app's engine."""
         self.audit_linker = AuditLinker(self.engine)
+        self.db_config = sqlalchemy_config(self.engine)
+
+    def request_session(self, connection: ASGIConnection[Any, Any, Any, Any]) -> AsyncSession:
+        """The request's own ORM session, the one its handler gets as `db_session` (created on first use).
+
+        advanced-alchemy's before-send handler commits it (2xx/3xx) or rolls it back at the response's start, and
+        closes it.
+        """
+        return self.db_config.provide_session(connection.app.state, connection.scope)
 
     async def startup(self) -> None:
         """Migrate when configured to, then refuse to serve unless row-level security cannot be bypassed.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -15,6 +16,7 @@ from zkeb.lib.devicetokens import (
     AUDIENCE,
     ISSUER,
     MAX_TOKEN_LIFETIME,
+    ExpiredDeviceTokenError,
     InvalidDeviceTokenError,
     issue_device_token,
     secret_key_id,
@@ -165,3 +167,26 @@ def test_unknown_or_missing_key_ids_are_refused(kid: str | None) -> None:
 def test_garbage_is_refused_without_crashing(token: str) -> None:
     with pytest.raises(InvalidDeviceTokenError):
         verify_device_token(token, (OLD,))
+
+
+def test_a_remembered_token_is_refused_as_expired_once_its_exp_passes() -> None:
+    exp = int(datetime.now(UTC).timestamp()) + 1
+    token = _hs256(_claims(exp=exp))
+    assert verify_device_token(token, (OLD,)).device_id == DEVICE_ID  # verified, and now remembered
+    time.sleep(max(0.0, exp - time.time()) + 0.05)
+    with pytest.raises(ExpiredDeviceTokenError):
+        verify_device_token(token, (OLD,))
+
+
+def test_a_remembered_token_is_refused_once_its_secret_is_retired_and_a_forged_twin_never_passes() -> None:
+    token = _hs256(_claims(), OLD)
+    assert verify_device_token(token, verification_secrets(OLD, NEW)).device_id == DEVICE_ID
+    with pytest.raises(InvalidDeviceTokenError, match="unknown key id"):
+        verify_device_token(token, verification_secrets(NEW, None))
+    head, payload, signature = token.split(".")
+    forged_payload = jwt.utils.base64url_encode(
+        jwt.utils.base64url_decode(payload).replace(str(DEVICE_ID).encode(), str(uuid.uuid4()).encode())
+    ).decode()
+    for forged in (f"{head}.{forged_payload}.{signature}", f"{head}.{payload}.{signature[:-2]}AA"):
+        with pytest.raises(InvalidDeviceTokenError):
+            verify_device_token(forged, verification_secrets(OLD, NEW))

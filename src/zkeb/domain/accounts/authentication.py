@@ -3,7 +3,9 @@
 Keys are looked up by their public prefix through a SECURITY DEFINER function (the tenant is not known
 yet), then compared in constant time as HMACs under `API_KEY_SALT` and, during rotation,
 `API_KEY_SALT_NEW`; a key still hashed under the old salt is re-hashed under the new one on use.
-Nothing is cached, so a revocation takes effect at once on every replica. `last_used_at` is written at
+Nothing is cached, so a revocation takes effect at once on every replica. A device token's state is read in
+its own short tenant transaction, or, on routes flagged `AUTH_IN_REQUEST_SESSION`, in the request's session,
+so that the check and the handler's reads are one transaction. `last_used_at` is written at
 most once a minute per key and process (and only when the stored value is older), so a busy key does not
 turn every request into a write.
 
@@ -22,11 +24,12 @@ from litestar.connection import ASGIConnection
 from litestar.exceptions import NotAuthorizedException
 from litestar.middleware import AbstractAuthenticationMiddleware, AuthenticationResult
 from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from zkeb.core.audit import record_event
-from zkeb.core.auth import Principal, bearer_credential
+from zkeb.core.auth import AUTH_IN_REQUEST_SESSION, Principal, bearer_credential
 from zkeb.core.runtime import Runtime, get_runtime
-from zkeb.core.tenancy import set_tenant, tenant_transaction
+from zkeb.core.tenancy import TENANT_INFO_KEY, set_tenant, tenant_transaction
 from zkeb.lib.apikeys import API_KEY_PREFIX, hash_api_key, matching_salt, public_prefix, salts_in_use
 from zkeb.lib.devicetokens import (
     ExpiredDeviceTokenError,
@@ -133,7 +136,22 @@ async def _authenticate_api_key(runtime: Runtime, key: str) -> Principal:
     raise _AuthenticationFailure("invalid API key", reason="unknown API key")
 
 
-async def _authenticate_device_token(runtime: Runtime, token: str) -> Principal:
+async def _device_state(
+    runtime: Runtime, session: AsyncSession | None, organization_id: UUID, parameters: dict[str, Any]
+) -> Any:
+    if session is None:
+        async with tenant_transaction(runtime.engine, organization_id) as connection:
+            return (await connection.execute(_DEVICE_STATE, parameters)).one_or_none()
+    # The session's first transaction begins here; the tenant hook sets `organization_id` on it before this read.
+    session.info[TENANT_INFO_KEY] = organization_id
+    state = (await session.execute(_DEVICE_STATE, parameters)).one_or_none()
+    if state is None or state.revoked_at is not None:
+        # Give the connection back now: recording the failure takes a connection of its own.
+        await session.rollback()
+    return state
+
+
+async def _authenticate_device_token(runtime: Runtime, token: str, session: AsyncSession | None) -> Principal:
     secrets = runtime.settings.secrets
     try:
         claims = verify_device_token(token, verification_secrets(secrets.jwt_secret, secrets.jwt_secret_new))
@@ -147,13 +165,12 @@ async def _authenticate_device_token(runtime: Runtime, token: str) -> Principal:
         raise _AuthenticationFailure(
             "invalid device token", reason=f"invalid device token: {exc}", challenge=_INVALID_TOKEN
         ) from None
-    async with tenant_transaction(runtime.engine, claims.organization_id) as connection:
-        state = (
-            await connection.execute(
-                _DEVICE_STATE,
-                {"id": claims.device_id, "project_id": claims.project_id, "device_id_hash": claims.device_id_hash},
-            )
-        ).one_or_none()
+    state = await _device_state(
+        runtime,
+        session,
+        claims.organization_id,
+        {"id": claims.device_id, "project_id": claims.project_id, "device_id_hash": claims.device_id_hash},
+    )
     if state is None or state.revoked_at is not None:
         raise _AuthenticationFailure(
             "device revoked",
@@ -173,8 +190,13 @@ async def _authenticate_device_token(runtime: Runtime, token: str) -> Principal:
     )
 
 
-async def authenticate_bearer(runtime: Runtime, authorization: str | None) -> Principal:
+async def authenticate_bearer(
+    runtime: Runtime, authorization: str | None, session: AsyncSession | None = None
+) -> Principal:
     """Resolve an `Authorization` header value into a principal.
+
+    `session`, when given, is the request's own session: a device token's state is read in it (see
+    `AUTH_IN_REQUEST_SESSION`).
 
     Raises:
         NotAuthorizedException: missing, malformed, unknown, revoked or expired credential (401).
@@ -188,7 +210,7 @@ async def authenticate_bearer(runtime: Runtime, authorization: str | None) -> Pr
         )
     if credential.startswith(API_KEY_PREFIX):
         return await _authenticate_api_key(runtime, credential)
-    return await _authenticate_device_token(runtime, credential)
+    return await _authenticate_device_token(runtime, credential, session)
 
 
 async def _record_failure(
@@ -226,8 +248,11 @@ class BearerAuthenticationMiddleware(AbstractAuthenticationMiddleware):
     async def authenticate_request(self, connection: ASGIConnection[Any, Any, Any, Any]) -> AuthenticationResult:
         """Resolve the principal and act for its organization for the rest of the request."""
         runtime = get_runtime(connection.app.state)
+        session = (
+            runtime.request_session(connection) if connection.route_handler.opt.get(AUTH_IN_REQUEST_SESSION) else None
+        )
         try:
-            principal = await authenticate_bearer(runtime, connection.headers.get("authorization"))
+            principal = await authenticate_bearer(runtime, connection.headers.get("authorization"), session)
         except _AuthenticationFailure as failure:
             await _record_failure(runtime, connection, failure)
             raise

@@ -21,7 +21,13 @@ from litestar.response import Stream
 from opentelemetry import trace
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from zkeb.core.auth import Principal, principal_of, requires_backup_access, requires_org_admin
+from zkeb.core.auth import (
+    AUTH_IN_REQUEST_SESSION,
+    Principal,
+    principal_of,
+    requires_backup_access,
+    requires_org_admin,
+)
 from zkeb.core.errors import ProblemError, UnsupportedMediaTypeError
 from zkeb.core.runtime import get_runtime
 from zkeb.db.models import Backup
@@ -260,6 +266,7 @@ class BackupController(Controller):
     @get(
         "/",
         guards=[requires_backup_access],
+        opt={AUTH_IN_REQUEST_SESSION: True},
         summary="List backups",
         description="Newest first. Pass `next_cursor` back as `cursor` for the next page; `limit` is 1..100.",
     )
@@ -286,6 +293,7 @@ class BackupController(Controller):
     @get(
         "/{backup_id:uuid}",
         guards=[requires_backup_access],
+        opt={AUTH_IN_REQUEST_SESSION: True},
         summary="A backup's envelope (without payload)",
         description="JSON, or msgpack with `Accept: application/msgpack`.",
     )
@@ -444,6 +452,7 @@ class ContainerController(Controller):
     @get(
         "/{container_id:uuid}/backups/latest",
         guards=[requires_backup_access],
+        opt={AUTH_IN_REQUEST_SESSION: True},
         summary="The newest backup of a container",
         description="404 when the container has no backup visible to the caller. JSON or msgpack by `Accept`.",
     )

@@ -1,0 +1,154 @@
+"""How many PostgreSQL and Redis round trips the hot read paths cost, counted on the wire by loopback proxies.
+
+Latency on a shared machine is noise; these counts are exact, so a change that adds a trip to every authenticated
+request fails here rather than only showing up as a slower benchmark.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import asyncpg
+import pytest
+from backups_support import Tenant, auth, device_token, make_tenant, sign_envelope
+from litestar import Litestar
+from litestar.testing import AsyncTestClient
+
+from roundtrips import WireCounts, counting_proxy
+from zkeb.app import create_app
+from zkeb.settings import Settings
+
+from support import make_settings, problem
+
+
+@dataclass
+class Counted:
+    """An app whose PostgreSQL and Redis traffic goes through counting proxies."""
+
+    client: AsyncTestClient[Litestar]
+    settings: Settings
+    postgres: WireCounts
+    redis: WireCounts
+
+    def reset(self) -> None:
+        self.postgres.reset()
+        self.redis.reset()
+
+
+@pytest.fixture
+async def counted(
+    request: pytest.FixtureRequest, base_settings_env: dict[str, str], database_url: str, redis_url: str
+) -> AsyncIterator[Counted]:
+    pool_size = getattr(request, "param", 2)
+    with (
+        counting_proxy(database_url, protocol="postgres") as (pg_url, pg_counts),
+        counting_proxy(redis_url, protocol="redis") as (redis_proxy_url, redis_counts),
+    ):
+        settings = make_settings(
+            base_settings_env,
+            DATABASE_URL=pg_url,
+            REDIS_URL=redis_proxy_url,
+            DB_POOL_SIZE=str(pool_size),
+            MAINTENANCE_INTERVAL="0",
+        )
+        async with AsyncTestClient(app=create_app(settings)) as client:
+            yield Counted(client, settings, pg_counts, redis_counts)
+
+
+async def _warm(counted: Counted, method: str, url: str, headers: dict[str, str]) -> None:
+    """Run the request twice (fills the pool and the prepared-statement caches), then zero the counters."""
+    for _ in range(2):
+        response = await counted.client.request(method, url, headers=headers)
+        assert response.status_code == 200, response.text
+    counted.reset()
+
+
+async def _backup_of(counted: Counted, tenant: Tenant) -> str:
+    response = await counted.client.post(
+        "/api/v1/backups", json=sign_envelope(tenant, b"payload").json(), headers=auth(tenant.project_key)
+    )
+    assert response.status_code == 201, response.text
+    backup_id: str = response.json()["id"]
+    return backup_id
+
+
+async def _trips(counted: Counted, url: str, headers: dict[str, str]) -> tuple[int, int, list[str]]:
+    """PostgreSQL and Redis round trips of one warm GET, and the simple-protocol statements it sent (first words).
+
+    The app's background work (the audit linker chaining the events of the set-up requests) shares the proxies, so
+    this is the fewest of a few attempts: background trips only ever add to a request's own.
+    """
+    await _warm(counted, "GET", url, headers)
+    attempts = []
+    for _ in range(5):
+        counted.reset()
+        response = await counted.client.get(url, headers=headers)
+        assert response.status_code == 200, response.text
+        # The first word: BEGIN names an isolation level or not, by how the pooled connection was last used.
+        simple = [s.split()[0].rstrip(";") for s in counted.postgres.statements if not s.startswith("parse: ")]
+        attempts.append((counted.postgres.round_trips, counted.redis.round_trips, simple))
+    return min(attempts, key=lambda attempt: attempt[0] + attempt[1])
+
+
+async def test_a_device_reads_an_envelope_a_page_or_the_latest_in_one_transaction_of_five_round_trips(
+    counted: Counted,
+) -> None:
+    # BEGIN, the tenant's set_config, the device's revocation state, the read, COMMIT; plus the limiter's EVALSHA.
+    tenant = await make_tenant(counted.client, counted.settings)
+    backup_id = await _backup_of(counted, tenant)
+    token = await device_token(counted.client, tenant, tenant.device)
+    one_transaction = ["BEGIN", "COMMIT"]
+    assert await _trips(counted, f"/api/v1/backups/{backup_id}", auth(token)) == (5, 1, one_transaction)
+    assert await _trips(counted, "/api/v1/backups", auth(token)) == (5, 1, one_transaction)
+    assert counted.redis.statements == ["EVALSHA"]
+    container = (await counted.client.get(f"/api/v1/backups/{backup_id}", headers=auth(token))).json()["container_id"]
+    latest = f"/api/v1/containers/{container}/backups/latest"
+    assert await _trips(counted, latest, auth(token)) == (5, 1, one_transaction)
+
+
+async def test_a_project_key_reads_with_one_key_lookup_and_one_transaction(counted: Counted) -> None:
+    # The key lookup (autocommit, no BEGIN), then BEGIN, set_config, the read, COMMIT.
+    tenant = await make_tenant(counted.client, counted.settings)
+    backup_id = await _backup_of(counted, tenant)
+    one_transaction = ["BEGIN", "COMMIT"]
+    assert await _trips(counted, f"/api/v1/backups/{backup_id}", auth(tenant.project_key)) == (5, 1, one_transaction)
+    assert await _trips(counted, "/api/v1/backups", auth(tenant.project_key)) == (5, 1, one_transaction)
+
+
+@pytest.mark.parametrize("counted", [1], indirect=True)
+async def test_a_device_revoked_between_reads_is_refused_at_once_and_audited_on_a_pool_of_one(
+    counted: Counted, owner_connection: asyncpg.Connection
+) -> None:
+    tenant = await make_tenant(counted.client, counted.settings)
+    backup_id = await _backup_of(counted, tenant)
+    token = await device_token(counted.client, tenant, tenant.device)
+    url = f"/api/v1/backups/{backup_id}"
+    assert (await counted.client.get(url, headers=auth(token))).status_code == 200
+    revoked = await counted.client.delete(f"/api/v1/devices/{tenant.device.id}", headers=auth(tenant.admin_key))
+    assert revoked.status_code == 204
+    # The refusal gives the request session's connection back before recording the failure: with one pooled
+    # connection, holding it would leave the audit write waiting for the pool until it gave up.
+    for target in (url, "/api/v1/backups") * 3:
+        refused = await counted.client.get(target, headers=auth(token))
+        assert refused.status_code == 401
+        assert problem(refused)["detail"] == "device revoked"
+    recorded = await owner_connection.fetchval(
+        "SELECT count(*) FROM audit_events WHERE action = 'auth.failed' AND actor_id = $1", tenant.device.id
+    )
+    assert recorded == 6
+    other = await device_token(counted.client, tenant, tenant.devices[1])
+    assert (await counted.client.get("/api/v1/backups", headers=auth(other))).status_code == 200
+
+
+async def test_a_device_reads_only_its_own_backups_in_the_shared_transaction(counted: Counted) -> None:
+    tenant = await make_tenant(counted.client, counted.settings)
+    backup_id = await _backup_of(counted, tenant)
+    other = await make_tenant(counted.client, counted.settings, name="other")
+    other_token = await device_token(counted.client, other, other.device)
+    sibling_token = await device_token(counted.client, tenant, tenant.devices[1])
+    for token in (other_token, sibling_token):
+        response = await counted.client.get(f"/api/v1/backups/{backup_id}", headers=auth(token))
+        assert response.status_code == 404
+        listed = await counted.client.get("/api/v1/backups", headers=auth(token))
+        assert listed.json()["items"] == []
