@@ -12,8 +12,8 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 import msgspec
 import pytest
+from aiobotocore.session import get_session
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
@@ -28,7 +29,7 @@ from zkeb.core.database import create_app_engine
 from zkeb.core.tenancy import install_tenant_setter
 from zkeb.domain.accounts.services import OrganizationService
 from zkeb.lib.envelope import backup_signed_message, format_rfc3339_utc
-from zkeb.settings import Settings
+from zkeb.settings import PayloadStoreSettings, Settings
 
 __all__ = (
     "PROJECT_USED_BYTES",
@@ -39,6 +40,7 @@ __all__ = (
     "granian_server",
     "make_settings",
     "problem",
+    "raw_s3_client",
     "sign_backup",
 )
 
@@ -270,3 +272,12 @@ def granian_server(env: dict[str, str], *, workers: int = 1) -> Iterator[str]:
             process.kill()
             process.wait()
         log.close()
+
+
+@asynccontextmanager
+async def raw_s3_client(settings: PayloadStoreSettings) -> AsyncIterator[Any]:
+    """A plain S3 client of the store's endpoint, to look at (and tamper with) objects as anyone with access could."""
+    async with get_session().create_client(
+        "s3", region_name=settings.region, endpoint_url=settings.endpoint_url
+    ) as client:
+        yield client

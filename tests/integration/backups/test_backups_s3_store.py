@@ -12,13 +12,11 @@ import subprocess
 import sys
 import threading
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
 import asyncpg
 import pytest
-from aiobotocore.session import get_session
 from backups_support import MIB, NOTHING_STORED, Tenant, auth, make_tenant, row_counts, sign_envelope, tus_headers
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
@@ -31,7 +29,7 @@ from zkeb.domain.backups.store.s3 import S3ChunkStore
 from zkeb.lib.atrest import CHUNK_OVERHEAD, unwrap_data_key
 from zkeb.settings import PayloadStoreSettings, Settings
 
-from support import make_settings, problem
+from support import make_settings, problem, raw_s3_client
 
 Client = AsyncTestClient[Litestar]
 
@@ -44,18 +42,9 @@ async def tenant(client: Client, settings: Settings) -> Tenant:
     return await make_tenant(client, settings)
 
 
-@contextlib.asynccontextmanager
-async def _bucket(settings: PayloadStoreSettings) -> AsyncIterator[Any]:
-    """A plain S3 client, to look at and tamper with the bucket as anyone with access to it could."""
-    async with get_session().create_client(
-        "s3", region_name=settings.region, endpoint_url=settings.endpoint_url
-    ) as client:
-        yield client
-
-
 async def _objects(settings: PayloadStoreSettings) -> dict[str, bytes]:
     found: dict[str, bytes] = {}
-    async with _bucket(settings) as client:
+    async with raw_s3_client(settings) as client:
         listed = await client.list_objects_v2(Bucket=settings.bucket)
         for item in listed.get("Contents", []):
             response = await client.get_object(Bucket=settings.bucket, Key=item["Key"])
@@ -158,7 +147,7 @@ async def test_a_tus_upload_resumes_over_objects_and_a_chunk_left_by_a_dead_patc
     payload_id = await owner_connection.fetchval("SELECT payload_id FROM upload_sessions")
     # A PATCH that died after storing its next chunk but before recording it leaves an object without a row.
     stray_key = f"zkeb/payloads/{tenant.organization_id}/{payload_id}/00000002"
-    async with _bucket(s3_store_settings) as bucket:
+    async with raw_s3_client(s3_store_settings) as bucket:
         await bucket.put_object(Bucket=s3_store_settings.bucket, Key=stray_key, Body=b"left by a dead PATCH")
 
     second = await _patch(client, tenant, location, split, payload[split:])
@@ -186,7 +175,7 @@ async def test_a_tampered_object_fails_the_restore_clearly_and_never_returns_its
     first_key = min(objects)
     tampered = bytearray(objects[first_key])
     tampered[40] ^= 0xFF
-    async with _bucket(s3_store_settings) as bucket:
+    async with raw_s3_client(s3_store_settings) as bucket:
         await bucket.put_object(Bucket=s3_store_settings.bucket, Key=first_key, Body=bytes(tampered))
 
     restored = await client.get(f"/api/v1/backups/{backup_id}/payload", headers=auth(tenant.project_key))
@@ -444,7 +433,7 @@ def _cli_env(base_settings_env: dict[str, str], database_url: str, payload_store
 
 
 @S3_ONLY
-async def test_storage_status_reports_where_payloads_live_and_the_bucket(
+async def test_storage_status_reports_where_payloads_live_and_theraw_s3_client(
     client: Client,
     tenant: Tenant,
     base_settings_env: dict[str, str],

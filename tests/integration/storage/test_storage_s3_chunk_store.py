@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 from collections.abc import AsyncIterator
-from typing import Any
 from uuid import uuid4
 
 import pytest
-from aiobotocore.session import get_session
 
 from zkeb.domain.backups.store.s3 import (
     ChunkConflictError,
@@ -22,6 +19,8 @@ from zkeb.domain.backups.store.s3 import (
 from zkeb.lib.atrest import ChunkCipher, ChunkIntegrityError, new_data_key
 from zkeb.settings import PayloadStoreSettings
 
+from support import raw_s3_client
+
 
 @pytest.fixture
 async def store(s3_store_settings: PayloadStoreSettings) -> AsyncIterator[S3ChunkStore]:
@@ -29,24 +28,15 @@ async def store(s3_store_settings: PayloadStoreSettings) -> AsyncIterator[S3Chun
         yield opened
 
 
-@contextlib.asynccontextmanager
-async def _raw_client(settings: PayloadStoreSettings) -> AsyncIterator[Any]:
-    """A plain S3 client of the bucket, to look at objects as anyone with bucket access would."""
-    async with get_session().create_client(
-        "s3", region_name=settings.region, endpoint_url=settings.endpoint_url
-    ) as client:
-        yield client
-
-
 async def _get_raw(settings: PayloadStoreSettings, key: str) -> tuple[bytes, dict[str, str]]:
-    async with _raw_client(settings) as client:
+    async with raw_s3_client(settings) as client:
         response = await client.get_object(Bucket=settings.bucket, Key=key)
         async with response["Body"] as body:
             return await body.read(), dict(response["Metadata"])
 
 
 async def _put_raw(settings: PayloadStoreSettings, key: str, body: bytes) -> None:
-    async with _raw_client(settings) as client:
+    async with raw_s3_client(settings) as client:
         await client.put_object(Bucket=settings.bucket, Key=key, Body=body)
 
 
