@@ -517,7 +517,7 @@ async def _run_maintenance(
     settings: Settings, url: str, *, once: bool, batch_size: int, interval: float | None
 ) -> set[str]:
     from zkeb.core.database import create_app_engine  # noqa: PLC0415
-    from zkeb.domain.backups.maintenance import MaintenanceRunner  # noqa: PLC0415
+    from zkeb.domain.backups.jobs.maintenance import MaintenanceRunner  # noqa: PLC0415
     from zkeb.domain.backups.plugin import payload_stores  # noqa: PLC0415
 
     pause = interval or settings.maintenance_interval_seconds or 60.0
@@ -677,7 +677,7 @@ def keys_status(*, as_json: bool) -> None:
 
 async def _key_status(settings: Settings, url: str, keyring: Any) -> Any:
     from zkeb.core.database import create_app_engine  # noqa: PLC0415
-    from zkeb.domain.backups.keys import KeyRotator  # noqa: PLC0415
+    from zkeb.domain.backups.jobs.key_rotation import KeyRotator  # noqa: PLC0415
 
     engine = create_app_engine(settings, url)
     try:
@@ -719,7 +719,7 @@ def keys_rotate(*, batch_size: int, no_progress: bool) -> None:
 
 async def _rotate_keys(settings: Settings, url: str, keyring: Any, *, batch_size: int, progress: bool) -> Any:
     from zkeb.core.database import create_app_engine  # noqa: PLC0415
-    from zkeb.domain.backups.keys import KeyRotator  # noqa: PLC0415
+    from zkeb.domain.backups.jobs.key_rotation import KeyRotator  # noqa: PLC0415
 
     engine = create_app_engine(settings, url)
     try:

@@ -25,7 +25,7 @@ from backups_support import (
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
-from zkeb.domain.backups.tus import IN_MEMORY_UPLOAD_MAX
+from zkeb.domain.backups.services.uploads import IN_MEMORY_UPLOAD_MAX
 from zkeb.settings import Settings
 
 from support import Envelope, problem

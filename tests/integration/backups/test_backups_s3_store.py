@@ -24,7 +24,7 @@ from litestar.testing import AsyncTestClient
 from zkeb.app import create_app
 from zkeb.core.database import create_app_engine
 from zkeb.domain.backups.context import build_keyring
-from zkeb.domain.backups.maintenance import MaintenanceReport, MaintenanceRunner
+from zkeb.domain.backups.jobs.maintenance import MaintenanceReport, MaintenanceRunner
 from zkeb.domain.backups.store.s3 import S3ChunkStore
 from zkeb.lib.atrest import CHUNK_OVERHEAD, unwrap_data_key
 from zkeb.settings import PayloadStoreSettings, Settings

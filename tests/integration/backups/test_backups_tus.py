@@ -33,10 +33,12 @@ from zkeb.app import create_app
 from zkeb.core import database
 from zkeb.core.database import create_app_engine
 from zkeb.core.runtime import get_runtime
-from zkeb.domain.backups import services, tus
-from zkeb.domain.backups.lifecycle import charge_quota
+from zkeb.domain.backups.jobs.upload_sweeper import UploadSweeper
+from zkeb.domain.backups.services import backups as backup_services
+from zkeb.domain.backups.services import uploads as upload_services
+from zkeb.domain.backups.services.lifecycle import charge_quota
+from zkeb.domain.backups.services.uploads import IN_MEMORY_UPLOAD_MAX
 from zkeb.domain.backups.storage import hash_stored_chunks
-from zkeb.domain.backups.tus import IN_MEMORY_UPLOAD_MAX, UploadSweeper
 from zkeb.settings import Settings
 
 from support import BOTH_STORES, PROJECT_USED_BYTES, Envelope, make_settings, problem
@@ -428,7 +430,7 @@ async def test_a_refused_creation_with_upload_creates_nothing(
             )
             return await charge_quota(session, **kwargs)
 
-        monkeypatch.setattr(services, "charge_quota", charge_after_the_nonce_was_taken)
+        monkeypatch.setattr(backup_services, "charge_quota", charge_after_the_nonce_was_taken)
     response = await client.post("/api/v1/uploads", content=body, headers=tus_headers(tenant.project_key, **headers))
     assert response.status_code == status, response.text
     problem(response)
@@ -449,7 +451,7 @@ async def test_a_creation_with_upload_refused_at_its_commit_by_the_quota_says_wh
         await session.execute(text("UPDATE projects SET storage_quota_bytes = 10"))
         return await charge_quota(session, **kwargs)
 
-    monkeypatch.setattr(services, "charge_quota", charge_after_the_quota_shrank)
+    monkeypatch.setattr(backup_services, "charge_quota", charge_after_the_quota_shrank)
     response = await client.post(
         "/api/v1/uploads",
         content=payload,
@@ -476,7 +478,7 @@ async def test_a_creation_with_upload_cut_by_a_database_failure_says_where_the_u
     async def charge_on_a_dropped_connection(session: AsyncSession, **kwargs: Any) -> Any:
         raise asyncpg.ConnectionDoesNotExistError("connection was closed in the middle of operation")
 
-    monkeypatch.setattr(services, "charge_quota", charge_on_a_dropped_connection)
+    monkeypatch.setattr(backup_services, "charge_quota", charge_on_a_dropped_connection)
     response = await client.post(
         "/api/v1/uploads",
         content=payload,
@@ -610,7 +612,7 @@ async def test_a_resuming_patch_that_finds_its_stored_chunks_gone_says_why(
                 await connection.execute(statement, kwargs["payload_id"])
         await hash_stored_chunks(connection, **kwargs)
 
-    monkeypatch.setattr(tus, "hash_stored_chunks", hash_after_a_concurrent_change)
+    monkeypatch.setattr(upload_services, "hash_stored_chunks", hash_after_a_concurrent_change)
     response = await patch(client, tenant, location, payload[MIB + 1 :], MIB + 1)
     assert response.status_code == status, response.text
     assert detail in problem(response)["detail"]
@@ -657,7 +659,7 @@ async def test_a_completing_patch_whose_upload_ended_during_verification_commits
             await _committed_meanwhile(session, tenant, statement, payload_id)
         return await charge_quota(session, **kwargs)
 
-    monkeypatch.setattr(services, "charge_quota", charge_after_a_concurrent_change)
+    monkeypatch.setattr(backup_services, "charge_quota", charge_after_a_concurrent_change)
     response = await patch(client, tenant, location, payload, 0)
     assert response.status_code == status, response.text
     assert detail in problem(response)["detail"]
@@ -816,15 +818,15 @@ async def test_a_patch_that_finds_the_pool_exhausted_mid_body_is_a_503_and_the_r
     app = create_app(settings)
     engine = get_runtime(app.state).engine
     held: list[AsyncConnection] = []
-    claim = tus.PatchReceiver._claim
+    claim = upload_services.PatchReceiver._claim
 
-    async def claim_then_take_the_pool(receiver: tus.PatchReceiver, lease: Any) -> Any:
+    async def claim_then_take_the_pool(receiver: upload_services.PatchReceiver, lease: Any) -> Any:
         claimed = await claim(receiver, lease)
         if not held:
             held.append(await engine.connect())
         return claimed
 
-    monkeypatch.setattr(tus.PatchReceiver, "_claim", claim_then_take_the_pool)
+    monkeypatch.setattr(upload_services.PatchReceiver, "_claim", claim_then_take_the_pool)
     async with AsyncTestClient(app=app) as client:
         tenant = await make_tenant(client, settings)
         payload = os.urandom(6 * MIB + 5)  # more chunks than wait for the writer: the refusal comes mid-body

@@ -16,7 +16,7 @@ from lifecycle_support import Client, Tenant, app_client, auth, lifecycle_settin
 
 from zkeb.core.database import create_app_engine
 from zkeb.domain.backups.context import build_keyring
-from zkeb.domain.backups.keys import KeyRotator, StoredKeysCheck
+from zkeb.domain.backups.jobs.key_rotation import KeyRotator, StoredKeysCheck
 from zkeb.lib.atrest import master_key_id, parse_master_key
 
 NEW_KEY = base64.b64encode(bytes(range(100, 132))).decode()

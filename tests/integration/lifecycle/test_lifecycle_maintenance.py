@@ -26,7 +26,7 @@ from lifecycle_support import (
 )
 
 from zkeb.core.database import create_app_engine
-from zkeb.domain.backups.maintenance import MaintenanceReport, MaintenanceRunner
+from zkeb.domain.backups.jobs.maintenance import MaintenanceReport, MaintenanceRunner
 from zkeb.settings import Settings
 
 from support import PROJECT_USED_BYTES

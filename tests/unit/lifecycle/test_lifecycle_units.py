@@ -9,9 +9,9 @@ import pytest
 
 from zkeb.core.auth import Principal
 from zkeb.domain.backups.context import build_keyring
-from zkeb.domain.backups.keys import KeyStatus, configured_key_ids
-from zkeb.domain.backups.lifecycle import (
-    InsufficientStorageError,
+from zkeb.domain.backups.errors import InsufficientStorageError
+from zkeb.domain.backups.jobs.key_rotation import KeyStatus, configured_key_ids
+from zkeb.domain.backups.services.lifecycle import (
     RetentionPolicy,
     deleted_by_of,
     quota_exceeded,

@@ -3,7 +3,7 @@
 Each vector is read out of the Markdown and run through the code the server itself uses: the signed-message builders
 and verifier (`zkeb.lib.envelope`), the single-shot body structs and validation (`zkeb.domain.backups.schemas`), the
 tus `Upload-Metadata` reader (`zkeb.domain.backups.tus`), the signature check before commit
-(`zkeb.domain.backups.services`) and the token request body (`zkeb.domain.accounts.schemas`).
+(`zkeb.domain.backups.services.backups`) and the token request body (`zkeb.domain.accounts.schemas`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from zkeb.domain.backups.schemas import (
     parse_device_id_hash_hex,
     validate_envelope,
 )
-from zkeb.domain.backups.services import verify_backup_signature
+from zkeb.domain.backups.services.backups import verify_backup_signature
 from zkeb.domain.backups.tus import envelope_from_metadata
 from zkeb.lib.envelope import (
     auth_message,

@@ -7,7 +7,7 @@ tenant's rows are re-checked and locked in that tenant's transaction with `FOR U
 never remove the same thing twice and never wait for each other. Every removal is audited (actor `system`) in the
 transaction that makes it, and counted in Prometheus.
 
-- Uploads: `zkeb.domain.backups.tus.UploadSweeper` (expired tus sessions and orphaned payloads).
+- Uploads: `zkeb.domain.backups.jobs.upload_sweeper.UploadSweeper` (expired tus sessions and orphaned payloads).
 - Trash: backups in the trash for longer than `TRASH_RETENTION_DAYS` are purged (payload, chunks, quota).
 - Retention: projects with a retention policy get it applied to every container, a page of projects per pass,
   so a policy tightened by an org admin takes effect without waiting for the next upload.
@@ -37,17 +37,17 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from zkeb.core.audit import record_event
 from zkeb.core.tenancy import tenant_transaction
 from zkeb.db.models import Backup
-from zkeb.domain.backups.lifecycle import (
+from zkeb.domain.backups.jobs.upload_sweeper import SWEEPER_ACTOR_ID, UploadSweeper
+from zkeb.domain.backups.metrics import BACKUPS_PURGED, MAINTENANCE_PASSES
+from zkeb.domain.backups.services.lifecycle import (
     SYSTEM_ACTOR,
     RetentionPolicy,
     apply_retention,
     purge_backups,
     record_retention_events,
 )
-from zkeb.domain.backups.metrics import BACKUPS_PURGED, MAINTENANCE_PASSES
 from zkeb.domain.backups.store.outbox import ObjectDeletionDrain
 from zkeb.domain.backups.store.s3 import S3ChunkStore
-from zkeb.domain.backups.tus import SWEEPER_ACTOR_ID, UploadSweeper
 from zkeb.settings import Settings
 
 __all__ = ("MAINTENANCE_BATCH", "MaintenanceReport", "MaintenanceRunner", "RetentionSweeper", "TrashPurger")

@@ -52,8 +52,9 @@ from zkeb.core.audit import record_event
 from zkeb.core.audit_linker import append_unchained_event
 from zkeb.core.auth import Principal
 from zkeb.core.cursors import decode_keyset_cursor, encode_keyset_cursor
-from zkeb.core.errors import NotFoundError, ProblemError
+from zkeb.core.errors import NotFoundError
 from zkeb.db.models import Backup, Payload, Project
+from zkeb.domain.backups.errors import AppendOnlyError, InsufficientStorageError, TooManyOpenUploadsError
 from zkeb.domain.backups.metrics import BACKUPS_PURGED, BACKUPS_RESTORED, BACKUPS_TRASHED
 from zkeb.domain.backups.repository import BackupRepositoryService
 from zkeb.domain.backups.store.commits import USED_BYTES_SQL
@@ -62,14 +63,11 @@ from zkeb.settings import Settings
 __all__ = (
     "RETENTION",
     "SYSTEM_ACTOR",
-    "AppendOnlyError",
     "DeviceUsageRow",
-    "InsufficientStorageError",
     "LifecycleService",
     "ProjectUsageReport",
     "PurgedBackup",
     "RetentionPolicy",
-    "TooManyOpenUploadsError",
     "TrashedBackup",
     "apply_retention",
     "charge_quota",
@@ -117,24 +115,6 @@ _REFUND = text("UPDATE projects SET used_bytes = used_bytes - :n WHERE id = :p")
 _LOCK_PROJECT = text(
     "SELECT append_only, append_only_min_age_days FROM projects WHERE id = :p AND organization_id = :o FOR UPDATE"
 )
-
-
-class InsufficientStorageError(ProblemError):
-    """The project's storage quota cannot take the upload (507); the body says `used`, `quota`, `requested`."""
-
-    status_code: int = 507
-
-
-class TooManyOpenUploadsError(ProblemError):
-    """The project already has `MAX_OPEN_UPLOADS` tus uploads open (429)."""
-
-    status_code: int = 429
-
-
-class AppendOnlyError(ProblemError):
-    """The project is append-only: this credential may not delete, or the backup is not old enough yet (403)."""
-
-    status_code: int = 403
 
 
 def quota_exceeded(*, used: int, quota: int, requested: int) -> InsufficientStorageError:

@@ -23,31 +23,33 @@ from uuid_utils.compat import uuid7
 from zkeb.core.audit_linker import append_unchained_event
 from zkeb.core.auth import Principal
 from zkeb.core.cursors import decode_keyset_cursor, encode_keyset_cursor
-from zkeb.core.errors import ConflictError, NotFoundError, ProblemError
+from zkeb.core.errors import ConflictError, NotFoundError
 from zkeb.db.models import Backup, BackupChunk, Device, Payload, PayloadNonce, UploadSession
-from zkeb.domain.backups.lifecycle import (
+from zkeb.domain.backups.errors import (
+    UPLOAD_ENDED,
+    UPLOAD_LEASE_LOST,
     InsufficientStorageError,
-    apply_retention,
-    charge_quota,
-    record_retention_events,
+    UploadEndedError,
+    UploadLeaseLostError,
 )
 from zkeb.domain.backups.metrics import record_backup_created, record_backup_failed
 from zkeb.domain.backups.repository import BackupRepositoryService
 from zkeb.domain.backups.schemas import BackupEnvelope, BackupRead, BackupReadMsgpack, invalid_field
+from zkeb.domain.backups.services.lifecycle import (
+    apply_retention,
+    charge_quota,
+    record_retention_events,
+)
 from zkeb.domain.backups.storage import ChunkSpan, PayloadCrypto, PayloadKey
 from zkeb.domain.backups.store.payloads import StoreKind
+from zkeb.domain.backups.store.upload_leases import UploadLease
 from zkeb.lib.atrest import ChunkCipher
 from zkeb.lib.envelope import backup_signed_message, format_rfc3339_utc, verify_ed25519
 from zkeb.settings import Settings
 
 __all__ = (
-    "UPLOAD_ENDED",
-    "UPLOAD_LEASE_LOST",
     "BackupService",
     "NewPayload",
-    "UploadEndedError",
-    "UploadLease",
-    "UploadLeaseLostError",
     "backup_read",
     "backup_read_msgpack",
     "nonce_conflict",
@@ -58,28 +60,6 @@ logger = logging.getLogger("zkeb.backups")
 tracer = trace.get_tracer("zkeb.backups")
 
 _NONCE_CONSTRAINT = "uq_payload_nonces"
-UPLOAD_LEASE_LOST = "this PATCH no longer owns the upload: a later PATCH took it over; HEAD the upload for its offset"
-UPLOAD_ENDED = "the upload no longer exists: it was terminated, it expired, or a later PATCH completed it"
-
-
-class UploadLeaseLostError(ProblemError):
-    """A PATCH lost its upload to a later PATCH (409); it stores nothing more."""
-
-    status_code: int = 409
-
-
-class UploadEndedError(UploadLeaseLostError):
-    """A PATCH lost its upload because the upload itself ended meanwhile (404): terminated, expired, or completed."""
-
-    status_code: int = 404
-
-
-@dataclass(frozen=True, slots=True)
-class UploadLease:
-    """The claim through which one PATCH owns a tus upload while it writes (`upload_sessions.lease_id`)."""
-
-    upload_id: UUID
-    lease_id: UUID
 
 
 async def _end_upload(session: AsyncSession, upload: UploadLease) -> None:
@@ -269,7 +249,7 @@ class BackupService(BackupRepositoryService):
 
         The signature has been verified by the caller. The same transaction charges the project's quota (which
         locks the project row, so commits of a project are serialized) and applies the container's retention
-        policy (see `zkeb.domain.backups.lifecycle`).
+        policy (see `zkeb.domain.backups.services.lifecycle`).
 
         A tus upload's session is deleted in the same transaction, provided `upload`'s lease still holds it.
         `backup.created` (actor: `principal`) and retention's removals are audited unchained in the same

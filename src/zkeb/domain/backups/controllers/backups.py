@@ -1,20 +1,17 @@
-"""Backups HTTP API: single-shot upload, metadata, listing, streamed restore, the trash and project storage usage."""
+"""Backups HTTP API: single-shot upload, metadata, listing, streamed restore, delete (to the trash) and restore."""
 
 from __future__ import annotations
 
 import base64
 from collections.abc import AsyncIterator
-from datetime import timedelta
 from typing import Any
 from uuid import UUID
 
 import msgspec
 from litestar import Controller, Request, Response, delete, get, head, post
-from litestar.connection import ASGIConnection
 from litestar.datastructures import State
 from litestar.di import NamedDependency
 from litestar.exceptions import ClientException
-from litestar.handlers.base import BaseRouteHandler
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, FromQuery, Parameter
 from litestar.response import Stream
@@ -32,26 +29,24 @@ from zkeb.core.errors import ProblemError, UnsupportedMediaTypeError
 from zkeb.core.runtime import get_runtime
 from zkeb.db.models import Backup
 from zkeb.domain.backups.context import backups_context
+from zkeb.domain.backups.errors import PayloadRangeError
 from zkeb.domain.backups.finalize import InMemoryPayload, commit_in_memory
-from zkeb.domain.backups.lifecycle import LifecycleService
+from zkeb.domain.backups.guards import requires_backup_or_org_admin
 from zkeb.domain.backups.schemas import (
     AppendOnlyProblem,
     BackupEnvelope,
     BackupList,
     BackupRead,
-    DeviceUsage,
     EnvelopeJson,
     EnvelopeMsgpack,
-    ProjectUsage,
     QuotaProblem,
-    TrashedBackupRead,
-    TrashPage,
     field_of_validation_error,
     invalid_field,
     parse_device_id_hash_hex,
     validate_envelope,
 )
-from zkeb.domain.backups.services import BackupService, backup_read, backup_read_msgpack
+from zkeb.domain.backups.services.backups import BackupService, backup_read, backup_read_msgpack
+from zkeb.domain.backups.services.lifecycle import LifecycleService
 from zkeb.domain.backups.storage import plan_read, stream_plaintext
 from zkeb.lib.negotiation import negotiate
 from zkeb.lib.ranges import RangeNotSatisfiableError, etag_matches, parse_range
@@ -59,9 +54,6 @@ from zkeb.lib.ranges import RangeNotSatisfiableError, etag_matches, parse_range
 __all__ = (
     "BackupController",
     "ContainerController",
-    "ProjectStorageController",
-    "UnsupportedMediaTypeError",
-    "requires_backup_or_org_admin",
 )
 
 tracer = trace.get_tracer("zkeb.backups")
@@ -94,12 +86,6 @@ async def _starting_with(first: bytes | None, rest: AsyncIterator[bytes]) -> Asy
         yield piece
 
 
-class PayloadRangeError(ProblemError):
-    """The requested byte range selects nothing of the payload."""
-
-    status_code: int = 416
-
-
 QUOTA_RESPONSE = {
     507: ResponseSpec(
         data_container=QuotaProblem,
@@ -120,11 +106,6 @@ APPEND_ONLY_RESPONSE = {
         generate_examples=False,
     )
 }
-
-
-def requires_backup_or_org_admin(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
-    """Guard: a project key, a device token, or an org admin key (which reaches every backup of its organization)."""
-    principal_of(connection)
 
 
 def _media_type(request: Request[Any, Any, Any]) -> str:
@@ -462,83 +443,3 @@ class ContainerController(Controller):
         """The latest backup of one container."""
         backup = await BackupService(session=db_session).latest_in_container(principal_of(request), container_id)
         return _backup_response(_representation(request), backup)
-
-
-def _trashed_read(backup: Backup, trash_retention: timedelta) -> TrashedBackupRead:
-    body = backup_read(backup)
-    assert backup.deleted_at is not None
-    return TrashedBackupRead(
-        **{name: getattr(body, name) for name in body.__struct_fields__},
-        deleted_at=backup.deleted_at,
-        deleted_by=backup.deleted_by,
-        purge_after=backup.deleted_at + trash_retention,
-    )
-
-
-class ProjectStorageController(Controller):
-    """A project's storage: usage against its quota, and its trash."""
-
-    path = "/api/v1/projects"
-    tags = ["backups"]  # noqa: RUF012
-    security = [{"BearerAuth": []}]  # noqa: RUF012
-
-    @get(
-        "/{project_id:uuid}/usage",
-        guards=[requires_backup_or_org_admin],
-        summary="A project's storage usage",
-        description=(
-            "`used_bytes` counts every backup until it is purged (the trash included) and is what the quota "
-            "(`quota_bytes`, null: unlimited) limits. `backups` are visible ones, `trashed_backups` those in the "
-            "trash. `reserved_bytes` is what the `open_uploads` (tus) reserve of the quota until they complete, "
-            "are terminated or expire. "
-            "Org admins and project keys see every device in `by_device`; a device token sees its own share only."
-        ),
-    )
-    async def project_usage(
-        self, request: Request[Any, Any, Any], db_session: NamedDependency[AsyncSession], project_id: FromPath[UUID]
-    ) -> ProjectUsage:
-        """Storage used by one project, per device."""
-        report = await LifecycleService(session=db_session).usage(principal_of(request), project_id)
-        return ProjectUsage(
-            used_bytes=report.used_bytes,
-            backups=report.backups,
-            trashed_backups=report.trashed_backups,
-            quota_bytes=report.quota_bytes,
-            reserved_bytes=report.reserved_bytes,
-            open_uploads=report.open_uploads,
-            by_device=[
-                DeviceUsage(
-                    device_id_hash=d.device_id_hash.hex(),
-                    used_bytes=d.used_bytes,
-                    backups=d.backups,
-                    trashed_backups=d.trashed_backups,
-                )
-                for d in report.by_device
-            ],
-        )
-
-    @get(
-        "/{project_id:uuid}/trash",
-        guards=[requires_org_admin],
-        summary="A project's trash (org admin)",
-        description=(
-            "Backups deleted (or removed by retention) and not yet purged, most recently deleted first, with "
-            "`deleted_by` and `purge_after`. Pass `next_cursor` back as `cursor`; `limit` is 1..100."
-        ),
-    )
-    async def project_trash(
-        self,
-        request: Request[Any, Any, Any],
-        db_session: NamedDependency[AsyncSession],
-        state: State,
-        project_id: FromPath[UUID],
-        *,
-        cursor: str | None = Parameter(default=None, max_length=200),
-        limit: int = Parameter(default=50, ge=1, le=100),
-    ) -> TrashPage:
-        """A page of one project's trash."""
-        backups, next_cursor = await LifecycleService(session=db_session).trash_page(
-            principal_of(request), project_id, cursor=cursor, limit=limit
-        )
-        retention = timedelta(days=backups_context(state).settings.trash_retention_days)
-        return TrashPage(items=[_trashed_read(b, retention) for b in backups], next_cursor=next_cursor)

@@ -1,0 +1,1 @@
+"""The backups rules: admission, storing and committing a backup, tus uploads, quotas, retention and the trash."""
