@@ -35,7 +35,7 @@ from zkeb.core.database import create_app_engine
 from zkeb.core.runtime import get_runtime
 from zkeb.domain.backups.jobs.upload_sweeper import UploadSweeper
 from zkeb.domain.backups.services import backups as backup_services
-from zkeb.domain.backups.services import uploads as upload_services
+from zkeb.domain.backups.services import upload_patch
 from zkeb.domain.backups.services.lifecycle import charge_quota
 from zkeb.domain.backups.services.uploads import IN_MEMORY_UPLOAD_MAX
 from zkeb.domain.backups.storage import hash_stored_chunks
@@ -612,7 +612,7 @@ async def test_a_resuming_patch_that_finds_its_stored_chunks_gone_says_why(
                 await connection.execute(statement, kwargs["payload_id"])
         await hash_stored_chunks(connection, **kwargs)
 
-    monkeypatch.setattr(upload_services, "hash_stored_chunks", hash_after_a_concurrent_change)
+    monkeypatch.setattr(upload_patch, "hash_stored_chunks", hash_after_a_concurrent_change)
     response = await patch(client, tenant, location, payload[MIB + 1 :], MIB + 1)
     assert response.status_code == status, response.text
     assert detail in problem(response)["detail"]
@@ -818,15 +818,15 @@ async def test_a_patch_that_finds_the_pool_exhausted_mid_body_is_a_503_and_the_r
     app = create_app(settings)
     engine = get_runtime(app.state).engine
     held: list[AsyncConnection] = []
-    claim = upload_services.PatchReceiver._claim
+    claim = upload_patch.PatchReceiver._claim
 
-    async def claim_then_take_the_pool(receiver: upload_services.PatchReceiver, lease: Any) -> Any:
+    async def claim_then_take_the_pool(receiver: upload_patch.PatchReceiver, lease: Any) -> Any:
         claimed = await claim(receiver, lease)
         if not held:
             held.append(await engine.connect())
         return claimed
 
-    monkeypatch.setattr(upload_services.PatchReceiver, "_claim", claim_then_take_the_pool)
+    monkeypatch.setattr(upload_patch.PatchReceiver, "_claim", claim_then_take_the_pool)
     async with AsyncTestClient(app=app) as client:
         tenant = await make_tenant(client, settings)
         payload = os.urandom(6 * MIB + 5)  # more chunks than wait for the writer: the refusal comes mid-body

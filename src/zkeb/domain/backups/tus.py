@@ -31,9 +31,10 @@ ZKEB specifics:
   of processes (the maintenance runner, `zkeb.domain.backups.jobs.maintenance`, calls it).
 
 Where each part lives: this module reads and answers the protocol (headers, `Upload-Metadata`, the uploads URL, the
-tus error responses); the endpoints are in `zkeb.domain.backups.controllers.uploads`, the rules (creation, the
-PATCH lease, the commit, termination) in `zkeb.domain.backups.services.uploads`, their SQL in
-`zkeb.domain.backups.store.upload_leases`, and the sweeper in `zkeb.domain.backups.jobs.upload_sweeper`.
+tus error responses); the endpoints are in `zkeb.domain.backups.controllers.uploads`; the rules in
+`zkeb.domain.backups.services.uploads` (creation, termination) and `zkeb.domain.backups.services.upload_patch` (a
+PATCH under its lease, the commit); their SQL in `zkeb.domain.backups.store.upload_leases`; the sweeper in
+`zkeb.domain.backups.jobs.upload_sweeper`.
 """
 
 from __future__ import annotations

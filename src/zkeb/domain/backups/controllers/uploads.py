@@ -25,9 +25,9 @@ from zkeb.core.errors import ProblemError, ServiceUnavailableError
 from zkeb.domain.backups.context import backups_context
 from zkeb.domain.backups.errors import UnsupportedUploadMediaTypeError, UploadTooLargeError
 from zkeb.domain.backups.schemas import invalid_field
+from zkeb.domain.backups.services.upload_patch import PatchReceiver
 from zkeb.domain.backups.services.uploads import (
     IN_MEMORY_UPLOAD_MAX,
-    PatchReceiver,
     commit_whole_upload,
     create_upload_session,
     discard_upload,
