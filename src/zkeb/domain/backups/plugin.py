@@ -10,6 +10,7 @@ from zkeb.domain.backups.context import STATE_KEY, BackupsContext, build_keyring
 from zkeb.domain.backups.controllers.backups import BackupController, ContainerController
 from zkeb.domain.backups.controllers.project_storage import ProjectStorageController
 from zkeb.domain.backups.controllers.uploads import UploadController
+from zkeb.domain.backups.deps import dependencies
 from zkeb.domain.backups.jobs.key_rotation import StoredKeysCheck
 from zkeb.domain.backups.jobs.maintenance import MaintenanceRunner
 from zkeb.domain.backups.metrics import open_upload_sessions_sampler
@@ -43,7 +44,7 @@ class BackupsPlugin(InitPluginProtocol):
         self.run_maintenance = run_maintenance
 
     def on_app_init(self, app_config: AppConfig) -> AppConfig:
-        """Add the controllers and the domain's context; start and stop the maintenance runner with the app.
+        """Add the controllers, their service providers and the domain's context; run maintenance with the app.
 
         Raises:
             SettingsError: `ZKEB_MASTER_ENCRYPTION_KEY` (or `_NEW`) is not a 32-byte key.
@@ -60,6 +61,7 @@ class BackupsPlugin(InitPluginProtocol):
         app_config.route_handlers.extend(
             [BackupController, ContainerController, ProjectStorageController, UploadController]
         )
+        app_config.dependencies.update(dependencies())
         stored_keys = StoredKeysCheck(runtime.engine, keyring)
         runtime.readiness_checks.append(stored_keys)
         runtime.openapi_additions.append(add_backups_openapi)

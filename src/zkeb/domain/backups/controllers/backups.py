@@ -10,13 +10,11 @@ from uuid import UUID
 import msgspec
 from litestar import Controller, Request, Response, delete, get, head, post
 from litestar.datastructures import State
-from litestar.di import NamedDependency
 from litestar.exceptions import ClientException
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, FromQuery, Parameter
 from litestar.response import Stream
 from opentelemetry import trace
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from zkeb.core.auth import (
     AUTH_IN_REQUEST_SESSION,
@@ -254,7 +252,7 @@ class BackupController(Controller):
     async def list_backups(
         self,
         request: Request[Any, Any, Any],
-        db_session: NamedDependency[AsyncSession],
+        backup_service: BackupService,
         *,
         container_id: FromQuery[UUID | None] = None,
         device_id_hash: str | None = Parameter(
@@ -266,7 +264,7 @@ class BackupController(Controller):
         """A page of backups."""
         principal = principal_of(request)
         device_hash = parse_device_id_hash_hex(device_id_hash) if device_id_hash is not None else None
-        backups, next_cursor = await BackupService(session=db_session).list_visible(
+        backups, next_cursor = await backup_service.list_visible(
             principal, container_id=container_id, device_id_hash=device_hash, cursor=cursor, limit=limit
         )
         return BackupList(items=[backup_read(b) for b in backups], next_cursor=next_cursor)
@@ -279,10 +277,10 @@ class BackupController(Controller):
         description="JSON, or msgpack with `Accept: application/msgpack`.",
     )
     async def get_backup(
-        self, request: Request[Any, Any, Any], db_session: NamedDependency[AsyncSession], backup_id: FromPath[UUID]
+        self, request: Request[Any, Any, Any], backup_service: BackupService, backup_id: FromPath[UUID]
     ) -> Response[BackupRead]:
         """One backup's envelope."""
-        backup = await BackupService(session=db_session).get_visible(principal_of(request), backup_id)
+        backup = await backup_service.get_visible(principal_of(request), backup_id)
         return _backup_response(_representation(request), backup)
 
     @get(
@@ -300,15 +298,14 @@ class BackupController(Controller):
     async def download_payload(
         self,
         request: Request[Any, Any, Any],
-        db_session: NamedDependency[AsyncSession],
+        backup_service: BackupService,
         state: State,
         backup_id: FromPath[UUID],
     ) -> Response[Any]:
         """Stream a payload, whole or one byte range."""
         principal = principal_of(request)
         context = backups_context(state)
-        service = BackupService(session=db_session)
-        backup = await service.get_visible(principal, backup_id)
+        backup = await backup_service.get_visible(principal, backup_id)
         size = backup.encrypted_payload_size
         etag, headers = _payload_headers(backup)
         if etag_matches(request.headers.get("if-none-match"), etag):
@@ -325,8 +322,8 @@ class BackupController(Controller):
             raise PayloadRangeError(
                 "the range selects no byte of the payload", headers={"Content-Range": exc.content_range}
             ) from None
-        key, spans, store = await service.payload_layout(backup)
-        await db_session.commit()
+        key, spans, store = await backup_service.payload_layout(backup)
+        await backup_service.session.commit()
         cipher = context.crypto.cipher(backup.payload_id, key)
         steps = plan_read(spans, byte_range)
         length = size if byte_range is None else byte_range.length
@@ -367,10 +364,10 @@ class BackupController(Controller):
         ),
     )
     async def payload_headers(
-        self, request: Request[Any, Any, Any], db_session: NamedDependency[AsyncSession], backup_id: FromPath[UUID]
+        self, request: Request[Any, Any, Any], backup_service: BackupService, backup_id: FromPath[UUID]
     ) -> Response[None]:
         """The payload's size and validators, for a client planning ranged reads."""
-        backup = await BackupService(session=db_session).get_visible(principal_of(request), backup_id)
+        backup = await backup_service.get_visible(principal_of(request), backup_id)
         etag, headers = _payload_headers(backup)
         if etag_matches(request.headers.get("if-none-match"), etag):
             return Response(None, status_code=304, headers=headers)
@@ -395,14 +392,12 @@ class BackupController(Controller):
     async def delete_backup(
         self,
         request: Request[Any, Any, Any],
-        db_session: NamedDependency[AsyncSession],
+        lifecycle_service: LifecycleService,
         backup_id: FromPath[UUID],
         purge: bool = Parameter(default=False, description="org admin only: delete for good instead of the trash"),
     ) -> None:
         """Move one backup to the trash, or purge it."""
-        await LifecycleService(session=db_session).delete_backup(
-            principal_of(request), backup_id, purge=purge, request=request
-        )
+        await lifecycle_service.delete_backup(principal_of(request), backup_id, purge=purge, request=request)
 
     @post(
         "/{backup_id:uuid}/restore",
@@ -415,11 +410,11 @@ class BackupController(Controller):
         ),
     )
     async def restore_backup(
-        self, request: Request[Any, Any, Any], db_session: NamedDependency[AsyncSession], backup_id: FromPath[UUID]
+        self, request: Request[Any, Any, Any], lifecycle_service: LifecycleService, backup_id: FromPath[UUID]
     ) -> Response[BackupRead]:
         """Bring one backup back from the trash."""
         representation = _representation(request)
-        backup = await LifecycleService(session=db_session).restore(principal_of(request), backup_id, request=request)
+        backup = await lifecycle_service.restore(principal_of(request), backup_id, request=request)
         return _backup_response(representation, backup)
 
 
@@ -438,8 +433,8 @@ class ContainerController(Controller):
         description="404 when the container has no backup visible to the caller. JSON or msgpack by `Accept`.",
     )
     async def latest_backup(
-        self, request: Request[Any, Any, Any], db_session: NamedDependency[AsyncSession], container_id: FromPath[UUID]
+        self, request: Request[Any, Any, Any], backup_service: BackupService, container_id: FromPath[UUID]
     ) -> Response[BackupRead]:
         """The latest backup of one container."""
-        backup = await BackupService(session=db_session).latest_in_container(principal_of(request), container_id)
+        backup = await backup_service.latest_in_container(principal_of(request), container_id)
         return _backup_response(_representation(request), backup)

@@ -8,9 +8,7 @@ from uuid import UUID
 
 from litestar import Controller, Request, get
 from litestar.datastructures import State
-from litestar.di import NamedDependency
 from litestar.params import FromPath, Parameter
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from zkeb.core.auth import principal_of, requires_org_admin
 from zkeb.db.models import Backup
@@ -54,10 +52,10 @@ class ProjectStorageController(Controller):
         ),
     )
     async def project_usage(
-        self, request: Request[Any, Any, Any], db_session: NamedDependency[AsyncSession], project_id: FromPath[UUID]
+        self, request: Request[Any, Any, Any], lifecycle_service: LifecycleService, project_id: FromPath[UUID]
     ) -> ProjectUsage:
         """Storage used by one project, per device."""
-        report = await LifecycleService(session=db_session).usage(principal_of(request), project_id)
+        report = await lifecycle_service.usage(principal_of(request), project_id)
         return ProjectUsage(
             used_bytes=report.used_bytes,
             backups=report.backups,
@@ -88,7 +86,7 @@ class ProjectStorageController(Controller):
     async def project_trash(
         self,
         request: Request[Any, Any, Any],
-        db_session: NamedDependency[AsyncSession],
+        lifecycle_service: LifecycleService,
         state: State,
         project_id: FromPath[UUID],
         *,
@@ -96,7 +94,7 @@ class ProjectStorageController(Controller):
         limit: int = Parameter(default=50, ge=1, le=100),
     ) -> TrashPage:
         """A page of one project's trash."""
-        backups, next_cursor = await LifecycleService(session=db_session).trash_page(
+        backups, next_cursor = await lifecycle_service.trash_page(
             principal_of(request), project_id, cursor=cursor, limit=limit
         )
         retention = timedelta(days=backups_context(state).settings.trash_retention_days)
