@@ -74,10 +74,16 @@ from zkeb.core.security import request_is_tls, trusted_proxies
 from zkeb.core.tenancy import tenant_transaction
 from zkeb.db.models import Payload, UploadSession
 from zkeb.domain.backups.context import BackupsContext, backups_context
+from zkeb.domain.backups.envelope import (
+    BackupEnvelope,
+    envelope_columns,
+    envelope_from_metadata,
+    envelope_of_row,
+    invalid_field,
+)
 from zkeb.domain.backups.finalize import InMemoryPayload, commit_in_memory
 from zkeb.domain.backups.lifecycle import SYSTEM_ACTOR, LifecycleService
 from zkeb.domain.backups.metrics import ORPHAN_PAYLOADS_PURGED, TUS_SESSIONS_CREATED, TUS_SESSIONS_EXPIRED
-from zkeb.domain.backups.schemas import BackupEnvelope, invalid_field, validate_envelope
 from zkeb.domain.backups.services import (
     UPLOAD_ENDED,
     UPLOAD_LEASE_LOST,
@@ -96,8 +102,6 @@ from zkeb.domain.backups.storage import (
 from zkeb.domain.backups.store.connection import pooled_connection, raw_tenant_transaction
 from zkeb.domain.backups.store.payloads import PayloadStore
 from zkeb.lib.atrest import ChunkCipher
-from zkeb.lib.byteforms import BytesField, FieldFormError, TextEncoding, decode_bytes_fields
-from zkeb.lib.envelope import AUTH_TAG_LENGTH, DEVICE_ID_HASH_LENGTH, ED25519_SIGNATURE_LENGTH, NONCE_LENGTH
 from zkeb.lib.tus import (
     TUS_CHECKSUM_ALGORITHMS,
     TUS_EXTENSIONS,
@@ -106,7 +110,6 @@ from zkeb.lib.tus import (
     format_upload_expires,
     parse_non_negative_int,
     parse_upload_checksum,
-    parse_upload_metadata,
 )
 from zkeb.settings import Settings
 
@@ -114,12 +117,10 @@ if TYPE_CHECKING:
     import asyncpg
 
 __all__ = (
-    "ENVELOPE_METADATA_KEYS",
     "UPLOAD_EXPIRY",
     "SweepResult",
     "UploadController",
     "UploadSweeper",
-    "envelope_from_metadata",
 )
 
 logger = logging.getLogger("zkeb.backups.tus")
@@ -137,30 +138,8 @@ BACKUP_ID_HEADER = "Zkeb-Backup-Id"
 #: transaction, like a single-shot upload (`zkeb.domain.backups.finalize`); longer ones stream through a session.
 IN_MEMORY_UPLOAD_MAX = 256 * 1024
 
-ENVELOPE_METADATA_KEYS = (
-    "container_id",
-    "device_id_hash",
-    "payload_nonce",
-    "payload_auth_tag",
-    "metadata",
-    "metadata_nonce",
-    "metadata_auth_tag",
-    "signature",
-    "backup_timestamp",
-)
 #: A `Host` header: a DNS name or IPv4 address, or a bracketed IPv6 address, and an optional port.
 _HOST = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]{2,45}\])(?::[0-9]{1,5})?")
-#: The bytes fields of `Upload-Metadata`, each raw or in its JSON text form (`zkeb.lib.byteforms` has the rule).
-_BYTES_FIELDS = (
-    BytesField("device_id_hash", DEVICE_ID_HASH_LENGTH, TextEncoding.HEX),
-    BytesField("payload_nonce", NONCE_LENGTH),
-    BytesField("payload_auth_tag", AUTH_TAG_LENGTH),
-    BytesField("metadata", None),
-    BytesField("metadata_nonce", NONCE_LENGTH),
-    BytesField("metadata_auth_tag", AUTH_TAG_LENGTH),
-    BytesField("signature", ED25519_SIGNATURE_LENGTH),
-)
-
 
 # --- errors (tus status codes) ---------------------------------------------------------------------------------
 
@@ -280,64 +259,6 @@ def _uploads_url(request: Request[Any, Any, Any], context: BackupsContext) -> st
         raise _malformed("a Host header naming this server is required (the upload's Location is built from it)")
     tls = request_is_tls(request.scope, trusted_proxies(context.settings.trusted_proxies))
     return f"{'https' if tls else request.url.scheme}://{host}{UPLOADS_PATH}"
-
-
-def envelope_from_metadata(header: str) -> BackupEnvelope:
-    """The envelope an `Upload-Metadata` header carries (see the module docstring for the encoding).
-
-    Raises:
-        ProblemError: 400 when the header is malformed; 422 naming a missing or invalid field.
-    """
-    try:
-        values = parse_upload_metadata(header)
-    except TusHeaderError as exc:
-        raise _malformed(str(exc)) from None
-    for key in ENVELOPE_METADATA_KEYS:
-        if key not in values or (values[key] is None and key != "metadata"):
-            raise invalid_field(key, "is required in Upload-Metadata")
-
-    def raw(key: str) -> bytes:
-        return values[key] or b""
-
-    def text_of(key: str) -> str:
-        try:
-            return raw(key).decode("ascii")
-        except UnicodeDecodeError:
-            raise invalid_field(key, "must be base64 of ASCII text") from None
-
-    try:
-        container_id = UUID(text_of("container_id"))
-    except ValueError:
-        raise invalid_field("container_id", "must be base64 of a UUID") from None
-    try:
-        fields = decode_bytes_fields(_BYTES_FIELDS, {field.name: raw(field.name) for field in _BYTES_FIELDS})
-    except FieldFormError as exc:
-        raise invalid_field(exc.field, exc.detail) from None
-    return validate_envelope(
-        container_id=container_id,
-        device_id_hash=fields["device_id_hash"],
-        payload_nonce=fields["payload_nonce"],
-        payload_auth_tag=fields["payload_auth_tag"],
-        metadata=fields["metadata"],
-        metadata_nonce=fields["metadata_nonce"],
-        metadata_auth_tag=fields["metadata_auth_tag"],
-        signature=fields["signature"],
-        backup_timestamp=text_of("backup_timestamp"),
-    )
-
-
-def _envelope_of(upload: UploadSession) -> BackupEnvelope:
-    return BackupEnvelope(
-        container_id=upload.container_id,
-        device_id_hash=upload.device_id_hash,
-        payload_nonce=upload.payload_nonce,
-        payload_auth_tag=upload.payload_auth_tag,
-        metadata=upload.metadata_,
-        metadata_nonce=upload.metadata_nonce,
-        metadata_auth_tag=upload.metadata_auth_tag,
-        signature=upload.signature,
-        backup_timestamp=upload.backup_timestamp,
-    )
 
 
 async def _load_upload(session: AsyncSession, principal: Principal, upload_id: UUID) -> UploadSession:
@@ -650,7 +571,7 @@ class PatchReceiver:
         upload, principal = self.upload, self.principal
         payload_id = upload.payload_id  # read now: a rollback below expires the ORM object
         service = BackupService(session=self.session)
-        envelope = _envelope_of(upload)
+        envelope = envelope_of_row(upload)
         assert principal.project_id is not None
         try:
             device = await service.device_for_upload(principal, upload.device_id_hash)
@@ -784,15 +705,7 @@ class UploadController(Controller):
             payload_id=new.id,
             upload_length=length,
             upload_offset=0,
-            container_id=envelope.container_id,
-            device_id_hash=envelope.device_id_hash,
-            payload_nonce=envelope.payload_nonce,
-            payload_auth_tag=envelope.payload_auth_tag,
-            metadata_=envelope.metadata,
-            metadata_nonce=envelope.metadata_nonce,
-            metadata_auth_tag=envelope.metadata_auth_tag,
-            signature=envelope.signature,
-            backup_timestamp=envelope.backup_timestamp,
+            **envelope_columns(envelope),
             expires_at=datetime.now(UTC) + UPLOAD_EXPIRY,
         )
         db_session.add(upload)
