@@ -34,8 +34,8 @@ from zkeb.core import database
 from zkeb.core.database import create_app_engine
 from zkeb.core.runtime import get_runtime
 from zkeb.domain.backups import services, tus
+from zkeb.domain.backups.chunk_writes import hash_stored_chunks
 from zkeb.domain.backups.lifecycle import charge_quota
-from zkeb.domain.backups.storage import hash_stored_chunks
 from zkeb.domain.backups.tus import IN_MEMORY_UPLOAD_MAX, UploadSweeper
 from zkeb.settings import Settings
 

@@ -12,9 +12,9 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from zkeb.core.errors import ProblemError, UnprocessableError
+from zkeb.domain.backups.chunk_reads import ChunkSpan, ReadStep, _PayloadReader, plan_read
 from zkeb.domain.backups.context import build_keyring
 from zkeb.domain.backups.envelope import ENVELOPE_FIELDS, envelope_from_metadata, validate_envelope
-from zkeb.domain.backups.storage import ChunkSpan, ReadStep, _PayloadReader, plan_read
 from zkeb.domain.backups.store.payloads import PostgresPayloadStore
 from zkeb.lib.atrest import ChunkCipher, master_key_id, parse_master_key
 from zkeb.lib.ranges import ByteRange

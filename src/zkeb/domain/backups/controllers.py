@@ -31,6 +31,7 @@ from zkeb.core.auth import (
 from zkeb.core.errors import ProblemError, UnsupportedMediaTypeError
 from zkeb.core.runtime import get_runtime
 from zkeb.db.models import Backup
+from zkeb.domain.backups.chunk_reads import plan_read, stream_plaintext
 from zkeb.domain.backups.context import backups_context
 from zkeb.domain.backups.envelope import (
     BackupEnvelope,
@@ -55,7 +56,6 @@ from zkeb.domain.backups.schemas import (
     field_of_validation_error,
 )
 from zkeb.domain.backups.services import BackupService, backup_read, backup_read_msgpack
-from zkeb.domain.backups.storage import plan_read, stream_plaintext
 from zkeb.lib.negotiation import negotiate
 from zkeb.lib.ranges import RangeNotSatisfiableError, etag_matches, parse_range
 

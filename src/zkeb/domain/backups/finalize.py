@@ -34,12 +34,13 @@ from zkeb.core.audit_linker import append_unchained_event
 from zkeb.core.auth import Principal
 from zkeb.core.errors import ConflictError, NotFoundError
 from zkeb.db.models import Backup
+from zkeb.domain.backups.chunk_writes import CHUNK_SIZE
 from zkeb.domain.backups.context import BackupsContext
+from zkeb.domain.backups.crypto import PayloadKey
 from zkeb.domain.backups.envelope import BackupEnvelope, envelope_columns, invalid_field
 from zkeb.domain.backups.lifecycle import RETENTION, TrashedBackup, quota_exceeded, record_retention_events
 from zkeb.domain.backups.metrics import BACKUPS_TRASHED, record_backup_created, record_backup_failed
 from zkeb.domain.backups.services import nonce_conflict, verify_backup_signature
-from zkeb.domain.backups.storage import CHUNK_SIZE, PayloadKey
 from zkeb.domain.backups.store.commits import (
     Admission,
     NewBackup,

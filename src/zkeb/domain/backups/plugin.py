@@ -8,11 +8,11 @@ from litestar.plugins import InitPluginProtocol
 from zkeb.core.runtime import Runtime
 from zkeb.domain.backups.context import STATE_KEY, BackupsContext, build_keyring
 from zkeb.domain.backups.controllers import BackupController, ContainerController, ProjectStorageController
+from zkeb.domain.backups.crypto import PayloadCrypto
 from zkeb.domain.backups.keys import StoredKeysCheck
 from zkeb.domain.backups.maintenance import MaintenanceRunner
 from zkeb.domain.backups.metrics import open_upload_sessions_sampler
 from zkeb.domain.backups.openapi import add_backups_openapi
-from zkeb.domain.backups.storage import PayloadCrypto
 from zkeb.domain.backups.store.payloads import PayloadStores
 from zkeb.domain.backups.store.s3 import S3ChunkStore, S3PayloadStore
 from zkeb.domain.backups.tus import UploadController

@@ -25,6 +25,8 @@ from zkeb.core.auth import Principal
 from zkeb.core.cursors import decode_keyset_cursor, encode_keyset_cursor
 from zkeb.core.errors import ConflictError, NotFoundError, ProblemError
 from zkeb.db.models import Backup, BackupChunk, Device, Payload, PayloadNonce, UploadSession
+from zkeb.domain.backups.chunk_reads import ChunkSpan
+from zkeb.domain.backups.crypto import PayloadCrypto, PayloadKey
 from zkeb.domain.backups.envelope import BackupEnvelope, envelope_columns, invalid_field, read_fields
 from zkeb.domain.backups.lifecycle import (
     InsufficientStorageError,
@@ -35,7 +37,6 @@ from zkeb.domain.backups.lifecycle import (
 from zkeb.domain.backups.metrics import record_backup_created, record_backup_failed
 from zkeb.domain.backups.repository import BackupRepositoryService
 from zkeb.domain.backups.schemas import BackupRead, BackupReadMsgpack
-from zkeb.domain.backups.storage import ChunkSpan, PayloadCrypto, PayloadKey
 from zkeb.domain.backups.store.payloads import StoreKind
 from zkeb.lib.atrest import ChunkCipher
 from zkeb.lib.envelope import backup_signed_message, verify_ed25519

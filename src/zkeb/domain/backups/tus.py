@@ -17,7 +17,7 @@ ZKEB specifics:
   the room. The upload then stays (its offset unchanged), so the client can resend the last bytes once room is made.
 - The PATCH that completes the upload verifies the device signature and commits the backup atomically; its
   response carries `Zkeb-Backup-Id`. A signature mismatch answers 422 and deletes the upload and its bytes.
-- Bytes of a PATCH are stored as they arrive (pipelined, see `storage`); a PATCH cut off by the network keeps what
+- Bytes of a PATCH are stored as they arrive (pipelined, see `chunk_writes`); a PATCH cut off by the network keeps what
   was received (unless it carried `Upload-Checksum`, which can then not be verified), so `HEAD` + `PATCH` resume.
 - One PATCH at a time per upload, through a lease on the session row that each chunk batch checks in its own
   transaction: a PATCH holds a pooled connection only while it writes, never while its client's bytes are on the
@@ -73,7 +73,9 @@ from zkeb.core.runtime import get_runtime
 from zkeb.core.security import request_is_tls, trusted_proxies
 from zkeb.core.tenancy import tenant_transaction
 from zkeb.db.models import Payload, UploadSession
+from zkeb.domain.backups.chunk_writes import ChunkPipeline, TransactionHook, hash_stored_chunks
 from zkeb.domain.backups.context import BackupsContext, backups_context
+from zkeb.domain.backups.crypto import PayloadKey
 from zkeb.domain.backups.envelope import (
     BackupEnvelope,
     envelope_columns,
@@ -92,12 +94,6 @@ from zkeb.domain.backups.services import (
     UploadLease,
     UploadLeaseLostError,
     verify_backup_signature,
-)
-from zkeb.domain.backups.storage import (
-    ChunkPipeline,
-    PayloadKey,
-    TransactionHook,
-    hash_stored_chunks,
 )
 from zkeb.domain.backups.store.connection import pooled_connection, raw_tenant_transaction
 from zkeb.domain.backups.store.payloads import PayloadStore
