@@ -42,6 +42,7 @@ __all__ = (
     "nonce_owner",
     "project_usage",
     "read_admission",
+    "reserved_bytes_sql",
     "trash_beyond_retention",
 )
 
@@ -53,11 +54,21 @@ USED_BYTES_SQL = (
     " + coalesce((SELECT sum(s.used_bytes) FROM project_usage_shards s WHERE s.project_id = p.id), 0)::bigint)"
 )
 
-#: What the open (unexpired) tus uploads of project `p` reserve (their `Upload-Length`), over `projects p`.
-RESERVED_BYTES_SQL = (
-    "(SELECT CAST(coalesce(sum(u.upload_length), 0) AS bigint) FROM upload_sessions u"
-    " WHERE u.project_id = p.id AND u.expires_at > now())"
-)
+
+def reserved_bytes_sql(*, but: str | None = None) -> str:
+    """What the open (unexpired) tus uploads of project `p` reserve (their `Upload-Length`), over `projects p`.
+
+    `but` is an SQL expression naming an upload left out (the one committing its bytes now).
+    """
+    excluded = f" AND u.id IS DISTINCT FROM {but}" if but is not None else ""
+    return (
+        "(SELECT CAST(coalesce(sum(u.upload_length), 0) AS bigint) FROM upload_sessions u"  # noqa: S608 - `but`: ours
+        f" WHERE u.project_id = p.id AND u.expires_at > now(){excluded})"
+    )
+
+
+#: What the open tus uploads of project `p` reserve, over `projects p`.
+RESERVED_BYTES_SQL = reserved_bytes_sql()
 
 _ADMISSION = f"""
 SELECT p.storage_quota_bytes AS quota,
