@@ -33,12 +33,12 @@ from zkeb.app import create_app
 from zkeb.core import database
 from zkeb.core.database import create_app_engine
 from zkeb.core.runtime import get_runtime
+from zkeb.domain.backups.chunk_writes import hash_stored_chunks
 from zkeb.domain.backups.jobs.upload_sweeper import UploadSweeper
 from zkeb.domain.backups.services import backups as backup_services
 from zkeb.domain.backups.services import upload_patch
 from zkeb.domain.backups.services.lifecycle import charge_quota
 from zkeb.domain.backups.services.uploads import IN_MEMORY_UPLOAD_MAX
-from zkeb.domain.backups.storage import hash_stored_chunks
 from zkeb.settings import Settings
 
 from support import BOTH_STORES, PROJECT_USED_BYTES, Envelope, make_settings, problem

@@ -12,11 +12,10 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from zkeb.core.errors import ProblemError, UnprocessableError
+from zkeb.domain.backups.chunk_reads import ChunkSpan, ReadStep, _PayloadReader, plan_read
 from zkeb.domain.backups.context import build_keyring
-from zkeb.domain.backups.schemas import validate_envelope
-from zkeb.domain.backups.storage import ChunkSpan, ReadStep, _PayloadReader, plan_read
+from zkeb.domain.backups.envelope import ENVELOPE_FIELDS, envelope_from_metadata, validate_envelope
 from zkeb.domain.backups.store.payloads import PostgresPayloadStore
-from zkeb.domain.backups.tus import ENVELOPE_METADATA_KEYS, envelope_from_metadata
 from zkeb.lib.atrest import ChunkCipher, master_key_id, parse_master_key
 from zkeb.lib.ranges import ByteRange
 from zkeb.settings import Settings, SettingsError
@@ -86,7 +85,7 @@ def test_envelope_from_metadata_accepts_empty_metadata_and_hex_device_hash() -> 
     assert envelope.device_id_hash == b"\xab" * 32
 
 
-@pytest.mark.parametrize("key", [k for k in ENVELOPE_METADATA_KEYS if k != "metadata"])
+@pytest.mark.parametrize("key", [f.name for f in ENVELOPE_FIELDS if f.name != "metadata"])
 def test_envelope_from_metadata_names_a_missing_field(key: str) -> None:
     header = ",".join(part for part in _metadata().split(",") if not part.startswith(f"{key} "))
     with pytest.raises(UnprocessableError) as caught:
@@ -112,10 +111,10 @@ def test_validate_envelope_checks_lengths_and_timestamp() -> None:
         "signature": b"\0" * 64,
         "backup_timestamp": "2026-01-01T00:00:00Z",
     }
-    assert validate_envelope(**good).metadata == b""  # type: ignore[arg-type]
+    assert validate_envelope(good).metadata == b""
     for field, bad in [("signature", b"\0" * 63), ("metadata", b"\0" * 8193), ("backup_timestamp", "2026-01-01")]:
         with pytest.raises(UnprocessableError) as caught:
-            validate_envelope(**{**good, field: bad})  # type: ignore[arg-type]
+            validate_envelope({**good, field: bad})
         assert caught.value.problem_extra == {"field": field}
 
 

@@ -23,16 +23,15 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from zkeb.core.errors import UnprocessableError
 from zkeb.domain.accounts.schemas import TokenRequest
-from zkeb.domain.backups.openapi import ENVELOPE_EXAMPLE
-from zkeb.domain.backups.schemas import (
+from zkeb.domain.backups.envelope import (
     BackupEnvelope,
-    EnvelopeJson,
-    EnvelopeMsgpack,
-    parse_device_id_hash_hex,
-    validate_envelope,
+    envelope_from_json,
+    envelope_from_metadata,
+    envelope_from_msgpack,
 )
+from zkeb.domain.backups.openapi import ENVELOPE_EXAMPLE
+from zkeb.domain.backups.schemas import EnvelopeJson, EnvelopeMsgpack
 from zkeb.domain.backups.services.backups import verify_backup_signature
-from zkeb.domain.backups.tus import envelope_from_metadata
 from zkeb.lib.envelope import (
     auth_message,
     backup_signed_message,
@@ -72,35 +71,13 @@ def _table(protocol: str, marker: str) -> list[tuple[int, int, bytes]]:
 def _envelope_from_json(body: bytes) -> tuple[BackupEnvelope, bytes]:
     """A single-shot JSON body decoded and validated as `POST /api/v1/backups` does."""
     source = msgspec.json.decode(body, type=EnvelopeJson)
-    envelope = validate_envelope(
-        container_id=source.container_id,
-        device_id_hash=parse_device_id_hash_hex(source.device_id_hash),
-        payload_nonce=source.payload_nonce,
-        payload_auth_tag=source.payload_auth_tag,
-        metadata=source.metadata,
-        metadata_nonce=source.metadata_nonce,
-        metadata_auth_tag=source.metadata_auth_tag,
-        signature=source.signature,
-        backup_timestamp=source.backup_timestamp,
-    )
-    return envelope, source.payload
+    return envelope_from_json(source), source.payload
 
 
 def _envelope_from_msgpack(body: bytes) -> tuple[BackupEnvelope, bytes]:
     """A single-shot msgpack body decoded and validated as `POST /api/v1/backups` does."""
     source = msgspec.msgpack.decode(body, type=EnvelopeMsgpack)
-    envelope = validate_envelope(
-        container_id=source.container_id,
-        device_id_hash=source.device_id_hash,
-        payload_nonce=source.payload_nonce,
-        payload_auth_tag=source.payload_auth_tag,
-        metadata=source.metadata,
-        metadata_nonce=source.metadata_nonce,
-        metadata_auth_tag=source.metadata_auth_tag,
-        signature=source.signature,
-        backup_timestamp=source.backup_timestamp,
-    )
-    return envelope, bytes(source.payload)
+    return envelope_from_msgpack(source), bytes(source.payload)
 
 
 def _verify(vectors: dict[str, Any], envelope: BackupEnvelope, payload: bytes) -> None:

@@ -35,6 +35,23 @@ _ENVELOPE_CHECKS = (
 )
 
 
+class EnvelopeColumns:
+    """The envelope's columns (`zkeb.domain.backups.envelope.BackupEnvelope`), shared by backups and tus uploads.
+
+    `metadata` is the attribute `metadata_`: SQLAlchemy reserves the name.
+    """
+
+    container_id: Mapped[UUID]
+    device_id_hash: Mapped[bytes] = mapped_column(LargeBinary)
+    payload_nonce: Mapped[bytes] = mapped_column(LargeBinary)
+    payload_auth_tag: Mapped[bytes] = mapped_column(LargeBinary)
+    metadata_: Mapped[bytes] = mapped_column("metadata", LargeBinary)
+    metadata_nonce: Mapped[bytes] = mapped_column(LargeBinary)
+    metadata_auth_tag: Mapped[bytes] = mapped_column(LargeBinary)
+    signature: Mapped[bytes] = mapped_column(LargeBinary)
+    backup_timestamp: Mapped[datetime.datetime] = mapped_column(TimestampUTC)
+
+
 class Payload(TenantModel):
     """A stored ciphertext: its wrapped data key and, once complete, its size and digest.
 
@@ -90,7 +107,7 @@ class BackupChunk(TenantModel):
     data: Mapped[bytes] = mapped_column(LargeBinary)
 
 
-class Backup(TenantModel):
+class Backup(EnvelopeColumns, TenantModel):
     """A verified, committed backup: the client's envelope without its payload, which lives in `payloads`."""
 
     __tablename__ = "backups"
@@ -108,17 +125,8 @@ class Backup(TenantModel):
     project_id: Mapped[UUID] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
     device_id: Mapped[UUID] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"))
     payload_id: Mapped[UUID] = mapped_column(ForeignKey("payloads.id", ondelete="RESTRICT"))
-    container_id: Mapped[UUID]
-    device_id_hash: Mapped[bytes] = mapped_column(LargeBinary)
     encrypted_payload_size: Mapped[int] = mapped_column(BigInteger)
     payload_sha256: Mapped[bytes] = mapped_column(LargeBinary)
-    payload_nonce: Mapped[bytes] = mapped_column(LargeBinary)
-    payload_auth_tag: Mapped[bytes] = mapped_column(LargeBinary)
-    metadata_: Mapped[bytes] = mapped_column("metadata", LargeBinary)
-    metadata_nonce: Mapped[bytes] = mapped_column(LargeBinary)
-    metadata_auth_tag: Mapped[bytes] = mapped_column(LargeBinary)
-    signature: Mapped[bytes] = mapped_column(LargeBinary)
-    backup_timestamp: Mapped[datetime.datetime] = mapped_column(TimestampUTC)
     deleted_at: Mapped[datetime.datetime | None] = mapped_column(TimestampUTC, default=None)
     deleted_by: Mapped[str | None] = mapped_column(String(80), default=None)
     #: Set when an org admin brings the backup back from the trash; retention leaves such a backup alone.
@@ -141,7 +149,7 @@ class PayloadNonce(TenantModel):
     backup_id: Mapped[UUID | None] = mapped_column(default=None)
 
 
-class UploadSession(TenantModel):
+class UploadSession(EnvelopeColumns, TenantModel):
     """A tus upload in progress: the validated envelope and how many payload bytes have arrived."""
 
     __tablename__ = "upload_sessions"
@@ -159,15 +167,6 @@ class UploadSession(TenantModel):
     payload_id: Mapped[UUID] = mapped_column(ForeignKey("payloads.id", ondelete="CASCADE"))
     upload_length: Mapped[int] = mapped_column(BigInteger)
     upload_offset: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
-    container_id: Mapped[UUID]
-    device_id_hash: Mapped[bytes] = mapped_column(LargeBinary)
-    payload_nonce: Mapped[bytes] = mapped_column(LargeBinary)
-    payload_auth_tag: Mapped[bytes] = mapped_column(LargeBinary)
-    metadata_: Mapped[bytes] = mapped_column("metadata", LargeBinary)
-    metadata_nonce: Mapped[bytes] = mapped_column(LargeBinary)
-    metadata_auth_tag: Mapped[bytes] = mapped_column(LargeBinary)
-    signature: Mapped[bytes] = mapped_column(LargeBinary)
-    backup_timestamp: Mapped[datetime.datetime] = mapped_column(TimestampUTC)
     expires_at: Mapped[datetime.datetime] = mapped_column(TimestampUTC)
     #: The PATCH that owns the upload now, if any: it checks this with every chunk batch it stores, and the next
     #: PATCH (a client's retry) takes the upload over by replacing it.

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from litestar.datastructures import State
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from zkeb.domain.backups.storage import PayloadCrypto
+from zkeb.domain.backups.crypto import PayloadCrypto
 from zkeb.domain.backups.store.payloads import PayloadStores
 from zkeb.lib.atrest import MasterKeyring, parse_master_key
 from zkeb.settings import Settings, SettingsError

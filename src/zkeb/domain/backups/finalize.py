@@ -34,12 +34,13 @@ from zkeb.core.audit_linker import append_unchained_event
 from zkeb.core.auth import Principal
 from zkeb.core.errors import ConflictError, NotFoundError
 from zkeb.db.models import Backup
+from zkeb.domain.backups.chunk_writes import CHUNK_SIZE
 from zkeb.domain.backups.context import BackupsContext
+from zkeb.domain.backups.crypto import PayloadKey
+from zkeb.domain.backups.envelope import BackupEnvelope, envelope_columns, invalid_field
 from zkeb.domain.backups.metrics import BACKUPS_TRASHED, record_backup_created, record_backup_failed
-from zkeb.domain.backups.schemas import BackupEnvelope, invalid_field
 from zkeb.domain.backups.services.backups import nonce_conflict, verify_backup_signature
 from zkeb.domain.backups.services.lifecycle import RETENTION, TrashedBackup, quota_exceeded, record_retention_events
-from zkeb.domain.backups.storage import CHUNK_SIZE, PayloadKey
 from zkeb.domain.backups.store.commits import (
     Admission,
     NewBackup,
@@ -219,17 +220,9 @@ async def _commit(  # noqa: PLR0917 - the commit's parts, each once
         project_id=job.project_id,
         device_id=device_id,
         payload_id=job.payload_id,
-        container_id=envelope.container_id,
-        device_id_hash=envelope.device_id_hash,
         encrypted_payload_size=job.size,
         payload_sha256=payload.sha256,
-        payload_nonce=envelope.payload_nonce,
-        payload_auth_tag=envelope.payload_auth_tag,
-        metadata_=envelope.metadata,
-        metadata_nonce=envelope.metadata_nonce,
-        metadata_auth_tag=envelope.metadata_auth_tag,
-        signature=envelope.signature,
-        backup_timestamp=envelope.backup_timestamp,
+        **envelope_columns(envelope),
         created_at=created_at,
         updated_at=created_at,
     )
@@ -282,15 +275,7 @@ async def _store(  # noqa: PLR0917 - the commit's parts, each once
                 size=size,
                 chunk_count=chunk_count,
                 sha256=job.payload.sha256,
-                container_id=envelope.container_id,
-                device_id_hash=envelope.device_id_hash,
-                payload_nonce=envelope.payload_nonce,
-                payload_auth_tag=envelope.payload_auth_tag,
-                metadata=envelope.metadata,
-                metadata_nonce=envelope.metadata_nonce,
-                metadata_auth_tag=envelope.metadata_auth_tag,
-                signature=envelope.signature,
-                backup_timestamp=envelope.backup_timestamp,
+                envelope=envelope,
                 store=store.kind,
             ),
             first_chunk=(uuid7(), len(first), row_data(0, first)),

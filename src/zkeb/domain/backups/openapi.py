@@ -16,6 +16,7 @@ import copy
 from typing import Any
 
 from zkeb.core.openapi import Link, add_links, problem_response
+from zkeb.domain.backups.envelope import ENVELOPE_FIELD_EXAMPLES, envelope_schema
 
 __all__ = ("ENVELOPE_EXAMPLE", "ENVELOPE_SCHEMA", "add_backups_openapi")
 
@@ -120,48 +121,14 @@ _TUS_DISCOVERY = {
 
 #: The envelope of docs/protocol.md's test vectors (§9), as a `POST /api/v1/backups` JSON body.
 ENVELOPE_EXAMPLE: dict[str, str] = {
-    "container_id": "0192f5e4-7a3b-7c1d-9e2f-000000000001",
-    "device_id_hash": "9224d0c18f375c8c8f6b3bdce41f18fe7b3b85281dfac188de41154dfcd42260",
+    **ENVELOPE_FIELD_EXAMPLES,
     # pragma: allowlist nextline secret
     "payload": "WktFQiB0ZXN0IHZlY3RvcjogdGhpcyBzdGFuZHMgZm9yIEFFUy0yNTYtR0NNIGNpcGhlcnRleHQu",
-    "payload_nonce": "AAECAwQFBgcICQoL",
-    "payload_auth_tag": "EBESExQVFhcYGRobHB0eHw==",
-    "metadata": "ZW5jcnlwdGVkIG1ldGFkYXRhIGV4YW1wbGU=",
-    "metadata_nonce": "ICEiIyQlJicoKSor",
-    "metadata_auth_tag": "MDEyMzQ1Njc4OTo7PD0+Pw==",
-    # pragma: allowlist nextline secret
-    "signature": "TJV5q0++8aGSn7Plf1jGJ+mGNTCuh9PJD+s4bUoR3+opg0SU7nH3qzlmgkY7RModDdS3o1xecepA8cO7OExeAw==",
-    "backup_timestamp": "2026-11-27T10:00:00.123456Z",
 }
 
-
-def _b64(description: str) -> dict[str, Any]:
-    return {"type": "string", "contentEncoding": "base64", "description": description}
-
-
-ENVELOPE_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "description": (
-        "A backup envelope (docs/protocol.md §2). In msgpack, bytes fields are `bin`; `device_id_hash` 32 bytes."
-    ),
-    "required": list(ENVELOPE_EXAMPLE),
-    "properties": {
-        "container_id": {"type": "string", "format": "uuid"},
-        "device_id_hash": {
-            "type": "string",
-            "pattern": "^[0-9a-f]{64}$",
-            "description": "SHA-256 of the device id, hex.",
-        },
-        "payload": _b64("AES-256-GCM ciphertext, 1 byte .. MAX_UPLOAD_SIZE."),
-        "payload_nonce": _b64("12 bytes."),
-        "payload_auth_tag": _b64("16 bytes."),
-        "metadata": _b64("Encrypted metadata, ≤ 8 KiB."),
-        "metadata_nonce": _b64("12 bytes."),
-        "metadata_auth_tag": _b64("16 bytes."),
-        "signature": _b64("64-byte Ed25519 signature of the signed message (docs/protocol.md §4)."),
-        "backup_timestamp": {"type": "string", "format": "date-time", "description": "RFC 3339 UTC."},
-    },
-}
+ENVELOPE_SCHEMA: dict[str, Any] = envelope_schema(
+    {"type": "string", "contentEncoding": "base64", "description": "AES-256-GCM ciphertext, 1 byte .. MAX_UPLOAD_SIZE."}
+)
 
 
 _BACKUP = "/api/v1/backups/{backup_id}"

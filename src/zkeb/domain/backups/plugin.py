@@ -10,12 +10,12 @@ from zkeb.domain.backups.context import STATE_KEY, BackupsContext, build_keyring
 from zkeb.domain.backups.controllers.backups import BackupController, ContainerController
 from zkeb.domain.backups.controllers.project_storage import ProjectStorageController
 from zkeb.domain.backups.controllers.uploads import UploadController
+from zkeb.domain.backups.crypto import PayloadCrypto
 from zkeb.domain.backups.deps import dependencies
 from zkeb.domain.backups.jobs.key_rotation import StoredKeysCheck
 from zkeb.domain.backups.jobs.maintenance import MaintenanceRunner
 from zkeb.domain.backups.metrics import open_upload_sessions_sampler
 from zkeb.domain.backups.openapi import add_backups_openapi
-from zkeb.domain.backups.storage import PayloadCrypto
 from zkeb.domain.backups.store.payloads import PayloadStores
 from zkeb.domain.backups.store.s3 import S3ChunkStore, S3PayloadStore
 from zkeb.settings import Settings

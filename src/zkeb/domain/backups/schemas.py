@@ -1,32 +1,23 @@
-"""Request and response bodies of the backups domain, and the validated envelope they become.
+"""Request and response bodies of the backups domain.
 
 Single-shot uploads arrive as msgpack (bytes are `bin`; the payload is decoded as a `memoryview` into the
-request body, so it is never copied) or JSON (bytes are standard base64, `device_id_hash` lowercase hex).
-tus uploads carry the same fields, but the payload, in `Upload-Metadata` (see `zkeb.domain.backups.tus`).
+request body, so it is never copied) or JSON (bytes are standard base64, `device_id_hash` lowercase hex). The
+envelope's fields come from `zkeb.domain.backups.envelope`, which declares them once; tus uploads carry the same
+fields, but the payload, in `Upload-Metadata`.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from datetime import datetime
 from uuid import UUID
 
 import msgspec
 
-from zkeb.core.errors import UnprocessableError
-from zkeb.lib.envelope import (
-    AUTH_TAG_LENGTH,
-    DEVICE_ID_HASH_LENGTH,
-    ED25519_SIGNATURE_LENGTH,
-    NONCE_LENGTH,
-    parse_rfc3339_utc,
-)
+from zkeb.domain.backups.envelope import JsonEnvelopeFields, MsgpackEnvelopeFields
 
 __all__ = (
-    "MAX_METADATA_SIZE",
     "AppendOnlyProblem",
-    "BackupEnvelope",
     "BackupList",
     "BackupRead",
     "BackupReadMsgpack",
@@ -38,19 +29,9 @@ __all__ = (
     "TrashPage",
     "TrashedBackupRead",
     "field_of_validation_error",
-    "invalid_field",
-    "parse_device_id_hash_hex",
-    "validate_envelope",
 )
 
-MAX_METADATA_SIZE = 8192
-_HEX_HASH = re.compile(r"[0-9a-fA-F]{64}")
 _FIELD_PATH = re.compile(r"at `\$\.(?P<field>[A-Za-z_]+)")
-
-
-def invalid_field(field: str, detail: str) -> UnprocessableError:
-    """A 422 naming the envelope field at fault (`field` member of the problem body)."""
-    return UnprocessableError(f"{field}: {detail}", extra={"field": field})
 
 
 def field_of_validation_error(exc: msgspec.ValidationError) -> str | None:
@@ -62,139 +43,33 @@ def field_of_validation_error(exc: msgspec.ValidationError) -> str | None:
     return missing["field"] if missing else None
 
 
-class EnvelopeMsgpack(msgspec.Struct, forbid_unknown_fields=True):
-    """`POST /api/v1/backups` as `application/msgpack`: bytes fields are `bin`, decoded without copying."""
+class EnvelopeMsgpack(MsgpackEnvelopeFields, forbid_unknown_fields=True):
+    """`POST /api/v1/backups` as `application/msgpack`: bytes fields are `bin`, the payload decoded without copying."""
 
-    container_id: UUID
-    device_id_hash: memoryview
     payload: memoryview
-    payload_nonce: memoryview
-    payload_auth_tag: memoryview
-    metadata: memoryview
-    metadata_nonce: memoryview
-    metadata_auth_tag: memoryview
-    signature: memoryview
-    backup_timestamp: str
 
 
-class EnvelopeJson(msgspec.Struct, forbid_unknown_fields=True):
+class EnvelopeJson(JsonEnvelopeFields, forbid_unknown_fields=True):
     """`POST /api/v1/backups` as `application/json`: bytes fields are standard base64, `device_id_hash` hex."""
 
-    container_id: UUID
-    device_id_hash: str
     payload: bytes
-    payload_nonce: bytes
-    payload_auth_tag: bytes
-    metadata: bytes
-    metadata_nonce: bytes
-    metadata_auth_tag: bytes
-    signature: bytes
-    backup_timestamp: str
 
 
-@dataclass(frozen=True, slots=True)
-class BackupEnvelope:
-    """A validated envelope without its payload: what the signature covers, besides the payload's digest."""
-
-    container_id: UUID
-    device_id_hash: bytes
-    payload_nonce: bytes
-    payload_auth_tag: bytes
-    metadata: bytes
-    metadata_nonce: bytes
-    metadata_auth_tag: bytes
-    signature: bytes
-    backup_timestamp: datetime
-
-
-def _exact(field: str, value: bytes | memoryview, length: int) -> bytes:
-    if len(value) != length:
-        raise invalid_field(field, f"must be {length} bytes, got {len(value)}")
-    return bytes(value)
-
-
-def parse_device_id_hash_hex(value: str) -> bytes:
-    """Decode a hex `device_id_hash`: ZKEB writes it lowercase and, as at device enrolment, reads either case.
-
-    Raises:
-        UnprocessableError: not 64 hex characters.
-    """
-    if not _HEX_HASH.fullmatch(value):
-        raise invalid_field("device_id_hash", "must be 64 hex characters (a SHA-256)")
-    return bytes.fromhex(value)
-
-
-def validate_envelope(
-    *,
-    container_id: UUID,
-    device_id_hash: bytes | memoryview,
-    payload_nonce: bytes | memoryview,
-    payload_auth_tag: bytes | memoryview,
-    metadata: bytes | memoryview,
-    metadata_nonce: bytes | memoryview,
-    metadata_auth_tag: bytes | memoryview,
-    signature: bytes | memoryview,
-    backup_timestamp: str,
-) -> BackupEnvelope:
-    """Check every field but the payload against the envelope table.
-
-    Raises:
-        UnprocessableError: a field is invalid; the problem names it.
-    """
-    if len(metadata) > MAX_METADATA_SIZE:
-        raise invalid_field("metadata", f"must be at most {MAX_METADATA_SIZE} bytes, got {len(metadata)}")
-    if bytes(metadata_nonce) == bytes(payload_nonce):
-        raise invalid_field("metadata_nonce", "must differ from payload_nonce (one key encrypts both)")
-    try:
-        timestamp = parse_rfc3339_utc(backup_timestamp)
-    except ValueError as exc:
-        raise invalid_field("backup_timestamp", str(exc)) from None
-    return BackupEnvelope(
-        container_id=container_id,
-        device_id_hash=_exact("device_id_hash", device_id_hash, DEVICE_ID_HASH_LENGTH),
-        payload_nonce=_exact("payload_nonce", payload_nonce, NONCE_LENGTH),
-        payload_auth_tag=_exact("payload_auth_tag", payload_auth_tag, AUTH_TAG_LENGTH),
-        metadata=bytes(metadata),
-        metadata_nonce=_exact("metadata_nonce", metadata_nonce, NONCE_LENGTH),
-        metadata_auth_tag=_exact("metadata_auth_tag", metadata_auth_tag, AUTH_TAG_LENGTH),
-        signature=_exact("signature", signature, ED25519_SIGNATURE_LENGTH),
-        backup_timestamp=timestamp,
-    )
-
-
-class BackupRead(msgspec.Struct):
+class BackupRead(JsonEnvelopeFields):
     """A committed backup as JSON: the envelope without its payload, plus what the server adds."""
 
     id: UUID
     project_id: UUID
-    container_id: UUID
-    device_id_hash: str
-    payload_nonce: bytes
-    payload_auth_tag: bytes
-    metadata: bytes
-    metadata_nonce: bytes
-    metadata_auth_tag: bytes
-    signature: bytes
-    backup_timestamp: str
     encrypted_payload_size: int
     payload_sha256: str
     created_at: datetime
 
 
-class BackupReadMsgpack(msgspec.Struct):
+class BackupReadMsgpack(MsgpackEnvelopeFields):
     """A committed backup as msgpack (`Accept: application/msgpack`): bytes fields, `device_id_hash` too, are `bin`."""
 
     id: UUID
     project_id: UUID
-    container_id: UUID
-    device_id_hash: bytes
-    payload_nonce: bytes
-    payload_auth_tag: bytes
-    metadata: bytes
-    metadata_nonce: bytes
-    metadata_auth_tag: bytes
-    signature: bytes
-    backup_timestamp: str
     encrypted_payload_size: int
     payload_sha256: str
     created_at: datetime

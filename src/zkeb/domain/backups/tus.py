@@ -17,7 +17,7 @@ ZKEB specifics:
   the room. The upload then stays (its offset unchanged), so the client can resend the last bytes once room is made.
 - The PATCH that completes the upload verifies the device signature and commits the backup atomically; its
   response carries `Zkeb-Backup-Id`. A signature mismatch answers 422 and deletes the upload and its bytes.
-- Bytes of a PATCH are stored as they arrive (pipelined, see `storage`); a PATCH cut off by the network keeps what
+- Bytes of a PATCH are stored as they arrive (pipelined, see `chunk_writes`); a PATCH cut off by the network keeps what
   was received (unless it carried `Upload-Checksum`, which can then not be verified), so `HEAD` + `PATCH` resume.
 - One PATCH at a time per upload, through a lease on the session row that each chunk batch checks in its own
   transaction: a PATCH holds a pooled connection only while it writes, never while its client's bytes are on the
@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import re
 from typing import Any
-from uuid import UUID
 
 from litestar import Request, Response
 from litestar.exceptions import HTTPException
@@ -52,26 +51,20 @@ from zkeb.core.security import request_is_tls, trusted_proxies
 from zkeb.db.models import UploadSession
 from zkeb.domain.backups.context import BackupsContext
 from zkeb.domain.backups.errors import TusVersionError
-from zkeb.domain.backups.schemas import BackupEnvelope, invalid_field, validate_envelope
-from zkeb.lib.byteforms import BytesField, FieldFormError, TextEncoding, decode_bytes_fields
-from zkeb.lib.envelope import AUTH_TAG_LENGTH, DEVICE_ID_HASH_LENGTH, ED25519_SIGNATURE_LENGTH, NONCE_LENGTH
 from zkeb.lib.tus import (
     TUS_VERSION,
     TusHeaderError,
     format_upload_expires,
     parse_non_negative_int,
     parse_upload_checksum,
-    parse_upload_metadata,
 )
 
 __all__ = (
     "BACKUP_ID_HEADER",
-    "ENVELOPE_METADATA_KEYS",
     "OFFSET_OCTET_STREAM",
     "TUS_EXCEPTION_HANDLERS",
     "UPLOADS_PATH",
     "base_headers",
-    "envelope_from_metadata",
     "header_int",
     "malformed",
     "media_type",
@@ -84,30 +77,8 @@ UPLOADS_PATH = "/api/v1/uploads"
 OFFSET_OCTET_STREAM = "application/offset+octet-stream"
 BACKUP_ID_HEADER = "Zkeb-Backup-Id"
 
-ENVELOPE_METADATA_KEYS = (
-    "container_id",
-    "device_id_hash",
-    "payload_nonce",
-    "payload_auth_tag",
-    "metadata",
-    "metadata_nonce",
-    "metadata_auth_tag",
-    "signature",
-    "backup_timestamp",
-)
 #: A `Host` header: a DNS name or IPv4 address, or a bracketed IPv6 address, and an optional port.
 _HOST = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]{2,45}\])(?::[0-9]{1,5})?")
-#: The bytes fields of `Upload-Metadata`, each raw or in its JSON text form (`zkeb.lib.byteforms` has the rule).
-_BYTES_FIELDS = (
-    BytesField("device_id_hash", DEVICE_ID_HASH_LENGTH, TextEncoding.HEX),
-    BytesField("payload_nonce", NONCE_LENGTH),
-    BytesField("payload_auth_tag", AUTH_TAG_LENGTH),
-    BytesField("metadata", None),
-    BytesField("metadata_nonce", NONCE_LENGTH),
-    BytesField("metadata_auth_tag", AUTH_TAG_LENGTH),
-    BytesField("signature", ED25519_SIGNATURE_LENGTH),
-)
-
 
 # --- error responses -----------------------------------------------------------------------------------------------
 
@@ -211,47 +182,3 @@ def uploads_url(request: Request[Any, Any, Any], context: BackupsContext) -> str
         raise malformed("a Host header naming this server is required (the upload's Location is built from it)")
     tls = request_is_tls(request.scope, trusted_proxies(context.settings.trusted_proxies))
     return f"{'https' if tls else request.url.scheme}://{host}{UPLOADS_PATH}"
-
-
-def envelope_from_metadata(header: str) -> BackupEnvelope:
-    """The envelope an `Upload-Metadata` header carries (see the module docstring for the encoding).
-
-    Raises:
-        ProblemError: 400 when the header is malformed; 422 naming a missing or invalid field.
-    """
-    try:
-        values = parse_upload_metadata(header)
-    except TusHeaderError as exc:
-        raise malformed(str(exc)) from None
-    for key in ENVELOPE_METADATA_KEYS:
-        if key not in values or (values[key] is None and key != "metadata"):
-            raise invalid_field(key, "is required in Upload-Metadata")
-
-    def raw(key: str) -> bytes:
-        return values[key] or b""
-
-    def text_of(key: str) -> str:
-        try:
-            return raw(key).decode("ascii")
-        except UnicodeDecodeError:
-            raise invalid_field(key, "must be base64 of ASCII text") from None
-
-    try:
-        container_id = UUID(text_of("container_id"))
-    except ValueError:
-        raise invalid_field("container_id", "must be base64 of a UUID") from None
-    try:
-        fields = decode_bytes_fields(_BYTES_FIELDS, {field.name: raw(field.name) for field in _BYTES_FIELDS})
-    except FieldFormError as exc:
-        raise invalid_field(exc.field, exc.detail) from None
-    return validate_envelope(
-        container_id=container_id,
-        device_id_hash=fields["device_id_hash"],
-        payload_nonce=fields["payload_nonce"],
-        payload_auth_tag=fields["payload_auth_tag"],
-        metadata=fields["metadata"],
-        metadata_nonce=fields["metadata_nonce"],
-        metadata_auth_tag=fields["metadata_auth_tag"],
-        signature=fields["signature"],
-        backup_timestamp=text_of("backup_timestamp"),
-    )

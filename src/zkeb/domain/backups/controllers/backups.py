@@ -26,26 +26,29 @@ from zkeb.core.auth import (
 from zkeb.core.errors import ProblemError, UnsupportedMediaTypeError
 from zkeb.core.runtime import get_runtime
 from zkeb.db.models import Backup
+from zkeb.domain.backups.chunk_reads import plan_read, stream_plaintext
 from zkeb.domain.backups.context import backups_context
+from zkeb.domain.backups.envelope import (
+    BackupEnvelope,
+    envelope_from_json,
+    envelope_from_msgpack,
+    invalid_field,
+    parse_device_id_hash_hex,
+)
 from zkeb.domain.backups.errors import PayloadRangeError
 from zkeb.domain.backups.finalize import InMemoryPayload, commit_in_memory
 from zkeb.domain.backups.guards import requires_backup_or_org_admin
 from zkeb.domain.backups.schemas import (
     AppendOnlyProblem,
-    BackupEnvelope,
     BackupList,
     BackupRead,
     EnvelopeJson,
     EnvelopeMsgpack,
     QuotaProblem,
     field_of_validation_error,
-    invalid_field,
-    parse_device_id_hash_hex,
-    validate_envelope,
 )
 from zkeb.domain.backups.services.backups import BackupService, backup_read, backup_read_msgpack
 from zkeb.domain.backups.services.lifecycle import LifecycleService
-from zkeb.domain.backups.storage import plan_read, stream_plaintext
 from zkeb.lib.negotiation import negotiate
 from zkeb.lib.ranges import RangeNotSatisfiableError, etag_matches, parse_range
 
@@ -150,12 +153,9 @@ def _decode_envelope(media_type: str, body: bytes) -> tuple[BackupEnvelope, memo
     """Decode and validate a single-shot body; the msgpack payload stays a view into `body`."""
     try:
         if media_type in _MSGPACK_TYPES:
-            packed = msgspec.msgpack.decode(body, type=EnvelopeMsgpack)
-            device_id_hash: bytes | memoryview = packed.device_id_hash
-            source: EnvelopeMsgpack | EnvelopeJson = packed
+            source: EnvelopeMsgpack | EnvelopeJson = msgspec.msgpack.decode(body, type=EnvelopeMsgpack)
         else:
             source = msgspec.json.decode(body, type=EnvelopeJson)
-            device_id_hash = parse_device_id_hash_hex(source.device_id_hash)
     except msgspec.ValidationError as exc:
         field = field_of_validation_error(exc)
         if field is None:
@@ -167,18 +167,9 @@ def _decode_envelope(media_type: str, body: bytes) -> tuple[BackupEnvelope, memo
         raise ClientException(
             "the body is not valid " + ("msgpack" if media_type in _MSGPACK_TYPES else "JSON")
         ) from None
-    envelope = validate_envelope(
-        container_id=source.container_id,
-        device_id_hash=device_id_hash,
-        payload_nonce=source.payload_nonce,
-        payload_auth_tag=source.payload_auth_tag,
-        metadata=source.metadata,
-        metadata_nonce=source.metadata_nonce,
-        metadata_auth_tag=source.metadata_auth_tag,
-        signature=source.signature,
-        backup_timestamp=source.backup_timestamp,
-    )
-    return envelope, source.payload
+    if isinstance(source, EnvelopeMsgpack):
+        return envelope_from_msgpack(source), source.payload
+    return envelope_from_json(source), source.payload
 
 
 def _require_project(principal: Principal) -> UUID:

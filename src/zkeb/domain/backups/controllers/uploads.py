@@ -23,8 +23,8 @@ from uuid_utils.compat import uuid7
 from zkeb.core.auth import principal_of, requires_backup_access
 from zkeb.core.errors import ProblemError, ServiceUnavailableError
 from zkeb.domain.backups.context import backups_context
+from zkeb.domain.backups.envelope import envelope_from_metadata, invalid_field
 from zkeb.domain.backups.errors import UnsupportedUploadMediaTypeError, UploadTooLargeError
-from zkeb.domain.backups.schemas import invalid_field
 from zkeb.domain.backups.services.upload_patch import PatchReceiver
 from zkeb.domain.backups.services.uploads import (
     IN_MEMORY_UPLOAD_MAX,
@@ -40,7 +40,6 @@ from zkeb.domain.backups.tus import (
     TUS_EXCEPTION_HANDLERS,
     UPLOADS_PATH,
     base_headers,
-    envelope_from_metadata,
     header_int,
     malformed,
     media_type,

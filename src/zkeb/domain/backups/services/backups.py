@@ -25,6 +25,9 @@ from zkeb.core.auth import Principal
 from zkeb.core.cursors import decode_keyset_cursor, encode_keyset_cursor
 from zkeb.core.errors import ConflictError, NotFoundError
 from zkeb.db.models import Backup, BackupChunk, Device, Payload, PayloadNonce, UploadSession
+from zkeb.domain.backups.chunk_reads import ChunkSpan
+from zkeb.domain.backups.crypto import PayloadCrypto, PayloadKey
+from zkeb.domain.backups.envelope import BackupEnvelope, envelope_columns, invalid_field, read_fields
 from zkeb.domain.backups.errors import (
     UPLOAD_ENDED,
     UPLOAD_LEASE_LOST,
@@ -34,17 +37,16 @@ from zkeb.domain.backups.errors import (
 )
 from zkeb.domain.backups.metrics import record_backup_created, record_backup_failed
 from zkeb.domain.backups.repository import BackupRepositoryService
-from zkeb.domain.backups.schemas import BackupEnvelope, BackupRead, BackupReadMsgpack, invalid_field
+from zkeb.domain.backups.schemas import BackupRead, BackupReadMsgpack
 from zkeb.domain.backups.services.lifecycle import (
     apply_retention,
     charge_quota,
     record_retention_events,
 )
-from zkeb.domain.backups.storage import ChunkSpan, PayloadCrypto, PayloadKey
 from zkeb.domain.backups.store.payloads import StoreKind
 from zkeb.domain.backups.store.upload_leases import UploadLease
 from zkeb.lib.atrest import ChunkCipher
-from zkeb.lib.envelope import backup_signed_message, format_rfc3339_utc, verify_ed25519
+from zkeb.lib.envelope import backup_signed_message, verify_ed25519
 from zkeb.settings import Settings
 
 __all__ = (
@@ -122,33 +124,24 @@ def _sha256(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
 
 
+def _server_fields(backup: Backup) -> dict[str, Any]:
+    return {
+        "id": backup.id,
+        "project_id": backup.project_id,
+        "encrypted_payload_size": backup.encrypted_payload_size,
+        "payload_sha256": backup.payload_sha256.hex(),
+        "created_at": backup.created_at,
+    }
+
+
 def backup_read(backup: Backup) -> BackupRead:
     """A backup as its JSON body."""
-    return BackupRead(
-        id=backup.id,
-        project_id=backup.project_id,
-        container_id=backup.container_id,
-        device_id_hash=backup.device_id_hash.hex(),
-        payload_nonce=backup.payload_nonce,
-        payload_auth_tag=backup.payload_auth_tag,
-        metadata=backup.metadata_,
-        metadata_nonce=backup.metadata_nonce,
-        metadata_auth_tag=backup.metadata_auth_tag,
-        signature=backup.signature,
-        backup_timestamp=format_rfc3339_utc(backup.backup_timestamp),
-        encrypted_payload_size=backup.encrypted_payload_size,
-        payload_sha256=backup.payload_sha256.hex(),
-        created_at=backup.created_at,
-    )
+    return BackupRead(**read_fields(backup, digest_as_hex=True), **_server_fields(backup))
 
 
 def backup_read_msgpack(backup: Backup) -> BackupReadMsgpack:
     """A backup as its msgpack body (`device_id_hash` as `bin`)."""
-    body = backup_read(backup)
-    return BackupReadMsgpack(
-        **{f: getattr(body, f) for f in body.__struct_fields__ if f != "device_id_hash"},
-        device_id_hash=backup.device_id_hash,
-    )
+    return BackupReadMsgpack(**read_fields(backup, digest_as_hex=False), **_server_fields(backup))
 
 
 class BackupService(BackupRepositoryService):
@@ -267,17 +260,9 @@ class BackupService(BackupRepositoryService):
             project_id=project_id,
             device_id=device.id,
             payload_id=payload_id,
-            container_id=envelope.container_id,
-            device_id_hash=envelope.device_id_hash,
             encrypted_payload_size=payload_size,
             payload_sha256=payload_sha256,
-            payload_nonce=envelope.payload_nonce,
-            payload_auth_tag=envelope.payload_auth_tag,
-            metadata_=envelope.metadata,
-            metadata_nonce=envelope.metadata_nonce,
-            metadata_auth_tag=envelope.metadata_auth_tag,
-            signature=envelope.signature,
-            backup_timestamp=envelope.backup_timestamp,
+            **envelope_columns(envelope),
         )
         with tracer.start_as_current_span(
             "backups.commit",

@@ -57,7 +57,7 @@ from zkeb.db.models import Backup, Payload, Project
 from zkeb.domain.backups.errors import AppendOnlyError, InsufficientStorageError, TooManyOpenUploadsError
 from zkeb.domain.backups.metrics import BACKUPS_PURGED, BACKUPS_RESTORED, BACKUPS_TRASHED
 from zkeb.domain.backups.repository import BackupRepositoryService
-from zkeb.domain.backups.store.commits import USED_BYTES_SQL
+from zkeb.domain.backups.store.commits import USED_BYTES_SQL, reserved_bytes_sql
 from zkeb.settings import Settings
 
 __all__ = (
@@ -86,11 +86,8 @@ SYSTEM_ACTOR = "system"
 
 Executor = AsyncSession | AsyncConnection
 
-#: Bytes the open (unexpired) tus uploads of project `:p` reserve, but for upload `:u` (the one committing).
-_RESERVED_SQL = (
-    "(SELECT CAST(coalesce(sum(s.upload_length), 0) AS bigint) FROM upload_sessions s"
-    " WHERE s.project_id = :p AND s.expires_at > now() AND s.id IS DISTINCT FROM CAST(:u AS uuid))"
-)
+#: Bytes the open (unexpired) tus uploads of project `p` reserve, but for upload `:u` (the one committing).
+_RESERVED_SQL = reserved_bytes_sql(but="CAST(:u AS uuid)")
 # Constant fragments only (S608): the values are bound parameters.
 _CHARGE = text(
     "UPDATE projects p SET used_bytes = p.used_bytes + :n "  # noqa: S608

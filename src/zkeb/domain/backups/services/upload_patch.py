@@ -34,7 +34,10 @@ from zkeb.core.errors import (
 )
 from zkeb.core.runtime import get_runtime
 from zkeb.db.models import Payload, UploadSession
+from zkeb.domain.backups.chunk_writes import ChunkPipeline, TransactionHook, hash_stored_chunks
 from zkeb.domain.backups.context import BackupsContext
+from zkeb.domain.backups.crypto import PayloadKey
+from zkeb.domain.backups.envelope import envelope_of_row
 from zkeb.domain.backups.errors import (
     UPLOAD_ENDED,
     UPLOAD_LEASE_LOST,
@@ -44,10 +47,8 @@ from zkeb.domain.backups.errors import (
     UploadLeaseLostError,
     UploadTooLargeError,
 )
-from zkeb.domain.backups.schemas import BackupEnvelope
 from zkeb.domain.backups.services.backups import BackupService, verify_backup_signature
 from zkeb.domain.backups.services.uploads import UPLOAD_EXPIRY
-from zkeb.domain.backups.storage import ChunkPipeline, PayloadKey, TransactionHook, hash_stored_chunks
 from zkeb.domain.backups.store import upload_leases
 from zkeb.domain.backups.store.connection import pooled_connection, raw_tenant_transaction
 from zkeb.domain.backups.store.payloads import PayloadStore
@@ -60,20 +61,6 @@ if TYPE_CHECKING:
 __all__ = ("PatchOutcome", "PatchReceiver")
 
 tracer = trace.get_tracer("zkeb.backups")
-
-
-def _envelope_of(upload: UploadSession) -> BackupEnvelope:
-    return BackupEnvelope(
-        container_id=upload.container_id,
-        device_id_hash=upload.device_id_hash,
-        payload_nonce=upload.payload_nonce,
-        payload_auth_tag=upload.payload_auth_tag,
-        metadata=upload.metadata_,
-        metadata_nonce=upload.metadata_nonce,
-        metadata_auth_tag=upload.metadata_auth_tag,
-        signature=upload.signature,
-        backup_timestamp=upload.backup_timestamp,
-    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -347,7 +334,7 @@ class PatchReceiver:
         upload, principal = self.upload, self.principal
         payload_id = upload.payload_id  # read now: a rollback below expires the ORM object
         service = BackupService(session=self.session)
-        envelope = _envelope_of(upload)
+        envelope = envelope_of_row(upload)
         assert principal.project_id is not None
         try:
             device = await service.device_for_upload(principal, upload.device_id_hash)

@@ -28,10 +28,10 @@ from zkeb.core.errors import NotFoundError
 from zkeb.core.runtime import get_runtime
 from zkeb.db.models import Payload, UploadSession
 from zkeb.domain.backups.context import BackupsContext
+from zkeb.domain.backups.envelope import BackupEnvelope, envelope_columns
 from zkeb.domain.backups.errors import ChecksumMismatchError, UploadGoneError
 from zkeb.domain.backups.finalize import InMemoryPayload, commit_in_memory
 from zkeb.domain.backups.metrics import TUS_SESSIONS_CREATED
-from zkeb.domain.backups.schemas import BackupEnvelope
 from zkeb.domain.backups.services.backups import BackupService
 from zkeb.domain.backups.services.lifecycle import LifecycleService
 from zkeb.domain.backups.store import upload_leases
@@ -108,15 +108,7 @@ async def create_upload_session(
         payload_id=new.id,
         upload_length=length,
         upload_offset=0,
-        container_id=envelope.container_id,
-        device_id_hash=envelope.device_id_hash,
-        payload_nonce=envelope.payload_nonce,
-        payload_auth_tag=envelope.payload_auth_tag,
-        metadata_=envelope.metadata,
-        metadata_nonce=envelope.metadata_nonce,
-        metadata_auth_tag=envelope.metadata_auth_tag,
-        signature=envelope.signature,
-        backup_timestamp=envelope.backup_timestamp,
+        **envelope_columns(envelope),
         expires_at=datetime.now(UTC) + UPLOAD_EXPIRY,
     )
     session.add(upload)

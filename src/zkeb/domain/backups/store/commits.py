@@ -20,8 +20,12 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 from uuid import UUID
 
+from zkeb.domain.backups.envelope import ENVELOPE_FIELDS
+
 if TYPE_CHECKING:
     import asyncpg
+
+    from zkeb.domain.backups.envelope import BackupEnvelope
 
 __all__ = (
     "RESERVED_BYTES_SQL",
@@ -38,6 +42,7 @@ __all__ = (
     "nonce_owner",
     "project_usage",
     "read_admission",
+    "reserved_bytes_sql",
     "trash_beyond_retention",
 )
 
@@ -49,11 +54,21 @@ USED_BYTES_SQL = (
     " + coalesce((SELECT sum(s.used_bytes) FROM project_usage_shards s WHERE s.project_id = p.id), 0)::bigint)"
 )
 
-#: What the open (unexpired) tus uploads of project `p` reserve (their `Upload-Length`), over `projects p`.
-RESERVED_BYTES_SQL = (
-    "(SELECT CAST(coalesce(sum(u.upload_length), 0) AS bigint) FROM upload_sessions u"
-    " WHERE u.project_id = p.id AND u.expires_at > now())"
-)
+
+def reserved_bytes_sql(*, but: str | None = None) -> str:
+    """What the open (unexpired) tus uploads of project `p` reserve (their `Upload-Length`), over `projects p`.
+
+    `but` is an SQL expression naming an upload left out (the one committing its bytes now).
+    """
+    excluded = f" AND u.id IS DISTINCT FROM {but}" if but is not None else ""
+    return (
+        "(SELECT CAST(coalesce(sum(u.upload_length), 0) AS bigint) FROM upload_sessions u"  # noqa: S608 - `but`: ours
+        f" WHERE u.project_id = p.id AND u.expires_at > now(){excluded})"
+    )
+
+
+#: What the open tus uploads of project `p` reserve, over `projects p`.
+RESERVED_BYTES_SQL = reserved_bytes_sql()
 
 _ADMISSION = f"""
 SELECT p.storage_quota_bytes AS quota,
@@ -74,6 +89,9 @@ LEFT JOIN backups b ON b.id = n.backup_id AND b.deleted_at IS NULL
 WHERE n.project_id = $1 AND n.device_id_hash = $2 AND n.nonce = $3
 """
 
+#: The parameters of `_INSERT_BACKUP` after its own 17: the envelope's fields, in order.
+_ENVELOPE_PARAMETERS = {f.name: f"${18 + i}" for i, f in enumerate(ENVELOPE_FIELDS)}
+
 # One statement: the payload with its first chunk, the nonce, the backup and (without a quota) the usage shard.
 # `created_at` is the clock at this statement, after any retention lock, so a scope's creation order is its commit
 # order.
@@ -81,7 +99,7 @@ _INSERT_BACKUP = f"""
 WITH payload AS (
     INSERT INTO payloads (id, organization_id, project_id, key_id, wrapped_key, size, chunk_count, sha256, store,
                           created_at, updated_at)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $26, now(), now())
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $17, now(), now())
     RETURNING id
 ), chunk AS (
     INSERT INTO backup_chunks (id, organization_id, payload_id, seq, byte_offset, plain_size, data,
@@ -90,21 +108,21 @@ WITH payload AS (
 ), nonce AS (
     INSERT INTO payload_nonces (id, organization_id, project_id, device_id_hash, nonce, backup_id,
                                 created_at, updated_at)
-    VALUES ($12, $2, $3, $13, $14, $15, now(), now())
+    VALUES ($12, $2, $3, {_ENVELOPE_PARAMETERS["device_id_hash"]}, {_ENVELOPE_PARAMETERS["payload_nonce"]}, $13,
+            now(), now())
 ), shard AS (
     INSERT INTO project_usage_shards (id, organization_id, project_id, shard, used_bytes, created_at, updated_at)
-    SELECT $16, $2, $3, pg_backend_pid() % {SHARDS}, $6, now(), now() WHERE $17::boolean
+    SELECT $14, $2, $3, pg_backend_pid() % {SHARDS}, $6, now(), now() WHERE $15::boolean
     ON CONFLICT (project_id, shard)
     DO UPDATE SET used_bytes = project_usage_shards.used_bytes + EXCLUDED.used_bytes, updated_at = now()
 )
-INSERT INTO backups (id, organization_id, project_id, device_id, payload_id, container_id, device_id_hash,
-                     encrypted_payload_size, payload_sha256, payload_nonce, payload_auth_tag, metadata,
-                     metadata_nonce, metadata_auth_tag, signature, backup_timestamp, created_at, updated_at)
-SELECT $15, $2, $3, $18, payload.id, $19, $13, $6, $8, $14, $20, $21, $22, $23, $24, $25,
+INSERT INTO backups (id, organization_id, project_id, device_id, payload_id, encrypted_payload_size, payload_sha256,
+                     {", ".join(_ENVELOPE_PARAMETERS)}, created_at, updated_at)
+SELECT $13, $2, $3, $16, payload.id, $6, $8, {", ".join(_ENVELOPE_PARAMETERS.values())},
        clock_timestamp(), clock_timestamp()
 FROM payload
 RETURNING created_at
-"""  # noqa: S608 - SHARDS is a constant
+"""  # noqa: S608 - constants: SHARDS and the envelope's column names
 
 _INSERT_CHUNK = (
     "INSERT INTO backup_chunks (id, organization_id, payload_id, seq, byte_offset, plain_size, data, "
@@ -204,15 +222,7 @@ class NewBackup:
     size: int
     chunk_count: int
     sha256: bytes
-    container_id: UUID
-    device_id_hash: bytes
-    payload_nonce: bytes
-    payload_auth_tag: bytes
-    metadata: bytes
-    metadata_nonce: bytes
-    metadata_auth_tag: bytes
-    signature: bytes
-    backup_timestamp: datetime
+    envelope: BackupEnvelope
     #: Where the payload's chunk bytes are (`payloads.store`).
     store: str = "postgres"
 
@@ -248,20 +258,12 @@ async def insert_backup(
         plain_size,
         data,
         nonce_id,
-        backup.device_id_hash,
-        backup.payload_nonce,
         backup.id,
         shard_id,
         charge_shard,
         backup.device_id,
-        backup.container_id,
-        backup.payload_auth_tag,
-        backup.metadata,
-        backup.metadata_nonce,
-        backup.metadata_auth_tag,
-        backup.signature,
-        backup.backup_timestamp,
         backup.store,
+        *(getattr(backup.envelope, f.name) for f in ENVELOPE_FIELDS),
     )
     return created_at
 

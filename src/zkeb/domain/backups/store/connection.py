@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 __all__ = ("pooled_connection", "raw_tenant_transaction")
 
 _SET_TENANT = "SELECT set_config('zkeb.org_id', $1, true)"
-#: For writes whose durability a later synchronous commit provides (see `zkeb.domain.backups.storage`).
+#: For writes whose durability a later synchronous commit provides (see `zkeb.domain.backups.chunk_writes`).
 _SET_TENANT_ASYNC_COMMIT = "SELECT set_config('zkeb.org_id', $1, true), set_config('synchronous_commit', 'off', true)"
 
 

@@ -1,0 +1,225 @@
+"""Restores: the chunks a whole payload or a byte range needs, fetched, decrypted and sent ahead of the client.
+
+`plan_read` picks the chunks (and the slice of each) a request needs; `stream_plaintext` runs a reader two stages
+ahead of the client (a fetcher reading batches from the payload's store, a decrypter turning them into plaintext),
+so the store is already sending the next batch while this one is decrypted and sent. Memory stays at a few chunks
+whatever the payload's size. A chunk that fails authentication ends the restore with a 500
+(`StoredPayloadCorruptError`): changed or damaged at rest, neither transient nor the client's doing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+from opentelemetry import trace
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from zkeb.core.errors import ProblemError
+from zkeb.domain.backups.metrics import record_bytes_restored
+from zkeb.domain.backups.store.payloads import PayloadStore
+from zkeb.lib.atrest import ChunkCipher, ChunkIntegrityError
+from zkeb.lib.ranges import ByteRange
+
+__all__ = ("ChunkSpan", "ReadStep", "StoredPayloadCorruptError", "plan_read", "stream_plaintext")
+
+logger = logging.getLogger("zkeb.backups.storage")
+tracer = trace.get_tracer("zkeb.backups")
+
+#: Decrypted chunks buffered ahead of the client on restore (the store fetches `READ_BATCH` chunks at a time).
+READ_QUEUE_DEPTH = 2
+#: Fetched (still encrypted) batches waiting to be decrypted.
+FETCH_QUEUE_DEPTH = 1
+
+
+class StoredPayloadCorruptError(ProblemError):
+    """A stored chunk failed authentication: changed or damaged at rest; neither transient nor the client's (500)."""
+
+    status_code: int = 500
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkSpan:
+    """Where one stored chunk sits in its payload."""
+
+    seq: int
+    byte_offset: int
+    plain_size: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReadStep:
+    """Decrypt chunk `seq` and send its plaintext bytes `start .. stop-1`."""
+
+    seq: int
+    start: int
+    stop: int
+
+
+def plan_read(chunks: Sequence[ChunkSpan], byte_range: ByteRange | None) -> list[ReadStep]:
+    """The chunks to decrypt (and the slice of each to send) for the whole payload or one byte range.
+
+    Only chunks that overlap the range are listed, so a small range decrypts one or two chunks.
+
+    Raises:
+        ValueError: the chunks do not tile the payload contiguously from byte 0.
+    """
+    expected_offset = 0
+    for position, chunk in enumerate(chunks):
+        if chunk.seq != position or chunk.byte_offset != expected_offset or chunk.plain_size <= 0:
+            raise ValueError(f"stored chunks are not contiguous at chunk {position}")
+        expected_offset += chunk.plain_size
+    if byte_range is None:
+        return [ReadStep(c.seq, 0, c.plain_size) for c in chunks]
+    first, last = byte_range.start, byte_range.end
+    steps: list[ReadStep] = []
+    for chunk in chunks:
+        chunk_end = chunk.byte_offset + chunk.plain_size - 1
+        if chunk_end < first or chunk.byte_offset > last:
+            continue
+        start = max(first, chunk.byte_offset) - chunk.byte_offset
+        stop = min(last, chunk_end) - chunk.byte_offset + 1
+        steps.append(ReadStep(chunk.seq, start, stop))
+    return steps
+
+
+class _PayloadReader:
+    """Two stages ahead of the client: a fetcher reads `READ_BATCH` chunks at a time from the payload's store, and a
+    decrypter turns the previous batch into plaintext pieces, so the store is already sending batch k+1 while batch
+    k is decrypted and sent. At most `FETCH_QUEUE_DEPTH` fetched batches and `READ_QUEUE_DEPTH` pieces wait.
+
+    How the fetcher holds database connections is the store's (`PayloadStore.read_batches`): the PostgreSQL store
+    shares one read-only transaction per short read window, the S3 store holds none.
+    """
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        store: PayloadStore,
+        *,
+        organization_id: UUID,
+        payload_id: UUID,
+        cipher: ChunkCipher,
+        steps: Sequence[ReadStep],
+    ) -> None:
+        self._engine = engine
+        self._store = store
+        self._organization_id = organization_id
+        self._payload_id = payload_id
+        self._cipher = cipher
+        self._steps = steps
+        self._fetched: asyncio.Queue[list[bytes] | None] = asyncio.Queue(maxsize=FETCH_QUEUE_DEPTH)
+        self.pieces: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue(maxsize=READ_QUEUE_DEPTH)
+
+    async def _fetch(self) -> None:
+        await self._store.read_batches(
+            self._engine,
+            organization_id=self._organization_id,
+            payload_id=self._payload_id,
+            seqs=[step.seq for step in self._steps],
+            handover=self._fetched.put,
+        )
+        await self._fetched.put(None)
+
+    async def _next_batch(self, fetcher: asyncio.Task[None]) -> list[bytes] | None:
+        """The next fetched batch, or None at the end; re-raises the fetcher's failure."""
+        get = asyncio.ensure_future(self._fetched.get())
+        try:
+            done, _ = await asyncio.wait({get, fetcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not get.done():  # the fetcher ended, or this task was cancelled (the client went away) while waiting
+                get.cancel()
+        if get in done:
+            return get.result()
+        fetcher.result()
+        return await self._fetched.get()  # the fetcher ended cleanly right after queueing its last item
+
+    async def run(self) -> None:
+        """Decrypt fetched batches into `pieces`, ending with None, or with the exception that stopped it."""
+        fetcher = asyncio.create_task(self._fetch(), name=f"zkeb-chunk-fetcher-{self._payload_id}")
+        try:
+            position = 0
+            while (blobs := await self._next_batch(fetcher)) is not None:
+                for index in range(len(blobs)):
+                    step = self._steps[position]
+                    with tracer.start_as_current_span("backups.decrypt", attributes={"zkeb.seq": step.seq}):
+                        try:
+                            plaintext = self._cipher.decrypt(step.seq, blobs[index])
+                        except ChunkIntegrityError as exc:
+                            logger.error(  # noqa: TRY400 - the traceback adds nothing
+                                "payload %s: stored chunk %d failed its integrity check: %s",
+                                self._payload_id,
+                                step.seq,
+                                exc,
+                            )
+                            raise StoredPayloadCorruptError(
+                                "the stored payload failed its integrity check and cannot be restored"
+                            ) from None
+                    blobs[index] = b""  # release each ciphertext as soon as it is decrypted
+                    whole = step.start == 0 and step.stop == len(plaintext)
+                    await self.pieces.put(plaintext if whole else plaintext[step.start : step.stop])
+                    del plaintext
+                    position += 1
+            await self.pieces.put(None)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
+            await self.pieces.put(exc)
+        finally:
+            if not fetcher.done():
+                fetcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await fetcher
+
+
+async def stream_plaintext(
+    engine: AsyncEngine,
+    *,
+    store: PayloadStore,
+    organization_id: UUID,
+    payload_id: UUID,
+    cipher: ChunkCipher,
+    steps: Sequence[ReadStep],
+    attributes: dict[str, Any] | None = None,
+) -> AsyncIterator[bytes]:
+    """Yield the payload bytes `steps` select, reading and decrypting ahead of the client on its own connection.
+
+    Memory stays at a few chunks whatever the size (see `_PayloadReader`). Closing the generator (the client went
+    away) stops the reader and releases its connection. The generator may be started in one task (the handler waits
+    for the first piece, so a failure before any byte is its error, a 503 before headers) and finished in another
+    (the response's): its span is therefore never the current one across a `yield`, only the reader's parent.
+    """
+    payload_reader = _PayloadReader(
+        engine, store, organization_id=organization_id, payload_id=payload_id, cipher=cipher, steps=steps
+    )
+    span = tracer.start_span("backups.send", attributes=attributes or {})
+    with trace.use_span(span, end_on_exit=False):
+        reader = asyncio.create_task(payload_reader.run(), name=f"zkeb-chunk-reader-{payload_id}")
+    sent = 0
+    try:
+        while True:
+            item = await payload_reader.pieces.get()
+            if item is None:
+                break
+            if isinstance(item, BaseException):
+                logger.error("restore of payload %s failed after %d bytes: %s", payload_id, sent, item)
+                span.set_attribute("zkeb.outcome", "error")
+                span.record_exception(item)
+                span.set_status(trace.Status(trace.StatusCode.ERROR, type(item).__name__))
+                raise item
+            sent += len(item)
+            yield item
+        span.set_attribute("zkeb.outcome", "success")
+    finally:
+        span.set_attribute("zkeb.bytes", sent)
+        span.end()
+        record_bytes_restored(sent)
+        if not reader.done():
+            reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await reader
