@@ -50,8 +50,10 @@ from harness import (
 from upload import MIB, _restore_raw, _upload, provision
 
 SIZES_MIB = (10, 100)
-#: Objects in flight at once for the raw 1 MiB-object runs: the server's own concurrency (`store.s3.CONCURRENCY`).
+#: Objects in flight at once for the raw 1 MiB-object runs: the server's own for PUTs (`store.s3.CONCURRENCY`).
 CONCURRENCY = 8
+#: ... and for a restore's GETs (`store.payloads.READ_BATCH`: one batch at a time, the next waits for its turn).
+READ_CONCURRENCY = 2
 
 
 @dataclass(frozen=True)
@@ -122,8 +124,8 @@ async def _raw_get(client: Any, endpoint: Endpoint, key: str) -> int:
     return received
 
 
-async def _gather_limited(coroutines: list[Awaitable[Any]]) -> list[Any]:
-    gate = asyncio.Semaphore(CONCURRENCY)
+async def _gather_limited(coroutines: list[Awaitable[Any]], limit: int = CONCURRENCY) -> list[Any]:
+    gate = asyncio.Semaphore(limit)
 
     async def limited(coroutine: Awaitable[Any]) -> Any:
         async with gate:
@@ -142,9 +144,9 @@ async def _raw_put_chunks(client: Any, endpoint: Endpoint, prefix: str, payload:
     )
 
 
-async def _raw_get_chunks(client: Any, endpoint: Endpoint, prefix: str, size: int) -> int:
-    pieces = await _gather_limited([_raw_get(client, endpoint, f"{prefix}{seq:08d}") for seq in range(size // MIB)])
-    return sum(pieces)
+async def _raw_get_chunks(client: Any, endpoint: Endpoint, prefix: str, size: int, limit: int) -> int:
+    gets = [_raw_get(client, endpoint, f"{prefix}{seq:08d}") for seq in range(size // MIB)]
+    return sum(await _gather_limited(gets, limit))
 
 
 async def _delete_prefix(client: Any, endpoint: Endpoint, prefix: str) -> None:
@@ -177,6 +179,7 @@ class Row:
     ours_down: Timed
     raw_get: Timed
     raw_get_chunks: Timed
+    raw_get_chunks_2: Timed
 
 
 @dataclass(frozen=True)
@@ -208,8 +211,8 @@ class Bench:
             if await _raw_get(self.raw, self.endpoint, one) != len(payload):
                 raise RuntimeError("raw get returned the wrong size")
 
-        async def raw_get_chunks() -> None:
-            if await _raw_get_chunks(self.raw, self.endpoint, chunks, len(payload)) != len(payload):
+        async def raw_get_chunks(limit: int) -> None:
+            if await _raw_get_chunks(self.raw, self.endpoint, chunks, len(payload), limit) != len(payload):
                 raise RuntimeError("raw chunk gets returned the wrong size")
 
         uploads: list[Callable[[], Awaitable[Any]]] = [
@@ -217,12 +220,16 @@ class Bench:
             lambda: _raw_put(self.raw, self.endpoint, one, payload),
             lambda: _raw_put_chunks(self.raw, self.endpoint, chunks, payload),
         ]
-        restores: list[Callable[[], Awaitable[Any]]] = [ours_down, raw_get, raw_get_chunks]
-        order = [0, 1, 2] if number % 2 == 0 else [1, 2, 0]
-        up = {i: await self.meter.time(uploads[i]) for i in order}
-        down = {i: await self.meter.time(restores[i]) for i in order}
+        restores: list[Callable[[], Awaitable[Any]]] = [
+            ours_down,
+            raw_get,
+            lambda: raw_get_chunks(CONCURRENCY),
+            lambda: raw_get_chunks(READ_CONCURRENCY),
+        ]
+        up = {i: await self.meter.time(uploads[i]) for i in ([0, 1, 2] if number % 2 == 0 else [1, 2, 0])}
+        down = {i: await self.meter.time(restores[i]) for i in ([0, 1, 2, 3] if number % 2 == 0 else [1, 2, 3, 0])}
         await _delete_prefix(self.raw, self.endpoint, f"{self.endpoint.prefix}raw")
-        return Row(up[0], up[1], up[2], down[0], down[1], down[2])
+        return Row(up[0], up[1], up[2], down[0], down[1], down[2], down[3])
 
 
 def _spread(values: list[float]) -> str:
@@ -257,6 +264,7 @@ def _report(results: dict[int, list[Row]], repeats: int, *, local_store: bool) -
         ("ours_down", "ZKEB restore (socket)"),
         ("raw_get", "raw get, one object"),
         ("raw_get_chunks", f"raw get, 1 MiB objects x{CONCURRENCY}"),
+        ("raw_get_chunks_2", f"raw get, 1 MiB objects x{READ_CONCURRENCY}"),
     )
     for size_mib, rows in results.items():
         for attribute, label in labels:
@@ -270,8 +278,15 @@ def _report(results: dict[int, list[Row]], repeats: int, *, local_store: bool) -
         up_chunks = [r.raw_put_chunks.seconds / r.ours_up.seconds for r in rows]
         down = [r.raw_get.seconds / r.ours_down.seconds for r in rows]
         down_chunks = [r.raw_get_chunks.seconds / r.ours_down.seconds for r in rows]
-        print(f"  {size_mib:>3} MiB upload / raw put:  {_spread(up)}   (/ raw 1 MiB puts: {_spread(up_chunks)})")
-        print(f"  {size_mib:>3} MiB restore / raw get: {_spread(down)}   (/ raw 1 MiB gets: {_spread(down_chunks)})")
+        down_2 = [r.raw_get_chunks_2.seconds / r.ours_down.seconds for r in rows]
+        print(
+            f"  {size_mib:>3} MiB upload / raw put:  {_spread(up)}   "
+            f"(/ raw 1 MiB puts x{CONCURRENCY}: {_spread(up_chunks)})"
+        )
+        print(
+            f"  {size_mib:>3} MiB restore / raw get: {_spread(down)}   (/ raw 1 MiB gets x{CONCURRENCY}: "
+            f"{_spread(down_chunks)}, x{READ_CONCURRENCY}: {_spread(down_2)})"
+        )
 
 
 async def run(server_url: str, repeats: int, *, endpoint_url: str | None, bucket: str | None, region: str) -> None:
