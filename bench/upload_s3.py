@@ -11,7 +11,8 @@ side goes first:
   encrypts each 1 MiB chunk and PUTs it as its own object (8 at a time);
 - ZKEB restore: upload.py's plain-socket GET of the payload, decryption on;
 - raw put / raw get: aiobotocore (the client the server uses) with the same bytes as one object, and as 1 MiB
-  objects 8 at a time (the server's layout without the server): the store's own ceilings in this run.
+  objects 8 and 2 at a time (the server's layout without the server, at the client's limit and at what the
+  server keeps in flight): the store's own ceilings in this run.
 
 Credentials come from the standard AWS chain (moto accepts any; `testing` is set when none is). With moto, the
 objects vanish with the server; on a real endpoint everything is written under a fresh `zkeb-bench-*/` prefix,
@@ -50,10 +51,11 @@ from harness import (
 from upload import MIB, _restore_raw, _upload, provision
 
 SIZES_MIB = (10, 100)
-#: Objects in flight at once for the raw 1 MiB-object runs: the server's own for PUTs (`store.s3.CONCURRENCY`).
+#: Objects in flight at once for the raw 1 MiB-object runs: the S3 client's limit (`store.s3.CONCURRENCY`) ...
 CONCURRENCY = 8
-#: ... and for a restore's GETs (`store.payloads.READ_BATCH`: one batch at a time, the next waits for its turn).
-READ_CONCURRENCY = 2
+#: ... and what the server keeps in flight: a tus PATCH stores `storage.WRITE_BATCH` chunks per batch, a restore
+#: fetches `store.payloads.READ_BATCH` per batch, one batch at a time.
+SERVER_BATCH = 2
 
 
 @dataclass(frozen=True)
@@ -134,14 +136,13 @@ async def _gather_limited(coroutines: list[Awaitable[Any]], limit: int = CONCURR
     return await asyncio.gather(*(limited(c) for c in coroutines))
 
 
-async def _raw_put_chunks(client: Any, endpoint: Endpoint, prefix: str, payload: bytes) -> None:
+async def _raw_put_chunks(client: Any, endpoint: Endpoint, prefix: str, payload: bytes, limit: int) -> None:
     view = memoryview(payload)
-    await _gather_limited(
-        [
-            _raw_put(client, endpoint, f"{prefix}{seq:08d}", bytes(view[start : start + MIB]))
-            for seq, start in enumerate(range(0, len(payload), MIB))
-        ]
-    )
+    puts = [
+        _raw_put(client, endpoint, f"{prefix}{seq:08d}", bytes(view[start : start + MIB]))
+        for seq, start in enumerate(range(0, len(payload), MIB))
+    ]
+    await _gather_limited(puts, limit)
 
 
 async def _raw_get_chunks(client: Any, endpoint: Endpoint, prefix: str, size: int, limit: int) -> int:
@@ -176,6 +177,7 @@ class Row:
     ours_up: Timed
     raw_put: Timed
     raw_put_chunks: Timed
+    raw_put_chunks_2: Timed
     ours_down: Timed
     raw_get: Timed
     raw_get_chunks: Timed
@@ -197,6 +199,7 @@ class Bench:
         """Both sides of upload, then of restore, back to back; odd repeats put the raw side first."""
         project_id, key, device = self.project
         one, chunks = f"{self.endpoint.prefix}raw/{number}", f"{self.endpoint.prefix}raw-chunks/{number}/"
+        chunks_2 = f"{self.endpoint.prefix}raw-chunks-2/{number}/"
         backup: list[str] = []
 
         async def ours_up() -> float:
@@ -218,18 +221,19 @@ class Bench:
         uploads: list[Callable[[], Awaitable[Any]]] = [
             ours_up,
             lambda: _raw_put(self.raw, self.endpoint, one, payload),
-            lambda: _raw_put_chunks(self.raw, self.endpoint, chunks, payload),
+            lambda: _raw_put_chunks(self.raw, self.endpoint, chunks, payload, CONCURRENCY),
+            lambda: _raw_put_chunks(self.raw, self.endpoint, chunks_2, payload, SERVER_BATCH),
         ]
         restores: list[Callable[[], Awaitable[Any]]] = [
             ours_down,
             raw_get,
             lambda: raw_get_chunks(CONCURRENCY),
-            lambda: raw_get_chunks(READ_CONCURRENCY),
+            lambda: raw_get_chunks(SERVER_BATCH),
         ]
-        up = {i: await self.meter.time(uploads[i]) for i in ([0, 1, 2] if number % 2 == 0 else [1, 2, 0])}
+        up = {i: await self.meter.time(uploads[i]) for i in ([0, 1, 2, 3] if number % 2 == 0 else [1, 2, 3, 0])}
         down = {i: await self.meter.time(restores[i]) for i in ([0, 1, 2, 3] if number % 2 == 0 else [1, 2, 3, 0])}
         await _delete_prefix(self.raw, self.endpoint, f"{self.endpoint.prefix}raw")
-        return Row(up[0], up[1], up[2], down[0], down[1], down[2], down[3])
+        return Row(up[0], up[1], up[2], up[3], down[0], down[1], down[2], down[3])
 
 
 def _spread(values: list[float]) -> str:
@@ -261,10 +265,11 @@ def _report(results: dict[int, list[Row]], repeats: int, *, local_store: bool) -
         ("ours_up", "ZKEB upload (tus PATCH)"),
         ("raw_put", "raw put, one object"),
         ("raw_put_chunks", f"raw put, 1 MiB objects x{CONCURRENCY}"),
+        ("raw_put_chunks_2", f"raw put, 1 MiB objects x{SERVER_BATCH}"),
         ("ours_down", "ZKEB restore (socket)"),
         ("raw_get", "raw get, one object"),
         ("raw_get_chunks", f"raw get, 1 MiB objects x{CONCURRENCY}"),
-        ("raw_get_chunks_2", f"raw get, 1 MiB objects x{READ_CONCURRENCY}"),
+        ("raw_get_chunks_2", f"raw get, 1 MiB objects x{SERVER_BATCH}"),
     )
     for size_mib, rows in results.items():
         for attribute, label in labels:
@@ -276,16 +281,17 @@ def _report(results: dict[int, list[Row]], repeats: int, *, local_store: bool) -
     for size_mib, rows in results.items():
         up = [r.raw_put.seconds / r.ours_up.seconds for r in rows]
         up_chunks = [r.raw_put_chunks.seconds / r.ours_up.seconds for r in rows]
+        up_2 = [r.raw_put_chunks_2.seconds / r.ours_up.seconds for r in rows]
         down = [r.raw_get.seconds / r.ours_down.seconds for r in rows]
         down_chunks = [r.raw_get_chunks.seconds / r.ours_down.seconds for r in rows]
         down_2 = [r.raw_get_chunks_2.seconds / r.ours_down.seconds for r in rows]
         print(
             f"  {size_mib:>3} MiB upload / raw put:  {_spread(up)}   "
-            f"(/ raw 1 MiB puts x{CONCURRENCY}: {_spread(up_chunks)})"
+            f"(/ raw 1 MiB puts x{CONCURRENCY}: {_spread(up_chunks)}, x{SERVER_BATCH}: {_spread(up_2)})"
         )
         print(
             f"  {size_mib:>3} MiB restore / raw get: {_spread(down)}   (/ raw 1 MiB gets x{CONCURRENCY}: "
-            f"{_spread(down_chunks)}, x{READ_CONCURRENCY}: {_spread(down_2)})"
+            f"{_spread(down_chunks)}, x{SERVER_BATCH}: {_spread(down_2)})"
         )
 
 
