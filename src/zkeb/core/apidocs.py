@@ -16,7 +16,7 @@ import gzip
 from functools import cache
 from pathlib import Path
 
-from litestar import Response, Router, get
+from litestar import HttpMethod, Response, Router, route
 from litestar.datastructures import CacheControlHeader
 from litestar.openapi.plugins import ScalarRenderPlugin
 from litestar.params import Parameter
@@ -75,8 +75,15 @@ def scalar_bundle() -> bytes:
     return gzip.decompress(_gzipped_bundle())
 
 
-# Sync, in a worker thread: the first request of a process reads the file (and may decompress it).
-@get(f"/{SCALAR_BUNDLE_NAME}", sync_to_thread=True, include_in_schema=False, name="scalar-bundle")
+# Sync, in a worker thread: the first request of a process reads the file (and may decompress it). HEAD as the static
+# files router answered it: the same headers, no body.
+@route(
+    f"/{SCALAR_BUNDLE_NAME}",
+    http_method=[HttpMethod.GET, HttpMethod.HEAD],
+    sync_to_thread=True,
+    include_in_schema=False,
+    name="scalar-bundle",
+)
 def _bundle(
     accept_encoding: str | None = Parameter(header="accept-encoding", required=False, default=None),
 ) -> Response[bytes]:

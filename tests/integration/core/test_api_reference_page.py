@@ -49,6 +49,10 @@ async def test_scalar_bundle_is_sent_gzipped_as_stored_or_decompressed_for_a_cli
     assert gzipped.headers["cache-control"] == "max-age=3600, public"
     assert int(gzipped.headers["content-length"]) == len(stored)  # the stored bytes, not compressed again
     assert gzipped.content == scalar_bundle()  # as the client decodes them
+    head = await client.head(f"{SCALAR_ASSETS_PATH}/api-reference.js", headers={"Accept-Encoding": "gzip"})
+    assert head.status_code == 200
+    assert int(head.headers["content-length"]) == len(stored)
+    assert head.content == b""
 
     for refusing in ("identity", "gzip;q=0, br"):
         plain = await client.get(f"{SCALAR_ASSETS_PATH}/api-reference.js", headers={"Accept-Encoding": refusing})
