@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -25,7 +27,6 @@ from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 from zkeb.core.errors import ServiceUnavailableError
 from zkeb.domain.backups.store.connection import raw_tenant_transaction
 from zkeb.domain.backups.store.payloads import (
-    READ_BATCH,
     ChunkWrite,
     Handover,
     PayloadStore,
@@ -55,6 +56,8 @@ logger = logging.getLogger("zkeb.backups.s3")
 
 #: Objects fetched or stored at once by one call (a batch of the pipelines is a few chunks).
 CONCURRENCY = 8
+#: Chunk objects a restore fetches ahead of the one it sends next (memory: about this many chunks per restore).
+READ_AHEAD = 4
 #: Keys per DeleteObjects request (the S3 API's maximum).
 DELETE_BATCH = 1000
 _SEQ_DIGITS = 8
@@ -322,9 +325,24 @@ class S3PayloadStore(PayloadStore):
         seqs: Sequence[int],
         handover: Handover,
     ) -> None:
-        """`READ_BATCH` objects fetched concurrently per batch; no database connection is held."""
-        for first in range(0, len(seqs), READ_BATCH):
-            await handover(await self.objects.get_chunks(organization_id, payload_id, seqs[first : first + READ_BATCH]))
+        """Up to `READ_AHEAD` objects in flight, each handed over in order as soon as it and those before it are in.
+
+        A sliding window, not batches: a GET's latency (per request, on any object store) overlaps the others'
+        instead of the slowest of a batch holding the next one back. No database connection is held.
+        """
+        pending: deque[asyncio.Task[bytes]] = deque()
+        following = iter(seqs)
+        try:
+            while True:
+                for seq in itertools.islice(following, READ_AHEAD - len(pending)):
+                    pending.append(asyncio.ensure_future(self.objects.get_chunk(organization_id, payload_id, seq)))
+                if not pending:
+                    return
+                await handover([await pending.popleft()])
+        finally:
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
 
     async def read_stored(
         self,
