@@ -712,6 +712,12 @@ def storage_migrate(*, target: str, batch: int, limit: int | None, no_progress: 
         f"Moved {report.moved} payloads ({report.moved_bytes} bytes) to {target}; {report.remaining} left in the "
         f"other store ({report.incomplete_skipped} open uploads skipped), {len(report.failed)} failed."
     )
+    if report.pending_object_deletions:
+        click.echo(
+            f"{report.pending_object_deletions} payloads' objects await deletion: run the migration again once the "
+            "bucket answers (or the maintenance pass of a server with PAYLOAD_STORE=s3 frees them).",
+            err=True,
+        )
     for payload_id, reason in report.failed.items():
         click.echo(f"  payload {payload_id}: {reason}", err=True)
     if report.failed:

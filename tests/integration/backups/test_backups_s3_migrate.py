@@ -25,6 +25,7 @@ from zkeb.core.errors import ServiceUnavailableError
 from zkeb.domain.backups.context import build_keyring
 from zkeb.domain.backups.moves import PayloadMover
 from zkeb.domain.backups.storage import ChunkSpan, PayloadCrypto, PayloadKey, plan_read, stream_plaintext
+from zkeb.domain.backups.store.moves import MigrationRunningError, migration_lock
 from zkeb.domain.backups.store.payloads import PayloadStores, StoredChunksMissingError, StoreKind
 from zkeb.domain.backups.store.s3 import S3ChunkStore, S3PayloadStore
 from zkeb.settings import PayloadStoreSettings, Settings
@@ -394,3 +395,43 @@ async def test_a_restore_reading_the_old_location_when_the_payload_moves_finishe
     assert payload.startswith(b"".join(received))  # what was sent is the payload's own prefix, never other bytes
     restored = await client.get(f"/api/v1/backups/{backup_id}/payload", headers=auth(tenant.project_key))
     assert (restored.status_code, restored.content == payload) == (200, True)
+
+
+@S3_ONLY
+async def test_a_copy_that_does_not_verify_is_discarded_and_its_payload_stays_where_it_was(
+    client: Client,
+    postgres_client: Client,
+    settings: Settings,
+    mover: PayloadMover,
+    s3_store_settings: PayloadStoreSettings,
+    owner_connection: asyncpg.Connection,
+) -> None:
+    tenant = await make_tenant(client, settings)
+    good, bad = os.urandom(2 * MIB), os.urandom(2 * MIB)
+    await _single_shot(postgres_client, tenant, good)
+    bad_backup = await _single_shot(postgres_client, tenant, bad)
+    bad_payload = await owner_connection.fetchval("SELECT payload_id FROM backups WHERE id = $1", uuid.UUID(bad_backup))
+    await owner_connection.execute(  # one bit of the stored ciphertext flipped: it no longer authenticates
+        "UPDATE backup_chunks SET data = set_byte(data, 40, get_byte(data, 40) # 1) WHERE payload_id = $1 AND seq = 1",
+        bad_payload,
+    )
+
+    report = await mover.migrate("s3")
+
+    assert (report.moved, list(report.failed), report.remaining) == (1, [bad_payload], 1)
+    assert report.failed[bad_payload] == "chunk 1 read back from s3 failed its integrity check"
+    assert await owner_connection.fetchval("SELECT store FROM payloads WHERE id = $1", bad_payload) == "postgres"
+    assert not [key for key in await _object_keys(s3_store_settings) if str(bad_payload) in key]
+    await _assert_consistent(owner_connection, s3_store_settings)
+
+
+@S3_ONLY
+async def test_a_second_migration_refuses_to_start_while_one_runs(settings: Settings, mover: PayloadMover) -> None:
+    engine = create_app_engine(settings, settings.database_url or "")
+    try:
+        async with migration_lock(engine):
+            with pytest.raises(MigrationRunningError):
+                await mover.migrate("s3")
+    finally:
+        await engine.dispose()
+    assert (await mover.migrate("s3")).moved == 0

@@ -6,9 +6,9 @@ them back from the target and check them against the digest the server keeps (ea
 payload's data key, and the SHA-256 and size of the decrypted whole must equal `payloads.sha256` and `size`),
 then switch the payload in one transaction (`payloads.store` and its rows' `data`). The source is freed afterwards:
 PostgreSQL bytes in the switching transaction, S3 objects through the deletion outbox (the switch records them;
-this run then drains each batch's records). Nothing else is recorded: a run that is stopped or killed resumes by
-running again, and a payload copied halfway is copied again from its start. One migration runs at a time (an
-advisory lock).
+this run drains each batch's records, and at its end whatever the outbox still holds). Nothing else is recorded: a
+run that is stopped or killed resumes by running again, and a payload copied halfway is copied again from its start.
+One migration runs at a time (an advisory lock).
 
 Restores keep working: a reader follows `payloads.store`, which changes atomically. A restore planned before the
 switch reads the old location; if the old bytes go while it reads, it fails cleanly (503 before the first byte, a
@@ -37,9 +37,9 @@ from zkeb.domain.backups.store.moves import (
     payloads_in_store,
     switch_store,
 )
-from zkeb.domain.backups.store.outbox import free_payload_objects, store_usage
+from zkeb.domain.backups.store.outbox import ObjectDeletionDrain, free_payload_objects, store_usage
 from zkeb.domain.backups.store.payloads import PostgresPayloadStore, StoreKind
-from zkeb.domain.backups.store.s3 import S3ChunkStore, S3PayloadStore
+from zkeb.domain.backups.store.s3 import PayloadStoreUnavailableError, S3ChunkStore, S3PayloadStore
 from zkeb.lib.atrest import ChunkCipher, ChunkIntegrityError
 
 __all__ = ("COPY_BATCH", "MigrationReport", "PayloadMover")
@@ -48,6 +48,8 @@ logger = logging.getLogger("zkeb.backups.moves")
 
 #: Chunks read and written at once (memory: this many at-rest chunks).
 COPY_BATCH = 8
+#: Most outbox passes at the end of a run (a record the store keeps refusing would otherwise be tried forever).
+_DRAIN_PASSES = 100
 
 
 class _VerificationError(Exception):
@@ -63,6 +65,7 @@ class MigrationReport:
     incomplete_skipped: int = 0
     failed: dict[UUID, str] = field(default_factory=dict)
     remaining: int = 0
+    pending_object_deletions: int = 0
 
 
 class PayloadMover:
@@ -85,11 +88,10 @@ class PayloadMover:
     ) -> MigrationReport:
         """Move every complete payload (at most `limit`) of the other store to `target`, `batch` ids per listing.
 
-        `on_payload` is called with each moved (or failed, or skipped) payload's size.
+        `on_payload` is called with each moved payload's size (skipped and failed ones are in the report).
 
         Raises:
             MigrationRunningError: another migration is running.
-            PayloadStoreUnavailableError: the bucket failed while freeing moved payloads' objects.
         """
         source: StoreKind = "s3" if target == "postgres" else "postgres"
         report = MigrationReport()
@@ -109,11 +111,32 @@ class PayloadMover:
                         if on_payload is not None:
                             on_payload(size)
                 if source == "s3":
-                    for organization_id, payload_id in moved_here:
-                        await free_payload_objects(self._engine, self._objects, organization_id, payload_id)
+                    await self._free_sources(moved_here)
                 after = listed[-1][1]
-        report.remaining = (await store_usage(self._engine)).stores.get(source, {}).get("payloads", 0)
+            if source == "s3":
+                await self._drain_outbox(batch)
+        usage = await store_usage(self._engine)
+        report.remaining = usage.stores.get(source, {}).get("payloads", 0)
+        report.pending_object_deletions = usage.pending_object_deletions
         return report
+
+    async def _free_sources(self, moved: list[tuple[UUID, UUID]]) -> None:
+        """Drain the outbox records the switches to PostgreSQL wrote; one the store refuses stays for a later pass."""
+        for organization_id, payload_id in moved:
+            try:
+                await free_payload_objects(self._engine, self._objects, organization_id, payload_id)
+            except PayloadStoreUnavailableError:
+                logger.warning("objects of moved payload %s stay in the deletion outbox for now", payload_id)
+
+    async def _drain_outbox(self, batch: int) -> None:
+        """Free what earlier runs (or deletions) left in the outbox: moving to PostgreSQL, no server may drain it."""
+        drain = ObjectDeletionDrain(self._engine, self._objects, batch=batch)
+        try:
+            for _ in range(_DRAIN_PASSES):
+                if not (await drain.drain_once())[1]:
+                    break
+        except PayloadStoreUnavailableError:
+            logger.warning("the deletion outbox could not be drained now; run the migration again later")
 
     async def _move_one(
         self, organization_id: UUID, payload_id: UUID, source: StoreKind, target: StoreKind, report: MigrationReport
