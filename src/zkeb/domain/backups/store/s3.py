@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, ClassVar
 from uuid import UUID
@@ -81,7 +81,8 @@ class StoredObject:
     payload_id: UUID
     seq: int
     size: int
-    last_modified: datetime | None = None
+    #: When the object was written (the reconciler's age of an orphan); not part of its identity.
+    last_modified: datetime | None = field(default=None, compare=False)
 
 
 class S3ChunkStore:
