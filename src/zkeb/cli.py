@@ -738,8 +738,8 @@ async def _migrate(
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn  # noqa: PLC0415
 
     from zkeb.core.database import create_app_engine  # noqa: PLC0415
+    from zkeb.domain.backups.crypto import PayloadCrypto  # noqa: PLC0415
     from zkeb.domain.backups.moves import PayloadMover  # noqa: PLC0415
-    from zkeb.domain.backups.storage import PayloadCrypto  # noqa: PLC0415
     from zkeb.domain.backups.store.outbox import store_usage  # noqa: PLC0415
     from zkeb.domain.backups.store.s3 import S3ChunkStore  # noqa: PLC0415
 

@@ -22,9 +22,10 @@ from litestar.testing import AsyncTestClient
 from zkeb.app import create_app
 from zkeb.core.database import create_app_engine
 from zkeb.core.errors import ServiceUnavailableError
+from zkeb.domain.backups.chunk_reads import ChunkSpan, plan_read, stream_plaintext
 from zkeb.domain.backups.context import build_keyring
+from zkeb.domain.backups.crypto import PayloadCrypto, PayloadKey
 from zkeb.domain.backups.moves import PayloadMover
-from zkeb.domain.backups.storage import ChunkSpan, PayloadCrypto, PayloadKey, plan_read, stream_plaintext
 from zkeb.domain.backups.store.moves import MigrationRunningError, migration_lock
 from zkeb.domain.backups.store.payloads import PayloadStores, StoredChunksMissingError, StoreKind
 from zkeb.domain.backups.store.s3 import S3ChunkStore, S3PayloadStore

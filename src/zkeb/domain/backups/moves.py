@@ -26,7 +26,7 @@ from uuid import UUID
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from zkeb.core.errors import ServiceUnavailableError
-from zkeb.domain.backups.storage import PayloadCrypto, PayloadKey
+from zkeb.domain.backups.crypto import PayloadCrypto, PayloadKey
 from zkeb.domain.backups.store.connection import pooled_connection
 from zkeb.domain.backups.store.moves import (
     MovingPayload,
