@@ -29,7 +29,12 @@ COPY pyproject.toml uv.lock ./
 # and headers, the test suites some wheels ship (greenlet's, certifi's), and the API models of the ~440 AWS services
 # botocore carries (22 MB) but those the S3 payload store calls: S3, and STS and SSO for role and SSO credentials
 # (scripts/image-check.sh runs the S3 store from the image against a real S3 server).
-RUN uv sync --locked --no-dev --no-editable --no-install-project ${EXTRAS:+--extra "${EXTRAS}"} \
+# Pygments (5.6 MB) is rich's, for syntax-highlighted tracebacks and code in a terminal: the server prints neither
+# (its logs are its own formatters'), and the one import it meets, Mako's (Alembic's templates), falls back without
+# it. It stays in the lock, where pytest and the developers' tools need it; the image does not install it
+# (tests/unit/core/test_server_imports.py runs the server's imports without it).
+RUN uv sync --locked --no-dev --no-editable --no-install-project --no-install-package pygments \
+    ${EXTRAS:+--extra "${EXTRAS}"} \
     && find /app/.venv -type f -name '*.so*' -exec strip --strip-unneeded {} + \
     && find /app/.venv/lib -type f \( -name '*.pyi' -o -name '*.pyx' -o -name '*.pxd' -o -name '*.pxi' \
        -o -name '*.c' -o -name '*.cpp' -o -name '*.h' -o -name '*.hpp' \) -delete \
@@ -42,7 +47,7 @@ COPY src ./src
 # The app it builds finds its Alembic scripts under the working directory here (in the runtime, under /app).
 COPY db/migrations ./db/migrations
 COPY scripts/image_bytecode.py ./scripts/
-RUN uv sync --locked --no-dev --no-editable ${EXTRAS:+--extra "${EXTRAS}"} \
+RUN uv sync --locked --no-dev --no-editable --no-install-package pygments ${EXTRAS:+--extra "${EXTRAS}"} \
     && /app/.venv/bin/python -B scripts/image_bytecode.py \
     && /app/.venv/bin/python -m compileall -q db/migrations
 

@@ -1,4 +1,5 @@
-"""What the benchmarks share: a fresh database URL, a granian server with the app, an organization to act for."""
+"""What the benchmarks share: a fresh database URL, a granian server with the app, an organization to act for, and
+moto's S3 server for the object-store runs."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ __all__ = (
     "drop_database",
     "free_port",
     "granian",
+    "moto_server",
     "production_env",
     "with_database",
     "worker_pid",
@@ -128,6 +130,32 @@ def granian(env: dict[str, str]) -> Iterator[tuple[str, subprocess.Popen[bytes]]
         server.terminate()
         server.wait(timeout=30)
         log.close()
+
+
+@contextmanager
+def moto_server() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """moto's standalone S3 server (the tests' one) on a free loopback port, ready; yields its URL and process."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(f"{url}/moto-api/", timeout=1)
+                break
+            except httpx.TransportError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("moto_server did not start") from None
+                time.sleep(0.1)
+        yield url, server
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def worker_pid(server: subprocess.Popen[bytes]) -> int:

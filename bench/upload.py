@@ -1,6 +1,7 @@
 """Upload and restore throughput of ZKEB end to end, against the raw PostgreSQL ceilings of the same server.
 
     uv run python bench/upload.py            # DATABASE_URL of a PostgreSQL superuser, default the local one
+    uv run python bench/upload.py --store s3 # PAYLOAD_STORE=s3 against raw S3 put/get instead (bench/upload_s3.py)
 
 Starts `granian --interface asgi --factory zkeb.app:create_app` with production settings (ZKEB_ENV=production,
 secrets generated for this run, a fresh database on the PostgreSQL server), then for 1, 10 and 100 MiB payloads:
@@ -297,8 +298,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_database_option(parser)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--store", choices=("postgres", "s3"), default="postgres", help="the payload store the server uses"
+    )
+    parser.add_argument("--s3-endpoint-url", help="with --store s3: this endpoint instead of moto started on loopback")
+    parser.add_argument("--s3-bucket", help="with --store s3: an existing bucket (default: a new one, deleted after)")
+    parser.add_argument("--s3-region", default="us-east-1", help="with --store s3: the signing region")
     args = parser.parse_args()
-    asyncio.run(run(args.database_url, args.repeats))
+    if args.store == "postgres":
+        asyncio.run(run(args.database_url, args.repeats))
+        return
+    # Imported here: upload_s3 reuses this module's upload and restore.
+    from upload_s3 import run as run_s3  # noqa: PLC0415
+
+    asyncio.run(
+        run_s3(
+            args.database_url,
+            args.repeats,
+            endpoint_url=args.s3_endpoint_url,
+            bucket=args.s3_bucket,
+            region=args.s3_region,
+        )
+    )
 
 
 if __name__ == "__main__":

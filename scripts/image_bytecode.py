@@ -1,11 +1,12 @@
 """Bytecode for the venv modules the server imports, and only those (the Dockerfile's builder stage runs it).
 
 Compiling the whole venv put 44 MB of bytecode in the image, half of it for modules no `zkeb` process imports
-(Faker's locales, most of Pygments, test-support packages, optional backends). With none, every start compiles the
-~1,100 venv modules it imports again (the venv is read-only to the service user): start-to-ready went from about 2 s
-to about 4.7 s, and each granian worker pays it. So this imports the CLI and what `zkeb serve` and `zkeb db upgrade`
-import, builds the app as each granian worker does, and writes bytecode for exactly the venv modules then loaded
-(about 22 MB). A module first imported on some other path still works: it is compiled in memory when imported.
+(test-support packages, optional backends, and Faker's locales and Pygments, both since left out of the image). With
+none, every start compiles the ~1,100 venv modules it imports again (the venv is read-only to the service user):
+start-to-ready went from about 2 s to about 4.7 s, and each granian worker pays it. So this imports the CLI and what
+`zkeb serve` and `zkeb db upgrade` import, builds the app and its OpenAPI document as a granian worker does, and
+writes bytecode for exactly the venv modules then loaded (about 22 MB). A module first imported on some other path
+still works: it is compiled in memory when imported.
 
 Run with `python -B` (nothing written as a side effect of importing): `python -B scripts/image_bytecode.py`.
 """
@@ -42,7 +43,7 @@ _SERVER_IMPORTS = (
 )
 
 
-def _throwaway_production_settings(data_dir: str) -> None:
+def throwaway_production_settings(data_dir: str) -> None:
     """Settings the app can be built with; nothing connects to these addresses and the secrets are discarded."""
     os.environ.update(
         {
@@ -57,12 +58,14 @@ def _throwaway_production_settings(data_dir: str) -> None:
     )
 
 
-def _import_what_the_server_imports() -> None:
+def import_what_the_server_imports() -> None:
+    """Imports what `zkeb serve` and `zkeb db upgrade` import (tests/unit/core/test_server_imports.py runs it too)."""
     for name in _SERVER_IMPORTS:
         importlib.import_module(name)
     from zkeb.app import create_app  # noqa: PLC0415 - after the settings are in the environment
 
-    create_app()
+    # The OpenAPI document as the first request to /schema builds it.
+    create_app().openapi_schema.to_schema()
     # AnyIO's asyncio backend, which Litestar loads when it first serves a request.
     anyio.run(anyio.sleep, 0)
     anyio.run(_open_an_s3_client)
@@ -86,8 +89,8 @@ async def _open_an_s3_client() -> None:
 def main() -> int:
     venv = Path(sys.prefix).resolve()
     with tempfile.TemporaryDirectory() as data_dir:
-        _throwaway_production_settings(data_dir)
-        _import_what_the_server_imports()
+        throwaway_production_settings(data_dir)
+        import_what_the_server_imports()
     count = size = 0
     for module in list(sys.modules.values()):
         source = getattr(module, "__file__", None)

@@ -28,16 +28,20 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from zkeb.core.database import create_app_engine
 from zkeb.core.tenancy import install_tenant_setter
 from zkeb.domain.accounts.services import OrganizationService
+from zkeb.domain.backups.jobs.maintenance import MaintenanceReport, MaintenanceRunner
+from zkeb.domain.backups.plugin import payload_stores
 from zkeb.lib.envelope import backup_signed_message, format_rfc3339_utc
 from zkeb.settings import PayloadStoreSettings, Settings
 
 __all__ = (
     "PROJECT_USED_BYTES",
     "Envelope",
+    "assert_bucket_holds_exactly_the_chunks",
     "audit_linked",
     "create_org",
     "free_port",
     "granian_server",
+    "maintenance_pass",
     "make_settings",
     "problem",
     "raw_s3_client",
@@ -281,3 +285,41 @@ async def raw_s3_client(settings: PayloadStoreSettings) -> AsyncIterator[Any]:
         "s3", region_name=settings.region, endpoint_url=settings.endpoint_url
     ) as client:
         yield client
+
+
+async def maintenance_pass(settings: Settings, **runner_options: Any) -> MaintenanceReport:
+    """One maintenance pass as `zkeb maintenance run --once` makes it: its own engine and, when payloads go to S3,
+    its own S3 client, so the pass also drains the object deletions (the test client's app runs in another thread)."""
+    assert settings.database_url is not None
+    engine = create_app_engine(settings, settings.database_url)
+    _, objects = payload_stores(settings)
+    try:
+        if objects is None:
+            return await MaintenanceRunner(engine, settings, **runner_options).run_once()
+        async with objects:
+            return await MaintenanceRunner(engine, settings, objects=objects, **runner_options).run_once()
+    finally:
+        await engine.dispose()
+
+
+async def assert_bucket_holds_exactly_the_chunks(settings: Settings, owner: Any) -> None:
+    """After a maintenance pass: with `PAYLOAD_STORE=s3`, the bucket holds one object per chunk row of an `s3` payload
+    and nothing else (no object of a deleted payload, of an expired upload or of a refused commit is left), and no
+    deletion waits; with either, every payload lives in the configured store. `owner`: asyncpg, as the owner."""
+    store = settings.payload_store
+    assert await owner.fetchval("SELECT count(*) FROM payloads WHERE store <> $1", store.kind) == 0
+    waiting = await owner.fetchval("SELECT count(*) FROM payload_object_deletions")
+    assert waiting == 0, f"{waiting} payloads' objects still wait for deletion"
+    if store.kind != "s3":
+        return
+    rows = await owner.fetch(
+        "SELECT p.organization_id, p.id, c.seq FROM backup_chunks c JOIN payloads p ON p.id = c.payload_id"
+        " WHERE p.store = 's3'"
+    )
+    expected = {f"{store.prefix}payloads/{r['organization_id']}/{r['id']}/{r['seq']:08d}" for r in rows}
+    async with raw_s3_client(store) as client:
+        paginator = client.get_paginator("list_objects_v2")
+        pages = paginator.paginate(Bucket=store.bucket)
+        stored = {item["Key"] async for page in pages for item in page.get("Contents", [])}
+    assert stored - expected == set(), "objects with no chunk row are left in the bucket"
+    assert expected - stored == set(), "chunk rows have no object"

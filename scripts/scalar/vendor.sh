@@ -9,17 +9,18 @@ Usage: scripts/scalar/vendor.sh [--check]
 The API reference page (/schema/scalar) loads Scalar from the Python package, never
 from a CDN. This script fetches the @scalar/api-reference tarball at the version that
 scripts/scalar/package-lock.json pins (npm pack, from the configured npm registry),
-refuses it unless its sha512 equals the lock's "integrity", and copies its
-dist/browser/standalone.js to src/zkeb/core/static/scalar/api-reference.js, recording
-that file's SHA-256 in scripts/scalar/api-reference.js.sha256 (which the test suite
-checks offline, with the version banner inside the file).
+refuses it unless its sha512 equals the lock's "integrity", and writes its
+dist/browser/standalone.js gzipped to src/zkeb/core/static/scalar/api-reference.js.gz
+(the server sends those bytes to clients that accept gzip and decompresses them for
+the others), recording the bundle's SHA-256 in scripts/scalar/api-reference.js.sha256
+(which the test suite checks offline, with the version banner inside the bundle).
 
-  --check   write nothing: exit 1 unless the committed file is byte for byte the one
-            the pinned tarball ships
+  --check   write nothing: exit 1 unless the committed file decompresses byte for byte
+            to the bundle the pinned tarball ships
 
 To upgrade: change the version in package.json, run
   npm install --package-lock-only --ignore-scripts --prefix scripts/scalar
-then this script, and commit the three files. Needs node, npm, tar, sha256sum, openssl.
+then this script, and commit the three files. Needs node, npm, tar, gzip, sha256sum, openssl.
 EOF
 }
 
@@ -34,7 +35,8 @@ esac
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "${ROOT}"
 LOCK="scripts/scalar/package-lock.json"
-TARGET="src/zkeb/core/static/scalar/api-reference.js"
+NAME="api-reference.js"
+TARGET="src/zkeb/core/static/scalar/${NAME}.gz"
 DIGEST="scripts/scalar/api-reference.js.sha256"
 PACKAGE="@scalar/api-reference"
 
@@ -60,15 +62,16 @@ if ! grep -qF "${PACKAGE}@${version}" "${bundle}"; then
 fi
 
 if "${check}"; then
-  if cmp -s "${bundle}" "${TARGET}"; then
-    echo "ok: ${TARGET} is ${PACKAGE}@${version}'s dist/browser/standalone.js"
+  if gzip -dc "${TARGET}" 2>/dev/null | cmp -s "${bundle}" -; then
+    echo "ok: ${TARGET} is ${PACKAGE}@${version}'s dist/browser/standalone.js, gzipped"
     exit 0
   fi
   echo "${TARGET} differs from ${PACKAGE}@${version}'s bundle: run scripts/scalar/vendor.sh" >&2
   exit 1
 fi
 mkdir -p "$(dirname "${TARGET}")"
-cp "${bundle}" "${TARGET}"
+# -n: no name or time stamp in the header, so the same bundle always gives the same file.
+gzip -9 -n -c "${bundle}" >"${TARGET}"
 chmod 0644 "${TARGET}"
-(cd "$(dirname "${TARGET}")" && sha256sum "$(basename "${TARGET}")") >"${DIGEST}"
+printf '%s  %s\n' "$(sha256sum <"${bundle}" | cut -d' ' -f1)" "${NAME}" >"${DIGEST}"
 echo "wrote ${TARGET} (${PACKAGE}@${version}) and ${DIGEST}"

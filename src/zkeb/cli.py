@@ -617,6 +617,149 @@ async def _storage_status(settings: Settings, url: str) -> tuple[dict[str, Any],
     return status, None
 
 
+def _bucket_settings(settings: Settings) -> Any:
+    """The bucket of the `S3_*` variables, also under `PAYLOAD_STORE=postgres` (moving payloads back)."""
+    from zkeb.settings import PayloadStoreSettings  # noqa: PLC0415
+
+    if settings.payload_store.kind == "s3":
+        return settings.payload_store
+    try:
+        return PayloadStoreSettings.bucket_from_env()
+    except SettingsError as exc:
+        raise click.ClickException(f"configuration error: {exc}") from None
+
+
+@storage.command("reconcile")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@click.option(
+    "--min-age",
+    type=click.FloatRange(min=0.0),
+    default=25 * 3600.0,
+    show_default=True,
+    help="Seconds: younger objects with no row may be in flight and are only counted.",
+)
+@click.option("--delete-orphans", is_flag=True, help="Delete the objects with no row that are older than --min-age.")
+@_admin_errors
+def storage_reconcile(*, as_json: bool, min_age: float, delete_orphans: bool) -> None:
+    """Compare the bucket's chunk objects with the chunk rows: objects with no row, rows with no object.
+
+    Reports keys, ids and sizes (never payload bytes) and deletes nothing unless --delete-orphans. Exit status 1
+    when a row has no object or an orphan older than --min-age is left.
+    """
+    from datetime import timedelta  # noqa: PLC0415
+
+    settings = _load_settings()
+    bucket = _bucket_settings(settings)
+    url = _admin_database(settings)
+    report = asyncio.run(_reconcile(settings, url, bucket, min_age=timedelta(seconds=min_age), delete=delete_orphans))
+    body = report.as_dict()
+    if as_json:
+        click.echo(json.dumps(body))
+    else:
+        click.echo(f"Checked {body['objects']} chunk objects and {body['rows']} chunk rows of S3 payloads.")
+        for name, label in (
+            ("missing", "Rows whose object is missing"),
+            ("orphans", "Objects with no row"),
+            ("recent_orphans", f"Objects with no row, younger than {min_age:g} s (maybe in flight)"),
+            ("awaiting_deletion", "Objects of deleted or moved payloads awaiting the maintenance pass"),
+        ):
+            tally = body[name]
+            click.echo(f"{label}: {tally['count']} ({tally['bytes']} bytes)")
+            for item in tally["items"] if name in {"missing", "orphans"} else []:
+                click.echo(f"  {' '.join(f'{key}={value}' for key, value in item.items())}")
+        if delete_orphans:
+            click.echo(f"Deleted {body['orphans_deleted']} orphan objects.")
+    if not report.clean:
+        sys.exit(1)
+
+
+async def _reconcile(settings: Settings, url: str, bucket: Any, *, min_age: Any, delete: bool) -> Any:
+    from zkeb.core.database import create_app_engine  # noqa: PLC0415
+    from zkeb.domain.backups.reconcile import Reconciler  # noqa: PLC0415
+    from zkeb.domain.backups.store.s3 import S3ChunkStore  # noqa: PLC0415
+
+    engine = create_app_engine(settings, url)
+    try:
+        async with S3ChunkStore(bucket) as objects:
+            await objects.check()
+            return await Reconciler(engine, objects).run(min_age=min_age, delete_orphans=delete)
+    finally:
+        await engine.dispose()
+
+
+@storage.command("migrate")
+@click.option("--to", "target", type=click.Choice(["s3", "postgres"]), required=True, help="The store to move to.")
+@click.option("--batch", type=click.IntRange(1, 10000), default=100, show_default=True, help="Payloads per listing.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Move at most this many payloads, then stop.")
+@click.option("--no-progress", is_flag=True, help="No progress bar (for logs).")
+@_admin_errors
+def storage_migrate(*, target: str, batch: int, limit: int | None, no_progress: bool) -> None:
+    """Move every complete payload to the other store: copy, verify by digest, switch, free the source.
+
+    Resumable (run it again after a stop or a kill); safe while the service runs, restores included. Set
+    PAYLOAD_STORE to the target first, so that new uploads go there. Exit status 1 when a payload failed.
+    """
+    settings = _load_settings()
+    keyring = _keyring(settings)
+    bucket = _bucket_settings(settings)
+    if settings.payload_store.kind != target:
+        click.echo(f"PAYLOAD_STORE is {settings.payload_store.kind}: new uploads keep going there.", err=True)
+    url = _admin_database(settings)
+    report = asyncio.run(
+        _migrate(settings, url, bucket, keyring, target=target, batch=batch, limit=limit, progress=not no_progress)
+    )
+    click.echo(
+        f"Moved {report.moved} payloads ({report.moved_bytes} bytes) to {target}; {report.remaining} left in the "
+        f"other store ({report.incomplete_skipped} open uploads skipped), {len(report.failed)} failed."
+    )
+    if report.pending_object_deletions:
+        click.echo(
+            f"{report.pending_object_deletions} payloads' objects await deletion: run the migration again once the "
+            "bucket answers (or the maintenance pass of a server with PAYLOAD_STORE=s3 frees them).",
+            err=True,
+        )
+    for payload_id, reason in report.failed.items():
+        click.echo(f"  payload {payload_id}: {reason}", err=True)
+    if report.failed:
+        raise click.ClickException(f"{len(report.failed)} payload(s) were not moved (run again after fixing the cause)")
+
+
+async def _migrate(
+    settings: Settings,
+    url: str,
+    bucket: Any,
+    keyring: Any,
+    *,
+    target: Any,
+    batch: int,
+    limit: int | None,
+    progress: bool,
+) -> Any:
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn  # noqa: PLC0415
+
+    from zkeb.core.database import create_app_engine  # noqa: PLC0415
+    from zkeb.domain.backups.crypto import PayloadCrypto  # noqa: PLC0415
+    from zkeb.domain.backups.moves import PayloadMover  # noqa: PLC0415
+    from zkeb.domain.backups.store.outbox import store_usage  # noqa: PLC0415
+    from zkeb.domain.backups.store.s3 import S3ChunkStore  # noqa: PLC0415
+
+    engine = create_app_engine(settings, url)
+    try:
+        async with S3ChunkStore(bucket) as objects:
+            await objects.check()
+            mover = PayloadMover(engine, objects, PayloadCrypto(keyring))
+            source = "s3" if target == "postgres" else "postgres"
+            total = (await store_usage(engine)).stores.get(source, {}).get("bytes", 0)
+            columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
+            with Progress(*columns, disable=not progress, transient=True) as bar:
+                task = bar.add_task(f"Moving payloads to {target}", total=total)
+                return await mover.migrate(
+                    target, batch=batch, limit=limit, on_payload=lambda size: bar.advance(task, size)
+                )
+    finally:
+        await engine.dispose()
+
+
 @main.group()
 def keys() -> None:
     """The master encryption key: rotation status and re-wrapping data keys (`ZKEB_MASTER_ENCRYPTION_KEY_NEW`)."""

@@ -72,6 +72,16 @@ class PayloadStoreSettings:
     region: str = "us-east-1"
 
     @classmethod
+    def bucket_from_env(cls, environ: Mapping[str, str] | None = None) -> PayloadStoreSettings:
+        """The bucket the `S3_*` variables name, whatever `PAYLOAD_STORE` says (moving payloads between stores).
+
+        Raises:
+            SettingsError: as `from_reader` for `PAYLOAD_STORE=s3`.
+        """
+        env_map = os.environ if environ is None else environ
+        return cls.from_reader(_EnvReader({**env_map, "PAYLOAD_STORE": "s3"}))
+
+    @classmethod
     def from_reader(cls, reader: _EnvReader) -> PayloadStoreSettings:
         """Read `PAYLOAD_STORE` and the `S3_*` variables.
 

@@ -8,6 +8,8 @@ server's order of offers. Parameters other than `q` are ignored (none of our
 representations has any), and a range with a malformed `q` is disregarded as if it were not listed.
 
 Litestar's `Accept.best_match` sorts by quality but still matches a `q=0` range, hence this module.
+
+`accepts_gzip` reads `Accept-Encoding` (RFC 9110 §12.5.3) the same way, for the one representation stored gzipped.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ("Negotiation", "negotiate")
+__all__ = ("Negotiation", "accepts_gzip", "negotiate")
 
 _QVALUE = re.compile(r"(0(\.[0-9]{0,3})?|1(\.0{0,3})?)")
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
@@ -58,15 +60,21 @@ def _parse(accept: str) -> list[_Range]:
             continue
         if maintype == "*" and subtype != "*":
             continue
-        quality = 1.0
-        for parameter in parameters:
-            name, _, value = parameter.partition("=")
-            if name.strip().lower() == "q":
-                value = value.strip()
-                quality = float(value) if _QVALUE.fullmatch(value) else -1.0
+        quality = _quality(parameters)
         if quality >= 0:
             ranges.append(_Range(maintype, subtype, quality, position))
     return ranges
+
+
+def _quality(parameters: Sequence[str]) -> float:
+    """The `q` among an element's parameters: 1 when absent, -1 when malformed (the element is then disregarded)."""
+    quality = 1.0
+    for parameter in parameters:
+        name, _, value = parameter.partition("=")
+        if name.strip().lower() == "q":
+            value = value.strip()
+            quality = float(value) if _QVALUE.fullmatch(value) else -1.0
+    return quality
 
 
 def negotiate(accept: str | None, offers: Sequence[str]) -> Negotiation:
@@ -93,3 +101,26 @@ def negotiate(accept: str | None, offers: Sequence[str]) -> Negotiation:
         if best is None or rank > best:
             best, chosen = rank, offer
     return Negotiation(chosen=chosen, refused=frozenset(refused))
+
+
+def accepts_gzip(accept_encoding: str | None) -> bool:
+    """Whether an `Accept-Encoding` value takes `gzip`: named (or `x-gzip`) with q > 0, or, unnamed, `*` with q > 0.
+
+    No header at all gets the identity coding: a client that says nothing of codings may decode none.
+    """
+    if accept_encoding is None:
+        return False
+    named: float | None = None
+    wildcard: float | None = None
+    for element in accept_encoding.split(","):
+        coding, *parameters = (part.strip() for part in element.split(";"))
+        quality = _quality(parameters)
+        if quality < 0:
+            continue
+        coding = coding.lower()
+        if coding in {"gzip", "x-gzip"}:
+            named = quality if named is None else max(named, quality)
+        elif coding == "*":
+            wildcard = quality
+    decisive = named if named is not None else wildcard
+    return decisive is not None and decisive > 0

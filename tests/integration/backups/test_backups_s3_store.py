@@ -22,14 +22,11 @@ from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
 from zkeb.app import create_app
-from zkeb.core.database import create_app_engine
 from zkeb.domain.backups.context import build_keyring
-from zkeb.domain.backups.jobs.maintenance import MaintenanceReport, MaintenanceRunner
-from zkeb.domain.backups.store.s3 import S3ChunkStore
 from zkeb.lib.atrest import CHUNK_OVERHEAD, unwrap_data_key
 from zkeb.settings import PayloadStoreSettings, Settings
 
-from support import make_settings, problem, raw_s3_client
+from support import maintenance_pass, make_settings, problem, raw_s3_client
 
 Client = AsyncTestClient[Litestar]
 
@@ -341,19 +338,8 @@ async def test_a_refused_single_shot_upload_leaves_no_object_and_no_row(
     assert await _objects(s3_store_settings) == {}
 
 
-async def _maintenance_pass(settings: Settings) -> MaintenanceReport:
-    """One maintenance pass with its own engine and S3 client (the test client's app runs in another thread)."""
-    assert settings.database_url is not None
-    engine = create_app_engine(settings, settings.database_url)
-    try:
-        async with S3ChunkStore(settings.payload_store) as objects:
-            return await MaintenanceRunner(engine, settings, objects=objects).run_once()
-    finally:
-        await engine.dispose()
-
-
 @S3_ONLY
-async def test_purged_and_terminated_payloads_lose_their_objects_at_the_next_maintenance_pass(
+async def test_purged_and_terminated_payloads_lose_their_objects_at_the_nextmaintenance_pass(
     client: Client,
     tenant: Tenant,
     settings: Settings,
@@ -381,7 +367,7 @@ async def test_purged_and_terminated_payloads_lose_their_objects_at_the_next_mai
     assert await owner_connection.fetchval("SELECT count(*) FROM payload_object_deletions") == 2
     assert len(await _objects(s3_store_settings)) == 5
 
-    report = await _maintenance_pass(settings)
+    report = await maintenance_pass(settings)
 
     assert (report.objects_deleted, report.failed) == (3, [])
     assert await owner_connection.fetchval("SELECT count(*) FROM payload_object_deletions") == 0
@@ -412,12 +398,12 @@ async def test_objects_of_a_deleted_payload_stay_recorded_while_the_store_fails(
         closed.bind(("127.0.0.1", 0))
         endpoint = f"http://127.0.0.1:{closed.getsockname()[1]}"
         unreachable = replace(settings, payload_store=replace(settings.payload_store, endpoint_url=endpoint))
-        report = await _maintenance_pass(unreachable)
+        report = await maintenance_pass(unreachable)
     assert report.failed == ["objects"]
     assert await owner_connection.fetchval("SELECT count(*) FROM payload_object_deletions") == 1
     assert len(await _objects(s3_store_settings)) == 1
 
-    assert (await _maintenance_pass(settings)).objects_deleted == 1
+    assert (await maintenance_pass(settings)).objects_deleted == 1
     assert await _objects(s3_store_settings) == {}
 
 

@@ -41,7 +41,15 @@ from zkeb.domain.backups.services.lifecycle import charge_quota
 from zkeb.domain.backups.services.uploads import IN_MEMORY_UPLOAD_MAX
 from zkeb.settings import Settings
 
-from support import BOTH_STORES, PROJECT_USED_BYTES, Envelope, make_settings, problem
+from support import (
+    BOTH_STORES,
+    PROJECT_USED_BYTES,
+    Envelope,
+    assert_bucket_holds_exactly_the_chunks,
+    maintenance_pass,
+    make_settings,
+    problem,
+)
 
 Client = AsyncTestClient[Litestar]
 OCTETS = "application/offset+octet-stream"
@@ -671,8 +679,9 @@ async def test_a_completing_patch_whose_upload_ended_during_verification_commits
 # --- Expiration ---------------------------------------------------------------------------------------------------
 
 
-async def test_expired_upload_is_gone_and_the_sweeper_purges_it(
-    client: Client, settings: Settings, database_url: str, tenant: Tenant, owner_connection: asyncpg.Connection
+@BOTH_STORES
+async def test_expired_upload_is_gone_and_maintenance_purges_it_with_its_bytes(
+    client: Client, settings: Settings, tenant: Tenant, owner_connection: asyncpg.Connection
 ) -> None:
     payload = os.urandom(MIB + 5)
     stale = (await create(client, tenant, sign_envelope(tenant, payload))).headers["location"]
@@ -691,14 +700,17 @@ async def test_expired_upload_is_gone_and_the_sweeper_purges_it(
     gone = await patch(client, tenant, stale, payload[MIB + 2 :], MIB + 2)
     assert gone.status_code == 410
     problem(gone)
-    sweeper = UploadSweeper(create_app_engine(settings, database_url))
-    assert await sweeper.sweep_once() == 1
+    swept = await maintenance_pass(settings)
+    assert (swept.expired_uploads, swept.failed) == (1, [])
     counts = await row_counts(owner_connection)
     assert counts["upload_sessions"] == 1
     assert counts["payloads"] == 2  # the fresh upload's and the kept backup's
     assert counts["backup_chunks"] == 2
+    # With S3, the same pass deleted the expired upload's two objects (a full chunk and a short one).
+    assert swept.objects_deleted == (2 if settings.payload_store.kind == "s3" else 0)
+    await assert_bucket_holds_exactly_the_chunks(settings, owner_connection)
     assert (await client.head(stale, headers=tus_headers(tenant.project_key))).status_code == 404
-    assert await sweeper.sweep_once() == 0
+    assert (await maintenance_pass(settings)).expired_uploads == 0
     assert (await patch(client, tenant, fresh, payload[10:], 10)).status_code == 204
 
 

@@ -10,7 +10,7 @@ from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
 from chromium_support import chromium_executable
-from zkeb.core.apidocs import SCALAR_ASSETS_PATH, SCALAR_BUNDLE
+from zkeb.core.apidocs import SCALAR_ASSETS_PATH, SCALAR_BUNDLE, scalar_bundle
 
 from support import granian_server
 
@@ -34,8 +34,33 @@ async def test_scalar_page_loads_only_the_packaged_bundle(client: AsyncTestClien
     assert bundle.status_code == 200
     assert bundle.headers["content-type"].split(";")[0] in {"text/javascript", "application/javascript"}
     assert bundle.headers["x-content-type-options"] == "nosniff"
-    assert bundle.content == SCALAR_BUNDLE.read_bytes()
+    assert bundle.content == scalar_bundle()
     assert (await client.get(f"{SCALAR_ASSETS_PATH}/../../../settings.py")).status_code == 404
+
+
+async def test_scalar_bundle_is_sent_gzipped_as_stored_or_decompressed_for_a_client_without_gzip(
+    client: AsyncTestClient[Litestar],
+) -> None:
+    stored = SCALAR_BUNDLE.read_bytes()
+    gzipped = await client.get(f"{SCALAR_ASSETS_PATH}/api-reference.js", headers={"Accept-Encoding": "gzip, br"})
+    assert gzipped.status_code == 200
+    assert gzipped.headers["content-encoding"] == "gzip"
+    assert gzipped.headers["vary"] == "Accept-Encoding"
+    assert gzipped.headers["cache-control"] == "max-age=3600, public"
+    assert int(gzipped.headers["content-length"]) == len(stored)  # the stored bytes, not compressed again
+    assert gzipped.content == scalar_bundle()  # as the client decodes them
+    head = await client.head(f"{SCALAR_ASSETS_PATH}/api-reference.js", headers={"Accept-Encoding": "gzip"})
+    assert head.status_code == 200
+    assert int(head.headers["content-length"]) == len(stored)
+    assert head.content == b""
+
+    for refusing in ("identity", "gzip;q=0, br"):
+        plain = await client.get(f"{SCALAR_ASSETS_PATH}/api-reference.js", headers={"Accept-Encoding": refusing})
+        assert plain.status_code == 200
+        assert "content-encoding" not in plain.headers
+        assert plain.headers["vary"] == "Accept-Encoding"
+        assert int(plain.headers["content-length"]) == len(scalar_bundle())
+        assert plain.content == scalar_bundle()
 
 
 def _render_offline(chromium: str, url: str) -> tuple[str, str]:

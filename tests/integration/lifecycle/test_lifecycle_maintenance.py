@@ -1,8 +1,13 @@
-"""The maintenance runner: several at once never remove anything twice nor fail; `zkeb maintenance run --once`."""
+"""The maintenance runner: several at once never remove anything twice nor fail; `zkeb maintenance run --once`.
+
+The tests marked `BOTH_STORES` run once with each payload store; with S3, the runners also drain the deleted
+payloads' objects, and the bucket must hold exactly the chunks of what is left.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -27,9 +32,10 @@ from lifecycle_support import (
 
 from zkeb.core.database import create_app_engine
 from zkeb.domain.backups.jobs.maintenance import MaintenanceReport, MaintenanceRunner
+from zkeb.domain.backups.plugin import payload_stores
 from zkeb.settings import Settings
 
-from support import PROJECT_USED_BYTES
+from support import BOTH_STORES, PROJECT_USED_BYTES, assert_bucket_holds_exactly_the_chunks, maintenance_pass
 
 TRASHED_PER_TENANT = 12
 EXPIRED_UPLOADS_PER_TENANT = 4
@@ -37,7 +43,8 @@ OVER_RETENTION_PER_TENANT = 5
 
 
 async def _populate(settings: Settings, owner: asyncpg.Connection) -> list[Tenant]:
-    """Two tenants, each with expired trash, expired tus uploads and backups beyond a just-tightened policy."""
+    """Two tenants, each with expired trash, expired half-sent tus uploads and backups beyond a just-tightened
+    policy."""
     tenants = []
     async with app_client(settings) as client:
         for name in ("north", "south"):
@@ -61,31 +68,48 @@ async def _populate(settings: Settings, owner: asyncpg.Connection) -> list[Tenan
                     ),
                 )
                 assert created.status_code == 201
+                patched = await client.patch(
+                    created.headers["location"],
+                    content=envelope.payload[:5],
+                    headers=tus_headers(
+                        tenant.project_key,
+                        **{"Upload-Offset": "0", "Content-Type": "application/offset+octet-stream"},
+                    ),
+                )
+                assert patched.status_code == 204
             tenants.append(tenant)
     await owner.execute("UPDATE upload_sessions SET expires_at = now() - interval '1 minute'")
     return tenants
 
 
-async def _drain(runner: MaintenanceRunner) -> list[MaintenanceReport]:
-    reports = [await runner.run_once()]
-    while reports[-1].more:
-        reports.append(await runner.run_once())
-    return reports
-
-
-async def test_two_runners_at_once_never_remove_anything_twice_or_fail(
-    base_settings_env: dict[str, str], database_url: str, owner_connection: asyncpg.Connection
-) -> None:
-    settings = lifecycle_settings(base_settings_env, database_url)
-    tenants = await _populate(settings, owner_connection)
-    engines = [create_app_engine(settings, database_url) for _ in range(2)]
+async def _drain(settings: Settings, database_url: str) -> list[MaintenanceReport]:
+    """Passes of one runner (its own engine and S3 client, as another process would have) until nothing is left."""
+    engine = create_app_engine(settings, database_url)
+    _, objects = payload_stores(settings)
     try:
-        # Small batches, so the two runners interleave over many transactions.
-        runners = [MaintenanceRunner(engine, settings, batch=3) for engine in engines]
-        results = await asyncio.gather(*(_drain(r) for r in runners))
+        async with contextlib.AsyncExitStack() as stack:
+            if objects is not None:
+                await stack.enter_async_context(objects)
+            # Small batches, so two runners interleave over many transactions.
+            runner = MaintenanceRunner(engine, settings, batch=3, objects=objects)
+            reports = [await runner.run_once()]
+            while reports[-1].more:
+                reports.append(await runner.run_once())
+            return reports
     finally:
-        for engine in engines:
-            await engine.dispose()
+        await engine.dispose()
+
+
+@BOTH_STORES
+async def test_two_runners_at_once_never_remove_anything_twice_or_fail(
+    base_settings_env: dict[str, str],
+    database_url: str,
+    payload_store_env: dict[str, str],
+    owner_connection: asyncpg.Connection,
+) -> None:
+    settings = lifecycle_settings(base_settings_env, database_url, **payload_store_env)
+    tenants = await _populate(settings, owner_connection)
+    results = await asyncio.gather(*(_drain(settings, database_url) for _ in range(2)))
     reports = [report for runner_reports in results for report in runner_reports]
     assert [r.failed for r in reports if r.failed] == []
     assert sum(r.trash_purged for r in reports) == 2 * TRASHED_PER_TENANT
@@ -114,13 +138,14 @@ async def test_two_runners_at_once_never_remove_anything_twice_or_fail(
             "SELECT seq FROM audit_events WHERE organization_id = $1 ORDER BY seq", tenant.organization_id
         )
         assert [r["seq"] for r in chain] == list(range(1, len(chain) + 1))
+    # Left: each tenant's retention container, one chunk a backup (the newest and, in the trash, the rest); the
+    # purged backups' and the expired uploads' objects are gone from the bucket.
+    assert await owner_connection.fetchval("SELECT count(*) FROM backup_chunks") == 2 * (OVER_RETENTION_PER_TENANT + 1)
+    await assert_bucket_holds_exactly_the_chunks(settings, owner_connection)
     # A later pass finds nothing left to do.
-    engine = create_app_engine(settings, database_url)
-    try:
-        last = await MaintenanceRunner(engine, settings).run_once()
-    finally:
-        await engine.dispose()
-    assert (last.trash_purged, last.expired_uploads, last.retention_trashed, last.failed) == (0, 0, 0, [])
+    last = await maintenance_pass(settings)
+    removed = (last.trash_purged, last.expired_uploads, last.retention_trashed, last.objects_deleted)
+    assert (removed, last.failed) == ((0, 0, 0, 0), [])
 
 
 async def test_a_pass_while_the_database_is_down_logs_one_line_per_task_without_a_traceback(
@@ -155,10 +180,14 @@ async def test_the_server_runs_no_maintenance_when_the_interval_is_zero(
         assert response.status_code == 200
 
 
+@BOTH_STORES
 async def test_maintenance_run_once_from_the_command_line(
-    base_settings_env: dict[str, str], database_url: str, owner_connection: asyncpg.Connection
+    base_settings_env: dict[str, str],
+    database_url: str,
+    payload_store_env: dict[str, str],
+    owner_connection: asyncpg.Connection,
 ) -> None:
-    settings = lifecycle_settings(base_settings_env, database_url)
+    settings = lifecycle_settings(base_settings_env, database_url, **payload_store_env)
     async with app_client(settings) as client:
         tenant = await make_tenant(client, settings)
         response = await upload(client, tenant.project_key, sign_envelope(tenant, os.urandom(100)))
@@ -166,7 +195,7 @@ async def test_maintenance_run_once_from_the_command_line(
         deleted = await client.delete(f"/api/v1/backups/{backup_id}", headers=auth(tenant.project_key))
         assert deleted.status_code == 204
     await trash_backups(owner_connection, [backup_id], days_ago=settings.trash_retention_days + 1)
-    env = {**os.environ, **base_settings_env, "DATABASE_URL": database_url}
+    env = {**os.environ, **base_settings_env, "DATABASE_URL": database_url, **payload_store_env}
     result = await asyncio.to_thread(
         subprocess.run,
         [sys.executable, "-m", "zkeb", "maintenance", "run", "--once"],
@@ -179,4 +208,6 @@ async def test_maintenance_run_once_from_the_command_line(
     assert result.returncode == 0, result.stderr
     lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert sum(line["trash_purged"] for line in lines) == 1
+    assert sum(line["objects_deleted"] for line in lines) == (1 if payload_store_env else 0)
     assert await owner_connection.fetchval("SELECT count(*) FROM backups") == 0
+    await assert_bucket_holds_exactly_the_chunks(settings, owner_connection)

@@ -1,4 +1,8 @@
-"""Per-project storage quotas: the 507 body, checks at upload start and at commit, races, usage and purge."""
+"""Per-project storage quotas: the 507 body, checks at upload start and at commit, races, usage and purge.
+
+The tests marked `BOTH_STORES` run once with each payload store: the S3 store counts the same bytes (the client's
+ciphertext, not the objects' at-rest overhead), and an upload it refuses at commit leaves no object behind.
+"""
 
 from __future__ import annotations
 
@@ -25,14 +29,14 @@ from lifecycle_support import (
 
 from zkeb.settings import Settings
 
-from support import problem
+from support import BOTH_STORES, assert_bucket_holds_exactly_the_chunks, maintenance_pass, problem
 
 SIZE = 1000
 
 
 @pytest.fixture
-def quota_settings(base_settings_env: dict[str, str], database_url: str) -> Settings:
-    return lifecycle_settings(base_settings_env, database_url)
+def quota_settings(base_settings_env: dict[str, str], database_url: str, payload_store_env: dict[str, str]) -> Settings:
+    return lifecycle_settings(base_settings_env, database_url, **payload_store_env)
 
 
 @pytest.fixture
@@ -66,8 +70,9 @@ async def test_new_projects_take_default_project_quota(base_settings_env: dict[s
         assert unlimited.json()["storage_quota_bytes"] is None
 
 
+@BOTH_STORES
 async def test_single_shot_over_quota_is_507_with_used_quota_and_requested_and_stores_nothing(
-    qclient: Client, tenant: Tenant, owner_connection: asyncpg.Connection
+    qclient: Client, tenant: Tenant, quota_settings: Settings, owner_connection: asyncpg.Connection
 ) -> None:
     await set_policy(qclient, tenant, storage_quota_bytes=2500)
     for _ in range(2):
@@ -80,6 +85,7 @@ async def test_single_shot_over_quota_is_507_with_used_quota_and_requested_and_s
     assert "request_id" in body
     assert await row_counts(owner_connection) == before
     assert (await _usage(qclient, tenant))["used_bytes"] == 2000
+    await assert_bucket_holds_exactly_the_chunks(quota_settings, owner_connection)
 
 
 async def test_tus_creation_over_quota_is_507_before_any_byte(
@@ -136,7 +142,10 @@ async def test_usage_counts_bytes_backups_trash_and_devices_and_devices_see_thei
         problem(response)
 
 
-async def test_purging_frees_quota_so_the_next_upload_fits(qclient: Client, tenant: Tenant) -> None:
+@BOTH_STORES
+async def test_purging_frees_quota_so_the_next_upload_fits(
+    qclient: Client, tenant: Tenant, quota_settings: Settings, owner_connection: asyncpg.Connection
+) -> None:
     await set_policy(qclient, tenant, storage_quota_bytes=SIZE)
     first = await upload(qclient, tenant.project_key, sign_envelope(tenant, os.urandom(SIZE)))
     assert first.status_code == 201
@@ -152,3 +161,7 @@ async def test_purging_frees_quota_so_the_next_upload_fits(qclient: Client, tena
     assert (await _usage(qclient, tenant))["used_bytes"] == 0
     again = await upload(qclient, tenant.project_key, sign_envelope(tenant, os.urandom(SIZE)))
     assert again.status_code == 201
+    assert (await _usage(qclient, tenant))["used_bytes"] == SIZE
+    assert (await maintenance_pass(quota_settings)).failed == []
+    assert await owner_connection.fetchval("SELECT count(*) FROM backup_chunks") == 1
+    await assert_bucket_holds_exactly_the_chunks(quota_settings, owner_connection)

@@ -1,4 +1,8 @@
-"""Retention at commit and by the maintenance runner; the trash (hide, list, restore, purge); append-only projects."""
+"""Retention at commit and by the maintenance runner; the trash (hide, list, restore, purge); append-only projects.
+
+The tests marked `BOTH_STORES` run once with each payload store: with S3, retention must leave a trashed backup's
+objects in the bucket (it can be restored), and a purge must take them away at the maintenance pass.
+"""
 
 from __future__ import annotations
 
@@ -27,16 +31,21 @@ from lifecycle_support import (
     visible_ids,
 )
 
-from zkeb.core.database import create_app_engine
-from zkeb.domain.backups.jobs.maintenance import MaintenanceReport, MaintenanceRunner
 from zkeb.settings import Settings
 
-from support import PROJECT_USED_BYTES, audit_linked, problem
+from support import (
+    BOTH_STORES,
+    PROJECT_USED_BYTES,
+    assert_bucket_holds_exactly_the_chunks,
+    audit_linked,
+    maintenance_pass,
+    problem,
+)
 
 
 @pytest.fixture
-def lsettings(base_settings_env: dict[str, str], database_url: str) -> Settings:
-    return lifecycle_settings(base_settings_env, database_url)
+def lsettings(base_settings_env: dict[str, str], database_url: str, payload_store_env: dict[str, str]) -> Settings:
+    return lifecycle_settings(base_settings_env, database_url, **payload_store_env)
 
 
 @pytest.fixture
@@ -57,15 +66,6 @@ async def _backup(client: Client, tenant: Tenant, container: uuid.UUID | None = 
     return backup_id
 
 
-async def _run_maintenance(settings: Settings) -> MaintenanceReport:
-    assert settings.database_url is not None
-    engine = create_app_engine(settings, settings.database_url)
-    try:
-        return await MaintenanceRunner(engine, settings).run_once()
-    finally:
-        await engine.dispose()
-
-
 async def _audit_actions(owner: asyncpg.Connection, organization_id: uuid.UUID) -> list[tuple[str, str, str]]:
     await audit_linked(owner, organization_id)
     rows = await owner.fetch(
@@ -78,8 +78,9 @@ async def _audit_actions(owner: asyncpg.Connection, organization_id: uuid.UUID) 
 # --- retention -----------------------------------------------------------------------------------------------------
 
 
+@BOTH_STORES
 async def test_retention_keeps_exactly_the_newest_n_per_container(
-    lclient: Client, tenant: Tenant, owner_connection: asyncpg.Connection
+    lclient: Client, tenant: Tenant, lsettings: Settings, owner_connection: asyncpg.Connection
 ) -> None:
     await set_policy(lclient, tenant, retention_keep_last=3)
     busy, quiet = uuid.uuid4(), uuid.uuid4()
@@ -95,9 +96,15 @@ async def test_retention_keeps_exactly_the_newest_n_per_container(
     # Retention trashes, it does not free space: the trash still counts against the quota.
     usage = (await lclient.get(f"/api/v1/projects/{tenant.project_id}/usage", headers=auth(tenant.admin_key))).json()
     assert (usage["backups"], usage["trashed_backups"], usage["used_bytes"]) == (5, 3, 800)
+    # The trashed backups keep their bytes (an admin may restore them) in either store.
+    assert await owner_connection.fetchval("SELECT count(*) FROM backup_chunks") == 8
+    await assert_bucket_holds_exactly_the_chunks(lsettings, owner_connection)
 
 
-async def test_retention_applies_to_tus_uploads_and_device_tokens_too(lclient: Client, tenant: Tenant) -> None:
+@BOTH_STORES
+async def test_retention_applies_to_tus_uploads_and_device_tokens_too(
+    lclient: Client, tenant: Tenant, lsettings: Settings, owner_connection: asyncpg.Connection
+) -> None:
     await set_policy(lclient, tenant, retention_keep_last=1)
     token = await device_token(lclient, tenant, tenant.device)
     container = uuid.uuid4()
@@ -105,8 +112,11 @@ async def test_retention_applies_to_tus_uploads_and_device_tokens_too(lclient: C
         response = await upload_tus(lclient, token, sign_envelope(tenant, os.urandom(50), container_id=container))
         assert response.status_code == 204, response.text
     assert await visible_ids(lclient, token, container) == [response.headers["zkeb-backup-id"]]
+    assert await owner_connection.fetchval("SELECT count(*) FROM backup_chunks") == 3
+    await assert_bucket_holds_exactly_the_chunks(lsettings, owner_connection)
 
 
+@BOTH_STORES
 async def test_retention_days_trashes_old_backups_but_never_a_containers_newest(
     lclient: Client, tenant: Tenant, lsettings: Settings, owner_connection: asyncpg.Connection
 ) -> None:
@@ -116,10 +126,12 @@ async def test_retention_days_trashes_old_backups_but_never_a_containers_newest(
     await age_backups(owner_connection, old_active + old_abandoned, days=10)
     fresh = await _backup(lclient, tenant, active)
     await set_policy(lclient, tenant, retention_days=7)
-    report = await _run_maintenance(lsettings)
+    report = await maintenance_pass(lsettings)
     assert report.retention_trashed == 3
     assert await visible_ids(lclient, tenant.project_key, active) == [fresh]
     assert await visible_ids(lclient, tenant.project_key, abandoned) == [old_abandoned[1]]
+    assert await owner_connection.fetchval("SELECT count(*) FROM backup_chunks") == 5
+    await assert_bucket_holds_exactly_the_chunks(lsettings, owner_connection)
 
 
 async def test_a_tightened_policy_is_applied_by_the_catch_up_without_a_new_upload(
@@ -129,9 +141,9 @@ async def test_a_tightened_policy_is_applied_by_the_catch_up_without_a_new_uploa
     ids = [await _backup(lclient, tenant, container) for _ in range(5)]
     await set_policy(lclient, tenant, retention_keep_last=2)
     assert len(await visible_ids(lclient, tenant.project_key, container)) == 5
-    await _run_maintenance(lsettings)
+    await maintenance_pass(lsettings)
     assert await visible_ids(lclient, tenant.project_key, container) == ids[:2:-1]
-    again = await _run_maintenance(lsettings)
+    again = await maintenance_pass(lsettings)
     assert again.retention_trashed == 0
 
 
@@ -144,7 +156,7 @@ async def test_a_restored_backup_is_left_alone_by_retention(
     newest = await _backup(lclient, tenant, container)
     restored = await lclient.post(f"/api/v1/backups/{oldest}/restore", headers=auth(tenant.admin_key))
     assert restored.status_code == 200, restored.text
-    await _run_maintenance(lsettings)
+    await maintenance_pass(lsettings)
     third = await _backup(lclient, tenant, container)
     assert set(await visible_ids(lclient, tenant.project_key, container)) == {oldest, third}
     assert newest not in await visible_ids(lclient, tenant.project_key, container)
@@ -266,14 +278,15 @@ async def test_a_purge_removes_payload_and_chunks_frees_the_quota_and_keeps_the_
     assert ("backup.purged", "org_admin_key", backup_id) in events
 
 
+@BOTH_STORES
 async def test_the_runner_purges_the_trash_after_trash_retention_days(
     lclient: Client, tenant: Tenant, lsettings: Settings, owner_connection: asyncpg.Connection
 ) -> None:
     expired, recent, visible = [await _backup(lclient, tenant, size=s) for s in (100, 200, 400)]
     await trash_backups(owner_connection, [expired], days_ago=lsettings.trash_retention_days + 1)
     await trash_backups(owner_connection, [recent], days_ago=lsettings.trash_retention_days - 1)
-    report = await _run_maintenance(lsettings)
-    assert report.trash_purged == 1
+    report = await maintenance_pass(lsettings)
+    assert (report.trash_purged, report.failed) == (1, [])
     remaining = {str(r["id"]) for r in await owner_connection.fetch("SELECT id FROM backups")}
     assert remaining == {recent, visible}
     used = await owner_connection.fetchval(
@@ -282,6 +295,9 @@ async def test_the_runner_purges_the_trash_after_trash_retention_days(
     assert used == 600
     events = await _audit_actions(owner_connection, tenant.organization_id)
     assert ("backup.purged", "system", expired) in events
+    # The same pass freed the purged backup's objects (with S3); the others keep theirs.
+    assert await owner_connection.fetchval("SELECT count(*) FROM backup_chunks") == 2
+    await assert_bucket_holds_exactly_the_chunks(lsettings, owner_connection)
 
 
 # --- append-only ---------------------------------------------------------------------------------------------------

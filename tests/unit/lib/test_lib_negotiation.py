@@ -1,10 +1,10 @@
-"""Content negotiation on `Accept`: quality values, `q=0` refusals, specificity and ties."""
+"""Content negotiation on `Accept` (quality values, `q=0` refusals, specificity and ties) and on `Accept-Encoding`."""
 
 from __future__ import annotations
 
 import pytest
 
-from zkeb.lib.negotiation import negotiate
+from zkeb.lib.negotiation import accepts_gzip, negotiate
 
 JSON = "application/json"
 MSGPACK = "application/msgpack"
@@ -52,3 +52,30 @@ def test_offers_given_q_zero_are_reported_as_refused() -> None:
 def test_the_most_specific_range_decides_an_offers_quality() -> None:
     assert negotiate(f"{JSON};q=0, application/*;q=1", OFFERS).chosen == MSGPACK
     assert negotiate(f"application/*;q=0, {JSON};q=0.1", OFFERS).chosen == JSON
+
+
+@pytest.mark.parametrize(
+    ("accept_encoding", "gzip"),
+    [
+        (None, False),  # nothing said of codings: the identity
+        ("", False),
+        ("identity", False),
+        ("gzip", True),
+        ("GZip", True),
+        ("x-gzip", True),
+        ("gzip, deflate, br, zstd", True),  # what browsers send
+        ("br;q=1.0, gzip;q=0.8, *;q=0.1", True),
+        ("*", True),
+        ("gzip;q=0", False),
+        ("gzip;q=0, *", False),  # named and refused: the wildcard does not bring it back
+        ("*;q=0", False),
+        ("*;q=0, gzip;q=0.5", True),
+        ("deflate, br", False),
+        ("gzip;q=2", False),  # a malformed quality disregards the element
+        ("gzip;q=bogus, *", True),
+    ],
+)
+def test_gzip_is_taken_when_named_or_covered_by_a_wildcard_with_a_quality_above_zero(
+    accept_encoding: str | None, gzip: bool
+) -> None:
+    assert accepts_gzip(accept_encoding) is gzip

@@ -111,7 +111,7 @@ class BackupEnvelope:
         FieldSpec(
             FieldKind.DIGEST,
             "SHA-256 of the device id, hex.",
-            example="9224d0c18f375c8c8f6b3bdce41f18fe7b3b85281dfac188de41154dfcd42260",
+            example="9224d0c18f375c8c8f6b3bdce41f18fe7b3b85281dfac188de41154dfcd42260",  # pragma: allowlist secret
             length=DEVICE_ID_HASH_LENGTH,
         ),
     ]

@@ -2,9 +2,11 @@
 
 Whatever deletes a payload whose chunks are in S3 (a purge, retention, an expired, terminated or abandoned tus
 upload, a project's or an organization's deletion), the trigger records it in `payload_object_deletions` in the same
-transaction (migration d4a7). `ObjectDeletionDrain` deletes each recorded payload's objects, then its record; a
-store that fails leaves the record for the next pass, so objects are freed late, never leaked silently. Any number
-of drains may run at once: deleting objects twice is harmless.
+transaction (migration d4a7); so does a payload that moves from S3 to PostgreSQL (migration e9b2).
+`free_payload_objects` deletes one recorded payload's objects inside the transaction that deletes its record, which
+holds the record's row lock while the objects go: a store that fails rolls the record back for the next pass, so
+objects are freed late, never leaked silently, and a second drain (or a migration back to S3, which frees a payload's
+old objects before copying new ones) waits for the first and then finds nothing left to delete.
 """
 
 from __future__ import annotations
@@ -20,13 +22,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from zkeb.core.tenancy import tenant_transaction
 from zkeb.domain.backups.store.s3 import PayloadStoreUnavailableError, S3ChunkStore
 
-__all__ = ("ObjectDeletionDrain", "StoreUsage", "store_usage")
+__all__ = ("ObjectDeletionDrain", "StoreUsage", "free_payload_objects", "store_usage")
 
 logger = logging.getLogger("zkeb.backups.s3")
 tracer = trace.get_tracer("zkeb.backups")
 
 _PENDING = text("SELECT organization_id, payload_id FROM zkeb_payload_object_deletions(:limit)")
-_DONE = text("DELETE FROM payload_object_deletions WHERE payload_id = :payload_id")
+_CLAIM = text("DELETE FROM payload_object_deletions WHERE payload_id = :payload_id RETURNING payload_id")
 _USAGE = text("SELECT store, payloads, bytes, chunks FROM zkeb_payload_store_usage()")
 _PENDING_COUNT = text("SELECT count(*) FROM zkeb_payload_object_deletions(2147483647)")
 
@@ -79,7 +81,19 @@ class ObjectDeletionDrain:
         return deleted, len(pending) >= self._batch
 
     async def _drain(self, organization_id: UUID, payload_id: UUID) -> int:
-        deleted = await self._objects.delete_payload(organization_id, payload_id)
-        async with tenant_transaction(self._engine, organization_id) as connection:
-            await connection.execute(_DONE, {"payload_id": payload_id})
-        return deleted
+        deleted = await free_payload_objects(self._engine, self._objects, organization_id, payload_id)
+        return deleted or 0
+
+
+async def free_payload_objects(
+    engine: AsyncEngine, objects: S3ChunkStore, organization_id: UUID, payload_id: UUID
+) -> int | None:
+    """Delete the objects of a payload recorded in the outbox, and its record; None when there was no record.
+
+    Raises:
+        PayloadStoreUnavailableError: the store failed (the record stays).
+    """
+    async with tenant_transaction(engine, organization_id) as connection:
+        if (await connection.execute(_CLAIM, {"payload_id": payload_id})).first() is None:
+            return None  # freed by another drain meanwhile, or never recorded
+        return await objects.delete_payload(organization_id, payload_id)

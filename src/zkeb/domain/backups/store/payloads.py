@@ -189,8 +189,9 @@ async def delete_chunk_rows_from(
 
 
 def _require_rows(rows: Sequence[Any], seqs: Sequence[int]) -> None:
-    if [row["seq"] for row in rows] != list(seqs):
-        raise StoredChunksMissingError("stored chunks vanished while reading (the backup was deleted?)")
+    # An empty `data`: the payload moved to S3 (`zkeb storage migrate`) after this read was planned.
+    if [row["seq"] for row in rows] != list(seqs) or any(not row["data"] for row in rows):
+        raise StoredChunksMissingError("stored chunks vanished while reading (the backup was deleted or moved?)")
 
 
 class PostgresPayloadStore(PayloadStore):

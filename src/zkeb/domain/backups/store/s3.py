@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, ClassVar
 from uuid import UUID
 
@@ -25,7 +28,6 @@ from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 from zkeb.core.errors import ServiceUnavailableError
 from zkeb.domain.backups.store.connection import raw_tenant_transaction
 from zkeb.domain.backups.store.payloads import (
-    READ_BATCH,
     ChunkWrite,
     Handover,
     PayloadStore,
@@ -55,6 +57,8 @@ logger = logging.getLogger("zkeb.backups.s3")
 
 #: Objects fetched or stored at once by one call (a batch of the pipelines is a few chunks).
 CONCURRENCY = 8
+#: Chunk objects a restore fetches ahead of the one it sends next (memory: about this many chunks per restore).
+READ_AHEAD = 4
 #: Keys per DeleteObjects request (the S3 API's maximum).
 DELETE_BATCH = 1000
 _SEQ_DIGITS = 8
@@ -80,6 +84,8 @@ class StoredObject:
     payload_id: UUID
     seq: int
     size: int
+    #: When the object was written (the reconciler's age of an orphan); not part of its identity.
+    last_modified: datetime | None = field(default=None, compare=False)
 
 
 class S3ChunkStore:
@@ -229,6 +235,27 @@ class S3ChunkStore:
         async for obj in self._list(f"{self._settings.prefix}payloads/"):
             yield obj
 
+    async def list_organization(self, organization_id: UUID) -> AsyncIterator[StoredObject]:
+        """The chunk objects of one organization, in key order (payload id, then `seq`), a listing page at a time."""
+        async for obj in self._list(f"{self._settings.prefix}payloads/{organization_id}/"):
+            yield obj
+
+    async def list_organizations(self) -> AsyncIterator[UUID]:
+        """The organizations that have objects under the prefix (one `/`-delimited listing, a page at a time)."""
+        paginator = self._s3.get_paginator("list_objects_v2")
+        root = f"{self._settings.prefix}payloads/"
+        try:
+            async for page in paginator.paginate(Bucket=self.bucket, Prefix=root, Delimiter="/"):
+                for common in page.get("CommonPrefixes", []):
+                    with contextlib.suppress(ValueError):
+                        yield UUID(common.get("Prefix", "").removeprefix(root).rstrip("/"))
+        except (ClientError, BotoCoreError) as exc:
+            raise _unavailable("list chunks", exc) from None
+
+    async def delete_objects(self, objects: Sequence[StoredObject]) -> None:
+        """Delete these chunk objects (the reconciler's orphans)."""
+        await self._delete_keys([self.key(obj.organization_id, obj.payload_id, obj.seq) for obj in objects])
+
     async def delete_chunks_from(self, organization_id: UUID, payload_id: UUID, first_seq: int) -> int:
         """Delete the payload's chunk objects with `seq >= first_seq` (written past an acknowledged offset).
 
@@ -263,18 +290,18 @@ class S3ChunkStore:
         try:
             async for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
                 for item in page.get("Contents", []):
-                    parsed = self._parse_key(item.get("Key", ""), item.get("Size", 0))
+                    parsed = self._parse_key(item.get("Key", ""), item.get("Size", 0), item.get("LastModified"))
                     if parsed is not None:
                         yield parsed
         except (ClientError, BotoCoreError) as exc:
             raise _unavailable("list chunks", exc) from None
 
-    def _parse_key(self, key: str, size: int) -> StoredObject | None:
+    def _parse_key(self, key: str, size: int, last_modified: datetime | None) -> StoredObject | None:
         parts = key.removeprefix(self._settings.prefix).split("/")
         if len(parts) != 4 or parts[0] != "payloads" or len(parts[3]) != _SEQ_DIGITS or not parts[3].isdigit():
             return None
         try:
-            return StoredObject(UUID(parts[1]), UUID(parts[2]), int(parts[3]), size)
+            return StoredObject(UUID(parts[1]), UUID(parts[2]), int(parts[3]), size, last_modified)
         except ValueError:
             return None
 
@@ -322,9 +349,24 @@ class S3PayloadStore(PayloadStore):
         seqs: Sequence[int],
         handover: Handover,
     ) -> None:
-        """`READ_BATCH` objects fetched concurrently per batch; no database connection is held."""
-        for first in range(0, len(seqs), READ_BATCH):
-            await handover(await self.objects.get_chunks(organization_id, payload_id, seqs[first : first + READ_BATCH]))
+        """Up to `READ_AHEAD` objects in flight, each handed over in order as soon as it and those before it are in.
+
+        A sliding window, not batches: a GET's latency (per request, on any object store) overlaps the others'
+        instead of the slowest of a batch holding the next one back. No database connection is held.
+        """
+        pending: deque[asyncio.Task[bytes]] = deque()
+        following = iter(seqs)
+        try:
+            while True:
+                for seq in itertools.islice(following, READ_AHEAD - len(pending)):
+                    pending.append(asyncio.ensure_future(self.objects.get_chunk(organization_id, payload_id, seq)))
+                if not pending:
+                    return
+                await handover([await pending.popleft()])
+        finally:
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
 
     async def read_stored(
         self,
