@@ -12,6 +12,7 @@ import re
 from collections.abc import AsyncGenerator
 from contextvars import ContextVar
 from http import HTTPStatus
+from types import UnionType
 from typing import Any, ClassVar
 
 from advanced_alchemy.exceptions import IntegrityError as RepositoryIntegrityError
@@ -39,6 +40,7 @@ __all__ = (
     "IncompleteBodyError",
     "NotFoundError",
     "ProblemError",
+    "RequestBodyTimeoutError",
     "ServiceUnavailableError",
     "UnprocessableError",
     "UnsupportedMediaTypeError",
@@ -88,6 +90,15 @@ class IncompleteBodyError(ProblemError):
     """The request body ended before its end: the client went away, or its chunked encoding was malformed (400)."""
 
     status_code: int = 400
+
+
+class RequestBodyTimeoutError(IncompleteBodyError):
+    """The request body stopped making progress: nothing, or too little, arrived for too long (408).
+
+    An `IncompleteBodyError`, so whoever keeps what arrived of a body cut short (a tus PATCH) keeps it here too.
+    """
+
+    status_code: int = 408
 
 
 class UnsupportedMediaTypeError(ProblemError):
@@ -300,11 +311,16 @@ def database_timed_out(exc: BaseException) -> bool:
     `statement_timeout` (asyncpg's command timeout is `REQUEST_TIMEOUT`) and `lock_timeout` cancel the statement: its
     transaction rolled back, so nothing it wrote is visible, and the same request may succeed a moment later.
     """
+    return _raised_from(exc, QueryCanceledError | LockNotAvailableError)
+
+
+def _raised_from(exc: BaseException, kind: type[BaseException] | UnionType) -> bool:
+    """Whether `exc`, or an error it was raised from (its cause or context, all the way down), is a `kind`."""
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        if isinstance(current, QueryCanceledError | LockNotAvailableError):
+        if isinstance(current, kind):
             return True
         current = current.__cause__ or current.__context__
     return False
