@@ -19,6 +19,7 @@ from advanced_alchemy.exceptions import IntegrityError as RepositoryIntegrityErr
 from advanced_alchemy.exceptions import NotFoundError as RepositoryNotFoundError
 from advanced_alchemy.exceptions import RepositoryError
 from asyncpg.exceptions import (
+    DiskFullError,
     InterfaceError,
     InternalClientError,
     LockNotAvailableError,
@@ -45,11 +46,13 @@ __all__ = (
     "UnprocessableError",
     "UnsupportedMediaTypeError",
     "database_connection_lost",
+    "database_out_of_space",
     "database_timed_out",
     "exception_handlers",
     "problem_response",
     "request_id_var",
     "span_id_var",
+    "storage_full",
     "trace_id_var",
 )
 
@@ -314,6 +317,15 @@ def database_timed_out(exc: BaseException) -> bool:
     return _raised_from(exc, QueryCanceledError | LockNotAvailableError)
 
 
+def database_out_of_space(exc: BaseException) -> bool:
+    """Whether `exc`, or an error it was raised from, is PostgreSQL running out of disk (SQLSTATE 53100).
+
+    "could not extend file ...: No space left on device": the statement failed and its transaction rolled back, so
+    nothing it wrote is visible; the same request succeeds once the operator has made room.
+    """
+    return _raised_from(exc, DiskFullError)
+
+
 def _raised_from(exc: BaseException, kind: type[BaseException] | UnionType) -> bool:
     """Whether `exc`, or an error it was raised from (its cause or context, all the way down), is a `kind`."""
     seen: set[int] = set()
@@ -324,6 +336,18 @@ def _raised_from(exc: BaseException, kind: type[BaseException] | UnionType) -> b
             return True
         current = current.__cause__ or current.__context__
     return False
+
+
+def storage_full(headers: dict[str, str] | None = None) -> ProblemError:
+    """The 507 answered when PostgreSQL is out of disk (`database_out_of_space`), with `Retry-After` and `headers`.
+
+    Retry in a minute: making room is an operator's work, not a moment's.
+    """
+    return ProblemError(
+        "the server's storage is full; what this request was writing was not stored: retry later",
+        status_code=507,
+        headers={"Retry-After": "60", **(headers or {})},
+    )
 
 
 def _unexpected_exception_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
@@ -337,6 +361,9 @@ def _unexpected_exception_handler(request: Request[Any, Any, Any], exc: Exceptio
         return problem_response(
             request, 503, "the database did not answer in time; retry shortly", headers={"Retry-After": "1"}
         )
+    if database_out_of_space(exc):
+        logger.error("database out of disk space on %s %s", request.method, request.url.path)
+        return _http_exception_handler(request, storage_full())
     logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return problem_response(request, 500, "An unexpected error occurred; quote the request id when reporting it")
 

@@ -68,7 +68,9 @@ from zkeb.core.errors import (
     RequestBodyTimeoutError,
     ServiceUnavailableError,
     UnprocessableError,
+    database_out_of_space,
     exception_handlers,
+    storage_full,
 )
 from zkeb.core.runtime import get_runtime
 from zkeb.core.security import request_is_tls, trusted_proxies
@@ -883,7 +885,9 @@ async def _receive_first_bytes(receiver: PatchReceiver, headers: dict[str, str])
             "the server is busy (no database connection free); resume the upload at its Location shortly",
             headers={"Retry-After": "1", **location},
         ) from None
-    except Exception:  # e.g. the database failed over mid-body: what was stored stays, resumable
+    except Exception as exc:  # e.g. the database failed over mid-body: what was stored stays, resumable
+        if database_out_of_space(exc):
+            raise storage_full(location) from None
         logger.exception("creation-with-upload failed after its upload was created")
         raise ServiceUnavailableError(
             "the upload could not be finished; resume it at its Location", headers={"Retry-After": "1", **location}
