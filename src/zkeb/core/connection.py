@@ -37,9 +37,9 @@ class RequestBodyMiddleware:
     the rate is 0) must arrive within each `BODY_IDLE_TIMEOUT` seconds of waiting, or the body must end. Only time
     spent waiting on the client counts: a handler busy storing what it received (a tus PATCH's chunk writes) is not
     the client's delay. A body that stalls makes the app's `receive()` raise `RequestBodyTimeoutError`, which
-    answers 408 problem+json (a tus PATCH keeps what it stored, see `zkeb.domain.backups.tus`); when the response
-    has already started, the error ends it and the connection closes. Once the body has ended, `receive()` is
-    passed through untouched (a streaming response listens on it for the client's disconnect).
+    answers 408 problem+json (a tus PATCH keeps what it stored, see `zkeb.domain.backups.tus`; every handler here
+    reads its body before it starts its response). Once the body has ended, `receive()` is passed through untouched
+    (a streaming response listens on it for the client's disconnect).
 
     `Connection: close` goes on an HTTP/1.1 response sent before its request's body was read to its end. A handler
     may refuse a request from its headers alone: a tus PATCH at the wrong offset (409), a body announced past the
