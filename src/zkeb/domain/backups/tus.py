@@ -65,9 +65,12 @@ from zkeb.core.errors import (
     IncompleteBodyError,
     NotFoundError,
     ProblemError,
+    RequestBodyTimeoutError,
     ServiceUnavailableError,
     UnprocessableError,
+    database_out_of_space,
     exception_handlers,
+    storage_full,
 )
 from zkeb.core.runtime import get_runtime
 from zkeb.core.security import request_is_tls, trusted_proxies
@@ -273,15 +276,32 @@ async def _load_upload(session: AsyncSession, principal: Principal, upload_id: U
 
 @dataclass(frozen=True, slots=True)
 class PatchOutcome:
-    """Where an upload stands after a PATCH: its offset, and the backup if the PATCH completed it."""
+    """Where an upload stands after a PATCH: its offset, and the backup if the PATCH completed it.
+
+    `timed_out`: the body stopped making progress and was cut off (`RequestBodyTimeoutError`); what arrived is kept
+    (unless the PATCH carried `Upload-Checksum`), and the answer is a 408 carrying the offset.
+    """
 
     offset: int
     backup_id: UUID | None
     expires_at: datetime
+    timed_out: bool = False
+
+
+def _timed_out(cut_off: IncompleteBodyError | None) -> bool:
+    return isinstance(cut_off, RequestBodyTimeoutError)
+
+
+#: The 408 of a PATCH (or creation-with-upload) whose body stalled; its headers carry the offset to resume from.
+_STALLED = "the body made no progress for too long; what arrived is kept: resume from Upload-Offset"
 
 
 class _AbandonedPatchError(Exception):
     """A PATCH with a checksum lost its connection: nothing of it can be verified, so nothing is kept."""
+
+    def __init__(self, cut_off: IncompleteBodyError) -> None:
+        super().__init__("a checksummed PATCH body ended early")
+        self.cut_off = cut_off
 
 
 # Every writer locks an upload's session row before its payload's rows: the claim and each chunk batch here, the
@@ -482,10 +502,10 @@ class PatchReceiver:
             in_transaction=self._batch_hook(lease),
         )
         try:
-            await self._stream_into(pipeline)
-        except _AbandonedPatchError:
+            cut_off = await self._stream_into(pipeline)
+        except _AbandonedPatchError as abandoned:
             await asyncio.shield(self._release(lease, payload_id, undo=None))
-            return PatchOutcome(start, None, expires_at)
+            return PatchOutcome(start, None, expires_at, _timed_out(abandoned.cut_off))
         self._check_digest(patch_digest)
         offset = start + pipeline.received
         if offset < upload.upload_length:
@@ -497,7 +517,7 @@ class PatchReceiver:
                 if expires_at is None:
                     raise await _lease_lost(connection, upload.id)
                 await connection.execute(_RECORD_CHUNKS, payload_id, pipeline.next_seq, offset)
-            return PatchOutcome(offset, None, expires_at)
+            return PatchOutcome(offset, None, expires_at, _timed_out(cut_off))
         backup_id = await self._complete(lease, payload_hash.digest(), pipeline.next_seq)
         return PatchOutcome(offset, backup_id, expires_at)
 
@@ -527,18 +547,20 @@ class PatchReceiver:
                         raise await _lease_lost(connection, lease.upload_id) from None
                 raise
 
-    async def _stream_into(self, pipeline: ChunkPipeline) -> None:
+    async def _stream_into(self, pipeline: ChunkPipeline) -> IncompleteBodyError | None:
+        """Store the body; why it ended early (the client went away, or it stalled), or None when it came whole."""
         async with pipeline:
             with tracer.start_as_current_span("backups.receive") as span:
-                disconnected = await pipeline.feed(self._read_body(pipeline))
+                cut_off = await pipeline.feed(self._read_body(pipeline))
                 span.set_attribute("zkeb.bytes", pipeline.received)
-                span.set_attribute("zkeb.disconnected", disconnected)
-            if disconnected and self.checksum is not None:
-                raise _AbandonedPatchError
+                span.set_attribute("zkeb.disconnected", cut_off is not None)
+            if cut_off is not None and self.checksum is not None:
+                raise _AbandonedPatchError(cut_off)
             await pipeline.close()
+        return cut_off
 
-    async def _read_body(self, pipeline: ChunkPipeline) -> bool:
-        """Write the body into `pipeline`; True when the client went away before its end."""
+    async def _read_body(self, pipeline: ChunkPipeline) -> IncompleteBodyError | None:
+        """Write the body into `pipeline`; why it ended early, or None when it came whole."""
         remaining = self.upload.upload_length - self.upload.upload_offset
         try:
             async for piece in self.request.stream():
@@ -547,10 +569,10 @@ class PatchReceiver:
                 if pipeline.received + len(piece) > remaining:
                     raise UploadTooLargeError("the body goes past Upload-Length")
                 await pipeline.write(piece)
-        except IncompleteBodyError:
-            # The client went away mid-body (or broke its chunked encoding): keep what arrived (tus resumes).
-            return True
-        return False
+        except IncompleteBodyError as exc:
+            # The client went away mid-body, broke its chunked encoding or stalled: keep what arrived (tus resumes).
+            return exc
+        return None
 
     def _check_digest(self, patch_digest: Any) -> None:
         if self.checksum is None or patch_digest is None:
@@ -710,31 +732,8 @@ class UploadController(Controller):
         headers = _base_headers(upload)
         headers["Location"] = f"{uploads_url}/{upload.id}"
         if with_upload and request.content_length != 0:
-            # Read now: a rollback on the way (a refused commit) expires the ORM object.
-            upload_id, payload_id = upload.id, upload.payload_id
-            try:
-                outcome = await PatchReceiver(request, context, db_session, principal, upload, checksum).receive()
-            except HTTPException as exc:
-                if exc.status_code < 500:  # refused for its body (460, 422, a 409 nonce...): the creation is undone
-                    await _discard_upload(db_session, upload_id, payload_id)
-                else:  # the upload stays (e.g. 507 at the commit): say where to resume it
-                    exc.headers = {**(exc.headers or {}), "Location": headers["Location"]}
-                raise
-            except PoolTimeoutError:  # the upload stays: say where to resume it, as the pool-timeout 503 would
-                raise ServiceUnavailableError(
-                    "the server is busy (no database connection free); resume the upload at its Location shortly",
-                    headers={"Retry-After": "1", "Location": headers["Location"]},
-                ) from None
-            except Exception:  # e.g. the database failed over mid-body: what was stored stays, resumable
-                logger.exception("creation-with-upload failed after its upload was created")
-                raise ServiceUnavailableError(
-                    "the upload could not be finished; resume it at its Location",
-                    headers={"Retry-After": "1", "Location": headers["Location"]},
-                ) from None
-            headers["Upload-Offset"] = str(outcome.offset)
-            headers["Upload-Expires"] = format_upload_expires(outcome.expires_at)
-            if outcome.backup_id is not None:
-                headers[BACKUP_ID_HEADER] = str(outcome.backup_id)
+            receiver = PatchReceiver(request, context, db_session, principal, upload, checksum)
+            await _receive_first_bytes(receiver, headers)
         return Response(b"", status_code=201, headers=headers, media_type=MediaType.TEXT)  # no body, not `null`
 
     @head(
@@ -798,6 +797,8 @@ class UploadController(Controller):
             headers[BACKUP_ID_HEADER] = str(outcome.backup_id)
         else:
             headers["Upload-Expires"] = format_upload_expires(outcome.expires_at)
+        if outcome.timed_out:
+            raise RequestBodyTimeoutError(_STALLED, headers=headers)
         return Response(None, status_code=204, headers=headers)
 
     @delete(
@@ -858,6 +859,45 @@ async def _create_whole(
     headers["Upload-Offset"] = str(len(body))
     headers[BACKUP_ID_HEADER] = str(backup.id)
     return Response(b"", status_code=201, headers=headers, media_type=MediaType.TEXT)
+
+
+async def _receive_first_bytes(receiver: PatchReceiver, headers: dict[str, str]) -> None:
+    """Store a creation-with-upload's body into the new upload; its offset (and backup, if complete) into `headers`.
+
+    Raises:
+        HTTPException: the body was refused (the creation is undone), or the upload stays and `Location` in the
+            error's headers says where to resume it (503, 507, and 408 when the body stalled).
+    """
+    session, upload = receiver.session, receiver.upload
+    # Read now: a rollback on the way (a refused commit) expires the ORM object.
+    upload_id, payload_id = upload.id, upload.payload_id
+    location = {"Location": headers["Location"]}
+    try:
+        outcome = await receiver.receive()
+    except HTTPException as exc:
+        if exc.status_code < 500:  # refused for its body (460, 422, a 409 nonce...): the creation is undone
+            await _discard_upload(session, upload_id, payload_id)
+        else:  # the upload stays (e.g. 507 at the commit): say where to resume it
+            exc.headers = {**(exc.headers or {}), **location}
+        raise
+    except PoolTimeoutError:  # the upload stays: say where to resume it, as the pool-timeout 503 would
+        raise ServiceUnavailableError(
+            "the server is busy (no database connection free); resume the upload at its Location shortly",
+            headers={"Retry-After": "1", **location},
+        ) from None
+    except Exception as exc:  # e.g. the database failed over mid-body: what was stored stays, resumable
+        if database_out_of_space(exc):
+            raise storage_full(location) from None
+        logger.exception("creation-with-upload failed after its upload was created")
+        raise ServiceUnavailableError(
+            "the upload could not be finished; resume it at its Location", headers={"Retry-After": "1", **location}
+        ) from None
+    headers["Upload-Offset"] = str(outcome.offset)
+    headers["Upload-Expires"] = format_upload_expires(outcome.expires_at)
+    if outcome.timed_out:
+        raise RequestBodyTimeoutError(_STALLED, headers=headers)
+    if outcome.backup_id is not None:
+        headers[BACKUP_ID_HEADER] = str(outcome.backup_id)
 
 
 async def _discard_upload(session: AsyncSession, upload_id: UUID, payload_id: UUID) -> None:
