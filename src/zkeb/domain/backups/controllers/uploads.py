@@ -21,7 +21,13 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from uuid_utils.compat import uuid7
 
 from zkeb.core.auth import principal_of, requires_backup_access
-from zkeb.core.errors import ProblemError, ServiceUnavailableError
+from zkeb.core.errors import (
+    ProblemError,
+    RequestBodyTimeoutError,
+    ServiceUnavailableError,
+    database_out_of_space,
+    storage_full,
+)
 from zkeb.domain.backups.context import backups_context
 from zkeb.domain.backups.envelope import envelope_from_metadata, invalid_field
 from zkeb.domain.backups.errors import UnsupportedUploadMediaTypeError, UploadTooLargeError
@@ -52,6 +58,9 @@ from zkeb.lib.tus import TUS_CHECKSUM_ALGORITHMS, TUS_EXTENSIONS, TUS_VERSION, f
 __all__ = ("UploadController",)
 
 logger = logging.getLogger("zkeb.backups.tus")
+
+#: The 408 of a PATCH (or creation-with-upload) whose body stalled; its headers carry the offset to resume from.
+_STALLED = "the body made no progress for too long; what arrived is kept: resume from Upload-Offset"
 
 
 class UploadController(Controller):
@@ -138,31 +147,8 @@ class UploadController(Controller):
         headers = base_headers(upload)
         headers["Location"] = f"{collection_url}/{upload.id}"
         if with_upload and request.content_length != 0:
-            # Read now: a rollback on the way (a refused commit) expires the ORM object.
-            upload_id, payload_id = upload.id, upload.payload_id
-            try:
-                outcome = await PatchReceiver(request, context, db_session, principal, upload, checksum).receive()
-            except HTTPException as exc:
-                if exc.status_code < 500:  # refused for its body (460, 422, a 409 nonce...): the creation is undone
-                    await discard_upload(db_session, upload_id, payload_id)
-                else:  # the upload stays (e.g. 507 at the commit): say where to resume it
-                    exc.headers = {**(exc.headers or {}), "Location": headers["Location"]}
-                raise
-            except PoolTimeoutError:  # the upload stays: say where to resume it, as the pool-timeout 503 would
-                raise ServiceUnavailableError(
-                    "the server is busy (no database connection free); resume the upload at its Location shortly",
-                    headers={"Retry-After": "1", "Location": headers["Location"]},
-                ) from None
-            except Exception:  # e.g. the database failed over mid-body: what was stored stays, resumable
-                logger.exception("creation-with-upload failed after its upload was created")
-                raise ServiceUnavailableError(
-                    "the upload could not be finished; resume it at its Location",
-                    headers={"Retry-After": "1", "Location": headers["Location"]},
-                ) from None
-            headers["Upload-Offset"] = str(outcome.offset)
-            headers["Upload-Expires"] = format_upload_expires(outcome.expires_at)
-            if outcome.backup_id is not None:
-                headers[BACKUP_ID_HEADER] = str(outcome.backup_id)
+            receiver = PatchReceiver(request, context, db_session, principal, upload, checksum)
+            await _receive_first_bytes(receiver, headers)
         return Response(b"", status_code=201, headers=headers, media_type=MediaType.TEXT)  # no body, not `null`
 
     @head(
@@ -226,6 +212,8 @@ class UploadController(Controller):
             headers[BACKUP_ID_HEADER] = str(outcome.backup_id)
         else:
             headers["Upload-Expires"] = format_upload_expires(outcome.expires_at)
+        if outcome.timed_out:
+            raise RequestBodyTimeoutError(_STALLED, headers=headers)
         return Response(None, status_code=204, headers=headers)
 
     @delete(
@@ -241,3 +229,42 @@ class UploadController(Controller):
         require_tus_resumable(request)
         await terminate_upload(db_session, principal_of(request), upload_id)
         return Response(None, status_code=204, headers={"Tus-Resumable": TUS_VERSION})
+
+
+async def _receive_first_bytes(receiver: PatchReceiver, headers: dict[str, str]) -> None:
+    """Store a creation-with-upload's body into the new upload; its offset (and backup, if complete) into `headers`.
+
+    Raises:
+        HTTPException: the body was refused (the creation is undone), or the upload stays and `Location` in the
+            error's headers says where to resume it (503, 507, and 408 when the body stalled).
+    """
+    session, upload = receiver.session, receiver.upload
+    # Read now: a rollback on the way (a refused commit) expires the ORM object.
+    upload_id, payload_id = upload.id, upload.payload_id
+    location = {"Location": headers["Location"]}
+    try:
+        outcome = await receiver.receive()
+    except HTTPException as exc:
+        if exc.status_code < 500:  # refused for its body (460, 422, a 409 nonce...): the creation is undone
+            await discard_upload(session, upload_id, payload_id)
+        else:  # the upload stays (e.g. 507 at the commit): say where to resume it
+            exc.headers = {**(exc.headers or {}), **location}
+        raise
+    except PoolTimeoutError:  # the upload stays: say where to resume it, as the pool-timeout 503 would
+        raise ServiceUnavailableError(
+            "the server is busy (no database connection free); resume the upload at its Location shortly",
+            headers={"Retry-After": "1", **location},
+        ) from None
+    except Exception as exc:  # e.g. the database failed over mid-body: what was stored stays, resumable
+        if database_out_of_space(exc):
+            raise storage_full(location) from None
+        logger.exception("creation-with-upload failed after its upload was created")
+        raise ServiceUnavailableError(
+            "the upload could not be finished; resume it at its Location", headers={"Retry-After": "1", **location}
+        ) from None
+    headers["Upload-Offset"] = str(outcome.offset)
+    headers["Upload-Expires"] = format_upload_expires(outcome.expires_at)
+    if outcome.timed_out:
+        raise RequestBodyTimeoutError(_STALLED, headers=headers)
+    if outcome.backup_id is not None:
+        headers[BACKUP_ID_HEADER] = str(outcome.backup_id)

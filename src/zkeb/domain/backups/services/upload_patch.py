@@ -29,6 +29,7 @@ from zkeb.core.errors import (
     IncompleteBodyError,
     NotFoundError,
     ProblemError,
+    RequestBodyTimeoutError,
     ServiceUnavailableError,
     UnprocessableError,
 )
@@ -65,15 +66,28 @@ tracer = trace.get_tracer("zkeb.backups")
 
 @dataclass(frozen=True, slots=True)
 class PatchOutcome:
-    """Where an upload stands after a PATCH: its offset, and the backup if the PATCH completed it."""
+    """Where an upload stands after a PATCH: its offset, and the backup if the PATCH completed it.
+
+    `timed_out`: the body stopped making progress and was cut off (`RequestBodyTimeoutError`); what arrived is kept
+    (unless the PATCH carried `Upload-Checksum`), and the answer is a 408 carrying the offset.
+    """
 
     offset: int
     backup_id: UUID | None
     expires_at: datetime
+    timed_out: bool = False
+
+
+def _timed_out(cut_off: IncompleteBodyError | None) -> bool:
+    return isinstance(cut_off, RequestBodyTimeoutError)
 
 
 class _AbandonedPatchError(Exception):
     """A PATCH with a checksum lost its connection: nothing of it can be verified, so nothing is kept."""
+
+    def __init__(self, cut_off: IncompleteBodyError) -> None:
+        super().__init__("a checksummed PATCH body ended early")
+        self.cut_off = cut_off
 
 
 async def _lease_lost(connection: asyncpg.Connection, upload_id: UUID) -> UploadLeaseLostError:
@@ -248,10 +262,10 @@ class PatchReceiver:
             in_transaction=self._batch_hook(lease),
         )
         try:
-            await self._stream_into(pipeline)
-        except _AbandonedPatchError:
+            cut_off = await self._stream_into(pipeline)
+        except _AbandonedPatchError as abandoned:
             await asyncio.shield(self._release(lease, payload_id, undo=None))
-            return PatchOutcome(start, None, expires_at)
+            return PatchOutcome(start, None, expires_at, _timed_out(abandoned.cut_off))
         self._check_digest(patch_digest)
         offset = start + pipeline.received
         if offset < upload.upload_length:
@@ -264,7 +278,7 @@ class PatchReceiver:
                     raise await _lease_lost(connection, upload.id)
                 expires_at = released
                 await upload_leases.record_chunks(connection, payload_id, chunk_count=pipeline.next_seq, size=offset)
-            return PatchOutcome(offset, None, expires_at)
+            return PatchOutcome(offset, None, expires_at, _timed_out(cut_off))
         backup_id = await self._complete(lease, payload_hash.digest(), pipeline.next_seq)
         return PatchOutcome(offset, backup_id, expires_at)
 
@@ -294,18 +308,20 @@ class PatchReceiver:
                         raise await _lease_lost(connection, lease.upload_id) from None
                 raise
 
-    async def _stream_into(self, pipeline: ChunkPipeline) -> None:
+    async def _stream_into(self, pipeline: ChunkPipeline) -> IncompleteBodyError | None:
+        """Store the body; why it ended early (the client went away, or it stalled), or None when it came whole."""
         async with pipeline:
             with tracer.start_as_current_span("backups.receive") as span:
-                disconnected = await pipeline.feed(self._read_body(pipeline))
+                cut_off = await pipeline.feed(self._read_body(pipeline))
                 span.set_attribute("zkeb.bytes", pipeline.received)
-                span.set_attribute("zkeb.disconnected", disconnected)
-            if disconnected and self.checksum is not None:
-                raise _AbandonedPatchError
+                span.set_attribute("zkeb.disconnected", cut_off is not None)
+            if cut_off is not None and self.checksum is not None:
+                raise _AbandonedPatchError(cut_off)
             await pipeline.close()
+        return cut_off
 
-    async def _read_body(self, pipeline: ChunkPipeline) -> bool:
-        """Write the body into `pipeline`; True when the client went away before its end."""
+    async def _read_body(self, pipeline: ChunkPipeline) -> IncompleteBodyError | None:
+        """Write the body into `pipeline`; why it ended early, or None when it came whole."""
         remaining = self.upload.upload_length - self.upload.upload_offset
         try:
             async for piece in self.request.stream():
@@ -314,10 +330,10 @@ class PatchReceiver:
                 if pipeline.received + len(piece) > remaining:
                     raise UploadTooLargeError("the body goes past Upload-Length")
                 await pipeline.write(piece)
-        except IncompleteBodyError:
-            # The client went away mid-body (or broke its chunked encoding): keep what arrived (tus resumes).
-            return True
-        return False
+        except IncompleteBodyError as exc:
+            # The client went away mid-body, broke its chunked encoding or stalled: keep what arrived (tus resumes).
+            return exc
+        return None
 
     def _check_digest(self, patch_digest: Any) -> None:
         if self.checksum is None or patch_digest is None:
