@@ -675,7 +675,7 @@ def storage_reconcile(*, as_json: bool, min_age: float, delete_orphans: bool) ->
 
 async def _reconcile(settings: Settings, url: str, bucket: Any, *, min_age: Any, delete: bool) -> Any:
     from zkeb.core.database import create_app_engine  # noqa: PLC0415
-    from zkeb.domain.backups.reconcile import Reconciler  # noqa: PLC0415
+    from zkeb.domain.backups.jobs.storage_reconcile import Reconciler  # noqa: PLC0415
     from zkeb.domain.backups.store.s3 import S3ChunkStore  # noqa: PLC0415
 
     engine = create_app_engine(settings, url)
@@ -739,7 +739,7 @@ async def _migrate(
 
     from zkeb.core.database import create_app_engine  # noqa: PLC0415
     from zkeb.domain.backups.crypto import PayloadCrypto  # noqa: PLC0415
-    from zkeb.domain.backups.moves import PayloadMover  # noqa: PLC0415
+    from zkeb.domain.backups.jobs.storage_migration import PayloadMover  # noqa: PLC0415
     from zkeb.domain.backups.store.outbox import store_usage  # noqa: PLC0415
     from zkeb.domain.backups.store.s3 import S3ChunkStore  # noqa: PLC0415
 

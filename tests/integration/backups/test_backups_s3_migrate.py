@@ -25,7 +25,7 @@ from zkeb.core.errors import ServiceUnavailableError
 from zkeb.domain.backups.chunk_reads import ChunkSpan, plan_read, stream_plaintext
 from zkeb.domain.backups.context import build_keyring
 from zkeb.domain.backups.crypto import PayloadCrypto, PayloadKey
-from zkeb.domain.backups.moves import PayloadMover
+from zkeb.domain.backups.jobs.storage_migration import PayloadMover
 from zkeb.domain.backups.store.moves import MigrationRunningError, migration_lock
 from zkeb.domain.backups.store.payloads import PayloadStores, StoredChunksMissingError, StoreKind
 from zkeb.domain.backups.store.s3 import S3ChunkStore, S3PayloadStore

@@ -36,7 +36,6 @@ from zkeb.domain.backups.envelope import (
     parse_device_id_hash_hex,
 )
 from zkeb.domain.backups.errors import PayloadRangeError
-from zkeb.domain.backups.finalize import InMemoryPayload, commit_in_memory
 from zkeb.domain.backups.guards import requires_backup_or_org_admin
 from zkeb.domain.backups.schemas import (
     AppendOnlyProblem,
@@ -48,6 +47,7 @@ from zkeb.domain.backups.schemas import (
     field_of_validation_error,
 )
 from zkeb.domain.backups.services.backups import BackupService, backup_read, backup_read_msgpack
+from zkeb.domain.backups.services.finalize import InMemoryPayload, commit_in_memory
 from zkeb.domain.backups.services.lifecycle import LifecycleService
 from zkeb.lib.negotiation import negotiate
 from zkeb.lib.ranges import RangeNotSatisfiableError, etag_matches, parse_range

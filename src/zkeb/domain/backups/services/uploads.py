@@ -2,7 +2,7 @@
 
 The rules behind `zkeb.domain.backups.controllers.uploads` (the protocol is `zkeb.domain.backups.tus`): a creation
 checks the device, the nonce and the quota before any byte; a small upload sent whole in its creation request
-commits in one transaction, as a single-shot upload does (`zkeb.domain.backups.finalize`). Receiving a PATCH is
+commits in one transaction, as a single-shot upload does (`zkeb.domain.backups.services.finalize`). Receiving a PATCH is
 `zkeb.domain.backups.services.upload_patch`.
 """
 
@@ -30,9 +30,9 @@ from zkeb.db.models import Payload, UploadSession
 from zkeb.domain.backups.context import BackupsContext
 from zkeb.domain.backups.envelope import BackupEnvelope, envelope_columns
 from zkeb.domain.backups.errors import ChecksumMismatchError, UploadGoneError
-from zkeb.domain.backups.finalize import InMemoryPayload, commit_in_memory
 from zkeb.domain.backups.metrics import TUS_SESSIONS_CREATED
 from zkeb.domain.backups.services.backups import BackupService
+from zkeb.domain.backups.services.finalize import InMemoryPayload, commit_in_memory
 from zkeb.domain.backups.services.lifecycle import LifecycleService
 from zkeb.domain.backups.store import upload_leases
 
@@ -53,7 +53,7 @@ tracer = trace.get_tracer("zkeb.backups")
 #: How long an upload stays resumable after its creation or the last bytes it stored.
 UPLOAD_EXPIRY = timedelta(hours=24)
 #: A creation-with-upload whose body is the whole payload and at most this long is stored and committed in one
-#: transaction, like a single-shot upload (`zkeb.domain.backups.finalize`); longer ones stream through a session.
+#: transaction, like a single-shot upload (`services.finalize`); longer ones stream through a session.
 IN_MEMORY_UPLOAD_MAX = 256 * 1024
 
 

@@ -1,8 +1,8 @@
 """The statements of a backup's commit: admission reads, the rows of a new backup, usage and retention.
 
 A backup whose payload is in memory (a single-shot upload, a tus upload sent in one request) is admitted, stored
-and committed in one transaction on one connection (see `zkeb.domain.backups.finalize`); these are its statements,
-each one round trip.
+and committed in one transaction on one connection (see `zkeb.domain.backups.services.finalize`); these are its
+statements, each one round trip.
 
 Usage. A project's `used_bytes` is `projects.used_bytes` plus its rows in `project_usage_shards`. A commit to a
 project without a quota adds its bytes to the shard of its database connection (`pg_backend_pid() % SHARDS`): a
