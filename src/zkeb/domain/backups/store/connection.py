@@ -17,9 +17,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 __all__ = ("pooled_connection", "raw_tenant_transaction")
 
-_SET_TENANT = "SELECT set_config('zkeb.org_id', $1, true)"
+#: One round trip opens the transaction and sets its tenant: a simple-protocol query of two statements (it takes no
+#: parameters, so the organization id is written into it; a `UUID` renders as hex digits and dashes only).
+_BEGIN = "BEGIN{mode}; SELECT set_config('zkeb.org_id', '{organization_id}', true){async_commit}"
 #: For writes whose durability a later synchronous commit provides (see `zkeb.domain.backups.chunk_writes`).
-_SET_TENANT_ASYNC_COMMIT = "SELECT set_config('zkeb.org_id', $1, true), set_config('synchronous_commit', 'off', true)"
+_ASYNC_COMMIT = ", set_config('synchronous_commit', 'off', true)"
 
 
 @contextlib.asynccontextmanager
@@ -55,6 +57,21 @@ async def raw_tenant_transaction(
     `synchronous_commit=False` skips the commit's WAL flush: only for rows that stay invisible until a later
     synchronous commit references them (whose flush then covers them too).
     """
-    async with connection.transaction(readonly=readonly):
-        await connection.execute(_SET_TENANT if synchronous_commit else _SET_TENANT_ASYNC_COMMIT, str(organization_id))
+    if not isinstance(organization_id, UUID):  # the id is written into the statement: never anything but a UUID
+        raise TypeError(f"organization_id must be a UUID, not {type(organization_id).__name__}")
+    begin = _BEGIN.format(
+        mode=" READ ONLY" if readonly else "",
+        organization_id=UUID(int=organization_id.int),  # canonical text, whatever UUID subclass came in
+        async_commit="" if synchronous_commit else _ASYNC_COMMIT,
+    )
+    try:
+        await connection.execute(begin)
         yield connection
+    except BaseException:
+        # A connection that is closed or busy (a cancelled statement) is not rolled back here: `pooled_connection`
+        # invalidates it, which ends the transaction on the server.
+        if not connection.is_closed() and connection.is_in_transaction():
+            with contextlib.suppress(asyncpg.InterfaceError, asyncpg.PostgresError, OSError):
+                await connection.execute("ROLLBACK")
+        raise
+    await connection.execute("COMMIT")
