@@ -9,6 +9,7 @@ from typing import Any
 
 from granian import Granian
 from granian.constants import Interfaces
+from granian.http import HTTP1Settings
 from granian.log import LogLevels
 from granian.server.common import AbstractServer
 
@@ -27,6 +28,8 @@ def production_server(target: str, settings: Settings, *, host: str, port: int, 
         address=host,
         port=port,
         workers=workers,
+        # Slow heads (slowloris) are granian's to cut off; slow bodies are ours (zkeb.core.connection).
+        http1_settings=HTTP1Settings(header_read_timeout=round(settings.header_read_timeout_seconds * 1000)),
         workers_kill_timeout=max(int(settings.shutdown_grace_seconds), 1),
         respawn_failed_workers=True,
         log_access=False,

@@ -154,6 +154,9 @@ class Settings:
     max_open_uploads: int = 100
     #: Where payload chunks are stored (`PAYLOAD_STORE`, `S3_*`).
     payload_store: PayloadStoreSettings = field(default_factory=PayloadStoreSettings)
+    #: Longest a request's head (request line and headers) may take to arrive (`HEADER_READ_TIMEOUT`, seconds): granian
+    #: answers a slower one `408` and closes the connection.
+    header_read_timeout_seconds: float = 30.0
     #: Longest a request body may wait without progress (`BODY_IDLE_TIMEOUT`, seconds; see `zkeb.core.connection`).
     body_idle_timeout_seconds: float = 30.0
     #: Least average rate a request body must keep over each `body_idle_timeout_seconds` of waiting (`BODY_MIN_RATE`,
@@ -223,6 +226,7 @@ class Settings:
             public_url=reader.base_url("PUBLIC_URL"),
             max_open_uploads=reader.integer("MAX_OPEN_UPLOADS", 100, minimum=1),
             payload_store=PayloadStoreSettings.from_reader(reader),
+            header_read_timeout_seconds=reader.number("HEADER_READ_TIMEOUT", 30.0, minimum=1.0),
             body_idle_timeout_seconds=reader.number("BODY_IDLE_TIMEOUT", 30.0, minimum=1.0),
             body_min_rate=reader.size("BODY_MIN_RATE", "512"),
         )

@@ -89,7 +89,8 @@ async def slow_request(
 
 
 def _head(method: str, path: str, length: int, **headers: str) -> str:
-    lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", f"Content-Length: {length}"]
+    # `Connection: close`: the answer ends when the server closes, not when its keep-alive timeout does.
+    lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", "Connection: close", f"Content-Length: {length}"]
     lines += [f"{name.replace('_', '-')}: {value}" for name, value in headers.items()]
     return "\r\n".join(lines) + "\r\n\r\n"
 
