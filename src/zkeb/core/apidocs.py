@@ -15,11 +15,12 @@ from __future__ import annotations
 import gzip
 from functools import cache
 from pathlib import Path
+from typing import Annotated
 
 from litestar import HttpMethod, Response, Router, route
 from litestar.datastructures import CacheControlHeader
 from litestar.openapi.plugins import ScalarRenderPlugin
-from litestar.params import Parameter
+from litestar.params import HeaderParameter
 
 from zkeb.lib.negotiation import accepts_gzip
 
@@ -85,7 +86,7 @@ def scalar_bundle() -> bytes:
     name="scalar-bundle",
 )
 def _bundle(
-    accept_encoding: str | None = Parameter(header="accept-encoding", required=False, default=None),
+    accept_encoding: Annotated[str | None, HeaderParameter(name="accept-encoding", required=False)] = None,
 ) -> Response[bytes]:
     if accepts_gzip(accept_encoding):
         return Response(

@@ -6,7 +6,7 @@ registers these providers on the app, so a handler asks for `backup_service` or 
 
 from __future__ import annotations
 
-from litestar.di import Provide
+from litestar.di import NamedDependency, Provide
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from zkeb.domain.backups.services.backups import BackupService
@@ -15,12 +15,12 @@ from zkeb.domain.backups.services.lifecycle import LifecycleService
 __all__ = ("dependencies", "provide_backup_service", "provide_lifecycle_service")
 
 
-async def provide_backup_service(db_session: AsyncSession) -> BackupService:
+async def provide_backup_service(db_session: NamedDependency[AsyncSession]) -> BackupService:
     """Backups (admission, commit, reads) in the request's session."""
     return BackupService(session=db_session)
 
 
-async def provide_lifecycle_service(db_session: AsyncSession) -> LifecycleService:
+async def provide_lifecycle_service(db_session: NamedDependency[AsyncSession]) -> LifecycleService:
     """Quota, usage, the trash and append-only rules in the request's session."""
     return LifecycleService(session=db_session)
 

@@ -10,6 +10,7 @@ from uuid import UUID
 import msgspec
 from litestar import Controller, Request, Response, delete, get, head, post
 from litestar.datastructures import State
+from litestar.di import NamedDependency
 from litestar.exceptions import ClientException
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, FromQuery, Parameter
@@ -243,7 +244,7 @@ class BackupController(Controller):
     async def list_backups(
         self,
         request: Request[Any, Any, Any],
-        backup_service: BackupService,
+        backup_service: NamedDependency[BackupService],
         *,
         container_id: FromQuery[UUID | None] = None,
         device_id_hash: str | None = Parameter(
@@ -268,7 +269,7 @@ class BackupController(Controller):
         description="JSON, or msgpack with `Accept: application/msgpack`.",
     )
     async def get_backup(
-        self, request: Request[Any, Any, Any], backup_service: BackupService, backup_id: FromPath[UUID]
+        self, request: Request[Any, Any, Any], backup_service: NamedDependency[BackupService], backup_id: FromPath[UUID]
     ) -> Response[BackupRead]:
         """One backup's envelope."""
         backup = await backup_service.get_visible(principal_of(request), backup_id)
@@ -289,7 +290,7 @@ class BackupController(Controller):
     async def download_payload(
         self,
         request: Request[Any, Any, Any],
-        backup_service: BackupService,
+        backup_service: NamedDependency[BackupService],
         state: State,
         backup_id: FromPath[UUID],
     ) -> Response[Any]:
@@ -355,7 +356,7 @@ class BackupController(Controller):
         ),
     )
     async def payload_headers(
-        self, request: Request[Any, Any, Any], backup_service: BackupService, backup_id: FromPath[UUID]
+        self, request: Request[Any, Any, Any], backup_service: NamedDependency[BackupService], backup_id: FromPath[UUID]
     ) -> Response[None]:
         """The payload's size and validators, for a client planning ranged reads."""
         backup = await backup_service.get_visible(principal_of(request), backup_id)
@@ -383,7 +384,7 @@ class BackupController(Controller):
     async def delete_backup(
         self,
         request: Request[Any, Any, Any],
-        lifecycle_service: LifecycleService,
+        lifecycle_service: NamedDependency[LifecycleService],
         backup_id: FromPath[UUID],
         purge: bool = Parameter(default=False, description="org admin only: delete for good instead of the trash"),
     ) -> None:
@@ -401,7 +402,10 @@ class BackupController(Controller):
         ),
     )
     async def restore_backup(
-        self, request: Request[Any, Any, Any], lifecycle_service: LifecycleService, backup_id: FromPath[UUID]
+        self,
+        request: Request[Any, Any, Any],
+        lifecycle_service: NamedDependency[LifecycleService],
+        backup_id: FromPath[UUID],
     ) -> Response[BackupRead]:
         """Bring one backup back from the trash."""
         representation = _representation(request)
@@ -424,7 +428,10 @@ class ContainerController(Controller):
         description="404 when the container has no backup visible to the caller. JSON or msgpack by `Accept`.",
     )
     async def latest_backup(
-        self, request: Request[Any, Any, Any], backup_service: BackupService, container_id: FromPath[UUID]
+        self,
+        request: Request[Any, Any, Any],
+        backup_service: NamedDependency[BackupService],
+        container_id: FromPath[UUID],
     ) -> Response[BackupRead]:
         """The latest backup of one container."""
         backup = await backup_service.latest_in_container(principal_of(request), container_id)

@@ -8,6 +8,7 @@ from uuid import UUID
 
 from litestar import Controller, Request, get
 from litestar.datastructures import State
+from litestar.di import NamedDependency
 from litestar.params import FromPath, Parameter
 
 from zkeb.core.auth import principal_of, requires_org_admin
@@ -52,7 +53,10 @@ class ProjectStorageController(Controller):
         ),
     )
     async def project_usage(
-        self, request: Request[Any, Any, Any], lifecycle_service: LifecycleService, project_id: FromPath[UUID]
+        self,
+        request: Request[Any, Any, Any],
+        lifecycle_service: NamedDependency[LifecycleService],
+        project_id: FromPath[UUID],
     ) -> ProjectUsage:
         """Storage used by one project, per device."""
         report = await lifecycle_service.usage(principal_of(request), project_id)
@@ -86,7 +90,7 @@ class ProjectStorageController(Controller):
     async def project_trash(
         self,
         request: Request[Any, Any, Any],
-        lifecycle_service: LifecycleService,
+        lifecycle_service: NamedDependency[LifecycleService],
         state: State,
         project_id: FromPath[UUID],
         *,
