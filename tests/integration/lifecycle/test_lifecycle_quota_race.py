@@ -1,7 +1,8 @@
 """Uploads racing a quota on a real granian server (two worker processes): exactly as many as fit are admitted.
 
 The in-process test client serializes requests, so the race runs against live workers, each upload on its own
-HTTP client.
+HTTP client. The single-shot race runs with each payload store (`BOTH_STORES`): with S3, the objects a refused upload
+staged are gone too.
 """
 
 from __future__ import annotations
@@ -26,25 +27,33 @@ from lifecycle_support import (
 
 from zkeb.settings import Settings
 
-from support import make_settings
+from support import BOTH_STORES, assert_bucket_holds_exactly_the_chunks, make_settings
 
 SIZE = 1000
 OCTETS = "application/offset+octet-stream"
 
 
 @pytest.fixture
-def live_url(base_settings_env: dict[str, str], database_url: str) -> Iterator[str]:
+def live_url(base_settings_env: dict[str, str], database_url: str, payload_store_env: dict[str, str]) -> Iterator[str]:
     # Each of the 20 concurrent PATCHes may hold two connections at once (its body's and its commit's), all on one
     # worker at worst: a pool that fits them all, as the README advises, so a slow machine cannot turn the race into
     # pool timeouts (503).
-    env = {**base_settings_env, "DATABASE_URL": database_url, "MAINTENANCE_INTERVAL": "0", "DB_POOL_SIZE": "40"}
+    env = {
+        **base_settings_env,
+        **payload_store_env,
+        "DATABASE_URL": database_url,
+        "MAINTENANCE_INTERVAL": "0",
+        "DB_POOL_SIZE": "40",
+    }
     with granian_server(env, workers=2) as url:
         yield url
 
 
 @pytest.fixture
-def settings_for_live(base_settings_env: dict[str, str], database_url: str) -> Settings:
-    return make_settings(base_settings_env, DATABASE_URL=database_url)
+def settings_for_live(
+    base_settings_env: dict[str, str], database_url: str, payload_store_env: dict[str, str]
+) -> Settings:
+    return make_settings({**base_settings_env, **payload_store_env}, DATABASE_URL=database_url)
 
 
 async def _tenant_with_quota(live_url: str, settings: Settings, quota: int) -> Tenant:
@@ -64,6 +73,7 @@ async def _usage(live_url: str, tenant: Tenant) -> dict[str, object]:
     return body
 
 
+@BOTH_STORES
 async def test_twenty_concurrent_single_shot_uploads_admit_exactly_as_many_as_fit(
     live_url: str, settings_for_live: Settings, owner_connection: asyncpg.Connection
 ) -> None:
@@ -91,6 +101,7 @@ async def test_twenty_concurrent_single_shot_uploads_admit_exactly_as_many_as_fi
     assert (usage["used_bytes"], usage["backups"]) == (7 * SIZE, 7)
     counts = await row_counts(owner_connection)
     assert (counts["backups"], counts["payloads"], counts["payload_nonces"]) == (7, 7, 7)
+    await assert_bucket_holds_exactly_the_chunks(settings_for_live, owner_connection)
 
 
 async def test_twenty_tus_creations_at_once_reserve_exactly_as_many_as_fit_and_those_complete(
