@@ -758,6 +758,34 @@ async def test_sweeper_purges_orphaned_payloads_only_when_old(
     assert (await row_counts(owner_connection))["payloads"] == 2
 
 
+@BOTH_STORES
+async def test_maintenance_purges_an_orphaned_payload_with_its_chunks_and_objects(
+    client: Client, settings: Settings, tenant: Tenant, owner_connection: asyncpg.Connection
+) -> None:
+    # An upload whose session row is gone but whose payload stayed (its process died between the two): after
+    # ORPHAN_AGE the payload is an orphan, and one pass removes it, its chunk rows and, with S3, its objects.
+    payload = os.urandom(MIB + 5)
+    location = (await create(client, tenant, sign_envelope(tenant, payload))).headers["location"]
+    await patch(client, tenant, location, payload[: MIB + 2], 0)
+    kept = await client.post(
+        "/api/v1/backups", json=sign_envelope(tenant, b"kept").json(), headers=auth(tenant.project_key)
+    )
+    assert kept.status_code == 201
+    orphan = await owner_connection.fetchval(
+        "DELETE FROM upload_sessions WHERE id = $1 RETURNING payload_id", uuid.UUID(location.rsplit("/", 1)[1])
+    )
+    assert (await maintenance_pass(settings)).orphaned_payloads == 0  # too young: it may still be committing
+    await owner_connection.execute("UPDATE payloads SET created_at = now() - interval '2 hours' WHERE id = $1", orphan)
+    swept = await maintenance_pass(settings)
+    assert (swept.orphaned_payloads, swept.failed) == (1, [])
+    assert swept.objects_deleted == (2 if settings.payload_store.kind == "s3" else 0)
+    counts = await row_counts(owner_connection)
+    assert (counts["payloads"], counts["backup_chunks"]) == (1, 1)  # the kept backup's
+    await assert_bucket_holds_exactly_the_chunks(settings, owner_connection)
+    restored = await client.get(f"/api/v1/backups/{kept.json()['id']}/payload", headers=auth(tenant.project_key))
+    assert restored.content == b"kept"
+
+
 # --- Authorization ------------------------------------------------------------------------------------------------
 
 
