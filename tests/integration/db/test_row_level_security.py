@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async
 
 from zkeb.core.database import RUNTIME_ROLE, RuntimeRoleError, check_runtime_role, create_app_engine
 from zkeb.core.tenancy import install_tenant_setter, tenant_scope
-from zkeb.db.models import ApiKey, AuditEvent, Organization, Project
+from zkeb.db.models import ApiKey, AuditEvent, Device, Organization, Project
 from zkeb.settings import Settings
 
 
@@ -152,6 +152,38 @@ async def test_api_key_lookup_function_sees_keys_before_the_tenant_is_known(
     assert direct == 0
     assert [row[0] for row in found] == [org]
     assert await owner_connection.fetchval("SELECT count(*) FROM api_keys") == 1
+
+
+async def test_device_state_function_answers_only_for_the_exact_device_a_token_names(
+    engine: AsyncEngine, owner_connection: asyncpg.Connection
+) -> None:
+    org = await _create_org_with_project(engine, "a")
+    project = await owner_connection.fetchval("SELECT id FROM projects WHERE organization_id = $1", org)
+    device_hash = bytes(range(32))
+    with tenant_scope(org):
+        async with async_sessionmaker(engine)() as session, session.begin():
+            device_id = uuid.uuid4()
+            session.add(
+                Device(
+                    id=device_id,
+                    organization_id=org,
+                    project_id=project,
+                    device_id_hash=device_hash,
+                    public_key=bytes(32),
+                )
+            )
+    lookup = text("SELECT revoked_at FROM zkeb_device_state(:org, :id, :project_id, :hash)")
+    exact = {"org": org, "id": device_id, "project_id": project, "hash": device_hash}
+    async with engine.connect() as connection:
+        assert (await connection.execute(text("SELECT count(*) FROM devices"))).scalar_one() == 0  # no tenant
+        assert [tuple(row) for row in (await connection.execute(lookup, exact)).all()] == [(None,)]
+        other_org = await _create_org_with_project(engine, "b")
+        for wrong in ({"org": other_org}, {"id": uuid.uuid4()}, {"project_id": uuid.uuid4()}, {"hash": bytes(32)}):
+            assert (await connection.execute(lookup, {**exact, **wrong})).all() == []
+    await owner_connection.execute("UPDATE devices SET revoked_at = now() WHERE id = $1", device_id)
+    async with engine.connect() as connection:
+        [(revoked_at,)] = (await connection.execute(lookup, exact)).all()
+    assert revoked_at is not None
 
 
 async def test_self_check_passes_for_the_runtime_role(engine: AsyncEngine) -> None:

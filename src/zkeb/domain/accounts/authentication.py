@@ -3,11 +3,11 @@
 Keys are looked up by their public prefix through a SECURITY DEFINER function (the tenant is not known
 yet), then compared in constant time as HMACs under `API_KEY_SALT` and, during rotation,
 `API_KEY_SALT_NEW`; a key still hashed under the old salt is re-hashed under the new one on use.
-Nothing is cached, so a revocation takes effect at once on every replica. A device token's state is read in
-its own short tenant transaction, or, on routes flagged `AUTH_IN_REQUEST_SESSION`, in the request's session,
-so that the check and the handler's reads are one transaction. `last_used_at` is written at
-most once a minute per key and process (and only when the stored value is older), so a busy key does not
-turn every request into a write.
+Nothing is cached, so a revocation takes effect at once on every replica. A device token's state is read the same
+way, in one statement through the SECURITY DEFINER function `zkeb_device_state` (matched on the token's organization,
+device id, project and device hash), or, on routes flagged `AUTH_IN_REQUEST_SESSION`, in the request's session, so
+that the check and the handler's reads are one transaction. `last_used_at` is written at most once a minute per key
+and process (and only when the stored value is older), so a busy key does not turn every request into a write.
 
 Failures answer 401. A failure that can be attributed to an organization (a revoked key, a token of a
 revoked device) is recorded in that organization's audit log; any other goes to the application log.
@@ -60,6 +60,10 @@ _TOUCH = text(
 _DEVICE_STATE = text(
     "SELECT revoked_at FROM devices WHERE id = :id AND project_id = :project_id AND device_id_hash = :device_id_hash"
 )
+#: The same read before the tenant is known (migration f1c5).
+_LOOKUP_DEVICE_STATE = text(
+    "SELECT revoked_at FROM zkeb_device_state(:organization_id, :id, :project_id, :device_id_hash)"
+)
 
 _last_used_written: dict[UUID, float] = {}
 #: RFC 6750's challenge for a bearer token that is expired, revoked, malformed or otherwise invalid.
@@ -97,16 +101,20 @@ def _due_for_last_used(key_id: UUID) -> bool:
     return True
 
 
+async def _lookup(runtime: Runtime, statement: Any, parameters: dict[str, Any]) -> list[Any]:
+    """One read-only statement in autocommit mode: one round trip, without BEGIN and COMMIT around it."""
+    async with runtime.engine.connect() as connection:
+        autocommit = await connection.execution_options(isolation_level="AUTOCOMMIT")
+        return list((await autocommit.execute(statement, parameters)).all())
+
+
 async def _authenticate_api_key(runtime: Runtime, key: str) -> Principal:
     prefix = public_prefix(key)
     if prefix is None:
         raise _AuthenticationFailure("invalid API key", reason="malformed API key")
     secrets = runtime.settings.secrets
     salts = salts_in_use(secrets.api_key_salt, secrets.api_key_salt_new)
-    # One read-only statement: in autocommit mode it is one round trip, without BEGIN and ROLLBACK around it.
-    async with runtime.engine.connect() as connection:
-        autocommit = await connection.execution_options(isolation_level="AUTOCOMMIT")
-        rows = (await autocommit.execute(_FIND_KEYS, {"prefix": prefix})).all()
+    rows = await _lookup(runtime, _FIND_KEYS, {"prefix": prefix})
     for row in rows:
         salt_index = matching_salt(key, bytes(row.key_hash), salts)
         if salt_index is None:
@@ -140,8 +148,8 @@ async def _device_state(
     runtime: Runtime, session: AsyncSession | None, organization_id: UUID, parameters: dict[str, Any]
 ) -> Any:
     if session is None:
-        async with tenant_transaction(runtime.engine, organization_id) as connection:
-            return (await connection.execute(_DEVICE_STATE, parameters)).one_or_none()
+        rows = await _lookup(runtime, _LOOKUP_DEVICE_STATE, {**parameters, "organization_id": organization_id})
+        return rows[0] if rows else None
     # The session's first transaction begins here; the tenant hook sets `organization_id` on it before this read.
     session.info[TENANT_INFO_KEY] = organization_id
     state = (await session.execute(_DEVICE_STATE, parameters)).one_or_none()
