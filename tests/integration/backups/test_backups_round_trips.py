@@ -152,3 +152,15 @@ async def test_a_device_reads_only_its_own_backups_in_the_shared_transaction(cou
         assert response.status_code == 404
         listed = await counted.client.get("/api/v1/backups", headers=auth(token))
         assert listed.json()["items"] == []
+
+
+async def test_a_device_downloads_a_small_payload_in_ten_round_trips(counted: Counted) -> None:
+    # The device's state: one autocommit statement (zkeb_device_state; was a tenant transaction of four). The
+    # envelope, its payload row and its chunk spans in the request's session: BEGIN, set_config, three reads, COMMIT.
+    # The chunks' bytes in one raw transaction whose BEGIN carries the tenant (one simple query; was two), the read,
+    # COMMIT. 10 in all, was 15.
+    tenant = await make_tenant(counted.client, counted.settings)
+    backup_id = await _backup_of(counted, tenant)
+    token = await device_token(counted.client, tenant, tenant.device)
+    trips = await _trips(counted, f"/api/v1/backups/{backup_id}/payload", auth(token))
+    assert trips == (10, 1, ["BEGIN", "COMMIT", "BEGIN", "COMMIT"])
