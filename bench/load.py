@@ -552,9 +552,12 @@ async def _profile(path: str, pid: int, port: int, workload: Workload) -> None:
     inclusive: dict[str, int] = {}
     leaves: dict[str, int] = {}
     total = 0
-    for line in Path(path).read_text().splitlines():  # noqa: ASYNC240 - after the load, nothing else runs
-        if line:
-            stack, _, count = line.rpartition(" ")
+    # py-spy's non-blocking samples can hold a torn frame name (bytes read while the worker ran): such a line is
+    # not "stack count" and is skipped, and stray bytes are replaced rather than failing the decode.
+    text = Path(path).read_bytes().decode(errors="replace")  # noqa: ASYNC240 - after the load, nothing else runs
+    for line in text.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if stack and count.isdigit():
             total += int(count)
             frames = stack.split(";")
             leaves[frames[-1]] = leaves.get(frames[-1], 0) + int(count)
