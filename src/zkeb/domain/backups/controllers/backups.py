@@ -47,7 +47,13 @@ from zkeb.domain.backups.schemas import (
     QuotaProblem,
     field_of_validation_error,
 )
-from zkeb.domain.backups.services.backups import BackupService, backup_read, backup_read_msgpack
+from zkeb.domain.backups.services.backups import (
+    BackupService,
+    backup_read,
+    backup_read_msgpack,
+    get_restore_source,
+    get_visible_backup,
+)
 from zkeb.domain.backups.services.finalize import InMemoryPayload, commit_in_memory
 from zkeb.domain.backups.services.lifecycle import LifecycleService
 from zkeb.lib.negotiation import negotiate
@@ -264,15 +270,14 @@ class BackupController(Controller):
     @get(
         "/{backup_id:uuid}",
         guards=[requires_backup_access],
-        opt={AUTH_IN_REQUEST_SESSION: True},
         summary="A backup's envelope (without payload)",
         description="JSON, or msgpack with `Accept: application/msgpack`.",
     )
     async def get_backup(
-        self, request: Request[Any, Any, Any], backup_service: NamedDependency[BackupService], backup_id: FromPath[UUID]
+        self, request: Request[Any, Any, Any], state: State, backup_id: FromPath[UUID]
     ) -> Response[BackupRead]:
-        """One backup's envelope."""
-        backup = await backup_service.get_visible(principal_of(request), backup_id)
+        """One backup's envelope (read without an ORM session: one raw read-only transaction)."""
+        backup = await get_visible_backup(backups_context(state).engine, principal_of(request), backup_id)
         return _backup_response(_representation(request), backup)
 
     @get(
@@ -290,14 +295,14 @@ class BackupController(Controller):
     async def download_payload(
         self,
         request: Request[Any, Any, Any],
-        backup_service: NamedDependency[BackupService],
         state: State,
         backup_id: FromPath[UUID],
     ) -> Response[Any]:
         """Stream a payload, whole or one byte range."""
         principal = principal_of(request)
         context = backups_context(state)
-        backup = await backup_service.get_visible(principal, backup_id)
+        source = await get_restore_source(context.engine, principal, backup_id)
+        backup = source.backup
         size = backup.encrypted_payload_size
         etag, headers = _payload_headers(backup)
         if etag_matches(request.headers.get("if-none-match"), etag):
@@ -314,17 +319,15 @@ class BackupController(Controller):
             raise PayloadRangeError(
                 "the range selects no byte of the payload", headers={"Content-Range": exc.content_range}
             ) from None
-        key, spans, store = await backup_service.payload_layout(backup)
-        await backup_service.session.commit()
-        cipher = context.crypto.cipher(backup.payload_id, key)
-        steps = plan_read(spans, byte_range)
+        cipher = context.crypto.cipher(backup.payload_id, source.key)
+        steps = plan_read(source.spans, byte_range)
         length = size if byte_range is None else byte_range.length
         headers["Content-Length"] = str(length)
         if byte_range is not None:
             headers["Content-Range"] = byte_range.content_range(size)
         content = stream_plaintext(
             context.engine,
-            store=context.stores.for_kind(store),
+            store=context.stores.for_kind(source.store),
             organization_id=principal.organization_id,
             payload_id=backup.payload_id,
             cipher=cipher,
@@ -356,10 +359,10 @@ class BackupController(Controller):
         ),
     )
     async def payload_headers(
-        self, request: Request[Any, Any, Any], backup_service: NamedDependency[BackupService], backup_id: FromPath[UUID]
+        self, request: Request[Any, Any, Any], state: State, backup_id: FromPath[UUID]
     ) -> Response[None]:
         """The payload's size and validators, for a client planning ranged reads."""
-        backup = await backup_service.get_visible(principal_of(request), backup_id)
+        backup = await get_visible_backup(backups_context(state).engine, principal_of(request), backup_id)
         etag, headers = _payload_headers(backup)
         if etag_matches(request.headers.get("if-none-match"), etag):
             return Response(None, status_code=304, headers=headers)

@@ -15,18 +15,17 @@ from uuid import UUID
 
 from litestar.connection import ASGIConnection
 from opentelemetry import trace
-from sqlalchemy import bindparam, delete, literal, select, tuple_, update
+from sqlalchemy import delete, literal, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from uuid_utils.compat import uuid7
 
 from zkeb.core.audit_linker import append_unchained_event
 from zkeb.core.auth import Principal
 from zkeb.core.cursors import decode_keyset_cursor, encode_keyset_cursor
 from zkeb.core.errors import ConflictError, NotFoundError
-from zkeb.db.models import Backup, BackupChunk, Device, Payload, PayloadNonce, UploadSession
-from zkeb.domain.backups.chunk_reads import ChunkSpan
-from zkeb.domain.backups.crypto import PayloadCrypto, PayloadKey
+from zkeb.db.models import Backup, Device, Payload, PayloadNonce, UploadSession
+from zkeb.domain.backups.crypto import PayloadCrypto
 from zkeb.domain.backups.envelope import BackupEnvelope, envelope_columns, invalid_field, read_fields
 from zkeb.domain.backups.errors import (
     UPLOAD_ENDED,
@@ -43,7 +42,9 @@ from zkeb.domain.backups.services.lifecycle import (
     charge_quota,
     record_retention_events,
 )
+from zkeb.domain.backups.store.connection import pooled_connection
 from zkeb.domain.backups.store.payloads import StoreKind
+from zkeb.domain.backups.store.reads import RestoreSource, visible_backup, visible_restore_source
 from zkeb.domain.backups.store.upload_leases import UploadLease
 from zkeb.lib.atrest import ChunkCipher
 from zkeb.lib.envelope import backup_signed_message, verify_ed25519
@@ -54,6 +55,8 @@ __all__ = (
     "NewPayload",
     "backup_read",
     "backup_read_msgpack",
+    "get_restore_source",
+    "get_visible_backup",
     "nonce_conflict",
     "verify_backup_signature",
 )
@@ -364,34 +367,11 @@ class BackupService(BackupRepositoryService):
 
     # --- queries -------------------------------------------------------------------------------------------------
 
-    #: One backup as a project key sees it (its project's, not deleted), and as a device does (only its own). Built
-    #: once: building the statement and its cache key on every request costs about 160 µs of CPU, binding 0.2 µs.
-    _VISIBLE_TO_PROJECT = select(Backup).where(
-        Backup.id == bindparam("backup_id"), Backup.project_id == bindparam("project_id"), Backup.deleted_at.is_(None)
-    )
-    _VISIBLE_TO_DEVICE = _VISIBLE_TO_PROJECT.where(Backup.device_id_hash == bindparam("device_id_hash"))
-
     def _visible(self, principal: Principal) -> list[object]:
         conditions: list[object] = [Backup.project_id == principal.project_id, Backup.deleted_at.is_(None)]
         if principal.kind == "device":
             conditions.append(Backup.device_id_hash == principal.device_id_hash)
         return conditions
-
-    async def get_visible(self, principal: Principal, backup_id: UUID) -> Backup:
-        """A backup the principal may see.
-
-        Raises:
-            NotFoundError: unknown, deleted, another project's or (for a device) another device's.
-        """
-        parameters: dict[str, Any] = {"backup_id": backup_id, "project_id": principal.project_id}
-        if principal.kind == "device":
-            parameters["device_id_hash"] = principal.device_id_hash
-            backup = await self.session.scalar(self._VISIBLE_TO_DEVICE, parameters)
-        else:
-            backup = await self.session.scalar(self._VISIBLE_TO_PROJECT, parameters)
-        if backup is None:
-            raise NotFoundError("backup not found")
-        return backup
 
     async def list_visible(
         self,
@@ -432,16 +412,52 @@ class BackupService(BackupRepositoryService):
             raise NotFoundError("no backup in this container")
         return backups[0]
 
-    async def payload_layout(self, backup: Backup) -> tuple[PayloadKey, list[ChunkSpan], str]:
-        """The wrapped key, chunk map and store (`payloads.store`) of a backup's payload."""
-        payload = await self.session.get_one(Payload, backup.payload_id)
-        rows = await self.session.execute(
-            select(BackupChunk.seq, BackupChunk.byte_offset, BackupChunk.plain_size)
-            .where(BackupChunk.payload_id == backup.payload_id)
-            .order_by(BackupChunk.seq)
+
+def _own_device_only(principal: Principal) -> bytes | None:
+    """A device sees only its own backups; a project key sees all its project's."""
+    return principal.device_id_hash if principal.kind == "device" else None
+
+
+async def get_visible_backup(engine: AsyncEngine, principal: Principal, backup_id: UUID) -> Backup:
+    """A backup the principal may see (its project's, not in the trash; a device's own), read without an ORM session.
+
+    Raises:
+        NotFoundError: unknown, deleted, another project's or (for a device) another device's.
+    """
+    if principal.project_id is None:  # an org admin reads backups through its own routes
+        raise NotFoundError("backup not found")
+    async with pooled_connection(engine) as connection:
+        backup = await visible_backup(
+            connection,
+            principal.organization_id,
+            backup_id=backup_id,
+            project_id=principal.project_id,
+            device_id_hash=_own_device_only(principal),
         )
-        spans = [ChunkSpan(r.seq, r.byte_offset, r.plain_size) for r in rows]
-        return PayloadKey(payload.key_id, payload.wrapped_key), spans, payload.store
+    if backup is None:
+        raise NotFoundError("backup not found")
+    return backup
+
+
+async def get_restore_source(engine: AsyncEngine, principal: Principal, backup_id: UUID) -> RestoreSource:
+    """A visible backup with its payload's wrapped key, chunk map and store, read in one transaction.
+
+    Raises:
+        NotFoundError: as `get_visible_backup`.
+    """
+    if principal.project_id is None:
+        raise NotFoundError("backup not found")
+    async with pooled_connection(engine) as connection:
+        source = await visible_restore_source(
+            connection,
+            principal.organization_id,
+            backup_id=backup_id,
+            project_id=principal.project_id,
+            device_id_hash=_own_device_only(principal),
+        )
+    if source is None:
+        raise NotFoundError("backup not found")
+    return source
 
 
 def nonce_conflict(backup_id: UUID | None = None) -> ConflictError:
