@@ -13,7 +13,9 @@ Where things are (each module's docstring says more):
   `uploads.py` and `upload_patch.py` (tus sessions and their PATCHes), `backups.py` (who may act for which device,
   queries, the streamed commit), `lifecycle.py` (quota, retention, trash, append-only).
 - `chunk_writes.py`, `chunk_reads.py` and `crypto.py`: the payload pipelines and per-payload data keys.
-- `store/`: the only raw SQL, and the payload stores (`payloads.py` for PostgreSQL, `s3.py` for a bucket).
+- `store/`: the only raw SQL (`connection.py` opens a tenant's transaction, `reads.py` the envelope and restore
+  reads, `commits.py` the one-transaction commit, `upload_leases.py` the tus sessions), and the payload stores
+  (`payloads.py` for PostgreSQL, `s3.py` for a bucket).
 - `jobs/`: work outside a request: the maintenance runner and its sweepers, key rotation, storage migration and
   reconciliation.
 """
