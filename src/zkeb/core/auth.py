@@ -19,7 +19,6 @@ from litestar.handlers.base import BaseRouteHandler
 from zkeb.core.errors import NotFoundError
 
 __all__ = (
-    "AUTH_IN_REQUEST_SESSION",
     "MAX_CREDENTIAL_LENGTH",
     "Principal",
     "PrincipalKind",
@@ -30,12 +29,6 @@ __all__ = (
 )
 
 PrincipalKind = Literal["org_admin", "project", "device"]
-#: Route `opt` flag: authentication checks the credential's state (a device's revocation) in the request's own
-#: session, so the check and the handler's reads share one transaction (one BEGIN, one tenant setting, one COMMIT).
-#: Only for short handlers that do all their database work through `db_session`: the transaction stays open from
-#: authentication to the response's start, and a handler that took a second pooled connection meanwhile could
-#: starve the pool.
-AUTH_IN_REQUEST_SESSION = "auth_in_request_session"
 #: Longer `Authorization` credentials are refused unread.
 MAX_CREDENTIAL_LENGTH = 4096
 

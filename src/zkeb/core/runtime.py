@@ -10,11 +10,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from advanced_alchemy.extensions.litestar import SQLAlchemyAsyncConfig
-from litestar.connection import ASGIConnection
 from litestar.datastructures import State
 from redis.asyncio import Redis
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from zkeb.core.audit_linker import AuditLinker
 from zkeb.core.database import check_runtime_role, sqlalchemy_config
@@ -55,14 +54,6 @@ class Runtime:
         """The audit linker and the request sessions work through the app's engine."""
         self.audit_linker = AuditLinker(self.engine)
         self.db_config = sqlalchemy_config(self.engine)
-
-    def request_session(self, connection: ASGIConnection[Any, Any, Any, Any]) -> AsyncSession:
-        """The request's own ORM session, the one its handler gets as `db_session` (created on first use).
-
-        advanced-alchemy's before-send handler commits it (2xx/3xx) or rolls it back at the response's start, and
-        closes it.
-        """
-        return self.db_config.provide_session(connection.app.state, connection.scope)
 
     async def startup(self) -> None:
         """Migrate when configured to, then refuse to serve unless row-level security cannot be bypassed.

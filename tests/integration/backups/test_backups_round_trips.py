@@ -91,35 +91,30 @@ async def _trips(counted: Counted, url: str, headers: dict[str, str]) -> tuple[i
     return min(attempts, key=lambda attempt: attempt[0] + attempt[1])
 
 
-async def test_a_device_reads_an_envelope_in_four_round_trips_and_a_page_or_the_latest_in_five(
-    counted: Counted,
-) -> None:
-    # An envelope: the device's state (one autocommit statement), then one raw read-only transaction whose BEGIN
-    # carries the tenant, the read, COMMIT. A page or the latest: one session transaction: BEGIN, the tenant's
-    # set_config, the device's state, the read, COMMIT. Plus the limiter's EVALSHA.
+async def test_a_device_reads_an_envelope_a_page_or_the_latest_in_four_round_trips(counted: Counted) -> None:
+    # The device's state (one autocommit statement), then one raw read-only transaction whose BEGIN carries the
+    # tenant, the read, COMMIT; no ORM session. Plus the limiter's EVALSHA.
     tenant = await make_tenant(counted.client, counted.settings)
     backup_id = await _backup_of(counted, tenant)
     token = await device_token(counted.client, tenant, tenant.device)
     one_transaction = ["BEGIN", "COMMIT"]
     assert await _trips(counted, f"/api/v1/backups/{backup_id}", auth(token)) == (4, 1, one_transaction)
-    assert await _trips(counted, "/api/v1/backups", auth(token)) == (5, 1, one_transaction)
+    assert await _trips(counted, "/api/v1/backups", auth(token)) == (4, 1, one_transaction)
     assert counted.redis.statements == ["EVALSHA"]
     container = (await counted.client.get(f"/api/v1/backups/{backup_id}", headers=auth(token))).json()["container_id"]
     latest = f"/api/v1/containers/{container}/backups/latest"
-    assert await _trips(counted, latest, auth(token)) == (5, 1, one_transaction)
+    assert await _trips(counted, latest, auth(token)) == (4, 1, one_transaction)
 
 
 async def test_a_project_key_reads_with_one_key_lookup_and_one_transaction(counted: Counted) -> None:
-    # The key lookup (autocommit, no BEGIN), then for an envelope BEGIN with the tenant, the read, COMMIT; for a page
-    # BEGIN, set_config, the read, COMMIT.
+    # The key lookup (autocommit, no BEGIN), then BEGIN with the tenant, the read, COMMIT.
     tenant = await make_tenant(counted.client, counted.settings)
     backup_id = await _backup_of(counted, tenant)
     one_transaction = ["BEGIN", "COMMIT"]
     assert await _trips(counted, f"/api/v1/backups/{backup_id}", auth(tenant.project_key)) == (4, 1, one_transaction)
-    assert await _trips(counted, "/api/v1/backups", auth(tenant.project_key)) == (5, 1, one_transaction)
+    assert await _trips(counted, "/api/v1/backups", auth(tenant.project_key)) == (4, 1, one_transaction)
 
 
-@pytest.mark.parametrize("counted", [1], indirect=True)
 async def test_a_device_revoked_between_reads_is_refused_at_once_and_audited_on_a_pool_of_one(
     counted: Counted, owner_connection: asyncpg.Connection
 ) -> None:
@@ -130,8 +125,8 @@ async def test_a_device_revoked_between_reads_is_refused_at_once_and_audited_on_
     assert (await counted.client.get(url, headers=auth(token))).status_code == 200
     revoked = await counted.client.delete(f"/api/v1/devices/{tenant.device.id}", headers=auth(tenant.admin_key))
     assert revoked.status_code == 204
-    # The refusal gives the request session's connection back before recording the failure: with one pooled
-    # connection, holding it would leave the audit write waiting for the pool until it gave up.
+    # The refusal holds no connection while it records the failure: with one pooled connection, holding one would
+    # leave the audit write waiting for the pool until it gave up.
     for target in (url, "/api/v1/backups") * 3:
         refused = await counted.client.get(target, headers=auth(token))
         assert refused.status_code == 401
@@ -144,7 +139,7 @@ async def test_a_device_revoked_between_reads_is_refused_at_once_and_audited_on_
     assert (await counted.client.get("/api/v1/backups", headers=auth(other))).status_code == 200
 
 
-async def test_a_device_reads_only_its_own_backups_in_the_shared_transaction(counted: Counted) -> None:
+async def test_a_device_reads_only_its_own_backups(counted: Counted) -> None:
     tenant = await make_tenant(counted.client, counted.settings)
     backup_id = await _backup_of(counted, tenant)
     other = await make_tenant(counted.client, counted.settings, name="other")

@@ -5,9 +5,8 @@ yet), then compared in constant time as HMACs under `API_KEY_SALT` and, during r
 `API_KEY_SALT_NEW`; a key still hashed under the old salt is re-hashed under the new one on use.
 Nothing is cached, so a revocation takes effect at once on every replica. A device token's state is read the same
 way, in one statement through the SECURITY DEFINER function `zkeb_device_state` (matched on the token's organization,
-device id, project and device hash), or, on routes flagged `AUTH_IN_REQUEST_SESSION`, in the request's session, so
-that the check and the handler's reads are one transaction. `last_used_at` is written at most once a minute per key
-and process (and only when the stored value is older), so a busy key does not turn every request into a write.
+device id, project and device hash). `last_used_at` is written at most once a minute per key and process (and only
+when the stored value is older), so a busy key does not turn every request into a write.
 
 Failures answer 401. A failure that can be attributed to an organization (a revoked key, a token of a
 revoked device) is recorded in that organization's audit log; any other goes to the application log.
@@ -24,12 +23,11 @@ from litestar.connection import ASGIConnection
 from litestar.exceptions import NotAuthorizedException
 from litestar.middleware import AbstractAuthenticationMiddleware, AuthenticationResult
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from zkeb.core.audit import record_event
-from zkeb.core.auth import AUTH_IN_REQUEST_SESSION, Principal, bearer_credential
+from zkeb.core.auth import Principal, bearer_credential
 from zkeb.core.runtime import Runtime, get_runtime
-from zkeb.core.tenancy import TENANT_INFO_KEY, set_tenant, tenant_transaction
+from zkeb.core.tenancy import set_tenant, tenant_transaction
 from zkeb.lib.apikeys import API_KEY_PREFIX, hash_api_key, matching_salt, public_prefix, salts_in_use
 from zkeb.lib.devicetokens import (
     ExpiredDeviceTokenError,
@@ -55,15 +53,9 @@ _TOUCH = text(
     "UPDATE api_keys SET last_used_at = now() "
     "WHERE id = :id AND (last_used_at IS NULL OR last_used_at < now() - make_interval(secs => :interval))"
 )
-#: The device a token names, only if the token's `dih` is that device's hash (a token minted with another hash is
-#: refused rather than trusted for the hash it claims).
-_DEVICE_STATE = text(
-    "SELECT revoked_at FROM devices WHERE id = :id AND project_id = :project_id AND device_id_hash = :device_id_hash"
-)
-#: The same read before the tenant is known (migration f1c5).
-_LOOKUP_DEVICE_STATE = text(
-    "SELECT revoked_at FROM zkeb_device_state(:organization_id, :id, :project_id, :device_id_hash)"
-)
+#: The device a token names, before the tenant is known (migration f1c5): only if its organization, project and hash
+#: are the token's too (a token minted with another hash is refused rather than trusted for the hash it claims).
+_DEVICE_STATE = text("SELECT revoked_at FROM zkeb_device_state(:organization_id, :id, :project_id, :device_id_hash)")
 
 _last_used_written: dict[UUID, float] = {}
 #: RFC 6750's challenge for a bearer token that is expired, revoked, malformed or otherwise invalid.
@@ -144,22 +136,7 @@ async def _authenticate_api_key(runtime: Runtime, key: str) -> Principal:
     raise _AuthenticationFailure("invalid API key", reason="unknown API key")
 
 
-async def _device_state(
-    runtime: Runtime, session: AsyncSession | None, organization_id: UUID, parameters: dict[str, Any]
-) -> Any:
-    if session is None:
-        rows = await _lookup(runtime, _LOOKUP_DEVICE_STATE, {**parameters, "organization_id": organization_id})
-        return rows[0] if rows else None
-    # The session's first transaction begins here; the tenant hook sets `organization_id` on it before this read.
-    session.info[TENANT_INFO_KEY] = organization_id
-    state = (await session.execute(_DEVICE_STATE, parameters)).one_or_none()
-    if state is None or state.revoked_at is not None:
-        # Give the connection back now: recording the failure takes a connection of its own.
-        await session.rollback()
-    return state
-
-
-async def _authenticate_device_token(runtime: Runtime, token: str, session: AsyncSession | None) -> Principal:
+async def _authenticate_device_token(runtime: Runtime, token: str) -> Principal:
     secrets = runtime.settings.secrets
     try:
         claims = verify_device_token(token, verification_secrets(secrets.jwt_secret, secrets.jwt_secret_new))
@@ -173,12 +150,17 @@ async def _authenticate_device_token(runtime: Runtime, token: str, session: Asyn
         raise _AuthenticationFailure(
             "invalid device token", reason=f"invalid device token: {exc}", challenge=_INVALID_TOKEN
         ) from None
-    state = await _device_state(
+    rows = await _lookup(
         runtime,
-        session,
-        claims.organization_id,
-        {"id": claims.device_id, "project_id": claims.project_id, "device_id_hash": claims.device_id_hash},
+        _DEVICE_STATE,
+        {
+            "organization_id": claims.organization_id,
+            "id": claims.device_id,
+            "project_id": claims.project_id,
+            "device_id_hash": claims.device_id_hash,
+        },
     )
+    state = rows[0] if rows else None
     if state is None or state.revoked_at is not None:
         raise _AuthenticationFailure(
             "device revoked",
@@ -198,13 +180,8 @@ async def _authenticate_device_token(runtime: Runtime, token: str, session: Asyn
     )
 
 
-async def authenticate_bearer(
-    runtime: Runtime, authorization: str | None, session: AsyncSession | None = None
-) -> Principal:
+async def authenticate_bearer(runtime: Runtime, authorization: str | None) -> Principal:
     """Resolve an `Authorization` header value into a principal.
-
-    `session`, when given, is the request's own session: a device token's state is read in it (see
-    `AUTH_IN_REQUEST_SESSION`).
 
     Raises:
         NotAuthorizedException: missing, malformed, unknown, revoked or expired credential (401).
@@ -218,7 +195,7 @@ async def authenticate_bearer(
         )
     if credential.startswith(API_KEY_PREFIX):
         return await _authenticate_api_key(runtime, credential)
-    return await _authenticate_device_token(runtime, credential, session)
+    return await _authenticate_device_token(runtime, credential)
 
 
 async def _record_failure(
@@ -256,11 +233,8 @@ class BearerAuthenticationMiddleware(AbstractAuthenticationMiddleware):
     async def authenticate_request(self, connection: ASGIConnection[Any, Any, Any, Any]) -> AuthenticationResult:
         """Resolve the principal and act for its organization for the rest of the request."""
         runtime = get_runtime(connection.app.state)
-        session = (
-            runtime.request_session(connection) if connection.route_handler.opt.get(AUTH_IN_REQUEST_SESSION) else None
-        )
         try:
-            principal = await authenticate_bearer(runtime, connection.headers.get("authorization"), session)
+            principal = await authenticate_bearer(runtime, connection.headers.get("authorization"))
         except _AuthenticationFailure as failure:
             await _record_failure(runtime, connection, failure)
             raise

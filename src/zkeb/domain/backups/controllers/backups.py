@@ -18,7 +18,6 @@ from litestar.response import Stream
 from opentelemetry import trace
 
 from zkeb.core.auth import (
-    AUTH_IN_REQUEST_SESSION,
     Principal,
     principal_of,
     requires_backup_access,
@@ -48,11 +47,12 @@ from zkeb.domain.backups.schemas import (
     field_of_validation_error,
 )
 from zkeb.domain.backups.services.backups import (
-    BackupService,
     backup_read,
     backup_read_msgpack,
+    get_latest_backup,
     get_restore_source,
     get_visible_backup,
+    list_visible_backups,
 )
 from zkeb.domain.backups.services.finalize import InMemoryPayload, commit_in_memory
 from zkeb.domain.backups.services.lifecycle import LifecycleService
@@ -243,14 +243,13 @@ class BackupController(Controller):
     @get(
         "/",
         guards=[requires_backup_access],
-        opt={AUTH_IN_REQUEST_SESSION: True},
         summary="List backups",
         description="Newest first. Pass `next_cursor` back as `cursor` for the next page; `limit` is 1..100.",
     )
     async def list_backups(
         self,
         request: Request[Any, Any, Any],
-        backup_service: NamedDependency[BackupService],
+        state: State,
         *,
         container_id: FromQuery[UUID | None] = None,
         device_id_hash: str | None = Parameter(
@@ -262,8 +261,13 @@ class BackupController(Controller):
         """A page of backups."""
         principal = principal_of(request)
         device_hash = parse_device_id_hash_hex(device_id_hash) if device_id_hash is not None else None
-        backups, next_cursor = await backup_service.list_visible(
-            principal, container_id=container_id, device_id_hash=device_hash, cursor=cursor, limit=limit
+        backups, next_cursor = await list_visible_backups(
+            backups_context(state).engine,
+            principal,
+            container_id=container_id,
+            device_id_hash=device_hash,
+            cursor=cursor,
+            limit=limit,
         )
         return BackupList(items=[backup_read(b) for b in backups], next_cursor=next_cursor)
 
@@ -426,16 +430,12 @@ class ContainerController(Controller):
     @get(
         "/{container_id:uuid}/backups/latest",
         guards=[requires_backup_access],
-        opt={AUTH_IN_REQUEST_SESSION: True},
         summary="The newest backup of a container",
         description="404 when the container has no backup visible to the caller. JSON or msgpack by `Accept`.",
     )
     async def latest_backup(
-        self,
-        request: Request[Any, Any, Any],
-        backup_service: NamedDependency[BackupService],
-        container_id: FromPath[UUID],
+        self, request: Request[Any, Any, Any], state: State, container_id: FromPath[UUID]
     ) -> Response[BackupRead]:
         """The latest backup of one container."""
-        backup = await backup_service.latest_in_container(principal_of(request), container_id)
+        backup = await get_latest_backup(backups_context(state).engine, principal_of(request), container_id)
         return _backup_response(_representation(request), backup)

@@ -15,7 +15,7 @@ from uuid import UUID
 
 from litestar.connection import ASGIConnection
 from opentelemetry import trace
-from sqlalchemy import delete, literal, select, tuple_, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from uuid_utils.compat import uuid7
@@ -44,7 +44,7 @@ from zkeb.domain.backups.services.lifecycle import (
 )
 from zkeb.domain.backups.store.connection import pooled_connection
 from zkeb.domain.backups.store.payloads import StoreKind
-from zkeb.domain.backups.store.reads import RestoreSource, visible_backup, visible_restore_source
+from zkeb.domain.backups.store.reads import RestoreSource, visible_backup, visible_page, visible_restore_source
 from zkeb.domain.backups.store.upload_leases import UploadLease
 from zkeb.lib.atrest import ChunkCipher
 from zkeb.lib.envelope import backup_signed_message, verify_ed25519
@@ -55,8 +55,10 @@ __all__ = (
     "NewPayload",
     "backup_read",
     "backup_read_msgpack",
+    "get_latest_backup",
     "get_restore_source",
     "get_visible_backup",
+    "list_visible_backups",
     "nonce_conflict",
     "verify_backup_signature",
 )
@@ -365,53 +367,6 @@ class BackupService(BackupRepositoryService):
         record_backup_created(method, payload_size)
         return backup
 
-    # --- queries -------------------------------------------------------------------------------------------------
-
-    def _visible(self, principal: Principal) -> list[object]:
-        conditions: list[object] = [Backup.project_id == principal.project_id, Backup.deleted_at.is_(None)]
-        if principal.kind == "device":
-            conditions.append(Backup.device_id_hash == principal.device_id_hash)
-        return conditions
-
-    async def list_visible(
-        self,
-        principal: Principal,
-        *,
-        container_id: UUID | None,
-        device_id_hash: bytes | None,
-        cursor: str | None,
-        limit: int,
-    ) -> tuple[list[Backup], str | None]:
-        """A page of visible backups, newest first, and the cursor of the next page (None on the last)."""
-        query = select(Backup).where(*self._visible(principal))  # type: ignore[arg-type]
-        if container_id is not None:
-            query = query.where(Backup.container_id == container_id)
-        if device_id_hash is not None:
-            query = query.where(Backup.device_id_hash == device_id_hash)
-        if cursor:
-            created_at, after_id = decode_keyset_cursor("backups", cursor)
-            query = query.where(tuple_(Backup.created_at, Backup.id) < tuple_(literal(created_at), literal(after_id)))
-        query = query.order_by(Backup.created_at.desc(), Backup.id.desc()).limit(limit + 1)
-        rows = list((await self.session.scalars(query)).all())
-        if len(rows) > limit:
-            last = rows[limit - 1]
-            assert last.created_at is not None
-            return rows[:limit], encode_keyset_cursor("backups", last.created_at, last.id)
-        return rows, None
-
-    async def latest_in_container(self, principal: Principal, container_id: UUID) -> Backup:
-        """The newest visible backup of a container.
-
-        Raises:
-            NotFoundError: the container has no visible backup.
-        """
-        backups, _ = await self.list_visible(
-            principal, container_id=container_id, device_id_hash=None, cursor=None, limit=1
-        )
-        if not backups:
-            raise NotFoundError("no backup in this container")
-        return backups[0]
-
 
 def _own_device_only(principal: Principal) -> bytes | None:
     """A device sees only its own backups; a project key sees all its project's."""
@@ -437,6 +392,54 @@ async def get_visible_backup(engine: AsyncEngine, principal: Principal, backup_i
     if backup is None:
         raise NotFoundError("backup not found")
     return backup
+
+
+async def list_visible_backups(
+    engine: AsyncEngine,
+    principal: Principal,
+    *,
+    container_id: UUID | None,
+    device_id_hash: bytes | None,
+    cursor: str | None,
+    limit: int,
+) -> tuple[list[Backup], str | None]:
+    """A page of visible backups, newest first, and the cursor of the next page (None on the last).
+
+    Raises:
+        InvalidCursorError: `cursor` is not one this listing gave out (400).
+    """
+    after = decode_keyset_cursor("backups", cursor) if cursor else None
+    own = _own_device_only(principal)
+    if principal.project_id is None or (own is not None and device_id_hash not in (None, own)):
+        return [], None  # an org admin lists through its own routes; a device sees no other device's backups
+    async with pooled_connection(engine) as connection:
+        rows = await visible_page(
+            connection,
+            principal.organization_id,
+            project_id=principal.project_id,
+            device_id_hash=own or device_id_hash,
+            container_id=container_id,
+            after=after,
+            limit=limit + 1,
+        )
+    if len(rows) > limit:
+        last = rows[limit - 1]
+        return rows[:limit], encode_keyset_cursor("backups", last.created_at, last.id)
+    return rows, None
+
+
+async def get_latest_backup(engine: AsyncEngine, principal: Principal, container_id: UUID) -> Backup:
+    """The newest visible backup of a container.
+
+    Raises:
+        NotFoundError: the container has no visible backup.
+    """
+    backups, _ = await list_visible_backups(
+        engine, principal, container_id=container_id, device_id_hash=None, cursor=None, limit=1
+    )
+    if not backups:
+        raise NotFoundError("no backup in this container")
+    return backups[0]
 
 
 async def get_restore_source(engine: AsyncEngine, principal: Principal, backup_id: UUID) -> RestoreSource:

@@ -1,14 +1,15 @@
-"""The read paths' SQL: one backup as a principal may see it, and what restoring its payload needs.
+"""The read paths' SQL: one backup or a page of them as a principal may see them, and what a restore needs.
 
 A read is one raw read-only transaction (`raw_tenant_transaction`: its `BEGIN` carries the tenant), with no ORM
-session: an envelope read is three round trips (`BEGIN` with the tenant, the `SELECT`, `COMMIT`), a restore's plan
-four. The rows come back as transient `Backup` instances (attached to no session), so the schemas and headers built
-from a backup read them as they read one from the ORM.
+session: an envelope read or a page is three round trips (`BEGIN` with the tenant, the `SELECT`, `COMMIT`), a
+restore's plan four. The rows come back as transient `Backup` instances (attached to no session), so the schemas and
+headers built from a backup read them as they read one from the ORM.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
@@ -22,7 +23,7 @@ from zkeb.domain.backups.store.connection import raw_tenant_transaction
 if TYPE_CHECKING:
     import asyncpg
 
-__all__ = ("RestoreSource", "visible_backup", "visible_restore_source")
+__all__ = ("RestoreSource", "visible_backup", "visible_page", "visible_restore_source")
 
 #: (ORM attribute, column) of every `backups` column the model maps (`metadata_` is the `metadata` column).
 _ATTRIBUTES = tuple(
@@ -39,6 +40,10 @@ _BACKUP_AND_PAYLOAD = (
     f" FROM backups b JOIN payloads p ON p.id = b.payload_id WHERE {_VISIBLE}"
 )
 _SPANS = "SELECT seq, byte_offset, plain_size FROM backup_chunks WHERE payload_id = $1 ORDER BY seq"
+#: A page, newest first: the conditions a listing uses are joined in (each combination is its own prepared statement,
+#: planned on the index it needs: project, container or device, each by (created_at, id) descending).
+_PAGE = "SELECT {columns} FROM backups b WHERE b.project_id = $1 AND b.deleted_at IS NULL{conditions}"
+_PAGE_ORDER = " ORDER BY b.created_at DESC, b.id DESC LIMIT {limit}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +72,35 @@ async def visible_backup(
     async with raw_tenant_transaction(connection, organization_id, readonly=True):
         row = await connection.fetchrow(_BACKUP, backup_id, project_id, device_id_hash)
     return None if row is None else _backup(row)
+
+
+async def visible_page(
+    connection: asyncpg.Connection,
+    organization_id: UUID,
+    *,
+    project_id: UUID,
+    device_id_hash: bytes | None,
+    container_id: UUID | None,
+    after: tuple[datetime, UUID] | None,
+    limit: int,
+) -> list[Backup]:
+    """Up to `limit` visible backups, newest first: of `container_id` and of the device `device_id_hash` when given,
+    older than `after` ((created_at, id), a keyset position) when given."""
+    conditions: list[str] = []
+    arguments: list[object] = [project_id]
+    if device_id_hash is not None:
+        arguments.append(device_id_hash)
+        conditions.append(f" AND b.device_id_hash = ${len(arguments)}")
+    if container_id is not None:
+        arguments.append(container_id)
+        conditions.append(f" AND b.container_id = ${len(arguments)}")
+    if after is not None:
+        arguments += after
+        conditions.append(f" AND (b.created_at, b.id) < (${len(arguments) - 1}, ${len(arguments)})")
+    statement = _PAGE.format(columns=_COLUMNS, conditions="".join(conditions)) + _PAGE_ORDER.format(limit=int(limit))
+    async with raw_tenant_transaction(connection, organization_id, readonly=True):
+        rows = await connection.fetch(statement, *arguments)
+    return [_backup(row) for row in rows]
 
 
 async def visible_restore_source(
