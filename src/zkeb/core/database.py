@@ -1,4 +1,5 @@
-"""Database engines: the app's pooled engine (runtime role) and the owner's engine for migrations.
+"""Database engines: the app's pooled engine (runtime role) and the owner's engine for migrations, and a raw
+asyncpg connection from the app's pool (`pooled_connection`) for the paths that skip SQLAlchemy's statement layer.
 
 The app's pooled connections log in as the runtime role, which owns no table and has no BYPASSRLS, so
 row-level security holds even when `DATABASE_URL` names a superuser. Logging in as that role (rather
@@ -12,14 +13,18 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import logging
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 from advanced_alchemy.extensions.litestar import AlembicAsyncConfig, AsyncSessionConfig, SQLAlchemyAsyncConfig
+from litestar.exceptions import HTTPException
 from sqlalchemy import pool, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
@@ -36,6 +41,7 @@ __all__ = (
     "create_app_engine",
     "create_owner_engine",
     "migrations_dir",
+    "pooled_connection",
     "provision_runtime_role",
     "runtime_role_url",
     "sqlalchemy_config",
@@ -197,3 +203,23 @@ async def check_runtime_role(connection: AsyncConnection) -> None:
             problems.append(f"row-level security is not enabled and forced on {table}")
     if problems:
         raise RuntimeRoleError("refusing to serve: " + "; ".join(problems))
+
+
+@contextlib.asynccontextmanager
+async def pooled_connection(engine: AsyncEngine) -> AsyncIterator[asyncpg.Connection]:
+    """A raw asyncpg connection from the app's pool (the runtime role), outside any ORM session.
+
+    On an error the connection is invalidated rather than returned, so a transaction broken mid-way never reaches
+    another request; a refusal (an HTTP error) or a statement PostgreSQL refused, raised once the transaction has
+    rolled back, leaves a clean connection that goes back to the pool.
+    """
+    async with engine.connect() as connection:
+        fairy = await connection.get_raw_connection()
+        driver: asyncpg.Connection = fairy.driver_connection
+        try:
+            yield driver
+        except BaseException as exc:
+            clean = isinstance(exc, HTTPException | asyncpg.PostgresError) and not driver.is_in_transaction()
+            if not clean or driver.is_closed():
+                await connection.invalidate()
+            raise

@@ -23,9 +23,9 @@ from asyncpg.exceptions import InternalClientError
 from faults_support import make_fault_tenant, server_env, zkeb_serve
 from sqlalchemy.engine import make_url
 
-from zkeb.core.database import create_app_engine
+from zkeb.core.database import create_app_engine, pooled_connection
 from zkeb.core.errors import database_connection_lost
-from zkeb.domain.backups.store.connection import pooled_connection, raw_tenant_transaction
+from zkeb.domain.backups.store.connection import raw_tenant_transaction
 
 from support import create_org, make_settings, problem
 

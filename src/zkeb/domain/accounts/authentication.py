@@ -19,6 +19,7 @@ import time
 from typing import Any, Literal
 from uuid import UUID
 
+import asyncpg
 from litestar.connection import ASGIConnection
 from litestar.exceptions import NotAuthorizedException
 from litestar.middleware import AbstractAuthenticationMiddleware, AuthenticationResult
@@ -26,6 +27,7 @@ from sqlalchemy import text
 
 from zkeb.core.audit import record_event
 from zkeb.core.auth import Principal, bearer_credential
+from zkeb.core.database import pooled_connection
 from zkeb.core.runtime import Runtime, get_runtime
 from zkeb.core.tenancy import set_tenant, tenant_transaction
 from zkeb.lib.apikeys import API_KEY_PREFIX, hash_api_key, matching_salt, public_prefix, salts_in_use
@@ -44,7 +46,7 @@ AUTH_EXCLUDED_PATHS = ("^/api/health", "^/api/version", "^/schema", "^/api/v1/au
 #: How often one process may write a key's `last_used_at`.
 LAST_USED_INTERVAL_SECONDS = 60.0
 _LAST_USED_MEMORY = 10_000
-_FIND_KEYS = text("SELECT id, organization_id, project_id, kind, key_hash, revoked_at FROM zkeb_find_api_keys(:prefix)")
+_FIND_KEYS = "SELECT id, organization_id, project_id, kind, key_hash, revoked_at FROM zkeb_find_api_keys($1)"
 #: A re-hash always records the use too: `last_used_at` after the stage deploy is how operators tell it happened.
 _REHASH = text(
     "UPDATE api_keys SET key_hash = :key_hash, salt_generation = 'current', last_used_at = now() WHERE id = :id"
@@ -55,7 +57,7 @@ _TOUCH = text(
 )
 #: The device a token names, before the tenant is known (migration f1c5): only if its organization, project and hash
 #: are the token's too (a token minted with another hash is refused rather than trusted for the hash it claims).
-_DEVICE_STATE = text("SELECT revoked_at FROM zkeb_device_state(:organization_id, :id, :project_id, :device_id_hash)")
+_DEVICE_STATE = "SELECT revoked_at FROM zkeb_device_state($1, $2, $3, $4)"
 
 _last_used_written: dict[UUID, float] = {}
 #: RFC 6750's challenge for a bearer token that is expired, revoked, malformed or otherwise invalid.
@@ -93,11 +95,14 @@ def _due_for_last_used(key_id: UUID) -> bool:
     return True
 
 
-async def _lookup(runtime: Runtime, statement: Any, parameters: dict[str, Any]) -> list[Any]:
-    """One read-only statement in autocommit mode: one round trip, without BEGIN and COMMIT around it."""
-    async with runtime.engine.connect() as connection:
-        autocommit = await connection.execution_options(isolation_level="AUTOCOMMIT")
-        return list((await autocommit.execute(statement, parameters)).all())
+async def _lookup(runtime: Runtime, statement: str, *arguments: object) -> list[asyncpg.Record]:
+    """One read-only statement outside any transaction block: one round trip, without BEGIN and COMMIT around it.
+
+    On the raw driver connection (`pooled_connection`): through SQLAlchemy's statement layer the same lookup cost
+    about 90 µs more CPU per request (278-296 against 195-201 µs, measured in-process on this machine).
+    """
+    async with pooled_connection(runtime.engine) as connection:
+        return list(await connection.fetch(statement, *arguments))
 
 
 async def _authenticate_api_key(runtime: Runtime, key: str) -> Principal:
@@ -106,32 +111,32 @@ async def _authenticate_api_key(runtime: Runtime, key: str) -> Principal:
         raise _AuthenticationFailure("invalid API key", reason="malformed API key")
     secrets = runtime.settings.secrets
     salts = salts_in_use(secrets.api_key_salt, secrets.api_key_salt_new)
-    rows = await _lookup(runtime, _FIND_KEYS, {"prefix": prefix})
+    rows = await _lookup(runtime, _FIND_KEYS, prefix)
     for row in rows:
-        salt_index = matching_salt(key, bytes(row.key_hash), salts)
+        salt_index = matching_salt(key, bytes(row["key_hash"]), salts)
         if salt_index is None:
             continue
-        kind: Literal["org_admin", "project"] = "org_admin" if row.kind == "org_admin" else "project"
-        if row.revoked_at is not None:
+        kind: Literal["org_admin", "project"] = "org_admin" if row["kind"] == "org_admin" else "project"
+        if row["revoked_at"] is not None:
             raise _AuthenticationFailure(
                 "API key revoked",
                 reason="API key revoked",
-                organization_id=row.organization_id,
+                organization_id=row["organization_id"],
                 actor_type="org_admin_key" if kind == "org_admin" else "project_key",
-                actor_id=str(row.id),
+                actor_id=str(row["id"]),
             )
         rehash = salt_index != 0
-        if rehash or _due_for_last_used(row.id):
-            async with tenant_transaction(runtime.engine, row.organization_id) as connection:
+        if rehash or _due_for_last_used(row["id"]):
+            async with tenant_transaction(runtime.engine, row["organization_id"]) as connection:
                 if rehash:
-                    await connection.execute(_REHASH, {"key_hash": hash_api_key(salts[0], key), "id": row.id})
+                    await connection.execute(_REHASH, {"key_hash": hash_api_key(salts[0], key), "id": row["id"]})
                 else:
-                    await connection.execute(_TOUCH, {"id": row.id, "interval": LAST_USED_INTERVAL_SECONDS})
+                    await connection.execute(_TOUCH, {"id": row["id"], "interval": LAST_USED_INTERVAL_SECONDS})
         return Principal(
             kind=kind,
-            organization_id=row.organization_id,
-            project_id=row.project_id,
-            credential_id=str(row.id),
+            organization_id=row["organization_id"],
+            project_id=row["project_id"],
+            credential_id=str(row["id"]),
         )
     raise _AuthenticationFailure("invalid API key", reason="unknown API key")
 
@@ -151,17 +156,10 @@ async def _authenticate_device_token(runtime: Runtime, token: str) -> Principal:
             "invalid device token", reason=f"invalid device token: {exc}", challenge=_INVALID_TOKEN
         ) from None
     rows = await _lookup(
-        runtime,
-        _DEVICE_STATE,
-        {
-            "organization_id": claims.organization_id,
-            "id": claims.device_id,
-            "project_id": claims.project_id,
-            "device_id_hash": claims.device_id_hash,
-        },
+        runtime, _DEVICE_STATE, claims.organization_id, claims.device_id, claims.project_id, claims.device_id_hash
     )
     state = rows[0] if rows else None
-    if state is None or state.revoked_at is not None:
+    if state is None or state["revoked_at"] is not None:
         raise _AuthenticationFailure(
             "device revoked",
             reason="device revoked" if state is not None else "device unknown",

@@ -24,8 +24,8 @@ from opentelemetry import trace
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from zkeb.core.database import pooled_connection
 from zkeb.core.errors import ServiceUnavailableError
-from zkeb.domain.backups.store.connection import pooled_connection
 from zkeb.domain.backups.store.payloads import READ_BATCH, ChunkWrite, PayloadStore, StoredChunksMissingError
 from zkeb.lib.atrest import ChunkCipher
 

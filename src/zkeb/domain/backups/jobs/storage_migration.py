@@ -25,9 +25,9 @@ from uuid import UUID
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from zkeb.core.database import pooled_connection
 from zkeb.core.errors import ServiceUnavailableError
 from zkeb.domain.backups.crypto import PayloadCrypto, PayloadKey
-from zkeb.domain.backups.store.connection import pooled_connection
 from zkeb.domain.backups.store.moves import (
     MovingPayload,
     clear_chunk_data,

@@ -26,7 +26,7 @@ from uuid import UUID
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from zkeb.domain.backups.store.connection import pooled_connection
+from zkeb.core.database import pooled_connection
 from zkeb.domain.backups.store.moves import ChunkRow, chunk_rows, organizations_in_store, payloads_awaiting_deletion
 from zkeb.domain.backups.store.s3 import DELETE_BATCH, S3ChunkStore, StoredObject
 

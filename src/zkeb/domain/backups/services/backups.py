@@ -23,6 +23,7 @@ from uuid_utils.compat import uuid7
 from zkeb.core.audit_linker import append_unchained_event
 from zkeb.core.auth import Principal
 from zkeb.core.cursors import decode_keyset_cursor, encode_keyset_cursor
+from zkeb.core.database import pooled_connection
 from zkeb.core.errors import ConflictError, NotFoundError
 from zkeb.db.models import Backup, Device, Payload, PayloadNonce, UploadSession
 from zkeb.domain.backups.crypto import PayloadCrypto
@@ -42,7 +43,6 @@ from zkeb.domain.backups.services.lifecycle import (
     charge_quota,
     record_retention_events,
 )
-from zkeb.domain.backups.store.connection import pooled_connection
 from zkeb.domain.backups.store.payloads import StoreKind
 from zkeb.domain.backups.store.reads import RestoreSource, visible_backup, visible_page, visible_restore_source
 from zkeb.domain.backups.store.upload_leases import UploadLease

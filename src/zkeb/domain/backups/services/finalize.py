@@ -32,6 +32,7 @@ from uuid_utils.compat import uuid7
 
 from zkeb.core.audit_linker import append_unchained_event
 from zkeb.core.auth import Principal
+from zkeb.core.database import pooled_connection
 from zkeb.core.errors import ConflictError, NotFoundError
 from zkeb.db.models import Backup
 from zkeb.domain.backups.chunk_writes import CHUNK_SIZE
@@ -55,7 +56,7 @@ from zkeb.domain.backups.store.commits import (
     read_admission,
     trash_beyond_retention,
 )
-from zkeb.domain.backups.store.connection import pooled_connection, raw_tenant_transaction
+from zkeb.domain.backups.store.connection import raw_tenant_transaction
 from zkeb.domain.backups.store.payloads import PayloadStore
 from zkeb.lib.atrest import ChunkCipher
 

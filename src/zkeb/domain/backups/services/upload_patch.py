@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from uuid_utils.compat import uuid7
 
 from zkeb.core.auth import Principal
+from zkeb.core.database import pooled_connection
 from zkeb.core.errors import (
     ConflictError,
     IncompleteBodyError,
@@ -51,7 +52,7 @@ from zkeb.domain.backups.errors import (
 from zkeb.domain.backups.services.backups import BackupService, verify_backup_signature
 from zkeb.domain.backups.services.uploads import UPLOAD_EXPIRY
 from zkeb.domain.backups.store import upload_leases
-from zkeb.domain.backups.store.connection import pooled_connection, raw_tenant_transaction
+from zkeb.domain.backups.store.connection import raw_tenant_transaction
 from zkeb.domain.backups.store.payloads import PayloadStore
 from zkeb.domain.backups.store.upload_leases import UploadLease
 from zkeb.lib.atrest import ChunkCipher

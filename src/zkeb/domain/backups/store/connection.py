@@ -1,7 +1,7 @@
-"""Raw asyncpg connections from the app's pool, and the one helper that opens a transaction for a tenant.
+"""The one helper that opens a transaction for a tenant on a raw asyncpg connection (`core.database.pooled_connection`).
 
-The backups domain's hot paths (chunk writes, restores, the one-transaction commit) run on the driver connection
-under SQLAlchemy's pool: fewer round trips and no ORM work per statement. Every such transaction acts for one
+The backups domain's hot paths (chunk writes, restores, reads, the one-transaction commit) run on the driver
+connection under SQLAlchemy's pool: fewer round trips and no ORM work per statement. Every such transaction acts for one
 organization (row-level security) through `raw_tenant_transaction`, so no caller sets the tenant by hand.
 """
 
@@ -12,36 +12,14 @@ from collections.abc import AsyncIterator
 from uuid import UUID
 
 import asyncpg
-from litestar.exceptions import HTTPException
-from sqlalchemy.ext.asyncio import AsyncEngine
 
-__all__ = ("pooled_connection", "raw_tenant_transaction")
+__all__ = ("raw_tenant_transaction",)
 
 #: One round trip opens the transaction and sets its tenant: a simple-protocol query of two statements (it takes no
 #: parameters, so the organization id is written into it; a `UUID` renders as hex digits and dashes only).
 _BEGIN = "BEGIN{mode}; SELECT set_config('zkeb.org_id', '{organization_id}', true){async_commit}"
 #: For writes whose durability a later synchronous commit provides (see `zkeb.domain.backups.chunk_writes`).
 _ASYNC_COMMIT = ", set_config('synchronous_commit', 'off', true)"
-
-
-@contextlib.asynccontextmanager
-async def pooled_connection(engine: AsyncEngine) -> AsyncIterator[asyncpg.Connection]:
-    """A raw asyncpg connection from the app's pool (the runtime role), outside any ORM session.
-
-    On an error the connection is invalidated rather than returned, so a transaction broken mid-way never reaches
-    another request; a refusal (an HTTP error) or a statement PostgreSQL refused, raised once the transaction has
-    rolled back, leaves a clean connection that goes back to the pool.
-    """
-    async with engine.connect() as connection:
-        fairy = await connection.get_raw_connection()
-        driver: asyncpg.Connection = fairy.driver_connection
-        try:
-            yield driver
-        except BaseException as exc:
-            clean = isinstance(exc, HTTPException | asyncpg.PostgresError) and not driver.is_in_transaction()
-            if not clean or driver.is_closed():
-                await connection.invalidate()
-            raise
 
 
 @contextlib.asynccontextmanager

@@ -17,8 +17,9 @@ from uuid import UUID
 from opentelemetry import trace
 from uuid_utils.compat import uuid7
 
+from zkeb.core.database import pooled_connection
 from zkeb.core.errors import ServiceUnavailableError
-from zkeb.domain.backups.store.connection import pooled_connection, raw_tenant_transaction
+from zkeb.domain.backups.store.connection import raw_tenant_transaction
 
 if TYPE_CHECKING:
     import asyncpg
