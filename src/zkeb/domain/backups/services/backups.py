@@ -44,7 +44,13 @@ from zkeb.domain.backups.services.lifecycle import (
     record_retention_events,
 )
 from zkeb.domain.backups.store.payloads import StoreKind
-from zkeb.domain.backups.store.reads import RestoreSource, visible_backup, visible_page, visible_restore_source
+from zkeb.domain.backups.store.reads import (
+    RestoreSource,
+    Visibility,
+    visible_backup,
+    visible_page,
+    visible_restore_source,
+)
 from zkeb.domain.backups.store.upload_leases import UploadLease
 from zkeb.lib.atrest import ChunkCipher
 from zkeb.lib.envelope import backup_signed_message, verify_ed25519
@@ -368,9 +374,14 @@ class BackupService(BackupRepositoryService):
         return backup
 
 
-def _own_device_only(principal: Principal) -> bytes | None:
-    """A device sees only its own backups; a project key sees all its project's."""
-    return principal.device_id_hash if principal.kind == "device" else None
+def _visibility(principal: Principal, device_id_hash: bytes | None = None) -> Visibility | None:
+    """The backups the principal may read: its project's, and a device only its own; narrowed to `device_id_hash`
+    (a listing's filter) when given. None: none at all (an org admin reads through its own routes, a device asking
+    for another device's)."""
+    own = principal.device_id_hash if principal.kind == "device" else None
+    if principal.project_id is None or (own is not None and device_id_hash not in (None, own)):
+        return None
+    return Visibility(principal.organization_id, principal.project_id, own if own is not None else device_id_hash)
 
 
 async def get_visible_backup(engine: AsyncEngine, principal: Principal, backup_id: UUID) -> Backup:
@@ -379,16 +390,10 @@ async def get_visible_backup(engine: AsyncEngine, principal: Principal, backup_i
     Raises:
         NotFoundError: unknown, deleted, another project's or (for a device) another device's.
     """
-    if principal.project_id is None:  # an org admin reads backups through its own routes
-        raise NotFoundError("backup not found")
-    async with pooled_connection(engine) as connection:
-        backup = await visible_backup(
-            connection,
-            principal.organization_id,
-            backup_id=backup_id,
-            project_id=principal.project_id,
-            device_id_hash=_own_device_only(principal),
-        )
+    visibility, backup = _visibility(principal), None
+    if visibility is not None:
+        async with pooled_connection(engine) as connection:
+            backup = await visible_backup(connection, visibility, backup_id)
     if backup is None:
         raise NotFoundError("backup not found")
     return backup
@@ -409,19 +414,11 @@ async def list_visible_backups(
         InvalidCursorError: `cursor` is not one this listing gave out (400).
     """
     after = decode_keyset_cursor("backups", cursor) if cursor else None
-    own = _own_device_only(principal)
-    if principal.project_id is None or (own is not None and device_id_hash not in (None, own)):
-        return [], None  # an org admin lists through its own routes; a device sees no other device's backups
+    visibility = _visibility(principal, device_id_hash)
+    if visibility is None:
+        return [], None
     async with pooled_connection(engine) as connection:
-        rows = await visible_page(
-            connection,
-            principal.organization_id,
-            project_id=principal.project_id,
-            device_id_hash=own or device_id_hash,
-            container_id=container_id,
-            after=after,
-            limit=limit + 1,
-        )
+        rows = await visible_page(connection, visibility, container_id=container_id, after=after, limit=limit + 1)
     if len(rows) > limit:
         last = rows[limit - 1]
         return rows[:limit], encode_keyset_cursor("backups", last.created_at, last.id)
@@ -448,16 +445,10 @@ async def get_restore_source(engine: AsyncEngine, principal: Principal, backup_i
     Raises:
         NotFoundError: as `get_visible_backup`.
     """
-    if principal.project_id is None:
-        raise NotFoundError("backup not found")
-    async with pooled_connection(engine) as connection:
-        source = await visible_restore_source(
-            connection,
-            principal.organization_id,
-            backup_id=backup_id,
-            project_id=principal.project_id,
-            device_id_hash=_own_device_only(principal),
-        )
+    visibility, source = _visibility(principal), None
+    if visibility is not None:
+        async with pooled_connection(engine) as connection:
+            source = await visible_restore_source(connection, visibility, backup_id)
     if source is None:
         raise NotFoundError("backup not found")
     return source

@@ -23,7 +23,7 @@ from zkeb.domain.backups.store.connection import raw_tenant_transaction
 if TYPE_CHECKING:
     import asyncpg
 
-__all__ = ("RestoreSource", "visible_backup", "visible_page", "visible_restore_source")
+__all__ = ("RestoreSource", "Visibility", "visible_backup", "visible_page", "visible_restore_source")
 
 #: (ORM attribute, column) of every `backups` column the model maps (`metadata_` is the `metadata` column).
 _ATTRIBUTES = tuple(
@@ -47,6 +47,15 @@ _PAGE_ORDER = " ORDER BY b.created_at DESC, b.id DESC LIMIT {limit}"
 
 
 @dataclass(frozen=True, slots=True)
+class Visibility:
+    """Which backups a read may return: one project's, not in the trash, and only one device's with `device_id_hash`."""
+
+    organization_id: UUID
+    project_id: UUID
+    device_id_hash: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
 class RestoreSource:
     """A visible backup with its payload's wrapped key, chunk map and store (`payloads.store`)."""
 
@@ -60,36 +69,27 @@ def _backup(row: Any) -> Backup:
     return Backup(**{attribute: row[column] for attribute, column in _ATTRIBUTES})
 
 
-async def visible_backup(
-    connection: asyncpg.Connection,
-    organization_id: UUID,
-    *,
-    backup_id: UUID,
-    project_id: UUID,
-    device_id_hash: bytes | None,
-) -> Backup | None:
-    """The backup, if it is visible (`device_id_hash`: only that device's own); None otherwise."""
-    async with raw_tenant_transaction(connection, organization_id, readonly=True):
-        row = await connection.fetchrow(_BACKUP, backup_id, project_id, device_id_hash)
+async def visible_backup(connection: asyncpg.Connection, visibility: Visibility, backup_id: UUID) -> Backup | None:
+    """The backup, if it is visible; None otherwise."""
+    async with raw_tenant_transaction(connection, visibility.organization_id, readonly=True):
+        row = await connection.fetchrow(_BACKUP, backup_id, visibility.project_id, visibility.device_id_hash)
     return None if row is None else _backup(row)
 
 
 async def visible_page(
     connection: asyncpg.Connection,
-    organization_id: UUID,
+    visibility: Visibility,
     *,
-    project_id: UUID,
-    device_id_hash: bytes | None,
     container_id: UUID | None,
     after: tuple[datetime, UUID] | None,
     limit: int,
 ) -> list[Backup]:
-    """Up to `limit` visible backups, newest first: of `container_id` and of the device `device_id_hash` when given,
-    older than `after` ((created_at, id), a keyset position) when given."""
+    """Up to `limit` visible backups, newest first: of `container_id` when given, older than `after` ((created_at,
+    id), a keyset position) when given."""
     conditions: list[str] = []
-    arguments: list[object] = [project_id]
-    if device_id_hash is not None:
-        arguments.append(device_id_hash)
+    arguments: list[object] = [visibility.project_id]
+    if visibility.device_id_hash is not None:
+        arguments.append(visibility.device_id_hash)
         conditions.append(f" AND b.device_id_hash = ${len(arguments)}")
     if container_id is not None:
         arguments.append(container_id)
@@ -98,22 +98,19 @@ async def visible_page(
         arguments += after
         conditions.append(f" AND (b.created_at, b.id) < (${len(arguments) - 1}, ${len(arguments)})")
     statement = _PAGE.format(columns=_COLUMNS, conditions="".join(conditions)) + _PAGE_ORDER.format(limit=int(limit))
-    async with raw_tenant_transaction(connection, organization_id, readonly=True):
+    async with raw_tenant_transaction(connection, visibility.organization_id, readonly=True):
         rows = await connection.fetch(statement, *arguments)
     return [_backup(row) for row in rows]
 
 
 async def visible_restore_source(
-    connection: asyncpg.Connection,
-    organization_id: UUID,
-    *,
-    backup_id: UUID,
-    project_id: UUID,
-    device_id_hash: bytes | None,
+    connection: asyncpg.Connection, visibility: Visibility, backup_id: UUID
 ) -> RestoreSource | None:
     """The visible backup and its payload's key, chunk map and store, read in one transaction; None if not visible."""
-    async with raw_tenant_transaction(connection, organization_id, readonly=True):
-        row = await connection.fetchrow(_BACKUP_AND_PAYLOAD, backup_id, project_id, device_id_hash)
+    async with raw_tenant_transaction(connection, visibility.organization_id, readonly=True):
+        row = await connection.fetchrow(
+            _BACKUP_AND_PAYLOAD, backup_id, visibility.project_id, visibility.device_id_hash
+        )
         if row is None:
             return None
         spans = [
