@@ -8,11 +8,12 @@ payload store on the endpoint. For 10 and 100 MiB payloads, each repeat measures
 side goes first:
 
 - ZKEB upload: upload.py's tus PATCH (httpx from a generator), first byte to the 204 that commits; the server
-  encrypts each 1 MiB chunk and PUTs it as its own object (8 at a time);
+  encrypts each chunk (`S3PayloadStore.chunk_size`, 4 MiB) and PUTs it as its own object (2 at a time);
 - ZKEB restore: upload.py's plain-socket GET of the payload, decryption on;
-- raw put / raw get: aiobotocore (the client the server uses) with the same bytes as one object, and as 1 MiB
-  objects 8 and 2 at a time (the server's layout without the server, at the client's limit and at what the
-  server keeps in flight): the store's own ceilings in this run.
+- raw put / raw get: aiobotocore (the client the server uses, configured as the server configures it) with the
+  same bytes as one object, and as objects of the server's chunk size 8 and 2 at a time (the server's layout
+  without the server, at the client's limit and at what a tus PATCH keeps in flight): the store's own ceilings in
+  this run.
 
 Credentials come from the standard AWS chain (moto accepts any; `testing` is set when none is). With moto, the
 objects vanish with the server; on a real endpoint everything is written under a fresh `zkeb-bench-*/` prefix,
@@ -50,11 +51,15 @@ from harness import (
 )
 from upload import MIB, _restore_raw, _upload, provision
 
+from zkeb.domain.backups.store.s3 import S3PayloadStore
+
 SIZES_MIB = (10, 100)
-#: Objects in flight at once for the raw 1 MiB-object runs: the S3 client's limit (`store.s3.CONCURRENCY`) ...
+#: The size of the raw chunk objects: the server's.
+OBJECT = S3PayloadStore.chunk_size
+#: Objects in flight at once for the raw chunk-object runs: the S3 client's limit (`store.s3.CONCURRENCY`) ...
 CONCURRENCY = 8
-#: ... and what the server keeps in flight: a tus PATCH stores `storage.WRITE_BATCH` chunks per batch, a restore
-#: fetches `store.payloads.READ_BATCH` per batch, one batch at a time.
+#: ... and what a tus PATCH keeps in flight (`chunk_writes.WRITE_BATCH` chunks per batch, one batch at a time; a
+#: restore keeps `store.s3.READ_AHEAD` = 4).
 SERVER_BATCH = 2
 
 
@@ -105,8 +110,14 @@ class CpuMeter:
 
 @asynccontextmanager
 async def s3_client(endpoint: Endpoint) -> AsyncIterator[Any]:
-    """The raw client: aiobotocore as the server configures it (standard retries, a pool of 32)."""
-    config = AioConfig(retries={"mode": "standard", "max_attempts": 3}, max_pool_connections=32)
+    """The raw client: aiobotocore as the server configures it (standard retries, a pool of 32, body checksums only
+    where the S3 API requires them)."""
+    config = AioConfig(
+        retries={"mode": "standard", "max_attempts": 3},
+        max_pool_connections=32,
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+    )
     async with get_session().create_client(
         "s3", region_name=endpoint.region, endpoint_url=endpoint.url, config=config
     ) as client:
@@ -139,14 +150,14 @@ async def _gather_limited(coroutines: list[Awaitable[Any]], limit: int = CONCURR
 async def _raw_put_chunks(client: Any, endpoint: Endpoint, prefix: str, payload: bytes, limit: int) -> None:
     view = memoryview(payload)
     puts = [
-        _raw_put(client, endpoint, f"{prefix}{seq:08d}", bytes(view[start : start + MIB]))
-        for seq, start in enumerate(range(0, len(payload), MIB))
+        _raw_put(client, endpoint, f"{prefix}{seq:08d}", bytes(view[start : start + OBJECT]))
+        for seq, start in enumerate(range(0, len(payload), OBJECT))
     ]
     await _gather_limited(puts, limit)
 
 
 async def _raw_get_chunks(client: Any, endpoint: Endpoint, prefix: str, size: int, limit: int) -> int:
-    gets = [_raw_get(client, endpoint, f"{prefix}{seq:08d}") for seq in range(size // MIB)]
+    gets = [_raw_get(client, endpoint, f"{prefix}{seq:08d}") for seq in range(-(-size // OBJECT))]
     return sum(await _gather_limited(gets, limit))
 
 
@@ -264,12 +275,12 @@ def _report(results: dict[int, list[Row]], repeats: int, *, local_store: bool) -
     labels = (
         ("ours_up", "ZKEB upload (tus PATCH)"),
         ("raw_put", "raw put, one object"),
-        ("raw_put_chunks", f"raw put, 1 MiB objects x{CONCURRENCY}"),
-        ("raw_put_chunks_2", f"raw put, 1 MiB objects x{SERVER_BATCH}"),
+        ("raw_put_chunks", f"raw put, {OBJECT // MIB} MiB objects x{CONCURRENCY}"),
+        ("raw_put_chunks_2", f"raw put, {OBJECT // MIB} MiB objects x{SERVER_BATCH}"),
         ("ours_down", "ZKEB restore (socket)"),
         ("raw_get", "raw get, one object"),
-        ("raw_get_chunks", f"raw get, 1 MiB objects x{CONCURRENCY}"),
-        ("raw_get_chunks_2", f"raw get, 1 MiB objects x{SERVER_BATCH}"),
+        ("raw_get_chunks", f"raw get, {OBJECT // MIB} MiB objects x{CONCURRENCY}"),
+        ("raw_get_chunks_2", f"raw get, {OBJECT // MIB} MiB objects x{SERVER_BATCH}"),
     )
     for size_mib, rows in results.items():
         for attribute, label in labels:
@@ -287,10 +298,10 @@ def _report(results: dict[int, list[Row]], repeats: int, *, local_store: bool) -
         down_2 = [r.raw_get_chunks_2.seconds / r.ours_down.seconds for r in rows]
         print(
             f"  {size_mib:>3} MiB upload / raw put:  {_spread(up)}   "
-            f"(/ raw 1 MiB puts x{CONCURRENCY}: {_spread(up_chunks)}, x{SERVER_BATCH}: {_spread(up_2)})"
+            f"(/ raw {OBJECT // MIB} MiB puts x{CONCURRENCY}: {_spread(up_chunks)}, x{SERVER_BATCH}: {_spread(up_2)})"
         )
         print(
-            f"  {size_mib:>3} MiB restore / raw get: {_spread(down)}   (/ raw 1 MiB gets x{CONCURRENCY}: "
+            f"  {size_mib:>3} MiB restore / raw get: {_spread(down)}   (/ raw {OBJECT // MIB} MiB gets x{CONCURRENCY}: "
             f"{_spread(down_chunks)}, x{SERVER_BATCH}: {_spread(down_2)})"
         )
 

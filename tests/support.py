@@ -30,6 +30,8 @@ from zkeb.core.tenancy import install_tenant_setter
 from zkeb.domain.accounts.services import OrganizationService
 from zkeb.domain.backups.jobs.maintenance import MaintenanceReport, MaintenanceRunner
 from zkeb.domain.backups.plugin import payload_stores
+from zkeb.domain.backups.store.payloads import PostgresPayloadStore
+from zkeb.domain.backups.store.s3 import S3PayloadStore
 from zkeb.lib.envelope import backup_signed_message, format_rfc3339_utc
 from zkeb.settings import PayloadStoreSettings, Settings
 
@@ -74,6 +76,11 @@ async def audit_linked(connection: Any, organization_id: uuid.UUID) -> None:
 #: `pytestmark = BOTH_STORES` (or the decorator on one test) runs tests once with each payload store
 #: (the `payload_store_env` fixture of conftest.py).
 BOTH_STORES = pytest.mark.parametrize("payload_store_env", ["postgres", "s3"], indirect=True)
+
+
+def store_chunk_size(settings: Settings) -> int:
+    """Plaintext bytes per chunk of the payloads a server with `settings` writes (each store cuts its own)."""
+    return S3PayloadStore.chunk_size if settings.payload_store.kind == "s3" else PostgresPayloadStore.chunk_size
 
 
 def make_settings(base: dict[str, str], **overrides: str) -> Settings:

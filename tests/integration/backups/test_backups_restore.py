@@ -25,7 +25,7 @@ from litestar.testing import AsyncTestClient
 
 from zkeb.settings import Settings
 
-from support import BOTH_STORES, Envelope, problem
+from support import BOTH_STORES, Envelope, problem, store_chunk_size
 
 Client = AsyncTestClient[Litestar]
 
@@ -261,10 +261,11 @@ async def test_latest_of_empty_container_is_404(client: Client, tenant: Tenant) 
 
 @BOTH_STORES
 async def test_delete_moves_to_the_trash_and_an_admin_purge_removes_backup_and_chunks(
-    client: Client, tenant: Tenant, owner_connection: asyncpg.Connection
+    client: Client, settings: Settings, tenant: Tenant, owner_connection: asyncpg.Connection
 ) -> None:
-    keep = await upload(client, tenant, sign_envelope(tenant, os.urandom(MIB + 1)))
-    gone = await upload(client, tenant, sign_envelope(tenant, os.urandom(2 * MIB + 1)))
+    chunk = store_chunk_size(settings)
+    keep = await upload(client, tenant, sign_envelope(tenant, os.urandom(chunk + 1)))
+    gone = await upload(client, tenant, sign_envelope(tenant, os.urandom(2 * chunk + 1)))  # 3 chunks
     before = await row_counts(owner_connection)
     response = await client.delete(f"/api/v1/backups/{gone['id']}", headers=auth(tenant.project_key))
     assert response.status_code == 204

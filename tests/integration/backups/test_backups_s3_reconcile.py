@@ -13,10 +13,11 @@ from typing import Any
 
 import asyncpg
 import pytest
-from backups_support import MIB, Tenant, auth, make_tenant, sign_envelope
+from backups_support import Tenant, auth, make_tenant, sign_envelope
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
+from zkeb.domain.backups.store.s3 import S3PayloadStore
 from zkeb.settings import PayloadStoreSettings, Settings
 
 from support import raw_s3_client
@@ -24,6 +25,7 @@ from support import raw_s3_client
 Client = AsyncTestClient[Litestar]
 
 S3_ONLY = pytest.mark.parametrize("payload_store_env", ["s3"], indirect=True)
+CHUNK = S3PayloadStore.chunk_size
 
 
 def _reconcile(env: dict[str, str], *args: str) -> tuple[int, dict[str, Any]]:
@@ -61,8 +63,8 @@ async def test_reconcile_reports_an_orphan_object_and_a_missing_one_and_deletes_
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ZKEB_", "DATABASE_", "REDIS_", "S3_", "PAYLOAD_"))}
     env = {**env, **base_settings_env, "DATABASE_URL": database_url, **payload_store_env}
     tenant = await make_tenant(client, settings)
-    kept = await _backup(client, tenant, os.urandom(2 * MIB))
-    damaged = await _backup(client, tenant, os.urandom(2 * MIB))
+    kept = await _backup(client, tenant, os.urandom(2 * CHUNK))
+    damaged = await _backup(client, tenant, os.urandom(2 * CHUNK))
     purged = await _backup(client, tenant, os.urandom(100))
     purge = await client.delete(f"/api/v1/backups/{purged}", params={"purge": "true"}, headers=auth(tenant.admin_key))
     assert purge.status_code == 204
@@ -85,7 +87,7 @@ async def test_reconcile_reports_an_orphan_object_and_a_missing_one_and_deletes_
     assert (status, found["clean"]) == (1, False)
     assert found["missing"] == {
         "count": 1,
-        "bytes": MIB,
+        "bytes": CHUNK,
         "items": [{"organization_id": str(tenant.organization_id), "payload_id": str(damaged_payload), "seq": 1}],
     }
     assert (found["orphans"]["count"], found["orphans"]["bytes"]) == (1, 1000)
@@ -124,7 +126,7 @@ async def test_reconcile_pages_through_a_listing_longer_than_one_page(
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ZKEB_", "DATABASE_", "REDIS_", "S3_", "PAYLOAD_"))}
     env = {**env, **base_settings_env, "DATABASE_URL": database_url, **payload_store_env}
     tenant = await make_tenant(client, settings)
-    await _backup(client, tenant, os.urandom(3 * MIB))
+    await _backup(client, tenant, os.urandom(2 * CHUNK + 1))  # 3 chunks
     stray = uuid.uuid4()
     async with raw_s3_client(s3_store_settings) as bucket:
         await asyncio.gather(

@@ -23,6 +23,7 @@ from litestar.testing import AsyncTestClient
 
 from zkeb.app import create_app
 from zkeb.domain.backups.context import build_keyring
+from zkeb.domain.backups.store.s3 import S3PayloadStore
 from zkeb.lib.atrest import CHUNK_OVERHEAD, unwrap_data_key
 from zkeb.settings import PayloadStoreSettings, Settings
 
@@ -32,6 +33,7 @@ Client = AsyncTestClient[Litestar]
 
 #: For the tests that use the `settings` (or `client`) fixture: the app stores payloads in a new bucket.
 S3_ONLY = pytest.mark.parametrize("payload_store_env", ["s3"], indirect=True)
+CHUNK = S3PayloadStore.chunk_size
 
 
 @pytest.fixture
@@ -80,7 +82,7 @@ async def test_a_backup_lives_in_the_bucket_as_ciphertext_only_and_restores_byte
     s3_store_settings: PayloadStoreSettings,
     owner_connection: asyncpg.Connection,
 ) -> None:
-    payload = b"recognisable device ciphertext! " * (MIB // 16)  # 2 MiB: 2 chunks
+    payload = b"recognisable device ciphertext! " * (2 * CHUNK // 32)  # 2 chunks
     response = await client.post(
         "/api/v1/backups", json=sign_envelope(tenant, payload).json(), headers=auth(tenant.project_key)
     )
@@ -110,7 +112,7 @@ async def test_a_backup_lives_in_the_bucket_as_ciphertext_only_and_restores_byte
 
 @S3_ONLY
 async def test_range_and_if_range_restores_read_only_what_they_need(client: Client, tenant: Tenant) -> None:
-    payload = os.urandom(3 * MIB + 5)
+    payload = os.urandom(2 * CHUNK + 5)
     response = await client.post(
         "/api/v1/backups", json=sign_envelope(tenant, payload).json(), headers=auth(tenant.project_key)
     )
@@ -120,11 +122,11 @@ async def test_range_and_if_range_restores_read_only_what_they_need(client: Clie
     etag = whole.headers["etag"]
     assert whole.content == payload
 
-    first = MIB - 10
-    ranged = await client.get(url, headers={**auth(tenant.project_key), "Range": f"bytes={first}-{2 * MIB + 9}"})
+    first, last = CHUNK - 10, 2 * CHUNK + 2  # the end of chunk 0, all of chunk 1, the start of chunk 2
+    ranged = await client.get(url, headers={**auth(tenant.project_key), "Range": f"bytes={first}-{last}"})
     assert ranged.status_code == 206
-    assert ranged.content == payload[first : 2 * MIB + 10]
-    assert ranged.headers["content-range"] == f"bytes {first}-{2 * MIB + 9}/{len(payload)}"
+    assert ranged.content == payload[first : last + 1]
+    assert ranged.headers["content-range"] == f"bytes {first}-{last}/{len(payload)}"
 
     suffix = await client.get(url, headers={**auth(tenant.project_key), "Range": "bytes=-5", "If-Range": etag})
     assert (suffix.status_code, suffix.content) == (206, payload[-5:])
@@ -136,9 +138,9 @@ async def test_range_and_if_range_restores_read_only_what_they_need(client: Clie
 async def test_a_tus_upload_resumes_over_objects_and_a_chunk_left_by_a_dead_patch_is_cleared(
     client: Client, tenant: Tenant, s3_store_settings: PayloadStoreSettings, owner_connection: asyncpg.Connection
 ) -> None:
-    payload = os.urandom(3 * MIB + 100)
+    payload = os.urandom(3 * CHUNK + 100)
     location, _ = await _tus_create(client, tenant, payload)
-    split = MIB + MIB // 2  # mid-chunk: the first PATCH flushes a short second chunk
+    split = CHUNK + CHUNK // 2  # mid-chunk: the first PATCH flushes a short second chunk
     first = await _patch(client, tenant, location, 0, payload[:split])
     assert (first.status_code, first.headers["upload-offset"]) == (204, str(split))
     payload_id = await owner_connection.fetchval("SELECT payload_id FROM upload_sessions")
@@ -154,7 +156,7 @@ async def test_a_tus_upload_resumes_over_objects_and_a_chunk_left_by_a_dead_patc
     objects = await _objects(s3_store_settings)
     assert objects[stray_key] != b"left by a dead PATCH"
     chunk_count = await owner_connection.fetchval("SELECT chunk_count FROM payloads WHERE id = $1", payload_id)
-    assert len(objects) == chunk_count == 4  # 1 MiB and 0.5 MiB from each PATCH (the second's last + 100 bytes)
+    assert len(objects) == chunk_count == 4  # a chunk and a half from each PATCH (the second's last + 100 bytes)
     restored = await client.get(f"/api/v1/backups/{backup_id}/payload", headers=auth(tenant.project_key))
     assert hashlib.sha256(restored.content).digest() == hashlib.sha256(payload).digest()
 
@@ -346,15 +348,15 @@ async def test_purged_and_terminated_payloads_lose_their_objects_at_the_nextmain
     s3_store_settings: PayloadStoreSettings,
     owner_connection: asyncpg.Connection,
 ) -> None:
-    kept_payload = os.urandom(2 * MIB)
+    kept_payload = os.urandom(2 * CHUNK)
     kept = await client.post(
         "/api/v1/backups", json=sign_envelope(tenant, kept_payload).json(), headers=auth(tenant.project_key)
     )
     purged = await client.post(
-        "/api/v1/backups", json=sign_envelope(tenant, os.urandom(MIB + 1)).json(), headers=auth(tenant.project_key)
+        "/api/v1/backups", json=sign_envelope(tenant, os.urandom(CHUNK + 1)).json(), headers=auth(tenant.project_key)
     )
-    location, payload = await _tus_create(client, tenant, os.urandom(3 * MIB))
-    assert (await _patch(client, tenant, location, 0, payload[:MIB])).status_code == 204
+    location, payload = await _tus_create(client, tenant, os.urandom(3 * CHUNK))
+    assert (await _patch(client, tenant, location, 0, payload[:CHUNK])).status_code == 204
     assert len(await _objects(s3_store_settings)) == 5
 
     deleted = await client.delete(
@@ -427,7 +429,7 @@ async def test_storage_status_reports_where_payloads_live_and_theraw_s3_client(
     payload_store_env: dict[str, str],
 ) -> None:
     response = await client.post(
-        "/api/v1/backups", json=sign_envelope(tenant, os.urandom(2 * MIB)).json(), headers=auth(tenant.project_key)
+        "/api/v1/backups", json=sign_envelope(tenant, os.urandom(2 * CHUNK)).json(), headers=auth(tenant.project_key)
     )
     assert response.status_code == 201
     env = _cli_env(base_settings_env, database_url, payload_store_env)
@@ -437,10 +439,10 @@ async def test_storage_status_reports_where_payloads_live_and_theraw_s3_client(
     assert result.returncode == 0, result.stderr
     status = json.loads(result.stdout)
     assert status["payload_store"] == "s3"
-    assert status["stores"] == {"s3": {"payloads": 1, "bytes": 2 * MIB, "chunks": 2}}
+    assert status["stores"] == {"s3": {"payloads": 1, "bytes": 2 * CHUNK, "chunks": 2}}
     assert status["pending_object_deletions"] == 0
     assert status["bucket"]["objects"] == 2
-    assert status["bucket"]["bytes"] == 2 * MIB + 2 * CHUNK_OVERHEAD
+    assert status["bucket"]["bytes"] == 2 * CHUNK + 2 * CHUNK_OVERHEAD
 
 
 @S3_ONLY

@@ -49,6 +49,7 @@ from support import (
     maintenance_pass,
     make_settings,
     problem,
+    store_chunk_size,
 )
 
 Client = AsyncTestClient[Litestar]
@@ -683,9 +684,10 @@ async def test_a_completing_patch_whose_upload_ended_during_verification_commits
 async def test_expired_upload_is_gone_and_maintenance_purges_it_with_its_bytes(
     client: Client, settings: Settings, tenant: Tenant, owner_connection: asyncpg.Connection
 ) -> None:
-    payload = os.urandom(MIB + 5)
+    chunk = store_chunk_size(settings)
+    payload = os.urandom(chunk + 5)
     stale = (await create(client, tenant, sign_envelope(tenant, payload))).headers["location"]
-    await patch(client, tenant, stale, payload[: MIB + 2], 0)
+    await patch(client, tenant, stale, payload[: chunk + 2], 0)
     fresh_envelope = sign_envelope(tenant, payload)
     fresh = (await create(client, tenant, fresh_envelope)).headers["location"]
     await patch(client, tenant, fresh, payload[:10], 0)
@@ -697,7 +699,7 @@ async def test_expired_upload_is_gone_and_maintenance_purges_it_with_its_bytes(
         "UPDATE upload_sessions SET expires_at = now() - interval '1 second' WHERE id = $1",
         uuid.UUID(stale.rsplit("/", 1)[1]),
     )
-    gone = await patch(client, tenant, stale, payload[MIB + 2 :], MIB + 2)
+    gone = await patch(client, tenant, stale, payload[chunk + 2 :], chunk + 2)
     assert gone.status_code == 410
     problem(gone)
     swept = await maintenance_pass(settings)
@@ -764,9 +766,10 @@ async def test_maintenance_purges_an_orphaned_payload_with_its_chunks_and_object
 ) -> None:
     # An upload whose session row is gone but whose payload stayed (its process died between the two): after
     # ORPHAN_AGE the payload is an orphan, and one pass removes it, its chunk rows and, with S3, its objects.
-    payload = os.urandom(MIB + 5)
+    chunk = store_chunk_size(settings)
+    payload = os.urandom(chunk + 5)
     location = (await create(client, tenant, sign_envelope(tenant, payload))).headers["location"]
-    await patch(client, tenant, location, payload[: MIB + 2], 0)
+    await patch(client, tenant, location, payload[: chunk + 2], 0)  # a full chunk and a short one
     kept = await client.post(
         "/api/v1/backups", json=sign_envelope(tenant, b"kept").json(), headers=auth(tenant.project_key)
     )

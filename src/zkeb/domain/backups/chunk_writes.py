@@ -1,7 +1,7 @@
 """Payload writes: a byte stream cut into chunks, hashed, encrypted and stored while the request keeps receiving.
 
-A payload is stored as ordered chunks of about `CHUNK_SIZE` bytes, each encrypted with the payload's data key
-(`ChunkCipher`, the chunk's sequence number bound as associated data), in the payload's store
+A payload is stored as ordered chunks of about its store's `chunk_size` bytes, each encrypted with the payload's
+data key (`ChunkCipher`, the chunk's sequence number bound as associated data), in the payload's store
 (`zkeb.domain.backups.store.payloads`: PostgreSQL's `backup_chunks`, or an S3 bucket with the rows in PostgreSQL).
 Writes never hold one transaction across an upload: chunks are written in short batches on a raw asyncpg
 connection of the app's pool, while the request keeps receiving, hashing and encrypting the next chunk (the store
@@ -32,14 +32,12 @@ from zkeb.lib.atrest import ChunkCipher
 if TYPE_CHECKING:
     import asyncpg
 
-__all__ = ("CHUNK_SIZE", "ChunkPipeline", "PipelineError", "TransactionHook", "hash_stored_chunks")
+__all__ = ("ChunkPipeline", "PipelineError", "TransactionHook", "hash_stored_chunks")
 
 T = TypeVar("T")
 
 tracer = trace.get_tracer("zkeb.backups")
 
-#: Plaintext bytes per stored chunk.
-CHUNK_SIZE = 1 << 20
 #: Encrypted chunks waiting for the writer (bounds memory per upload to a few chunks).
 WRITE_QUEUE_DEPTH = 2
 #: Most chunks inserted in one transaction.
@@ -100,7 +98,6 @@ class ChunkPipeline:
         first_seq: int = 0,
         first_offset: int = 0,
         digests: Sequence[Any] = (),
-        chunk_size: int = CHUNK_SIZE,
         in_transaction: TransactionHook | None = None,
     ) -> None:
         """Prepare to write chunks `first_seq, ...` starting at byte `first_offset` of the payload."""
@@ -111,9 +108,9 @@ class ChunkPipeline:
         self._payload_id = payload_id
         self._cipher = cipher
         self._digests = tuple(digests)
-        self._chunk_size = chunk_size
+        self._chunk_size = store.chunk_size
         # One chunk's worth, allocated once and refilled: no reallocation, whatever the size of the pieces.
-        self._buffer = bytearray(chunk_size)
+        self._buffer = bytearray(store.chunk_size)
         self._filled = 0
         self._queue: asyncio.Queue[_Chunk | None] = asyncio.Queue(maxsize=WRITE_QUEUE_DEPTH)
         self._writer: asyncio.Task[None] | None = None

@@ -35,7 +35,6 @@ from zkeb.core.auth import Principal
 from zkeb.core.database import pooled_connection
 from zkeb.core.errors import ConflictError, NotFoundError
 from zkeb.db.models import Backup
-from zkeb.domain.backups.chunk_writes import CHUNK_SIZE
 from zkeb.domain.backups.context import BackupsContext
 from zkeb.domain.backups.crypto import PayloadKey
 from zkeb.domain.backups.envelope import BackupEnvelope, envelope_columns, invalid_field
@@ -150,14 +149,15 @@ async def commit_in_memory(
 
 async def _stage(store: PayloadStore, job: _NewBackupJob, cipher: ChunkCipher) -> None:
     """Encrypt and stage the chunks a few at a time (memory: the body plus `STAGE_BATCH` chunks)."""
-    view = memoryview(job.payload.data).cast("B")
-    chunk_count = max(1, -(-job.size // CHUNK_SIZE))
     if not store.stages_bytes:
         return  # the rows carry the bytes
+    view = memoryview(job.payload.data).cast("B")
+    chunk_size = store.chunk_size
+    chunk_count = max(1, -(-job.size // chunk_size))
     with tracer.start_as_current_span("backups.stage", attributes={"zkeb.chunk_count": chunk_count}):
         for first in range(0, chunk_count, STAGE_BATCH):
             chunks = [
-                (seq, cipher.encrypt(seq, view[seq * CHUNK_SIZE : (seq + 1) * CHUNK_SIZE]))
+                (seq, cipher.encrypt(seq, view[seq * chunk_size : (seq + 1) * chunk_size]))
                 for seq in range(first, min(first + STAGE_BATCH, chunk_count))
             ]
             await store.stage(job.organization_id, job.payload_id, chunks)
@@ -260,9 +260,10 @@ async def _store(  # noqa: PLR0917 - the commit's parts, each once
         # With staged chunks the rows carry no bytes: nothing to encrypt again here.
         return b"" if store.stages_bytes else cipher.encrypt(seq, piece)
 
-    chunk_count = max(1, -(-size // CHUNK_SIZE))
+    chunk_size = store.chunk_size
+    chunk_count = max(1, -(-size // chunk_size))
     with tracer.start_as_current_span("backups.store", attributes={"zkeb.chunk_count": chunk_count}):
-        first = view[:CHUNK_SIZE]
+        first = view[:chunk_size]
         created_at = await insert_backup(
             connection,
             NewBackup(
@@ -285,14 +286,14 @@ async def _store(  # noqa: PLR0917 - the commit's parts, each once
             charge_shard=admission.quota is None,
         )
         for seq in range(1, chunk_count):  # one chunk in memory at a time, whatever the payload's size
-            piece = view[seq * CHUNK_SIZE : (seq + 1) * CHUNK_SIZE]
+            piece = view[seq * chunk_size : (seq + 1) * chunk_size]
             await insert_chunk(
                 connection,
                 chunk_id=uuid7(),
                 organization_id=job.organization_id,
                 payload_id=job.payload_id,
                 seq=seq,
-                offset=seq * CHUNK_SIZE,
+                offset=seq * chunk_size,
                 plain_size=len(piece),
                 data=row_data(seq, piece),
             )

@@ -89,6 +89,9 @@ class PayloadStore(ABC):
     kind: ClassVar[StoreKind]
     #: Whether chunk bytes live outside the rows (staged before them; the rows' `data` is empty).
     stages_bytes: ClassVar[bool]
+    #: Plaintext bytes per chunk that new payloads are cut into. Each chunk records its own size, so readers never
+    #: assume this (a payload moved between stores keeps the chunks it was written with).
+    chunk_size: ClassVar[int]
 
     @abstractmethod
     async def write_batch(
@@ -205,6 +208,8 @@ class PostgresPayloadStore(PayloadStore):
 
     kind: ClassVar[StoreKind] = "postgres"
     stages_bytes: ClassVar[bool] = False
+    #: 1 MiB: a row's `data` stays well inside one TOAST value, and a restore's batch of `READ_BATCH` rows is 2 MiB.
+    chunk_size: ClassVar[int] = 1 << 20
 
     async def write_batch(
         self,
