@@ -11,7 +11,8 @@ FROM ghcr.io/astral-sh/uv:0.13.9 AS uv
 FROM ${PYTHON_IMAGE} AS builder
 # Optional extras to install, e.g. --build-arg EXTRAS=grpc for OTLP over gRPC (pyproject.toml lists them).
 ARG EXTRAS=""
-# No blanket bytecode: scripts/image_bytecode.py compiles what the server imports (below).
+# No blanket bytecode: scripts/image_bytecode.py compiles what the server imports (below), for the dependencies in
+# place of their source (one copy of each module in the image, not two; ZKEB's own code keeps its source).
 ENV UV_COMPILE_BYTECODE=0 \
     UV_LINK_MODE=copy \
     UV_NO_CACHE=1 \
@@ -28,7 +29,10 @@ COPY pyproject.toml uv.lock ./
 # What the runtime never reads leaves with the build: the shared objects' symbols, type stubs, C/C++/Cython sources
 # and headers, the test suites some wheels ship (greenlet's, certifi's), and the API models of the ~440 AWS services
 # botocore carries (22 MB) but those the S3 payload store calls: S3, and STS and SSO for role and SSO credentials
-# (scripts/image-check.sh runs the S3 store from the image against a real S3 server).
+# (scripts/image-check.sh runs the S3 store from the image against a real S3 server); botocore's loader reads each of
+# its data files as .json or .json.gz, so they stay, gzipped (its endpoint table alone is 1.2 MB of JSON).
+# Test support no `zkeb` process imports goes too: SQLAlchemy's, Alembic's and Litestar's `testing` packages and the
+# dialects' `provision` modules they load, and SQLAlchemy's mypy plugin.
 # Pygments (5.6 MB) is rich's, for syntax-highlighted tracebacks and code in a terminal: the server prints neither
 # (its logs are its own formatters'), and the one import it meets, Mako's (Alembic's templates), falls back without
 # it. It stays in the lock, where pytest and the developers' tools need it; the image does not install it
@@ -40,7 +44,13 @@ RUN uv sync --locked --no-dev --no-editable --no-install-project --no-install-pa
        -o -name '*.c' -o -name '*.cpp' -o -name '*.h' -o -name '*.hpp' \) -delete \
     && find /app/.venv/lib -depth -type d -name tests -path '*/site-packages/*/tests' -exec rm -rf {} + \
     && find /app/.venv/lib/python*/site-packages/botocore/data -mindepth 1 -maxdepth 1 -type d \
-       ! -name s3 ! -name sts ! -name sso ! -name sso-oidc -exec rm -rf {} +
+       ! -name s3 ! -name sts ! -name sso ! -name sso-oidc -exec rm -rf {} + \
+    && find /app/.venv/lib/python*/site-packages/botocore/data -type f -name '*.json' -exec gzip -9n {} + \
+    && rm -rf /app/.venv/lib/python*/site-packages/sqlalchemy/testing \
+       /app/.venv/lib/python*/site-packages/alembic/testing \
+       /app/.venv/lib/python*/site-packages/litestar/testing \
+       /app/.venv/lib/python*/site-packages/sqlalchemy/ext/mypy \
+       /app/.venv/lib/python*/site-packages/sqlalchemy/dialects/*/provision.py
 # Then the project itself, installed as a wheel (no source tree in the runtime).
 COPY README.md ./
 COPY src ./src
@@ -48,7 +58,7 @@ COPY src ./src
 COPY db/migrations ./db/migrations
 COPY scripts/image_bytecode.py ./scripts/
 RUN uv sync --locked --no-dev --no-editable --no-install-package pygments ${EXTRAS:+--extra "${EXTRAS}"} \
-    && /app/.venv/bin/python -B scripts/image_bytecode.py \
+    && /app/.venv/bin/python -B scripts/image_bytecode.py --sourceless \
     && /app/.venv/bin/python -m compileall -q db/migrations
 
 # ---------------------------------------------------------------------------

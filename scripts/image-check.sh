@@ -492,7 +492,8 @@ for i, digest in enumerate(image):
     print(f"  layer {mb(sizes.get(digest, 0))}  {what[:100]}")
 PY
   step "ten largest packages in the venv"
-  # On disk: the files each RECORD lists, plus the bytecode compiled for them (which RECORD leaves out).
+  # On disk: the files each RECORD lists, plus the bytecode compiled for them (which RECORD leaves out), cached or
+  # written in place of the source (scripts/image_bytecode.py --sourceless).
   in_image python -c '
 import importlib.metadata as md, sys
 tag = sys.implementation.cache_tag
@@ -503,6 +504,7 @@ for dist in md.distributions():
         path = f.locate()
         candidates = [path]
         if path.suffix == ".py":
+            candidates.append(path.with_suffix(".pyc"))
             candidates += path.parent.joinpath("__pycache__").glob(f"{path.stem}.{tag}*.pyc")
         total += sum(c.stat().st_size for c in candidates if c.is_file())
     sizes.append((total, dist.metadata["Name"]))
