@@ -179,7 +179,8 @@ async def redis_url(redis_server_url: str) -> AsyncIterator[str]:
 @pytest.fixture
 def payload_store_env(request: pytest.FixtureRequest) -> dict[str, str]:
     """The variables that choose the payload store: none (PostgreSQL) unless a test parametrizes this fixture
-    indirectly with `"s3"` (`support.BOTH_STORES`), which configures a new bucket on the moto server."""
+    indirectly with `"s3"` (`support.parametrize_stores`, `support.S3_ONLY`), which configures a new bucket on the
+    moto server."""
     kind = getattr(request, "param", "postgres")
     if kind == "postgres":
         return {}

@@ -73,9 +73,24 @@ async def audit_linked(connection: Any, organization_id: uuid.UUID) -> None:
     raise AssertionError(f"{waiting} audit events were never linked")
 
 
-#: `pytestmark = BOTH_STORES` (or the decorator on one test) runs tests once with each payload store
-#: (the `payload_store_env` fixture of conftest.py).
-BOTH_STORES = pytest.mark.parametrize("payload_store_env", ["postgres", "s3"], indirect=True)
+#: The payload stores a server can write to (the `payload_store_env` fixture of conftest.py).
+STORES = ("postgres", "s3")
+#: For a test about one store's own storage (PostgreSQL's `backup_chunks.data`, or the bucket's objects); in the
+#: directories that `parametrize_stores` covers, every other test runs with each store.
+POSTGRES_ONLY = pytest.mark.parametrize("payload_store_env", ["postgres"], indirect=True)
+S3_ONLY = pytest.mark.parametrize("payload_store_env", ["s3"], indirect=True)
+
+
+def parametrize_stores(metafunc: pytest.Metafunc) -> None:
+    """`pytest_generate_tests` of the backups and lifecycle tests: each test whose app is built from
+    `payload_store_env` (through `settings`, `app` or `client`) runs once per store, unless it names its own."""
+    if "payload_store_env" not in metafunc.fixturenames:
+        return
+    for marker in metafunc.definition.iter_markers("parametrize"):
+        names = marker.args[0]
+        if "payload_store_env" in (names.replace(" ", "").split(",") if isinstance(names, str) else names):
+            return
+    metafunc.parametrize("payload_store_env", STORES, indirect=True)
 
 
 def store_chunk_size(settings: Settings) -> int:

@@ -25,7 +25,7 @@ from litestar.testing import AsyncTestClient
 
 from zkeb.settings import Settings
 
-from support import BOTH_STORES, Envelope, problem, store_chunk_size
+from support import POSTGRES_ONLY, Envelope, problem, store_chunk_size
 
 Client = AsyncTestClient[Litestar]
 
@@ -56,7 +56,6 @@ async def upload(client: Client, tenant: Tenant, envelope: Envelope, credential:
     return body
 
 
-@BOTH_STORES
 @pytest.mark.parametrize("size", [1, MIB, MIB + 1, 25_000_000], ids=["1B", "1MiB", "1MiB+1", "25MB"])
 async def test_restore_reads_back_the_exact_bytes(client: Client, tenant: Tenant, size: int) -> None:
     payload = os.urandom(size)
@@ -98,7 +97,6 @@ async def test_if_none_match_answers_304(client: Client, tenant: Tenant) -> None
     assert other.content == payload
 
 
-@BOTH_STORES
 @pytest.mark.parametrize(
     ("header", "start", "end"),
     [
@@ -124,7 +122,6 @@ async def test_single_range_answers_206_with_the_slice(
     assert response.content == payload[start : end + 1]
 
 
-@BOTH_STORES
 async def test_head_gives_the_payloads_size_and_validators_without_the_body(client: Client, tenant: Tenant) -> None:
     payload = os.urandom(MIB + 10)
     backup = await upload(client, tenant, sign_envelope(tenant, payload))
@@ -148,7 +145,6 @@ async def test_head_gives_the_payloads_size_and_validators_without_the_body(clie
     assert other.status_code == 404
 
 
-@BOTH_STORES
 async def test_if_range_resumes_only_the_same_payload(client: Client, tenant: Tenant) -> None:
     # RFC 9110 §13.1.5: a client resuming a download sends the ETag it has; a different one means its bytes are of
     # another payload, so it must get the whole payload (200), not a slice to append (206).
@@ -188,6 +184,7 @@ async def test_multiple_ranges_are_served_whole(client: Client, tenant: Tenant) 
     assert response.content == payload
 
 
+@POSTGRES_ONLY  # a tampered `backup_chunks.data`; a tampered S3 object: test_backups_s3_store.py
 async def test_tampered_chunk_aborts_the_restore(
     client: Client, tenant: Tenant, owner_connection: asyncpg.Connection
 ) -> None:
@@ -259,7 +256,6 @@ async def test_latest_of_empty_container_is_404(client: Client, tenant: Tenant) 
     problem(response)
 
 
-@BOTH_STORES
 async def test_delete_moves_to_the_trash_and_an_admin_purge_removes_backup_and_chunks(
     client: Client, settings: Settings, tenant: Tenant, owner_connection: asyncpg.Connection
 ) -> None:

@@ -31,12 +31,11 @@ from zkeb.domain.backups.store.payloads import PayloadStores, StoredChunksMissin
 from zkeb.domain.backups.store.s3 import S3ChunkStore, S3PayloadStore
 from zkeb.settings import PayloadStoreSettings, Settings
 
-from support import granian_server, make_settings, raw_s3_client
+from support import S3_ONLY, granian_server, make_settings, raw_s3_client
 
 Client = AsyncTestClient[Litestar]
 
 #: The `client` fixture's app stores new payloads in a new bucket and reads payloads of both stores.
-S3_ONLY = pytest.mark.parametrize("payload_store_env", ["s3"], indirect=True)
 
 
 @dataclass

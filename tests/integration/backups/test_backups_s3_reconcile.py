@@ -12,7 +12,6 @@ import uuid
 from typing import Any
 
 import asyncpg
-import pytest
 from backups_support import Tenant, auth, make_tenant, sign_envelope
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
@@ -20,11 +19,10 @@ from litestar.testing import AsyncTestClient
 from zkeb.domain.backups.store.s3 import S3PayloadStore
 from zkeb.settings import PayloadStoreSettings, Settings
 
-from support import raw_s3_client
+from support import S3_ONLY, raw_s3_client
 
 Client = AsyncTestClient[Litestar]
 
-S3_ONLY = pytest.mark.parametrize("payload_store_env", ["s3"], indirect=True)
 CHUNK = S3PayloadStore.chunk_size
 
 

@@ -27,12 +27,11 @@ from zkeb.domain.backups.store.s3 import S3PayloadStore
 from zkeb.lib.atrest import CHUNK_OVERHEAD, unwrap_data_key
 from zkeb.settings import PayloadStoreSettings, Settings
 
-from support import maintenance_pass, make_settings, problem, raw_s3_client
+from support import S3_ONLY, maintenance_pass, make_settings, problem, raw_s3_client
 
 Client = AsyncTestClient[Litestar]
 
 #: For the tests that use the `settings` (or `client`) fixture: the app stores payloads in a new bucket.
-S3_ONLY = pytest.mark.parametrize("payload_store_env", ["s3"], indirect=True)
 CHUNK = S3PayloadStore.chunk_size
 
 

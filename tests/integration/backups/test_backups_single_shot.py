@@ -19,7 +19,7 @@ from litestar.testing import AsyncTestClient
 from zkeb.lib.envelope import parse_rfc3339_utc
 from zkeb.settings import Settings
 
-from support import BOTH_STORES, problem
+from support import POSTGRES_ONLY, problem
 
 Client = AsyncTestClient[Litestar]
 
@@ -39,7 +39,6 @@ async def tenant(client: Client, settings: Settings) -> Tenant:
     return await make_tenant(client, settings)
 
 
-@BOTH_STORES
 async def test_json_upload_round_trips_envelope_and_payload(client: Client, tenant: Tenant) -> None:
     payload = os.urandom(3000)
     envelope = sign_envelope(tenant, payload)
@@ -65,7 +64,6 @@ async def test_json_upload_round_trips_envelope_and_payload(client: Client, tena
     assert restored.content == payload
 
 
-@BOTH_STORES
 async def test_msgpack_upload_round_trips_and_answers_msgpack_on_request(client: Client, tenant: Tenant) -> None:
     payload = os.urandom(MIB + 17)
     envelope = sign_envelope(tenant, payload)
@@ -88,6 +86,7 @@ async def test_msgpack_upload_round_trips_and_answers_msgpack_on_request(client:
     assert restored.content == payload
 
 
+@POSTGRES_ONLY  # the rows' bytes; the bucket's: test_backups_s3_store.py
 async def test_stored_chunks_are_encrypted_at_rest(
     client: Client, tenant: Tenant, owner_connection: asyncpg.Connection
 ) -> None:

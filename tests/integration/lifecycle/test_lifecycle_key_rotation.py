@@ -1,6 +1,6 @@
 """Master-key rotation: both keys set, `zkeb keys rotate`, then only the new key; every backup restores intact.
 
-The main scenario runs with each payload store (`BOTH_STORES`): rotation re-wraps data keys only, so neither a chunk
+The main scenario runs with each payload store (conftest.py): rotation re-wraps data keys only, so neither a chunk
 row nor an S3 object is rewritten."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from zkeb.domain.backups.jobs.key_rotation import KeyRotator, StoredKeysCheck
 from zkeb.lib.atrest import master_key_id, parse_master_key
 from zkeb.settings import Settings
 
-from support import BOTH_STORES, raw_s3_client
+from support import raw_s3_client
 
 NEW_KEY = base64.b64encode(bytes(range(100, 132))).decode()
 
@@ -73,7 +73,6 @@ def _zkeb(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-@BOTH_STORES
 async def test_rotation_with_both_keys_then_only_the_new_one_restores_every_backup_byte_identically(
     base_settings_env: dict[str, str],
     database_url: str,

@@ -1,6 +1,6 @@
 """The maintenance runner: several at once never remove anything twice nor fail; `zkeb maintenance run --once`.
 
-The tests marked `BOTH_STORES` run once with each payload store; with S3, the runners also drain the deleted
+Each test runs once with each payload store (conftest.py); with S3, the runners also drain the deleted
 payloads' objects, and the bucket must hold exactly the chunks of what is left.
 """
 
@@ -35,7 +35,7 @@ from zkeb.domain.backups.jobs.maintenance import MaintenanceReport, MaintenanceR
 from zkeb.domain.backups.plugin import payload_stores
 from zkeb.settings import Settings
 
-from support import BOTH_STORES, PROJECT_USED_BYTES, assert_bucket_holds_exactly_the_chunks, maintenance_pass
+from support import PROJECT_USED_BYTES, assert_bucket_holds_exactly_the_chunks, maintenance_pass
 
 TRASHED_PER_TENANT = 12
 EXPIRED_UPLOADS_PER_TENANT = 4
@@ -100,7 +100,6 @@ async def _drain(settings: Settings, database_url: str) -> list[MaintenanceRepor
         await engine.dispose()
 
 
-@BOTH_STORES
 async def test_two_runners_at_once_never_remove_anything_twice_or_fail(
     base_settings_env: dict[str, str],
     database_url: str,
@@ -180,7 +179,6 @@ async def test_the_server_runs_no_maintenance_when_the_interval_is_zero(
         assert response.status_code == 200
 
 
-@BOTH_STORES
 async def test_maintenance_run_once_from_the_command_line(
     base_settings_env: dict[str, str],
     database_url: str,

@@ -1,6 +1,6 @@
 """Per-project storage quotas: the 507 body, checks at upload start and at commit, races, usage and purge.
 
-The tests marked `BOTH_STORES` run once with each payload store: the S3 store counts the same bytes (the client's
+Each test runs once with each payload store (conftest.py): the S3 store counts the same bytes (the client's
 ciphertext, not the objects' at-rest overhead), and an upload it refuses at commit leaves no object behind.
 """
 
@@ -29,7 +29,7 @@ from lifecycle_support import (
 
 from zkeb.settings import Settings
 
-from support import BOTH_STORES, assert_bucket_holds_exactly_the_chunks, maintenance_pass, problem
+from support import assert_bucket_holds_exactly_the_chunks, maintenance_pass, problem
 
 SIZE = 1000
 
@@ -70,7 +70,6 @@ async def test_new_projects_take_default_project_quota(base_settings_env: dict[s
         assert unlimited.json()["storage_quota_bytes"] is None
 
 
-@BOTH_STORES
 async def test_single_shot_over_quota_is_507_with_used_quota_and_requested_and_stores_nothing(
     qclient: Client, tenant: Tenant, quota_settings: Settings, owner_connection: asyncpg.Connection
 ) -> None:
@@ -142,7 +141,6 @@ async def test_usage_counts_bytes_backups_trash_and_devices_and_devices_see_thei
         problem(response)
 
 
-@BOTH_STORES
 async def test_purging_frees_quota_so_the_next_upload_fits(
     qclient: Client, tenant: Tenant, quota_settings: Settings, owner_connection: asyncpg.Connection
 ) -> None:

@@ -1,7 +1,7 @@
 """Uploads racing a quota on a real granian server (two worker processes): exactly as many as fit are admitted.
 
 The in-process test client serializes requests, so the race runs against live workers, each upload on its own
-HTTP client. The single-shot race runs with each payload store (`BOTH_STORES`): with S3, the objects a refused upload
+HTTP client. The single-shot race runs with each payload store (conftest.py): with S3, the objects a refused upload
 staged are gone too.
 """
 
@@ -27,7 +27,7 @@ from lifecycle_support import (
 
 from zkeb.settings import Settings
 
-from support import BOTH_STORES, assert_bucket_holds_exactly_the_chunks, make_settings
+from support import assert_bucket_holds_exactly_the_chunks, make_settings
 
 SIZE = 1000
 OCTETS = "application/offset+octet-stream"
@@ -73,7 +73,6 @@ async def _usage(live_url: str, tenant: Tenant) -> dict[str, object]:
     return body
 
 
-@BOTH_STORES
 async def test_twenty_concurrent_single_shot_uploads_admit_exactly_as_many_as_fit(
     live_url: str, settings_for_live: Settings, owner_connection: asyncpg.Connection
 ) -> None:

@@ -1,6 +1,6 @@
 """Retention at commit and by the maintenance runner; the trash (hide, list, restore, purge); append-only projects.
 
-The tests marked `BOTH_STORES` run once with each payload store: with S3, retention must leave a trashed backup's
+Each test runs once with each payload store (conftest.py): with S3, retention must leave a trashed backup's
 objects in the bucket (it can be restored), and a purge must take them away at the maintenance pass.
 """
 
@@ -34,7 +34,6 @@ from lifecycle_support import (
 from zkeb.settings import Settings
 
 from support import (
-    BOTH_STORES,
     PROJECT_USED_BYTES,
     assert_bucket_holds_exactly_the_chunks,
     audit_linked,
@@ -78,7 +77,6 @@ async def _audit_actions(owner: asyncpg.Connection, organization_id: uuid.UUID) 
 # --- retention -----------------------------------------------------------------------------------------------------
 
 
-@BOTH_STORES
 async def test_retention_keeps_exactly_the_newest_n_per_container(
     lclient: Client, tenant: Tenant, lsettings: Settings, owner_connection: asyncpg.Connection
 ) -> None:
@@ -101,7 +99,6 @@ async def test_retention_keeps_exactly_the_newest_n_per_container(
     await assert_bucket_holds_exactly_the_chunks(lsettings, owner_connection)
 
 
-@BOTH_STORES
 async def test_retention_applies_to_tus_uploads_and_device_tokens_too(
     lclient: Client, tenant: Tenant, lsettings: Settings, owner_connection: asyncpg.Connection
 ) -> None:
@@ -116,7 +113,6 @@ async def test_retention_applies_to_tus_uploads_and_device_tokens_too(
     await assert_bucket_holds_exactly_the_chunks(lsettings, owner_connection)
 
 
-@BOTH_STORES
 async def test_retention_days_trashes_old_backups_but_never_a_containers_newest(
     lclient: Client, tenant: Tenant, lsettings: Settings, owner_connection: asyncpg.Connection
 ) -> None:
@@ -278,7 +274,6 @@ async def test_a_purge_removes_payload_and_chunks_frees_the_quota_and_keeps_the_
     assert ("backup.purged", "org_admin_key", backup_id) in events
 
 
-@BOTH_STORES
 async def test_the_runner_purges_the_trash_after_trash_retention_days(
     lclient: Client, tenant: Tenant, lsettings: Settings, owner_connection: asyncpg.Connection
 ) -> None:
