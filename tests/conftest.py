@@ -36,7 +36,7 @@ from zkeb.app import create_app
 from zkeb.core.migrations import run_alembic
 from zkeb.settings import PayloadStoreSettings, Settings, normalize_database_url
 
-from support import make_settings
+from support import make_settings, parametrize_stores
 
 # CI (`.ci/run` sets CI): Hypothesis runs the same examples every time, so a red run is reproducible and a green one
 # does not depend on luck; local runs keep exploring (and remember what they found in .hypothesis/).
@@ -174,6 +174,16 @@ async def redis_url(redis_server_url: str) -> AsyncIterator[str]:
     yield redis_server_url
     await client.flushdb()
     await client.aclose()
+
+
+#: Where every test whose app is built from `payload_store_env` runs once per payload store.
+BOTH_STORES_UNDER = tuple(Path(__file__).parent / "integration" / name for name in ("backups", "lifecycle"))
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """The backups and lifecycle tests run with each payload store (`support.parametrize_stores`)."""
+    if any(metafunc.definition.path.is_relative_to(root) for root in BOTH_STORES_UNDER):
+        parametrize_stores(metafunc)
 
 
 @pytest.fixture

@@ -82,8 +82,8 @@ S3_ONLY = pytest.mark.parametrize("payload_store_env", ["s3"], indirect=True)
 
 
 def parametrize_stores(metafunc: pytest.Metafunc) -> None:
-    """`pytest_generate_tests` of the backups and lifecycle tests: each test whose app is built from
-    `payload_store_env` (through `settings`, `app` or `client`) runs once per store, unless it names its own."""
+    """Run a test whose app is built from `payload_store_env` (through `settings`, `app` or `client`) once per
+    store, unless it names its own (`POSTGRES_ONLY`, `S3_ONLY`); conftest.py applies it to backups and lifecycle."""
     if "payload_store_env" not in metafunc.fixturenames:
         return
     for marker in metafunc.definition.iter_markers("parametrize"):
