@@ -1,10 +1,6 @@
 """The granian server `zkeb serve` runs: its production settings in one place.
 
 `bench/load.py` serves its bare ceiling app through the same function, so the two differ only in the app.
-
-Each worker's event loop is uvloop (granian's `uvloop` extra; its `loop="auto"` picks it when installed): sockets are
-most of a request's cost here (asyncpg, redis-py, aiohttp for S3), and against asyncio's own loop `bench/load.py`
-at 32 clients gave `/api/health/live` 9,317 -> 11,500 req/s and device-token envelope reads 873 -> 951 req/s.
 """
 
 from __future__ import annotations
