@@ -15,7 +15,7 @@ from uuid import UUID
 
 from litestar.connection import ASGIConnection
 from opentelemetry import trace
-from sqlalchemy import delete, select, update
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from uuid_utils.compat import uuid7
@@ -25,7 +25,7 @@ from zkeb.core.auth import Principal
 from zkeb.core.cursors import decode_keyset_cursor, encode_keyset_cursor
 from zkeb.core.database import pooled_connection
 from zkeb.core.errors import ConflictError, NotFoundError
-from zkeb.db.models import Backup, Device, Payload, PayloadNonce, UploadSession
+from zkeb.db.models import Backup, Device, Payload, PayloadNonce
 from zkeb.domain.backups.crypto import PayloadCrypto
 from zkeb.domain.backups.envelope import BackupEnvelope, envelope_columns, invalid_field, read_fields
 from zkeb.domain.backups.errors import (
@@ -43,6 +43,7 @@ from zkeb.domain.backups.services.lifecycle import (
     charge_quota,
     record_retention_events,
 )
+from zkeb.domain.backups.store import upload_leases
 from zkeb.domain.backups.store.payloads import StoreKind
 from zkeb.domain.backups.store.reads import (
     RestoreSource,
@@ -77,13 +78,8 @@ _NONCE_CONSTRAINT = "uq_payload_nonces"
 
 async def _end_upload(session: AsyncSession, upload: UploadLease) -> None:
     """Delete the upload's session row, provided the lease still holds it."""
-    owned = await session.scalar(
-        delete(UploadSession)
-        .where(UploadSession.id == upload.upload_id, UploadSession.lease_id == upload.lease_id)
-        .returning(UploadSession.id)
-    )
-    if owned is None:
-        exists = await session.scalar(select(UploadSession.id).where(UploadSession.id == upload.upload_id))
+    if not await upload_leases.end_session(session, upload):
+        exists = await upload_leases.session_row_exists(session, upload.upload_id)
         raise UploadLeaseLostError(UPLOAD_LEASE_LOST) if exists else UploadEndedError(UPLOAD_ENDED)
 
 

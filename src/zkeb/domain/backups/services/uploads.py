@@ -18,7 +18,6 @@ from uuid import UUID
 
 from litestar import Request
 from opentelemetry import trace
-from sqlalchemy import delete as sa_delete
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 from uuid_utils.compat import uuid7
@@ -26,7 +25,7 @@ from uuid_utils.compat import uuid7
 from zkeb.core.auth import Principal
 from zkeb.core.errors import NotFoundError
 from zkeb.core.runtime import get_runtime
-from zkeb.db.models import Payload, UploadSession
+from zkeb.db.models import UploadSession
 from zkeb.domain.backups.context import BackupsContext
 from zkeb.domain.backups.envelope import BackupEnvelope, envelope_columns
 from zkeb.domain.backups.errors import ChecksumMismatchError, UploadGoneError
@@ -128,7 +127,7 @@ async def terminate_upload(session: AsyncSession, principal: Principal, upload_i
     # The session row first, as every writer locks it: a PATCH still open on the upload stores nothing more.
     if not await upload_leases.lock_session(session, upload.id):
         raise NotFoundError("upload not found")
-    await session.execute(sa_delete(Payload).where(Payload.id == upload.payload_id))
+    await upload_leases.delete_payload(session, upload.payload_id)
     await session.commit()
 
 
@@ -142,7 +141,7 @@ async def discard_upload(session: AsyncSession, upload_id: UUID, payload_id: UUI
         await session.rollback()  # whatever the refused request left open
         # The session row first, as every writer locks it.
         if await upload_leases.lock_session(session, upload_id):
-            await session.execute(sa_delete(Payload).where(Payload.id == payload_id))
+            await upload_leases.delete_payload(session, payload_id)
         await session.commit()
     except Exception as exc:  # noqa: BLE001 - see above
         logger.warning("could not discard a refused upload; it expires", extra={"error": type(exc).__name__})

@@ -1,12 +1,13 @@
-"""The statements about tus upload sessions: the PATCH lease, termination and the sweeper's lookups.
+"""The statements about tus upload sessions: the PATCH lease, the commit's end of a session, termination and the
+sweeper's lookups.
 
 One PATCH at a time owns an upload through `upload_sessions.lease_id`: it claims the session, each chunk batch it
 stores checks (and extends) the lease in the batch's own transaction, and it releases the lease when it stops.
 Every writer locks an upload's session row before its payload's rows: the claim and each chunk batch, the commit
 (`BackupService.commit_backup`), termination and the sweeper.
 
-The lease statements run on a raw asyncpg connection inside `raw_tenant_transaction`; termination and the sweeper's
-on SQLAlchemy connections, in the request's session or `tenant_transaction`.
+The lease statements run on a raw asyncpg connection inside `raw_tenant_transaction`; the commit's, termination's
+and the sweeper's on SQLAlchemy connections, in the request's session or `tenant_transaction`.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ __all__ = (
     "claim",
     "delete_payload",
     "discard_leased",
+    "end_session",
     "keep",
     "lease_holds",
     "lock_session",
@@ -39,6 +41,7 @@ __all__ = (
     "release",
     "release_at",
     "session_exists",
+    "session_row_exists",
     "still_sweepable",
     "sweepable_payloads",
     "unclaimed_state",
@@ -139,8 +142,10 @@ async def lease_holds(connection: asyncpg.Connection, lease: UploadLease) -> boo
     return await connection.fetchval(_LEASE_HOLDS, lease.upload_id, lease.lease_id) is not None
 
 
-# --- termination and the sweeper (SQLAlchemy) ------------------------------------------------------------------
+# --- the commit, termination and the sweeper (SQLAlchemy) ------------------------------------------------------
 
+_END_SESSION = text("DELETE FROM upload_sessions WHERE id = :id AND lease_id = :lease_id RETURNING id")
+_SESSION_ROW = text("SELECT id FROM upload_sessions WHERE id = :id")
 _LOCK_SESSION = text("SELECT id FROM upload_sessions WHERE id = :id FOR UPDATE")
 _SWEEPABLE = text("SELECT organization_id, payload_id FROM zkeb_sweepable_payloads(:limit, :orphan_before)")
 _STILL_SWEEPABLE = text(
@@ -157,12 +162,22 @@ _LOCK_SESSION_OF = text("SELECT id FROM upload_sessions WHERE payload_id = :id F
 _DELETE_PAYLOAD = text("DELETE FROM payloads WHERE id = :id")
 
 
+async def end_session(session: AsyncSession, lease: UploadLease) -> bool:
+    """Delete the upload's session row in the commit's transaction, provided `lease` still holds it; False if not."""
+    return await session.scalar(_END_SESSION, {"id": lease.upload_id, "lease_id": lease.lease_id}) is not None
+
+
+async def session_row_exists(session: AsyncSession, upload_id: UUID) -> bool:
+    """Whether the upload's session row is still there (in the caller's transaction)."""
+    return await session.scalar(_SESSION_ROW, {"id": upload_id}) is not None
+
+
 async def lock_session(session: AsyncSession, upload_id: UUID) -> bool:
     """Lock the upload's session row (a PATCH still open on it then stores nothing more); False when it is gone."""
     return await session.scalar(_LOCK_SESSION, {"id": upload_id}) is not None
 
 
-async def delete_payload(connection: AsyncConnection, payload_id: UUID) -> None:
+async def delete_payload(connection: AsyncConnection | AsyncSession, payload_id: UUID) -> None:
     """Delete a payload; its chunks and its upload session go with it (foreign keys)."""
     await connection.execute(_DELETE_PAYLOAD, {"id": payload_id})
 
