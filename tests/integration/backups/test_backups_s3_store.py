@@ -22,7 +22,9 @@ from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
 from zkeb.app import create_app
+from zkeb.domain.backups.chunk_writes import hash_stored_chunks
 from zkeb.domain.backups.context import build_keyring
+from zkeb.domain.backups.services import upload_patch
 from zkeb.domain.backups.store.s3 import S3PayloadStore
 from zkeb.lib.atrest import CHUNK_OVERHEAD, unwrap_data_key
 from zkeb.settings import PayloadStoreSettings, Settings
@@ -459,3 +461,34 @@ async def test_serve_and_storage_status_refuse_a_missing_bucket_in_one_line(
             "Error: payload store: the S3 bucket 'zkeb-no-such-bucket' does not exist"
         )
     assert "ZKEB listening" not in served.stderr
+
+
+@S3_ONLY
+async def test_a_resuming_patch_whose_stored_chunk_object_is_gone_answers_503_and_keeps_the_offset(
+    client: Client,
+    tenant: Tenant,
+    s3_store_settings: PayloadStoreSettings,
+    owner_connection: asyncpg.Connection,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The S3 twin of the tus test whose chunk row is lost: here the row stays and its object goes, just before the
+    # resumed PATCH re-reads the stored prefix to hash it. The PATCH fails with a 503 and gives the upload back.
+    payload = os.urandom(CHUNK + 5)
+    location, _ = await _tus_create(client, tenant, payload)
+    assert (await _patch(client, tenant, location, 0, payload[: CHUNK // 2])).status_code == 204
+
+    async def hash_after_the_object_is_gone(connection: asyncpg.Connection, **kwargs: Any) -> None:
+        key = f"zkeb/payloads/{kwargs['organization_id']}/{kwargs['payload_id']}/00000000"
+        async with raw_s3_client(s3_store_settings) as bucket:
+            await bucket.delete_object(Bucket=s3_store_settings.bucket, Key=key)
+        await hash_stored_chunks(connection, **kwargs)
+
+    monkeypatch.setattr(upload_patch, "hash_stored_chunks", hash_after_the_object_is_gone)
+    response = await _patch(client, tenant, location, CHUNK // 2, payload[CHUNK // 2 :])
+
+    assert response.status_code == 503, response.text
+    assert "a stored chunk of this upload is missing" in problem(response)["detail"]
+    head = await client.head(location, headers=tus_headers(tenant.project_key))
+    assert head.headers["upload-offset"] == str(CHUNK // 2)
+    assert await owner_connection.fetchval("SELECT count(*) FROM backups") == 0
+    assert await owner_connection.fetchval("SELECT count(*) FROM upload_sessions WHERE lease_id IS NULL") == 1

@@ -586,7 +586,7 @@ _TERMINATE = ("DELETE FROM upload_sessions WHERE payload_id = $1", "DELETE FROM 
 _LOSE_FIRST_CHUNK = ("DELETE FROM backup_chunks WHERE payload_id = $1 AND seq = 0",)
 
 
-@POSTGRES_ONLY  # it loses a chunk row, and the S3 store reads a resumed upload's chunks from the bucket
+@POSTGRES_ONLY  # it loses a chunk row; the S3 store's twin loses an object (test_backups_s3_store.py)
 @pytest.mark.parametrize(
     ("meanwhile", "status", "detail"),
     [
