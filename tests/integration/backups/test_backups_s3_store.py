@@ -210,9 +210,17 @@ async def test_the_ready_server_reports_its_payload_store(client: Client) -> Non
     assert ready.json()["payload_store"] == "s3"
 
 
+#: What MinIO answers a write once its drives are past their free-space threshold.
+_MINIO_STORAGE_FULL = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>XMinioStorageFull</Code><Message>Storage backend has '
+    b"reached its minimum free drive threshold. Please delete a few objects to proceed.</Message></Error>"
+)
+
+
 class _StoreProxy:
     """A TCP proxy in front of the S3 server that can be broken: then it answers every request with a 503 (the
-    store failing) or closes connections at once (the store unreachable).
+    store failing), closes connections at once (the store unreachable), or answers writes as a full MinIO does
+    (507 `XMinioStorageFull`) while reads go through.
 
     It runs its own event loop in a thread: the test client runs the app in another thread and blocks the test's
     loop while a request is in flight.
@@ -254,7 +262,19 @@ class _StoreProxy:
                 writer.write(b"HTTP/1.1 503 Slow Down\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
                 await writer.drain()
                 return
+            head = b""
+            if self.mode == "full":
+                head = await reader.readuntil(b"\r\n\r\n")
+                if head.startswith(b"PUT "):
+                    writer.write(
+                        b"HTTP/1.1 507 Insufficient Storage\r\nContent-Type: application/xml\r\n"
+                        b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
+                        % (len(_MINIO_STORAGE_FULL), _MINIO_STORAGE_FULL)
+                    )
+                    await writer.drain()
+                    return
             up_reader, up_writer = await asyncio.open_connection(*self._upstream)
+            up_writer.write(head)
 
             async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
                 with contextlib.suppress(ConnectionError):
@@ -314,6 +334,58 @@ async def test_a_store_that_fails_mid_upload_is_a_503_nothing_is_visible_and_a_r
 
             proxy.mode = "forward"
             retried = await _patch(client, tenant, location, MIB, payload[MIB:])
+            assert retried.status_code == 204, retried.text
+            again = await client.post("/api/v1/backups", json=single.json(), headers=auth(tenant.project_key))
+            assert again.status_code == 201, again.text
+            restored = await client.get(
+                f"/api/v1/backups/{retried.headers['zkeb-backup-id']}/payload", headers=auth(tenant.project_key)
+            )
+            assert restored.content == payload
+    finally:
+        proxy.stop()
+
+
+async def test_a_full_store_is_a_507_with_retry_after_nothing_is_visible_and_a_retry_completes(
+    base_settings_env: dict[str, str],
+    database_url: str,
+    s3_store_settings: PayloadStoreSettings,
+    owner_connection: asyncpg.Connection,
+) -> None:
+    # A full MinIO refuses writes with 507 XMinioStorageFull and still serves reads: a tus PATCH and a single-shot
+    # upload answer 507 as a full PostgreSQL does, the upload keeps its offset, and once there is room both complete.
+    assert s3_store_settings.endpoint_url is not None
+    proxy = _StoreProxy(s3_store_settings.endpoint_url)
+    endpoint = proxy.start()
+    settings = make_settings(
+        base_settings_env,
+        DATABASE_URL=database_url,
+        PAYLOAD_STORE="s3",
+        S3_BUCKET=s3_store_settings.bucket,
+        S3_PREFIX=s3_store_settings.prefix,
+        S3_ENDPOINT_URL=endpoint,
+    )
+    try:
+        async with AsyncTestClient(app=create_app(settings)) as client:
+            tenant = await make_tenant(client, settings)
+            payload = os.urandom(2 * CHUNK + 100)
+            location, _ = await _tus_create(client, tenant, payload)
+            first = await _patch(client, tenant, location, 0, payload[:CHUNK])
+            assert first.status_code == 204
+
+            proxy.mode = "full"
+            full = await _patch(client, tenant, location, CHUNK, payload[CHUNK:])
+            assert full.status_code == 507, full.text
+            assert full.headers["retry-after"] == "60"
+            assert problem(full)["detail"].startswith("the object store is full")
+            head = await client.head(location, headers=tus_headers(tenant.project_key))
+            assert head.headers["upload-offset"] == str(CHUNK)
+            single = sign_envelope(tenant, os.urandom(CHUNK + 1))
+            refused = await client.post("/api/v1/backups", json=single.json(), headers=auth(tenant.project_key))
+            assert refused.status_code == 507, refused.text
+            assert await owner_connection.fetchval("SELECT count(*) FROM backups") == 0
+
+            proxy.mode = "forward"
+            retried = await _patch(client, tenant, location, CHUNK, payload[CHUNK:])
             assert retried.status_code == 204, retried.text
             again = await client.post("/api/v1/backups", json=single.json(), headers=auth(tenant.project_key))
             assert again.status_code == 201, again.text

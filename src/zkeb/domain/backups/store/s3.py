@@ -5,7 +5,9 @@ bytes the PostgreSQL store keeps in `backup_chunks.data` (AES-GCM under the payl
 the bucket, no metadata, no key. Writes are conditional (`If-None-Match: *`), so a chunk is never overwritten.
 
 Every failure of the store (an error status, a timeout, no connection) is a `PayloadStoreUnavailableError`, a 503
-for the client, with a message naming the operation and never a key, body or credential.
+for the client, with a message naming the operation and never a key, body or credential. A store that refuses a
+write for lack of room (a MinIO drive past its free-space threshold, a MinIO or Ceph quota) is a
+`PayloadStoreFullError`, a 507, as a full PostgreSQL is.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ if TYPE_CHECKING:
 __all__ = (
     "ChunkConflictError",
     "ChunkMissingError",
+    "PayloadStoreFullError",
     "PayloadStoreUnavailableError",
     "S3ChunkStore",
     "S3PayloadStore",
@@ -68,10 +71,19 @@ READ_AHEAD = 4
 #: Keys per DeleteObjects request (the S3 API's maximum).
 DELETE_BATCH = 1000
 _SEQ_DIGITS = 8
+#: Error codes of a store out of room: MinIO's drive past its free-space threshold (507) and bucket quota (400),
+#: Ceph RGW's bucket or user quota (403). Any 507 (Insufficient Storage) counts too.
+_STORE_FULL_CODES = frozenset({"XMinioStorageFull", "XMinioAdminBucketQuotaExceeded", "QuotaExceeded"})
 
 
 class PayloadStoreUnavailableError(ServiceUnavailableError):
     """The object store failed or could not be reached; the client may retry (503)."""
+
+
+class PayloadStoreFullError(PayloadStoreUnavailableError):
+    """The object store refused a write for lack of room; nothing was stored, retry once an operator made room (507)."""
+
+    status_code: int = 507
 
 
 class ChunkConflictError(PayloadStoreUnavailableError):
@@ -458,6 +470,12 @@ def _describe(exc: BaseException) -> str:
 
 
 def _unavailable(action: str, exc: BaseException) -> PayloadStoreUnavailableError:
+    if isinstance(exc, ClientError) and (_status(exc) == 507 or _code(exc) in _STORE_FULL_CODES):
+        logger.error("object store: cannot %s: it is full (answered %s %s)", action, _status(exc), _code(exc))
+        return PayloadStoreFullError(
+            "the object store is full; what this request was writing was not stored: retry later",
+            headers={"Retry-After": "60"},
+        )
     if isinstance(exc, ClientError):
         detail = f"answered {_status(exc) or ''} {_code(exc)}".replace("  ", " ")
     else:
