@@ -15,7 +15,7 @@ from zkeb.core.errors import ProblemError, UnprocessableError
 from zkeb.domain.backups.chunk_reads import ChunkSpan, ReadStep, _PayloadReader, plan_read
 from zkeb.domain.backups.context import build_keyring
 from zkeb.domain.backups.envelope import ENVELOPE_FIELDS, envelope_from_metadata, validate_envelope
-from zkeb.domain.backups.store.payloads import PostgresPayloadStore
+from zkeb.domain.backups.store.payloads import PayloadStores
 from zkeb.lib.atrest import ChunkCipher, master_key_id, parse_master_key
 from zkeb.lib.ranges import ByteRange
 from zkeb.settings import Settings, SettingsError
@@ -151,7 +151,8 @@ async def test_a_payload_reader_cancelled_while_waiting_for_a_batch_leaves_no_ta
     # ("Task was destroyed but it is pending!").
     reader = _PayloadReader(
         cast("AsyncEngine", None),
-        PostgresPayloadStore(),
+        PayloadStores("postgres"),
+        store_kind="postgres",
         organization_id=uuid.uuid4(),
         payload_id=uuid.uuid4(),
         cipher=cast("ChunkCipher", None),

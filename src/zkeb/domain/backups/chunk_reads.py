@@ -4,7 +4,9 @@
 ahead of the client (a fetcher reading batches from the payload's store, a decrypter turning them into plaintext),
 so the store is already sending the next batch while this one is decrypted and sent. Memory stays at a few chunks
 whatever the payload's size. A chunk that fails authentication ends the restore with a 500
-(`StoredPayloadCorruptError`): changed or damaged at rest, neither transient nor the client's doing.
+(`StoredPayloadCorruptError`): changed or damaged at rest, neither transient nor the client's doing. A payload that
+`zkeb storage migrate` moves to the other store while it is read is followed there: the chunks are the same
+ciphertexts in both stores, so the read goes on from the first chunk not yet fetched.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from zkeb.core.errors import ProblemError
 from zkeb.domain.backups.metrics import record_bytes_restored
-from zkeb.domain.backups.store.payloads import PayloadStore
+from zkeb.domain.backups.store.payloads import PayloadStores, StoredChunksMissingError
 from zkeb.lib.atrest import ChunkCipher, ChunkIntegrityError
 from zkeb.lib.ranges import ByteRange
 
@@ -35,6 +37,8 @@ tracer = trace.get_tracer("zkeb.backups")
 READ_QUEUE_DEPTH = 2
 #: Fetched (still encrypted) batches waiting to be decrypted.
 FETCH_QUEUE_DEPTH = 1
+#: Times one restore follows its payload to another store (a migration there and back again) before it gives up.
+MOVES_FOLLOWED = 2
 
 
 class StoredPayloadCorruptError(ProblemError):
@@ -100,15 +104,17 @@ class _PayloadReader:
     def __init__(
         self,
         engine: AsyncEngine,
-        store: PayloadStore,
+        stores: PayloadStores,
         *,
+        store_kind: str,
         organization_id: UUID,
         payload_id: UUID,
         cipher: ChunkCipher,
         steps: Sequence[ReadStep],
     ) -> None:
         self._engine = engine
-        self._store = store
+        self._stores = stores
+        self._store_kind = store_kind
         self._organization_id = organization_id
         self._payload_id = payload_id
         self._cipher = cipher
@@ -117,13 +123,39 @@ class _PayloadReader:
         self.pieces: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue(maxsize=READ_QUEUE_DEPTH)
 
     async def _fetch(self) -> None:
-        await self._store.read_batches(
-            self._engine,
-            organization_id=self._organization_id,
-            payload_id=self._payload_id,
-            seqs=[step.seq for step in self._steps],
-            handover=self._fetched.put,
-        )
+        """Queue every planned chunk's ciphertext, in batches, then None; follow the payload if it moves meanwhile."""
+        seqs = [step.seq for step in self._steps]
+        handed_over = 0
+
+        async def handover(blobs: list[bytes]) -> None:
+            nonlocal handed_over
+            count = len(blobs)
+            await self._fetched.put(blobs)
+            handed_over += count
+
+        store = self._stores.for_kind(self._store_kind)
+        for moves in range(MOVES_FOLLOWED + 1):
+            try:
+                await store.read_batches(
+                    self._engine,
+                    organization_id=self._organization_id,
+                    payload_id=self._payload_id,
+                    seqs=seqs[handed_over:],
+                    handover=handover,
+                )
+                break
+            except StoredChunksMissingError:
+                # Deleted (no store holds it), or switched by `zkeb storage migrate`, which frees the old copy.
+                holder = await self._stores.holder_of(self._engine, self._organization_id, self._payload_id)
+                if holder is None or holder is store or moves == MOVES_FOLLOWED:
+                    raise
+                logger.info(
+                    "payload %s moved to %s while being restored; reading on from chunk %d there",
+                    self._payload_id,
+                    holder.kind,
+                    seqs[handed_over] if handed_over < len(seqs) else len(seqs),
+                )
+                store = holder
         await self._fetched.put(None)
 
     async def _next_batch(self, fetcher: asyncio.Task[None]) -> list[bytes] | None:
@@ -180,7 +212,8 @@ class _PayloadReader:
 async def stream_plaintext(
     engine: AsyncEngine,
     *,
-    store: PayloadStore,
+    stores: PayloadStores,
+    store_kind: str,
     organization_id: UUID,
     payload_id: UUID,
     cipher: ChunkCipher,
@@ -193,9 +226,16 @@ async def stream_plaintext(
     away) stops the reader and releases its connection. The generator may be started in one task (the handler waits
     for the first piece, so a failure before any byte is its error, a 503 before headers) and finished in another
     (the response's): its span is therefore never the current one across a `yield`, only the reader's parent.
+    `store_kind` is where the read was planned (`payloads.store`); `stores` find the payload if it moves meanwhile.
     """
     payload_reader = _PayloadReader(
-        engine, store, organization_id=organization_id, payload_id=payload_id, cipher=cipher, steps=steps
+        engine,
+        stores,
+        store_kind=store_kind,
+        organization_id=organization_id,
+        payload_id=payload_id,
+        cipher=cipher,
+        steps=steps,
     )
     span = tracer.start_span("backups.send", attributes=attributes or {})
     with trace.use_span(span, end_on_exit=False):

@@ -331,7 +331,8 @@ class BackupController(Controller):
             headers["Content-Range"] = byte_range.content_range(size)
         content = stream_plaintext(
             context.engine,
-            store=context.stores.for_kind(source.store),
+            stores=context.stores,
+            store_kind=source.store,
             organization_id=principal.organization_id,
             payload_id=backup.payload_id,
             cipher=cipher,

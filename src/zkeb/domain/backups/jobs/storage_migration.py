@@ -11,8 +11,8 @@ run that is stopped or killed resumes by running again, and a payload copied hal
 One migration runs at a time (an advisory lock).
 
 Restores keep working: a reader follows `payloads.store`, which changes atomically. A restore planned before the
-switch reads the old location; if the old bytes go while it reads, it fails cleanly (503 before the first byte, a
-cut connection after it), never with wrong bytes, and the client's retry reads the new location.
+switch reads the old location; if the old bytes go while it reads, it finds the payload again and reads on from the
+new location (`chunk_reads.py`).
 """
 
 from __future__ import annotations

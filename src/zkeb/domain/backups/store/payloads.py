@@ -62,6 +62,7 @@ _SELECT_CHUNKS_BELOW = (
 )
 _DELETE_CHUNKS_FROM = "DELETE FROM backup_chunks WHERE payload_id = $1 AND byte_offset >= $2"
 _CHUNKS_BELOW = "SELECT count(*) FROM backup_chunks WHERE payload_id = $1 AND byte_offset < $2"
+_PAYLOAD_STORE = "SELECT store FROM payloads WHERE id = $1"
 
 
 class ChunkWrite(NamedTuple):
@@ -317,6 +318,19 @@ class PayloadStores:
         if kind == "s3" and self.s3 is not None:
             return self.s3
         raise ServiceUnavailableError(f"this payload is stored in {kind}, which this server is not configured for")
+
+    async def holder_of(self, engine: AsyncEngine, organization_id: UUID, payload_id: UUID) -> PayloadStore | None:
+        """The store that holds a payload now (a migration may have moved it since a read began); None once it is gone.
+
+        Raises:
+            ServiceUnavailableError: the payload is in S3 and this process has no S3 store configured.
+        """
+        async with (
+            pooled_connection(engine) as connection,
+            raw_tenant_transaction(connection, organization_id, readonly=True),
+        ):
+            kind = await connection.fetchval(_PAYLOAD_STORE, payload_id)
+        return None if kind is None else self.for_kind(kind)
 
     async def check(self) -> str | None:
         """Why the stores cannot serve (readiness), or None."""
