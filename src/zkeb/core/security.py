@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable
 from functools import lru_cache
+from typing import cast
 
 from litestar.config.cors import CORSConfig
 from litestar.enums import ScopeType
@@ -19,6 +20,7 @@ from zkeb.core.apidocs import SCALAR_PAGE_PATH
 from zkeb.settings import Settings
 
 __all__ = (
+    "CorsActualOptionsMiddleware",
     "SecurityHeadersMiddleware",
     "TrustedProxies",
     "client_ip",
@@ -175,6 +177,45 @@ def cors_config(settings: Settings) -> CORSConfig | None:
         allow_credentials=False,
         max_age=600,
     )
+
+
+class CorsActualOptionsMiddleware:
+    """Lets a browser's actual `OPTIONS` request reach its handler; Litestar's CORS answers every `OPTIONS` with an
+    `Origin` as a preflight (Fetch: a preflight also carries `Access-Control-Request-Method`).
+
+    A browser sends an `OPTIONS` of its own (tus discovery: `Tus-Version`, `Tus-Max-Size`) after that request's
+    preflight. It goes in without its `Origin`, so Litestar's CORS leaves it alone, and its response gets the headers
+    Litestar's CORS gives any other actual request: `Access-Control-Allow-Origin` and `Vary` for an allowed origin,
+    with the configuration's `simple_headers` (`Access-Control-Expose-Headers`); nothing for another origin.
+    """
+
+    def __init__(self, app: ASGIApp, config: CORSConfig) -> None:
+        self.app = app
+        self.config = config
+        self.simple_headers = [(k.lower().encode(), v.encode("latin-1")) for k, v in config.simple_headers.items()]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != ScopeType.HTTP or scope["method"] != "OPTIONS":
+            await self.app(scope, receive, send)
+            return
+        origin = _header(scope, b"origin")
+        if origin is None or _header(scope, b"access-control-request-method") is not None:
+            await self.app(scope, receive, send)  # no origin, or a preflight: Litestar's CORS answers it
+            return
+        without_origin = cast(
+            "Scope", {**scope, "headers": [(k, v) for k, v in scope["headers"] if k.lower() != b"origin"]}
+        )
+        if not self.config.is_origin_allowed(origin):
+            await self.app(without_origin, receive, send)
+            return
+        cors = [*self.simple_headers, (b"access-control-allow-origin", origin.encode("latin-1")), (b"vary", b"Origin")]
+
+        async def send_with_cors(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), *cors]
+            await send(message)
+
+        await self.app(without_origin, receive, send_with_cors)
 
 
 class SecurityHeadersMiddleware:

@@ -96,6 +96,10 @@ async def test_a_page_on_an_allowed_origin_uploads_resumes_terminates_and_restor
         {"main": main, "terminated": terminated},
         {"token": token, "main": upload_job("main", main), "terminated": upload_job("terminated", terminated)},
     )
+    # The page's own OPTIONS reached the tus handler (not Litestar's CORS preflight answer) and could read its headers.
+    discovery = result["discovery"]
+    assert (discovery["status"], discovery["tusVersion"]) == (204, "1.0.0"), discovery
+    assert int(discovery["tusMaxSize"]) > 0
     made = [(r["method"], r["offset"]) for r in result["requests"]]
     # Paused after the first chunk, resumed from the offset HEAD gave, completed; the other upload terminated.
     assert made[:4] == [("POST", None), ("PATCH", "0"), ("HEAD", None), ("PATCH", str(MIB))]

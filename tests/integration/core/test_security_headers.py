@@ -127,3 +127,30 @@ async def test_an_origin_outside_the_list_gets_no_cors_header_at_all(
             response.status_code,
             response.headers,
         )
+
+
+async def test_an_actual_options_request_from_an_allowed_origin_reaches_its_handler(
+    base_settings_env: dict[str, str], settings: Settings
+) -> None:
+    # A browser's own OPTIONS request (tus discovery, sent after its preflight) carries `Origin` but no
+    # `Access-Control-Request-Method`: it is answered by the tus handler, with the CORS headers of any actual request.
+    cors_settings = make_settings(
+        base_settings_env, DATABASE_URL=str(settings.database_url), CORS_ORIGINS="https://app.example"
+    )
+    async with AsyncTestClient(app=create_app(cors_settings)) as cors_client:
+        allowed = await cors_client.options("/api/v1/uploads", headers={"Origin": "https://app.example"})
+        other = await cors_client.options("/api/v1/uploads", headers={"Origin": "https://evil.example"})
+        preflight = await cors_client.options(
+            "/api/v1/uploads", headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
+        )
+    assert allowed.status_code == 204, allowed.text
+    assert allowed.headers["tus-version"] == "1.0.0"
+    assert int(allowed.headers["tus-max-size"]) > 0
+    assert allowed.headers["access-control-allow-origin"] == "https://app.example"
+    assert "tus-max-size" in allowed.headers["access-control-expose-headers"].lower()
+    assert allowed.headers["vary"] == "Origin"
+    assert other.status_code == 204, other.text
+    assert other.headers["tus-version"] == "1.0.0"
+    assert not [name for name in other.headers if name.startswith("access-control-")]
+    assert "tus-version" not in preflight.headers  # a preflight is still answered by Litestar's CORS
+    assert preflight.headers["access-control-allow-origin"] == "https://app.example"

@@ -80,6 +80,9 @@ window.zkebScenario = async function zkebScenario(job) {
     return { uploadOutcome: outcome, fetchOutcome: restore, requests };
   }
 
+  // Discovery: the app's own OPTIONS (after the browser's preflight for it) reads the server's tus limits.
+  const discovered = await fetch(`${job.api}/api/v1/uploads`, { method: "OPTIONS", headers: { "Tus-Resumable": "1.0.0" } });
+
   // Create and upload the first chunk, pause, then resume with HEAD until the completing PATCH commits.
   const main = await blobOf(job.main.payloadPath);
   const uploadUrl = await uploadFirstChunk(main, job.main.metadata, false);
@@ -105,6 +108,11 @@ window.zkebScenario = async function zkebScenario(job) {
   joined.set(restBytes, firstBytes.length);
 
   return {
+    discovery: {
+      status: discovered.status,
+      tusVersion: discovered.headers.get("Tus-Version"),
+      tusMaxSize: discovered.headers.get("Tus-Max-Size"),
+    },
     backupId,
     uploadUrl,
     requests,
