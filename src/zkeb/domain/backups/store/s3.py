@@ -77,7 +77,11 @@ _STORE_FULL_CODES = frozenset({"XMinioStorageFull", "XMinioAdminBucketQuotaExcee
 
 
 class PayloadStoreUnavailableError(ServiceUnavailableError):
-    """The object store failed or could not be reached; the client may retry (503)."""
+    """The object store failed or could not be reached; the client may retry (503, `Retry-After: 5`)."""
+
+    def __init__(self, detail: str = "", *, headers: dict[str, str] | None = None) -> None:
+        # botocore has already retried a few times within the request: come back in seconds, not at once.
+        super().__init__(detail, headers={"Retry-After": "5", **(headers or {})})
 
 
 class PayloadStoreFullError(PayloadStoreUnavailableError):
