@@ -121,9 +121,9 @@ def _device_read(device: Device) -> DeviceRead:
     )
 
 
-async def _admin_project(db_session: AsyncSession, principal: Principal, project_id: UUID) -> Project:
+async def _admin_project(projects: ProjectService, principal: Principal, project_id: UUID) -> Project:
     principal.require_project(project_id)
-    return await ProjectService(session=db_session).get_project(project_id, organization_id=principal.organization_id)
+    return await projects.get_project(project_id, organization_id=principal.organization_id)
 
 
 class ProjectController(Controller):
@@ -145,11 +145,12 @@ class ProjectController(Controller):
         request: Request[Any, Any, Any],
         state: State,
         db_session: NamedDependency[AsyncSession],
+        project_service: ProjectService,
         data: JSONBody[ProjectCreate],
     ) -> ProjectRead:
         """Create a project; `storage_quota_bytes` absent takes `DEFAULT_PROJECT_QUOTA` (null: unlimited)."""
         principal = principal_of(request)
-        project = await ProjectService(session=db_session).create_project(
+        project = await project_service.create_project(
             data,
             organization_id=principal.organization_id,
             default_quota=get_runtime(state).settings.default_project_quota,
@@ -169,23 +170,23 @@ class ProjectController(Controller):
     async def list_projects(
         self,
         request: Request[Any, Any, Any],
-        db_session: NamedDependency[AsyncSession],
+        project_service: ProjectService,
         limit: Limit = DEFAULT_LIST_LIMIT,
         cursor: Cursor = None,
     ) -> ProjectPage:
         """The organization's projects, oldest first, by keyset cursor."""
-        page = await ProjectService(session=db_session).page(
+        page = await project_service.page(
             organization_id=principal_of(request).organization_id, limit=limit, cursor=cursor
         )
         return ProjectPage(items=[_project_read(p) for p in page.items], next_cursor=page.next_cursor)
 
     @get("/{project_id:uuid}", summary="Get a project", responses=_problems(401, 404))
     async def get_project(
-        self, request: Request[Any, Any, Any], db_session: NamedDependency[AsyncSession], project_id: FromPath[UUID]
+        self, request: Request[Any, Any, Any], project_service: ProjectService, project_id: FromPath[UUID]
     ) -> ProjectRead:
         """A project: org admins see every project of theirs, project keys and devices only their own."""
         principal = principal_of(request)
-        return _project_read(await _admin_project(db_session, principal, project_id))
+        return _project_read(await _admin_project(project_service, principal, project_id))
 
     @patch(
         "/{project_id:uuid}",
@@ -197,14 +198,16 @@ class ProjectController(Controller):
         self,
         request: Request[Any, Any, Any],
         db_session: NamedDependency[AsyncSession],
+        project_service: ProjectService,
         project_id: FromPath[UUID],
         data: JSONBody[ProjectUpdate],
     ) -> ProjectRead:
         """Change any of name, quota, retention and append-only settings; null clears a limit."""
         principal = principal_of(request)
-        service = ProjectService(session=db_session)
-        project = await service.get_project(project_id, organization_id=principal.organization_id, for_update=True)
-        project, changed = await service.update_project(project, data)
+        project = await project_service.get_project(
+            project_id, organization_id=principal.organization_id, for_update=True
+        )
+        project, changed = await project_service.update_project(project, data)
         if changed:
             await record_account_event(
                 db_session,
@@ -227,16 +230,19 @@ class ProjectController(Controller):
     async def create_api_key(
         self,
         request: Request[Any, Any, Any],
+        *,
         state: State,
         db_session: NamedDependency[AsyncSession],
+        project_service: ProjectService,
+        api_key_service: ApiKeyService,
         project_id: FromPath[UUID],
         data: JSONBody[ApiKeyCreate],
     ) -> Response[ApiKeyCreated]:
         """Issue a project key; the answer is the only time the key is shown."""
         principal = principal_of(request)
-        project = await _admin_project(db_session, principal, project_id)
+        project = await _admin_project(project_service, principal, project_id)
         secrets = get_runtime(state).settings.secrets
-        new_key = await ApiKeyService(session=db_session).issue(
+        new_key = await api_key_service.issue(
             organization_id=principal.organization_id,
             project_id=project.id,
             name=data.name,
@@ -271,15 +277,17 @@ class ProjectController(Controller):
     async def list_api_keys(
         self,
         request: Request[Any, Any, Any],
-        db_session: NamedDependency[AsyncSession],
+        *,
+        project_service: ProjectService,
+        api_key_service: ApiKeyService,
         project_id: FromPath[UUID],
         limit: Limit = DEFAULT_LIST_LIMIT,
         cursor: Cursor = None,
     ) -> ApiKeyPage:
         """The project's keys (never the key nor its hash), oldest first."""
         principal = principal_of(request)
-        project = await _admin_project(db_session, principal, project_id)
-        page = await ApiKeyService(session=db_session).page(
+        project = await _admin_project(project_service, principal, project_id)
+        page = await api_key_service.page(
             organization_id=principal.organization_id, project_id=project.id, limit=limit, cursor=cursor
         )
         return ApiKeyPage(items=[_api_key_read(k) for k in page.items], next_cursor=page.next_cursor)
@@ -294,16 +302,17 @@ class ProjectController(Controller):
     async def enroll_device(
         self,
         request: Request[Any, Any, Any],
+        *,
         db_session: NamedDependency[AsyncSession],
+        project_service: ProjectService,
+        device_service: DeviceService,
         project_id: FromPath[UUID],
         data: JSONBody[DeviceEnroll],
     ) -> DeviceRead:
         """Enroll a device by the SHA-256 of its identifier and its 32-byte Ed25519 public key."""
         principal = principal_of(request)
-        project = await _admin_project(db_session, principal, project_id)
-        device = await DeviceService(session=db_session).enroll(
-            data, organization_id=principal.organization_id, project_id=project.id
-        )
+        project = await _admin_project(project_service, principal, project_id)
+        device = await device_service.enroll(data, organization_id=principal.organization_id, project_id=project.id)
         await record_account_event(
             db_session,
             principal=principal,
@@ -324,15 +333,17 @@ class ProjectController(Controller):
     async def list_devices(
         self,
         request: Request[Any, Any, Any],
-        db_session: NamedDependency[AsyncSession],
+        *,
+        project_service: ProjectService,
+        device_service: DeviceService,
         project_id: FromPath[UUID],
         limit: Limit = DEFAULT_LIST_LIMIT,
         cursor: Cursor = None,
     ) -> DevicePage:
         """The project's devices, revoked ones included, oldest first."""
         principal = principal_of(request)
-        project = await _admin_project(db_session, principal, project_id)
-        page = await DeviceService(session=db_session).page(
+        project = await _admin_project(project_service, principal, project_id)
+        page = await device_service.page(
             organization_id=principal.organization_id, project_id=project.id, limit=limit, cursor=cursor
         )
         return DevicePage(items=[_device_read(d) for d in page.items], next_cursor=page.next_cursor)
@@ -353,11 +364,15 @@ class ApiKeyController(Controller):
         responses=_problems(401, 404, 409),
     )
     async def revoke_api_key(
-        self, request: Request[Any, Any, Any], db_session: NamedDependency[AsyncSession], key_id: FromPath[UUID]
+        self,
+        request: Request[Any, Any, Any],
+        db_session: NamedDependency[AsyncSession],
+        api_key_service: ApiKeyService,
+        key_id: FromPath[UUID],
     ) -> None:
         """Revoke a key at once on every replica; the organization's last active org admin key is kept (409)."""
         principal = principal_of(request)
-        key, revoked = await ApiKeyService(session=db_session).revoke(key_id, organization_id=principal.organization_id)
+        key, revoked = await api_key_service.revoke(key_id, organization_id=principal.organization_id)
         if revoked:
             await record_account_event(
                 db_session,
@@ -385,13 +400,15 @@ class DeviceController(Controller):
         responses=_problems(401, 404),
     )
     async def revoke_device(
-        self, request: Request[Any, Any, Any], db_session: NamedDependency[AsyncSession], device_id: FromPath[UUID]
+        self,
+        request: Request[Any, Any, Any],
+        db_session: NamedDependency[AsyncSession],
+        device_service: DeviceService,
+        device_id: FromPath[UUID],
     ) -> None:
         """Revoke a device: no new tokens, and its live tokens fail from now on."""
         principal = principal_of(request)
-        device, revoked = await DeviceService(session=db_session).revoke(
-            device_id, organization_id=principal.organization_id
-        )
+        device, revoked = await device_service.revoke(device_id, organization_id=principal.organization_id)
         if revoked:
             await record_account_event(
                 db_session,
@@ -427,12 +444,12 @@ class AuthTokenController(Controller):
         self,
         request: Request[Any, Any, Any],
         state: State,
-        db_session: NamedDependency[AsyncSession],
+        device_token_service: DeviceTokenService,
         data: JSONBody[TokenRequest],
     ) -> Response[TokenResponse]:
         """Verify the proof and return a short-lived HS256 device token."""
         runtime = get_runtime(state)
-        issued = await DeviceTokenService(session=db_session).issue_token(
+        issued = await device_token_service.issue_token(
             data, settings=runtime.settings, redis=runtime.redis, request=request
         )
         return Response(TokenResponse(access_token=issued.token, expires_in=issued.expires_in), headers=_NO_STORE)

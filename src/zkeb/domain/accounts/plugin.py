@@ -16,6 +16,7 @@ from zkeb.domain.accounts.controllers import (
     DeviceController,
     ProjectController,
 )
+from zkeb.domain.accounts.deps import dependencies
 
 __all__ = ("AccountsPlugin",)
 
@@ -72,7 +73,7 @@ class AccountsPlugin(InitPluginProtocol):
     """Authentication for every domain's routes, plus organizations, projects, keys and devices."""
 
     def on_app_init(self, app_config: AppConfig) -> AppConfig:
-        """Add the authentication middleware, the accounts controllers and their OpenAPI tags."""
+        """Add the authentication middleware, the accounts controllers, their service providers and OpenAPI tags."""
         app_config.middleware.append(
             DefineMiddleware(
                 BearerAuthenticationMiddleware,
@@ -81,5 +82,6 @@ class AccountsPlugin(InitPluginProtocol):
             )
         )
         app_config.route_handlers.extend([ProjectController, ApiKeyController, DeviceController, AuthTokenController])
+        app_config.dependencies.update(dependencies())
         app_config.state["runtime"].openapi_additions.append(_add_accounts_openapi)
         return app_config
