@@ -28,6 +28,7 @@ from asyncpg.exceptions import (
     QueryCanceledError,
 )
 from litestar import MediaType, Request, Response
+from litestar.connection import ASGIConnection
 from litestar.exceptions import HTTPException, InternalServerException, ValidationException
 from litestar.handlers import HTTPRouteHandler
 from litestar.types import ExceptionHandlersMap
@@ -51,6 +52,7 @@ __all__ = (
     "exception_handlers",
     "problem_response",
     "request_id_var",
+    "request_path",
     "span_id_var",
     "storage_full",
     "trace_id_var",
@@ -176,6 +178,11 @@ class ServiceUnavailableError(ProblemError):
     status_code: int = 503
 
 
+def request_path(connection: ASGIConnection[Any, Any, Any, Any]) -> str:
+    """The request's path, from its scope: `request.url` parses `Host` too, and fails on a port that is no port."""
+    return str(connection.scope.get("root_path", "")) + connection.scope["path"]
+
+
 def problem_response(
     request: Request[Any, Any, Any],
     status: int,
@@ -190,7 +197,7 @@ def problem_response(
     body: dict[str, Any] = {"type": problem_type, "title": title, "status": status}
     if detail and detail != title:
         body["detail"] = detail
-    body["instance"] = request.url.path
+    body["instance"] = request_path(request)
     if extra:
         body.update(extra)
     request_id = request_id_var.get()
@@ -271,7 +278,7 @@ def _too_large_detail(request: Request[Any, Any, Any]) -> str:
 
 def _pool_timeout_problem(request: Request[Any, Any, Any], exc: PoolTimeoutError) -> Response[dict[str, Any]]:
     """Every pooled database connection stayed busy for the pool's whole timeout: overloaded, retry shortly."""
-    logger.warning("database pool exhausted on %s %s: %s", request.method, request.url.path, exc)
+    logger.warning("database pool exhausted on %s %s: %s", request.method, request_path(request), exc)
     return problem_response(
         request, 503, "the server is busy (no database connection free); retry shortly", headers={"Retry-After": "1"}
     )
@@ -352,19 +359,21 @@ def storage_full(headers: dict[str, str] | None = None) -> ProblemError:
 
 def _unexpected_exception_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
     if database_connection_lost(exc):
-        logger.warning("database connection lost on %s %s: %s", request.method, request.url.path, type(exc).__name__)
+        logger.warning(
+            "database connection lost on %s %s: %s", request.method, request_path(request), type(exc).__name__
+        )
         return problem_response(
             request, 503, "the database connection was lost; retry shortly", headers={"Retry-After": "1"}
         )
     if database_timed_out(exc):
-        logger.warning("database timeout on %s %s: %s", request.method, request.url.path, type(exc).__name__)
+        logger.warning("database timeout on %s %s: %s", request.method, request_path(request), type(exc).__name__)
         return problem_response(
             request, 503, "the database did not answer in time; retry shortly", headers={"Retry-After": "1"}
         )
     if database_out_of_space(exc):
-        logger.error("database out of disk space on %s %s", request.method, request.url.path)
+        logger.error("database out of disk space on %s %s", request.method, request_path(request))
         return _http_exception_handler(request, storage_full())
-    logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    logger.error("unhandled error on %s %s", request.method, request_path(request), exc_info=exc)
     return problem_response(request, 500, "An unexpected error occurred; quote the request id when reporting it")
 
 

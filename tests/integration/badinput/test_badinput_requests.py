@@ -649,3 +649,47 @@ async def test_cursor_of_another_listing_is_refused(client: Client, tenant: Tena
     response = await client.get(f"/api/v1/backups?cursor={quote(cursor)}", headers=auth(tenant.project_key))
     problem(response)
     assert response.status_code == 400
+
+
+# --- Host ------------------------------------------------------------------------------------------------------------
+
+#: Host values whose port is no port: the URL Litestar builds from them cannot be parsed (port out of range or not a
+#: number). granian passes them through, so the app must answer them like any other request.
+_HOSTILE_HOSTS = [
+    pytest.param("h:99999", id="port-too-large"),
+    pytest.param("h:abc", id="port-not-a-number"),
+    pytest.param("[::1]:99999", id="ipv6-port-too-large"),
+    pytest.param("h:80:80", id="two-ports"),
+    pytest.param("h:-1", id="negative-port"),
+]
+
+
+@pytest.mark.parametrize("host", _HOSTILE_HOSTS)
+async def test_a_host_with_an_invalid_port_gets_the_usual_answer(
+    client: Client, tenant: Tenant, owner_connection: asyncpg.Connection, host: str
+) -> None:
+    before = await snapshot(owner_connection)
+    headers = {"Host": host}
+    assert_refused(await client.get("/api/v1/no-such-route", headers=headers), 404)
+    assert_refused(await client.get("/api/v1/backups", headers=headers), 401)
+    refused = await client.post(
+        "/api/v1/backups",
+        content=b"{",
+        headers={**headers, **auth(tenant.project_key), "Content-Type": "application/json"},
+    )
+    assert assert_refused(refused, 400)["instance"] == "/api/v1/backups"
+    # A tus creation builds its Location from Host: one naming no valid port is refused before anything is stored.
+    envelope = tenant.envelope(b"0123456789")
+    creation = await client.post(
+        "/api/v1/uploads",
+        headers={
+            **headers,
+            **tus_headers(tenant.project_key),
+            "Upload-Length": "10",
+            "Upload-Metadata": envelope.tus_metadata(),
+        },
+    )
+    assert "Host header" in assert_refused(creation, 400)["detail"]
+    assert await snapshot(owner_connection) == before
+    listed = await client.get("/api/v1/backups", headers={**headers, **auth(tenant.project_key)})
+    assert listed.status_code == 200, listed.text

@@ -28,6 +28,7 @@ from sqlalchemy import text
 from zkeb.core.audit import record_event
 from zkeb.core.auth import Principal, bearer_credential
 from zkeb.core.database import pooled_connection
+from zkeb.core.errors import request_path
 from zkeb.core.runtime import Runtime, get_runtime
 from zkeb.core.tenancy import set_tenant, tenant_transaction
 from zkeb.lib.apikeys import API_KEY_PREFIX, hash_api_key, matching_salt, public_prefix, salts_in_use
@@ -202,7 +203,7 @@ async def _record_failure(
     if failure.reason == "no credential":
         return
     if failure.organization_id is None:
-        logger.info("authentication failed: %s (path %s)", failure.reason, connection.url.path)
+        logger.info("authentication failed: %s (path %s)", failure.reason, request_path(connection))
         return
     try:
         async with runtime.engine.begin() as db:
@@ -216,7 +217,7 @@ async def _record_failure(
                 details={
                     "reason": failure.reason,
                     "method": connection.scope.get("method"),
-                    "path": connection.url.path,
+                    "path": request_path(connection),
                 },
                 request=connection,
             )

@@ -77,8 +77,13 @@ UPLOADS_PATH = "/api/v1/uploads"
 OFFSET_OCTET_STREAM = "application/offset+octet-stream"
 BACKUP_ID_HEADER = "Zkeb-Backup-Id"
 
-#: A `Host` header: a DNS name or IPv4 address, or a bracketed IPv6 address, and an optional port.
-_HOST = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]{2,45}\])(?::[0-9]{1,5})?")
+#: A `Host` header: a DNS name or IPv4 address, or a bracketed IPv6 address, and an optional port (at most
+#: `_MAX_PORT`).
+_HOST = re.compile(
+    r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]{2,45}\])(?::(?P<port>[0-9]{1,5}))?"
+)
+
+_MAX_PORT = 65535
 
 # --- error responses -----------------------------------------------------------------------------------------------
 
@@ -178,7 +183,8 @@ def uploads_url(request: Request[Any, Any, Any], context: BackupsContext) -> str
     if context.settings.public_url is not None:
         return f"{context.settings.public_url}{UPLOADS_PATH}"
     host = request.headers.get("host")
-    if host is None or not _HOST.fullmatch(host):
+    named = _HOST.fullmatch(host) if host is not None else None
+    if host is None or named is None or int(named["port"] or 0) > _MAX_PORT:
         raise malformed("a Host header naming this server is required (the upload's Location is built from it)")
     tls = request_is_tls(request.scope, trusted_proxies(context.settings.trusted_proxies))
-    return f"{'https' if tls else request.url.scheme}://{host}{UPLOADS_PATH}"
+    return f"{'https' if tls else request.scope.get('scheme', 'http')}://{host}{UPLOADS_PATH}"
