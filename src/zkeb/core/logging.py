@@ -168,6 +168,9 @@ def _formatter(fmt: str) -> logging.Formatter:
     return ConsoleFormatter() if fmt == "console" else JsonFormatter()
 
 
+_BAGGAGE_LOGGER = "opentelemetry.baggage.propagation"
+
+
 def configure_logging(level: str, fmt: str) -> None:
     """Route every logger (ours, Litestar's, SQLAlchemy's, granian's) through one stdout handler.
 
@@ -189,6 +192,9 @@ def configure_logging(level: str, fmt: str) -> None:
         named.propagate = True
     # granian's own access log would duplicate ours and carries no request id or trace id.
     logging.getLogger("granian.access").setLevel(logging.WARNING)
+    # OpenTelemetry's propagator warns about each malformed `baggage` entry a client sends, echoing the header: a few
+    # KiB of log per request that anyone can send, and nothing for an operator to do about it.
+    logging.getLogger(_BAGGAGE_LOGGER).setLevel(logging.ERROR)
 
 
 def logging_dictconfig(level: str, fmt: str) -> dict[str, Any]:
@@ -205,6 +211,7 @@ def logging_dictconfig(level: str, fmt: str) -> dict[str, Any]:
         "loggers": {
             "_granian": {"handlers": [], "level": level, "propagate": True},
             "granian.access": {"handlers": [], "level": "WARNING", "propagate": True},
+            _BAGGAGE_LOGGER: {"handlers": [], "level": "ERROR", "propagate": True},
         },
     }
 

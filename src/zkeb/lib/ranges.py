@@ -58,7 +58,9 @@ class ByteRange:
 
 
 def _position(digits: str) -> int:
-    return _BEYOND_ANY_LENGTH if len(digits) > _MAX_POSITION_DIGITS else int(digits)
+    """The value of a position's digits (leading zeros allowed, RFC 9110 `1*DIGIT`); huge ones cap beyond any length."""
+    significant = digits.lstrip("0") or "0"
+    return _BEYOND_ANY_LENGTH if len(significant) > _MAX_POSITION_DIGITS else int(significant)
 
 
 def _digits_less(left: str, right: str) -> bool:

@@ -376,3 +376,16 @@ async def test_upload_and_restore_are_server_spans_over_phase_spans_over_databas
     for secret in (body["payload"], payload[:32].hex(), body["signature"], signature.hex(), project_key):
         assert secret not in span_text
         assert secret not in log_text
+
+
+async def test_a_malformed_baggage_header_writes_no_log_line(
+    client: AsyncTestClient[Litestar], caplog: pytest.LogCaptureFixture
+) -> None:
+    # OpenTelemetry's propagator warns about each bad entry and echoes the header: a few KiB of log per request that
+    # any client could send. The request itself is answered as usual.
+    hostile = "=;" * 2000
+    with caplog.at_level(logging.DEBUG, logger="zkeb"):
+        response = await client.get("/api/v1/no-such-route", headers={"baggage": hostile})
+    assert response.status_code == 404
+    assert not [record for record in caplog.records if record.name.startswith("opentelemetry")]
+    assert not [record for record in caplog.records if hostile[:40] in record.getMessage()]

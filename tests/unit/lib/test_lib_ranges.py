@@ -42,6 +42,9 @@ def test_byte_range_rejects_empty_or_negative(start: int, end: int) -> None:
         ("bytes=-99999999999999999999999", 1000, ByteRange(0, 999)),
         ("bytes=0-0", 1, ByteRange(0, 0)),
         ("bytes=00010-00019", 1000, ByteRange(10, 19)),
+        # More than 19 digits, but only because of leading zeros: still the small number they spell.
+        ("bytes=00000000000000000000000000001-2", 10000, ByteRange(1, 2)),
+        ("bytes=-000000000000000000000000000010", 1000, ByteRange(990, 999)),
     ],
 )
 def test_parse_range_satisfiable(header: str, total: int, expected: ByteRange) -> None:
