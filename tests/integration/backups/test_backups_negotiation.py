@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import asyncpg
 import httpx
@@ -41,7 +42,16 @@ CASES: dict[str, str | None] = {
 }
 
 
+def _assert_documented(document: dict[str, Any], method: str, path: str, response: httpx.Response) -> None:
+    """The OpenAPI document lists the response's status and media type for that operation."""
+    documented = document["paths"][path][method]["responses"]
+    assert str(response.status_code) in documented, (method, path, response.status_code)
+    media_type = response.headers["content-type"].split(";")[0]
+    assert media_type in documented[str(response.status_code)]["content"], (method, path, media_type)
+
+
 async def _check_negotiation(http: Client, tenant: Tenant, connection: asyncpg.Connection) -> None:
+    document = (await http.get("/schema/openapi.json")).json()
     envelope = sign_envelope(tenant, os.urandom(100))
     created = await http.post("/api/v1/backups", json=envelope.json(), headers=auth(tenant.project_key))
     assert created.status_code == 201, created.text
@@ -50,6 +60,7 @@ async def _check_negotiation(http: Client, tenant: Tenant, connection: asyncpg.C
         response = await http.get(
             f"/api/v1/backups/{backup_id}", headers={**auth(tenant.project_key), "Accept": accept}
         )
+        _assert_documented(document, "get", "/api/v1/backups/{backup_id}", response)
         if expected is None:
             assert response.status_code == 406, (accept, response.text)
             assert "application/msgpack" in problem(response)["detail"]
@@ -68,6 +79,7 @@ async def _check_negotiation(http: Client, tenant: Tenant, connection: asyncpg.C
     )
     assert refused.status_code == 406, refused.text
     problem(refused)
+    _assert_documented(document, "post", "/api/v1/backups", refused)
     assert await row_counts(connection) == before
 
 

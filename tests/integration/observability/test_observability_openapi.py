@@ -104,6 +104,21 @@ async def test_no_204_or_304_response_promises_a_body(client: AsyncTestClient[Li
         assert "content" not in document["paths"][path][method]["responses"][status], (method, path, status)
 
 
+async def test_the_payload_operations_and_the_upload_bodies_document_their_other_statuses(
+    client: AsyncTestClient[Litestar],
+) -> None:
+    # A conditional HEAD answers 304 as its GET does; a request body that stalls is cut off with 408
+    # (core/connection.py) on every operation that reads one.
+    paths = (await _document(client))["paths"]
+    assert "304" in paths["/api/v1/backups/{backup_id}/payload"]["head"]["responses"]
+    for method, path in (
+        ("post", "/api/v1/backups"),
+        ("post", "/api/v1/uploads"),
+        ("patch", "/api/v1/uploads/{upload_id}"),
+    ):
+        assert "application/problem+json" in paths[path][method]["responses"]["408"]["content"], (method, path)
+
+
 async def test_each_domain_adds_its_own_tags_and_problem_members(client: AsyncTestClient[Litestar]) -> None:
     document = await _document(client)
     tags = [tag["name"] for tag in document["tags"]]

@@ -17,6 +17,7 @@ from typing import Any
 
 from zkeb.core.openapi import Link, add_links, problem_response
 from zkeb.domain.backups.envelope import ENVELOPE_FIELD_EXAMPLES, envelope_schema
+from zkeb.domain.backups.schemas import MSGPACK_MEDIA_TYPES
 
 __all__ = ("ENVELOPE_EXAMPLE", "ENVELOPE_SCHEMA", "add_backups_openapi")
 
@@ -39,6 +40,26 @@ _UPLOAD_PROBLEMS = {
     "413": "Body or `Upload-Length` over the limit; sent before the body is read when the length is declared.",
     "415": "Unsupported `Content-Type`.",
 }
+
+#: Operations that answer a backup as JSON or msgpack by `Accept` (406 when it refuses both), and their success status.
+_NEGOTIATED = {
+    ("post", "/api/v1/backups"): "201",
+    ("get", "/api/v1/backups/{backup_id}"): "200",
+    ("post", "/api/v1/backups/{backup_id}/restore"): "200",
+    ("get", "/api/v1/containers/{container_id}/backups/latest"): "200",
+}
+_MSGPACK_BACKUP = {
+    "schema": {
+        "type": "object",
+        "description": "The same members as the JSON representation, as a msgpack map; bytes (`device_id_hash` "
+        "included) are msgpack `bin`.",
+    }
+}
+_NOT_ACCEPTABLE = "`Accept` refuses both representations (`application/json` and `application/msgpack`)."
+_STALLED_BODY = (
+    "The request body made no progress for `BODY_IDLE_TIMEOUT` seconds; the connection is closed (a tus upload "
+    "keeps what it stored: resume at `Upload-Offset`)."
+)
 
 _TUS_RESUMABLE = {
     "name": "Tus-Resumable",
@@ -246,9 +267,12 @@ def add_backups_openapi(document: dict[str, Any]) -> None:
         payload_headers["responses"]["200"]["content"] = {
             "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
         }
+        payload_headers["responses"].setdefault("304", {"description": "`If-None-Match` matched the `ETag`."})
+    _document_negotiation(paths)
     backups = paths.get("/api/v1/backups", {}).get("post")
     if isinstance(backups, dict):
         _add_upload_problems(backups)
+        backups["responses"].setdefault("408", problem_response("408", _STALLED_BODY))
         backups.setdefault(
             "requestBody",
             {
@@ -264,6 +288,20 @@ def add_backups_openapi(document: dict[str, Any]) -> None:
             },
         )
     add_links(document, _backups_links())
+
+
+def _document_negotiation(paths: dict[str, Any]) -> None:
+    """The msgpack representation and the 406 of the operations that answer a backup by `Accept`."""
+    for (method, path), status in _NEGOTIATED.items():
+        operation = paths.get(path, {}).get(method)
+        if not isinstance(operation, dict):
+            continue
+        responses = operation.setdefault("responses", {})
+        content = responses.get(status, {}).get("content")
+        if isinstance(content, dict):
+            for media_type in sorted(MSGPACK_MEDIA_TYPES):
+                content.setdefault(media_type, copy.deepcopy(_MSGPACK_BACKUP))
+        responses.setdefault("406", problem_response("406", _NOT_ACCEPTABLE))
 
 
 def _document_discovery(item: dict[str, Any]) -> None:
@@ -294,6 +332,7 @@ def _document_tus(operation: dict[str, Any], method: str, path: str) -> None:
         }
         operation["responses"].setdefault("460", problem_response("460", "Checksum mismatch (tus checksum extension)."))
     if method in {"post", "patch"}:
+        operation["responses"].setdefault("408", problem_response("408", _STALLED_BODY))
         operation["responses"].setdefault(
             "507",
             problem_response(

@@ -17,6 +17,8 @@ import msgspec
 from zkeb.domain.backups.envelope import JsonEnvelopeFields, MsgpackEnvelopeFields
 
 __all__ = (
+    "MSGPACK",
+    "MSGPACK_MEDIA_TYPES",
     "AppendOnlyProblem",
     "BackupList",
     "BackupRead",
@@ -30,6 +32,10 @@ __all__ = (
     "TrashedBackupRead",
     "field_of_validation_error",
 )
+
+#: The msgpack media type a backup is read and written as, and every name it is accepted under.
+MSGPACK = "application/msgpack"
+MSGPACK_MEDIA_TYPES = frozenset({MSGPACK, "application/x-msgpack", "application/vnd.msgpack"})
 
 _FIELD_PATH = re.compile(r"at `\$\.(?P<field>[A-Za-z_]+)")
 

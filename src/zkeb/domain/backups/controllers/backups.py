@@ -38,6 +38,8 @@ from zkeb.domain.backups.envelope import (
 from zkeb.domain.backups.errors import PayloadRangeError
 from zkeb.domain.backups.guards import requires_backup_or_org_admin
 from zkeb.domain.backups.schemas import (
+    MSGPACK,
+    MSGPACK_MEDIA_TYPES,
     AppendOnlyProblem,
     BackupList,
     BackupRead,
@@ -68,8 +70,6 @@ tracer = trace.get_tracer("zkeb.backups")
 
 #: Largest single-shot body (the envelope with its payload); larger payloads go through tus.
 SINGLE_SHOT_MAX_BODY = 16 * 1024 * 1024
-MSGPACK = "application/msgpack"
-_MSGPACK_TYPES = frozenset({MSGPACK, "application/x-msgpack", "application/vnd.msgpack"})
 _JSON = "application/json"
 
 
@@ -121,7 +121,7 @@ def _media_type(request: Request[Any, Any, Any]) -> str:
 
 
 #: A backup's representations, the default first (`Accept` missing, or naming none of them).
-_BACKUP_REPRESENTATIONS = (_JSON, MSGPACK, *sorted(_MSGPACK_TYPES - {MSGPACK}))
+_BACKUP_REPRESENTATIONS = (_JSON, MSGPACK, *sorted(MSGPACK_MEDIA_TYPES - {MSGPACK}))
 
 
 def _representation(request: Request[Any, Any, Any]) -> str:
@@ -146,7 +146,7 @@ def _backup_response(media_type: str, backup: Any, status_code: int = 200) -> Re
     headers = {"Cache-Control": "no-store", "Vary": "Accept"}
     if status_code == 201:
         headers["Location"] = f"/api/v1/backups/{backup.id}"
-    if media_type in _MSGPACK_TYPES:
+    if media_type in MSGPACK_MEDIA_TYPES:
         return Response(
             msgspec.msgpack.encode(backup_read_msgpack(backup)),
             media_type=media_type,
@@ -159,7 +159,7 @@ def _backup_response(media_type: str, backup: Any, status_code: int = 200) -> Re
 def _decode_envelope(media_type: str, body: bytes) -> tuple[BackupEnvelope, memoryview | bytes]:
     """Decode and validate a single-shot body; the msgpack payload stays a view into `body`."""
     try:
-        if media_type in _MSGPACK_TYPES:
+        if media_type in MSGPACK_MEDIA_TYPES:
             source: EnvelopeMsgpack | EnvelopeJson = msgspec.msgpack.decode(body, type=EnvelopeMsgpack)
         else:
             source = msgspec.json.decode(body, type=EnvelopeJson)
@@ -172,7 +172,7 @@ def _decode_envelope(media_type: str, body: bytes) -> tuple[BackupEnvelope, memo
         raise ClientException("the body holds a string that is not valid UTF-8") from None
     except msgspec.DecodeError:
         raise ClientException(
-            "the body is not valid " + ("msgpack" if media_type in _MSGPACK_TYPES else "JSON")
+            "the body is not valid " + ("msgpack" if media_type in MSGPACK_MEDIA_TYPES else "JSON")
         ) from None
     if isinstance(source, EnvelopeMsgpack):
         return envelope_from_msgpack(source), source.payload
@@ -215,7 +215,7 @@ class BackupController(Controller):
         project_id = _require_project(principal)
         context = backups_context(state)
         media_type = _media_type(request)
-        if media_type not in _MSGPACK_TYPES and media_type != _JSON:
+        if media_type not in MSGPACK_MEDIA_TYPES and media_type != _JSON:
             raise UnsupportedMediaTypeError("send the envelope as application/msgpack or application/json")
         representation = _representation(request)
         with tracer.start_as_current_span("backups.receive", attributes={"zkeb.project_id": str(project_id)}) as span:
