@@ -7,7 +7,7 @@ from litestar import Litestar
 from zkeb.core import CorePlugin
 from zkeb.core.connection import RequestBodyMiddleware
 from zkeb.core.requestid import RequestIdMiddleware
-from zkeb.core.security import CorsActualOptionsMiddleware, SecurityHeadersMiddleware
+from zkeb.core.security import CorsOptionsMiddleware, SecurityHeadersMiddleware
 from zkeb.domain.accounts import AccountsPlugin
 from zkeb.domain.audit import AuditPlugin
 from zkeb.domain.backups import BackupsPlugin
@@ -26,7 +26,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     )
     handler = app.asgi_handler
     if app.cors_config is not None:
-        handler = CorsActualOptionsMiddleware(handler, app.cors_config)
+        handler = CorsOptionsMiddleware(handler, app.cors_config)
     # Outermost, so routing errors (404, 405) carry the request id and the security headers too.
     app.asgi_handler = RequestBodyMiddleware(
         SecurityHeadersMiddleware(RequestIdMiddleware(handler), settings), settings

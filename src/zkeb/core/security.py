@@ -10,17 +10,20 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable
 from functools import lru_cache
-from typing import cast
+from typing import Any, cast
 
+from litestar import Request
 from litestar.config.cors import CORSConfig
 from litestar.enums import ScopeType
+from litestar.status_codes import HTTP_400_BAD_REQUEST
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from zkeb.core.apidocs import SCALAR_PAGE_PATH
+from zkeb.core.errors import problem_response
 from zkeb.settings import Settings
 
 __all__ = (
-    "CorsActualOptionsMiddleware",
+    "CorsOptionsMiddleware",
     "SecurityHeadersMiddleware",
     "TrustedProxies",
     "client_ip",
@@ -179,9 +182,10 @@ def cors_config(settings: Settings) -> CORSConfig | None:
     )
 
 
-class CorsActualOptionsMiddleware:
-    """Lets a browser's actual `OPTIONS` request reach its handler; Litestar's CORS answers every `OPTIONS` with an
-    `Origin` as a preflight (Fetch: a preflight also carries `Access-Control-Request-Method`).
+class CorsOptionsMiddleware:
+    """`OPTIONS` with an `Origin`: a browser's actual request reaches its handler, and a refused preflight is
+    problem+json. Litestar's CORS answers every `OPTIONS` with an `Origin` as a preflight (Fetch: a preflight also
+    carries `Access-Control-Request-Method`), and refuses one as `400 text/plain`.
 
     A browser sends an `OPTIONS` of its own (tus discovery: `Tus-Version`, `Tus-Max-Size`) after that request's
     preflight. It goes in without its `Origin`, so Litestar's CORS leaves it alone, and its response gets the headers
@@ -199,8 +203,11 @@ class CorsActualOptionsMiddleware:
             await self.app(scope, receive, send)
             return
         origin = _header(scope, b"origin")
-        if origin is None or _header(scope, b"access-control-request-method") is not None:
-            await self.app(scope, receive, send)  # no origin, or a preflight: Litestar's CORS answers it
+        if origin is None:
+            await self.app(scope, receive, send)
+            return
+        if _header(scope, b"access-control-request-method") is not None:
+            await self.app(scope, receive, _refusals_as_problems(scope, receive, send))  # Litestar's CORS answers it
             return
         without_origin = cast(
             "Scope", {**scope, "headers": [(k, v) for k, v in scope["headers"] if k.lower() != b"origin"]}
@@ -216,6 +223,27 @@ class CorsActualOptionsMiddleware:
             await send(message)
 
         await self.app(without_origin, receive, send_with_cors)
+
+
+def _refusals_as_problems(scope: Scope, receive: Receive, send: Send) -> Send:
+    """`send`, with Litestar's refusal of a preflight (400, "Disallowed CORS origin", text/plain) as problem+json."""
+    refused = False
+
+    async def send_refusal_as_problem(message: Message) -> None:
+        nonlocal refused
+        if message["type"] == "http.response.start" and message["status"] == HTTP_400_BAD_REQUEST:
+            refused = True  # its body says what was refused; the answer is sent with it
+            return
+        if not refused or message["type"] != "http.response.body":
+            await send(message)
+            return
+        what = bytes(message.get("body", b"")).decode("latin-1").removeprefix("Disallowed CORS ").lower()
+        request: Request[Any, Any, Any] = scope["litestar_app"].request_class(scope=scope, receive=receive, send=send)
+        detail = f"the CORS preflight was refused: this {what} is not allowed (CORS_ORIGINS and the API's methods)"
+        answer = problem_response(request, HTTP_400_BAD_REQUEST, detail).to_asgi_response(app=None, request=request)
+        await answer(scope, receive, send)
+
+    return send_refusal_as_problem
 
 
 class SecurityHeadersMiddleware:

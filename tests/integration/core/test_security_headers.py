@@ -8,7 +8,7 @@ from litestar.testing import AsyncTestClient
 from zkeb.app import create_app
 from zkeb.settings import Settings
 
-from support import make_settings
+from support import make_settings, problem
 
 
 async def test_every_response_carries_the_security_headers_and_no_server_details(
@@ -61,6 +61,16 @@ async def test_cors_preflight_answers_allowed_origins_only(
             "/api/v1/audit-events", headers={"Origin": "https://evil.example", **preflight}
         )
         simple = await cors_client.get("/api/health/live", headers={"Origin": "https://app.example"})
+        odd_method = await cors_client.options(
+            "/api/v1/uploads", headers={"Origin": "https://app.example", "Access-Control-Request-Method": "FOO BAR"}
+        )
+    # A refused preflight is a problem like any other refusal (Litestar's own answer is 400 text/plain).
+    assert denied.status_code == 400
+    assert problem(denied)["detail"] == (
+        "the CORS preflight was refused: this origin is not allowed (CORS_ORIGINS and the API's methods)"
+    )
+    assert odd_method.status_code == 400
+    assert problem(odd_method)["detail"].startswith("the CORS preflight was refused: this method is not allowed")
     assert allowed.status_code in {200, 204}
     assert allowed.headers["access-control-allow-origin"] == "https://app.example"
     assert "authorization" in allowed.headers["access-control-allow-headers"].lower()
