@@ -145,7 +145,7 @@ class ProjectController(Controller):
         request: Request[Any, Any, Any],
         state: State,
         db_session: NamedDependency[AsyncSession],
-        project_service: ProjectService,
+        project_service: NamedDependency[ProjectService],
         data: JSONBody[ProjectCreate],
     ) -> ProjectRead:
         """Create a project; `storage_quota_bytes` absent takes `DEFAULT_PROJECT_QUOTA` (null: unlimited)."""
@@ -170,7 +170,7 @@ class ProjectController(Controller):
     async def list_projects(
         self,
         request: Request[Any, Any, Any],
-        project_service: ProjectService,
+        project_service: NamedDependency[ProjectService],
         limit: Limit = DEFAULT_LIST_LIMIT,
         cursor: Cursor = None,
     ) -> ProjectPage:
@@ -182,7 +182,10 @@ class ProjectController(Controller):
 
     @get("/{project_id:uuid}", summary="Get a project", responses=_problems(401, 404))
     async def get_project(
-        self, request: Request[Any, Any, Any], project_service: ProjectService, project_id: FromPath[UUID]
+        self,
+        request: Request[Any, Any, Any],
+        project_service: NamedDependency[ProjectService],
+        project_id: FromPath[UUID],
     ) -> ProjectRead:
         """A project: org admins see every project of theirs, project keys and devices only their own."""
         principal = principal_of(request)
@@ -198,7 +201,7 @@ class ProjectController(Controller):
         self,
         request: Request[Any, Any, Any],
         db_session: NamedDependency[AsyncSession],
-        project_service: ProjectService,
+        project_service: NamedDependency[ProjectService],
         project_id: FromPath[UUID],
         data: JSONBody[ProjectUpdate],
     ) -> ProjectRead:
@@ -233,8 +236,8 @@ class ProjectController(Controller):
         *,
         state: State,
         db_session: NamedDependency[AsyncSession],
-        project_service: ProjectService,
-        api_key_service: ApiKeyService,
+        project_service: NamedDependency[ProjectService],
+        api_key_service: NamedDependency[ApiKeyService],
         project_id: FromPath[UUID],
         data: JSONBody[ApiKeyCreate],
     ) -> Response[ApiKeyCreated]:
@@ -278,8 +281,8 @@ class ProjectController(Controller):
         self,
         request: Request[Any, Any, Any],
         *,
-        project_service: ProjectService,
-        api_key_service: ApiKeyService,
+        project_service: NamedDependency[ProjectService],
+        api_key_service: NamedDependency[ApiKeyService],
         project_id: FromPath[UUID],
         limit: Limit = DEFAULT_LIST_LIMIT,
         cursor: Cursor = None,
@@ -304,8 +307,8 @@ class ProjectController(Controller):
         request: Request[Any, Any, Any],
         *,
         db_session: NamedDependency[AsyncSession],
-        project_service: ProjectService,
-        device_service: DeviceService,
+        project_service: NamedDependency[ProjectService],
+        device_service: NamedDependency[DeviceService],
         project_id: FromPath[UUID],
         data: JSONBody[DeviceEnroll],
     ) -> DeviceRead:
@@ -334,8 +337,8 @@ class ProjectController(Controller):
         self,
         request: Request[Any, Any, Any],
         *,
-        project_service: ProjectService,
-        device_service: DeviceService,
+        project_service: NamedDependency[ProjectService],
+        device_service: NamedDependency[DeviceService],
         project_id: FromPath[UUID],
         limit: Limit = DEFAULT_LIST_LIMIT,
         cursor: Cursor = None,
@@ -367,7 +370,7 @@ class ApiKeyController(Controller):
         self,
         request: Request[Any, Any, Any],
         db_session: NamedDependency[AsyncSession],
-        api_key_service: ApiKeyService,
+        api_key_service: NamedDependency[ApiKeyService],
         key_id: FromPath[UUID],
     ) -> None:
         """Revoke a key at once on every replica; the organization's last active org admin key is kept (409)."""
@@ -403,7 +406,7 @@ class DeviceController(Controller):
         self,
         request: Request[Any, Any, Any],
         db_session: NamedDependency[AsyncSession],
-        device_service: DeviceService,
+        device_service: NamedDependency[DeviceService],
         device_id: FromPath[UUID],
     ) -> None:
         """Revoke a device: no new tokens, and its live tokens fail from now on."""
@@ -444,7 +447,7 @@ class AuthTokenController(Controller):
         self,
         request: Request[Any, Any, Any],
         state: State,
-        device_token_service: DeviceTokenService,
+        device_token_service: NamedDependency[DeviceTokenService],
         data: JSONBody[TokenRequest],
     ) -> Response[TokenResponse]:
         """Verify the proof and return a short-lived HS256 device token."""
