@@ -7,6 +7,7 @@ import base64
 import hashlib
 import os
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -26,8 +27,7 @@ from backups_support import (
 )
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from zkeb.app import create_app
 from zkeb.core import database
@@ -35,9 +35,7 @@ from zkeb.core.database import create_app_engine
 from zkeb.core.runtime import get_runtime
 from zkeb.domain.backups.chunk_writes import hash_stored_chunks
 from zkeb.domain.backups.jobs.upload_sweeper import UploadSweeper
-from zkeb.domain.backups.services import backups as backup_services
-from zkeb.domain.backups.services import upload_patch
-from zkeb.domain.backups.services.lifecycle import charge_quota
+from zkeb.domain.backups.services import finalize, upload_patch
 from zkeb.domain.backups.services.uploads import IN_MEMORY_UPLOAD_MAX
 from zkeb.settings import Settings
 
@@ -380,19 +378,37 @@ async def test_creation_with_upload_can_complete_in_one_request(client: Client, 
     assert restored.content == payload
 
 
-async def _committed_meanwhile(session: AsyncSession, tenant: Tenant, statement: str, *args: Any) -> None:
-    """Run `statement` for `tenant` and commit it, on another connection of the server's own pool.
+async def _committed_meanwhile(database_url: str, tenant: Tenant, statement: str, *args: Any) -> None:
+    """Run `statement` for `tenant` and commit it, on a connection of its own, from the server's event loop.
 
     For a change made "concurrently" at an exact point of a request: the server runs in the test client's event loop,
     which the test's own connections cannot be used from.
     """
-    assert isinstance(session.bind, AsyncEngine)
-    async with session.bind.connect() as other:
-        raw = (await other.get_raw_connection()).driver_connection
-        assert isinstance(raw, asyncpg.Connection)
-        async with raw.transaction():
-            await raw.execute("SELECT set_config('zkeb.org_id', $1, true)", str(tenant.organization_id))
-            await raw.execute(statement, *args)
+    other = await asyncpg.connect(database_url.replace("postgresql+asyncpg://", "postgresql://", 1))
+    try:
+        async with other.transaction():
+            await other.execute("SELECT set_config('zkeb.org_id', $1, true)", str(tenant.organization_id))
+            await other.execute(statement, *args)
+    finally:
+        await other.close()
+
+
+def _before_the_commit_locks_the_project(
+    monkeypatch: pytest.MonkeyPatch, meanwhile: Callable[[], Awaitable[None]]
+) -> None:
+    """Run `meanwhile` as a tus commit, admitted and verified, locks the project row (its first lock).
+
+    Whatever `meanwhile` changes is committed before the commit's next statement: the lease check, the inserts,
+    the quota's charge.
+    """
+    for name in ("lock_project_row", "share_project_row"):
+        original = getattr(finalize, name)
+
+        async def lock_after(connection: asyncpg.Connection, project_id: uuid.UUID, original: Any = original) -> None:
+            await meanwhile()
+            await original(connection, project_id)
+
+        monkeypatch.setattr(finalize, name, lock_after)
 
 
 @pytest.mark.parametrize(
@@ -405,6 +421,7 @@ async def _committed_meanwhile(session: AsyncSession, tenant: Tenant, statement:
     ],
 )
 async def test_a_refused_creation_with_upload_creates_nothing(
+    database_url: str,
     client: Client,
     tenant: Tenant,
     owner_connection: asyncpg.Connection,
@@ -422,9 +439,9 @@ async def test_a_refused_creation_with_upload_creates_nothing(
         body = payload + b"x"
     if refusal == "nonce":  # another upload of this envelope commits between this one's checks and its commit
 
-        async def charge_after_the_nonce_was_taken(session: AsyncSession, **kwargs: Any) -> Any:
+        async def take_the_nonce() -> None:
             await _committed_meanwhile(
-                session,
+                database_url,
                 tenant,
                 "INSERT INTO payload_nonces"
                 " (id, organization_id, project_id, device_id_hash, nonce, created_at, updated_at)"
@@ -434,9 +451,8 @@ async def test_a_refused_creation_with_upload_creates_nothing(
                 envelope.device_id_hash,
                 envelope.payload_nonce,
             )
-            return await charge_quota(session, **kwargs)
 
-        monkeypatch.setattr(backup_services, "charge_quota", charge_after_the_nonce_was_taken)
+        _before_the_commit_locks_the_project(monkeypatch, take_the_nonce)
     response = await client.post("/api/v1/uploads", content=body, headers=tus_headers(tenant.project_key, **headers))
     assert response.status_code == status, response.text
     problem(response)
@@ -446,18 +462,22 @@ async def test_a_refused_creation_with_upload_creates_nothing(
 
 
 async def test_a_creation_with_upload_refused_at_its_commit_by_the_quota_says_where_the_upload_is(
-    client: Client, tenant: Tenant, owner_connection: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+    database_url: str,
+    client: Client,
+    tenant: Tenant,
+    owner_connection: asyncpg.Connection,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # The quota is checked at creation, and again at the commit: another upload may have filled it in between
     # (here: the quota shrinks just before the commit). The upload stays, to be completed once there is room.
     payload = os.urandom(IN_MEMORY_UPLOAD_MAX + 1000)  # streamed through an upload session
     envelope = sign_envelope(tenant, payload)
+    await owner_connection.execute("UPDATE projects SET storage_quota_bytes = $1", 10 * len(payload))
 
-    async def charge_after_the_quota_shrank(session: AsyncSession, **kwargs: Any) -> Any:
-        await session.execute(text("UPDATE projects SET storage_quota_bytes = 10"))
-        return await charge_quota(session, **kwargs)
+    async def shrink_the_quota() -> None:
+        await _committed_meanwhile(database_url, tenant, "UPDATE projects SET storage_quota_bytes = 10")
 
-    monkeypatch.setattr(backup_services, "charge_quota", charge_after_the_quota_shrank)
+    _before_the_commit_locks_the_project(monkeypatch, shrink_the_quota)
     response = await client.post(
         "/api/v1/uploads",
         content=payload,
@@ -481,10 +501,10 @@ async def test_a_creation_with_upload_cut_by_a_database_failure_says_where_the_u
     payload = os.urandom(IN_MEMORY_UPLOAD_MAX + 1000)  # streamed through an upload session
     envelope = sign_envelope(tenant, payload)
 
-    async def charge_on_a_dropped_connection(session: AsyncSession, **kwargs: Any) -> Any:
+    async def drop_the_connection() -> None:
         raise asyncpg.ConnectionDoesNotExistError("connection was closed in the middle of operation")
 
-    monkeypatch.setattr(backup_services, "charge_quota", charge_on_a_dropped_connection)
+    _before_the_commit_locks_the_project(monkeypatch, drop_the_connection)
     response = await client.post(
         "/api/v1/uploads",
         content=payload,
@@ -642,6 +662,7 @@ async def test_a_resuming_patch_that_finds_its_stored_chunks_gone_says_why(
     ],
 )
 async def test_a_completing_patch_whose_upload_ended_during_verification_commits_nothing(
+    database_url: str,
     client: Client,
     tenant: Tenant,
     owner_connection: asyncpg.Connection,
@@ -650,21 +671,20 @@ async def test_a_completing_patch_whose_upload_ended_during_verification_commits
     status: int,
     detail: str,
 ) -> None:
-    # The last PATCH stores its bytes, verifies the signature, then commits; the commit deletes the upload's session
+    # The last PATCH stores its bytes, then commits: admitted and verified, the commit deletes the upload's session
     # row only if this PATCH's lease still holds it. Whatever happens before that delete runs here, on another
-    # connection, just as the commit charges the quota (its first statement): the backup must not appear.
+    # connection, just as the commit locks the project row: the backup must not appear.
     payload = os.urandom(MIB + 5)
     location = (await create(client, tenant, sign_envelope(tenant, payload))).headers["location"]
     payload_id = await owner_connection.fetchval(
         "SELECT payload_id FROM upload_sessions WHERE id = $1", uuid.UUID(location.rsplit("/", 1)[1])
     )
 
-    async def charge_after_a_concurrent_change(session: AsyncSession, **kwargs: Any) -> Any:
+    async def change_the_upload() -> None:
         for statement in meanwhile:
-            await _committed_meanwhile(session, tenant, statement, payload_id)
-        return await charge_quota(session, **kwargs)
+            await _committed_meanwhile(database_url, tenant, statement, payload_id)
 
-    monkeypatch.setattr(backup_services, "charge_quota", charge_after_a_concurrent_change)
+    _before_the_commit_locks_the_project(monkeypatch, change_the_upload)
     response = await patch(client, tenant, location, payload, 0)
     assert response.status_code == status, response.text
     assert detail in problem(response)["detail"]

@@ -1,4 +1,6 @@
-"""Backup services: who may act for which device, payload rows, the commit step, queries and deletion.
+"""Backup services: who may act for which device, payload rows, the signature check, queries and deletion.
+
+The commit itself is `zkeb.domain.backups.services.finalize`.
 
 Every call runs in the request's ORM session, whose transactions act for the principal's organization (row-level
 security), and commits its own short unit of work: nothing here holds a transaction across an upload.
@@ -9,41 +11,24 @@ from __future__ import annotations
 import hmac
 import logging
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
-from litestar.connection import ASGIConnection
 from opentelemetry import trace
-from sqlalchemy import select, update
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncEngine
 from uuid_utils.compat import uuid7
 
-from zkeb.core.audit_linker import append_unchained_event
 from zkeb.core.auth import Principal
 from zkeb.core.cursors import decode_keyset_cursor, encode_keyset_cursor
 from zkeb.core.database import pooled_connection
 from zkeb.core.errors import ConflictError, NotFoundError
 from zkeb.db.models import Backup, Device, Payload, PayloadNonce
 from zkeb.domain.backups.crypto import PayloadCrypto
-from zkeb.domain.backups.envelope import BackupEnvelope, envelope_columns, invalid_field, read_fields
-from zkeb.domain.backups.errors import (
-    UPLOAD_ENDED,
-    UPLOAD_LEASE_LOST,
-    InsufficientStorageError,
-    UploadEndedError,
-    UploadLeaseLostError,
-)
-from zkeb.domain.backups.metrics import record_backup_created, record_backup_failed
+from zkeb.domain.backups.envelope import BackupEnvelope, invalid_field, read_fields
+from zkeb.domain.backups.metrics import record_backup_failed
 from zkeb.domain.backups.repository import BackupRepositoryService
 from zkeb.domain.backups.schemas import BackupRead, BackupReadMsgpack
-from zkeb.domain.backups.services.lifecycle import (
-    apply_retention,
-    charge_quota,
-    record_retention_events,
-)
-from zkeb.domain.backups.store import upload_leases
 from zkeb.domain.backups.store.payloads import StoreKind
 from zkeb.domain.backups.store.reads import (
     RestoreSource,
@@ -52,10 +37,8 @@ from zkeb.domain.backups.store.reads import (
     visible_page,
     visible_restore_source,
 )
-from zkeb.domain.backups.store.upload_leases import UploadLease
 from zkeb.lib.atrest import ChunkCipher
 from zkeb.lib.envelope import backup_signed_message, verify_ed25519
-from zkeb.settings import Settings
 
 __all__ = (
     "BackupService",
@@ -72,15 +55,6 @@ __all__ = (
 
 logger = logging.getLogger("zkeb.backups")
 tracer = trace.get_tracer("zkeb.backups")
-
-_NONCE_CONSTRAINT = "uq_payload_nonces"
-
-
-async def _end_upload(session: AsyncSession, upload: UploadLease) -> None:
-    """Delete the upload's session row, provided the lease still holds it."""
-    if not await upload_leases.end_session(session, upload):
-        exists = await upload_leases.session_row_exists(session, upload.upload_id)
-        raise UploadLeaseLostError(UPLOAD_LEASE_LOST) if exists else UploadEndedError(UPLOAD_ENDED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,146 +202,6 @@ class BackupService(BackupRepositoryService):
             )
         )
         return NewPayload(payload_id, cipher)
-
-    async def commit_backup(
-        self,
-        *,
-        organization_id: UUID,
-        project_id: UUID,
-        device: Device,
-        envelope: BackupEnvelope,
-        payload_id: UUID,
-        payload_size: int,
-        payload_sha256: bytes,
-        chunk_count: int,
-        principal: Principal,
-        upload: UploadLease | None = None,
-        settings: Settings | None = None,
-        request: ASGIConnection[Any, Any, Any, Any] | None = None,
-    ) -> Backup:
-        """The commit step: one transaction makes the backup visible, records its nonce and seals its payload.
-
-        The signature has been verified by the caller. The same transaction charges the project's quota (which
-        locks the project row, so commits of a project are serialized) and applies the container's retention
-        policy (see `zkeb.domain.backups.services.lifecycle`).
-
-        A tus upload's session is deleted in the same transaction, provided `upload`'s lease still holds it.
-        `backup.created` (actor: `principal`) and retention's removals are audited unchained in the same
-        transaction; the caller wakes the audit linker once this returns.
-
-        Raises:
-            ConflictError: the `payload_nonce` was committed meanwhile by another upload (409).
-            InsufficientStorageError: the payload does not fit under the project's quota (507); nothing changed.
-            UploadLeaseLostError: another PATCH took the upload over (409), or it ended meanwhile (404,
-                `UploadEndedError`); nothing changed.
-        """
-        backup = Backup(
-            id=uuid7(),
-            organization_id=organization_id,
-            project_id=project_id,
-            device_id=device.id,
-            payload_id=payload_id,
-            encrypted_payload_size=payload_size,
-            payload_sha256=payload_sha256,
-            **envelope_columns(envelope),
-        )
-        with tracer.start_as_current_span(
-            "backups.commit",
-            attributes={
-                "zkeb.backup_id": str(backup.id),
-                "zkeb.project_id": str(project_id),
-                "zkeb.bytes": payload_size,
-            },
-        ) as span:
-            session = self.session
-            method = "tus" if upload is not None else "single"
-            try:
-                policy = await charge_quota(
-                    session,
-                    project_id=project_id,
-                    size=payload_size,
-                    upload_id=upload.upload_id if upload is not None else None,
-                )
-                if upload is not None:  # the session row before the payload's: the order every writer locks them in
-                    await _end_upload(session, upload)
-                # Taken under the project lock: creation order is commit order, so retention ranks it newest.
-                backup.created_at = datetime.now(UTC)
-                session.add(
-                    PayloadNonce(
-                        organization_id=organization_id,
-                        project_id=project_id,
-                        device_id_hash=envelope.device_id_hash,
-                        nonce=envelope.payload_nonce,
-                        backup_id=backup.id,
-                    )
-                )
-                await session.flush()
-                await session.execute(
-                    update(Payload)
-                    .where(Payload.id == payload_id)
-                    .values(size=payload_size, sha256=payload_sha256, chunk_count=chunk_count)
-                )
-                session.add(backup)
-                await session.flush()
-                trashed = await apply_retention(
-                    session,
-                    project_id=project_id,
-                    policy=policy,
-                    container_id=envelope.container_id,
-                    device_id_hash=envelope.device_id_hash,
-                )
-                await append_unchained_event(
-                    session,
-                    organization_id=organization_id,
-                    action="backup.created",
-                    actor_type=principal.actor_type,
-                    actor_id=principal.credential_id,
-                    target_type="backup",
-                    target_id=str(backup.id),
-                    details={
-                        "project_id": str(project_id),
-                        "container_id": str(envelope.container_id),
-                        "device_id": str(device.id),
-                        "size": payload_size,
-                        "method": method,
-                    },
-                    request=request,
-                    settings=settings,
-                )
-                await record_retention_events(
-                    session,
-                    organization_id=organization_id,
-                    project_id=project_id,
-                    trashed=trashed,
-                    settings=settings,
-                    chained=False,
-                )
-                await session.commit()
-            except InsufficientStorageError:
-                await session.rollback()
-                span.set_attribute("zkeb.outcome", "over_quota")
-                record_backup_failed("quota", method)
-                raise
-            except UploadLeaseLostError:
-                await session.rollback()
-                span.set_attribute("zkeb.outcome", "lease_lost")
-                raise
-            except IntegrityError as exc:
-                await session.rollback()
-                span.set_attribute("zkeb.outcome", "conflict")
-                if _NONCE_CONSTRAINT in str(exc.orig):
-                    record_backup_failed("nonce_reuse")
-                    # Committed meanwhile: by this very envelope (a concurrent retry, a second upload of it), the
-                    # conflict names its backup, as the check before the upload does.
-                    await self.ensure_nonce_unused(
-                        project_id, envelope.device_id_hash, envelope.payload_nonce, signature=envelope.signature
-                    )
-                    raise nonce_conflict() from None
-                raise
-            span.set_attribute("zkeb.outcome", "committed")
-            span.set_attribute("zkeb.retention_trashed", len(trashed))
-        record_backup_created(method, payload_size)
-        return backup
 
 
 def _visibility(principal: Principal, device_id_hash: bytes | None = None) -> Visibility | None:

@@ -1,11 +1,12 @@
 """Backup lifecycle: per-project storage quotas, per-container retention, the trash and append-only projects.
 
-Quota. `projects.used_bytes` counts the payload bytes of every committed backup of the project, trashed ones
-included, until they are purged. A commit charges the payload in the commit's own transaction with one
-conditional `UPDATE ... WHERE used_bytes + n <= storage_quota_bytes`: the row lock it takes serializes concurrent
-commits of a project, and PostgreSQL re-evaluates the condition on the row as the previous commit left it, so no
-two uploads can both squeeze under the limit. Uploads are also checked when they start (single-shot before any
-byte is stored, tus at creation from `Upload-Length`).
+Quota. A project's usage counts the payload bytes of every committed backup of the project, trashed ones
+included, until they are purged: `projects.used_bytes` plus its usage shards. A commit charges the payload in the
+commit's own transaction (`zkeb.domain.backups.services.finalize`): on the shard of its connection when the project
+has no quota, so commits of one project never wait for each other; with a quota, on the project row, locked, by a
+conditional `UPDATE` that counts every committed charge, so no two uploads can both squeeze under the limit.
+Uploads are also checked when they start (single-shot before any byte is stored, tus at creation from
+`Upload-Length`).
 
 Open tus uploads reserve their `Upload-Length`: a creation locks the project row and is refused (507) unless
 `used_bytes` plus what the project's open (unexpired) uploads reserve plus the new length fits under the quota,
@@ -15,13 +16,13 @@ commit, which charges the length in the transaction that deletes the session, at
 reservations of the other open uploads, so an upload that reserved its room can always commit (unless an org
 admin lowered the quota meanwhile), and stored bytes never exceed the quota.
 
-Retention. After the commit charged the quota (so the project row is locked and commits of the project are
-serialized), the backups of the same device in the same container beyond the newest `retention_keep_last`, and
-those older than `retention_days`, go to the trash (`deleted_by = 'retention'`): retention ranks per (container,
-device), whoever uploaded (a device token or a project key acting for the device), so one device's upload never
-trashes another device's backup. Age never removes a (container, device)'s newest backup,
-and a backup an org admin restored from the trash is left alone (it was brought back on purpose). The
-maintenance runner applies the same rule to projects whose policy changed since their last commit.
+Retention. In the commit's transaction, under an advisory lock of the (container, device) it ranks, the backups
+of the same device in the same container beyond the newest `retention_keep_last`, and those older than
+`retention_days`, go to the trash (`deleted_by = 'retention'`): retention ranks per (container, device), whoever
+uploaded (a device token or a project key acting for the device), so one device's upload never trashes another
+device's backup. Age never removes a (container, device)'s newest backup, and a backup an org admin restored from
+the trash is left alone (it was brought back on purpose). The maintenance runner applies the same rule to projects
+whose policy changed since their last commit.
 
 Trash. Deleting moves a backup to the trash: it disappears from listings, reads, `latest` and restore, but still
 counts against the quota. Org admins list the trash, restore from it, and purge (payload and chunks deleted,
@@ -57,7 +58,7 @@ from zkeb.db.models import Backup, Payload, Project
 from zkeb.domain.backups.errors import AppendOnlyError, InsufficientStorageError, TooManyOpenUploadsError
 from zkeb.domain.backups.metrics import BACKUPS_PURGED, BACKUPS_RESTORED, BACKUPS_TRASHED
 from zkeb.domain.backups.repository import BackupRepositoryService
-from zkeb.domain.backups.store.commits import USED_BYTES_SQL, reserved_bytes_sql
+from zkeb.domain.backups.store.commits import USED_BYTES_SQL
 from zkeb.settings import Settings
 
 __all__ = (
@@ -70,7 +71,6 @@ __all__ = (
     "RetentionPolicy",
     "TrashedBackup",
     "apply_retention",
-    "charge_quota",
     "deleted_by_of",
     "purge_backups",
     "quota_exceeded",
@@ -86,19 +86,6 @@ SYSTEM_ACTOR = "system"
 
 Executor = AsyncSession | AsyncConnection
 
-#: Bytes the open (unexpired) tus uploads of project `p` reserve, but for upload `:u` (the one committing).
-_RESERVED_SQL = reserved_bytes_sql(but="CAST(:u AS uuid)")
-# Constant fragments only (S608): the values are bound parameters.
-_CHARGE = text(
-    "UPDATE projects p SET used_bytes = p.used_bytes + :n "  # noqa: S608
-    f"WHERE p.id = :p AND (p.storage_quota_bytes IS NULL"
-    f" OR {USED_BYTES_SQL} + :n + {_RESERVED_SQL} <= p.storage_quota_bytes) "
-    "RETURNING p.retention_keep_last, p.retention_days"
-)
-_USAGE_OF = text(
-    f"SELECT {USED_BYTES_SQL} + {_RESERVED_SQL} AS used_bytes, p.storage_quota_bytes FROM projects p WHERE p.id = :p"  # noqa: S608
-)
-_LOCK_PROJECT_ROW = text("SELECT 1 FROM projects WHERE id = :p FOR UPDATE")
 #: Locks the project row (creations of its uploads are serialized with each other and with its commits).
 _LOCK_FOR_UPLOAD = text(
     f"SELECT {USED_BYTES_SQL} AS used_bytes, p.storage_quota_bytes FROM projects p WHERE p.id = :p FOR UPDATE"  # noqa: S608
@@ -134,30 +121,6 @@ class RetentionPolicy:
     def active(self) -> bool:
         """Whether the policy removes anything at all."""
         return self.keep_last is not None or self.days is not None
-
-
-async def charge_quota(
-    executor: Executor, *, project_id: UUID, size: int, upload_id: UUID | None = None
-) -> RetentionPolicy:
-    """Add `size` bytes to the project's usage if they fit under its quota; returns its retention policy.
-
-    The room open tus uploads reserve is not available, but for that of `upload_id` (the upload committing).
-    Runs in the commit's transaction and locks the project row until it ends: first, so that the charge, a
-    statement of its own, sees the uploads that commits serialized before it ended (an `UPDATE` waiting for the lock
-    would re-check only the project row, not the reservations).
-
-    Raises:
-        InsufficientStorageError: the bytes do not fit (507 with `used`, `quota`, `requested`).
-        NotFoundError: the project does not exist (in this tenant).
-    """
-    await executor.execute(_LOCK_PROJECT_ROW, {"p": project_id})
-    row = (await executor.execute(_CHARGE, {"n": size, "p": project_id, "u": upload_id})).first()
-    if row is not None:
-        return RetentionPolicy(row.retention_keep_last, row.retention_days)
-    current = (await executor.execute(_USAGE_OF, {"p": project_id, "u": upload_id})).first()
-    if current is None:
-        raise NotFoundError("project not found")
-    raise quota_exceeded(used=current.used_bytes, quota=current.storage_quota_bytes, requested=size)
 
 
 @dataclass(frozen=True, slots=True)

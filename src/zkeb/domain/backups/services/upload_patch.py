@@ -2,7 +2,8 @@
 
 A PATCH owns its upload through a lease (`upload_sessions.lease_id`, statements in
 `zkeb.domain.backups.store.upload_leases`) and holds a pooled connection only to claim, store a batch or commit. The
-PATCH that completes the upload verifies the device signature and commits the backup (`BackupService.commit_backup`).
+PATCH that completes the upload has the backup committed (`zkeb.domain.backups.services.finalize.commit_stored`:
+the signature verified, the upload ended and the backup made visible in one transaction).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from zkeb.domain.backups.errors import (
     UploadLeaseLostError,
     UploadTooLargeError,
 )
-from zkeb.domain.backups.services.backups import BackupService, verify_backup_signature
+from zkeb.domain.backups.services.finalize import StoredPayload, commit_stored
 from zkeb.domain.backups.services.uploads import UPLOAD_EXPIRY
 from zkeb.domain.backups.store import upload_leases
 from zkeb.domain.backups.store.connection import raw_tenant_transaction
@@ -350,35 +351,17 @@ class PatchReceiver:
         """Verify the signature and commit the backup; when that can never succeed, delete the upload."""
         upload, principal = self.upload, self.principal
         payload_id = upload.payload_id  # read now: a rollback below expires the ORM object
-        service = BackupService(session=self.session)
-        envelope = envelope_of_row(upload)
-        assert principal.project_id is not None
         try:
-            device = await service.device_for_upload(principal, upload.device_id_hash)
-            verify_backup_signature(
-                envelope,
-                project_id=principal.project_id,
-                public_key=device.public_key,
-                payload_sha256=payload_sha256,
-                payload_size=upload.upload_length,
-            )
-            backup = await service.commit_backup(
-                organization_id=principal.organization_id,
-                project_id=principal.project_id,
-                device=device,
-                envelope=envelope,
-                payload_id=upload.payload_id,
-                payload_size=upload.upload_length,
-                payload_sha256=payload_sha256,
-                chunk_count=chunk_count,
-                principal=principal,
-                upload=lease,
-                settings=self.context.settings,
+            backup = await commit_stored(
+                self.context,
+                principal,
+                envelope_of_row(upload),
+                StoredPayload(lease, payload_id, upload.upload_length, payload_sha256, chunk_count),
                 request=self.request,
+                audit_committed=get_runtime(self.request.app.state).audit_linker.notify,
             )
         except (UnprocessableError, ConflictError):
             # The envelope is fixed at creation: an upload that fails verification can never succeed.
             await asyncio.shield(self._discard(lease, payload_id))
             raise
-        get_runtime(self.request.app.state).audit_linker.notify(principal.organization_id)
         return backup.id

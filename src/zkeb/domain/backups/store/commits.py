@@ -1,8 +1,9 @@
 """The statements of a backup's commit: admission reads, the rows of a new backup, usage and retention.
 
-A backup whose payload is in memory (a single-shot upload, a tus upload sent in one request) is admitted, stored
-and committed in one transaction on one connection (see `zkeb.domain.backups.services.finalize`); these are its
-statements, each one round trip.
+Every backup is admitted and committed in one transaction on one connection (see
+`zkeb.domain.backups.services.finalize`): one whose payload is in memory (a single-shot upload, a tus upload sent
+in one request) with its payload and chunks, a tus upload completed by a PATCH with its payload already stored.
+These are its statements, each one round trip.
 
 Usage. A project's `used_bytes` is `projects.used_bytes` plus its rows in `project_usage_shards`. A commit to a
 project without a quota adds its bytes to the shard of its database connection (`pg_backend_pid() % SHARDS`): a
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from zkeb.domain.backups.envelope import ENVELOPE_FIELDS
@@ -32,7 +33,8 @@ __all__ = (
     "SHARDS",
     "USED_BYTES_SQL",
     "Admission",
-    "NewBackup",
+    "BackupRow",
+    "PayloadKeyColumns",
     "TrashedRow",
     "charge_project_row",
     "insert_backup",
@@ -43,6 +45,8 @@ __all__ = (
     "project_usage",
     "read_admission",
     "reserved_bytes_sql",
+    "seal_stored_backup",
+    "share_project_row",
     "trash_beyond_retention",
 )
 
@@ -70,9 +74,11 @@ def reserved_bytes_sql(*, but: str | None = None) -> str:
 #: What the open tus uploads of project `p` reserve, over `projects p`.
 RESERVED_BYTES_SQL = reserved_bytes_sql()
 
+# $4: the upload committing (NULL for none), whose reservation is its own room.
 _ADMISSION = f"""
 SELECT p.storage_quota_bytes AS quota,
-       CASE WHEN p.storage_quota_bytes IS NULL THEN 0 ELSE {USED_BYTES_SQL} + {RESERVED_BYTES_SQL} END AS used,
+       CASE WHEN p.storage_quota_bytes IS NULL THEN 0
+            ELSE {USED_BYTES_SQL} + {reserved_bytes_sql(but="$4::uuid")} END AS used,
        p.retention_keep_last, p.retention_days,
        d.id AS device_id, d.public_key,
        n.id AS nonce_id, b.id AS nonce_backup_id, b.signature AS nonce_signature
@@ -89,40 +95,68 @@ LEFT JOIN backups b ON b.id = n.backup_id AND b.deleted_at IS NULL
 WHERE n.project_id = $1 AND n.device_id_hash = $2 AND n.nonce = $3
 """
 
-#: The parameters of `_INSERT_BACKUP` after its own 17: the envelope's fields, in order.
-_ENVELOPE_PARAMETERS = {f.name: f"${18 + i}" for i, f in enumerate(ENVELOPE_FIELDS)}
 
-# One statement: the payload with its first chunk, the nonce, the backup and (without a quota) the usage shard.
-# `created_at` is the clock at this statement, after any retention lock, so a scope's creation order is its commit
-# order.
-_INSERT_BACKUP = f"""
-WITH payload AS (
-    INSERT INTO payloads (id, organization_id, project_id, key_id, wrapped_key, size, chunk_count, sha256, store,
-                          created_at, updated_at)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $17, now(), now())
-    RETURNING id
-), chunk AS (
-    INSERT INTO backup_chunks (id, organization_id, payload_id, seq, byte_offset, plain_size, data,
-                               created_at, updated_at)
-    SELECT $9, $2, payload.id, 0, 0, $10, $11, now(), now() FROM payload
+def _commit_statement(payload: str, first_envelope_parameter: int, **p: str) -> str:
+    """One statement committing a backup: the CTE `payload` (returning the payload's id), then the nonce, the usage
+    shard (without a quota, `p["charge_shard"]`) and the backup, returning its `created_at`.
+
+    `p` names the placeholders of the other columns; the envelope's fields follow from `first_envelope_parameter`, in
+    field order. `created_at` is the clock at this statement, after any retention lock, so a scope's creation order is
+    its commit order.
+    """
+    envelope = {f.name: f"${first_envelope_parameter + i}" for i, f in enumerate(ENVELOPE_FIELDS)}
+    return f"""
+WITH payload AS ({payload}
 ), nonce AS (
     INSERT INTO payload_nonces (id, organization_id, project_id, device_id_hash, nonce, backup_id,
                                 created_at, updated_at)
-    VALUES ($12, $2, $3, {_ENVELOPE_PARAMETERS["device_id_hash"]}, {_ENVELOPE_PARAMETERS["payload_nonce"]}, $13,
-            now(), now())
+    VALUES ({p["nonce_id"]}, {p["organization_id"]}, {p["project_id"]}, {envelope["device_id_hash"]},
+            {envelope["payload_nonce"]}, {p["backup_id"]}, now(), now())
 ), shard AS (
     INSERT INTO project_usage_shards (id, organization_id, project_id, shard, used_bytes, created_at, updated_at)
-    SELECT $14, $2, $3, pg_backend_pid() % {SHARDS}, $6, now(), now() WHERE $15::boolean
+    SELECT {p["shard_id"]}, {p["organization_id"]}, {p["project_id"]}, pg_backend_pid() % {SHARDS}, {p["size"]},
+           now(), now()
+    WHERE {p["charge_shard"]}::boolean
     ON CONFLICT (project_id, shard)
     DO UPDATE SET used_bytes = project_usage_shards.used_bytes + EXCLUDED.used_bytes, updated_at = now()
 )
 INSERT INTO backups (id, organization_id, project_id, device_id, payload_id, encrypted_payload_size, payload_sha256,
-                     {", ".join(_ENVELOPE_PARAMETERS)}, created_at, updated_at)
-SELECT $13, $2, $3, $16, payload.id, $6, $8, {", ".join(_ENVELOPE_PARAMETERS.values())},
-       clock_timestamp(), clock_timestamp()
+                     {", ".join(envelope)}, created_at, updated_at)
+SELECT {p["backup_id"]}, {p["organization_id"]}, {p["project_id"]}, {p["device_id"]}, payload.id, {p["size"]},
+       {p["sha256"]}, {", ".join(envelope.values())}, clock_timestamp(), clock_timestamp()
 FROM payload
 RETURNING created_at
-"""  # noqa: S608 - constants: SHARDS and the envelope's column names
+"""  # noqa: S608 - constants: placeholders, SHARDS and the envelope's column names
+
+
+_ROW_PARAMETERS = ("organization_id", "project_id", "backup_id", "device_id", "size", "sha256", "nonce_id", "shard_id")
+
+# A payload received whole: the payload row with its first chunk ($1..$9), then the other rows' columns.
+_INSERT_BACKUP = _commit_statement(
+    """
+    INSERT INTO payloads (id, organization_id, project_id, key_id, wrapped_key, size, chunk_count, sha256, store,
+                          created_at, updated_at)
+    VALUES ($1, $10, $11, $2, $3, $14, $4, $15, $5, now(), now())
+    RETURNING id
+), chunk AS (
+    INSERT INTO backup_chunks (id, organization_id, payload_id, seq, byte_offset, plain_size, data,
+                               created_at, updated_at)
+    SELECT $6, $10, payload.id, 0, 0, $7, $8, now(), now() FROM payload""",
+    18,
+    **{name: f"${10 + i}" for i, name in enumerate(_ROW_PARAMETERS)},
+    charge_shard="$9",
+)
+
+# A tus upload whose chunks are stored: its payload sealed with its size and digest ($1..$3), then the other rows'.
+_SEAL_STORED_BACKUP = _commit_statement(
+    """
+    UPDATE payloads SET size = $8, sha256 = $9, chunk_count = $2, updated_at = now()
+    WHERE id = $1
+    RETURNING id""",
+    12,
+    **{name: f"${4 + i}" for i, name in enumerate(_ROW_PARAMETERS)},
+    charge_shard="$3",
+)
 
 _INSERT_CHUNK = (
     "INSERT INTO backup_chunks (id, organization_id, payload_id, seq, byte_offset, plain_size, data, "
@@ -130,6 +164,7 @@ _INSERT_CHUNK = (
 )
 
 _LOCK_PROJECT = "SELECT 1 FROM projects WHERE id = $1 FOR UPDATE"
+_SHARE_PROJECT = "SELECT 1 FROM projects WHERE id = $1 FOR KEY SHARE"
 # A statement after the lock: its snapshot sees every charge and reservation committed before the lock was granted
 # (a waiting UPDATE would re-check only the row itself).
 _CHARGE_PROJECT = f"""
@@ -178,13 +213,19 @@ class Admission:
 
 
 async def read_admission(
-    connection: asyncpg.Connection, *, project_id: UUID, device_id_hash: bytes, nonce: bytes
+    connection: asyncpg.Connection,
+    *,
+    project_id: UUID,
+    device_id_hash: bytes,
+    nonce: bytes,
+    upload_id: UUID | None = None,
 ) -> Admission | None:
     """The project's quota, usage and retention, the enrolled unrevoked device, and any earlier use of the nonce.
 
-    None when the project does not exist (in this tenant).
+    `used` counts the room open tus uploads reserve, but for that of `upload_id` (the upload committing). None when
+    the project does not exist (in this tenant).
     """
-    row = await connection.fetchrow(_ADMISSION, project_id, device_id_hash, nonce)
+    row = await connection.fetchrow(_ADMISSION, project_id, device_id_hash, nonce, upload_id)
     if row is None:
         return None
     return Admission(
@@ -209,27 +250,49 @@ async def nonce_owner(
 
 
 @dataclass(frozen=True, slots=True)
-class NewBackup:
-    """Every column of a new backup, its payload, nonce and first chunk."""
+class BackupRow:
+    """Every column of a backup, and its payload's totals."""
 
     id: UUID
     organization_id: UUID
     project_id: UUID
     device_id: UUID
     payload_id: UUID
+    size: int
+    sha256: bytes
+    chunk_count: int
+    envelope: BackupEnvelope
+
+
+@dataclass(frozen=True, slots=True)
+class PayloadKeyColumns:
+    """The columns of a new payload row beside its totals: its wrapped data key and where its chunk bytes are."""
+
     key_id: str
     wrapped_key: bytes
-    size: int
-    chunk_count: int
-    sha256: bytes
-    envelope: BackupEnvelope
-    #: Where the payload's chunk bytes are (`payloads.store`).
+    #: `payloads.store`.
     store: str = "postgres"
+
+
+def _row_arguments(backup: BackupRow, *, nonce_id: UUID, shard_id: UUID) -> tuple[Any, ...]:
+    """The arguments `_commit_statement` numbers by `_ROW_PARAMETERS`, then the envelope's fields."""
+    return (
+        backup.organization_id,
+        backup.project_id,
+        backup.id,
+        backup.device_id,
+        backup.size,
+        backup.sha256,
+        nonce_id,
+        shard_id,
+        *(getattr(backup.envelope, f.name) for f in ENVELOPE_FIELDS),
+    )
 
 
 async def insert_backup(
     connection: asyncpg.Connection,
-    backup: NewBackup,
+    backup: BackupRow,
+    payload: PayloadKeyColumns,
     *,
     first_chunk: tuple[UUID, int, bytes],
     nonce_id: UUID,
@@ -247,23 +310,35 @@ async def insert_backup(
     created_at: datetime = await connection.fetchval(
         _INSERT_BACKUP,
         backup.payload_id,
-        backup.organization_id,
-        backup.project_id,
-        backup.key_id,
-        backup.wrapped_key,
-        backup.size,
+        payload.key_id,
+        payload.wrapped_key,
         backup.chunk_count,
-        backup.sha256,
+        payload.store,
         chunk_id,
         plain_size,
         data,
-        nonce_id,
-        backup.id,
-        shard_id,
         charge_shard,
-        backup.device_id,
-        backup.store,
-        *(getattr(backup.envelope, f.name) for f in ENVELOPE_FIELDS),
+        *_row_arguments(backup, nonce_id=nonce_id, shard_id=shard_id),
+    )
+    return created_at
+
+
+async def seal_stored_backup(
+    connection: asyncpg.Connection, backup: BackupRow, *, nonce_id: UUID, shard_id: UUID, charge_shard: bool
+) -> datetime:
+    """Seal the stored payload (size, digest, chunk count) and insert the nonce and the backup; its time.
+
+    With `charge_shard`, the payload's bytes go to the project's usage shard of this connection.
+
+    Raises:
+        asyncpg.UniqueViolationError: the nonce is taken (`uq_payload_nonces`).
+    """
+    created_at: datetime = await connection.fetchval(
+        _SEAL_STORED_BACKUP,
+        backup.payload_id,
+        backup.chunk_count,
+        charge_shard,
+        *_row_arguments(backup, nonce_id=nonce_id, shard_id=shard_id),
     )
     return created_at
 
@@ -290,6 +365,15 @@ async def lock_project_row(connection: asyncpg.Connection, project_id: UUID) -> 
     deadlock with a transaction already waiting to lock the row (a deletion, a policy change, another commit).
     """
     await connection.execute(_LOCK_PROJECT, project_id)
+
+
+async def share_project_row(connection: asyncpg.Connection, project_id: UUID) -> None:
+    """Key-share-lock the project row until the commit, as the commit's inserts would, but before any other lock.
+
+    A tus commit deletes the upload's session row first: a project deletion, which locks the project row and then
+    the sessions it cascades to, must not find that row taken by a commit waiting for the project row.
+    """
+    await connection.execute(_SHARE_PROJECT, project_id)
 
 
 async def charge_project_row(connection: asyncpg.Connection, *, project_id: UUID, size: int) -> bool:

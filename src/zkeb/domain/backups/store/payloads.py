@@ -60,8 +60,11 @@ _SELECT_CHUNKS = "SELECT seq, data FROM backup_chunks WHERE payload_id = $1 AND 
 _SELECT_CHUNKS_BELOW = (
     "SELECT seq, data FROM backup_chunks WHERE payload_id = $1 AND seq >= $2 AND seq < $3 ORDER BY seq"
 )
-_DELETE_CHUNKS_FROM = "DELETE FROM backup_chunks WHERE payload_id = $1 AND byte_offset >= $2"
-_CHUNKS_BELOW = "SELECT count(*) FROM backup_chunks WHERE payload_id = $1 AND byte_offset < $2"
+#: One statement: the rows deleted are disjoint from the rows counted, so the count needs no later snapshot.
+_DELETE_CHUNKS_FROM = (
+    "WITH gone AS (DELETE FROM backup_chunks WHERE payload_id = $1 AND byte_offset >= $2)"
+    " SELECT count(*) FROM backup_chunks WHERE payload_id = $1 AND byte_offset < $2"
+)
 _PAYLOAD_STORE = "SELECT store FROM payloads WHERE id = $1"
 
 
@@ -143,8 +146,8 @@ class PayloadStore(ABC):
     ) -> None:
         """Delete the chunks (rows and bytes) that start at or after `offset`: bytes never acknowledged.
 
-        The rows go in a transaction of their own (or a savepoint of the caller's); chunks stored without a row (a
-        PATCH that died between storing and recording them) go too.
+        The rows go in the caller's transaction (a claim's, a release's); chunks stored without a row (a PATCH that
+        died between storing and recording them) go too.
         """
 
     @abstractmethod
@@ -183,13 +186,10 @@ async def insert_chunk_rows(
         await connection.executemany(_INSERT_CHUNK, rows)
 
 
-async def delete_chunk_rows_from(
-    connection: asyncpg.Connection, *, organization_id: UUID, payload_id: UUID, offset: int
-) -> int:
-    """Delete the chunk rows that start at or after `offset`; how many chunks are left (the next `seq`)."""
-    async with raw_tenant_transaction(connection, organization_id):
-        await connection.execute(_DELETE_CHUNKS_FROM, payload_id, offset)
-        kept: int = await connection.fetchval(_CHUNKS_BELOW, payload_id, offset)
+async def delete_chunk_rows_from(connection: asyncpg.Connection, *, payload_id: UUID, offset: int) -> int:
+    """Delete the chunk rows that start at or after `offset`, in the caller's tenant transaction; how many chunks are
+    left (the next `seq`)."""
+    kept: int = await connection.fetchval(_DELETE_CHUNKS_FROM, payload_id, offset)
     return kept
 
 
@@ -284,10 +284,15 @@ class PostgresPayloadStore(PayloadStore):
         return [row["data"] for row in rows]
 
     async def delete_chunks_from(
-        self, connection: asyncpg.Connection, *, organization_id: UUID, payload_id: UUID, offset: int
+        self,
+        connection: asyncpg.Connection,
+        *,
+        organization_id: UUID,  # noqa: ARG002 - the interface's: the caller's transaction acts for it
+        payload_id: UUID,
+        offset: int,
     ) -> None:
         """Delete the rows, and with them the bytes (see `PayloadStore.delete_chunks_from`)."""
-        await delete_chunk_rows_from(connection, organization_id=organization_id, payload_id=payload_id, offset=offset)
+        await delete_chunk_rows_from(connection, payload_id=payload_id, offset=offset)
 
     async def stage(self, organization_id: UUID, payload_id: UUID, chunks: Sequence[tuple[int, bytes]]) -> None:
         """Nothing: the rows carry the bytes."""

@@ -413,9 +413,7 @@ class S3PayloadStore(PayloadStore):
         self, connection: asyncpg.Connection, *, organization_id: UUID, payload_id: UUID, offset: int
     ) -> None:
         """Delete the rows, then every object from the first chunk no row keeps (see the class docstring)."""
-        kept = await delete_chunk_rows_from(
-            connection, organization_id=organization_id, payload_id=payload_id, offset=offset
-        )
+        kept = await delete_chunk_rows_from(connection, payload_id=payload_id, offset=offset)
         await self.objects.delete_chunks_from(organization_id, payload_id, kept)
 
     async def stage(self, organization_id: UUID, payload_id: UUID, chunks: Sequence[tuple[int, bytes]]) -> None:

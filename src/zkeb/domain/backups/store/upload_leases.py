@@ -4,10 +4,10 @@ sweeper's lookups.
 One PATCH at a time owns an upload through `upload_sessions.lease_id`: it claims the session, each chunk batch it
 stores checks (and extends) the lease in the batch's own transaction, and it releases the lease when it stops.
 Every writer locks an upload's session row before its payload's rows: the claim and each chunk batch, the commit
-(`BackupService.commit_backup`), termination and the sweeper.
+(`zkeb.domain.backups.services.finalize.commit_stored`), termination and the sweeper.
 
-The lease statements run on a raw asyncpg connection inside `raw_tenant_transaction`; the commit's, termination's
-and the sweeper's on SQLAlchemy connections, in the request's session or `tenant_transaction`.
+The lease and commit statements run on a raw asyncpg connection inside `raw_tenant_transaction`; termination's and
+the sweeper's on SQLAlchemy connections, in the request's session or `tenant_transaction`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ __all__ = (
     "claim",
     "delete_payload",
     "discard_leased",
-    "end_session",
+    "end_leased",
     "keep",
     "lease_holds",
     "lock_session",
@@ -41,7 +41,6 @@ __all__ = (
     "release",
     "release_at",
     "session_exists",
-    "session_row_exists",
     "still_sweepable",
     "sweepable_payloads",
     "unclaimed_state",
@@ -56,7 +55,7 @@ class UploadLease:
     lease_id: UUID
 
 
-# --- the PATCH lease (asyncpg) ---------------------------------------------------------------------------------
+# --- the PATCH lease and the commit's end of a session (asyncpg) ------------------------------------------------
 
 _CLAIM = (
     "UPDATE upload_sessions s SET lease_id = $2, expires_at = now() + $3::interval, updated_at = now()"
@@ -125,6 +124,11 @@ async def record_chunks(connection: asyncpg.Connection, payload_id: UUID, *, chu
     await connection.execute(_RECORD_CHUNKS, payload_id, chunk_count, size)
 
 
+async def end_leased(connection: asyncpg.Connection, lease: UploadLease) -> bool:
+    """Delete the upload's session row (its commit ends it), provided `lease` still holds it; False if not."""
+    return await connection.fetchval(_END_LEASED, lease.upload_id, lease.lease_id) is not None
+
+
 async def discard_leased(connection: asyncpg.Connection, lease: UploadLease, payload_id: UUID) -> None:
     """Delete the upload, then its payload (the chunks go with it), provided `lease` still holds it."""
     # The session row first, then the payload: the order every writer locks them in.
@@ -142,10 +146,8 @@ async def lease_holds(connection: asyncpg.Connection, lease: UploadLease) -> boo
     return await connection.fetchval(_LEASE_HOLDS, lease.upload_id, lease.lease_id) is not None
 
 
-# --- the commit, termination and the sweeper (SQLAlchemy) ------------------------------------------------------
+# --- termination and the sweeper (SQLAlchemy) ------------------------------------------------------------------
 
-_END_SESSION = text("DELETE FROM upload_sessions WHERE id = :id AND lease_id = :lease_id RETURNING id")
-_SESSION_ROW = text("SELECT id FROM upload_sessions WHERE id = :id")
 _LOCK_SESSION = text("SELECT id FROM upload_sessions WHERE id = :id FOR UPDATE")
 _SWEEPABLE = text("SELECT organization_id, payload_id FROM zkeb_sweepable_payloads(:limit, :orphan_before)")
 _STILL_SWEEPABLE = text(
@@ -160,16 +162,6 @@ _STILL_SWEEPABLE = text(
 #: The session row first, as every writer locks it (see `claim`); a PATCH storing a batch right now holds it.
 _LOCK_SESSION_OF = text("SELECT id FROM upload_sessions WHERE payload_id = :id FOR UPDATE SKIP LOCKED")
 _DELETE_PAYLOAD = text("DELETE FROM payloads WHERE id = :id")
-
-
-async def end_session(session: AsyncSession, lease: UploadLease) -> bool:
-    """Delete the upload's session row in the commit's transaction, provided `lease` still holds it; False if not."""
-    return await session.scalar(_END_SESSION, {"id": lease.upload_id, "lease_id": lease.lease_id}) is not None
-
-
-async def session_row_exists(session: AsyncSession, upload_id: UUID) -> bool:
-    """Whether the upload's session row is still there (in the caller's transaction)."""
-    return await session.scalar(_SESSION_ROW, {"id": upload_id}) is not None
 
 
 async def lock_session(session: AsyncSession, upload_id: UUID) -> bool:
