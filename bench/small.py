@@ -10,7 +10,9 @@ database), enrolls `--clients` devices in one project, then, `--rounds` times (t
   the median of as many raw `INSERT`s of the same bytes as the owner on one asyncpg connection, each its own
   durable (`synchronous_commit = on`) transaction;
 - concurrent: `--clients` keep-alive connections, each posting backups for its own device back to back for
-  `--seconds`; backups committed per second, against as many asyncpg connections inserting back to back.
+  `--seconds`; backups committed per second, against as many asyncpg connections inserting back to back;
+- concurrent tus: the same clients, each backup a tus creation (`POST /api/v1/uploads`) and the one PATCH that
+  completes it, against the same raw rate (the streamed path's per-backup cost, commit included).
 
 The client is a few lines of asyncio over plain sockets (requests are pre-signed just before they are sent, the
 response is parsed by its `Content-Length`), so that it, not the server, is never what saturates first; the
@@ -30,6 +32,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -74,9 +77,8 @@ class Project:
         self.devices = devices
         self.container = uuid.uuid4()
 
-    def request(self, host: str, device: Device) -> bytes:
-        """A complete HTTP/1.1 request for one signed 1 KiB single-shot backup (msgpack)."""
-        payload = os.urandom(PAYLOAD_SIZE)
+    def _signed(self, device: Device, payload: bytes) -> dict[str, bytes | str]:
+        """The envelope fields of one signed backup of `payload` (binary fields as bytes)."""
         nonce, tag, metadata_nonce, metadata_tag = os.urandom(12), os.urandom(16), os.urandom(12), os.urandom(16)
         metadata = b"bench-metadata"
         when = datetime.now(UTC)
@@ -94,25 +96,50 @@ class Project:
             metadata_sha256=hashlib.sha256(metadata).digest(),
             metadata_size=len(metadata),
         )
-        body = msgspec.msgpack.encode(
-            {
-                "container_id": str(self.container),
-                "device_id_hash": device.device_id_hash,
-                "payload": payload,
-                "payload_nonce": nonce,
-                "payload_auth_tag": tag,
-                "metadata": metadata,
-                "metadata_nonce": metadata_nonce,
-                "metadata_auth_tag": metadata_tag,
-                "signature": device.key.sign(message),
-                "backup_timestamp": format_rfc3339_utc(when),
-            }
-        )
+        return {
+            "container_id": str(self.container),
+            "device_id_hash": device.device_id_hash,
+            "payload_nonce": nonce,
+            "payload_auth_tag": tag,
+            "metadata": metadata,
+            "metadata_nonce": metadata_nonce,
+            "metadata_auth_tag": metadata_tag,
+            "signature": device.key.sign(message),
+            "backup_timestamp": format_rfc3339_utc(when),
+        }
+
+    def request(self, host: str, device: Device) -> bytes:
+        """A complete HTTP/1.1 request for one signed 1 KiB single-shot backup (msgpack)."""
+        payload = os.urandom(PAYLOAD_SIZE)
+        body = msgspec.msgpack.encode({**self._signed(device, payload), "payload": payload})
         head = (
             f"POST /api/v1/backups HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {self.key}\r\n"
             f"Content-Type: application/msgpack\r\nContent-Length: {len(body)}\r\n\r\n"
         )
         return head.encode() + body
+
+    def tus_requests(self, host: str, device: Device) -> tuple[bytes, Callable[[str], bytes]]:
+        """A tus creation of one signed 1 KiB backup, and the PATCH that sends its bytes to the created upload."""
+        payload = os.urandom(PAYLOAD_SIZE)
+        fields = self._signed(device, payload)
+        metadata = ",".join(
+            f"{name} {base64.b64encode(value if isinstance(value, bytes) else value.encode()).decode()}"
+            for name, value in fields.items()
+        )
+        auth = f"Host: {host}\r\nAuthorization: Bearer {self.key}\r\nTus-Resumable: 1.0.0\r\n"
+        creation = (
+            f"POST /api/v1/uploads HTTP/1.1\r\n{auth}Upload-Length: {len(payload)}\r\nUpload-Metadata: {metadata}\r\n"
+            "Content-Length: 0\r\n\r\n"
+        ).encode()
+
+        def patch(location: str) -> bytes:
+            head = (
+                f"PATCH {location} HTTP/1.1\r\n{auth}Upload-Offset: 0\r\n"
+                f"Content-Type: application/offset+octet-stream\r\nContent-Length: {len(payload)}\r\n\r\n"
+            )
+            return head.encode() + payload
+
+        return creation, patch
 
 
 class Connection:
@@ -128,8 +155,8 @@ class Connection:
         reader, writer = await asyncio.open_connection(host, port)
         return cls(reader, writer)
 
-    async def send(self, request: bytes) -> int:
-        """Send `request`; the response's status (its body is read and dropped)."""
+    async def send(self, request: bytes, expect: int = 201) -> bytes:
+        """Send `request`; the response's head (its body is read and dropped). Raises unless it is `expect`."""
         self.writer.write(request)
         head = await self.reader.readuntil(b"\r\n\r\n")
         status = int(head[9:12])
@@ -137,11 +164,17 @@ class Connection:
         for line in head.split(b"\r\n"):
             if line[:15].lower() == b"content-length:":
                 length = int(line[15:])
-        if length:
-            body = await self.reader.readexactly(length)
-            if status != 201:
-                raise RuntimeError(f"the server answered {status}: {body[:300]!r}")
-        return status
+        body = await self.reader.readexactly(length) if length else b""
+        if status != expect:
+            raise RuntimeError(f"the server answered {status}: {body[:300]!r}")
+        return head
+
+    async def upload(self, requests: tuple[bytes, Callable[[str], bytes]]) -> None:
+        """Create a tus upload and complete it with one PATCH."""
+        creation, patch = requests
+        head = await self.send(creation)
+        location = next(line[9:].strip().decode() for line in head.split(b"\r\n") if line[:9].lower() == b"location:")
+        await self.send(patch(location), expect=204)
 
     def close(self) -> None:
         """Close the socket."""
@@ -183,8 +216,10 @@ async def _ours_sequential(host: str, port: int, project: Project, count: int) -
     return latencies
 
 
-async def _ours_concurrent(host: str, port: int, project: Project, seconds: float) -> tuple[float, float]:
-    """(backups per second, client CPU seconds per backup)."""
+async def _ours_concurrent(
+    host: str, port: int, project: Project, seconds: float, *, tus: bool = False
+) -> tuple[float, float]:
+    """(backups per second, client CPU seconds per backup); with `tus`, each a tus creation and one PATCH."""
     connections = [await Connection.open(host, port) for _ in project.devices]
     done = 0
     cpu_started = time.process_time()
@@ -193,7 +228,10 @@ async def _ours_concurrent(host: str, port: int, project: Project, seconds: floa
     async def client(connection: Connection, device: Device) -> None:
         nonlocal done
         while time.perf_counter() < deadline:
-            await connection.send(project.request(host, device))
+            if tus:
+                await connection.upload(project.tus_requests(host, device))
+            else:
+                await connection.send(project.request(host, device))
             done += 1
 
     started = time.perf_counter()
@@ -306,7 +344,7 @@ async def run(server_url: str, args: argparse.Namespace) -> None:
         owner = await asyncpg.connect(database_url)
         await owner.execute(f"CREATE TABLE {RAW_TABLE} (id uuid PRIMARY KEY, data bytea NOT NULL)")
         await owner.close()
-        ours_seq, raw_seq, ours_rate, raw_rate, client_cpu = [], [], [], [], []
+        ours_seq, raw_seq, ours_rate, raw_rate, client_cpu, tus_rate = [], [], [], [], [], []
         wait_counts: dict[str, int] = {}
         with granian(env) as (base, server):
             url = httpx.URL(base)
@@ -330,11 +368,13 @@ async def run(server_url: str, args: argparse.Namespace) -> None:
                             profiler.wait(timeout=60)
                         ours_rate.append(rate)
                         client_cpu.append(cpu)
+                        tus_rate.append((await _ours_concurrent(host, port, project, args.seconds, tus=True))[0])
                     else:
                         raw_seq.append(statistics.median(await _raw_sequential(database_url, args.sequential)))
                         raw_rate.append(await _raw_concurrent(database_url, args.clients, args.seconds))
         seq_ratios = [r / o for o, r in zip(ours_seq, raw_seq, strict=True)]
         rate_ratios = [o / r for o, r in zip(ours_rate, raw_rate, strict=True)]
+        tus_ratios = [o / r for o, r in zip(tus_rate, raw_rate, strict=True)]
         print(f"\n1 KiB single-shot backups vs raw durable INSERTs (median of {args.rounds} rounds, range)\n")
         print("| | ZKEB | raw INSERT | ratio (ZKEB / raw speed) |")
         print("| --- | ---: | ---: | ---: |")
@@ -345,6 +385,10 @@ async def run(server_url: str, args: argparse.Namespace) -> None:
         print(
             f"| {args.clients} concurrent clients, backups/s | {_spread(ours_rate, digits=0)} "
             f"| {_spread(raw_rate, digits=0)} | {_spread(rate_ratios)} |"
+        )
+        print(
+            f"| {args.clients} concurrent clients, tus backups/s (creation + PATCH) | {_spread(tus_rate, digits=0)} "
+            f"| {_spread(raw_rate, digits=0)} | {_spread(tus_ratios, digits=3)} |"
         )
         print(f"\nclient CPU per backup (concurrent): {_spread(client_cpu, 1e6, 0)} µs")
         if wait_counts:
