@@ -37,6 +37,7 @@ from zkeb.domain.backups.chunk_writes import hash_stored_chunks
 from zkeb.domain.backups.jobs.upload_sweeper import UploadSweeper
 from zkeb.domain.backups.services import finalize, upload_patch
 from zkeb.domain.backups.services.uploads import IN_MEMORY_UPLOAD_MAX
+from zkeb.domain.backups.store import commits
 from zkeb.settings import Settings
 
 from support import (
@@ -691,6 +692,42 @@ async def test_a_completing_patch_whose_upload_ended_during_verification_commits
     assert await owner_connection.fetchval("SELECT count(*) FROM backups") == 0
     assert await owner_connection.fetchval("SELECT count(*) FROM payload_nonces") == 0
     assert await owner_connection.fetchval(f"SELECT {PROJECT_USED_BYTES} FROM projects p") == 0
+
+
+async def test_a_patch_whose_upload_a_later_patch_completed_answers_404_not_the_nonce_of_that_commit(
+    client: Client,
+    tenant: Tenant,
+    owner_connection: asyncpg.Connection,
+    monkeypatch: pytest.MonkeyPatch,
+    database_url: str,
+) -> None:
+    # A retry (PATCH B) takes the upload over from a PATCH A still storing its last bytes and commits first. When A
+    # reaches its commit, the upload is gone and its nonce is B's: A answers that its upload ended (404), as a
+    # PATCH whose upload ends meanwhile does, not that the nonce is used (409).
+    payload = os.urandom(MIB + 5)
+    envelope = sign_envelope(tenant, payload)
+    location = (await create(client, tenant, envelope)).headers["location"]
+    upload_id = uuid.UUID(location.rsplit("/", 1)[1])
+
+    async def admission_after_a_later_patch_committed(connection: asyncpg.Connection, **kwargs: Any) -> Any:
+        await _committed_meanwhile(database_url, tenant, "DELETE FROM upload_sessions WHERE id = $1", upload_id)
+        await _committed_meanwhile(
+            database_url,
+            tenant,
+            "INSERT INTO payload_nonces (id, organization_id, project_id, device_id_hash, nonce,"
+            " created_at, updated_at) VALUES (gen_random_uuid(), $1, $2, $3, $4, now(), now())",
+            tenant.organization_id,
+            tenant.project_id,
+            envelope.device_id_hash,
+            envelope.payload_nonce,
+        )
+        return await commits.read_admission(connection, **kwargs)
+
+    monkeypatch.setattr(finalize, "read_admission", admission_after_a_later_patch_committed)
+    response = await patch(client, tenant, location, payload, 0)
+    assert response.status_code == 404, response.text
+    assert "the upload no longer exists" in problem(response)["detail"]
+    assert await owner_connection.fetchval("SELECT count(*) FROM backups") == 0
 
 
 # --- Expiration ---------------------------------------------------------------------------------------------------

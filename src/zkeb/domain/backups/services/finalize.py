@@ -241,8 +241,7 @@ async def commit_stored(
     async def write_rows(connection: asyncpg.Connection, admission: Admission, device_id: UUID) -> datetime:
         # The session row first, then the payload's: the order every writer locks them in.
         if not await upload_leases.end_leased(connection, payload.lease):
-            exists = await upload_leases.session_exists(connection, payload.lease.upload_id)
-            raise UploadLeaseLostError(UPLOAD_LEASE_LOST) if exists else UploadEndedError(UPLOAD_ENDED)
+            raise _lease_lost(exists=await upload_leases.session_exists(connection, payload.lease.upload_id))
         return await seal_stored_backup(
             connection,
             commit.row(device_id, payload.chunk_count),
@@ -251,9 +250,7 @@ async def commit_stored(
             charge_shard=admission.quota is None,
         )
 
-    return await _run(
-        commit, write_rows, request=request, audit_committed=audit_committed, upload_id=payload.lease.upload_id
-    )
+    return await _run(commit, write_rows, request=request, audit_committed=audit_committed, lease=payload.lease)
 
 
 async def _stage(store: PayloadStore, commit: _Commit, payload: InMemoryPayload, cipher: ChunkCipher) -> None:
@@ -278,9 +275,13 @@ async def _run(
     *,
     request: ASGIConnection[Any, Any, Any, Any] | None,
     audit_committed: Callable[[UUID], None] | None,
-    upload_id: UUID | None = None,
+    lease: UploadLease | None = None,
 ) -> Backup:
-    """The one transaction: admit, verify, lock, write the rows, charge, apply retention, audit."""
+    """The one transaction: admit, verify, lock, write the rows, charge, apply retention, audit.
+
+    With `lease` (a tus upload's), a lease that no longer holds the upload is refused before anything else: a PATCH
+    taken over, or whose upload a later PATCH completed, answers as such rather than with that commit's nonce.
+    """
     envelope = commit.envelope
     attributes: dict[str, str | int] = {
         "zkeb.backup_id": str(commit.backup_id),
@@ -296,8 +297,10 @@ async def _run(
                         project_id=commit.project_id,
                         device_id_hash=envelope.device_id_hash,
                         nonce=envelope.payload_nonce,
-                        upload_id=upload_id,
+                        upload_id=lease.upload_id if lease is not None else None,
                     )
+                    if lease is not None and admission is not None and admission.upload_lease_id != lease.lease_id:
+                        raise _lease_lost(exists=admission.upload_exists)
                     device_id, public_key = _admit(admission, envelope, commit.size, commit.method)
                     verify_backup_signature(
                         envelope,
@@ -307,7 +310,7 @@ async def _run(
                         payload_size=commit.size,
                     )
                     assert admission is not None
-                    await _lock(connection, commit, admission, before_other_locks=upload_id is not None)
+                    await _lock(connection, commit, admission, before_other_locks=lease is not None)
                     created_at = await write_rows(connection, admission, device_id)
                     trashed = await _charge_and_retain(connection, commit, admission)
                     audited = await _audit(connection, commit, device_id, trashed, request)
@@ -492,6 +495,11 @@ def _admit(admission: Admission | None, envelope: BackupEnvelope, size: int, met
         record_backup_failed("quota", method)
         raise quota_exceeded(used=admission.used, quota=admission.quota, requested=size)
     return admission.device_id, admission.public_key
+
+
+def _lease_lost(*, exists: bool) -> UploadLeaseLostError:
+    """Why a tus commit's lease no longer holds its upload: a later PATCH took it over (409), or it ended (404)."""
+    return UploadLeaseLostError(UPLOAD_LEASE_LOST) if exists else UploadEndedError(UPLOAD_ENDED)
 
 
 def _conflict_for(envelope: BackupEnvelope, owner: tuple[UUID | None, bytes | None] | None) -> ConflictError:

@@ -74,9 +74,11 @@ def reserved_bytes_sql(*, but: str | None = None) -> str:
 #: What the open tus uploads of project `p` reserve, over `projects p`.
 RESERVED_BYTES_SQL = reserved_bytes_sql()
 
-# $4: the upload committing (NULL for none), whose reservation is its own room.
+# $4: the upload committing (NULL for none), whose reservation is its own room, and whose lease is read too.
 _ADMISSION = f"""
 SELECT p.storage_quota_bytes AS quota,
+       (SELECT s.lease_id FROM upload_sessions s WHERE s.id = $4::uuid) AS upload_lease_id,
+       EXISTS (SELECT 1 FROM upload_sessions s WHERE s.id = $4::uuid) AS upload_exists,
        CASE WHEN p.storage_quota_bytes IS NULL THEN 0
             ELSE {USED_BYTES_SQL} + {reserved_bytes_sql(but="$4::uuid")} END AS used,
        p.retention_keep_last, p.retention_days,
@@ -210,6 +212,9 @@ class Admission:
     nonce_used: bool
     nonce_backup_id: UUID | None
     nonce_signature: bytes | None
+    #: The upload committing (`upload_id`): whether its session row exists, and the lease holding it.
+    upload_exists: bool = False
+    upload_lease_id: UUID | None = None
 
 
 async def read_admission(
@@ -222,8 +227,8 @@ async def read_admission(
 ) -> Admission | None:
     """The project's quota, usage and retention, the enrolled unrevoked device, and any earlier use of the nonce.
 
-    `used` counts the room open tus uploads reserve, but for that of `upload_id` (the upload committing). None when
-    the project does not exist (in this tenant).
+    `used` counts the room open tus uploads reserve, but for that of `upload_id` (the upload committing), whose
+    session's lease is read too. None when the project does not exist (in this tenant).
     """
     row = await connection.fetchrow(_ADMISSION, project_id, device_id_hash, nonce, upload_id)
     if row is None:
@@ -238,6 +243,8 @@ async def read_admission(
         nonce_used=row["nonce_id"] is not None,
         nonce_backup_id=row["nonce_backup_id"],
         nonce_signature=row["nonce_signature"],
+        upload_exists=row["upload_exists"],
+        upload_lease_id=row["upload_lease_id"],
     )
 
 
