@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from worker_lock import one_worker_at_a_time
+
 __all__ = ("chromium_executable",)
 
 DEBIAN_CHROMIUM = Path("/usr/bin/chromium")
@@ -33,6 +35,11 @@ def _apt_get(*args: str) -> subprocess.CompletedProcess[str]:
 
 def chromium_executable() -> Path:
     """The browser binary to drive; skips the calling test when there is none and none can be installed."""
+    with one_worker_at_a_time("chromium"):
+        return _chromium_executable()
+
+
+def _chromium_executable() -> Path:
     configured = os.environ.get("CHROMIUM")
     if configured:
         path = Path(configured)

