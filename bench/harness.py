@@ -32,6 +32,7 @@ __all__ = (
     "granian",
     "moto_server",
     "production_env",
+    "rate_limited_env",
     "with_database",
     "worker_pid",
 )
@@ -86,6 +87,20 @@ def production_env(database_url: str, **extra: str) -> dict[str, str]:
         "ZKEB_AUTO_MIGRATE": "true",
         **extra,
     }
+
+
+#: Budgets no bench run reaches: the limiter still runs (one Redis round trip per request) but never refuses.
+UNREACHABLE_BUDGET = "100000000"
+
+
+def rate_limited_env(database_url: str, redis_url: str) -> dict[str, str]:
+    """`production_env` with rate limiting on against `redis_url`, at budgets no run reaches (bench/load.py's)."""
+    return production_env(
+        database_url,
+        REDIS_URL=redis_url,
+        RATE_LIMIT_PER_MINUTE=UNREACHABLE_BUDGET,
+        TOKEN_RATE_LIMIT_PER_MINUTE=UNREACHABLE_BUDGET,
+    )
 
 
 def free_port() -> int:

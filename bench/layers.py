@@ -32,11 +32,10 @@ from collections.abc import Callable
 from typing import Any
 
 from ceiling import create_app as create_ceiling
-from harness import ROOT, add_database_option, create_database, drop_database, production_env, with_database
+from harness import ROOT, add_database_option, create_database, drop_database, rate_limited_env, with_database
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
-UNREACHABLE_BUDGET = "100000000"
 Asgi = Callable[..., Any]
 
 
@@ -102,12 +101,7 @@ def _spread(values: list[float], digits: int = 1) -> str:
 async def run(args: argparse.Namespace) -> None:
     """Create and migrate the database, start both apps in this process, measure, print, clean up."""
     name = await create_database(args.database_url)
-    env = production_env(
-        with_database(args.database_url, name),
-        REDIS_URL=args.redis_url,
-        RATE_LIMIT_PER_MINUTE=UNREACHABLE_BUDGET,
-        TOKEN_RATE_LIMIT_PER_MINUTE=UNREACHABLE_BUDGET,
-    )
+    env = rate_limited_env(with_database(args.database_url, name), args.redis_url)
     try:
         subprocess.run(  # noqa: ASYNC221 - set-up before anything is measured
             [sys.executable, "-m", "zkeb", "db", "upgrade"], env={**os.environ, **env}, check=True, cwd=ROOT,

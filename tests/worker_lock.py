@@ -20,9 +20,6 @@ __all__ = ("one_worker_at_a_time",)
 def one_worker_at_a_time(name: str) -> Iterator[None]:
     """Hold the machine-wide lock `name` (released when the block ends, or when the process dies)."""
     path = Path(tempfile.gettempdir()) / f"zkeb-tests-{name}.lock"
-    with path.open("a") as handle:
+    with path.open("a") as handle:  # closing the file releases the lock
         fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        yield

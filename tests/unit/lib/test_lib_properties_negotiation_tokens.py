@@ -64,7 +64,8 @@ def token_claims(draw: st.DrawFn) -> dict[str, object]:
         "organization_id": draw(st.uuids()),
         "project_id": draw(st.uuids()),
         "device_id_hash": draw(st.binary(min_size=32, max_size=32)),
-        "lifetime": timedelta(seconds=draw(st.integers(min_value=1, max_value=3600))),
+        # At least a minute: `exp` is whole seconds, so a 1 s token could expire before a busy machine verified it.
+        "lifetime": timedelta(seconds=draw(st.integers(min_value=60, max_value=3600))),
     }
 
 
