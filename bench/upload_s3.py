@@ -10,10 +10,11 @@ side goes first:
 - ZKEB upload: upload.py's tus PATCH (httpx from a generator), first byte to the 204 that commits; the server
   encrypts each chunk (`S3PayloadStore.chunk_size`, 4 MiB) and PUTs it as its own object (2 at a time);
 - ZKEB restore: upload.py's plain-socket GET of the payload, decryption on;
-- raw put / raw get: aiobotocore (the client the server uses, configured as the server configures it) with the
-  same bytes as one object, and as objects of the server's chunk size 8 and 2 at a time (the server's layout
+- raw put / raw get: aiobotocore (the client the server writes with, configured as the server configures it) with
+  the same bytes as one object, and as objects of the server's chunk size 8 and 2 at a time (the server's layout
   without the server, at the client's limit and at what a tus PATCH keeps in flight): the store's own ceilings in
-  this run.
+  this run. The one object is also read with obstore (the client the server reads with), and a restore's ratio is
+  taken against the faster of the two one-object GETs in each repeat.
 
 Credentials come from the standard AWS chain (moto accepts any; `testing` is set when none is). With moto, the
 objects vanish with the server; on a real endpoint everything is written under a fresh `zkeb-bench-*/` prefix,
@@ -35,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import obstore
 import psutil
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
@@ -49,6 +51,7 @@ from harness import (
     with_database,
     worker_pid,
 )
+from obstore.store import S3Store
 from upload import MIB, _restore_raw, _upload, provision
 
 from zkeb.domain.backups.store.s3 import S3PayloadStore
@@ -124,6 +127,24 @@ async def s3_client(endpoint: Endpoint) -> AsyncIterator[Any]:
         yield client
 
 
+def obstore_reader(endpoint: Endpoint) -> S3Store:
+    """The raw obstore client, as the server's reader (credentials from the `AWS_*` variables here)."""
+    return S3Store(
+        endpoint.bucket,
+        region=endpoint.region,
+        endpoint=endpoint.url,
+        client_options={"allow_http": endpoint.url.lower().startswith("http://")},
+    )
+
+
+async def _raw_get_obstore(reader: S3Store, key: str) -> int:
+    found = await obstore.get_async(reader, key)
+    received = 0
+    async for piece in found:  # the body as it arrives, without joining it
+        received += len(piece)
+    return received
+
+
 async def _raw_put(client: Any, endpoint: Endpoint, key: str, payload: bytes) -> None:
     await client.put_object(Bucket=endpoint.bucket, Key=key, Body=payload)
 
@@ -191,6 +212,7 @@ class Row:
     raw_put_chunks_2: Timed
     ours_down: Timed
     raw_get: Timed
+    raw_get_obstore: Timed
     raw_get_chunks: Timed
     raw_get_chunks_2: Timed
 
@@ -203,6 +225,7 @@ class Bench:
     base: str
     project: Any  # (project id, project key, device) from upload.provision
     raw: Any
+    reader: S3Store
     endpoint: Endpoint
     meter: CpuMeter
 
@@ -225,6 +248,10 @@ class Bench:
             if await _raw_get(self.raw, self.endpoint, one) != len(payload):
                 raise RuntimeError("raw get returned the wrong size")
 
+        async def raw_get_obstore() -> None:
+            if await _raw_get_obstore(self.reader, one) != len(payload):
+                raise RuntimeError("raw obstore get returned the wrong size")
+
         async def raw_get_chunks(limit: int) -> None:
             if await _raw_get_chunks(self.raw, self.endpoint, chunks, len(payload), limit) != len(payload):
                 raise RuntimeError("raw chunk gets returned the wrong size")
@@ -238,13 +265,16 @@ class Bench:
         restores: list[Callable[[], Awaitable[Any]]] = [
             ours_down,
             raw_get,
+            raw_get_obstore,
             lambda: raw_get_chunks(CONCURRENCY),
             lambda: raw_get_chunks(SERVER_BATCH),
         ]
         up = {i: await self.meter.time(uploads[i]) for i in ([0, 1, 2, 3] if number % 2 == 0 else [1, 2, 3, 0])}
-        down = {i: await self.meter.time(restores[i]) for i in ([0, 1, 2, 3] if number % 2 == 0 else [1, 2, 3, 0])}
+        down = {
+            i: await self.meter.time(restores[i]) for i in ([0, 1, 2, 3, 4] if number % 2 == 0 else [1, 2, 3, 4, 0])
+        }
         await _delete_prefix(self.raw, self.endpoint, f"{self.endpoint.prefix}raw")
-        return Row(up[0], up[1], up[2], up[3], down[0], down[1], down[2], down[3])
+        return Row(up[0], up[1], up[2], up[3], down[0], down[1], down[2], down[3], down[4])
 
 
 def _spread(values: list[float]) -> str:
@@ -265,7 +295,9 @@ def _load() -> str:
 
 
 def _report(results: dict[int, list[Row]], repeats: int, *, local_store: bool) -> None:
-    print(f"\nZKEB with PAYLOAD_STORE=s3 vs raw aiobotocore put/get to the same endpoint ({repeats} repeats)")
+    print(
+        f"\nZKEB with PAYLOAD_STORE=s3 vs raw aiobotocore and obstore put/get to the same endpoint ({repeats} repeats)"
+    )
     print(
         "MiB/s median [min-max]; CPU: median share of one core used during the transfer by moto, by the granian "
         f"worker and by this client process; {os.cpu_count()} cores, load average {_load()} at the end\n"
@@ -279,6 +311,7 @@ def _report(results: dict[int, list[Row]], repeats: int, *, local_store: bool) -
         ("raw_put_chunks_2", f"raw put, {OBJECT // MIB} MiB objects x{SERVER_BATCH}"),
         ("ours_down", "ZKEB restore (socket)"),
         ("raw_get", "raw get, one object"),
+        ("raw_get_obstore", "raw get, one object (obstore)"),
         ("raw_get_chunks", f"raw get, {OBJECT // MIB} MiB objects x{CONCURRENCY}"),
         ("raw_get_chunks_2", f"raw get, {OBJECT // MIB} MiB objects x{SERVER_BATCH}"),
     )
@@ -288,12 +321,15 @@ def _report(results: dict[int, list[Row]], repeats: int, *, local_store: bool) -
             store_cpu = _cpu(timings, "store_cpu") if local_store else "-"
             print(f"| {size_mib} MiB | {label} | {_rate(size_mib * MIB, timings)} | {store_cpu} "
                   f"| {_cpu(timings, 'app_cpu')} | {_cpu(timings, 'client_cpu')} |")  # fmt: skip
-    print("\nratios per repeat (same bytes, back to back), median [min-max]; target >= 0.7 against the raw put/get")
+    print(
+        "\nratios per repeat (same bytes, back to back), median [min-max]; target >= 0.7 against the raw put/get "
+        "(a restore against the faster of the two clients' one-object GETs)"
+    )
     for size_mib, rows in results.items():
         up = [r.raw_put.seconds / r.ours_up.seconds for r in rows]
         up_chunks = [r.raw_put_chunks.seconds / r.ours_up.seconds for r in rows]
         up_2 = [r.raw_put_chunks_2.seconds / r.ours_up.seconds for r in rows]
-        down = [r.raw_get.seconds / r.ours_down.seconds for r in rows]
+        down = [min(r.raw_get.seconds, r.raw_get_obstore.seconds) / r.ours_down.seconds for r in rows]
         down_chunks = [r.raw_get_chunks.seconds / r.ours_down.seconds for r in rows]
         down_2 = [r.raw_get_chunks_2.seconds / r.ours_down.seconds for r in rows]
         print(
@@ -349,9 +385,8 @@ async def _run_server(
     results: dict[int, list[Row]] = {}
     with granian(env) as (base, server):
         async with httpx.AsyncClient(base_url=base, timeout=300) as http:
-            bench = Bench(
-                http, base, await provision(http, admin_key), raw, endpoint, CpuMeter(store_pid, worker_pid(server))
-            )
+            meter = CpuMeter(store_pid, worker_pid(server))
+            bench = Bench(http, base, await provision(http, admin_key), raw, obstore_reader(endpoint), endpoint, meter)
             await bench.repeat(os.urandom(SIZES_MIB[0] * MIB), -1)  # warm-up: connections, code paths; not reported
             for size_mib in SIZES_MIB:
                 payload = os.urandom(size_mib * MIB)

@@ -357,6 +357,46 @@ async def test_a_store_that_fails_mid_upload_is_refused_nothing_is_visible_and_a
         proxy.stop()
 
 
+@pytest.mark.parametrize("mode", ["failing", "unreachable"])
+async def test_a_store_that_fails_during_a_restore_answers_503_and_a_retry_restores(
+    base_settings_env: dict[str, str], database_url: str, s3_store_settings: PayloadStoreSettings, mode: str
+) -> None:
+    assert s3_store_settings.endpoint_url is not None
+    proxy = _StoreProxy(s3_store_settings.endpoint_url)
+    endpoint = proxy.start()
+    settings = make_settings(
+        base_settings_env,
+        DATABASE_URL=database_url,
+        PAYLOAD_STORE="s3",
+        S3_BUCKET=s3_store_settings.bucket,
+        S3_PREFIX=s3_store_settings.prefix,
+        S3_ENDPOINT_URL=endpoint,
+    )
+    try:
+        async with AsyncTestClient(app=create_app(settings)) as client:
+            tenant = await make_tenant(client, settings)
+            payload = os.urandom(2 * CHUNK + 100)
+            created = await client.post(
+                "/api/v1/backups", json=sign_envelope(tenant, payload).json(), headers=auth(tenant.project_key)
+            )
+            assert created.status_code == 201, created.text
+            url = f"/api/v1/backups/{created.json()['id']}/payload"
+
+            proxy.mode = mode
+            for headers in (auth(tenant.project_key), {**auth(tenant.project_key), "Range": f"bytes={CHUNK}-"}):
+                failed = await client.get(url, headers=headers)
+                assert failed.status_code == 503, failed.text
+                assert problem(failed)["detail"].startswith("the object store is unavailable")
+                assert failed.headers["retry-after"] == "5"
+
+            proxy.mode = "forward"
+            restored = await client.get(url, headers=auth(tenant.project_key))
+            assert restored.status_code == 200
+            assert restored.content == payload
+    finally:
+        proxy.stop()
+
+
 @S3_ONLY
 async def test_a_refused_single_shot_upload_leaves_no_object_and_no_row(
     client: Client, tenant: Tenant, s3_store_settings: PayloadStoreSettings, owner_connection: asyncpg.Connection

@@ -64,7 +64,7 @@ async def test_a_chunk_is_never_overwritten(store: S3ChunkStore) -> None:
         await store.put_chunk(organization_id, payload_id, 0, b"second")
 
     assert refused.value.status_code == 503
-    assert await store.get_chunk(organization_id, payload_id, 0) == b"first"
+    assert bytes(await store.get_chunk(organization_id, payload_id, 0)) == b"first"
 
 
 async def test_a_missing_chunk_is_reported_as_missing(store: S3ChunkStore) -> None:
@@ -115,7 +115,9 @@ async def test_an_unreachable_store_is_unavailable_not_an_error(s3_store_setting
                 await store.check()
             with pytest.raises(PayloadStoreUnavailableError, match="could not store a chunk") as failed:
                 await store.put_chunk(uuid4(), uuid4(), 0, b"bytes")
-    assert failed.value.status_code == 503
+            with pytest.raises(PayloadStoreUnavailableError, match="could not read a chunk") as failed_read:
+                await store.get_chunk(uuid4(), uuid4(), 0)
+    assert failed.value.status_code == failed_read.value.status_code == 503
 
 
 async def test_objects_hold_only_ciphertext_and_a_tampered_one_fails_authentication(

@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from zkeb.core.errors import ProblemError
 from zkeb.domain.backups.metrics import record_bytes_restored
-from zkeb.domain.backups.store.payloads import PayloadStores, StoredChunksMissingError
+from zkeb.domain.backups.store.payloads import Blob, PayloadStores, StoredChunksMissingError
 from zkeb.lib.atrest import ChunkCipher, ChunkIntegrityError
 from zkeb.lib.ranges import ByteRange
 
@@ -119,7 +119,7 @@ class _PayloadReader:
         self._payload_id = payload_id
         self._cipher = cipher
         self._steps = steps
-        self._fetched: asyncio.Queue[list[bytes] | None] = asyncio.Queue(maxsize=FETCH_QUEUE_DEPTH)
+        self._fetched: asyncio.Queue[list[Blob] | None] = asyncio.Queue(maxsize=FETCH_QUEUE_DEPTH)
         self.pieces: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue(maxsize=READ_QUEUE_DEPTH)
 
     async def _fetch(self) -> None:
@@ -127,7 +127,7 @@ class _PayloadReader:
         seqs = [step.seq for step in self._steps]
         handed_over = 0
 
-        async def handover(blobs: list[bytes]) -> None:
+        async def handover(blobs: list[Blob]) -> None:
             nonlocal handed_over
             count = len(blobs)
             await self._fetched.put(blobs)
@@ -158,7 +158,7 @@ class _PayloadReader:
                 store = holder
         await self._fetched.put(None)
 
-    async def _next_batch(self, fetcher: asyncio.Task[None]) -> list[bytes] | None:
+    async def _next_batch(self, fetcher: asyncio.Task[None]) -> list[Blob] | None:
         """The next fetched batch, or None at the end; re-raises the fetcher's failure."""
         get = asyncio.ensure_future(self._fetched.get())
         try:

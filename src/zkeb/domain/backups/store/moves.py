@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from zkeb.core.errors import ServiceUnavailableError
 from zkeb.domain.backups.store.connection import raw_tenant_transaction
-from zkeb.domain.backups.store.payloads import StoreKind
+from zkeb.domain.backups.store.payloads import Blob, StoreKind
 
 __all__ = (
     "ChunkRow",
@@ -142,7 +142,7 @@ async def load_payload(connection: asyncpg.Connection, organization_id: UUID, pa
 
 
 async def fill_chunk_data(
-    connection: asyncpg.Connection, organization_id: UUID, payload_id: UUID, chunks: Sequence[tuple[int, bytes]]
+    connection: asyncpg.Connection, organization_id: UUID, payload_id: UUID, chunks: Sequence[tuple[int, Blob]]
 ) -> None:
     """Write the ciphertexts of an S3 payload's chunks into their rows (read only once the payload switches)."""
     async with raw_tenant_transaction(connection, organization_id):

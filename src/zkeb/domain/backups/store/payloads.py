@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 __all__ = (
     "READ_BATCH",
+    "Blob",
     "ChunkWrite",
     "Handover",
     "PayloadStore",
@@ -79,8 +80,10 @@ class ChunkWrite(NamedTuple):
 
 #: Runs first in the transaction that records a batch's rows (a tus PATCH checks its lease and progress there).
 RowsHook = Callable[["asyncpg.Connection"], Awaitable[None]]
+#: A stored chunk's ciphertext as read: `bytes` from PostgreSQL, a view of the client's buffer from an object store.
+Blob = bytes | memoryview
 #: Takes a fetched batch of ciphertexts (in the order asked for); cancelling it must leave nothing handed over.
-Handover = Callable[[list[bytes]], Awaitable[None]]
+Handover = Callable[[list[Blob]], Awaitable[None]]
 
 
 class StoredChunksMissingError(ServiceUnavailableError):
@@ -133,7 +136,7 @@ class PayloadStore(ABC):
     @abstractmethod
     async def read_stored(
         self, connection: asyncpg.Connection, *, organization_id: UUID, payload_id: UUID, first: int, stop: int
-    ) -> list[bytes]:
+    ) -> list[Blob]:
         """The ciphertexts of chunks `first .. stop-1` (a resumed upload rehashes them).
 
         Raises:
@@ -244,7 +247,7 @@ class PostgresPayloadStore(PayloadStore):
         loop = asyncio.get_running_loop()
         index = 0
         while index < len(seqs):
-            left_over: list[bytes] | None = None
+            left_over: list[Blob] | None = None
             with tracer.start_as_current_span("backups.read_chunks") as span:
                 first = index
                 async with (
@@ -256,7 +259,7 @@ class PostgresPayloadStore(PayloadStore):
                         batch = seqs[index : index + READ_BATCH]
                         rows = await connection.fetch(_SELECT_CHUNKS, payload_id, list(batch))
                         _require_rows(rows, batch)
-                        blobs: list[bytes] = [row["data"] for row in rows]
+                        blobs: list[Blob] = [row["data"] for row in rows]
                         del rows
                         index += len(batch)
                         try:  # hand the batch over, but commit rather than wait past the deadline
@@ -276,7 +279,7 @@ class PostgresPayloadStore(PayloadStore):
 
     async def read_stored(
         self, connection: asyncpg.Connection, *, organization_id: UUID, payload_id: UUID, first: int, stop: int
-    ) -> list[bytes]:
+    ) -> list[Blob]:
         """One read-only query (see `PayloadStore.read_stored`)."""
         async with raw_tenant_transaction(connection, organization_id, readonly=True):
             rows = await connection.fetch(_SELECT_CHUNKS_BELOW, payload_id, first, stop)
