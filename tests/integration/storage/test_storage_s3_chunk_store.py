@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
+import time
 from collections.abc import AsyncIterator
 from uuid import uuid4
 
@@ -118,6 +120,37 @@ async def test_an_unreachable_store_is_unavailable_not_an_error(s3_store_setting
             with pytest.raises(PayloadStoreUnavailableError, match="could not read a chunk") as failed_read:
                 await store.get_chunk(uuid4(), uuid4(), 0)
     assert failed.value.status_code == failed_read.value.status_code == 503
+
+
+async def test_a_store_that_stops_answering_mid_body_times_out_as_unavailable(
+    s3_store_settings: PayloadStoreSettings,
+) -> None:
+    """A GET whose response stalls after its first bytes ends at the read timeout, as a 503."""
+    stalled: list[asyncio.StreamWriter] = []
+
+    async def answer_then_stall(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\nfirst bytes")
+        await writer.drain()
+        stalled.append(writer)  # held open, silent
+
+    server = await asyncio.start_server(answer_then_stall, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    settings = PayloadStoreSettings(kind="s3", bucket="zkeb-any", endpoint_url=f"http://127.0.0.1:{port}")
+    try:
+        async with S3ChunkStore(settings, connect_timeout=1.0, read_timeout=0.5) as store:
+            started = time.monotonic()
+            with pytest.raises(PayloadStoreUnavailableError, match="could not read a chunk") as failed:
+                await store.get_chunk(uuid4(), uuid4(), 0)
+            elapsed = time.monotonic() - started
+    finally:
+        for writer in stalled:
+            writer.close()
+        server.close()
+    assert failed.value.status_code == 503
+    # At the read timeout (obstore does not retry a response whose body had begun), not at the bound of a whole GET.
+    assert stalled
+    assert 0.5 <= elapsed < 5
 
 
 async def test_objects_hold_only_ciphertext_and_a_tampered_one_fails_authentication(

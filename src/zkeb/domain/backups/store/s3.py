@@ -78,6 +78,8 @@ S3_CHUNK_SIZE = 4 << 20
 CONCURRENCY = 8
 #: Chunk objects a restore fetches ahead of the one it sends next (memory: about this many chunks per restore).
 READ_AHEAD = 4
+#: The longest one chunk GET may take, however steadily its bytes come (4 MiB in 10 minutes is about 7 KB/s).
+OBJECT_DEADLINE = timedelta(minutes=10)
 #: How long obstore may sign with credentials before asking botocore's chain again (which refreshes expiring ones).
 CREDENTIALS_REUSE = timedelta(minutes=5)
 #: Keys per DeleteObjects request (the S3 API's maximum).
@@ -163,7 +165,9 @@ class S3ChunkStore:
         )
         # The endpoint botocore resolved (S3_ENDPOINT_URL, else `AWS_ENDPOINT_URL*` or AWS's regional one), so both
         # clients always talk to the same store; path-style requests, which every S3-compatible store serves. The
-        # same limits as botocore's: 3 attempts, the same timeouts (a whole 4 MiB object within the read timeout).
+        # same limits as botocore's: 3 attempts, the same connect timeout, and the read timeout between two reads of
+        # a response (obstore's own default, 30 s for a whole request, would fail a slow but moving transfer; its
+        # bound here is `OBJECT_DEADLINE`).
         endpoint = self._client.meta.endpoint_url
         connect_timeout, read_timeout = self._timeouts
         self._reader = S3Store(
@@ -174,7 +178,8 @@ class S3ChunkStore:
             client_options={
                 "allow_http": endpoint.lower().startswith("http://"),
                 "connect_timeout": timedelta(seconds=connect_timeout),
-                "timeout": timedelta(seconds=read_timeout),
+                "read_timeout": timedelta(seconds=read_timeout),
+                "timeout": OBJECT_DEADLINE,
             },
             retry_config={"max_retries": 2, "retry_timeout": timedelta(seconds=3 * read_timeout)},
         )
