@@ -6,6 +6,7 @@ import asyncio
 import functools
 import logging
 import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,11 @@ def start_embedded_postgres(data_dir: Path) -> str:
     pgserver keeps one server per data directory and stops it when the last process using it exits.
     """
     try:
-        import pgserver  # noqa: PLC0415 - only needed without DATABASE_URL
+        with warnings.catch_warnings():
+            # pgserver puts its lock file in the user's runtime directory, which platformdirs replaces with
+            # /tmp/runtime-<uid> (and warns, on every command) where XDG_RUNTIME_DIR is unset: containers, CI, sudo.
+            warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set", category=UserWarning)
+            import pgserver  # noqa: PLC0415 - only needed without DATABASE_URL
     except ImportError:
         msg = "DATABASE_URL is not set and the embedded PostgreSQL is not installed: pip install 'zkeb[embedded]'"
         raise RuntimeError(msg) from None

@@ -54,6 +54,7 @@ def test_serve_with_no_environment_starts_embedded_postgres_and_becomes_ready(tm
     port = _free_port()
     data_dir = tmp_path / "data"
     env = _clean_env(ZKEB_DATA_DIR=str(data_dir), HOST="127.0.0.1", PORT=str(port))
+    env.pop("XDG_RUNTIME_DIR", None)  # as in containers, CI and sudo
     process = subprocess.Popen([*ZKEB, "serve"], env=env, cwd=tmp_path, stderr=subprocess.PIPE)
     try:
         ready = _wait_ready(f"http://127.0.0.1:{port}/api/health/ready", process, deadline_s=60)
@@ -67,6 +68,7 @@ def test_serve_with_no_environment_starts_embedded_postgres_and_becomes_ready(tm
         _, stderr = process.communicate(timeout=60)
     assert process.returncode == 0, stderr.decode()[-2000:]
     assert b"DEVELOPMENT secrets" in stderr
+    assert b"Warning" not in stderr, stderr.decode()[-2000:]  # e.g. platformdirs' about XDG_RUNTIME_DIR, via pgserver
     # The embedded server stopped with the last process that used it.
     assert not (data_dir / "pgdata" / "postmaster.pid").exists()
 
