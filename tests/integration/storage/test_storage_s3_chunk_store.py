@@ -153,6 +153,41 @@ async def test_a_store_that_stops_answering_mid_body_times_out_as_unavailable(
     assert 0.5 <= elapsed < 5
 
 
+@pytest.mark.usefixtures("s3_store_settings")  # for its credentials in the AWS variables
+async def test_a_refused_read_is_logged_without_the_stores_answer(caplog: pytest.LogCaptureFixture) -> None:
+    """A store's error XML can echo the request (here an access key id and the string signed): it is not logged."""
+    answer = (
+        b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SignatureDoesNotMatch</Code>'
+        b"<AWSAccessKeyId>AKIAEXAMPLEKEYID0001</AWSAccessKeyId><StringToSign>AWS4-HMAC-SHA256 x</StringToSign></Error>"
+    )
+
+    async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 403 Forbidden\r\nContent-Length: %d\r\n\r\n%s" % (len(answer), answer))
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(refuse, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    settings = PayloadStoreSettings(kind="s3", bucket="zkeb-any", endpoint_url=f"http://127.0.0.1:{port}")
+    try:
+        async with S3ChunkStore(settings, connect_timeout=1.0, read_timeout=1.0) as store:
+            with (
+                caplog.at_level("WARNING", logger="zkeb.backups.s3"),
+                pytest.raises(PayloadStoreUnavailableError) as failed,
+            ):
+                await store.get_chunk(uuid4(), uuid4(), 0)
+    finally:
+        server.close()
+    assert failed.value.status_code == 503
+    logged = caplog.text
+    assert "cannot read a chunk" in logged
+    assert "403" in logged
+    assert "AKIAEXAMPLEKEYID0001" not in logged
+    assert "StringToSign" not in logged
+    assert "AKIAEXAMPLEKEYID0001" not in str(failed.value.detail)
+
+
 async def test_objects_hold_only_ciphertext_and_a_tampered_one_fails_authentication(
     store: S3ChunkStore, s3_store_settings: PayloadStoreSettings
 ) -> None:

@@ -520,8 +520,14 @@ def _code(exc: ClientError) -> str:
 
 
 def _describe(exc: BaseException) -> str:
-    # botocore's messages name the endpoint and the operation, never credentials or bodies.
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    """The first line of a client's message, up to any response body it quotes.
+
+    botocore's messages name the endpoint, the operation and the error code; obstore's go on to quote the store's
+    answer (`...status code: 403 Forbidden: <?xml ...`), whose XML can echo the request (an access key id, the string
+    that was signed): none of that goes to a log.
+    """
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text.split("<", 1)[0].rstrip(": ") or type(exc).__name__
 
 
 def _unavailable(action: str, exc: BaseException) -> PayloadStoreUnavailableError:
