@@ -3,19 +3,31 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ipaddress
 import os
 import socket
+import ssl
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
 from uuid import uuid4
 
 import pytest
+from aiobotocore.session import AioSession
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from zkeb.domain.backups.store.s3 import (
     ChunkConflictError,
     ChunkMissingError,
     PayloadStoreUnavailableError,
     S3ChunkStore,
+    S3PayloadStore,
     StoredObject,
 )
 from zkeb.lib.atrest import ChunkCipher, ChunkIntegrityError, new_data_key
@@ -153,13 +165,21 @@ async def test_a_store_that_stops_answering_mid_body_times_out_as_unavailable(
     assert 0.5 <= elapsed < 5
 
 
-@pytest.mark.usefixtures("s3_store_settings")  # for its credentials in the AWS variables
-async def test_a_refused_read_is_logged_without_the_stores_answer(caplog: pytest.LogCaptureFixture) -> None:
-    """A store's error XML can echo the request (here an access key id and the string signed): it is not logged."""
-    answer = (
+_REFUSALS = {
+    "xml": (
         b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SignatureDoesNotMatch</Code>'
         b"<AWSAccessKeyId>AKIAEXAMPLEKEYID0001</AWSAccessKeyId><StringToSign>AWS4-HMAC-SHA256 x</StringToSign></Error>"
-    )
+    ),
+    "json": b'{"Code": "SignatureDoesNotMatch", "AWSAccessKeyId": "AKIAEXAMPLEKEYID0001", "StringToSign": "x"}',
+    "text": b"SignatureDoesNotMatch for AKIAEXAMPLEKEYID0001, StringToSign: AWS4-HMAC-SHA256 x",
+}
+
+
+@pytest.mark.usefixtures("s3_store_settings")  # for its credentials in the AWS variables
+@pytest.mark.parametrize("body", ["xml", "json", "text"])
+async def test_a_refused_read_is_logged_without_the_stores_answer(caplog: pytest.LogCaptureFixture, body: str) -> None:
+    """A store's error body can echo the request (here an access key id and the string signed): it is not logged."""
+    answer = _REFUSALS[body]
 
     async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
@@ -186,6 +206,114 @@ async def test_a_refused_read_is_logged_without_the_stores_answer(caplog: pytest
     assert "AKIAEXAMPLEKEYID0001" not in logged
     assert "StringToSign" not in logged
     assert "AKIAEXAMPLEKEYID0001" not in str(failed.value.detail)
+
+
+async def test_reads_ask_botocores_chain_for_credentials_once_not_for_every_get(
+    store: S3ChunkStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    organization_id, payload_id = uuid4(), uuid4()
+    await store.put_chunks(organization_id, payload_id, [(seq, b"chunk %d" % seq) for seq in range(5)])
+    asked: list[None] = []
+    resolve = AioSession.get_credentials
+
+    async def counted(session: AioSession) -> Any:
+        asked.append(None)
+        return await resolve(session)
+
+    monkeypatch.setattr(AioSession, "get_credentials", counted)
+    for seq in range(5):
+        assert bytes(await store.get_chunk(organization_id, payload_id, seq)) == b"chunk %d" % seq
+        await asyncio.sleep(0.1)  # requests in the same instant share one refresh; apart, a stale cache shows
+    assert len(asked) == 1  # was 5 while credentials were handed over with 5 minutes left: obstore's threshold
+
+
+async def _serve(answer: bytes, ssl: Any = None) -> asyncio.Server:
+    """A fake store: `answer` to every GET, and 200 to a HEAD (the bucket exists, as botocore, redirected, saw)."""
+
+    async def respond(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            head = await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n" if head.startswith(b"HEAD ") else answer)
+            await writer.drain()
+        writer.close()
+
+    return await asyncio.start_server(respond, "127.0.0.1", 0, ssl=ssl)
+
+
+@pytest.mark.usefixtures("s3_store_settings")  # for its credentials in the AWS variables
+async def test_a_store_that_redirects_reads_fails_the_read_check_in_one_line() -> None:
+    """AWS answers a request to the wrong region with a 301; botocore follows it, the read client does not."""
+    server = await _serve(b"HTTP/1.1 301 Moved Permanently\r\nContent-Length: 0\r\n\r\n")
+    port = server.sockets[0].getsockname()[1]
+    settings = PayloadStoreSettings(kind="s3", bucket="zkeb-any", endpoint_url=f"http://127.0.0.1:{port}")
+    try:
+        async with S3ChunkStore(settings, connect_timeout=1.0, read_timeout=1.0) as opened:
+            with pytest.raises(PayloadStoreUnavailableError, match="the S3 store refuses reads") as failed:
+                await opened.check_reads()
+            reason = await S3PayloadStore(opened).check()
+    finally:
+        server.close()
+    assert "\n" not in failed.value.detail
+    assert reason is not None
+    assert reason.startswith("payload store: the S3 store refuses reads")
+
+
+def _private_ca(directory: Path) -> tuple[Path, ssl.SSLContext]:
+    """A CA of our own (its certificate written to `directory`) and a TLS context for 127.0.0.1 signed by it."""
+    now = datetime.now(UTC)
+    ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "zkeb test CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name)
+        .public_key(server_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    ca_file, leaf_file, key_file = directory / "ca.pem", directory / "leaf.pem", directory / "leaf.key"
+    ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    leaf_file.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        server_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(leaf_file, key_file)
+    return ca_file, context
+
+
+@pytest.mark.usefixtures("s3_store_settings")  # for its credentials in the AWS variables
+async def test_reads_trust_the_private_ca_botocore_is_given(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A self-hosted store behind a private CA: `AWS_CA_BUNDLE` makes reads work, not only botocore's requests."""
+    ca_file, context = _private_ca(tmp_path)
+    server = await _serve(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n", ssl=context)
+    port = server.sockets[0].getsockname()[1]
+    settings = PayloadStoreSettings(kind="s3", bucket="zkeb-any", endpoint_url=f"https://127.0.0.1:{port}")
+    try:
+        async with S3ChunkStore(settings, connect_timeout=1.0, read_timeout=1.0) as untrusting:
+            with pytest.raises(PayloadStoreUnavailableError, match="the S3 store refuses reads"):
+                await untrusting.check_reads()
+        monkeypatch.setenv("AWS_CA_BUNDLE", str(ca_file))
+        async with S3ChunkStore(settings, connect_timeout=1.0, read_timeout=1.0) as trusting:
+            await trusting.check_reads()  # the 404 of a key never written: reads work
+    finally:
+        server.close()
 
 
 async def test_objects_hold_only_ciphertext_and_a_tampered_one_fails_authentication(

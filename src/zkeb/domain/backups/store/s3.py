@@ -21,10 +21,12 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import re
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 from uuid import UUID
 
@@ -52,7 +54,7 @@ from zkeb.settings import PayloadStoreSettings
 
 if TYPE_CHECKING:
     import asyncpg
-    from obstore.store import S3Credential
+    from obstore.store import ClientConfig, S3Credential
     from sqlalchemy.ext.asyncio import AsyncEngine
     from types_aiobotocore_s3 import S3Client
 
@@ -81,7 +83,10 @@ READ_AHEAD = 4
 #: The longest one chunk GET may take, however steadily its bytes come (4 MiB in 10 minutes is about 7 KB/s).
 OBJECT_DEADLINE = timedelta(minutes=10)
 #: How long obstore may sign with credentials before asking botocore's chain again (which refreshes expiring ones).
-CREDENTIALS_REUSE = timedelta(minutes=5)
+#: obstore asks again once less than 5 minutes of a credential's life are left, so this must be well above that.
+CREDENTIALS_REUSE = timedelta(minutes=15)
+#: The key a read check GETs: never written, so a working store answers 404.
+_READ_CHECK_KEY = "zkeb-read-check"
 #: Keys per DeleteObjects request (the S3 API's maximum).
 DELETE_BATCH = 1000
 _SEQ_DIGITS = 8
@@ -168,19 +173,27 @@ class S3ChunkStore:
         # same limits as botocore's: 3 attempts, the same connect timeout, and the read timeout between two reads of
         # a response (obstore's own default, 30 s for a whole request, would fail a slow but moving transfer; its
         # bound here is `OBJECT_DEADLINE`).
+        # A private CA botocore trusts (`AWS_CA_BUNDLE`, `ca_bundle` in the AWS config) is trusted for reads too; the
+        # addressing and signing are pinned, so that obstore's own `AWS_*` variables cannot make them differ.
         endpoint = self._client.meta.endpoint_url
         connect_timeout, read_timeout = self._timeouts
+        client_options: ClientConfig = {
+            "allow_http": endpoint.lower().startswith("http://"),
+            "connect_timeout": timedelta(seconds=connect_timeout),
+            "read_timeout": timedelta(seconds=read_timeout),
+            "timeout": OBJECT_DEADLINE,
+        }
+        ca_bundle = self._session.get_config_variable("ca_bundle")
+        if ca_bundle:
+            client_options["root_certificate"] = await asyncio.to_thread(Path(ca_bundle).read_bytes)
         self._reader = S3Store(
             self.bucket,
             region=self._settings.region,
             endpoint=endpoint,
+            virtual_hosted_style_request=False,
+            skip_signature=False,
             credential_provider=self._credentials,
-            client_options={
-                "allow_http": endpoint.lower().startswith("http://"),
-                "connect_timeout": timedelta(seconds=connect_timeout),
-                "read_timeout": timedelta(seconds=read_timeout),
-                "timeout": OBJECT_DEADLINE,
-            },
+            client_options=client_options,
             retry_config={"max_retries": 2, "retry_timeout": timedelta(seconds=3 * read_timeout)},
         )
         self._stack = stack
@@ -255,6 +268,25 @@ class S3ChunkStore:
             ) from None
         except BotoCoreError as exc:
             raise PayloadStoreUnavailableError(f"cannot reach the S3 store: {_describe(exc)}") from None
+
+    async def check_reads(self) -> None:
+        """Raise unless a read goes through obstore (a GET of a key never written answers 404).
+
+        The reads have their own client: a region that AWS redirects (botocore follows the redirect, obstore does
+        not) or a certificate only one of them trusts would let uploads through and fail every restore. Not for the
+        process that forks the workers: obstore's first request starts threads a forked child would lack.
+
+        Raises:
+            PayloadStoreUnavailableError: the message says what is wrong, in one line.
+        """
+        if self._reader is None:
+            raise RuntimeError("the S3 chunk store is not open")
+        try:
+            await obstore.get_async(self._reader, f"{self._settings.prefix}{_READ_CHECK_KEY}")
+        except FileNotFoundError:
+            return
+        except (ObstoreError, OSError) as exc:
+            raise PayloadStoreUnavailableError(f"the S3 store refuses reads: {_describe(exc)}") from None
 
     async def put_chunk(self, organization_id: UUID, payload_id: UUID, seq: int, blob: bytes | memoryview) -> None:
         """Store chunk `seq`, refusing to overwrite an existing object.
@@ -485,6 +517,7 @@ class S3PayloadStore(PayloadStore):
         try:
             async with asyncio.timeout(self._check_timeout):
                 await self.objects.check()
+                await self.objects.check_reads()
         except TimeoutError:
             return f"payload store: the S3 store did not answer within {self._check_timeout:g} s"
         except PayloadStoreUnavailableError as exc:
@@ -519,6 +552,10 @@ def _code(exc: ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", "unknown"))
 
 
+_QUOTED_ANSWER = re.compile(r"(status code: \d{3}[^:]*):.*")
+_BODY_START = re.compile(r"[<{]")
+
+
 def _describe(exc: BaseException) -> str:
     """The first line of a client's message, up to any response body it quotes.
 
@@ -527,7 +564,8 @@ def _describe(exc: BaseException) -> str:
     that was signed): none of that goes to a log.
     """
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return text.split("<", 1)[0].rstrip(": ") or type(exc).__name__
+    text = _QUOTED_ANSWER.sub(r"\1", text)  # obstore: "...status code: 403 Forbidden: <the body>"
+    return _BODY_START.split(text, maxsplit=1)[0].rstrip(": ") or type(exc).__name__
 
 
 def _unavailable(action: str, exc: BaseException) -> PayloadStoreUnavailableError:
