@@ -258,6 +258,29 @@ async def test_a_store_that_redirects_reads_fails_the_read_check_in_one_line() -
     assert reason.startswith("payload store: the S3 store refuses reads")
 
 
+@pytest.mark.usefixtures("s3_store_settings")  # for its credentials in the AWS variables
+async def test_a_store_that_breaks_its_client_is_reported_not_ready_rather_than_raising() -> None:
+    """A 301 to everything, with no region to follow: botocore's redirect handling never ends."""
+
+    async def redirect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 301 Moved Permanently\r\nContent-Length: 0\r\n\r\n")
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(redirect, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    settings = PayloadStoreSettings(kind="s3", bucket="zkeb-any", endpoint_url=f"http://127.0.0.1:{port}")
+    try:
+        async with S3ChunkStore(settings, connect_timeout=1.0, read_timeout=1.0) as opened:
+            reason = await S3PayloadStore(opened, check_timeout=20.0).check()
+    finally:
+        server.close()
+    assert reason is not None
+    assert reason.startswith("payload store: ")
+
+
 def _private_ca(directory: Path) -> tuple[Path, ssl.SSLContext]:
     """A CA of our own (its certificate written to `directory`) and a TLS context for 127.0.0.1 signed by it."""
     now = datetime.now(UTC)

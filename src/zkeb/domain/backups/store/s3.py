@@ -522,6 +522,10 @@ class S3PayloadStore(PayloadStore):
             return f"payload store: the S3 store did not answer within {self._check_timeout:g} s"
         except PayloadStoreUnavailableError as exc:
             return f"payload store: {exc.detail}"
+        except Exception as exc:  # noqa: BLE001 - a readiness probe reports a failing client, it does not crash
+            # e.g. botocore's redirect handling recursing without end on a store answering 301 with no region
+            logger.warning("object store: the readiness check failed: %s", type(exc).__name__)
+            return f"payload store: the S3 check failed ({type(exc).__name__})"
         return None
 
 
