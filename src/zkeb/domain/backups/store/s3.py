@@ -85,8 +85,9 @@ OBJECT_DEADLINE = timedelta(minutes=10)
 #: How long obstore may sign with credentials before asking botocore's chain again (which refreshes expiring ones).
 #: obstore asks again once less than 5 minutes of a credential's life are left, so this must be well above that.
 CREDENTIALS_REUSE = timedelta(minutes=15)
-#: The key a read check GETs: never written, so a working store answers 404.
-_READ_CHECK_KEY = "zkeb-read-check"
+#: The key a read check GETs, beside the payloads (where a bucket policy scoped to them allows reads): never written,
+#: so a working store answers 404 (a 403 without `s3:ListBucket`, which the store needs anyway for its cleanups).
+_READ_CHECK_KEY = "payloads/zkeb-read-check"
 #: Keys per DeleteObjects request (the S3 API's maximum).
 DELETE_BATCH = 1000
 _SEQ_DIGITS = 8
