@@ -54,6 +54,28 @@ async def _put_raw(settings: PayloadStoreSettings, key: str, body: bytes) -> Non
         await client.put_object(Bucket=settings.bucket, Key=key, Body=body)
 
 
+_OK = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+
+
+async def _serve(answer: bytes, *, head: bytes = _OK, ssl: Any = None) -> asyncio.Server:
+    """A fake store on loopback: `answer` to every request but a HEAD, `head` to a HEAD (by default the bucket exists,
+    as botocore, redirected to the right region, would see)."""
+
+    async def respond(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            request = await reader.readuntil(b"\r\n\r\n")
+            writer.write(head if request.startswith(b"HEAD ") else answer)
+            await writer.drain()
+        writer.close()
+
+    return await asyncio.start_server(respond, "127.0.0.1", 0, ssl=ssl)
+
+
+def _settings_of(server: asyncio.Server, scheme: str = "http") -> PayloadStoreSettings:
+    port = server.sockets[0].getsockname()[1]
+    return PayloadStoreSettings(kind="s3", bucket="zkeb-any", endpoint_url=f"{scheme}://127.0.0.1:{port}")
+
+
 async def test_chunks_round_trip_under_the_documented_keys(
     store: S3ChunkStore, s3_store_settings: PayloadStoreSettings
 ) -> None:
@@ -134,9 +156,8 @@ async def test_an_unreachable_store_is_unavailable_not_an_error(s3_store_setting
     assert failed.value.status_code == failed_read.value.status_code == 503
 
 
-async def test_a_store_that_stops_answering_mid_body_times_out_as_unavailable(
-    s3_store_settings: PayloadStoreSettings,
-) -> None:
+@pytest.mark.usefixtures("s3_store_settings")  # for its credentials in the AWS variables
+async def test_a_store_that_stops_answering_mid_body_times_out_as_unavailable() -> None:
     """A GET whose response stalls after its first bytes ends at the read timeout, as a 503."""
     stalled: list[asyncio.StreamWriter] = []
 
@@ -147,10 +168,8 @@ async def test_a_store_that_stops_answering_mid_body_times_out_as_unavailable(
         stalled.append(writer)  # held open, silent
 
     server = await asyncio.start_server(answer_then_stall, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    settings = PayloadStoreSettings(kind="s3", bucket="zkeb-any", endpoint_url=f"http://127.0.0.1:{port}")
     try:
-        async with S3ChunkStore(settings, connect_timeout=1.0, read_timeout=0.5) as store:
+        async with S3ChunkStore(_settings_of(server), connect_timeout=1.0, read_timeout=0.5) as store:
             started = time.monotonic()
             with pytest.raises(PayloadStoreUnavailableError, match="could not read a chunk") as failed:
                 await store.get_chunk(uuid4(), uuid4(), 0)
@@ -183,17 +202,9 @@ async def test_a_refused_read_is_logged_without_the_stores_answer(caplog: pytest
     """A store's error body can echo the request (here an access key id and the string signed): it is not logged."""
     answer = _REFUSALS[body]
 
-    async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 403 Forbidden\r\nContent-Length: %d\r\n\r\n%s" % (len(answer), answer))
-        await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(refuse, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    settings = PayloadStoreSettings(kind="s3", bucket="zkeb-any", endpoint_url=f"http://127.0.0.1:{port}")
+    server = await _serve(b"HTTP/1.1 403 Forbidden\r\nContent-Length: %d\r\n\r\n%s" % (len(answer), answer))
     try:
-        async with S3ChunkStore(settings, connect_timeout=1.0, read_timeout=1.0) as store:
+        async with S3ChunkStore(_settings_of(server), connect_timeout=1.0, read_timeout=1.0) as store:
             with (
                 caplog.at_level("WARNING", logger="zkeb.backups.s3"),
                 pytest.raises(PayloadStoreUnavailableError) as failed,
@@ -229,27 +240,12 @@ async def test_reads_ask_botocores_chain_for_credentials_once_not_for_every_get(
     assert len(asked) == 1  # was 5 while credentials were handed over with 5 minutes left: obstore's threshold
 
 
-async def _serve(answer: bytes, ssl: Any = None) -> asyncio.Server:
-    """A fake store: `answer` to every GET, and 200 to a HEAD (the bucket exists, as botocore, redirected, saw)."""
-
-    async def respond(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
-            head = await reader.readuntil(b"\r\n\r\n")
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n" if head.startswith(b"HEAD ") else answer)
-            await writer.drain()
-        writer.close()
-
-    return await asyncio.start_server(respond, "127.0.0.1", 0, ssl=ssl)
-
-
 @pytest.mark.usefixtures("s3_store_settings")  # for its credentials in the AWS variables
 async def test_a_store_that_redirects_reads_fails_the_read_check_in_one_line() -> None:
     """AWS answers a request to the wrong region with a 301; botocore follows it, the read client does not."""
     server = await _serve(b"HTTP/1.1 301 Moved Permanently\r\nContent-Length: 0\r\n\r\n")
-    port = server.sockets[0].getsockname()[1]
-    settings = PayloadStoreSettings(kind="s3", bucket="zkeb-any", endpoint_url=f"http://127.0.0.1:{port}")
     try:
-        async with S3ChunkStore(settings, connect_timeout=1.0, read_timeout=1.0) as opened:
+        async with S3ChunkStore(_settings_of(server), connect_timeout=1.0, read_timeout=1.0) as opened:
             with pytest.raises(PayloadStoreUnavailableError, match="the S3 store refuses reads") as failed:
                 await opened.check_reads()
             reason = await S3PayloadStore(opened).check()
@@ -264,18 +260,10 @@ async def test_a_store_that_redirects_reads_fails_the_read_check_in_one_line() -
 async def test_a_store_that_breaks_its_client_is_reported_not_ready_rather_than_raising() -> None:
     """A 301 to everything, with no region to follow: botocore's redirect handling never ends."""
 
-    async def redirect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
-            await reader.readuntil(b"\r\n\r\n")
-            writer.write(b"HTTP/1.1 301 Moved Permanently\r\nContent-Length: 0\r\n\r\n")
-            await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(redirect, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    settings = PayloadStoreSettings(kind="s3", bucket="zkeb-any", endpoint_url=f"http://127.0.0.1:{port}")
+    moved = b"HTTP/1.1 301 Moved Permanently\r\nContent-Length: 0\r\n\r\n"
+    server = await _serve(moved, head=moved)
     try:
-        async with S3ChunkStore(settings, connect_timeout=1.0, read_timeout=1.0) as opened:
+        async with S3ChunkStore(_settings_of(server), connect_timeout=1.0, read_timeout=1.0) as opened:
             reason = await S3PayloadStore(opened, check_timeout=20.0).check()
     finally:
         server.close()
@@ -328,8 +316,7 @@ async def test_reads_trust_the_private_ca_botocore_is_given(tmp_path: Path, monk
     """A self-hosted store behind a private CA: `AWS_CA_BUNDLE` makes reads work, not only botocore's requests."""
     ca_file, context = _private_ca(tmp_path)
     server = await _serve(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n", ssl=context)
-    port = server.sockets[0].getsockname()[1]
-    settings = PayloadStoreSettings(kind="s3", bucket="zkeb-any", endpoint_url=f"https://127.0.0.1:{port}")
+    settings = _settings_of(server, "https")
     try:
         async with S3ChunkStore(settings, connect_timeout=1.0, read_timeout=1.0) as untrusting:
             with pytest.raises(PayloadStoreUnavailableError, match="the S3 store refuses reads"):
