@@ -349,10 +349,22 @@ async def _open_patch(
     return reader, writer
 
 
+#: Longest a raw-socket test waits for the server's answer and its end of the connection: a server that never
+#: answers fails the test with this said, instead of holding its worker until pytest-timeout's 300 s.
+RESPONSE_WAIT_SECONDS = 60
+
+
 async def _read_response(reader: asyncio.StreamReader) -> tuple[int, str, bytes]:
     """Status, head and body of the response on a raw-socket request made with `Connection: close`."""
-    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
-    return int(head.split(" ", 2)[1]), head.lower(), await reader.read()
+    head = ""
+    try:
+        async with asyncio.timeout(RESPONSE_WAIT_SECONDS):
+            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+            body = await reader.read()
+    except TimeoutError:
+        missing = f"the end of the connection after {head.splitlines()[0]!r}" if head else "response"
+        raise AssertionError(f"no {missing} within {RESPONSE_WAIT_SECONDS} s") from None
+    return int(head.split(" ", 2)[1]), head.lower(), body
 
 
 async def test_slow_patches_hold_no_pooled_connection_between_chunks_and_then_complete(
@@ -413,7 +425,8 @@ async def test_a_retry_takes_over_from_a_patch_gone_silent_which_then_stores_not
         assert resumed.status_code == 204, resumed.text
         # The silent PATCH wakes up: its next chunk finds the upload taken over by the retry, so it stops.
         writer.write(payload[sent : 3 * MIB + 1000])
-        await writer.drain()
+        async with asyncio.timeout(RESPONSE_WAIT_SECONDS):
+            await writer.drain()
         status, _, body = await _read_response(reader)
     finally:
         writer.close()
