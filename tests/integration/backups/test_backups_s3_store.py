@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
@@ -292,6 +293,28 @@ class _StoreProxy:
                 writer.close()
 
 
+@contextlib.asynccontextmanager
+async def _app_behind_a_proxy(
+    base_settings_env: dict[str, str], database_url: str, s3_store_settings: PayloadStoreSettings
+) -> AsyncIterator[tuple[Client, Tenant, _StoreProxy]]:
+    """The app storing payloads through a breakable `_StoreProxy` in front of the S3 server, and a tenant of it."""
+    assert s3_store_settings.endpoint_url is not None
+    proxy = _StoreProxy(s3_store_settings.endpoint_url)
+    settings = make_settings(
+        base_settings_env,
+        DATABASE_URL=database_url,
+        PAYLOAD_STORE="s3",
+        S3_BUCKET=s3_store_settings.bucket,
+        S3_PREFIX=s3_store_settings.prefix,
+        S3_ENDPOINT_URL=proxy.start(),
+    )
+    try:
+        async with AsyncTestClient(app=create_app(settings)) as client:
+            yield client, await make_tenant(client, settings), proxy
+    finally:
+        proxy.stop()
+
+
 @pytest.mark.parametrize(
     ("mode", "status", "detail"),
     [
@@ -311,90 +334,60 @@ async def test_a_store_that_fails_mid_upload_is_refused_nothing_is_visible_and_a
     status: int,
     detail: str,
 ) -> None:
-    assert s3_store_settings.endpoint_url is not None
-    proxy = _StoreProxy(s3_store_settings.endpoint_url)
-    endpoint = proxy.start()
-    settings = make_settings(
-        base_settings_env,
-        DATABASE_URL=database_url,
-        PAYLOAD_STORE="s3",
-        S3_BUCKET=s3_store_settings.bucket,
-        S3_PREFIX=s3_store_settings.prefix,
-        S3_ENDPOINT_URL=endpoint,
-    )
-    try:
-        async with AsyncTestClient(app=create_app(settings)) as client:
-            tenant = await make_tenant(client, settings)
-            payload = os.urandom(2 * CHUNK + 100)
-            location, _ = await _tus_create(client, tenant, payload)
-            first = await _patch(client, tenant, location, 0, payload[:CHUNK])
-            assert first.status_code == 204
+    async with _app_behind_a_proxy(base_settings_env, database_url, s3_store_settings) as (client, tenant, proxy):
+        payload = os.urandom(2 * CHUNK + 100)
+        location, _ = await _tus_create(client, tenant, payload)
+        first = await _patch(client, tenant, location, 0, payload[:CHUNK])
+        assert first.status_code == 204
 
-            proxy.mode = mode
-            failed = await _patch(client, tenant, location, CHUNK, payload[CHUNK:])
-            assert failed.status_code == status, failed.text
-            assert problem(failed)["detail"].startswith(detail)
-            assert "retry-after" in failed.headers
-            assert await owner_connection.fetchval("SELECT count(*) FROM backups") == 0
-            head = await client.head(location, headers=tus_headers(tenant.project_key))
-            assert head.headers["upload-offset"] == str(CHUNK)
+        proxy.mode = mode
+        failed = await _patch(client, tenant, location, CHUNK, payload[CHUNK:])
+        assert failed.status_code == status, failed.text
+        assert problem(failed)["detail"].startswith(detail)
+        assert "retry-after" in failed.headers
+        assert await owner_connection.fetchval("SELECT count(*) FROM backups") == 0
+        head = await client.head(location, headers=tus_headers(tenant.project_key))
+        assert head.headers["upload-offset"] == str(CHUNK)
 
-            single = sign_envelope(tenant, os.urandom(CHUNK + 1))
-            refused = await client.post("/api/v1/backups", json=single.json(), headers=auth(tenant.project_key))
-            assert refused.status_code == status, refused.text
-            assert await owner_connection.fetchval("SELECT count(*) FROM backups") == 0
+        single = sign_envelope(tenant, os.urandom(CHUNK + 1))
+        refused = await client.post("/api/v1/backups", json=single.json(), headers=auth(tenant.project_key))
+        assert refused.status_code == status, refused.text
+        assert await owner_connection.fetchval("SELECT count(*) FROM backups") == 0
 
-            proxy.mode = "forward"
-            retried = await _patch(client, tenant, location, CHUNK, payload[CHUNK:])
-            assert retried.status_code == 204, retried.text
-            again = await client.post("/api/v1/backups", json=single.json(), headers=auth(tenant.project_key))
-            assert again.status_code == 201, again.text
-            restored = await client.get(
-                f"/api/v1/backups/{retried.headers['zkeb-backup-id']}/payload", headers=auth(tenant.project_key)
-            )
-            assert restored.content == payload
-    finally:
-        proxy.stop()
+        proxy.mode = "forward"
+        retried = await _patch(client, tenant, location, CHUNK, payload[CHUNK:])
+        assert retried.status_code == 204, retried.text
+        again = await client.post("/api/v1/backups", json=single.json(), headers=auth(tenant.project_key))
+        assert again.status_code == 201, again.text
+        restored = await client.get(
+            f"/api/v1/backups/{retried.headers['zkeb-backup-id']}/payload", headers=auth(tenant.project_key)
+        )
+        assert restored.content == payload
 
 
 @pytest.mark.parametrize("mode", ["failing", "unreachable"])
 async def test_a_store_that_fails_during_a_restore_answers_503_and_a_retry_restores(
     base_settings_env: dict[str, str], database_url: str, s3_store_settings: PayloadStoreSettings, mode: str
 ) -> None:
-    assert s3_store_settings.endpoint_url is not None
-    proxy = _StoreProxy(s3_store_settings.endpoint_url)
-    endpoint = proxy.start()
-    settings = make_settings(
-        base_settings_env,
-        DATABASE_URL=database_url,
-        PAYLOAD_STORE="s3",
-        S3_BUCKET=s3_store_settings.bucket,
-        S3_PREFIX=s3_store_settings.prefix,
-        S3_ENDPOINT_URL=endpoint,
-    )
-    try:
-        async with AsyncTestClient(app=create_app(settings)) as client:
-            tenant = await make_tenant(client, settings)
-            payload = os.urandom(2 * CHUNK + 100)
-            created = await client.post(
-                "/api/v1/backups", json=sign_envelope(tenant, payload).json(), headers=auth(tenant.project_key)
-            )
-            assert created.status_code == 201, created.text
-            url = f"/api/v1/backups/{created.json()['id']}/payload"
+    async with _app_behind_a_proxy(base_settings_env, database_url, s3_store_settings) as (client, tenant, proxy):
+        payload = os.urandom(2 * CHUNK + 100)
+        created = await client.post(
+            "/api/v1/backups", json=sign_envelope(tenant, payload).json(), headers=auth(tenant.project_key)
+        )
+        assert created.status_code == 201, created.text
+        url = f"/api/v1/backups/{created.json()['id']}/payload"
 
-            proxy.mode = mode
-            for headers in (auth(tenant.project_key), {**auth(tenant.project_key), "Range": f"bytes={CHUNK}-"}):
-                failed = await client.get(url, headers=headers)
-                assert failed.status_code == 503, failed.text
-                assert problem(failed)["detail"].startswith("the object store is unavailable")
-                assert failed.headers["retry-after"] == "5"
+        proxy.mode = mode
+        for headers in (auth(tenant.project_key), {**auth(tenant.project_key), "Range": f"bytes={CHUNK}-"}):
+            failed = await client.get(url, headers=headers)
+            assert failed.status_code == 503, failed.text
+            assert problem(failed)["detail"].startswith("the object store is unavailable")
+            assert failed.headers["retry-after"] == "5"
 
-            proxy.mode = "forward"
-            restored = await client.get(url, headers=auth(tenant.project_key))
-            assert restored.status_code == 200
-            assert restored.content == payload
-    finally:
-        proxy.stop()
+        proxy.mode = "forward"
+        restored = await client.get(url, headers=auth(tenant.project_key))
+        assert restored.status_code == 200
+        assert restored.content == payload
 
 
 @S3_ONLY
