@@ -457,12 +457,16 @@ def downgrade() -> None:
 
 
 def _create_runtime_role_and_policies() -> None:
+    # Roles are cluster-wide: a database of this cluster migrating at the same moment may create it first (its
+    # uncommitted role is not seen by the check, and this CREATE then waits for it and fails on the unique name).
     op.execute(
         f"""
         DO $$ BEGIN
             IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{RUNTIME_ROLE}') THEN
                 CREATE ROLE {RUNTIME_ROLE} NOLOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE NOINHERIT;
             END IF;
+        EXCEPTION WHEN duplicate_object OR unique_violation THEN
+            RAISE NOTICE '{RUNTIME_ROLE} was created meanwhile by another database of this cluster';
         END $$
         """
     )

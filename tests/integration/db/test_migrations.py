@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import shutil
+import tempfile
 from pathlib import Path
 
 import asyncpg
+import pgserver
 import pytest
 from advanced_alchemy.base import metadata_registry
 from alembic.autogenerate import compare_metadata
@@ -13,7 +17,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 import zkeb.db.models
 from zkeb.core.migrations import head_revision, run_alembic
-from zkeb.settings import Settings
+from zkeb.settings import Settings, normalize_database_url
 
 from support import make_settings
 
@@ -36,6 +40,59 @@ async def test_upgrade_downgrade_upgrade_round_trip(empty_database_url: str, bas
     assert await _tables(empty_database_url) == {"alembic_version"}
     run_alembic(settings, empty_database_url, "upgrade", "head")
     assert set(zkeb.db.models.TENANT_TABLES) <= await _tables(empty_database_url)
+
+
+async def _wait_until_waiting_for_a_lock(dsn: str, database: str, running: asyncio.Task[None]) -> None:
+    """Until a session of `database` waits for a lock (read on a connection of its own: inside a transaction,
+    pg_stat_activity keeps the snapshot it first took)."""
+    watcher = await asyncpg.connect(dsn)
+    try:
+        async with asyncio.timeout(60):
+            while not await watcher.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND wait_event_type = 'Lock'", database
+            ):
+                assert not running.done(), running.exception()
+                await asyncio.sleep(0.05)
+    finally:
+        await watcher.close()
+
+
+async def test_a_database_migrates_while_another_of_its_cluster_creates_the_runtime_role(
+    base_settings_env: dict[str, str],
+) -> None:
+    # Roles are cluster-wide. Two databases of one cluster migrating at once (two deployments, or the test
+    # workers on a fresh server): the second's CREATE ROLE waits for the first's uncommitted role, then failed on
+    # its unique name. A cluster of its own, since the shared one has had the role since its first migration.
+    root = Path(tempfile.mkdtemp(prefix="zkeb-pg-race-"))
+    server = pgserver.get_server(root / "pgdata", cleanup_mode="stop")
+    try:
+        cluster = normalize_database_url(server.get_uri())
+        dsn = cluster.replace("+asyncpg", "")
+        first = await asyncpg.connect(dsn)
+        try:
+            await first.execute('CREATE DATABASE "second"')
+            creating = first.transaction()
+            await creating.start()
+            await first.execute("CREATE ROLE zkeb_app NOLOGIN")  # the first database's migration, not yet committed
+            second_url = cluster.replace("/postgres?", "/second?", 1)
+            migrating = asyncio.create_task(
+                asyncio.to_thread(
+                    run_alembic,
+                    make_settings(base_settings_env, DATABASE_URL=second_url),
+                    second_url,
+                    "upgrade",
+                    "head",
+                )
+            )
+            await _wait_until_waiting_for_a_lock(dsn, "second", migrating)
+            await creating.commit()
+            await migrating
+        finally:
+            await first.close()
+        assert set(zkeb.db.models.TENANT_TABLES) <= await _tables(second_url)
+    finally:
+        server.cleanup()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 async def test_models_match_the_migrated_schema(database_url: str) -> None:
