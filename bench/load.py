@@ -386,7 +386,8 @@ def _worker_pid(server: subprocess.Popen[bytes]) -> int:
     while time.monotonic() < deadline:
         children = psutil.Process(server.pid).children(recursive=True)
         if children:
-            return max(children, key=lambda p: p.cpu_times().user).pid
+            busiest: int = max(children, key=lambda p: p.cpu_times().user).pid
+            return busiest
         time.sleep(0.1)
     return server.pid
 
@@ -445,30 +446,30 @@ def report(
         return
     ceiling = samples[(32, "ceiling")]
 
-    def ratio(workload: str) -> float:
+    def ratio_at_32(workload: str) -> float:
         return statistics.median(s.rate / c.rate for s, c in zip(samples[(32, workload)], ceiling, strict=True))
 
-    def p99(workload: str) -> float:
+    def p99_at_32(workload: str) -> float:
         return statistics.median(s.quantile(0.99) for s in samples[(32, workload)])
 
-    def errors(workload: str) -> int:
+    def errors_at_32(workload: str) -> int:
         return sum(s.errors for s in samples[(32, workload)])
 
-    checks = {
+    checks: dict[str, Callable[[], tuple[str, bool, str]]] = {
         "live": lambda: (
             "live ≥ 0.70 x ceiling, 0 errors",
-            ratio("live") >= 0.7 and errors("live") == 0,
-            f"{ratio('live'):.2f}",
+            ratio_at_32("live") >= 0.7 and errors_at_32("live") == 0,
+            f"{ratio_at_32('live'):.2f}",
         ),
         "envelope": lambda: (
             "envelope ≥ 0.15 x ceiling, p99 < 25 ms, 0 errors",
-            ratio("envelope") >= 0.15 and p99("envelope") < 25 and errors("envelope") == 0,
-            f"{ratio('envelope'):.2f}, p99 {p99('envelope'):.1f} ms",
+            ratio_at_32("envelope") >= 0.15 and p99_at_32("envelope") < 25 and errors_at_32("envelope") == 0,
+            f"{ratio_at_32('envelope'):.2f}, p99 {p99_at_32('envelope'):.1f} ms",
         ),
         "mix": lambda: (
             "mix p99 < 100 ms, 0 errors",
-            p99("mix") < 100 and errors("mix") == 0,
-            f"p99 {p99('mix'):.1f} ms",
+            p99_at_32("mix") < 100 and errors_at_32("mix") == 0,
+            f"p99 {p99_at_32('mix'):.1f} ms",
         ),
     }
     print("\nTargets at 32 clients (issue 20):")
@@ -549,13 +550,14 @@ async def _profile(path: str, pid: int, port: int, workload: Workload) -> None:
     # not "stack count" and is skipped, and stray bytes are replaced rather than failing the decode.
     text = Path(path).read_bytes().decode(errors="replace")  # noqa: ASYNC240 - after the load, nothing else runs
     for line in text.splitlines():
-        stack, _, count = line.rpartition(" ")
-        if stack and count.isdigit():
-            total += int(count)
+        stack, _, samples_text = line.rpartition(" ")
+        if stack and samples_text.isdigit():
+            samples = int(samples_text)
+            total += samples
             frames = stack.split(";")
-            leaves[frames[-1]] = leaves.get(frames[-1], 0) + int(count)
+            leaves[frames[-1]] = leaves.get(frames[-1], 0) + samples
             for frame in set(frames):
-                inclusive[frame] = inclusive.get(frame, 0) + int(count)
+                inclusive[frame] = inclusive.get(frame, 0) + samples
     print(f"\nprofile of the worker ({total} samples, collapsed stacks in {path}); frames in most samples:")
     for frame, count in sorted(inclusive.items(), key=lambda item: -item[1])[:PROFILE_FRAMES]:
         print(f"  {count / total:6.1%}  {frame}")

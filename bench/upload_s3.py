@@ -30,7 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -158,7 +158,7 @@ async def _raw_get(client: Any, endpoint: Endpoint, key: str) -> int:
     return received
 
 
-async def _gather_limited(coroutines: list[Awaitable[Any]], limit: int = CONCURRENCY) -> list[Any]:
+async def _gather_limited(coroutines: Sequence[Awaitable[Any]], limit: int = CONCURRENCY) -> list[Any]:
     gate = asyncio.Semaphore(limit)
 
     async def limited(coroutine: Awaitable[Any]) -> Any:
