@@ -5,7 +5,8 @@
 Starts the server as bench/upload.py does (granian, one worker, production settings, a fresh database), enrolls a
 key file made by `zkeb-client keygen`, then, in each of `--repeats` rounds for a 100 MiB random file:
 
-- server tus upload: bench/upload.py's upload (one tus PATCH streamed by httpx from memory, pre-signed envelope);
+- server tus upload: bench/upload.py's upload (one tus PATCH streamed by httpx from memory, pre-signed envelope),
+  and the same PATCH from its plain socket (the server's rate without an HTTP library's cost);
 - CLI backup: `zkeb-client backup FILE --container C --json`, wall clock of the whole process (start-up, device
   token, OPTIONS, the sealing pass, the tus upload that re-encrypts while sending);
 - SDK backup: the same through `AsyncClient.backup_file` in this process (no start-up, warm connection and token);
@@ -37,7 +38,7 @@ from pathlib import Path
 import httpx
 from harness import ROOT, add_database_option, create_database, create_org, drop_database, granian, production_env
 from harness import with_database as database_at
-from upload import MIB, _restore, _restore_raw, _upload, provision
+from upload import MIB, _restore, _restore_raw, _upload, _upload_raw, provision
 
 from zkeb.client import AsyncClient, KeyFile
 
@@ -83,6 +84,7 @@ class Round:
     """Seconds for one round's transfers of the same 100 MiB."""
 
     server_up: float
+    server_raw_up: float
     cli_up: float
     sdk_up: float
     raw_down: float
@@ -136,6 +138,7 @@ async def run(server_url: str, repeats: int, *, bytecode: bool) -> None:
                         rss["large"].append(peak)
                         backup_id = json.loads(out.strip().splitlines()[-1])["id"]
                         server_up, server_id = await _upload(http, key, project_id, device, payload)
+                        server_raw_up, _ = await _upload_raw(http, key, project_id, device, payload)
                         started = time.perf_counter()
                         await sdk.backup_file(large, uuid.UUID(container))
                         sdk_up = time.perf_counter() - started
@@ -150,7 +153,9 @@ async def run(server_url: str, repeats: int, *, bytecode: bool) -> None:
                         await sdk.restore_file(uuid.UUID(backup_id), work / f"sdk-{number}.bin")
                         sdk_down = time.perf_counter() - started
                         (work / f"sdk-{number}.bin").unlink()
-                        rows.append(Round(server_up, cli_up, sdk_up, raw_down, httpx_down, cli_down, sdk_down))
+                        rows.append(
+                            Round(server_up, server_raw_up, cli_up, sdk_up, raw_down, httpx_down, cli_down, sdk_down)
+                        )
     finally:
         await drop_database(server_url, name)
         shutil.rmtree(work, ignore_errors=True)
@@ -163,17 +168,18 @@ async def run(server_url: str, repeats: int, *, bytecode: bool) -> None:
         f"\n100 MiB file, {repeats} rounds, MiB/s; CLI = a new `zkeb-client` process per command ({cache}), "
         "SDK = AsyncClient\n"
     )
-    print("| round | server tus upload | CLI backup | SDK backup | raw download (socket) | download (httpx) "
-          "| CLI restore | SDK restore |")  # fmt: skip
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| round | server tus upload (httpx) | (socket) | CLI backup | SDK backup | raw download (socket) "
+          "| download (httpx) | CLI restore | SDK restore |")  # fmt: skip
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for number, r in enumerate(rows, 1):
         print(
-            f"| {number} | {rate(r.server_up)} | {rate(r.cli_up)} | {rate(r.sdk_up)} | {rate(r.raw_down)} "
-            f"| {rate(r.httpx_down)} | {rate(r.cli_down)} | {rate(r.sdk_down)} |"
+            f"| {number} | {rate(r.server_up)} | {rate(r.server_raw_up)} | {rate(r.cli_up)} | {rate(r.sdk_up)} "
+            f"| {rate(r.raw_down)} | {rate(r.httpx_down)} | {rate(r.cli_down)} | {rate(r.sdk_down)} |"
         )
     print("\nratios per round, median [min-max] (targets: backup >= 0.7 x server tus upload, restore >= 0.7 x raw)")
     print(f"  CLI backup / server tus upload:      {_spread([r.server_up / r.cli_up for r in rows])}")
     print(f"  SDK backup / server tus upload:      {_spread([r.server_up / r.sdk_up for r in rows])}")
+    print(f"  CLI backup / server upload (socket): {_spread([r.server_raw_up / r.cli_up for r in rows])}")
     print(f"  CLI restore / raw socket download:   {_spread([r.raw_down / r.cli_down for r in rows])}")
     print(f"  SDK restore / raw socket download:   {_spread([r.raw_down / r.sdk_down for r in rows])}")
     print(f"  SDK restore / httpx download:        {_spread([r.httpx_down / r.sdk_down for r in rows])}")
