@@ -72,6 +72,23 @@ class PipelineError(RuntimeError):
     """The chunk writer failed; the upload cannot continue."""
 
 
+def _writer_failure(writer: asyncio.Task[None]) -> BaseException:
+    """What to raise for the writer's stop: its own error when the client has a status for it, else PipelineError.
+
+    Where it is raised, no local may keep the writer (or another task that raised it) once the frame is left: the
+    exception keeps that frame in its traceback, the task keeps the exception, and the cycle keeps every frame of
+    the request, the request itself with them, until the garbage collector runs. granian closes a connection whose
+    request body went unread only once the request is freed, so a PATCH refused mid-body (409, 404) left its client
+    waiting for the end of the connection, once for over 60 s on an idle server (`zkeb.core.connection`).
+    """
+    exc = writer.exception() if not writer.cancelled() else None
+    if isinstance(exc, HTTPException | PoolTimeoutError):  # e.g. a lost upload lease (409), a full pool (503)
+        return exc
+    failure = PipelineError("the chunk writer stopped")
+    failure.__cause__ = exc
+    return failure
+
+
 _Chunk = ChunkWrite
 #: Runs first in each chunk transaction with the sequence number and byte offset that follow the batch; raising
 #: aborts the write (a tus PATCH checks its lease and records its progress here).
@@ -161,7 +178,7 @@ class ChunkPipeline:
 
         Raises:
             PipelineError: the writer failed (or its own error when the client has a status for it, see
-                `_raise_writer_failure`); `receiving` was cancelled.
+                `_writer_failure`); `receiving` was cancelled.
         """
         writer = self._writer
         if writer is None:
@@ -170,13 +187,14 @@ class ChunkPipeline:
         try:
             await asyncio.wait({task, writer}, return_when=asyncio.FIRST_COMPLETED)
             if not task.done() and (writer.cancelled() or writer.exception() is not None):
-                self._raise_writer_failure(writer)  # the receiver is cancelled below
+                raise _writer_failure(writer)  # the receiver is cancelled below
             return await task
         finally:
             if not task.done():
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+            del task, writer  # each holds what it raised, which holds this frame: see `_writer_failure`
 
     async def _emit_buffer(self) -> None:
         # The chunk is hashed and encrypted (into a new object) before `_emit` first awaits, so the buffer is
@@ -196,7 +214,10 @@ class ChunkPipeline:
         await self._put(None)
         writer, self._writer = self._writer, None
         if writer is not None:
-            await writer
+            try:
+                await writer
+            finally:
+                del writer  # it holds what it raised: see `_writer_failure`
 
     async def abort(self) -> None:
         """Stop writing; chunks already stored stay until the caller deletes them."""
@@ -220,27 +241,23 @@ class ChunkPipeline:
         writer = self._writer
         if writer is None:
             raise PipelineError("the chunk writer is not running")
-        if writer.done():
-            self._raise_writer_failure(writer)
-        if not self._queue.full():
-            self._queue.put_nowait(item)
-            return
-        put = asyncio.ensure_future(self._queue.put(item))
         try:
-            done, _ = await asyncio.wait({put, writer}, return_when=asyncio.FIRST_COMPLETED)
+            if writer.done():
+                raise _writer_failure(writer)
+            if not self._queue.full():
+                self._queue.put_nowait(item)
+                return
+            put = asyncio.ensure_future(self._queue.put(item))
+            try:
+                await asyncio.wait({put, writer}, return_when=asyncio.FIRST_COMPLETED)
+                queued = put.done()
+            finally:
+                if not put.done():  # the writer failed, or this task was cancelled while waiting
+                    put.cancel()
+            if not queued:
+                raise _writer_failure(writer)
         finally:
-            if not put.done():  # the writer failed, or this task was cancelled while waiting
-                put.cancel()
-        if put not in done:
-            self._raise_writer_failure(writer)
-
-    @staticmethod
-    def _raise_writer_failure(writer: asyncio.Task[None]) -> None:
-        """Raise why the writer stopped: its own error when the client has a status for it, else PipelineError."""
-        exc = writer.exception() if not writer.cancelled() else None
-        if isinstance(exc, HTTPException | PoolTimeoutError):  # e.g. a lost upload lease (409), a full pool (503)
-            raise exc
-        raise PipelineError("the chunk writer stopped") from exc
+            del writer  # it holds what it raised: see `_writer_failure`
 
     def _take_batch(self, first: _Chunk) -> tuple[list[_Chunk], bool]:
         """`first` and the chunks queued behind it, up to `WRITE_BATCH`; True when the end marker was taken too."""
