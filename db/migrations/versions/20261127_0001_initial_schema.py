@@ -457,8 +457,9 @@ def downgrade() -> None:
 
 
 def _create_runtime_role_and_policies() -> None:
-    # Roles are cluster-wide: a database of this cluster migrating at the same moment may create it first (its
-    # uncommitted role is not seen by the check, and this CREATE then waits for it and fails on the unique name).
+    # Roles and memberships are cluster-wide: a database of this cluster migrating at the same moment may create
+    # them first (uncommitted, the check does not see them, and this statement then waits for them and fails on the
+    # unique name).
     op.execute(
         f"""
         DO $$ BEGIN
@@ -471,7 +472,15 @@ def _create_runtime_role_and_policies() -> None:
         """
     )
     # Lets the owner act as the runtime role in psql (SET ROLE) to inspect what the app sees.
-    op.execute(f"GRANT {RUNTIME_ROLE} TO CURRENT_USER")
+    op.execute(
+        f"""
+        DO $$ BEGIN
+            GRANT {RUNTIME_ROLE} TO CURRENT_USER;
+        EXCEPTION WHEN unique_violation THEN
+            RAISE NOTICE '{RUNTIME_ROLE} was granted meanwhile by another database of this cluster';
+        END $$
+        """
+    )
     op.execute(f"GRANT USAGE ON SCHEMA public TO {RUNTIME_ROLE}")
     # Readiness compares the schema revision with the code's head.
     op.execute(f"GRANT SELECT ON alembic_version TO {RUNTIME_ROLE}")
