@@ -140,6 +140,9 @@ class _BodyWatch:
             raise
         finally:
             self._waiting = None
+            # A task that keeps what is raised here (a PATCH's receiver returns the 408 it got) would keep this frame
+            # with it, and the request: a cycle only the garbage collector frees (see the module docstring).
+            del task
         if message["type"] != "http.request" or not message.get("more_body", False):
             self.ended = True
             self.stop()

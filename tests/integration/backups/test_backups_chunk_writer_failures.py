@@ -57,32 +57,42 @@ async def _taken_over(connection: asyncpg.Connection, next_seq: int, next_offset
 
 
 async def _one_chunk_then_silence(pipeline: ChunkPipeline) -> None:
-    """A client that sends a chunk's worth and then goes silent: the writer fails while the receiver waits."""
+    """A client that sends a chunk's worth and then goes silent."""
     await pipeline.write(bytes(CHUNK))
     await asyncio.Event().wait()
 
 
 async def _chunks_faster_than_stored(pipeline: ChunkPipeline) -> None:
-    """A client faster than the store: the receiver waits for room in the queue when the writer fails."""
+    """A client faster than the store: the writer fails while this waits for room in the queue."""
     for _ in range(8):
         await pipeline.write(bytes(CHUNK))
 
 
-async def _one_chunk_then_the_end(pipeline: ChunkPipeline) -> None:
-    """A whole body of one chunk: the writer fails while the pipeline is being closed."""
+async def _one_chunk(pipeline: ChunkPipeline) -> None:
+    """A whole body of one chunk."""
     await pipeline.write(bytes(CHUNK))
 
 
+async def _fed_then_closed(pipeline: ChunkPipeline, receive: Callable[[ChunkPipeline], Awaitable[None]]) -> None:
+    await pipeline.feed(receive(pipeline))
+    await pipeline.close()
+
+
 @pytest.mark.parametrize(
-    "receive",
+    "handle_body",
     [
-        pytest.param(_one_chunk_then_silence, id="while-the-receiver-waits"),
-        pytest.param(_chunks_faster_than_stored, id="while-the-receiver-queues"),
-        pytest.param(_one_chunk_then_the_end, id="while-closing"),
+        # The writer fails while the receiver (a task of its own) waits for the client: `feed` raises it.
+        pytest.param(lambda p: _fed_then_closed(p, _one_chunk_then_silence), id="feed-receiver-waiting"),
+        # ... or while the receiver waits for room in the queue: `feed` raises it too, before the receiver can.
+        pytest.param(lambda p: _fed_then_closed(p, _chunks_faster_than_stored), id="feed-receiver-queueing"),
+        # Written from the handler's own task, which waits for room in the queue: `_put` raises it.
+        pytest.param(_chunks_faster_than_stored, id="put"),
+        # The body ended; the writer fails on its last chunk: `close` raises it.
+        pytest.param(lambda p: _fed_then_closed(p, _one_chunk), id="close"),
     ],
 )
 async def test_a_refused_write_frees_the_request_without_the_garbage_collector(
-    engine: AsyncEngine, receive: Callable[[ChunkPipeline], Awaitable[None]]
+    engine: AsyncEngine, handle_body: Callable[[ChunkPipeline], Awaitable[None]]
 ) -> None:
     payload_id = uuid.uuid4()
 
@@ -96,8 +106,7 @@ async def test_a_refused_write_frees_the_request_without_the_garbage_collector(
             in_transaction=_taken_over,
         )
         async with pipeline:
-            await pipeline.feed(receive(pipeline))
-            await pipeline.close()
+            await handle_body(pipeline)
 
     request = _Request()
     freed = weakref.ref(request)

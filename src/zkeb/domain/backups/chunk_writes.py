@@ -224,8 +224,11 @@ class ChunkPipeline:
         writer, self._writer = self._writer, None
         if writer is not None and not writer.done():
             writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await writer
+            try:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await writer
+            finally:
+                del writer  # it holds what it raised: see `_writer_failure`
         self._filled = 0
 
     async def _emit(self, plaintext: memoryview) -> None:
