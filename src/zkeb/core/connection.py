@@ -48,9 +48,10 @@ class RequestBodyMiddleware:
     connection pools do) fails with "connection reset". With `Connection: close` the client opens a new connection
     instead; Go's net/http does the same when it cannot drain a body. HTTP/2 (which forbids the header) needs none
     of this. granian ends such a connection only once the request is freed (its protocol object holds the unread
-    body), so nothing on a request's path may keep it in a reference cycle: an exception kept by a frame of its own
-    traceback waits for the garbage collector, and the client, which already has its answer, for the end of the
-    connection (see `zkeb.domain.backups.chunk_writes._writer_failure`).
+    body), so nothing on the path of a request that may answer before its body ends (an upload) may keep it in a
+    reference cycle: an exception kept by a frame of its own traceback waits for the garbage collector, and the
+    client, which already has its answer, for the end of the connection (see
+    `zkeb.domain.backups.chunk_writes._writer_failure`).
 
     Requests without a body pass straight through: the cost is the header scan, on the hot path of every request.
     A request with a body arms one timer (not one per `receive()`), looked at only when it fires.
