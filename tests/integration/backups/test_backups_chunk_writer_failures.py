@@ -14,8 +14,7 @@ import gc
 import os
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import asyncpg
 import pytest
@@ -26,23 +25,13 @@ from zkeb.domain.backups.chunk_writes import ChunkPipeline
 from zkeb.domain.backups.store.payloads import PostgresPayloadStore
 from zkeb.lib.atrest import ChunkCipher
 
+from support import collector_off
+
 CHUNK = PostgresPayloadStore.chunk_size
 
 
 class _Request:
     """Stands for the request a handler's frames hold (and granian's connection with it)."""
-
-
-@contextmanager
-def _collector_off() -> Iterator[None]:
-    enabled = gc.isenabled()
-    gc.collect()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 @pytest.fixture
@@ -111,7 +100,7 @@ async def test_a_refused_write_frees_the_request_without_the_garbage_collector(
     request = _Request()
     freed = weakref.ref(request)
     refused = False
-    with _collector_off():
+    with collector_off():
         try:
             await handle(request)
         except ConflictError:

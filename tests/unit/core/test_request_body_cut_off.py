@@ -18,7 +18,7 @@ from zkeb.core.connection import RequestBodyMiddleware
 from zkeb.core.errors import RequestBodyTimeoutError
 from zkeb.settings import Settings
 
-from support import make_settings
+from support import collector_off, make_settings
 
 
 class _Request:
@@ -57,16 +57,10 @@ async def test_a_body_cut_off_for_stalling_frees_the_request_without_the_garbage
     scope: Any = {"type": "http", "http_version": "1.1", "headers": [(b"content-length", b"10")]}
     scope["state"] = {"request": request}
     del request
-    enabled = gc.isenabled()
-    gc.collect()
-    gc.disable()
-    try:
+    with collector_off():
         await RequestBodyMiddleware(app, settings)(scope, stalled_client, send)
         scope.clear()
         for _ in range(3):  # the loop's last wake-ups of the request's task
             await asyncio.sleep(0)
         assert answers == [408]
         assert freed() is None, f"kept by {[type(r).__name__ for r in gc.get_referrers(freed())]}"
-    finally:
-        if enabled:
-            gc.enable()
