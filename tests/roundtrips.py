@@ -14,7 +14,8 @@ import struct
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit, urlunsplit
+
+from support import open_server_connection, url_through_loopback_port
 
 __all__ = ("WireCounts", "counting_proxy")
 
@@ -104,14 +105,11 @@ def counting_proxy(url: str, *, protocol: str) -> Iterator[tuple[str, WireCounts
         url: a `postgresql...://` or `redis://` URL of the real server.
         protocol: `"postgres"` or `"redis"`.
     """
-    parts = urlsplit(url)
-    target_host = parts.hostname or "127.0.0.1"
-    target_port = parts.port or (5432 if protocol == "postgres" else 6379)
     counts = WireCounts()
     client_side = _postgres_client_side if protocol == "postgres" else _redis_client_side
 
     async def handle(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
-        server_reader, server_writer = await asyncio.open_connection(target_host, target_port)
+        server_reader, server_writer = await open_server_connection(url)
         directions = [
             asyncio.ensure_future(client_side(client_reader, server_writer, counts)),
             asyncio.ensure_future(_pipe(server_reader, client_writer)),
@@ -129,10 +127,8 @@ def counting_proxy(url: str, *, protocol: str) -> Iterator[tuple[str, WireCounts
     thread.start()
     server = asyncio.run_coroutine_threadsafe(asyncio.start_server(handle, "127.0.0.1", 0), loop).result(5)
     port = server.sockets[0].getsockname()[1]
-    netloc = parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else ""
-    proxied = urlunsplit((parts.scheme, f"{netloc}127.0.0.1:{port}", parts.path, parts.query, parts.fragment))
     try:
-        yield proxied, counts
+        yield url_through_loopback_port(url, port), counts
     finally:
         loop.call_soon_threadsafe(server.close)
         loop.call_soon_threadsafe(loop.stop)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit, urlunsplit
 
 import httpx
 import msgspec
@@ -273,6 +274,29 @@ def collector_off() -> Iterator[None]:
     finally:
         if enabled:
             gc.enable()
+
+
+async def open_server_connection(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection to the server a PostgreSQL or Redis URL names: its TCP host and port, or its Unix socket (the
+    embedded servers': PostgreSQL's socket directory in `?host=`, as libpq writes it, or Redis's `unix://` path)."""
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        return await asyncio.open_unix_connection(parts.path)
+    port = parts.port or (6379 if parts.scheme.startswith("redis") else 5432)
+    socket_directory = parse_qs(parts.query).get("host", [""])[0]
+    if socket_directory.startswith("/"):
+        return await asyncio.open_unix_connection(f"{socket_directory}/.s.PGSQL.{port}")
+    return await asyncio.open_connection(parts.hostname or "127.0.0.1", port)
+
+
+def url_through_loopback_port(url: str, port: int) -> str:
+    """`url` naming a relay on 127.0.0.1:`port` in front of its server (a Unix socket's address dropped)."""
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        return f"redis://127.0.0.1:{port}/0"
+    query = urlencode([(name, value) for name, value in parse_qsl(parts.query) if name != "host"])
+    credentials = parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else ""
+    return urlunsplit((parts.scheme, f"{credentials}127.0.0.1:{port}", parts.path, query, parts.fragment))
 
 
 def free_port() -> int:

@@ -21,13 +21,12 @@ import httpx
 import pytest
 from asyncpg.exceptions import InternalClientError
 from faults_support import make_fault_tenant, server_env, zkeb_serve
-from sqlalchemy.engine import make_url
 
 from zkeb.core.database import create_app_engine, pooled_connection
 from zkeb.core.errors import database_connection_lost
 from zkeb.domain.backups.store.connection import raw_tenant_transaction
 
-from support import create_org, make_settings, problem
+from support import create_org, make_settings, open_server_connection, problem, url_through_loopback_port
 
 #: How long the relay holds back PostgreSQL's close after the backend's last bytes.
 CLOSE_DELAY_SECONDS = 1.5
@@ -35,11 +34,10 @@ CLOSE_DELAY_SECONDS = 1.5
 
 @contextmanager
 def relay_holding_closes(target: str) -> Iterator[str]:
-    """A TCP relay on loopback to `target`'s host and port: bytes pass at once, a close only after a delay.
+    """A TCP relay on loopback to `target`'s server: bytes pass at once, a close only after a delay.
 
     Yields `target` with the relay's port in it.
     """
-    url = make_url(target)
     loop = asyncio.new_event_loop()
     listening: list[int] = []
     ready = threading.Event()
@@ -55,7 +53,7 @@ def relay_holding_closes(target: str) -> Iterator[str]:
         writer.close()
 
     async def relay(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
-        upstream_reader, upstream_writer = await asyncio.open_connection(url.host, url.port or 5432)
+        upstream_reader, upstream_writer = await open_server_connection(target)
         await asyncio.gather(
             pump(client_reader, upstream_writer, hold_close=False),
             pump(upstream_reader, client_writer, hold_close=True),
@@ -76,7 +74,7 @@ def relay_holding_closes(target: str) -> Iterator[str]:
     thread.start()
     assert ready.wait(10), "the relay did not start"
     try:
-        yield url.set(host="127.0.0.1", port=listening[0]).render_as_string(hide_password=False)
+        yield url_through_loopback_port(target, listening[0])
     finally:
         loop.call_soon_threadsafe(stop.set)
         thread.join(10)
