@@ -13,9 +13,12 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 
 from zkeb.core.database import RUNTIME_ROLE, RuntimeRoleError, check_runtime_role, create_app_engine
+from zkeb.core.migrations import run_alembic
 from zkeb.core.tenancy import install_tenant_setter, tenant_scope
 from zkeb.db.models import ApiKey, AuditEvent, Device, Organization, Project
 from zkeb.settings import Settings
+
+from support import embedded_cluster, make_settings
 
 
 @pytest.fixture
@@ -200,16 +203,22 @@ async def test_self_check_refuses_when_a_tenant_table_is_not_forced(
             await check_runtime_role(connection)
 
 
-async def test_self_check_refuses_a_role_that_bypasses_rls(
-    engine: AsyncEngine, owner_connection: asyncpg.Connection
-) -> None:
-    await owner_connection.execute(f"ALTER ROLE {RUNTIME_ROLE} BYPASSRLS")
-    try:
-        async with engine.connect() as connection:
-            with pytest.raises(RuntimeRoleError, match="BYPASSRLS"):
-                await check_runtime_role(connection)
-    finally:
-        await owner_connection.execute(f"ALTER ROLE {RUNTIME_ROLE} NOBYPASSRLS")
+async def test_self_check_refuses_a_role_that_bypasses_rls(base_settings_env: dict[str, str]) -> None:
+    # On a cluster of its own: the role is cluster-wide, and on a shared one every other test's app would refuse to
+    # start meanwhile (a parallel worker's did, once).
+    with embedded_cluster() as url:
+        settings = make_settings(base_settings_env, DATABASE_URL=url)
+        run_alembic(settings, url, "upgrade", "head")
+        owner = await asyncpg.connect(url.replace("+asyncpg", ""))
+        engine = create_app_engine(settings, url)
+        try:
+            await owner.execute(f"ALTER ROLE {RUNTIME_ROLE} BYPASSRLS")
+            async with engine.connect() as connection:
+                with pytest.raises(RuntimeRoleError, match="BYPASSRLS"):
+                    await check_runtime_role(connection)
+        finally:
+            await engine.dispose()
+            await owner.close()
 
 
 async def test_self_check_refuses_an_owner_connection(owner_connection: asyncpg.Connection, settings: Settings) -> None:
