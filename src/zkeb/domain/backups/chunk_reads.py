@@ -207,6 +207,9 @@ class _PayloadReader:
                 fetcher.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await fetcher
+            # It holds what it raised, and the frames of that exception's traceback hold it: a cycle that only the
+            # garbage collector frees, and with it the request (see chunk_writes' `_writer_failure`).
+            del fetcher
 
 
 async def stream_plaintext(
@@ -247,11 +250,16 @@ async def stream_plaintext(
             if item is None:
                 break
             if isinstance(item, BaseException):
-                logger.error("restore of payload %s failed after %d bytes: %s", payload_id, sent, item)
+                # The text, not the exception: a handler that keeps records (a test's capture, a buffer) would
+                # keep the exception, its traceback and this request's frames with it.
+                logger.error("restore of payload %s failed after %d bytes: %s", payload_id, sent, str(item))
                 span.set_attribute("zkeb.outcome", "error")
                 span.record_exception(item)
                 span.set_status(trace.Status(trace.StatusCode.ERROR, type(item).__name__))
-                raise item
+                try:
+                    raise item
+                finally:
+                    del item  # this frame is in its traceback: the same cycle as the reader's `fetcher`
             sent += len(item)
             yield item
         span.set_attribute("zkeb.outcome", "success")

@@ -207,7 +207,8 @@ class ChunkPipeline:
         """Write what is buffered (if `flush_partial`) and wait until every queued chunk is stored.
 
         Raises:
-            PipelineError: the writer failed.
+            Exception: what stopped the writer, as it raised it (a lost lease's 409, the store's or the database's
+                error); `PipelineError` when it had already stopped before the last chunk was queued.
         """
         if flush_partial and self._filled:
             await self._emit_buffer()
