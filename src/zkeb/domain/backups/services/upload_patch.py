@@ -131,7 +131,9 @@ class PatchReceiver:
         upload = self.upload
         # Read now: a rollback in the commit below expires the ORM object, and the cleanup must not reload it.
         payload_id, start = upload.payload_id, upload.upload_offset
-        payload = await self.session.get_one(Payload, payload_id)
+        payload = await self.session.get(Payload, payload_id)
+        if payload is None:  # terminated (or swept) since the upload was loaded: its payload goes first
+            raise UploadEndedError(UPLOAD_ENDED)
         cipher = self.context.crypto.cipher(upload.payload_id, PayloadKey(payload.key_id, payload.wrapped_key))
         self.store = self.context.stores.for_kind(payload.store)
         await self.session.commit()  # release the session's connection: the bytes go through short transactions
