@@ -13,8 +13,8 @@ TUS_EXTENSIONS = ("creation", "creation-with-upload", "termination", "checksum",
 TUS_CHECKSUM_ALGORITHMS = ("sha1", "sha256")
 
 MAX_HEADER_INT = 2**63 - 1
-# 2**63 - 1 has 19 digits; the slack admits leading zeros while keeping int() cheap on hostile input.
-_MAX_INT_HEADER_LENGTH = 32
+# 2**63 - 1 has 19 digits: a longer value (leading zeros aside) is too large without int() on hostile input.
+_MAX_INT_DIGITS = 19
 
 _DIGEST_LENGTHS = {"sha1": 20, "sha256": 32}
 _DIGITS_PATTERN = re.compile(r"[0-9]+")
@@ -25,6 +25,10 @@ _METADATA_KEY_PATTERN = re.compile(r"[\x21-\x2b\x2d-\x7e]+")
 
 class TusHeaderError(ValueError):
     """A tus request header is malformed (answer 400)."""
+
+
+class TusHeaderTooLargeError(TusHeaderError):
+    """A tus integer header is well formed but above ``2**63 - 1`` (400, or 413 where it is a size)."""
 
 
 class UnsupportedChecksumAlgorithmError(TusHeaderError):
@@ -105,13 +109,14 @@ def parse_non_negative_int(header_value: str, *, name: str) -> int:
     """Parse a header such as ``Upload-Offset`` or ``Upload-Length``: ASCII digits only, at most ``2**63 - 1``.
 
     Raises:
-        TusHeaderError: Naming the header, if the value has a sign, whitespace, other characters or is too large.
+        TusHeaderTooLargeError: Naming the header, if the value is digits only but above ``2**63 - 1``.
+        TusHeaderError: Naming the header, if the value has a sign, whitespace or other characters.
     """
-    if len(header_value) > _MAX_INT_HEADER_LENGTH or not _DIGITS_PATTERN.fullmatch(header_value):
+    if not _DIGITS_PATTERN.fullmatch(header_value):
         raise TusHeaderError(f"{name} must be a non-negative integer")
-    value = int(header_value)
-    if value > MAX_HEADER_INT:
-        raise TusHeaderError(f"{name} is too large")
+    significant = header_value.lstrip("0") or "0"
+    if len(significant) > _MAX_INT_DIGITS or (value := int(significant)) > MAX_HEADER_INT:
+        raise TusHeaderTooLargeError(f"{name} is too large")
     return value
 
 

@@ -11,6 +11,7 @@ from zkeb.lib.tus import (
     TUS_EXTENSIONS,
     TUS_VERSION,
     TusHeaderError,
+    TusHeaderTooLargeError,
     UnsupportedChecksumAlgorithmError,
     format_upload_expires,
     parse_non_negative_int,
@@ -160,10 +161,15 @@ def test_parse_non_negative_int_is_strict_and_names_the_header(value: str) -> No
         parse_non_negative_int(value, name="Upload-Length")
 
 
-@pytest.mark.parametrize("value", [str(2**63), str(2**64), "9" * 20])
-def test_parse_non_negative_int_refuses_values_beyond_i64(value: str) -> None:
-    with pytest.raises(TusHeaderError, match="Upload-Offset is too large"):
+@pytest.mark.parametrize("value", [str(2**63), str(2**64), "9" * 20, "9" * 100, "0" * 40 + str(2**63)])
+def test_parse_non_negative_int_refuses_values_beyond_i64_as_too_large(value: str) -> None:
+    # Well formed but too large: a size above it is a 413 (tus: beyond Tus-Max-Size), not a malformed header.
+    with pytest.raises(TusHeaderTooLargeError, match="Upload-Offset is too large"):
         parse_non_negative_int(value, name="Upload-Offset")
+
+
+def test_parse_non_negative_int_reads_past_leading_zeros() -> None:
+    assert parse_non_negative_int("0" * 40 + "7", name="Upload-Offset") == 7
 
 
 @pytest.mark.parametrize(

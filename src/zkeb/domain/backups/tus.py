@@ -40,6 +40,7 @@ PATCH under its lease, the commit); their SQL in `zkeb.domain.backups.store.uplo
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 from litestar import Request, Response
@@ -54,6 +55,7 @@ from zkeb.domain.backups.errors import TusVersionError
 from zkeb.lib.tus import (
     TUS_VERSION,
     TusHeaderError,
+    TusHeaderTooLargeError,
     format_upload_expires,
     parse_non_negative_int,
     parse_upload_checksum,
@@ -125,17 +127,20 @@ def require_tus_resumable(request: Request[Any, Any, Any]) -> None:
         raise TusVersionError(f"this server speaks tus {TUS_VERSION}; send 'Tus-Resumable: {TUS_VERSION}'")
 
 
-def header_int(request: Request[Any, Any, Any], name: str) -> int:
+def header_int(request: Request[Any, Any, Any], name: str, *, too_large: Callable[[], Exception] | None = None) -> int:
     """The required non-negative integer header `name` (e.g. `Upload-Length`).
 
     Raises:
         ProblemError: missing or not a non-negative integer (400).
+        Exception: `too_large()` when the value is above `2**63 - 1` and `too_large` is given (a size: 413).
     """
     value = request.headers.get(name.lower())
     if value is None:
         raise malformed(f"{name} is required")
     try:
         return parse_non_negative_int(value, name=name)
+    except TusHeaderTooLargeError as exc:
+        raise (too_large() if too_large is not None else malformed(str(exc))) from None
     except TusHeaderError as exc:
         raise malformed(str(exc)) from None
 

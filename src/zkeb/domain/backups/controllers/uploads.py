@@ -121,11 +121,14 @@ class UploadController(Controller):
         context = backups_context(state)
         if "upload-defer-length" in request.headers:
             raise malformed("Upload-Defer-Length is not supported (the creation-defer-length extension)")
-        length = header_int(request, "Upload-Length")
-        if length > context.settings.max_upload_size:
-            raise UploadTooLargeError(
-                f"Upload-Length exceeds MAX_UPLOAD_SIZE ({context.settings.max_upload_size} bytes)"
-            )
+        max_size = context.settings.max_upload_size
+
+        def too_large() -> UploadTooLargeError:
+            return UploadTooLargeError(f"Upload-Length exceeds MAX_UPLOAD_SIZE ({max_size} bytes)")
+
+        length = header_int(request, "Upload-Length", too_large=too_large)
+        if length > max_size:
+            raise too_large()
         if length < 1:
             raise invalid_field("payload", "must not be empty (Upload-Length 0)")
         envelope = envelope_from_metadata(request.headers.get("upload-metadata", ""))
