@@ -246,6 +246,13 @@ def _refusals_as_problems(scope: Scope, receive: Receive, send: Send) -> Send:
     return send_refusal_as_problem
 
 
+def _routed_path(path: str) -> str:
+    """`path` as Litestar routes it: empty segments dropped (`//api//v1/` reaches `/api/v1`'s handlers)."""
+    if "//" not in path and not (path.endswith("/") and path != "/"):
+        return path
+    return "/" + "/".join(segment for segment in path.split("/") if segment)
+
+
 class SecurityHeadersMiddleware:
     """Adds the security headers to every response, routing errors included (wrap the app's outermost handler).
 
@@ -270,8 +277,9 @@ class SecurityHeadersMiddleware:
             await self.app(scope, receive, send)
             return
         tls = request_is_tls(scope, self.proxies)
-        api = scope["path"].startswith("/api/")
-        docs = scope["path"] == SCALAR_PAGE_PATH
+        path = _routed_path(scope["path"])
+        api = path.startswith("/api/")
+        docs = path == SCALAR_PAGE_PATH
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":

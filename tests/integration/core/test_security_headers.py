@@ -25,6 +25,20 @@ async def test_every_response_carries_the_security_headers_and_no_server_details
         assert "strict-transport-security" not in response.headers
 
 
+async def test_a_path_with_empty_segments_gets_the_headers_of_the_route_it_reaches(
+    client: AsyncTestClient[Litestar],
+) -> None:
+    # Litestar routes `//api//health/live/` to `/api/health/live`: the headers must follow the route, not the
+    # spelling (a client whose base URL ends in `/` sends such paths). httpx would read `//api` as a host.
+    for path in ("//api/health/live", "/api//health/live", "/api/health/live/", "//api/v1/no-such-route"):
+        response = await client.get(f"{client.base_url}{path}")
+        assert response.headers["cache-control"] == "no-store", path
+        assert "default-src 'none'" in response.headers["content-security-policy"], path
+    docs = await client.get(f"{client.base_url}//schema/scalar")
+    assert docs.status_code == 200
+    assert "script-src" in docs.headers["content-security-policy"]
+
+
 async def test_hsts_only_when_the_request_came_over_tls(app: Litestar) -> None:
     async with AsyncTestClient(app=app, base_url="https://testserver.local") as tls_client:
         response = await tls_client.get("/api/health/live")
