@@ -8,7 +8,9 @@ Buckets and keys:
 - `POST /api/v1/auth/token` is always charged to the client IP, at `TOKEN_RATE_LIMIT_PER_MINUTE` (default 30).
 - every 401 is also charged to an "authentication failures" bucket of the client IP (the token quota); while it
   is exhausted, credentialed requests from that IP answer 429. This is what stops credential guessing, because
-  each guessed credential would otherwise get a fresh bucket of its own.
+  each guessed credential would otherwise get a fresh bucket of its own. A credentialed request that never
+  authenticated (a route that checks no credential, such as `OPTIONS`, or an unknown path) is charged there too:
+  otherwise a made-up `Authorization` on each such request would buy it a fresh, full bucket.
 
 Why before authentication: the middleware is registered by the core plugin, so it runs outside the accounts
 domain's authentication middleware. Keying on the credential's hash identifies the same caller as keying on
@@ -346,9 +348,10 @@ class RateLimitMiddleware(ASGIMiddleware):
             raise
         finally:
             user = scope.get("user")
-            if bucket == "credential" and isinstance(user, Principal):
+            authenticated = isinstance(user, Principal)
+            if bucket == "credential" and authenticated:
                 limiter.remember(key, user)
-            if status == 401:
+            if status == 401 or (bucket == "credential" and not authenticated):
                 await limiter.charge(failures_key, limiter.token_quota)
 
     async def _refuse(self, scope: Scope, key: str, bucket: str, decision: Decision) -> None:

@@ -162,6 +162,30 @@ async def _assert_failures_throttle_the_ip(
     assert (await limited_client.get(AUDIT, headers=_auth(key))).status_code == 429
 
 
+async def test_made_up_credentials_on_routes_that_check_none_are_charged_to_the_client_ip(
+    limited_client: AsyncTestClient[Litestar], limited_settings: Settings, database_url: str
+) -> None:
+    # OPTIONS authenticates nothing: a fresh made-up bearer per request must not buy a fresh bucket each time.
+    statuses = [
+        (await limited_client.options("/api/v1/uploads", headers=_auth(f"zkeb_made-up-{n}"))).status_code
+        for n in range(3)
+    ]
+    assert statuses[:2] == [204, 204]
+    assert statuses[2] == 429
+    # Requests without a credential still have the address's own bucket, and a valid key waits like after guessing.
+    assert (await limited_client.options("/api/v1/uploads")).status_code == 204
+    _org, key = await _org_key(limited_settings, database_url)
+    assert (await limited_client.get(AUDIT, headers=_auth(key))).status_code == 429
+
+
+async def test_a_valid_credential_on_a_route_that_checks_it_is_not_charged_as_a_failure(
+    limited_client: AsyncTestClient[Litestar], limited_settings: Settings, database_url: str
+) -> None:
+    _org, key = await _org_key(limited_settings, database_url)
+    for _ in range(3):  # more than the failure bucket (2) holds, within the credential's own (3)
+        assert (await limited_client.get(AUDIT, headers=_auth(key))).status_code == 200
+
+
 async def test_health_and_schema_are_exempt(limited_client: AsyncTestClient[Litestar]) -> None:
     for _ in range(6):
         response = await limited_client.get("/api/health/live")
