@@ -74,6 +74,8 @@ class ProblemError(HTTPException):
 
     status_code: int = 400
     problem_type: ClassVar[str] = "about:blank"
+    #: The problem's `title` for a status HTTP gives no phrase (e.g. tus's 460); None: the status's phrase.
+    title: ClassVar[str | None] = None
 
     def __init__(
         self,
@@ -191,9 +193,11 @@ def problem_response(
     headers: dict[str, str] | None = None,
     extra: dict[str, Any] | None = None,
     problem_type: str = "about:blank",
+    title: str | None = None,
 ) -> Response[dict[str, Any]]:
-    """A problem+json response for `request`."""
-    title = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "Error"
+    """A problem+json response for `request`; `title` defaults to the status's phrase ("Error" when it has none)."""
+    if title is None:
+        title = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "Error"
     body: dict[str, Any] = {"type": problem_type, "title": title, "status": status}
     if detail and detail != title:
         body["detail"] = detail
@@ -252,16 +256,19 @@ def _http_exception_handler(request: Request[Any, Any, Any], exc: HTTPException)
     if isinstance(exc, ValidationException):
         return _validation_problem(request, exc)
     extra: dict[str, Any] = {}
+    title = None
     if isinstance(exc, ProblemError):
         extra.update(exc.problem_extra)
-        problem_type = exc.problem_type
+        problem_type, title = exc.problem_type, exc.title
     else:
         problem_type = "about:blank"
     detail = exc.detail
     if exc.status_code == 413 and detail in {"", HTTPStatus(413).phrase}:
         detail = _too_large_detail(request)
     headers = dict(exc.headers or {})
-    return problem_response(request, exc.status_code, detail, headers=headers, extra=extra, problem_type=problem_type)
+    return problem_response(
+        request, exc.status_code, detail, headers=headers, extra=extra, problem_type=problem_type, title=title
+    )
 
 
 def _too_large_detail(request: Request[Any, Any, Any]) -> str:

@@ -42,6 +42,7 @@ class ChecksumMismatchError(ProblemError):
     """The PATCH body does not match its `Upload-Checksum` (checksum extension); nothing of it is kept."""
 
     status_code: int = 460
+    title = "Checksum Mismatch"  # tus's name for 460, which HTTP does not define
 
 
 class UploadGoneError(ProblemError):
