@@ -371,13 +371,20 @@ def _load_secrets(reader: _EnvReader, data_dir: Path, *, production: bool) -> Se
     )
 
 
-#: Shortest production value of each HMAC secret, in characters: RFC 7518 §3.2 asks HS256 keys for 256 bits, and the
-#: documented `openssl rand -base64 32` gives 44 characters.
-_MINIMUM_SECRET_LENGTHS = {"JWT_SECRET": 32, "JWT_SECRET_NEW": 32, "API_KEY_SALT": 16, "API_KEY_SALT_NEW": 16}
+#: Shortest production value of each secret, in characters: RFC 7518 §3.2 asks HS256 keys for 256 bits, and the
+#: documented `openssl rand -base64 32` gives 44 characters. `METRICS_TOKEN` is a bearer token that `/metrics`
+#: compares, unthrottled (scrapers come often), so it must be too long to guess as well.
+_MINIMUM_SECRET_LENGTHS = {
+    "JWT_SECRET": 32,
+    "JWT_SECRET_NEW": 32,
+    "API_KEY_SALT": 16,
+    "API_KEY_SALT_NEW": 16,
+    "METRICS_TOKEN": 32,
+}
 
 
 def _refuse_weak_secrets(reader: _EnvReader) -> None:
-    """In production, refuse HMAC secrets short enough to guess (a one-byte JWT secret lets anyone mint tokens)."""
+    """In production, refuse secrets short enough to guess (a one-byte JWT secret lets anyone mint tokens)."""
     for name, minimum in _MINIMUM_SECRET_LENGTHS.items():
         value = reader.optional(name)
         if value is not None and len(value) < minimum:

@@ -99,9 +99,15 @@ def test_production_refuses_to_start_without_each_required_variable(tmp_path: Pa
 
 @pytest.mark.parametrize(
     ("name", "weak"),
-    [("JWT_SECRET", "x" * 31), ("JWT_SECRET_NEW", "short"), ("API_KEY_SALT", "y" * 15), ("API_KEY_SALT_NEW", "weak")],
+    [
+        ("JWT_SECRET", "x" * 31),
+        ("JWT_SECRET_NEW", "short"),
+        ("API_KEY_SALT", "y" * 15),
+        ("API_KEY_SALT_NEW", "weak"),
+        ("METRICS_TOKEN", "z" * 31),
+    ],
 )
-def test_production_refuses_weak_hmac_secrets_without_echoing_them(tmp_path: Path, name: str, weak: str) -> None:
+def test_production_refuses_weak_secrets_without_echoing_them(tmp_path: Path, name: str, weak: str) -> None:
     base = {"ZKEB_ENV": "production", "ZKEB_DATA_DIR": str(tmp_path), "DATABASE_URL": "postgres://u@h/d"}
     with pytest.raises(SettingsError, match=f"{name} must be at least") as excinfo:
         Settings.from_env({**base, **PROD_SECRETS, name: weak})
