@@ -24,7 +24,15 @@ if TYPE_CHECKING:
         ZkebClientError,
     )
     from zkeb.client.keys import KeyFile, ScryptParameters
-    from zkeb.client.models import BackupRecord, BackupResult, Enrollment, RestoreResult, ServerEnvelope, VerifyResult
+    from zkeb.client.models import (
+        BackupRecord,
+        BackupResult,
+        Enrollment,
+        LeftOut,
+        RestoreResult,
+        ServerEnvelope,
+        VerifyResult,
+    )
     from zkeb.client.sdk import AsyncClient, Client
     from zkeb.client.transport import RetryPolicy
 
@@ -40,6 +48,7 @@ __all__ = (
     "IntegrityError",
     "KeyFile",
     "KeyFileError",
+    "LeftOut",
     "RestoreResult",
     "RetryPolicy",
     "ScryptParameters",
@@ -62,6 +71,7 @@ _HOMES = {
     "BackupRecord": "models",
     "BackupResult": "models",
     "Enrollment": "models",
+    "LeftOut": "models",
     "RestoreResult": "models",
     "ServerEnvelope": "models",
     "VerifyResult": "models",

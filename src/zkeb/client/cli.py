@@ -27,6 +27,7 @@ from zkeb.client.errors import ConfigurationError, IntegrityError, KeyFileError,
 from zkeb.client.keys import KeyFile
 
 if TYPE_CHECKING:
+    from zkeb.client.models import LeftOut
     from zkeb.client.sdk import AsyncClient
 
 __all__ = ("main",)
@@ -139,6 +140,12 @@ def _progress(description: str, enabled: bool) -> Iterator[Callable[[int, int], 
             bar.update(task, completed=done, total=total)
 
         yield update
+
+
+def _report_left_out(left_out: list[LeftOut], verb: str) -> None:
+    """One stderr line per directory entry that was not backed up or restored, and why."""
+    for entry in left_out:
+        click.echo(f"zkeb-client: {verb} {' '.join(entry.path.split())} ({entry.reason})", err=True)
 
 
 def _emit(as_json: bool, obj: msgspec.Struct | dict[str, Any], text: str) -> None:
@@ -292,7 +299,8 @@ def backup(settings: CliSettings, path: Path, container: uuid.UUID, as_json: boo
     """Encrypt, sign and upload PATH (a file, or a directory as a tar stream).
 
     Small files go in one request, larger ones by tus; if interrupted, run the same command again and it
-    continues from the server's offset (a file changed in between is detected and sent afresh).
+    continues from the server's offset (a file changed in between is detected and sent afresh). A directory's
+    special files (FIFOs, sockets, devices) hold no data and are left out, each named on stderr.
     """
 
     async def go() -> Any:
@@ -301,6 +309,7 @@ def backup(settings: CliSettings, path: Path, container: uuid.UUID, as_json: boo
                 return await client.backup_file(path, container, progress)
 
     result = _run(go)
+    _report_left_out(result.left_out, "left out")
     note = f", resumed at byte {result.resumed_from}" if result.resumed_from else ""
     _emit(as_json, result, f"backed up {result.name} ({result.size} bytes{note}) as {result.id}")
 
@@ -327,7 +336,7 @@ def restore(
     """Download, verify (signature, digest, tag, SHA-256), decrypt and write a backup atomically.
 
     Nothing is written at the destination unless every check passes; a directory backup is extracted
-    refusing absolute paths, `..` and links leaving it.
+    refusing absolute paths and `..`; links leading out of it are skipped, each named on stderr.
     """
     if (backup_id is None) == (not latest):
         raise ConfigurationError("give a backup ID or --latest (with --container), not both")
@@ -340,6 +349,7 @@ def restore(
                 return await client.restore_file(backup_id, output, container_id=container, progress=progress)
 
     result = _run(go)
+    _report_left_out(result.left_out, "did not restore")
     _emit(as_json, result, f"restored {result.name} ({result.size} bytes) to {result.path}")
 
 

@@ -9,7 +9,15 @@ from typing import Literal
 
 import msgspec
 
-__all__ = ("BackupRecord", "BackupResult", "Enrollment", "RestoreResult", "ServerEnvelope", "VerifyResult")
+__all__ = (
+    "BackupRecord",
+    "BackupResult",
+    "Enrollment",
+    "LeftOut",
+    "RestoreResult",
+    "ServerEnvelope",
+    "VerifyResult",
+)
 
 
 class ServerEnvelope(msgspec.Struct, frozen=True, forbid_unknown_fields=False):
@@ -44,6 +52,13 @@ class BackupRecord(msgspec.Struct, frozen=True, kw_only=True):
     kind: Literal["file", "directory"] | None = None
 
 
+class LeftOut(msgspec.Struct, frozen=True):
+    """An entry of a directory not backed up or not restored, and why (never a failure: it holds no data)."""
+
+    path: str
+    reason: str
+
+
 class BackupResult(msgspec.Struct, frozen=True, kw_only=True):
     """A finished backup.
 
@@ -51,6 +66,7 @@ class BackupResult(msgspec.Struct, frozen=True, kw_only=True):
         id: The backup's id on the server.
         transfer: ``"single-shot"`` (one request) or ``"tus"`` (resumable upload).
         resumed_from: The ciphertext offset this run continued an earlier run's upload from (0 when it did not).
+        left_out: For a directory, the special files (FIFOs, sockets, devices) not packed: they hold no data.
     """
 
     id: uuid.UUID
@@ -62,10 +78,15 @@ class BackupResult(msgspec.Struct, frozen=True, kw_only=True):
     sha256: str
     transfer: Literal["single-shot", "tus"]
     resumed_from: int = 0
+    left_out: list[LeftOut] = msgspec.field(default_factory=list)
 
 
 class RestoreResult(msgspec.Struct, frozen=True, kw_only=True):
-    """A restored backup: where it was written, and what was verified."""
+    """A restored backup: where it was written, and what was verified.
+
+    Attributes:
+        left_out: For a directory, the archive members skipped: links pointing outside it, and special files.
+    """
 
     id: uuid.UUID
     path: Path | None
@@ -73,6 +94,7 @@ class RestoreResult(msgspec.Struct, frozen=True, kw_only=True):
     kind: Literal["file", "directory"]
     size: int
     sha256: str
+    left_out: list[LeftOut] = msgspec.field(default_factory=list)
 
 
 class VerifyResult(msgspec.Struct, frozen=True, kw_only=True):

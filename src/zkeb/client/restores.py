@@ -37,7 +37,7 @@ from zkeb.client.crypto import (
 )
 from zkeb.client.errors import ConfigurationError, IntegrityError, TransferError
 from zkeb.client.keys import KeyFile
-from zkeb.client.models import RestoreResult, ServerEnvelope, VerifyResult
+from zkeb.client.models import LeftOut, RestoreResult, ServerEnvelope, VerifyResult
 from zkeb.client.transport import RETRYABLE_STATUS, Transport, api_error, retry_after_seconds
 
 __all__ = ("Restorer", "Verified", "check_envelope")
@@ -317,11 +317,17 @@ class Restorer:
         try:
             with temporary.open("wb") as sink:
                 await self._download(verified, sink, progress)
-            await asyncio.to_thread(self._publish, temporary, target, meta)
+            left_out = await asyncio.to_thread(self._publish, temporary, target, meta)
         finally:
             await asyncio.to_thread(temporary.unlink, missing_ok=True)
         return RestoreResult(
-            id=envelope.id, path=target, name=meta.name, kind=meta.kind, size=meta.size, sha256=meta.sha256
+            id=envelope.id,
+            path=target,
+            name=meta.name,
+            kind=meta.kind,
+            size=meta.size,
+            sha256=meta.sha256,
+            left_out=left_out,
         )
 
     @staticmethod
@@ -336,21 +342,23 @@ class Restorer:
         return target, Path(temporary)
 
     @classmethod
-    def _publish(cls, temporary: Path, target: Path, meta: BackupMetadata) -> None:
+    def _publish(cls, temporary: Path, target: Path, meta: BackupMetadata) -> list[LeftOut]:
+        """Move the verified plaintext into place; for a directory, the archive members it skipped."""
         if meta.kind == "directory":
-            cls._publish_directory(temporary, target, meta.name)
-        else:
-            os.utime(temporary, (meta.mtime, meta.mtime))
-            temporary.rename(target)
+            return cls._publish_directory(temporary, target, meta.name)
+        os.utime(temporary, (meta.mtime, meta.mtime))
+        temporary.rename(target)
+        return []
 
     @staticmethod
-    def _publish_directory(archive: Path, target: Path, name: str) -> None:
+    def _publish_directory(archive: Path, target: Path, name: str) -> list[LeftOut]:
         folder = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".zkeb-part", dir=target.parent))
         try:
-            extract_tar(archive, folder)
+            left_out = extract_tar(archive, folder)
             entries = list(folder.iterdir())
             if [entry.name for entry in entries] != [name] or not entries[0].is_dir():
                 raise IntegrityError("the backup's archive does not hold exactly the directory it names")
             entries[0].rename(target)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
+        return left_out

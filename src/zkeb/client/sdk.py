@@ -25,7 +25,15 @@ from zkeb.client.archive import pack_directory
 from zkeb.client.crypto import decrypt_metadata
 from zkeb.client.errors import ConfigurationError, ZkebClientError
 from zkeb.client.keys import KeyFile
-from zkeb.client.models import BackupRecord, BackupResult, Enrollment, RestoreResult, ServerEnvelope, VerifyResult
+from zkeb.client.models import (
+    BackupRecord,
+    BackupResult,
+    Enrollment,
+    LeftOut,
+    RestoreResult,
+    ServerEnvelope,
+    VerifyResult,
+)
 from zkeb.client.restores import Restorer
 from zkeb.client.state import StateStore
 from zkeb.client.transport import RetryPolicy, Transport
@@ -135,21 +143,28 @@ class AsyncClient:
     async def backup_file(
         self, path: str | os.PathLike[str], container_id: uuid.UUID, progress: Progress | None = None
     ) -> BackupResult:
-        """Back up a file, or a directory as a tar stream; an interrupted call, repeated, resumes."""
+        """Back up a file, or a directory as a tar stream; an interrupted call, repeated, resumes.
+
+        A directory's special files (FIFOs, sockets, devices) hold no data: they are left out, and named in the
+        result's ``left_out``.
+        """
         uploader = self._uploader()
-        source, pack_key = await asyncio.to_thread(self._source, Path(path), uploader, container_id)
+        source, pack_key, left_out = await asyncio.to_thread(self._source, Path(path), uploader, container_id)
         result = await uploader.backup(source, container_id, progress)
         if pack_key is not None:
             self.states.discard(pack_key)  # the directory's tar stream, once backed up
-        return result
+        return msgspec.structs.replace(result, left_out=left_out) if left_out else result
 
-    def _source(self, path: Path, uploader: Uploader, container_id: uuid.UUID) -> tuple[Source, str | None]:
-        """A file as it is; a directory packed (reproducibly) into a tar file in the state directory, and its key."""
+    def _source(
+        self, path: Path, uploader: Uploader, container_id: uuid.UUID
+    ) -> tuple[Source, str | None, list[LeftOut]]:
+        """A file as it is; a directory packed (reproducibly) into a tar file in the state directory, its key, and
+        the special files left out of it."""
         absolute = path.absolute()
         if not absolute.is_dir():
             if not absolute.is_file():
                 raise ConfigurationError(f"{path} is not a file or directory")
-            return _file_source(absolute, absolute.name, "file", str(absolute)), None
+            return _file_source(absolute, absolute.name, "file", str(absolute)), None, []
         resume_id = f"dir:{absolute}"
         key = self.states.key(
             server=self.transport.server,
@@ -160,13 +175,13 @@ class AsyncClient:
         )
         pack = self.states.scratch(key)
         temporary = pack.with_suffix(f".{os.getpid()}.tmp")
-        pack_directory(absolute, temporary)
+        left_out = pack_directory(absolute, temporary)
         # The same bytes as the last run's pack give the same ciphertext: keep the old pack (and its mtime) to resume.
         if pack.exists() and _same_content(pack, temporary):
             temporary.unlink()
         else:
             temporary.replace(pack)
-        return _file_source(pack, absolute.name, "directory", resume_id), key
+        return _file_source(pack, absolute.name, "directory", resume_id), key, left_out
 
     async def backup_bytes(
         self, data: bytes, container_id: uuid.UUID, name: str = "data", progress: Progress | None = None

@@ -216,6 +216,37 @@ async def test_directory_round_trip_restores_the_same_tree(enrolled: Cli, tmp_pa
     assert not list((tmp_path / "state" / "zkeb-client" / "packs").iterdir()), "the tar stream was left behind"
 
 
+async def test_a_directory_with_a_fifo_and_outward_links_backs_up_and_restores_saying_what_it_left_out(
+    enrolled: Cli, tmp_path: Path
+) -> None:
+    tree = tmp_path / "home"
+    tree.mkdir()
+    (tree / "notes.txt").write_text("notes\n")
+    (tree / "hosts").symlink_to("/etc/hosts")
+    (tree / "up").symlink_to("../outside")
+    os.mkfifo(tree / "pipe")
+    container = str(uuid.uuid4())
+
+    backed_up = enrolled.run("backup", str(tree), "--container", container, "--json")
+    out = tmp_path / "restored"
+    out.mkdir()
+    restored = enrolled.run("restore", "--latest", "--container", container, "-o", str(out), "--json")
+
+    assert backed_up.returncode == 0, backed_up.stderr
+    backup = json.loads(backed_up.stdout.strip().splitlines()[-1])
+    assert backup["left_out"] == [{"path": "home/pipe", "reason": "a FIFO: it holds no data"}]
+    assert backed_up.stderr.strip() == "zkeb-client: left out home/pipe (a FIFO: it holds no data)"
+    assert restored.returncode == 0, restored.stderr
+    result = json.loads(restored.stdout.strip().splitlines()[-1])
+    assert [entry["path"] for entry in result["left_out"]] == ["home/hosts", "home/up"]
+    assert restored.stderr.strip().splitlines() == [
+        "zkeb-client: did not restore home/hosts (a link to /etc/hosts, outside the restored directory)",
+        "zkeb-client: did not restore home/up (a link to ../outside, outside the restored directory)",
+    ]
+    assert sorted(p.name for p in (out / "home").iterdir()) == ["notes.txt"]
+    assert (out / "home" / "notes.txt").read_text() == "notes\n"
+
+
 def _nothing_written(folder: Path, name: str) -> None:
     assert not (folder / name).exists()
     assert not [p for p in folder.iterdir() if ".zkeb-part" in p.name], "a temporary file was left behind"
