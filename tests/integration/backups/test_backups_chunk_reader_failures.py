@@ -109,7 +109,7 @@ async def test_a_failed_restore_frees_the_request_without_the_garbage_collector(
             organization_id=organization_id,
             payload_id=payload_id,
             cipher=cipher,
-            steps=plan_read(spans, None),
+            steps=plan_read(spans, None, payload_id=payload_id, payload_size=sum(span.plain_size for span in spans)),
         )
         async for _ in pieces:
             pass

@@ -197,6 +197,65 @@ async def test_tampered_chunk_aborts_the_restore(
         await client.get(f"/api/v1/backups/{backup['id']}/payload", headers=auth(tenant.project_key))
 
 
+_LOSE_THE_LAST_CHUNK_ROW = (
+    "DELETE FROM backup_chunks WHERE payload_id = $1"
+    " AND seq = (SELECT max(seq) FROM backup_chunks WHERE payload_id = $1)"
+)
+_LOSE_A_MIDDLE_CHUNK_ROW = "DELETE FROM backup_chunks WHERE payload_id = $1 AND seq = 1"
+
+
+@pytest.mark.parametrize("lose", [_LOSE_THE_LAST_CHUNK_ROW, _LOSE_A_MIDDLE_CHUNK_ROW], ids=["last", "middle"])
+async def test_a_payload_that_lost_a_chunk_row_is_refused_before_any_byte(
+    client: Client, tenant: Tenant, owner_connection: asyncpg.Connection, lose: str
+) -> None:
+    # The response would promise `Content-Length` bytes the server no longer has: a whole restore sent 1 MiB less
+    # and cut the connection, a range in the lost tail a clean-looking empty 206 (a reviewer's finding). Refused
+    # with a 500 problem instead, whatever the range, as a tampered chunk is.
+    payload = os.urandom(9 * MIB + 100)  # several chunks in either store
+    backup = await upload(client, tenant, sign_envelope(tenant, payload))
+    payload_id = await owner_connection.fetchval(
+        "SELECT payload_id FROM backups WHERE id = $1", uuid.UUID(backup["id"])
+    )
+    await owner_connection.execute(lose, payload_id)
+    url = f"/api/v1/backups/{backup['id']}/payload"
+    for extra in ({}, {"Range": "bytes=-50"}, {"Range": "bytes=0-0"}):
+        response = await client.get(url, headers={**auth(tenant.project_key), **extra})
+        assert response.status_code == 500, (extra, response.status_code)
+        assert "cannot be restored" in problem(response)["detail"]
+
+
+async def test_a_chunk_row_whose_size_is_not_its_chunks_stops_the_restore(
+    client: Client, tenant: Tenant, owner_connection: asyncpg.Connection
+) -> None:
+    # The rows still tile the payload, but the last two sizes are swapped: the chunk decrypts (it is authentic) to
+    # another length than its row says, and slicing it by the row would send wrong bytes.
+    payload = os.urandom(9 * MIB + 100)
+    backup = await upload(client, tenant, sign_envelope(tenant, payload))
+    payload_id = await owner_connection.fetchval(
+        "SELECT payload_id FROM backups WHERE id = $1", uuid.UUID(backup["id"])
+    )
+    rows = await owner_connection.fetch(
+        "SELECT seq, byte_offset, plain_size FROM backup_chunks WHERE payload_id = $1 ORDER BY seq", payload_id
+    )
+    before_last, last = rows[-2], rows[-1]
+    async with owner_connection.transaction():
+        await owner_connection.execute(
+            "UPDATE backup_chunks SET plain_size = $3 WHERE payload_id = $1 AND seq = $2",
+            payload_id, before_last["seq"], last["plain_size"],
+        )  # fmt: skip
+        await owner_connection.execute(
+            "UPDATE backup_chunks SET plain_size = $3, byte_offset = $4 WHERE payload_id = $1 AND seq = $2",
+            payload_id, last["seq"], before_last["plain_size"], before_last["byte_offset"] + last["plain_size"],
+        )  # fmt: skip
+    url = f"/api/v1/backups/{backup['id']}/payload"
+    at_the_damage = {"Range": f"bytes={before_last['byte_offset']}-{before_last['byte_offset'] + 9}"}
+    response = await client.get(url, headers={**auth(tenant.project_key), **at_the_damage})
+    assert response.status_code == 500
+    assert "cannot be restored" in problem(response)["detail"]
+    with pytest.raises(Exception, match="response started"):  # the whole payload: cut where the damage starts
+        await client.get(url, headers=auth(tenant.project_key))
+
+
 async def test_list_is_newest_first_with_filters_and_keyset_cursor(client: Client, tenant: Tenant) -> None:
     container = uuid.uuid4()
     ids = []

@@ -384,7 +384,7 @@ async def test_a_restore_under_way_when_its_payload_moves_follows_it_to_the_new_
             organization_id=tenant.organization_id,
             payload_id=row["id"],
             cipher=cipher,
-            steps=plan_read(spans, None),
+            steps=plan_read(spans, None, payload_id=row["id"], payload_size=len(payload)),
         )
         received = [await anext(pieces)]  # the restore is under way on the old location
 

@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from zkeb.core.errors import ProblemError, UnprocessableError
-from zkeb.domain.backups.chunk_reads import ChunkSpan, ReadStep, _PayloadReader, plan_read
+from zkeb.domain.backups.chunk_reads import ChunkSpan, ReadStep, StoredPayloadCorruptError, _PayloadReader, plan_read
 from zkeb.domain.backups.context import build_keyring
 from zkeb.domain.backups.envelope import ENVELOPE_FIELDS, envelope_from_metadata, validate_envelope
 from zkeb.domain.backups.store.payloads import PayloadStores
@@ -23,35 +23,48 @@ from zkeb.settings import Settings, SettingsError
 CHUNKS = [ChunkSpan(0, 0, 10), ChunkSpan(1, 10, 10), ChunkSpan(2, 20, 5)]
 
 
+def _plan(chunks: list[ChunkSpan], byte_range: ByteRange | None, size: int = 25) -> list[ReadStep]:
+    return plan_read(chunks, byte_range, payload_id=uuid.uuid4(), payload_size=size)
+
+
 def test_plan_read_whole_payload_reads_every_chunk() -> None:
-    assert plan_read(CHUNKS, None) == [ReadStep(0, 0, 10), ReadStep(1, 0, 10), ReadStep(2, 0, 5)]
+    assert _plan(CHUNKS, None) == [ReadStep(0, 0, 10, 10), ReadStep(1, 0, 10, 10), ReadStep(2, 0, 5, 5)]
 
 
 @pytest.mark.parametrize(
     ("start", "end", "steps"),
     [
-        (0, 0, [ReadStep(0, 0, 1)]),
-        (9, 10, [ReadStep(0, 9, 10), ReadStep(1, 0, 1)]),
-        (12, 18, [ReadStep(1, 2, 9)]),
-        (15, 24, [ReadStep(1, 5, 10), ReadStep(2, 0, 5)]),
-        (24, 24, [ReadStep(2, 4, 5)]),
+        (0, 0, [ReadStep(0, 0, 1, 10)]),
+        (9, 10, [ReadStep(0, 9, 10, 10), ReadStep(1, 0, 1, 10)]),
+        (12, 18, [ReadStep(1, 2, 9, 10)]),
+        (15, 24, [ReadStep(1, 5, 10, 10), ReadStep(2, 0, 5, 5)]),
+        (24, 24, [ReadStep(2, 4, 5, 5)]),
     ],
 )
 def test_plan_read_decrypts_only_the_chunks_a_range_touches(start: int, end: int, steps: list[ReadStep]) -> None:
-    assert plan_read(CHUNKS, ByteRange(start, end)) == steps
+    assert _plan(CHUNKS, ByteRange(start, end)) == steps
 
 
 @pytest.mark.parametrize(
-    "chunks",
+    ("chunks", "size"),
     [
-        [ChunkSpan(0, 0, 10), ChunkSpan(2, 10, 10)],
-        [ChunkSpan(0, 0, 10), ChunkSpan(1, 11, 10)],
-        [ChunkSpan(1, 0, 10)],
+        pytest.param([ChunkSpan(0, 0, 10), ChunkSpan(2, 10, 10)], 20, id="a-chunk-missing-in-the-middle"),
+        pytest.param([ChunkSpan(0, 0, 10), ChunkSpan(1, 11, 10)], 21, id="a-gap-between-chunks"),
+        pytest.param([ChunkSpan(1, 0, 10)], 10, id="the-first-chunk-missing"),
+        pytest.param(CHUNKS[:2], 25, id="the-last-chunk-missing"),
+        pytest.param([], 25, id="every-chunk-missing"),
+        pytest.param(CHUNKS, 24, id="more-bytes-than-the-payload"),
     ],
 )
-def test_plan_read_refuses_a_gap_in_the_chunks(chunks: list[ChunkSpan]) -> None:
-    with pytest.raises(ValueError, match="contiguous"):
-        plan_read(chunks, None)
+@pytest.mark.parametrize("byte_range", [None, ByteRange(0, 0)], ids=["whole", "a-range-before-the-damage"])
+def test_plan_read_refuses_chunks_that_do_not_tile_the_payload(
+    chunks: list[ChunkSpan], size: int, byte_range: ByteRange | None
+) -> None:
+    # A restore promises `Content-Length` bytes before it sends one: with a chunk row lost it would send fewer and
+    # cut the connection (or a clean-looking empty 206), so it is refused before any byte, whatever the range.
+    with pytest.raises(StoredPayloadCorruptError) as refused:
+        _plan(chunks, byte_range, size)
+    assert refused.value.status_code == 500
 
 
 def _metadata(**values: bytes | None) -> str:

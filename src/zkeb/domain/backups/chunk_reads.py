@@ -58,28 +58,35 @@ class ChunkSpan:
 
 @dataclass(frozen=True, slots=True)
 class ReadStep:
-    """Decrypt chunk `seq` and send its plaintext bytes `start .. stop-1`."""
+    """Decrypt chunk `seq` (`chunk_size` plaintext bytes) and send its plaintext bytes `start .. stop-1`."""
 
     seq: int
     start: int
     stop: int
+    chunk_size: int
 
 
-def plan_read(chunks: Sequence[ChunkSpan], byte_range: ByteRange | None) -> list[ReadStep]:
+def plan_read(
+    chunks: Sequence[ChunkSpan], byte_range: ByteRange | None, *, payload_id: UUID, payload_size: int
+) -> list[ReadStep]:
     """The chunks to decrypt (and the slice of each to send) for the whole payload or one byte range.
 
     Only chunks that overlap the range are listed, so a small range decrypts one or two chunks.
 
     Raises:
-        ValueError: the chunks do not tile the payload contiguously from byte 0.
+        StoredPayloadCorruptError: the chunks do not tile the payload's `payload_size` bytes contiguously from byte
+            0 (a chunk row lost or changed at rest): nothing may be sent, not even a range that misses the damage,
+            since the response would promise bytes the server does not have.
     """
     expected_offset = 0
     for position, chunk in enumerate(chunks):
         if chunk.seq != position or chunk.byte_offset != expected_offset or chunk.plain_size <= 0:
-            raise ValueError(f"stored chunks are not contiguous at chunk {position}")
+            raise _incomplete(payload_id, f"the stored chunks are not contiguous at chunk {position}")
         expected_offset += chunk.plain_size
+    if expected_offset != payload_size:
+        raise _incomplete(payload_id, f"the stored chunks hold {expected_offset} of the payload's {payload_size} bytes")
     if byte_range is None:
-        return [ReadStep(c.seq, 0, c.plain_size) for c in chunks]
+        return [ReadStep(c.seq, 0, c.plain_size, c.plain_size) for c in chunks]
     first, last = byte_range.start, byte_range.end
     steps: list[ReadStep] = []
     for chunk in chunks:
@@ -88,8 +95,13 @@ def plan_read(chunks: Sequence[ChunkSpan], byte_range: ByteRange | None) -> list
             continue
         start = max(first, chunk.byte_offset) - chunk.byte_offset
         stop = min(last, chunk_end) - chunk.byte_offset + 1
-        steps.append(ReadStep(chunk.seq, start, stop))
+        steps.append(ReadStep(chunk.seq, start, stop, chunk.plain_size))
     return steps
+
+
+def _incomplete(payload_id: UUID, reason: str) -> StoredPayloadCorruptError:
+    logger.error("payload %s cannot be restored: %s", payload_id, reason)
+    return StoredPayloadCorruptError("the stored payload is incomplete or damaged and cannot be restored")
 
 
 class _PayloadReader:
@@ -171,6 +183,28 @@ class _PayloadReader:
         fetcher.result()
         return await self._fetched.get()  # the fetcher ended cleanly right after queueing its last item
 
+    def _decrypt(self, step: ReadStep, blob: Blob) -> bytes:
+        """The plaintext of one stored chunk, authenticated, of the size its row says.
+
+        Raises:
+            StoredPayloadCorruptError: the chunk was changed or damaged at rest, or its row's size is not its own.
+        """
+        with tracer.start_as_current_span("backups.decrypt", attributes={"zkeb.seq": step.seq}):
+            try:
+                plaintext = self._cipher.decrypt(step.seq, blob)
+            except ChunkIntegrityError as exc:
+                logger.error(  # noqa: TRY400 - the traceback adds nothing
+                    "payload %s: stored chunk %d failed its integrity check: %s", self._payload_id, step.seq, exc
+                )
+                raise StoredPayloadCorruptError(
+                    "the stored payload failed its integrity check and cannot be restored"
+                ) from None
+        if len(plaintext) != step.chunk_size:  # authentic, but its row was changed
+            raise _incomplete(
+                self._payload_id, f"chunk {step.seq} holds {len(plaintext)} bytes, its row {step.chunk_size}"
+            )
+        return plaintext
+
     async def run(self) -> None:
         """Decrypt fetched batches into `pieces`, ending with None, or with the exception that stopped it."""
         fetcher = asyncio.create_task(self._fetch(), name=f"zkeb-chunk-fetcher-{self._payload_id}")
@@ -179,19 +213,7 @@ class _PayloadReader:
             while (blobs := await self._next_batch(fetcher)) is not None:
                 for index in range(len(blobs)):
                     step = self._steps[position]
-                    with tracer.start_as_current_span("backups.decrypt", attributes={"zkeb.seq": step.seq}):
-                        try:
-                            plaintext = self._cipher.decrypt(step.seq, blobs[index])
-                        except ChunkIntegrityError as exc:
-                            logger.error(  # noqa: TRY400 - the traceback adds nothing
-                                "payload %s: stored chunk %d failed its integrity check: %s",
-                                self._payload_id,
-                                step.seq,
-                                exc,
-                            )
-                            raise StoredPayloadCorruptError(
-                                "the stored payload failed its integrity check and cannot be restored"
-                            ) from None
+                    plaintext = self._decrypt(step, blobs[index])
                     blobs[index] = b""  # release each ciphertext as soon as it is decrypted
                     whole = step.start == 0 and step.stop == len(plaintext)
                     await self.pieces.put(plaintext if whole else plaintext[step.start : step.stop])

@@ -324,7 +324,7 @@ class BackupController(Controller):
                 "the range selects no byte of the payload", headers={"Content-Range": exc.content_range}
             ) from None
         cipher = context.crypto.cipher(backup.payload_id, source.key)
-        steps = plan_read(source.spans, byte_range)
+        steps = plan_read(source.spans, byte_range, payload_id=backup.payload_id, payload_size=size)
         length = size if byte_range is None else byte_range.length
         headers["Content-Length"] = str(length)
         if byte_range is not None:
