@@ -429,6 +429,28 @@ async def test_a_copy_that_does_not_verify_is_discarded_and_its_payload_stays_wh
 
 
 @S3_ONLY
+async def test_a_committed_payload_missing_chunk_rows_is_reported_failed_not_skipped_as_an_open_upload(
+    client: Client,
+    postgres_client: Client,
+    settings: Settings,
+    mover: PayloadMover,
+    owner_connection: asyncpg.Connection,
+) -> None:
+    # A committed payload (it has its SHA-256) with a chunk row lost at rest is damage to report, and the run must
+    # say it failed: counted as an open upload, it stayed behind for good while the run looked clean.
+    tenant = await make_tenant(client, settings)
+    damaged = await _single_shot(postgres_client, tenant, os.urandom(3 * MIB))
+    payload_id = await owner_connection.fetchval("SELECT payload_id FROM backups WHERE id = $1", uuid.UUID(damaged))
+    await owner_connection.execute("DELETE FROM backup_chunks WHERE payload_id = $1 AND seq = 2", payload_id)
+
+    report = await mover.migrate("s3")
+
+    assert (report.moved, report.incomplete_skipped, report.remaining) == (0, 0, 1)
+    assert report.failed == {payload_id: "2 of its 3 chunk rows are in the database"}
+    assert await owner_connection.fetchval("SELECT store FROM payloads WHERE id = $1", payload_id) == "postgres"
+
+
+@S3_ONLY
 async def test_a_second_migration_refuses_to_start_while_one_runs(settings: Settings, mover: PayloadMover) -> None:
     engine = create_app_engine(settings, settings.database_url or "")
     try:

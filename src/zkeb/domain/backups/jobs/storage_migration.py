@@ -146,8 +146,13 @@ class PayloadMover:
             payload = await load_payload(connection, organization_id, payload_id)
         if payload is None or payload.store != source:
             return None  # deleted, or moved by someone else, since it was listed
-        if payload.sha256 is None or payload.rows != payload.chunk_count:
+        if payload.sha256 is None:
             report.incomplete_skipped += 1  # an open upload: it keeps writing to the store it started in
+            return None
+        if payload.rows != payload.chunk_count:  # committed, yet chunk rows are missing: damaged, not moved
+            reason = f"{payload.rows} of its {payload.chunk_count} chunk rows are in the database"
+            logger.error("payload %s not moved to %s: %s", payload_id, target, reason)
+            report.failed[payload_id] = reason
             return None
         try:
             cipher = self._crypto.cipher(payload_id, PayloadKey(payload.key_id, payload.wrapped_key))
