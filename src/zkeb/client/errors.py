@@ -5,6 +5,8 @@ Every message is one line meant for a person; none holds a key, token, plaintext
 
 from __future__ import annotations
 
+import uuid
+
 __all__ = ("ApiError", "ConfigurationError", "IntegrityError", "KeyFileError", "TransferError", "ZkebClientError")
 
 
@@ -36,13 +38,23 @@ class ApiError(ZkebClientError):
         title: The problem's title.
         detail: The problem's detail, when given.
         request_id: The server's request (trace) id, for its operator's logs.
+        backup_id: On a `409`, the backup this very envelope was already committed as (an earlier attempt whose
+            answer was lost succeeded: protocol §6.5).
     """
 
-    def __init__(self, status: int, title: str, detail: str | None = None, request_id: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        title: str,
+        detail: str | None = None,
+        request_id: str | None = None,
+        backup_id: uuid.UUID | None = None,
+    ) -> None:
         self.status = status
         self.title = title
         self.detail = detail
         self.request_id = request_id
+        self.backup_id = backup_id
         text = f"server answered {status} {title}"
         if detail and detail != title:
             text += f": {detail}"

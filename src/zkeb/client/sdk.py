@@ -287,8 +287,11 @@ class AsyncClient:
         )
 
     async def delete(self, backup_id: uuid.UUID) -> None:
-        """Move a backup to the project's trash (an org admin can bring it back or purge it)."""
-        await self.transport.request("DELETE", f"/api/v1/backups/{backup_id}", expect=(204,))
+        """Move a backup to the project's trash (an org admin can bring it back or purge it).
+
+        A retry whose earlier attempt may have reached the server takes its `404` as done: that attempt moved it.
+        """
+        await self.transport.request("DELETE", f"/api/v1/backups/{backup_id}", expect=(204,), after_lost_answer=(404,))
 
 
 def _same_content(a: Path, b: Path) -> bool:

@@ -33,6 +33,8 @@ __all__ = ("Credential", "RetryPolicy", "Transport")
 Credential = Literal["device", "api_key", "none"]
 
 RETRYABLE_STATUS = frozenset({429, 502, 503, 504})
+#: Connection failures that happen before a request goes out: the server cannot have acted on it.
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 _TOKEN_MARGIN_SECONDS = 60
 
 
@@ -76,11 +78,17 @@ def api_error(response: httpx.Response) -> ApiError:
         body = response.json()
     except (ValueError, httpx.ResponseNotRead):
         body = None
+    backup_id = None
     if isinstance(body, dict):
         title = str(body.get("title") or title)
         detail = str(body["detail"]) if body.get("detail") is not None else None
         request_id = str(body.get("request_id") or request_id or "") or None
-    return ApiError(response.status_code, title, detail, request_id)
+        if response.status_code == 409 and isinstance(body.get("backup_id"), str):
+            try:
+                backup_id = uuid.UUID(body["backup_id"])
+            except ValueError:
+                backup_id = None
+    return ApiError(response.status_code, title, detail, request_id, backup_id)
 
 
 class _Token(msgspec.Struct):
@@ -156,7 +164,7 @@ class Transport:
                 "timestamp_ms": timestamp_ms,
                 "signature": base64.b64encode(self.keys.signing_key.sign(message)).decode(),
             }
-            response = await self._send("POST", "/api/v1/auth/token", {}, json=body)
+            response, _ = await self._send("POST", "/api/v1/auth/token", {}, json=body)
             if response.status_code != 200:
                 raise api_error(response)
             token = msgspec.json.decode(response.content, type=_Token)
@@ -179,19 +187,28 @@ class Transport:
             result["Authorization"] = f"Bearer {self.api_key}"
         return result
 
-    async def _send(self, method: str, path: str, headers: Mapping[str, str], **kwargs: Any) -> httpx.Response:
-        """Send a request with a replayable body, retrying connection loss, 429 and 503."""
+    async def _send(
+        self, method: str, path: str, headers: Mapping[str, str], **kwargs: Any
+    ) -> tuple[httpx.Response, bool]:
+        """Send a request with a replayable body, retrying connection loss, 429 and 503.
+
+        Returns:
+            The final response, and whether an earlier attempt may have reached the server (its connection was lost
+            after the request went out, so the server may have acted on it).
+        """
         attempt = 0
+        maybe_arrived = False
         while True:
             try:
                 response = await self._http.request(method, self.url(path), headers=headers, **kwargs)
             except httpx.TransportError as exc:
                 if attempt + 1 >= self.retry.attempts:
                     raise TransferError(f"cannot reach {self.server}: {exc.__class__.__name__} {exc}".strip()) from exc
+                maybe_arrived |= not isinstance(exc, _NOT_SENT)
                 await asyncio.sleep(self.retry.delay(attempt, None))
             else:
                 if response.status_code not in RETRYABLE_STATUS or attempt + 1 >= self.retry.attempts:
-                    return response
+                    return response, maybe_arrived
                 await asyncio.sleep(self.retry.delay(attempt, retry_after_seconds(response)))
             attempt += 1
 
@@ -203,18 +220,28 @@ class Transport:
         credential: Credential = "device",
         headers: Mapping[str, str] | None = None,
         expect: tuple[int, ...] = (200,),
+        after_lost_answer: tuple[int, ...] = (),
         **kwargs: Any,
     ) -> httpx.Response:
         """Send a request whose body is in memory (retried as the policy says) and check its status.
+
+        Args:
+            after_lost_answer: Statuses also accepted when an earlier attempt may have reached the server and only
+                its answer was lost (a retried DELETE's 404: the first one did it).
 
         Raises:
             ApiError: If the final answer's status is not in ``expect``.
             TransferError: If the server stayed unreachable.
         """
-        response = await self._send(method, path, await self._headers(credential, headers, refresh=False), **kwargs)
+        response, maybe_arrived = await self._send(
+            method, path, await self._headers(credential, headers, refresh=False), **kwargs
+        )
         if response.status_code == 401 and credential == "device" and self.keys is not None:
-            response = await self._send(method, path, await self._headers(credential, headers, refresh=True), **kwargs)
-        if response.status_code not in expect:
+            response, again = await self._send(
+                method, path, await self._headers(credential, headers, refresh=True), **kwargs
+            )
+            maybe_arrived |= again
+        if response.status_code not in expect and not (maybe_arrived and response.status_code in after_lost_answer):
             raise api_error(response)
         return response
 

@@ -194,17 +194,24 @@ class Uploader:
                 "backup_timestamp": rfc3339(timestamp),
             }
         )
-        response = await self.transport.request(
-            "POST",
-            "/api/v1/backups",
-            content=body,
-            headers={"Content-Type": "application/msgpack", "Accept": "application/json"},
-            expect=(201,),
-        )
+        try:
+            response = await self.transport.request(
+                "POST",
+                "/api/v1/backups",
+                content=body,
+                headers={"Content-Type": "application/msgpack", "Accept": "application/json"},
+                expect=(201,),
+            )
+        except ApiError as exc:
+            if exc.backup_id is None:
+                raise
+            backup_id = exc.backup_id  # a retry: the attempt whose answer was lost committed this very envelope
+        else:
+            backup_id = uuid.UUID(response.json()["id"])
         if progress is not None:
             progress(len(payload), len(payload))
         return BackupResult(
-            id=uuid.UUID(response.json()["id"]),
+            id=backup_id,
             container_id=container_id,
             name=source.name,
             kind=source.kind,
@@ -254,7 +261,11 @@ class Uploader:
         sealed = seal_payload(self.keys.backup_key, state.payload_nonce, _read_all(source))
         return sealed.plain_sha256 == state.plain_sha256 and sealed.tag == state.payload_auth_tag
 
-    async def _create(self, state: UploadState, container_id: uuid.UUID) -> str:
+    async def _create(self, state: UploadState, container_id: uuid.UUID) -> str | uuid.UUID:
+        """Create the upload of ``state``'s envelope: its URL, or the backup it was already committed as (§6.5).
+
+        A retried creation whose first answer was lost leaves that first upload behind (it expires); nothing names it.
+        """
         fields = {
             "container_id": str(container_id).encode(),
             "device_id_hash": self.keys.device_id_hash,
@@ -267,8 +278,33 @@ class Uploader:
             "backup_timestamp": rfc3339(state.backup_timestamp).encode(),
         }
         headers = {**TUS_HEADERS, "Upload-Length": str(state.payload_size), "Upload-Metadata": tus_metadata(fields)}
-        response = await self.transport.request("POST", "/api/v1/uploads", headers=headers, expect=(201,))
+        try:
+            response = await self.transport.request("POST", "/api/v1/uploads", headers=headers, expect=(201,))
+        except ApiError as exc:
+            if exc.backup_id is None:
+                raise
+            return exc.backup_id
         return self.transport.url(response.headers["location"])
+
+    async def _resume_point(
+        self, state: UploadState, container_id: uuid.UUID, key: str | None
+    ) -> tuple[UploadState, int] | uuid.UUID:
+        """Where to continue ``state``'s upload: its offset, or, when the upload is gone, the backup it became.
+
+        An upload that is gone (completed, expired or purged) either was committed — its completing PATCH's answer was
+        lost — and creating it again answers with that backup's id, or it was not, and the new upload starts from 0
+        with the same envelope, so the same key and nonce encrypt the same bytes again.
+        """
+        found = await self._offset(state.location)
+        if found is not None:
+            return state, found
+        created = await self._create(state, container_id)
+        if isinstance(created, uuid.UUID):
+            return created
+        state = msgspec.structs.replace(state, location=created)
+        if key is not None:
+            self.states.save(key, state)
+        return state, 0
 
     async def _offset(self, location: str) -> int | None:
         """The upload's offset on the server, or None when the upload is gone (finished, expired or purged)."""
@@ -290,30 +326,32 @@ class Uploader:
                 device_id_hash=self.keys.device_id_hash,
                 source=source.resume_id,
             )
-        state = self.states.load(key) if key is not None else None
+        recorded = self.states.load(key) if key is not None else None
+        state: UploadState | None = None
         offset = 0
-        if state is not None:
-            await self._check_size(source)
-        if state is not None and await asyncio.to_thread(self._still_same, state, source):
-            found = await self._offset(state.location)
-            if found is None:
-                state = None
-            else:
-                offset = found
-        elif state is not None:
-            await self._abandon(state.location)
-            state = None
+        committed: uuid.UUID | None = None
+        if recorded is not None:
+            point = await self._resume_recorded(recorded, source, container_id, key)
+            if isinstance(point, uuid.UUID):
+                state, committed, offset = recorded, point, recorded.payload_size
+            elif point is not None:
+                state, offset = point
         resumed_from = offset
         if state is None:
             fresh = await self._seal_and_prepare(source, container_id)
-            state = msgspec.structs.replace(fresh, location=await self._create(fresh, container_id))
-            if key is not None:
-                self.states.save(key, state)
-        backup_id = await self._send_all(state, source, offset, progress)
+            created = await self._create(fresh, container_id)
+            if isinstance(created, uuid.UUID):
+                state, committed = fresh, created
+            else:
+                state = msgspec.structs.replace(fresh, location=created)
+                if key is not None:
+                    self.states.save(key, state)
+        if committed is None:
+            committed = await self._send_all(state, source, offset, progress, container_id=container_id, key=key)
         if key is not None:
             self.states.discard(key)
         return BackupResult(
-            id=backup_id,
+            id=committed,
             container_id=container_id,
             name=source.name,
             kind=source.kind,
@@ -323,6 +361,24 @@ class Uploader:
             transfer="tus",
             resumed_from=resumed_from,
         )
+
+    async def _resume_recorded(
+        self, state: UploadState, source: Source, container_id: uuid.UUID, key: str | None
+    ) -> tuple[UploadState, int] | uuid.UUID | None:
+        """An earlier run's upload: where to continue it, the backup it became, or None to start afresh.
+
+        A source that changed since abandons the old upload (a new nonce will encrypt the new bytes).
+        """
+        await self._check_size(source)
+        if not await asyncio.to_thread(self._still_same, state, source):
+            await self._abandon(state.location)
+            return None
+        try:
+            return await self._resume_point(state, container_id, key)
+        except ApiError as exc:
+            if exc.status != 409:
+                raise
+            return None  # its nonce went to another envelope since (committed, then deleted): start afresh
 
     async def _seal_and_prepare(self, source: Source, container_id: uuid.UUID) -> UploadState:
         """A new upload's state from the sealing pass over the file.
@@ -348,8 +404,21 @@ class Uploader:
         except ZkebClientError:
             return
 
-    async def _send_all(self, state: UploadState, source: Source, offset: int, progress: Progress | None) -> uuid.UUID:
-        """PATCH the ciphertext from ``offset`` until the server commits, resuming after each failure."""
+    async def _send_all(
+        self,
+        state: UploadState,
+        source: Source,
+        offset: int,
+        progress: Progress | None,
+        *,
+        container_id: uuid.UUID,
+        key: str | None,
+    ) -> uuid.UUID:
+        """PATCH the ciphertext from ``offset`` until the server commits, resuming after each failure.
+
+        An upload found gone after a failure (its completing PATCH's answer lost, or expired) is asked about again by
+        `_resume_point`: the backup it became, or a new upload of the same envelope from 0.
+        """
         policy = self.transport.retry
         failures = 0
         while True:
@@ -362,7 +431,7 @@ class Uploader:
                 backup_id = response.headers.get(BACKUP_ID_HEADER)
                 if response.status_code == 204 and backup_id is not None:
                     return uuid.UUID(backup_id)
-                if response.status_code not in {*RETRYABLE_STATUS, 204, 409}:
+                if response.status_code not in {*RETRYABLE_STATUS, 204, 404, 409, 410}:
                     raise api_error(response)
                 error = api_error(response)
                 wait = policy.delay(failures, retry_after_seconds(response))
@@ -372,10 +441,10 @@ class Uploader:
             if failures >= policy.attempts:
                 raise TransferError(f"the upload kept failing ({error}); run the same command again to resume")
             await asyncio.sleep(wait)
-            found = await self._offset(state.location)
-            if found is None:
-                raise TransferError("the upload disappeared from the server (expired?); run the command again")
-            offset = found
+            point = await self._resume_point(state, container_id, key)
+            if isinstance(point, uuid.UUID):
+                return point
+            state, offset = point
 
     async def _patch(
         self, state: UploadState, source: Source, offset: int, progress: Progress | None

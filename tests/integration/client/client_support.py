@@ -113,8 +113,10 @@ class StallingProxy:
     """A TCP proxy that stops forwarding client bytes once `budget` of them have passed (None: no limit).
 
     It can also answer the next `busy_answers` connections itself with a 503 and `Retry-After: 1`, drop the
-    first connection whose answer passes `cut_response_after` bytes (a download cut mid-way), and flip one bit of
-    the byte at `flip_response_byte` of the next answer that long (ciphertext altered on the way).
+    first connection whose answer passes `cut_response_after` bytes (a download cut mid-way), flip one bit of
+    the byte at `flip_response_byte` of the next answer that long (ciphertext altered on the way), and lose the
+    server's answer to the next `lose_answers` requests starting with `lose_answer_to` (e.g. ``b"PATCH "``): the
+    request reaches the server, which acts on it, and the connection drops as its answer arrives.
     """
 
     def __init__(self, upstream: str) -> None:
@@ -125,6 +127,9 @@ class StallingProxy:
         self.cut_response_after: int | None = None  # drop the next connection whose answer passes this many bytes
         self.flip_response_byte: int | None = None  # flip a bit of this byte (counted from the answer's start)
         self.flips = 0
+        self.lose_answer_to: bytes | None = None
+        self.lose_answers = 0
+        self.lost = 0  # answers lost so far
         self.forwarded = 0
         self.answered = 0  # bytes forwarded from the server to the client
         self.cuts = 0
@@ -153,8 +158,9 @@ class StallingProxy:
                 threading.Thread(target=self._answer_busy, args=(downstream,), daemon=True).start()
                 continue
             upstream = socket.create_connection(self.upstream)
-            threading.Thread(target=self._pump, args=(downstream, upstream, True), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, downstream, False), daemon=True).start()
+            losing = threading.Event()  # set once this connection carries a request whose answer is to be lost
+            threading.Thread(target=self._pump, args=(downstream, upstream, True, losing), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, downstream, False, losing), daemon=True).start()
 
     @staticmethod
     def _answer_busy(downstream: socket.socket) -> None:
@@ -172,7 +178,7 @@ class StallingProxy:
                 + body
             )
 
-    def _pump(self, source: socket.socket, sink: socket.socket, counted: bool) -> None:
+    def _pump(self, source: socket.socket, sink: socket.socket, counted: bool, losing: threading.Event) -> None:
         dropping = False  # once over budget, this connection's further bytes are read and thrown away
         answered = 0
         try:
@@ -181,6 +187,9 @@ class StallingProxy:
                     with self._lock:
                         if data[:8].split(b" ")[0] in {b"GET", b"HEAD", b"POST", b"PATCH", b"DELETE", b"OPTIONS"}:
                             self.requests.append(data[:2048])
+                            if self.lose_answer_to and self.lose_answers > 0 and data.startswith(self.lose_answer_to):
+                                self.lose_answers -= 1
+                                losing.set()
                         if self.budget is not None and self.forwarded + len(data) > self.budget:
                             data = data[: max(self.budget - self.forwarded, 0)]
                             dropping = True
@@ -188,6 +197,10 @@ class StallingProxy:
                         self.forwarded += len(data)
                     sink.sendall(data)
                 elif not counted:
+                    if losing.is_set():
+                        with self._lock:
+                            self.lost += 1
+                        return  # the server answered (so it acted on the request); the client never hears it
                     with self._lock:
                         flip = self.flip_response_byte
                         if flip is not None and answered <= flip < answered + len(data):

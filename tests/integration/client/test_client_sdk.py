@@ -12,10 +12,22 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
+import msgspec
 import pytest
 from client_support import MIB, Project, StallingProxy, make_project
 
-from zkeb.client import ApiError, AsyncClient, Client, IntegrityError, KeyFile, ZkebClientError
+from zkeb.client import (
+    ApiError,
+    AsyncClient,
+    Client,
+    IntegrityError,
+    KeyFile,
+    RetryPolicy,
+    TransferError,
+    ZkebClientError,
+)
+from zkeb.client.state import UploadState
 
 from support import granian_server, make_settings
 
@@ -230,3 +242,122 @@ async def test_a_cancelled_restore_stops_its_threads_leaves_nothing_and_reported
     assert reporters == {threading.get_ident()}
     assert workers == []
     assert left == [], "a partial or temporary file was left behind, or written after the restore was cancelled"
+
+
+async def test_a_lost_answer_to_the_completing_patch_is_the_committed_backup_not_a_failure(
+    project: Project, keys: KeyFile, tmp_path: Path
+) -> None:
+    data = os.urandom(9 * MIB)
+    container = uuid.uuid4()
+    proxy = StallingProxy(project.server)
+    proxy.lose_answer_to, proxy.lose_answers = b"PATCH ", 1
+    try:
+        async with AsyncClient(proxy.url, keys=keys, state_dir=tmp_path / "state") as client:
+            backup = await client.backup_bytes(data, container, name="big.bin")
+            listed = await client.list(container)
+            restored = await client.restore_bytes(backup.id)
+    finally:
+        proxy.close()
+
+    assert proxy.lost == 1, "the PATCH's answer was never lost"
+    assert [record.id for record in listed] == [backup.id]
+    assert restored == data
+
+
+async def test_a_rerun_after_the_completing_patch_lost_its_answer_returns_that_backup_without_a_duplicate(
+    project: Project, keys: KeyFile, tmp_path: Path
+) -> None:
+    source = tmp_path / "big.bin"
+    source.write_bytes(os.urandom(9 * MIB))
+    container = uuid.uuid4()
+    proxy = StallingProxy(project.server)
+    proxy.lose_answer_to, proxy.lose_answers = b"PATCH ", 1
+    try:
+        async with AsyncClient(
+            proxy.url, keys=keys, state_dir=tmp_path / "state", retry=RetryPolicy(attempts=1)
+        ) as first:
+            with pytest.raises(TransferError, match="run the same command again"):
+                await first.backup_file(source, container)
+        async with AsyncClient(proxy.url, keys=keys, state_dir=tmp_path / "state") as again:
+            backup = await again.backup_file(source, container)
+            listed = await again.list(container)
+    finally:
+        proxy.close()
+
+    assert proxy.lost == 1
+    assert [record.id for record in listed] == [backup.id]
+    assert backup.resumed_from == backup.encrypted_size
+    assert not list((tmp_path / "state" / "uploads").glob("*.json")), "the resume record was kept"
+
+
+async def test_a_rerun_whose_upload_is_gone_uploads_again_from_zero_under_the_same_nonce(
+    project: Project, keys: KeyFile, tmp_path: Path
+) -> None:
+    source = tmp_path / "big.bin"
+    source.write_bytes(os.urandom(12 * MIB))
+    container = uuid.uuid4()
+    proxy = StallingProxy(project.server)
+    proxy.budget = 4 * MIB
+    try:
+        async with AsyncClient(proxy.url, keys=keys, state_dir=tmp_path / "state") as first:
+            stalled = asyncio.create_task(first.backup_file(source, container))
+            assert await asyncio.to_thread(proxy.stalled.wait, 60), "the upload never reached the proxy's budget"
+            stalled.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await stalled
+        (record,) = (tmp_path / "state" / "uploads").glob("*.json")
+        recorded = msgspec.json.decode(record.read_bytes(), type=UploadState)
+        # The upload ends on the server (as an expired one is purged) before the same backup runs again.
+        path = "/api/v1/uploads/" + recorded.location.rsplit("/", 1)[1]
+        headers = {"Authorization": f"Bearer {project.project_key}", "Tus-Resumable": "1.0.0"}
+        async with httpx.AsyncClient(base_url=project.server, headers=headers) as http:
+            assert (await http.delete(path)).status_code == 204
+        proxy.budget = None
+        async with AsyncClient(proxy.url, keys=keys, state_dir=tmp_path / "state") as again:
+            backup = await again.backup_file(source, container)
+            envelope = await again.envelope(backup.id)
+            restored = await again.restore_bytes(backup.id)
+    finally:
+        proxy.close()
+
+    assert backup.resumed_from == 0
+    assert envelope.payload_nonce == recorded.payload_nonce, "a new nonce: the file was sealed again"
+    assert restored == source.read_bytes()
+
+
+async def test_a_lost_answer_to_the_single_shot_post_is_the_committed_backup_not_a_conflict(
+    project: Project, keys: KeyFile, tmp_path: Path
+) -> None:
+    container = uuid.uuid4()
+    proxy = StallingProxy(project.server)
+    proxy.lose_answer_to, proxy.lose_answers = b"POST /api/v1/backups ", 1
+    try:
+        async with AsyncClient(proxy.url, keys=keys, state_dir=tmp_path / "state") as client:
+            backup = await client.backup_bytes(b"hello world", container, name="hello.txt")
+            listed = await client.list(container)
+    finally:
+        proxy.close()
+
+    assert proxy.lost == 1, "the POST's answer was never lost"
+    assert [record.id for record in listed] == [backup.id]
+
+
+async def test_a_retried_rm_whose_first_answer_was_lost_succeeds(
+    project: Project, keys: KeyFile, tmp_path: Path
+) -> None:
+    container = uuid.uuid4()
+    proxy = StallingProxy(project.server)
+    try:
+        async with AsyncClient(proxy.url, keys=keys, state_dir=tmp_path / "state") as client:
+            backup = await client.backup_bytes(b"to be deleted", container)
+            proxy.lose_answer_to, proxy.lose_answers = b"DELETE /api/v1/backups/", 1
+            await client.delete(backup.id)
+            listed = await client.list(container)
+            with pytest.raises(ApiError) as again:
+                await client.delete(backup.id)  # a 404 without a lost answer before it is still an error
+    finally:
+        proxy.close()
+
+    assert proxy.lost == 1
+    assert listed == []
+    assert again.value.status == 404
