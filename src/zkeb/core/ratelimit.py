@@ -4,7 +4,8 @@ Buckets and keys:
 
 - a request with `Authorization` is charged to its credential: the key is a SHA-256 of the header value, never
   the credential itself. `RATE_LIMIT_PER_MINUTE` (default 600).
-- a request without one is charged to its client IP (`TRUSTED_PROXIES` decide whether `X-Forwarded-For` counts).
+- a request without one is charged to its client IP (`TRUSTED_PROXIES` decide whether `X-Forwarded-For` counts);
+  an IPv6 client's buckets are its /64's (`address_bucket`).
 - `POST /api/v1/auth/token` is always charged to the client IP, at `TOKEN_RATE_LIMIT_PER_MINUTE` (default 30).
 - every 401 is also charged to an "authentication failures" bucket of the client IP (the token quota); while it
   is exhausted, credentialed requests from that IP answer 429. This is what stops credential guessing, because
@@ -36,6 +37,7 @@ others (unknown credential, anonymous IP) go to the application log, equally thr
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import logging
 import math
 import time
@@ -69,6 +71,7 @@ __all__ = (
     "RateLimitMiddleware",
     "RateLimiter",
     "TooManyRequestsError",
+    "address_bucket",
     "rate_limit_middleware",
 )
 
@@ -289,6 +292,26 @@ def _authorization(scope: Scope) -> bytes | None:
     return next((value for key, value in scope.get("headers", ()) if key.lower() == b"authorization"), None)
 
 
+def address_bucket(ip: str | None) -> str:
+    """What a client address's buckets are keyed on: an IPv4 address, or the /64 network of an IPv6 one.
+
+    One IPv6 subscriber usually holds a whole /64 and may use any address in it (privacy addresses rotate on their
+    own), so keying on the full address would give one client as many budgets as it likes. An IPv4-mapped address
+    (`::ffff:192.0.2.1`, from a dual-stack socket) is its IPv4 address, never the /64 of every IPv4 client.
+    """
+    if ip is None:
+        return "unknown"
+    if ":" not in ip:
+        return ip
+    try:
+        address = ipaddress.IPv6Address(ip)
+    except ValueError:
+        return ip
+    if address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return f"{ipaddress.IPv6Network((address, 64), strict=False).network_address}/64"
+
+
 def _encode_headers(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
     return [(name.lower().encode(), value.encode()) for name, value in headers.items()]
 
@@ -310,7 +333,7 @@ class RateLimitMiddleware(ASGIMiddleware):
     async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
         """Charge the request's bucket, then run the rest of the stack with the `RateLimit` headers added."""
         limiter = self.limiter
-        ip = client_ip(scope, limiter.proxies) or "unknown"
+        ip = address_bucket(client_ip(scope, limiter.proxies))
         authorization = _authorization(scope)
         failures_key = f"authfail:{ip}"
         gate: tuple[str, Quota] | None = None
