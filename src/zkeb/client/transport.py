@@ -14,7 +14,7 @@ import random
 import ssl
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
@@ -154,17 +154,22 @@ class Transport:
                 return self._token
             if self.keys is None or self.project_id is None:
                 raise ConfigurationError("a device command needs the key file and the project (--identity, --project)")
-            timestamp_ms = int(time.time() * 1000)
-            message = auth_message(
-                project_id=self.project_id, device_id_hash=self.keys.device_id_hash, timestamp_ms=timestamp_ms
-            )
-            body = {
-                "project_id": str(self.project_id),
-                "device_id_hash": self.keys.device_id_hash.hex(),
-                "timestamp_ms": timestamp_ms,
-                "signature": base64.b64encode(self.keys.signing_key.sign(message)).decode(),
-            }
-            response, _ = await self._send("POST", "/api/v1/auth/token", {}, json=body)
+            keys, project_id = self.keys, self.project_id
+
+            def proof() -> dict[str, Any]:
+                # Signed anew for each attempt: the server takes a proof once, and a lost answer may hide that it did.
+                timestamp_ms = int(time.time() * 1000)
+                message = auth_message(
+                    project_id=project_id, device_id_hash=keys.device_id_hash, timestamp_ms=timestamp_ms
+                )
+                return {
+                    "project_id": str(project_id),
+                    "device_id_hash": keys.device_id_hash.hex(),
+                    "timestamp_ms": timestamp_ms,
+                    "signature": base64.b64encode(keys.signing_key.sign(message)).decode(),
+                }
+
+            response, _ = await self._send("POST", "/api/v1/auth/token", {}, json_per_attempt=proof)
             if response.status_code != 200:
                 raise api_error(response)
             token = msgspec.json.decode(response.content, type=_Token)
@@ -188,9 +193,18 @@ class Transport:
         return result
 
     async def _send(
-        self, method: str, path: str, headers: Mapping[str, str], **kwargs: Any
+        self,
+        method: str,
+        path: str,
+        headers: Mapping[str, str],
+        *,
+        json_per_attempt: Callable[[], Any] | None = None,
+        **kwargs: Any,
     ) -> tuple[httpx.Response, bool]:
         """Send a request with a replayable body, retrying connection loss, 429 and 503.
+
+        Args:
+            json_per_attempt: Makes a new JSON body for each attempt (a single-use proof), in place of ``json=``.
 
         Returns:
             The final response, and whether an earlier attempt may have reached the server (its connection was lost
@@ -200,6 +214,8 @@ class Transport:
         maybe_arrived = False
         while True:
             try:
+                if json_per_attempt is not None:
+                    kwargs["json"] = json_per_attempt()
                 response = await self._http.request(method, self.url(path), headers=headers, **kwargs)
             except httpx.TransportError as exc:
                 if attempt + 1 >= self.retry.attempts:

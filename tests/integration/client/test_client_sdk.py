@@ -361,3 +361,20 @@ async def test_a_retried_rm_whose_first_answer_was_lost_succeeds(
     assert proxy.lost == 1
     assert listed == []
     assert again.value.status == 404
+
+
+async def test_a_lost_answer_to_the_device_token_request_is_retried_with_a_fresh_proof(
+    project: Project, keys: KeyFile, tmp_path: Path
+) -> None:
+    proxy = StallingProxy(project.server)
+    proxy.lose_answer_to, proxy.lose_answers = b"POST /api/v1/auth/token ", 1
+    try:
+        async with AsyncClient(proxy.url, keys=keys, state_dir=tmp_path / "state") as client:
+            listed = await client.list()
+    finally:
+        proxy.close()
+
+    tokens = [head for head in proxy.requests if head.startswith(b"POST /api/v1/auth/token ")]
+    assert proxy.lost == 1, "the token's answer was never lost"
+    assert listed == []
+    assert len(tokens) == 2
