@@ -65,7 +65,9 @@ def _one_line_errors(command: Callable[..., None]) -> Callable[..., None]:
         except OSError as exc:
             _fail(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc), EXIT_FAILURE)
         except Exception as exc:  # noqa: BLE001 - the contract is one stderr line, even for a bug of ours
-            _fail(f"unexpected {type(exc).__name__}: {exc}", EXIT_FAILURE)
+            # An HTTP library's text may quote a request's headers (the credential): only its class is shown.
+            text = "" if type(exc).__module__.split(".")[0] in {"httpx", "httpcore", "h11"} else f": {exc}"
+            _fail(f"unexpected {type(exc).__name__}{text}", EXIT_FAILURE)
 
     return wrapper
 

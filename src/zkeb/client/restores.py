@@ -38,7 +38,7 @@ from zkeb.client.crypto import (
 from zkeb.client.errors import ConfigurationError, IntegrityError, TransferError
 from zkeb.client.keys import KeyFile
 from zkeb.client.models import LeftOut, RestoreResult, ServerEnvelope, VerifyResult
-from zkeb.client.transport import RETRYABLE_STATUS, Transport, api_error, retry_after_seconds
+from zkeb.client.transport import RETRYABLE_STATUS, Transport, api_error, retry_after_seconds, transport_failure
 
 __all__ = ("Restorer", "Verified", "check_envelope")
 
@@ -269,8 +269,10 @@ class Restorer:
             attempt = asyncio.ensure_future(asyncio.to_thread(self._receive_once, transfer, url, headers))
             try:
                 refused = await asyncio.shield(attempt)
+            except httpx.LocalProtocolError as exc:
+                raise TransferError(transport_failure(exc)) from None  # sending it again cannot help
             except httpx.TransportError as exc:
-                wait, error = policy.delay(failures, None), f"{exc.__class__.__name__} {exc}"
+                wait, error = policy.delay(failures, None), transport_failure(exc)
             except asyncio.CancelledError:
                 transfer.stop()  # nothing may write to the sink once the caller has gone on to discard it
                 await asyncio.wait([attempt])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import random
+import re
 import ssl
 import time
 import uuid
@@ -27,7 +28,7 @@ from zkeb.client.crypto import auth_message
 from zkeb.client.errors import ApiError, ConfigurationError, TransferError
 from zkeb.client.keys import KeyFile
 
-__all__ = ("Credential", "RetryPolicy", "Transport")
+__all__ = ("Credential", "RetryPolicy", "Transport", "api_error", "credential", "transport_failure")
 
 #: Which credential a request carries: the device token, the API key, or none.
 Credential = Literal["device", "api_key", "none"]
@@ -35,6 +36,7 @@ Credential = Literal["device", "api_key", "none"]
 RETRYABLE_STATUS = frozenset({429, 502, 503, 504})
 #: Connection failures that happen before a request goes out: the server cannot have acted on it.
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+_HEADER_SAFE = re.compile(r"[\x21-\x7e]+")
 _TOKEN_MARGIN_SECONDS = 60
 
 
@@ -68,6 +70,32 @@ def retry_after_seconds(response: httpx.Response) -> float | None:
         return float(moment.timestamp()) - time.time()
     except (TypeError, ValueError):
         return None
+
+
+def transport_failure(exc: httpx.TransportError) -> str:
+    """A connection failure in one line that never quotes what was sent.
+
+    httpx's `LocalProtocolError` (a request it refuses to send) quotes the offending header value, and a header may
+    be the credential: that text is never shown.
+    """
+    if isinstance(exc, httpx.LocalProtocolError):
+        return "the request could not be sent: one of its header values is not valid HTTP"
+    return f"{type(exc).__name__} {exc}".strip()
+
+
+def credential(value: str | None, what: str) -> str | None:
+    """An API key as given, without surrounding whitespace (a pasted line's end); None when empty.
+
+    Raises:
+        ConfigurationError: If what remains is not a valid header value (space or control characters inside);
+            the message names ``what``, never the value.
+    """
+    if value is None or not value.strip():
+        return None
+    value = value.strip()
+    if not _HEADER_SAFE.fullmatch(value):
+        raise ConfigurationError(f"{what} holds a space or control character, so it cannot be sent (value not shown)")
+    return value
 
 
 def api_error(response: httpx.Response) -> ApiError:
@@ -125,7 +153,7 @@ class Transport:
         if not server.startswith(("http://", "https://")):
             raise ConfigurationError(f"server must be an http(s) URL, got {server!r}")
         self.server = server.rstrip("/")
-        self.api_key = api_key
+        self.api_key = credential(api_key, "the API key (--token or ZKEB_TOKEN)")
         self.keys = keys
         self.project_id = project_id
         self.retry = retry or RetryPolicy()
@@ -217,9 +245,11 @@ class Transport:
                 if json_per_attempt is not None:
                     kwargs["json"] = json_per_attempt()
                 response = await self._http.request(method, self.url(path), headers=headers, **kwargs)
+            except httpx.LocalProtocolError as exc:
+                raise TransferError(transport_failure(exc)) from None  # sending it again cannot help
             except httpx.TransportError as exc:
                 if attempt + 1 >= self.retry.attempts:
-                    raise TransferError(f"cannot reach {self.server}: {exc.__class__.__name__} {exc}".strip()) from exc
+                    raise TransferError(f"cannot reach {self.server}: {transport_failure(exc)}") from exc
                 maybe_arrived |= not isinstance(exc, _NOT_SENT)
                 await asyncio.sleep(self.retry.delay(attempt, None))
             else:

@@ -41,7 +41,7 @@ from zkeb.client.errors import ApiError, TransferError, ZkebClientError
 from zkeb.client.keys import KeyFile
 from zkeb.client.models import BackupResult
 from zkeb.client.state import StateStore, UploadState
-from zkeb.client.transport import RETRYABLE_STATUS, Transport, api_error, retry_after_seconds
+from zkeb.client.transport import RETRYABLE_STATUS, Transport, api_error, retry_after_seconds, transport_failure
 
 __all__ = ("CHUNK_SIZE", "SINGLE_SHOT_THRESHOLD", "Progress", "Source", "Uploader")
 
@@ -424,8 +424,10 @@ class Uploader:
         while True:
             try:
                 response = await self._patch(state, source, offset, progress)
+            except httpx.LocalProtocolError as exc:
+                raise TransferError(transport_failure(exc)) from None  # sending it again cannot help
             except httpx.TransportError as exc:
-                error: Exception = exc
+                error: Exception | str = transport_failure(exc)
                 wait = policy.delay(failures, None)
             else:
                 backup_id = response.headers.get(BACKUP_ID_HEADER)

@@ -392,3 +392,18 @@ async def test_a_file_over_the_server_limit_is_refused_before_any_upload(
     assert_one_line_failure(result, 1, "the server takes at most 2000000 bytes")
     assert await owner_connection.fetchval("SELECT count(*) FROM upload_sessions") == 0
     assert await owner_connection.fetchval("SELECT count(*) FROM payloads") == 0
+
+
+async def test_a_token_ending_in_a_space_and_carriage_return_works_and_one_with_a_space_inside_is_never_shown(
+    cli: Cli, project: Project
+) -> None:
+    listed = cli.run("ls", "--json", ZKEB_TOKEN=project.project_key + " \r", ZKEB_IDENTITY="")
+    started = time.monotonic()
+    refused = cli.run("ls", ZKEB_TOKEN=project.project_key[:10] + " " + project.project_key[10:], ZKEB_IDENTITY="")
+    elapsed = time.monotonic() - started
+
+    assert listed.returncode == 0, listed.stderr
+    assert json.loads(listed.stdout.strip().splitlines()[-1]) == {"items": []}
+    assert_one_line_failure(refused, 2, "the API key (--token or ZKEB_TOKEN) holds a space")
+    assert project.project_key[10:] not in refused.stderr
+    assert elapsed < 5, "the refusal was retried"

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import socket
 import ssl
+import time
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
 import httpx
 import pytest
 
-from zkeb.client import ApiError, RetryPolicy
-from zkeb.client.transport import _tls_verification, api_error, retry_after_seconds
+from zkeb.client import ApiError, ConfigurationError, RetryPolicy, TransferError
+from zkeb.client.transport import Transport, _tls_verification, api_error, retry_after_seconds
 
 
 def _response(status: int, headers: dict[str, str] | None = None, json: object = None) -> httpx.Response:
@@ -60,3 +62,29 @@ def test_a_plain_http_server_gets_a_tls_context_that_trusts_no_certificate_and_h
     assert context.check_hostname
     assert context.cert_store_stats()["x509_ca"] == 0
     assert _tls_verification("https://backup.example") is True
+
+
+def test_an_api_key_is_stripped_of_a_line_end_and_one_with_a_space_inside_is_refused_without_showing_it() -> None:
+    stripped = Transport("http://127.0.0.1:9", api_key="zkeb_topsecret \r\n")
+    with pytest.raises(ConfigurationError) as refused:
+        Transport("http://127.0.0.1:9", api_key="zkeb_top secret")
+
+    assert stripped.api_key == "zkeb_topsecret"
+    assert "--token" in str(refused.value)
+    assert "secret" not in str(refused.value)
+
+
+async def test_a_header_httpx_refuses_to_send_fails_at_once_without_quoting_it() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as listener:  # accepts, never answers: nothing gets that far
+        transport = Transport(
+            f"http://127.0.0.1:{listener.getsockname()[1]}", retry=RetryPolicy(attempts=6, base_delay=1.0)
+        )
+        started = time.monotonic()
+        with pytest.raises(TransferError) as failed:
+            await transport.request("GET", "/api/health", credential="none", headers={"X-Note": "top secret\r"})
+        elapsed = time.monotonic() - started
+        await transport.aclose()
+
+    assert elapsed < 1.0, "a request httpx refuses to send was retried"
+    assert "secret" not in str(failed.value)
+    assert "header" in str(failed.value)
