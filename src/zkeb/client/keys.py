@@ -200,11 +200,23 @@ class KeyFile:
             handle.write(data)
 
     def rewrite(self, path: Path, passphrase: str | None = None) -> None:
-        """Replace ``path`` atomically (same mode 0600), e.g. to remember the enrolled project."""
+        """Replace ``path`` atomically (same mode 0600), e.g. to remember the enrolled project.
+
+        A file sealed with scrypt parameters of its own is sealed again with the same ones, never the defaults (which
+        may be weaker).
+        """
+        params = None
+        try:
+            sealed = msgspec.json.decode(path.read_bytes(), type=_Document).sealed
+        except (FileNotFoundError, msgspec.DecodeError):
+            sealed = None
+        if sealed is not None:
+            params = ScryptParameters(n=sealed.n, r=sealed.r, p=sealed.p)
+        data = self.to_bytes(passphrase, params)
         temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as handle:
-            handle.write(self.to_bytes(passphrase))
+            handle.write(data)
         temporary.replace(path)
 
     def recovery_text(self) -> str:

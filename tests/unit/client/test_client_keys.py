@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import stat
+import uuid
 from pathlib import Path
 
 import pytest
@@ -86,3 +87,15 @@ def test_a_key_file_whose_public_part_does_not_match_its_secret_is_refused() -> 
     document["public_key"] = json.loads(KeyFile.generate().to_bytes())["public_key"]
     with pytest.raises(KeyFileError, match="inconsistent"):
         KeyFile.from_bytes(json.dumps(document).encode())
+
+
+def test_rewriting_a_sealed_key_file_keeps_its_own_stronger_scrypt_parameters(tmp_path: Path) -> None:
+    keys = KeyFile.generate()
+    path = tmp_path / "device.key"
+    path.write_bytes(keys.to_bytes("a long passphrase", ScryptParameters(n=2**18, r=8, p=2)))
+
+    keys.with_project(uuid.uuid4()).rewrite(path, "a long passphrase")
+
+    sealed = json.loads(path.read_bytes())["sealed"]
+    assert (sealed["n"], sealed["r"], sealed["p"]) == (2**18, 8, 2)
+    assert KeyFile.from_bytes(path.read_bytes(), "a long passphrase").project_id is not None
