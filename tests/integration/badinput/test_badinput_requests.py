@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -86,6 +87,19 @@ def _body_cases() -> list[Any]:
             422,
             id="project-quota-huge",
         ),
+        pytest.param("/api/v1/projects", b"", "application/json", 400, id="project-empty"),
+        pytest.param("/api/v1/projects", b"[]", "application/json", 422, id="project-json-array"),
+        # Litestar's own conversion is lenient: each of these used to be taken as the value it resembles.
+        *(
+            pytest.param("/api/v1/projects", b'{"name": "a", ' + field + b"}", "application/json", 422, id=case)
+            for field, case in (
+                (b'"append_only": "true"', "project-append-only-string"),
+                (b'"append_only": 1', "project-append-only-number"),
+                (b'"storage_quota_bytes": "1000"', "project-quota-string"),
+                (b'"storage_quota_bytes": 1000.0', "project-quota-integral-float"),
+                (b'"retention_days": "7"', "project-retention-days-string"),
+            )
+        ),
     ]
 
 
@@ -102,6 +116,36 @@ async def test_malformed_body_is_refused(
     before = await snapshot(owner_connection)
     key = tenant.project_key if url == "/api/v1/backups" else tenant.admin_key
     response = await client.post(url, content=content, headers={**auth(key), "Content-Type": content_type})
+    assert_refused(response, status)
+    assert await snapshot(owner_connection) == before
+
+
+def _update_cases() -> list[Any]:
+    return [
+        pytest.param(b"", 400, id="update-empty"),
+        pytest.param(b"not json", 400, id="update-not-json"),
+        pytest.param(b'{"append_only": "false"}', 422, id="update-append-only-string"),
+        pytest.param(b'{"append_only": 0}', 422, id="update-append-only-number"),
+        pytest.param(b'{"storage_quota_bytes": "1e3"}', 422, id="update-quota-string"),
+        pytest.param(b'{"append_only_min_age_days": "3"}', 422, id="update-min-age-string"),
+    ]
+
+
+@pytest.mark.parametrize(("content", "status"), _update_cases())
+async def test_malformed_project_update_is_refused(
+    client: Client, tenant: Tenant, owner_connection: asyncpg.Connection, content: bytes, status: int
+) -> None:
+    # On an append-only project: a string that looked like `false` used to switch the protection off.
+    turned_on = await client.patch(
+        f"/api/v1/projects/{tenant.project_id}", json={"append_only": True}, headers=auth(tenant.admin_key)
+    )
+    assert turned_on.status_code == 200, turned_on.text
+    before = await snapshot(owner_connection)
+    response = await client.patch(
+        f"/api/v1/projects/{tenant.project_id}",
+        content=content,
+        headers={**auth(tenant.admin_key), "Content-Type": "application/json"},
+    )
     assert_refused(response, status)
     assert await snapshot(owner_connection) == before
 
@@ -146,6 +190,7 @@ def _proof_cases() -> list[Any]:
         pytest.param({"timestamp_ms": -1}, 422, id="timestamp-negative"),
         pytest.param({"timestamp_ms": 2**64}, 422, id="timestamp-beyond-u64"),
         pytest.param({"timestamp_ms": "now"}, 422, id="timestamp-string"),
+        pytest.param({"timestamp_ms": str(int(time.time() * 1000))}, 422, id="timestamp-numeric-string"),
         pytest.param({"timestamp_ms": 0}, 401, id="timestamp-stale"),
         pytest.param({"signature": "@" * 88}, 401, id="signature-not-base64"),
         pytest.param({"signature": base64.b64encode(bytes(63)).decode()}, 401, id="signature-short"),

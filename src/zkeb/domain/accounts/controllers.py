@@ -19,6 +19,7 @@ from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED, HTTP_204_NO_CON
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from zkeb.core.auth import Principal, principal_of, requires_org_admin
+from zkeb.core.json_bodies import refuse_loose_json_bodies
 from zkeb.core.runtime import get_runtime
 from zkeb.db.models import ApiKey, Device, Project
 from zkeb.domain.accounts.schemas import (
@@ -128,6 +129,8 @@ async def _admin_project(projects: ProjectService, principal: Principal, project
 
 class ProjectController(Controller):
     """`/api/v1/projects`: an organization's projects and their storage policy."""
+
+    before_request = staticmethod(refuse_loose_json_bodies)
 
     path = "/api/v1/projects"
     tags = ["projects"]  # noqa: RUF012 - Litestar's declared attribute
@@ -426,6 +429,8 @@ class DeviceController(Controller):
 
 class AuthTokenController(Controller):
     """`POST /api/v1/auth/token`: a device token for a proof of possession."""
+
+    before_request = staticmethod(refuse_loose_json_bodies)
 
     path = "/api/v1/auth"
     tags = ["auth"]  # noqa: RUF012
