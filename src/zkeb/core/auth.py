@@ -67,6 +67,17 @@ class Principal:
         """The audit log's name for this kind of principal."""
         return {"org_admin": "org_admin_key", "project": "project_key", "device": "device"}[self.kind]
 
+    @property
+    def actor_id(self) -> str:
+        """The audit log's id for this principal: the API key's id, or the device's for a device token.
+
+        Not a device token's `jti`: nothing stored names it, so an event recorded under it could not be traced to
+        the device (`device_token.issued` and `auth.failed` name the device too).
+        """
+        if self.kind == "device" and self.device_id is not None:
+            return str(self.device_id)
+        return self.credential_id
+
     def can_act_for_device(self, device_id_hash: bytes) -> bool:
         """A project key acts for any device of its project; a device only for itself."""
         return self.kind != "device" or self.device_id_hash == device_id_hash

@@ -409,7 +409,7 @@ async def _audit_rate_limit_hit(scope: Scope, principal: Principal, bucket: str)
                 organization_id=organization_id,
                 action="rate_limit.exceeded",
                 actor_type=principal.actor_type,
-                actor_id=principal.credential_id,
+                actor_id=principal.actor_id,
                 outcome="denied",
                 details={"bucket": bucket, "path": scope["path"]},
                 request=request,

@@ -187,6 +187,8 @@ async def test_every_committed_backup_is_audited_with_its_actor_size_and_contain
         event = events[backup_id]
         assert (event["actor_type"], event["target_type"], event["outcome"]) == (actor_type, "backup", "success")
         assert event["actor_id"]
+        if actor_type == "device":  # the device's id, which the trail names elsewhere, not its token's jti
+            assert event["actor_id"] == device_id
         assert event["details"]["size"] == size
         assert event["details"]["container_id"] == str(container)
         assert event["details"]["device_id"] == device_id

@@ -184,6 +184,23 @@ async def test_a_deleted_backup_is_hidden_everywhere_but_kept_in_the_trash(
     assert row["deleted_by"].startswith("project_key:")
 
 
+async def test_a_backup_a_device_deletes_names_that_device_in_the_trash_and_the_audit_trail(
+    lclient: Client, tenant: Tenant, owner_connection: asyncpg.Connection
+) -> None:
+    # A device token's jti is stored nowhere: recorded under it, the deletion could not be traced to the device.
+    backup_id = await _backup(lclient, tenant)
+    token = await device_token(lclient, tenant, tenant.device)
+    assert (await lclient.delete(f"/api/v1/backups/{backup_id}", headers=auth(token))).status_code == 204
+    deleted_by = await owner_connection.fetchval("SELECT deleted_by FROM backups WHERE id = $1", uuid.UUID(backup_id))
+    assert deleted_by == f"device:{tenant.device.id}"
+    await audit_linked(owner_connection, tenant.organization_id)
+    event = await owner_connection.fetchrow(
+        "SELECT actor_type, actor_id FROM audit_events WHERE action = 'backup.trashed' AND target_id = $1", backup_id
+    )
+    assert event is not None
+    assert (event["actor_type"], event["actor_id"]) == ("device", tenant.device.id)
+
+
 async def test_admins_page_through_the_trash_and_restore(lclient: Client, tenant: Tenant, lsettings: Settings) -> None:
     ids = [await _backup(lclient, tenant) for _ in range(5)]
     for backup_id in ids:

@@ -129,7 +129,7 @@ async def record_account_event(
         organization_id=principal.organization_id,
         action=action,
         actor_type=principal.actor_type,
-        actor_id=principal.credential_id,
+        actor_id=principal.actor_id,
         outcome=outcome,
         target_type=target_type,
         target_id=str(target_id),

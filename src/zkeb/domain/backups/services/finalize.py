@@ -455,7 +455,7 @@ async def _audit(
         organization_id=commit.organization_id,
         action="backup.created",
         actor_type=commit.principal.actor_type,
-        actor_id=commit.principal.credential_id,
+        actor_id=commit.principal.actor_id,
         target_type="backup",
         target_id=str(commit.backup_id),
         details={

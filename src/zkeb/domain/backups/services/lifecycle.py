@@ -281,8 +281,8 @@ class ProjectUsageReport:
 
 
 def deleted_by_of(principal: Principal) -> str:
-    """`deleted_by` for a backup this principal deleted: its kind and credential id (never the credential)."""
-    return f"{principal.actor_type}:{principal.credential_id}"[:80]
+    """`deleted_by` for a backup this principal deleted: its kind and audit id (never the credential)."""
+    return f"{principal.actor_type}:{principal.actor_id}"[:80]
 
 
 class LifecycleService(BackupRepositoryService):
@@ -445,7 +445,7 @@ class LifecycleService(BackupRepositoryService):
                 organization_id=principal.organization_id,
                 action=action,
                 actor_type=principal.actor_type,
-                actor_id=principal.credential_id,
+                actor_id=principal.actor_id,
                 target_type="backup",
                 target_id=str(backup_id),
                 details={**details, "project_id": str(project_id)},
@@ -499,7 +499,7 @@ class LifecycleService(BackupRepositoryService):
             organization_id=principal.organization_id,
             action="backup.restored",
             actor_type=principal.actor_type,
-            actor_id=principal.credential_id,
+            actor_id=principal.actor_id,
             target_type="backup",
             target_id=str(backup_id),
             details={"project_id": str(restored.project_id)},
