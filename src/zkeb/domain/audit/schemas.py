@@ -50,8 +50,9 @@ class ChainBreakRead(msgspec.Struct):
 class ChainVerification(msgspec.Struct):
     """The result of walking an organization's whole chain.
 
-    `events` counts the stored events read; `head` is the hash (hex) of the last of them (64 zeros for an empty
-    chain), the value to compare with an anchored head.
+    `events` counts the stored events read; `head` is the hash (hex) of the last event that verified: of the last
+    event when the chain is valid (64 zeros for an empty chain), the value to compare with an anchored head; when
+    it is broken, of the last event before `first_broken`, as far as the chain can be trusted.
     """
 
     valid: bool
