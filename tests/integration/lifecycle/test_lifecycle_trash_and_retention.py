@@ -363,4 +363,4 @@ async def test_turning_append_only_off_is_audited(
         "SELECT details FROM audit_events WHERE organization_id = $1 AND action = 'project.updated' ORDER BY seq",
         tenant.organization_id,
     )
-    assert json.loads(rows[-1]["details"]) == {"changed": {"append_only": False}}
+    assert json.loads(rows[-1]["details"]) == {"changed": {"append_only": False}, "was": {"append_only": True}}

@@ -213,7 +213,7 @@ class ProjectController(Controller):
         project = await project_service.get_project(
             project_id, organization_id=principal.organization_id, for_update=True
         )
-        project, changed = await project_service.update_project(project, data)
+        project, changed, was = await project_service.update_project(project, data)
         if changed:
             await record_account_event(
                 db_session,
@@ -222,7 +222,7 @@ class ProjectController(Controller):
                 action="project.updated",
                 target_type="project",
                 target_id=project.id,
-                details={"changed": changed},
+                details={"changed": changed, "was": was},  # a lowered quota or a shorter retention can be undone
             )
         return _project_read(project)
 

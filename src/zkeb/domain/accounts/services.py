@@ -305,8 +305,10 @@ class ProjectService(SQLAlchemyAsyncRepositoryService[Project]):
         statement = select(Project).where(Project.organization_id == organization_id)
         return await fetch_page(self.repository.session, statement, Project, limit=limit, cursor=cursor)
 
-    async def update_project(self, project: Project, changes: ProjectUpdate) -> tuple[Project, dict[str, object]]:
-        """Apply the fields present in `changes`; returns the project and what changed (old → new).
+    async def update_project(
+        self, project: Project, changes: ProjectUpdate
+    ) -> tuple[Project, dict[str, object], dict[str, object]]:
+        """Apply the fields present in `changes`; returns the project, what changed (new values) and what it was.
 
         Raises:
             ConflictError: the new name is taken in the organization.
@@ -319,7 +321,8 @@ class ProjectService(SQLAlchemyAsyncRepositoryService[Project]):
             updates["name"] = validated_name(str(updates["name"]))
         changed = {name: value for name, value in updates.items() if getattr(project, name) != value}
         if not changed:
-            return project, {}
+            return project, {}, {}
+        was = {name: getattr(project, name) for name in changed}
         for name, value in changed.items():
             setattr(project, name, value)
         try:
@@ -328,7 +331,7 @@ class ProjectService(SQLAlchemyAsyncRepositoryService[Project]):
             if _violates(exc, "uq_projects_org_name"):
                 raise ConflictError("a project with this name already exists") from None
             raise
-        return project, changed
+        return project, changed, was
 
 
 class ApiKeyService(SQLAlchemyAsyncRepositoryService[ApiKey]):
