@@ -192,3 +192,17 @@ async def test_tus_successes_promise_no_body_and_a_payload_head_names_its_media_
     assert "content" not in paths["/api/v1/uploads"]["post"]["responses"]["201"]
     head = paths["/api/v1/backups/{backup_id}/payload"]["head"]["responses"]["200"]
     assert list(head["content"]) == ["application/octet-stream"]
+
+
+async def test_account_request_bodies_document_what_the_server_enforces(client: AsyncTestClient[Litestar]) -> None:
+    # Unknown fields are a 422; bounds of 0 and 2**63 - 1 are exact (Litestar drops the one, rounds the other).
+    schemas = (await _document(client))["components"]["schemas"]
+    for name in ("ProjectCreate", "ProjectUpdate", "ApiKeyCreate", "DeviceEnroll", "TokenRequest"):
+        assert schemas[name]["additionalProperties"] is False, name
+    update = schemas["ProjectUpdate"]["properties"]
+    assert update["storage_quota_bytes"]["minimum"] == 0
+    assert update["append_only_min_age_days"]["minimum"] == 0
+    assert schemas["ProjectCreate"]["properties"]["storage_quota_bytes"]["minimum"] == 0
+    timestamp = schemas["TokenRequest"]["properties"]["timestamp_ms"]
+    assert (timestamp["minimum"], timestamp["maximum"]) == (0, 2**63 - 1)
+    assert isinstance(timestamp["maximum"], int)

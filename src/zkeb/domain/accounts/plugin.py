@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 from litestar.config.app import AppConfig
 from litestar.middleware import DefineMiddleware
 from litestar.plugins import InitPluginProtocol
@@ -17,6 +18,7 @@ from zkeb.domain.accounts.controllers import (
     ProjectController,
 )
 from zkeb.domain.accounts.deps import dependencies
+from zkeb.domain.accounts.schemas import request_bodies
 
 __all__ = ("AccountsPlugin",)
 
@@ -67,6 +69,33 @@ def _accounts_links() -> list[Link]:
 def _add_accounts_openapi(document: dict[str, Any]) -> None:
     document["tags"].extend(dict(tag) for tag in _TAGS)
     add_links(document, _accounts_links())
+    _complete_body_schemas(document["components"]["schemas"])
+
+
+def _complete_body_schemas(schemas: dict[str, Any]) -> None:
+    """Make each request body's schema say what the server enforces, where Litestar's generation leaves it out.
+
+    Unknown fields are refused (`forbid_unknown_fields`): `additionalProperties: false`. Integer bounds come from
+    the fields' `msgspec.Meta` exactly: Litestar drops a bound of 0 (it tests the value's truth) and writes the
+    others as floats, so `2**63 - 1` read as 9223372036854775808.0, a value the server refuses.
+    """
+    for body in request_bodies():
+        schema = schemas.get(body.__name__)
+        if schema is None:
+            continue
+        schema["additionalProperties"] = False
+        info = msgspec.inspect.type_info(body)
+        for field in info.fields if isinstance(info, msgspec.inspect.StructType) else ():
+            prop = schema.get("properties", {}).get(field.encode_name)
+            declared = field.type.type if isinstance(field.type, msgspec.inspect.Metadata) else field.type
+            types = declared.types if isinstance(declared, msgspec.inspect.UnionType) else (declared,)
+            for described in types:
+                kind = described.type if isinstance(described, msgspec.inspect.Metadata) else described
+                if prop is not None and isinstance(kind, msgspec.inspect.IntType):
+                    if kind.ge is not None:
+                        prop["minimum"] = kind.ge
+                    if kind.le is not None:
+                        prop["maximum"] = kind.le
 
 
 class AccountsPlugin(InitPluginProtocol):

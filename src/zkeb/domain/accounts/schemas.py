@@ -23,6 +23,7 @@ __all__ = (
     "ProjectUpdate",
     "TokenRequest",
     "TokenResponse",
+    "request_bodies",
 )
 
 MAX_LIST_LIMIT = 100
@@ -48,6 +49,11 @@ DeviceIdHashHex = Annotated[
 
 class _Body(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """A request body: unknown fields are refused (422 naming the field) rather than silently ignored."""
+
+
+def request_bodies() -> list[type[msgspec.Struct]]:
+    """Every request body of the accounts API (their OpenAPI schemas are completed from them)."""
+    return list(_Body.__subclasses__())
 
 
 class ProjectCreate(_Body):
