@@ -142,7 +142,37 @@ def _served_database(settings: Settings) -> str:
     url = _database_url(settings)
     if settings.auto_migrate:
         run_alembic(settings, url, "upgrade", "head")
+    else:
+        asyncio.run(_check_owner_login(settings, url))
     return url
+
+
+#: SQLSTATEs of a server that answers but will not let the owner in: class 28 (a wrong password, an unknown role)
+#: and 3D000 (an unknown database). Fixing them takes the operator, so every worker would crash on them.
+_REFUSED_LOGIN_PREFIXES = ("28", "3D000")
+
+
+async def _check_owner_login(settings: Settings, url: str) -> None:
+    """Log in once as the owner, so a refused login is one line here instead of each worker's crash at start.
+
+    A database that does not answer (down, unresolvable, still starting) is left to the workers: they start and
+    readiness answers 503 until it does.
+    """
+    from asyncpg import PostgresError  # noqa: PLC0415
+
+    from zkeb.core.database import create_owner_engine  # noqa: PLC0415
+
+    engine = create_owner_engine(settings, url)
+    try:
+        async with engine.connect():
+            pass
+    except PostgresError as exc:
+        if str(getattr(exc, "sqlstate", "")).startswith(_REFUSED_LOGIN_PREFIXES):
+            raise
+    except (OSError, TimeoutError):
+        pass
+    finally:
+        await engine.dispose()
 
 
 def _preflight(settings: Settings) -> None:

@@ -169,3 +169,47 @@ def test_refusals_on_an_unmigrated_database_are_one_line(
     assert result.returncode == 1
     assert says.encode() in result.stderr
     assert b"Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("part", "says"),
+    [("database", "the database refused: database"), ("username", "the database refused: role")],
+)
+def test_serve_with_a_database_that_refuses_the_owner_is_one_line_before_any_worker(
+    pg_server_url: str, tmp_path: Path, part: str, says: str
+) -> None:
+    # DATABASE_URL set: no auto-migration, so nothing else logs in before the workers (which would crash-loop).
+    name = f"zkeb_missing_{uuid.uuid4().hex[:8]}"
+    url = make_url(pg_server_url)
+    missing = (url.set(database=name) if part == "database" else url.set(username=name)).render_as_string(False)
+    env = _clean_env(DATABASE_URL=missing, ZKEB_DATA_DIR=str(tmp_path), HOST="127.0.0.1", PORT=str(_free_port()))
+    result = subprocess.run([*ZKEB, "serve"], env=env, capture_output=True, timeout=60, check=False)
+    assert result.returncode == 1
+    assert f"Error: {says}".encode() in result.stderr
+    assert b"does not exist" in result.stderr
+    assert b"Traceback" not in result.stderr
+    assert b"listening" not in result.stderr
+
+
+def test_serve_with_an_unreachable_database_starts_and_answers_not_ready(tmp_path: Path) -> None:
+    port = _free_port()
+    env = _clean_env(
+        DATABASE_URL=f"postgresql://postgres@127.0.0.1:{_free_port()}/x",
+        ZKEB_DATA_DIR=str(tmp_path),
+        HOST="127.0.0.1",
+        PORT=str(port),
+    )
+    process = subprocess.Popen([*ZKEB, "serve"], env=env, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        status = None
+        while status != 503 and time.monotonic() < deadline and process.poll() is None:
+            try:
+                status = httpx.get(f"http://127.0.0.1:{port}/api/health/ready", timeout=2).status_code
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        assert status == 503
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0, stderr.decode()[-2000:]
