@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import math
 import random
 import re
 import ssl
@@ -18,6 +19,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any, Literal
 
@@ -42,16 +44,34 @@ _TOKEN_MARGIN_SECONDS = 60
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """How hard to try: ``attempts`` in all, waits from ``base_delay`` doubling up to ``max_delay`` seconds."""
+    """How hard to try: ``attempts`` in all, waits from ``base_delay`` doubling up to ``max_delay`` seconds.
+
+    A `Retry-After` is honoured as the server sent it, up to ``max_retry_after`` seconds (10 minutes); a server
+    asking for longer is not retried early: the call fails saying when to try again.
+    """
 
     attempts: int = 6
     base_delay: float = 0.5
     max_delay: float = 30.0
+    max_retry_after: float = 600.0
 
     def delay(self, attempt: int, retry_after: float | None) -> float:
-        """Seconds to wait before attempt ``attempt + 1`` (``Retry-After`` wins when the server sent one)."""
+        """Seconds to wait before attempt ``attempt + 1`` (``Retry-After`` wins when the server sent one).
+
+        Raises:
+            TransferError: If the server asks to wait longer than ``max_retry_after``.
+        """
         if retry_after is not None:
-            return min(max(retry_after, 0.0), self.max_delay)
+            if retry_after > self.max_retry_after:
+                try:
+                    moment = f"{datetime.now(UTC) + timedelta(seconds=retry_after):%Y-%m-%d %H:%M:%S} UTC"
+                except OverflowError:
+                    moment = "a long while"
+                raise TransferError(
+                    f"the server asks to retry in {retry_after:.0f} s, longer than this client waits "
+                    f"({self.max_retry_after:.0f} s); try again after {moment}"
+                )
+            return max(retry_after, 0.0)
         backoff = min(self.base_delay * 2.0**attempt, self.max_delay)
         return backoff / 2 + random.uniform(0, backoff / 2)  # noqa: S311 - jitter, not a secret
 
@@ -62,9 +82,11 @@ def retry_after_seconds(response: httpx.Response) -> float | None:
     if value is None:
         return None
     try:
-        return float(value)
+        seconds = float(value)
     except ValueError:
         pass
+    else:
+        return seconds if math.isfinite(seconds) else None
     try:
         moment = parsedate_to_datetime(value)
         return float(moment.timestamp()) - time.time()

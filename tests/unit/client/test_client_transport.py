@@ -30,10 +30,35 @@ def test_retry_after_in_seconds_and_as_a_date_are_understood() -> None:
 def test_the_server_says_when_and_backoff_doubles_up_to_the_cap() -> None:
     policy = RetryPolicy(base_delay=1.0, max_delay=8.0)
     assert policy.delay(0, 3.0) == 3.0
-    assert policy.delay(0, 100.0) == 8.0
     assert 0.5 <= policy.delay(0, None) <= 1.0
     assert 2.0 <= policy.delay(2, None) <= 4.0
     assert 4.0 <= policy.delay(10, None) <= 8.0
+
+
+def test_a_retry_after_beyond_the_backoff_cap_is_waited_in_full_up_to_ten_minutes() -> None:
+    policy = RetryPolicy(base_delay=1.0, max_delay=8.0)
+    assert policy.delay(0, 120.0) == 120.0
+    assert policy.delay(3, 600.0) == 600.0
+    assert policy.delay(0, -5.0) == 0.0
+
+
+def test_a_retry_after_over_the_maximum_fails_in_one_line_saying_when_to_try_again() -> None:
+    before = datetime.now(UTC)
+    with pytest.raises(TransferError) as caught:
+        RetryPolicy().delay(0, 3600.0)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "retry in 3600 s" in message
+    assert "(600 s)" in message
+    when = datetime.strptime(message.split("try again after ")[1], "%Y-%m-%d %H:%M:%S UTC").replace(tzinfo=UTC)
+    assert before + timedelta(seconds=3599) <= when <= datetime.now(UTC) + timedelta(seconds=3601)
+    with pytest.raises(TransferError, match="try again after a long while"):
+        RetryPolicy().delay(0, 1e300)
+
+
+def test_a_retry_after_that_is_not_a_finite_number_is_ignored() -> None:
+    assert retry_after_seconds(_response(503, {"Retry-After": "inf"})) is None
+    assert retry_after_seconds(_response(503, {"Retry-After": "nan"})) is None
 
 
 def test_a_problem_body_becomes_an_api_error_with_its_fields() -> None:
