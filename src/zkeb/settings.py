@@ -239,12 +239,24 @@ def normalize_database_url(url: str) -> str:
     asyncpg's `ssl`; other libpq-only query options are dropped.
 
     Raises:
-        SettingsError: the URL is not a PostgreSQL URL.
+        SettingsError: the URL is not a PostgreSQL URL, or its host or port is malformed (the message never quotes
+            the URL: it may hold a password).
     """
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # an unclosed IPv6 bracket
+        msg = "DATABASE_URL has a malformed host (write an IPv6 address in brackets: postgresql://user@[::1]/db)"
+        raise SettingsError(msg) from None
     scheme = parts.scheme.lower()
     if scheme not in {"postgres", "postgresql", "postgresql+asyncpg"}:
         msg = "DATABASE_URL must be a postgres:// or postgresql:// URL"
+        raise SettingsError(msg)
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        msg = "DATABASE_URL has an invalid port: it must be a number from 1 to 65535"
         raise SettingsError(msg)
     query: list[tuple[str, str]] = []
     for key, value in parse_qsl(parts.query, keep_blank_values=True):
@@ -254,6 +266,9 @@ def normalize_database_url(url: str) -> str:
                 raise SettingsError(msg)
             query.append(("ssl", value))
         elif key in {"host", "port", "connect_timeout", "application_name"}:
+            if key == "port" and not all(p.isdigit() and 0 < int(p) < 65536 for p in value.split(",")):
+                msg = "DATABASE_URL has an invalid port: it must be a number from 1 to 65535"
+                raise SettingsError(msg)
             query.append((key, value))
     if not parts.hostname and not any(k == "host" for k, _ in query):
         msg = "DATABASE_URL has no host"

@@ -77,6 +77,22 @@ def test_platform_database_urls_map_to_asyncpg(url: str, expected: str) -> None:
     assert normalize_database_url(url) == expected
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://postgres:{password}@127.0.0.1:notaport/db",
+        "postgresql://postgres:{password}@127.0.0.1:70000/db",
+        "postgresql://postgres:{password}@127.0.0.1:0/db",
+        "postgresql://postgres:{password}@127.0.0.1/db?port=x",
+        "postgresql://postgres:{password}@[::1/db",
+    ],
+)
+def test_a_database_url_with_a_malformed_port_or_host_is_refused_without_echoing_it(tmp_path: Path, url: str) -> None:
+    with pytest.raises(SettingsError, match="DATABASE_URL") as raised:
+        Settings.from_env({"ZKEB_DATA_DIR": str(tmp_path), "DATABASE_URL": url.format(password="hunter2")})
+    assert "hunter2" not in str(raised.value)
+
+
 def test_unknown_sslmode_is_refused() -> None:
     with pytest.raises(SettingsError, match="sslmode"):
         normalize_database_url("postgres://u@h/d?sslmode=sometimes")
