@@ -200,7 +200,7 @@ class Settings:
             log_level=reader.choice("LOG_LEVEL", LOG_LEVELS, "INFO", upper=True),
             data_dir=data_dir,
             database_url=normalize_database_url(raw_db_url) if raw_db_url else None,
-            redis_url=reader.optional("REDIS_URL"),
+            redis_url=reader.redis_url("REDIS_URL"),
             secrets=secrets_,
             max_upload_size=reader.size("MAX_UPLOAD_SIZE", "100MB"),
             # asyncpg's per-command timeout; shorter than 5 s would cut off legitimate chunk batches and migrations.
@@ -346,6 +346,26 @@ class _EnvReader:
             msg = f"{name} must be an http:// or https:// base URL without query or fragment (got {raw!r})"
             raise SettingsError(msg)
         return raw.rstrip("/")
+
+    def redis_url(self, name: str) -> str | None:
+        """A `redis://`, `rediss://` (host, optional port) or `unix://` (socket path) URL; never quoted (a password)."""
+        raw = self.optional(name)
+        if raw is None:
+            return None
+        try:
+            parts = urlsplit(raw)
+            if parts.scheme == "unix":
+                usable = bool(parts.path)
+            else:
+                database = parts.path.lstrip("/")
+                usable = parts.scheme in {"redis", "rediss"} and bool(parts.hostname) and parts.port != 0
+                usable = usable and (not database or database.isdigit())
+        except ValueError:  # a non-numeric port, an unclosed IPv6 bracket
+            usable = False
+        if not usable:
+            msg = f"{name} must be a redis://host[:port][/db], rediss://... or unix:///path/to/socket URL"
+            raise SettingsError(msg)
+        return raw
 
     def networks(self, name: str) -> tuple[str, ...]:
         items = tuple(item.strip() for item in self.text(name, "").split(",") if item.strip())

@@ -93,6 +93,29 @@ def test_a_database_url_with_a_malformed_port_or_host_is_refused_without_echoing
     assert "hunter2" not in str(raised.value)
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "notaurl",
+        "http://:{password}@cache:6379/0",
+        "redis://:{password}@cache:notaport/0",
+        "redis://:{password}@/0",
+        "redis://:{password}@cache:6379/zero",
+        "redis://:{password}@[::1/0",
+        "unix://",
+    ],
+)
+def test_a_malformed_redis_url_is_refused_without_echoing_it(tmp_path: Path, url: str) -> None:
+    with pytest.raises(SettingsError, match="REDIS_URL") as raised:
+        Settings.from_env({"ZKEB_DATA_DIR": str(tmp_path), "REDIS_URL": url.format(password="hunter2")})
+    assert "hunter2" not in str(raised.value)
+
+
+@pytest.mark.parametrize("url", ["redis://cache:6379/0", "rediss://:pw@cache", "unix:///run/redis.sock"])
+def test_redis_urls_of_each_scheme_are_accepted(tmp_path: Path, url: str) -> None:
+    assert Settings.from_env({"ZKEB_DATA_DIR": str(tmp_path), "REDIS_URL": url}).redis_url == url
+
+
 def test_unknown_sslmode_is_refused() -> None:
     with pytest.raises(SettingsError, match="sslmode"):
         normalize_database_url("postgres://u@h/d?sslmode=sometimes")
