@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import os
 import sys
@@ -13,7 +14,7 @@ from uuid import UUID
 
 import click
 
-from zkeb.settings import Settings, SettingsError
+from zkeb.settings import LISTEN_ADDRESS_RULE, Settings, SettingsError
 
 __all__ = ("main",)
 
@@ -103,8 +104,19 @@ def main() -> None:
     """ZKEB: zero-knowledge encrypted backup server."""
 
 
+def _listen_address(_context: click.Context, _parameter: click.Parameter, value: str | None) -> str | None:
+    """`--host` as an IP address (granian binds an address, it does not resolve a name)."""
+    if value is None:
+        return None
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise click.BadParameter(f"{LISTEN_ADDRESS_RULE} (got {value!r})") from None
+    return value
+
+
 @main.command()
-@click.option("--host", default=None, help="Interface to listen on (HOST, default 0.0.0.0).")
+@click.option("--host", default=None, callback=_listen_address, help="Interface to listen on (HOST, default 0.0.0.0).")
 @click.option("--port", type=int, default=None, help="Port (PORT, default 3000).")
 @click.option("--workers", type=int, default=None, help="Worker processes (WEB_CONCURRENCY, default 1).")
 def serve(host: str | None, port: int | None, workers: int | None) -> None:

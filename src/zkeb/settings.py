@@ -22,13 +22,22 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from zkeb.lib.sizes import parse_size
 
-__all__ = ("PayloadStoreSettings", "Settings", "SettingsError", "get_settings", "normalize_database_url")
+__all__ = (
+    "LISTEN_ADDRESS_RULE",
+    "PayloadStoreSettings",
+    "Settings",
+    "SettingsError",
+    "get_settings",
+    "normalize_database_url",
+)
 
 logger = logging.getLogger("zkeb.settings")
 
 REQUIRED_IN_PRODUCTION = ("DATABASE_URL", "ZKEB_MASTER_ENCRYPTION_KEY", "JWT_SECRET", "API_KEY_SALT")
 DEV_SECRET_NAMES = ("ZKEB_MASTER_ENCRYPTION_KEY", "JWT_SECRET", "API_KEY_SALT")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+#: What `HOST` and `zkeb serve --host` must be: granian binds an address, it does not resolve a name.
+LISTEN_ADDRESS_RULE = "must be an IP address to listen on, such as 0.0.0.0 (every interface) or 127.0.0.1"
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
 # libpq options asyncpg understands as connect() keywords; the rest of a platform URL's query is dropped.
@@ -196,7 +205,7 @@ class Settings:
         return cls(
             env=env,
             port=reader.integer("PORT", 3000, minimum=1, maximum=65535),
-            host=reader.text("HOST", "0.0.0.0"),  # noqa: S104 - a container's service must listen on all interfaces
+            host=reader.ip_address("HOST", "0.0.0.0"),  # noqa: S104 - a container's service must listen on all interfaces
             log_level=reader.choice("LOG_LEVEL", LOG_LEVELS, "INFO", upper=True),
             data_dir=data_dir,
             database_url=normalize_database_url(raw_db_url) if raw_db_url else None,
@@ -346,6 +355,15 @@ class _EnvReader:
             msg = f"{name} must be an http:// or https:// base URL without query or fragment (got {raw!r})"
             raise SettingsError(msg)
         return raw.rstrip("/")
+
+    def ip_address(self, name: str, default: str) -> str:
+        raw = self.text(name, default)
+        try:
+            ipaddress.ip_address(raw)
+        except ValueError:
+            msg = f"{name} {LISTEN_ADDRESS_RULE} (got {raw!r})"
+            raise SettingsError(msg) from None
+        return raw
 
     def redis_url(self, name: str) -> str | None:
         """A `redis://`, `rediss://` (host, optional port) or `unix://` (socket path) URL; never quoted (a password)."""

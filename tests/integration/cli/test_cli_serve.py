@@ -139,6 +139,7 @@ def test_history_without_a_database_lists_the_migrations_from_disk(tmp_path: Pat
         ({"OTEL_TRACES_EXPORTER": "bogus"}, "OTEL_TRACES_EXPORTER"),
         ({"OTEL_TRACES_EXPORTER": "console", "OTEL_PYTHON_EXCLUDED_URLS": "["}, "OTEL_PYTHON_EXCLUDED_URLS"),
         ({"ZKEB_MASTER_ENCRYPTION_KEY": "short"}, "ZKEB_MASTER_ENCRYPTION_KEY"),
+        ({"HOST": "localhost"}, "HOST must be an IP address"),
     ],
 )
 def test_serve_refuses_what_its_workers_would_crash_on_in_one_line(
@@ -213,3 +214,21 @@ def test_serve_with_an_unreachable_database_starts_and_answers_not_ready(tmp_pat
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=60)
     assert process.returncode == 0, stderr.decode()[-2000:]
+
+
+@pytest.mark.parametrize(
+    ("options", "says"),
+    [
+        (("--host", "localhost"), "Invalid value for '--host': must be an IP address"),
+        (("--host", "999.1.1.1"), "Invalid value for '--host': must be an IP address"),
+    ],
+)
+def test_serve_refuses_a_bad_option_in_one_line_before_starting(
+    tmp_path: Path, options: tuple[str, ...], says: str
+) -> None:
+    env = _clean_env(ZKEB_DATA_DIR=str(tmp_path), DATABASE_URL="postgresql://postgres@127.0.0.1:1/x")
+    result = subprocess.run([*ZKEB, "serve", *options], env=env, capture_output=True, timeout=60, check=False)
+    assert result.returncode == 2
+    assert says.encode() in result.stderr
+    assert b"Traceback" not in result.stderr
+    assert b"listening" not in result.stderr
