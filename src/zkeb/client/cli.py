@@ -15,7 +15,7 @@ import asyncio
 import functools
 import sys
 import uuid
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
@@ -70,6 +70,44 @@ def _one_line_errors(command: Callable[..., None]) -> Callable[..., None]:
             _fail(f"unexpected {type(exc).__name__}{text}", EXIT_FAILURE)
 
     return wrapper
+
+
+#: What click (8.2 and later) raises for a group called with no arguments, so that it shows its help.
+_NO_ARGS_IS_HELP: tuple[type[click.UsageError], ...] = tuple(
+    error for error in [getattr(click.exceptions, "NoArgsIsHelpError", None)] if error is not None
+)
+
+
+class _OneLineGroup(click.Group):
+    """The command group; a usage error (a bad option value, a missing argument) is one stderr line too, exit 2.
+
+    click shows its own usage errors as four lines (usage, a hint, a blank line, the error): the contract is one.
+    """
+
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        """Run the command line; in standalone mode (the default) exit with its status."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            status = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as exc:
+            if isinstance(exc, _NO_ARGS_IS_HELP):
+                exc.show()  # a bare `zkeb-client` asks for its help, not an error line
+                sys.exit(exc.exit_code)
+            where = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+            _fail(f"{exc.format_message()}{where}", exc.exit_code)
+        except click.ClickException as exc:
+            _fail(exc.format_message(), exc.exit_code)
+        except click.Abort:
+            _fail("interrupted", 130)
+        sys.exit(status if isinstance(status, int) else 0)
 
 
 class CliSettings(msgspec.Struct):
@@ -167,7 +205,7 @@ JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Print one JS
 CONTAINER_HELP = "The container (a UUID you choose) grouping this app's backups."
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=_OneLineGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option(
     "--server",
     envvar="ZKEB_SERVER",

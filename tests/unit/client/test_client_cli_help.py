@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from click.testing import CliRunner
 
@@ -44,3 +48,38 @@ def test_restore_needs_an_id_or_latest() -> None:
     result = CliRunner().invoke(cli, ["--server", "http://127.0.0.1:9", "restore", "-o", "x"])
     assert result.exit_code == 2
     assert "give a backup ID or --latest" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["backup", ".", "--container", "not-a-uuid"], "Invalid value for '--container': 'not-a-uuid' is not a UUID"),
+        (["backup", "--container", "0b5e6a3c-2f51-4f0e-9d54-1f6f1a2b3c4d"], "Missing argument 'PATH'"),
+        (["restore", "--container", "nope", "-o", "x"], "Invalid value for '--container'"),
+        (["ls", "--jsn"], "No such option '--jsn'"),
+        (["nosuch"], "No such command 'nosuch'"),
+    ],
+)
+def test_a_usage_error_is_one_stderr_line_with_exit_2(args: list[str], fragment: str) -> None:
+    result = CliRunner().invoke(cli, args, prog_name="zkeb-client")
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("zkeb-client: error: ")
+    assert fragment in lines[0]
+
+
+def test_the_installed_command_reports_a_usage_error_in_one_line_and_help_as_before() -> None:
+    command = str(Path(sys.executable).with_name("zkeb-client"))
+    bad = subprocess.run(
+        [command, "backup", "--container", "nope"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert bad.returncode == 2
+    assert bad.stdout == ""
+    assert bad.stderr.count("\n") == 1
+    assert bad.stderr.startswith("zkeb-client: error: ")
+    helped = subprocess.run([command, "backup", "--help"], capture_output=True, text=True, timeout=60, check=False)
+    assert helped.returncode == 0
+    assert helped.stdout.startswith("Usage: zkeb-client backup [OPTIONS] PATH")
+    assert helped.stderr == ""
