@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import json
 import os
+import socket
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -117,7 +119,7 @@ def _listen_address(_context: click.Context, _parameter: click.Parameter, value:
 
 @main.command()
 @click.option("--host", default=None, callback=_listen_address, help="Interface to listen on (HOST, default 0.0.0.0).")
-@click.option("--port", type=int, default=None, help="Port (PORT, default 3000).")
+@click.option("--port", type=click.IntRange(1, 65535), default=None, help="Port (PORT, default 3000).")
 @click.option("--workers", type=int, default=None, help="Worker processes (WEB_CONCURRENCY, default 1).")
 def serve(host: str | None, port: int | None, workers: int | None) -> None:
     """Run the API under granian; SIGTERM drains in-flight requests before exiting."""
@@ -133,6 +135,7 @@ def serve(host: str | None, port: int | None, workers: int | None) -> None:
 
     configure_logging(settings.log_level, log_format(settings.env))
     _preflight(settings)
+    _check_listen_address(host or settings.host, port or settings.port)
     _warn_dev_secrets(settings)
     url = _served_database(settings)
     # Workers inherit the resolved database and do not migrate again.
@@ -185,6 +188,19 @@ async def _check_owner_login(settings: Settings, url: str) -> None:
         pass
     finally:
         await engine.dispose()
+
+
+def _check_listen_address(host: str, port: int) -> None:
+    """Refuse in one line when `host:port` cannot be bound (granian would report it in a long traceback)."""
+    family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as granian: a closing socket's port is free
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise click.ClickException(f"port {port} is already in use on {host}") from None
+            raise click.ClickException(f"cannot listen on {host} port {port}: {exc.strerror or exc}") from None
 
 
 def _preflight(settings: Settings) -> None:

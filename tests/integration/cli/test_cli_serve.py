@@ -221,6 +221,8 @@ def test_serve_with_an_unreachable_database_starts_and_answers_not_ready(tmp_pat
     [
         (("--host", "localhost"), "Invalid value for '--host': must be an IP address"),
         (("--host", "999.1.1.1"), "Invalid value for '--host': must be an IP address"),
+        (("--port", "70000"), "Invalid value for '--port': 70000 is not in the range 1<=x<=65535"),
+        (("--port", "0"), "Invalid value for '--port'"),
     ],
 )
 def test_serve_refuses_a_bad_option_in_one_line_before_starting(
@@ -230,5 +232,24 @@ def test_serve_refuses_a_bad_option_in_one_line_before_starting(
     result = subprocess.run([*ZKEB, "serve", *options], env=env, capture_output=True, timeout=60, check=False)
     assert result.returncode == 2
     assert says.encode() in result.stderr
+    assert b"Traceback" not in result.stderr
+    assert b"listening" not in result.stderr
+
+
+@pytest.mark.parametrize("through", ["option", "variable"])
+def test_serve_on_a_port_in_use_is_one_line_before_starting(tmp_path: Path, through: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = _clean_env(
+            ZKEB_DATA_DIR=str(tmp_path), DATABASE_URL="postgresql://postgres@127.0.0.1:1/x", HOST="127.0.0.1"
+        )
+        options = ["--port", str(port)] if through == "option" else []
+        if through == "variable":
+            env["PORT"] = str(port)
+        result = subprocess.run([*ZKEB, "serve", *options], env=env, capture_output=True, timeout=60, check=False)
+    assert result.returncode == 1
+    assert f"Error: port {port} is already in use".encode() in result.stderr
     assert b"Traceback" not in result.stderr
     assert b"listening" not in result.stderr
