@@ -33,23 +33,45 @@ def _special_kind(mode: int) -> str | None:
     return None
 
 
-def pack_directory(source: Path, destination: Path) -> list[LeftOut]:
+def pack_directory(source: Path, destination: Path, *, state_dir: Path | None = None) -> list[LeftOut]:
     """Write ``source`` (a directory) as a PAX tar file at ``destination``, its top entry named after it.
 
+    Args:
+        source: The directory.
+        destination: The tar file to write (left out, should it lie inside ``source``).
+        state_dir: The client's own state directory (upload records and packs), left out should it lie inside
+            ``source``: packing it would put earlier packs into this one, which then never matches the last run's.
+
     Returns:
-        The special files left out (FIFOs, sockets, devices), in the order met.
+        What was left out (special files; the state directory), in the order met.
     """
     left_out: list[LeftOut] = []
+    state = _identity(state_dir) if state_dir is not None else None
     with tarfile.open(destination, "w", format=tarfile.PAX_FORMAT) as archive:
-        _add(archive, str(source), source.name, left_out)
+        _add(archive, str(source), source.name, left_out, state)
     return left_out
 
 
-def _add(archive: tarfile.TarFile, path: str, arcname: str, left_out: list[LeftOut]) -> None:
-    """Add ``path`` as `TarFile.add` would (recursively, sorted), leaving special files out."""
+def _identity(path: Path) -> tuple[int, int] | None:
+    """A directory's (device, inode), however it is spelled (relative, through a link); None when it is missing."""
+    try:
+        found = path.stat()
+    except OSError:
+        return None
+    return found.st_dev, found.st_ino
+
+
+def _add(
+    archive: tarfile.TarFile, path: str, arcname: str, left_out: list[LeftOut], state: tuple[int, int] | None
+) -> None:
+    """Add ``path`` as `TarFile.add` would (recursively, sorted), leaving special files and the state out."""
     if archive.name is not None and os.path.abspath(path) == archive.name:
         return  # the archive being written, should it lie inside the tree
-    kind = _special_kind(os.lstat(path).st_mode)
+    found = os.lstat(path)
+    if state is not None and stat.S_ISDIR(found.st_mode) and (found.st_dev, found.st_ino) == state:
+        left_out.append(LeftOut(path=arcname, reason="the client's own state directory: upload records and packs"))
+        return
+    kind = _special_kind(found.st_mode)
     info = None if kind is not None else archive.gettarinfo(path, arcname)
     if info is None:
         left_out.append(LeftOut(path=arcname, reason=f"{kind or 'an unsupported file type'}: it holds no data"))
@@ -61,7 +83,7 @@ def _add(archive: tarfile.TarFile, path: str, arcname: str, left_out: list[LeftO
         archive.addfile(info)
     if info.isdir():
         for name in sorted(os.listdir(path)):
-            _add(archive, os.path.join(path, name), os.path.join(arcname, name), left_out)
+            _add(archive, os.path.join(path, name), os.path.join(arcname, name), left_out, state)
 
 
 class _SafeMembers:

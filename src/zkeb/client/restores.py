@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -276,6 +278,8 @@ class Restorer:
             except asyncio.CancelledError:
                 transfer.stop()  # nothing may write to the sink once the caller has gone on to discard it
                 await asyncio.wait([attempt])
+                if not attempt.cancelled():
+                    attempt.exception()  # retrieved: how the stopped read ended no longer matters
                 raise
             else:
                 if refused is None:
@@ -315,13 +319,20 @@ class Restorer:
         """
         verified = check_envelope(self.keys, envelope)
         meta = verified.metadata
-        target, temporary = await asyncio.to_thread(self._prepare, destination, meta.name)
+        target, created = await asyncio.to_thread(_target_and_parents, destination, meta.name)
+        published = False
         try:
-            with temporary.open("wb") as sink:
-                await self._download(verified, sink, progress)
-            left_out = await asyncio.to_thread(self._publish, temporary, target, meta)
+            temporary = await asyncio.to_thread(self._prepare, target)
+            try:
+                with temporary.open("wb") as sink:
+                    await self._download(verified, sink, progress)
+                left_out = await asyncio.to_thread(self._publish, temporary, target, meta)
+                published = True
+            finally:
+                await asyncio.to_thread(temporary.unlink, missing_ok=True)
         finally:
-            await asyncio.to_thread(temporary.unlink, missing_ok=True)
+            if not published:
+                await asyncio.to_thread(_remove_if_empty, created)
         return RestoreResult(
             id=envelope.id,
             path=target,
@@ -333,23 +344,37 @@ class Restorer:
         )
 
     @staticmethod
-    def _prepare(destination: Path, name: str) -> tuple[Path, Path]:
-        """The final path, and an empty temporary file beside it."""
-        target = destination / name if destination.is_dir() else destination
+    def _prepare(target: Path) -> Path:
+        """An empty temporary file beside ``target``, which must not exist yet."""
         if target.exists() or target.is_symlink():
             raise ConfigurationError(f"{target} already exists; refusing to overwrite it")
-        target.parent.mkdir(parents=True, exist_ok=True)
         fd, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".zkeb-part", dir=target.parent)
         os.close(fd)
-        return target, Path(temporary)
+        return Path(temporary)
 
     @classmethod
     def _publish(cls, temporary: Path, target: Path, meta: BackupMetadata) -> list[LeftOut]:
-        """Move the verified plaintext into place; for a directory, the archive members it skipped."""
+        """Put the verified plaintext in place, never replacing what appeared there meanwhile; for a directory, the
+        archive members it skipped.
+
+        Raises:
+            ConfigurationError: If something now exists at ``target`` (created during the download).
+        """
         if meta.kind == "directory":
             return cls._publish_directory(temporary, target, meta.name)
         os.utime(temporary, (meta.mtime, meta.mtime))
-        temporary.rename(target)
+        try:
+            os.link(temporary, target)  # fails if the name exists, where a rename would replace it
+        except FileExistsError:
+            raise _appeared(target) from None
+        except OSError as exc:
+            if exc.errno not in _NO_HARD_LINKS:
+                raise
+            # A file system without hard links (FAT, some network shares): check, then rename. Something created
+            # between the two would be replaced; that window is the length of one system call, not of the download.
+            if target.exists() or target.is_symlink():
+                raise _appeared(target) from None
+            temporary.rename(target)
         return []
 
     @staticmethod
@@ -360,7 +385,60 @@ class Restorer:
             entries = list(folder.iterdir())
             if [entry.name for entry in entries] != [name] or not entries[0].is_dir():
                 raise IntegrityError("the backup's archive does not hold exactly the directory it names")
-            entries[0].rename(target)
+            # A rename replaces an empty directory: reserve the name first (mkdir fails if it exists), then rename
+            # onto the reservation, which fails unless it is still the empty directory made here.
+            try:
+                target.mkdir()
+            except FileExistsError:
+                raise _appeared(target) from None
+            try:
+                entries[0].rename(target)
+            except OSError as exc:
+                if exc.errno in {errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR}:
+                    raise _appeared(target) from None
+                with contextlib.suppress(OSError):
+                    target.rmdir()  # the reservation, still empty
+                raise
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         return left_out
+
+
+#: What `os.link` fails with on a file system that has no hard links.
+_NO_HARD_LINKS = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS})
+
+
+def _appeared(target: Path) -> ConfigurationError:
+    return ConfigurationError(
+        f"{target} appeared during the restore; refusing to overwrite it (the restored copy was discarded)"
+    )
+
+
+def _target_and_parents(destination: Path, name: str) -> tuple[Path, list[Path]]:
+    """Where the restore goes (``name`` inside ``destination`` when it is a directory), its missing parents made."""
+    target = destination / name if destination.is_dir() else destination
+    return target, _make_parents(target)
+
+
+def _make_parents(target: Path) -> list[Path]:
+    """Create ``target``'s missing parent directories; the ones this call created, outermost first."""
+    missing = [folder for folder in reversed(target.parents) if not folder.is_dir()]
+    created: list[Path] = []
+    for folder in missing:
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            if not folder.is_dir():
+                raise
+            continue  # made by someone else meanwhile: not ours to remove
+        created.append(folder)
+    return created
+
+
+def _remove_if_empty(created: list[Path]) -> None:
+    """Remove the directories a failed restore created, innermost first, while they are empty."""
+    for folder in reversed(created):
+        try:
+            folder.rmdir()
+        except OSError:
+            return  # not empty (something else is in it now), or gone: leave it and its parents

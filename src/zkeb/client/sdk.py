@@ -175,7 +175,7 @@ class AsyncClient:
         )
         pack = self.states.scratch(key)
         temporary = pack.with_suffix(f".{os.getpid()}.tmp")
-        left_out = pack_directory(absolute, temporary)
+        left_out = pack_directory(absolute, temporary, state_dir=self.states.root)
         # The same bytes as the last run's pack give the same ciphertext: keep the old pack (and its mtime) to resume.
         if pack.exists() and _same_content(pack, temporary):
             temporary.unlink()

@@ -6,6 +6,7 @@ import asyncio
 import errno
 import io
 import os
+import tarfile
 import threading
 import time
 import uuid
@@ -21,6 +22,7 @@ from zkeb.client import (
     ApiError,
     AsyncClient,
     Client,
+    ConfigurationError,
     IntegrityError,
     KeyFile,
     RetryPolicy,
@@ -378,3 +380,93 @@ async def test_a_lost_answer_to_the_device_token_request_is_retried_with_a_fresh
     assert proxy.lost == 1, "the token's answer was never lost"
     assert listed == []
     assert len(tokens) == 2
+
+
+async def test_a_file_created_at_the_destination_during_the_restore_is_not_overwritten(
+    project: Project, keys: KeyFile, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    target = out / "report.bin"
+
+    def someone_writes_there(done: int, total: int) -> None:
+        if done < total and not target.exists():
+            target.write_bytes(b"written by someone else during the download")
+
+    async with AsyncClient(project.server, keys=keys, state_dir=tmp_path / "state") as client:
+        backup = await client.backup_bytes(os.urandom(6 * MIB), uuid.uuid4(), name="report.bin")
+        with pytest.raises(ConfigurationError, match="appeared during the restore; refusing to overwrite it"):
+            await client.restore_file(backup.id, target, progress=someone_writes_there)
+
+    assert target.read_bytes() == b"written by someone else during the download"
+    assert list(out.iterdir()) == [target], "the temporary file was left behind"
+
+
+async def test_an_empty_directory_created_at_the_destination_during_the_restore_is_not_replaced(
+    project: Project, keys: KeyFile, tmp_path: Path
+) -> None:
+    source = tmp_path / "photos"
+    source.mkdir()
+    (source / "a.bin").write_bytes(os.urandom(6 * MIB))
+    out = tmp_path / "out"
+    out.mkdir()
+    target = out / "photos"
+
+    def someone_makes_it(done: int, total: int) -> None:
+        if done < total:
+            target.mkdir(exist_ok=True)
+
+    async with AsyncClient(project.server, keys=keys, state_dir=tmp_path / "state") as client:
+        backup = await client.backup_file(source, uuid.uuid4())
+        with pytest.raises(ConfigurationError, match="appeared during the restore"):
+            await client.restore_file(backup.id, out, progress=someone_makes_it)
+
+    assert target.is_dir()
+    assert list(target.iterdir()) == []
+    assert list(out.iterdir()) == [target], "a temporary file or folder was left behind"
+
+
+async def test_a_failed_restore_removes_the_folders_it_created_and_only_those(
+    project: Project, keys: KeyFile, tmp_path: Path
+) -> None:
+    async with AsyncClient(project.server, keys=keys, state_dir=tmp_path / "state") as direct:
+        backup = await direct.backup_bytes(os.urandom(3 * MIB), uuid.uuid4(), name="late.bin")
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    proxy = StallingProxy(project.server)
+    proxy.flip_response_byte = 2 * MIB
+    try:
+        async with AsyncClient(proxy.url, keys=keys, state_dir=tmp_path / "state") as client:
+            with pytest.raises(IntegrityError):
+                await client.restore_file(backup.id, kept / "new" / "deeper" / "late.bin")
+    finally:
+        proxy.close()
+
+    assert proxy.flips == 1, "the download was never altered"
+    assert kept.is_dir(), "a folder that existed before the restore was removed"
+    assert list(kept.iterdir()) == [], "the folders the failed restore created were left behind"
+
+
+async def test_a_directory_holding_the_clients_state_directory_is_packed_without_it(
+    project: Project, keys: KeyFile, tmp_path: Path
+) -> None:
+    home = tmp_path / "home"
+    state = home / ".local" / "state" / "zkeb-client"
+    (home / "notes").mkdir(parents=True)
+    (home / "notes" / "todo.txt").write_bytes(b"water the plants")
+    # What an interrupted run leaves: an upload record and a pack.
+    (state / "uploads").mkdir(parents=True)
+    (state / "uploads" / "interrupted.json").write_bytes(b"{}")
+    (state / "packs").mkdir()
+    (state / "packs" / "interrupted.tar").write_bytes(os.urandom(MIB))
+
+    async with AsyncClient(project.server, keys=keys, state_dir=state) as client:
+        backup = await client.backup_file(home, uuid.uuid4())
+        packed = await client.restore_bytes(backup.id)
+
+    with tarfile.open(fileobj=io.BytesIO(packed)) as archive:
+        names = archive.getnames()
+    assert names == ["home", "home/.local", "home/.local/state", "home/notes", "home/notes/todo.txt"]
+    assert [(entry.path, entry.reason) for entry in backup.left_out] == [
+        ("home/.local/state/zkeb-client", "the client's own state directory: upload records and packs")
+    ]
