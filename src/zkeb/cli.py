@@ -120,13 +120,15 @@ def _listen_address(_context: click.Context, _parameter: click.Parameter, value:
 @main.command()
 @click.option("--host", default=None, callback=_listen_address, help="Interface to listen on (HOST, default 0.0.0.0).")
 @click.option("--port", type=click.IntRange(1, 65535), default=None, help="Port (PORT, default 3000).")
-@click.option("--workers", type=int, default=None, help="Worker processes (WEB_CONCURRENCY, default 1).")
+@click.option(
+    "--workers", type=click.IntRange(min=1), default=None, help="Worker processes (WEB_CONCURRENCY, default 1)."
+)
 def serve(host: str | None, port: int | None, workers: int | None) -> None:
     """Run the API under granian; SIGTERM drains in-flight requests before exiting."""
     from zkeb.prometheus_multiprocess import prepare_multiprocess_dir  # noqa: PLC0415
 
     settings = _load_settings()
-    worker_count = workers or int(os.environ.get("WEB_CONCURRENCY", "1"))
+    worker_count = workers or settings.web_concurrency
     # Before anything imports prometheus_client (any zkeb.core module does): forked workers inherit its value store.
     prepare_multiprocess_dir(needed=worker_count > 1 or settings.metrics_port is not None)
     from zkeb.core.logging import configure_logging, log_format  # noqa: PLC0415

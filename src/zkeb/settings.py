@@ -171,6 +171,8 @@ class Settings:
     #: Least average rate a request body must keep over each `body_idle_timeout_seconds` of waiting (`BODY_MIN_RATE`,
     #: bytes per second): a body that trickles slower is cut off too.
     body_min_rate: int = 512
+    #: Worker processes `zkeb serve` starts (`WEB_CONCURRENCY`; `--workers` wins).
+    web_concurrency: int = 1
 
     @property
     def is_production(self) -> bool:
@@ -238,6 +240,7 @@ class Settings:
             header_read_timeout_seconds=reader.number("HEADER_READ_TIMEOUT", 30.0, minimum=1.0),
             body_idle_timeout_seconds=reader.number("BODY_IDLE_TIMEOUT", 30.0, minimum=1.0),
             body_min_rate=reader.size("BODY_MIN_RATE", "512"),
+            web_concurrency=reader.integer("WEB_CONCURRENCY", 1, minimum=1),
         )
 
 

@@ -140,6 +140,7 @@ def test_history_without_a_database_lists_the_migrations_from_disk(tmp_path: Pat
         ({"OTEL_TRACES_EXPORTER": "console", "OTEL_PYTHON_EXCLUDED_URLS": "["}, "OTEL_PYTHON_EXCLUDED_URLS"),
         ({"ZKEB_MASTER_ENCRYPTION_KEY": "short"}, "ZKEB_MASTER_ENCRYPTION_KEY"),
         ({"HOST": "localhost"}, "HOST must be an IP address"),
+        ({"WEB_CONCURRENCY": "two"}, "WEB_CONCURRENCY must be an integer"),
     ],
 )
 def test_serve_refuses_what_its_workers_would_crash_on_in_one_line(
@@ -223,6 +224,8 @@ def test_serve_with_an_unreachable_database_starts_and_answers_not_ready(tmp_pat
         (("--host", "999.1.1.1"), "Invalid value for '--host': must be an IP address"),
         (("--port", "70000"), "Invalid value for '--port': 70000 is not in the range 1<=x<=65535"),
         (("--port", "0"), "Invalid value for '--port'"),
+        (("--workers", "0"), "Invalid value for '--workers': 0 is not in the range x>=1"),
+        (("--workers", "-1"), "Invalid value for '--workers'"),
     ],
 )
 def test_serve_refuses_a_bad_option_in_one_line_before_starting(

@@ -46,6 +46,8 @@ def test_max_upload_size_accepts_human_sizes(tmp_path: Path, value: str, expecte
         ("PORT", "70000"),
         ("HOST", "localhost"),  # granian binds an address: a name was a traceback
         ("HOST", "999.1.1.1"),
+        ("WEB_CONCURRENCY", "two"),  # was a traceback in `zkeb serve`
+        ("WEB_CONCURRENCY", "0"),
         ("DB_POOL_SIZE", "0"),
         ("ENABLE_RATE_LIMITING", "maybe"),
         ("LOG_LEVEL", "chatty"),
