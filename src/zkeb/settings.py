@@ -10,6 +10,7 @@ import base64
 import ipaddress
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -333,6 +334,9 @@ class _EnvReader:
         except ValueError:
             msg = f"{name} must be a number (got {raw!r})"
             raise SettingsError(msg) from None
+        if not math.isfinite(value):  # float() takes nan and inf: nan compares false with any bound
+            msg = f"{name} must be a finite number (got {raw!r})"
+            raise SettingsError(msg)
         if value < minimum:
             msg = f"{name} must be at least {minimum} (got {value})"
             raise SettingsError(msg)

@@ -48,6 +48,10 @@ def test_max_upload_size_accepts_human_sizes(tmp_path: Path, value: str, expecte
         ("HOST", "999.1.1.1"),
         ("WEB_CONCURRENCY", "two"),  # was a traceback in `zkeb serve`
         ("WEB_CONCURRENCY", "0"),
+        ("HEADER_READ_TIMEOUT", "inf"),  # was a traceback in every worker
+        ("MAINTENANCE_INTERVAL", "nan"),  # silently switched maintenance off
+        ("SHUTDOWN_GRACE_SECONDS", "-inf"),
+        ("BODY_IDLE_TIMEOUT", "Infinity"),
         ("DB_POOL_SIZE", "0"),
         ("ENABLE_RATE_LIMITING", "maybe"),
         ("LOG_LEVEL", "chatty"),
