@@ -100,6 +100,28 @@ def _explain_database_error(exc: BaseException) -> str:
     return f"database error ({name}): {message}" if message else f"database error ({name})"
 
 
+def _admin_errors(func: F) -> F:
+    """Turn refusals and database failures of an admin command into one clear line on stderr (exit status 1)."""
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from advanced_alchemy.exceptions import AdvancedAlchemyError  # noqa: PLC0415
+        from sqlalchemy.exc import SQLAlchemyError  # noqa: PLC0415
+
+        from zkeb.core.errors import ProblemError  # noqa: PLC0415
+
+        try:
+            return func(*args, **kwargs)
+        except ProblemError as exc:
+            raise click.ClickException(str(exc.detail)) from None
+        except (SQLAlchemyError, AdvancedAlchemyError) as exc:
+            if _is_unmigrated(exc):  # an admin command on a database nobody migrated yet
+                raise click.ClickException("the database schema is not migrated: run `zkeb db upgrade` first") from None
+            raise
+
+    return _friendly_errors(cast("F", wrapper))
+
+
 @click.group()
 @click.version_option(package_name="zkeb")
 def main() -> None:
@@ -299,6 +321,7 @@ def _report_revision(settings: Settings, url: str, change: Callable[[], None]) -
 
 @db.command()
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@_admin_errors
 def seed(*, as_json: bool) -> None:
     """Create the demo organization, project, project key and device (idempotent; development only)."""
     from zkeb.domain.accounts.seed import seed_demo_data  # noqa: PLC0415
@@ -336,28 +359,6 @@ def seed(*, as_json: bool) -> None:
 @main.group()
 def admin() -> None:
     """Administration: organizations and their keys."""
-
-
-def _admin_errors(func: F) -> F:
-    """Turn refusals and database failures of an admin command into one clear line on stderr (exit status 1)."""
-
-    @wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from advanced_alchemy.exceptions import AdvancedAlchemyError  # noqa: PLC0415
-        from sqlalchemy.exc import SQLAlchemyError  # noqa: PLC0415
-
-        from zkeb.core.errors import ProblemError  # noqa: PLC0415
-
-        try:
-            return func(*args, **kwargs)
-        except ProblemError as exc:
-            raise click.ClickException(str(exc.detail)) from None
-        except (SQLAlchemyError, AdvancedAlchemyError) as exc:
-            if _is_unmigrated(exc):  # an admin command on a database nobody migrated yet
-                raise click.ClickException("the database schema is not migrated: run `zkeb db upgrade` first") from None
-            raise
-
-    return _friendly_errors(cast("F", wrapper))
 
 
 def _is_unmigrated(exc: BaseException) -> bool:

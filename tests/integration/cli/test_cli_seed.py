@@ -72,3 +72,11 @@ def test_seed_refuses_production(tmp_path: Path) -> None:
     result = _seed(env)
     assert result.returncode != 0
     assert b"refusing to seed" in result.stderr
+
+
+def test_seed_against_an_unreachable_database_is_one_line(tmp_path: Path) -> None:
+    env = {"ZKEB_ENV": "test", "ZKEB_DATA_DIR": str(tmp_path), "DATABASE_URL": "postgresql://postgres@127.0.0.1:1/x"}
+    result = _seed(env)
+    assert result.returncode == 1
+    assert b"Error: cannot reach the database" in result.stderr
+    assert b"Traceback" not in result.stderr
