@@ -205,6 +205,8 @@ class Settings:
         secrets_ = _load_secrets(reader, data_dir, production=env == "production")
         quota = reader.optional("DEFAULT_PROJECT_QUOTA")
         metrics_port = reader.optional("METRICS_PORT")
+        if reader.optional("LOG_FORMAT") is not None:  # checked here, applied by `zkeb.core.logging.log_format`
+            reader.choice("LOG_FORMAT", ("json", "console"), "json")
         return cls(
             env=env,
             port=reader.integer("PORT", 3000, minimum=1, maximum=65535),

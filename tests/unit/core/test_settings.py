@@ -55,6 +55,7 @@ def test_max_upload_size_accepts_human_sizes(tmp_path: Path, value: str, expecte
         ("DB_POOL_SIZE", "0"),
         ("ENABLE_RATE_LIMITING", "maybe"),
         ("LOG_LEVEL", "chatty"),
+        ("LOG_FORMAT", "xml"),  # was ignored without a word
         ("ZKEB_ENV", "staging"),
         ("DATABASE_URL", "mysql://root@db/zkeb"),
         ("SHUTDOWN_GRACE_SECONDS", "soon"),
