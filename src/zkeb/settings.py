@@ -455,22 +455,49 @@ def _refuse_weak_secrets(reader: _EnvReader) -> None:
 
 
 def _dev_secrets(data_dir: Path) -> dict[str, str]:
-    """Load, or create once, development secrets persisted in the data dir (mode 0600)."""
+    """Load, or create once, development secrets persisted in the data dir (mode 0600).
+
+    A secret missing from the file is added; those present are kept (the master key among them: replacing it would
+    make everything stored with it unreadable).
+
+    Raises:
+        SettingsError: the file is damaged, or the data directory cannot hold it.
+    """
     path = data_dir / "dev-secrets.json"
+    stored: dict[str, str] = {}
     if path.exists():
-        stored: dict[str, str] = json.loads(path.read_text())
+        try:
+            loaded = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise _damaged_dev_secrets(path, type(exc).__name__) from None
+        if not isinstance(loaded, dict):
+            raise _damaged_dev_secrets(path, "not a JSON object")
+        stored = {name: value for name, value in loaded.items() if isinstance(value, str) and value}
         if all(stored.get(name) for name in DEV_SECRET_NAMES):
             return stored
-    data_dir.mkdir(parents=True, exist_ok=True)
-    stored = {name: base64.b64encode(secrets.token_bytes(32)).decode() for name in DEV_SECRET_NAMES}
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(stored, fh)
+    stored |= {
+        name: base64.b64encode(secrets.token_bytes(32)).decode() for name in DEV_SECRET_NAMES if name not in stored
+    }
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(stored, fh)
+    except OSError as exc:
+        msg = f"ZKEB_DATA_DIR ({data_dir}) cannot hold the development secrets: {exc.strerror or exc}"
+        raise SettingsError(msg) from None
     logger.warning(
         "DEVELOPMENT SECRETS GENERATED in %s: never use them in production (set ZKEB_ENV=production and real secrets)",
         path,
     )
     return stored
+
+
+def _damaged_dev_secrets(path: Path, why: str) -> SettingsError:
+    return SettingsError(
+        f"{path} is damaged ({why}): restore it, or remove it to generate new development secrets (what was stored "
+        "with the old ones cannot be read again)"
+    )
 
 
 def _package_version() -> str:

@@ -253,3 +253,29 @@ def test_invalid_payload_store_settings_are_refused_naming_the_variable(
     with pytest.raises(SettingsError) as refused:
         Settings.from_env({"ZKEB_DATA_DIR": str(tmp_path), **environ})
     assert str(refused.value).startswith(message)
+
+
+def test_a_damaged_dev_secrets_file_is_one_configuration_error_naming_it(tmp_path: Path) -> None:
+    (tmp_path / "dev-secrets.json").write_text("{not json")
+    with pytest.raises(SettingsError, match=r"dev-secrets\.json is damaged"):
+        Settings.from_env({"ZKEB_DATA_DIR": str(tmp_path)})
+    assert (tmp_path / "dev-secrets.json").read_text() == "{not json"  # left for the developer to restore
+
+
+def test_a_data_dir_that_cannot_hold_the_dev_secrets_is_one_configuration_error(tmp_path: Path) -> None:
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    with pytest.raises(SettingsError, match="ZKEB_DATA_DIR"):
+        Settings.from_env({"ZKEB_DATA_DIR": str(a_file / "data")})
+
+
+def test_a_dev_secret_missing_from_the_file_is_added_and_the_others_kept(tmp_path: Path) -> None:
+    first = Settings.from_env({"ZKEB_DATA_DIR": str(tmp_path)})
+    path = tmp_path / "dev-secrets.json"
+    stored = json.loads(path.read_text())
+    dropped = next(name for name in stored if name != "ZKEB_MASTER_ENCRYPTION_KEY")
+    del stored[dropped]
+    path.write_text(json.dumps(stored))
+    again = Settings.from_env({"ZKEB_DATA_DIR": str(tmp_path)})
+    assert again.secrets.master_key == first.secrets.master_key
+    assert dropped in json.loads(path.read_text())
