@@ -100,6 +100,17 @@ def _explain_database_error(exc: BaseException) -> str:
     return f"database error ({name}): {message}" if message else f"database error ({name})"
 
 
+_NOT_MIGRATED = "the database schema is not migrated: run `zkeb db upgrade` first"
+
+
+def _require_migrated(settings: Settings, url: str) -> None:
+    """Refuse in one line a command whose work would fail on every table of a database nobody migrated yet."""
+    from zkeb.core.migrations import database_revision  # noqa: PLC0415
+
+    if asyncio.run(database_revision(settings, url)) is None:
+        raise click.ClickException(_NOT_MIGRATED)
+
+
 def _admin_errors(func: F) -> F:
     """Turn refusals and database failures of an admin command into one clear line on stderr (exit status 1)."""
 
@@ -116,7 +127,7 @@ def _admin_errors(func: F) -> F:
             raise click.ClickException(str(exc.detail)) from None
         except (SQLAlchemyError, AdvancedAlchemyError) as exc:
             if _is_unmigrated(exc):  # an admin command on a database nobody migrated yet
-                raise click.ClickException("the database schema is not migrated: run `zkeb db upgrade` first") from None
+                raise click.ClickException(_NOT_MIGRATED) from None
             raise
 
     return _friendly_errors(cast("F", wrapper))
@@ -507,7 +518,9 @@ def audit() -> None:
 def audit_verify(organization: UUID | None, *, as_json: bool) -> None:
     """Verify audit chains as the schema owner; exit status 1 when any chain is broken."""
     settings = _load_settings()
-    reports = asyncio.run(_verify_audit(settings, _database_url(settings), organization))
+    url = _database_url(settings)
+    _require_migrated(settings, url)
+    reports = asyncio.run(_verify_audit(settings, url, organization))
     if not reports and not as_json:
         click.echo(
             "no organizations found (listing them all needs an owner that bypasses row-level security)", err=True
@@ -569,6 +582,7 @@ def maintenance_run(*, once: bool, batch_size: int, interval: float | None) -> N
     """
     settings = _load_settings()
     url = _admin_database(settings)
+    _require_migrated(settings, url)  # each task would fail alone, with a traceback of its own
     failed = asyncio.run(_run_maintenance(settings, url, once=once, batch_size=batch_size, interval=interval))
     if failed:
         raise click.ClickException(f"maintenance task(s) failed: {', '.join(sorted(failed))} (see the log)")
