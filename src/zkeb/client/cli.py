@@ -51,25 +51,36 @@ def _exit_code(exc: ZkebClientError) -> int:
     return EXIT_FAILURE
 
 
-def _one_line_errors(command: Callable[..., None]) -> Callable[..., None]:
-    """Turn the client's exceptions (and Ctrl-C) into one stderr line and the documented exit status."""
+#: What Ctrl-C says for a command that leaves nothing to pick up again.
+INTERRUPTED = "interrupted"
+#: What it says for a backup, whose upload the same command continues from the server's offset.
+INTERRUPTED_BACKUP = "interrupted; run the same command again to resume the upload"
+#: What it says for a restore: nothing was written, and a restore (one download) starts over when run again.
+INTERRUPTED_RESTORE = "interrupted; nothing was restored (run the command again to restore from the start)"
 
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> None:
-        try:
-            command(*args, **kwargs)
-        except ZkebClientError as exc:
-            _fail(str(exc), _exit_code(exc))
-        except KeyboardInterrupt:
-            _fail("interrupted; run the same command again to resume", 130)
-        except OSError as exc:
-            _fail(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc), EXIT_FAILURE)
-        except Exception as exc:  # noqa: BLE001 - the contract is one stderr line, even for a bug of ours
-            # An HTTP library's text may quote a request's headers (the credential): only its class is shown.
-            text = "" if type(exc).__module__.split(".")[0] in {"httpx", "httpcore", "h11"} else f": {exc}"
-            _fail(f"unexpected {type(exc).__name__}{text}", EXIT_FAILURE)
 
-    return wrapper
+def _one_line_errors(interrupted: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Turn the client's exceptions (and Ctrl-C, saying `interrupted`) into one stderr line and the exit status."""
+
+    def decorate(command: Callable[..., None]) -> Callable[..., None]:
+        @functools.wraps(command)
+        def wrapper(*args: Any, **kwargs: Any) -> None:
+            try:
+                command(*args, **kwargs)
+            except ZkebClientError as exc:
+                _fail(str(exc), _exit_code(exc))
+            except KeyboardInterrupt:
+                _fail(interrupted, 130)
+            except OSError as exc:
+                _fail(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc), EXIT_FAILURE)
+            except Exception as exc:  # noqa: BLE001 - the contract is one stderr line, even for a bug of ours
+                # An HTTP library's text may quote a request's headers (the credential): only its class is shown.
+                text = "" if type(exc).__module__.split(".")[0] in {"httpx", "httpcore", "h11"} else f": {exc}"
+                _fail(f"unexpected {type(exc).__name__}{text}", EXIT_FAILURE)
+
+        return wrapper
+
+    return decorate
 
 
 #: What click (8.2 and later) raises for a group called with no arguments, so that it shows its help.
@@ -106,7 +117,7 @@ class _OneLineGroup(click.Group):
         except click.ClickException as exc:
             _fail(exc.format_message(), exc.exit_code)
         except click.Abort:
-            _fail("interrupted", 130)
+            _fail(INTERRUPTED, 130)
         sys.exit(status if isinstance(status, int) else 0)
 
 
@@ -268,7 +279,7 @@ def cli(
 @click.option("--seal/--no-seal", default=None, help="Seal with the passphrase (default: when one is given).")
 @click.option("--from-recovery", is_flag=True, help="Rebuild the key file from a recovery form read on stdin.")
 @click.pass_obj
-@_one_line_errors
+@_one_line_errors(INTERRUPTED)
 def keygen(settings: CliSettings, seal: bool | None, from_recovery: bool) -> None:
     """Create a device key file (Ed25519 identity + 256-bit backup key), mode 0600; never overwrites.
 
@@ -295,7 +306,7 @@ def keygen(settings: CliSettings, seal: bool | None, from_recovery: bool) -> Non
 
 @cli.command("export-recovery")
 @click.pass_obj
-@_one_line_errors
+@_one_line_errors(INTERRUPTED)
 def export_recovery(settings: CliSettings) -> None:
     """Print the keys as a recovery form (base32 with a checksum) to keep offline, e.g. on paper.
 
@@ -308,7 +319,7 @@ def export_recovery(settings: CliSettings) -> None:
 @cli.command()
 @click.option("--label", required=True, help="A name for this device, shown to the project's admins.")
 @click.pass_obj
-@_one_line_errors
+@_one_line_errors(INTERRUPTED)
 def enroll(settings: CliSettings, label: str) -> None:
     """Register this device's public key in the project (needs an org-admin key as --token).
 
@@ -334,7 +345,7 @@ def enroll(settings: CliSettings, label: str) -> None:
 @click.option("--container", required=True, callback=_uuid, metavar="UUID", help=CONTAINER_HELP)
 @JSON_OPTION
 @click.pass_obj
-@_one_line_errors
+@_one_line_errors(INTERRUPTED_BACKUP)
 def backup(settings: CliSettings, path: Path, container: uuid.UUID, as_json: bool) -> None:
     """Encrypt, sign and upload PATH (a file, or a directory as a tar stream).
 
@@ -363,7 +374,7 @@ def backup(settings: CliSettings, path: Path, container: uuid.UUID, as_json: boo
 )
 @JSON_OPTION
 @click.pass_obj
-@_one_line_errors
+@_one_line_errors(INTERRUPTED_RESTORE)
 def restore(
     settings: CliSettings,
     *,
@@ -397,7 +408,7 @@ def restore(
 @click.option("--container", callback=_uuid, metavar="UUID", help="Only this container's backups.")
 @JSON_OPTION
 @click.pass_obj
-@_one_line_errors
+@_one_line_errors(INTERRUPTED)
 def list_backups(settings: CliSettings, container: uuid.UUID | None, as_json: bool) -> None:
     """List backups, newest first (names shown for those this key file can open)."""
 
@@ -418,7 +429,7 @@ def list_backups(settings: CliSettings, container: uuid.UUID | None, as_json: bo
 @click.argument("backup_id", callback=_uuid, metavar="ID")
 @JSON_OPTION
 @click.pass_obj
-@_one_line_errors
+@_one_line_errors(INTERRUPTED)
 def verify(settings: CliSettings, backup_id: uuid.UUID, as_json: bool) -> None:
     """Download a backup and check its signature, digest and decryption; writes nothing."""
 
@@ -435,7 +446,7 @@ def verify(settings: CliSettings, backup_id: uuid.UUID, as_json: bool) -> None:
 @click.argument("backup_id", callback=_uuid, metavar="ID")
 @JSON_OPTION
 @click.pass_obj
-@_one_line_errors
+@_one_line_errors(INTERRUPTED)
 def remove(settings: CliSettings, backup_id: uuid.UUID, as_json: bool) -> None:
     """Move a backup to the project's trash (an org admin can restore or purge it)."""
 

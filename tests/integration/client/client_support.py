@@ -116,7 +116,9 @@ class StallingProxy:
     first connection whose answer passes `cut_response_after` bytes (a download cut mid-way), flip one bit of
     the byte at `flip_response_byte` of the next answer that long (ciphertext altered on the way), and lose the
     server's answer to the next `lose_answers` requests starting with `lose_answer_to` (e.g. ``b"PATCH "``): the
-    request reaches the server, which acts on it, and the connection drops as its answer arrives.
+    request reaches the server, which acts on it, and the connection drops as its answer arrives. With
+    `hold_answer_after`, the first answer to pass that many bytes stops there, its connection kept open
+    (`answer_held` is set): a download in progress, for as long as the test wants.
     """
 
     def __init__(self, upstream: str) -> None:
@@ -133,6 +135,8 @@ class StallingProxy:
         self.forwarded = 0
         self.answered = 0  # bytes forwarded from the server to the client
         self.cuts = 0
+        self.hold_answer_after: int | None = None  # stop forwarding the first answer that passes this many bytes
+        self.answer_held = threading.Event()
         self.requests: list[bytes] = []  # client bytes that start a request line, for tests to inspect
         self.stalled = threading.Event()
         self._lock = threading.Lock()
@@ -214,10 +218,17 @@ class StallingProxy:
                         if cut:
                             self.cut_response_after = None
                             self.cuts += 1
+                        held = self.hold_answer_after is not None and answered > self.hold_answer_after
+                        if held:
+                            self.hold_answer_after = None
                         self.answered += len(data)
                     if cut:
                         return  # the connection drops mid-answer (closed below)
                     sink.sendall(data)
+                    if held:
+                        self.answer_held.set()
+                        self._closed.wait()  # the answer goes no further until the proxy closes
+                        return
         except OSError:
             pass
         finally:

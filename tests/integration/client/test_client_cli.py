@@ -10,6 +10,7 @@ import asyncio
 import base64
 import json
 import os
+import signal
 import subprocess
 import time
 import uuid
@@ -325,6 +326,45 @@ async def test_restore_of_a_backup_with_a_replaced_signature_fails_in_one_line_a
     result = enrolled.run("restore", "--latest", "--container", container, "-o", str(out))
 
     assert_one_line_failure(result, 3, "signature does not verify")
+    assert list(out.iterdir()) == []
+
+
+def _interrupt_mid_download(cli: Cli, project: Project, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run a download command through a proxy that holds the answer after 2 MiB, and press Ctrl-C there."""
+    proxy = StallingProxy(project.server)
+    proxy.hold_answer_after = 2 * MIB
+    try:
+        running = subprocess.Popen(
+            cli.command(*args),
+            env=cli.environ(ZKEB_SERVER=proxy.url),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert proxy.answer_held.wait(120), "the download never reached the proxy's hold"
+        running.send_signal(signal.SIGINT)
+        stdout, stderr = running.communicate(timeout=60)
+        return subprocess.CompletedProcess(running.args, running.returncode, stdout, stderr)
+    finally:
+        proxy.close()
+
+
+async def test_ctrl_c_during_a_restore_says_nothing_was_restored_and_leaves_nothing(
+    enrolled: Cli, project: Project, tmp_path: Path
+) -> None:
+    source = tmp_path / "large.bin"
+    source.write_bytes(os.urandom(12 * MIB))
+    container = str(uuid.uuid4())
+    backup = enrolled.json("backup", str(source), "--container", container)
+    out = tmp_path / "out"
+    out.mkdir()
+
+    result = await asyncio.to_thread(
+        _interrupt_mid_download, enrolled, project, "restore", backup["id"], "-o", str(out / "large.bin")
+    )
+
+    assert_one_line_failure(result, 130, "interrupted; nothing was restored")
+    assert "resume" not in result.stderr, "a restore does not resume across runs"
     assert list(out.iterdir()) == []
 
 
