@@ -52,7 +52,7 @@ def _database_url(settings: Settings) -> str:
 
 
 def _friendly_errors(func: F) -> F:
-    """One line instead of a traceback when the database cannot be reached or refuses the connection."""
+    """One line instead of a traceback when the database cannot be reached, refuses the connection or cannot start."""
 
     @wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -68,13 +68,15 @@ def _friendly_errors(func: F) -> F:
         except CommandError as exc:  # e.g. an unknown revision, nothing to downgrade
             raise click.ClickException(f"migration refused: {exc}") from None
         except OSError as exc:
+            if exc.filename is not None:  # a file, not the network: say which
+                raise click.ClickException(f"{exc.strerror or exc}: {exc.filename}") from None
             raise click.ClickException(f"cannot reach the database: {exc.strerror or exc}") from None
         except (SQLAlchemyError, AdvancedAlchemyError, PostgresError) as exc:
             raise click.ClickException(_explain_database_error(exc)) from None
         except Exception as exc:
-            from zkeb.core.migrations import SchemaMismatchError  # noqa: PLC0415 - only now (see above)
+            from zkeb.core.migrations import EmbeddedPostgresError, SchemaMismatchError  # noqa: PLC0415 - see above
 
-            if isinstance(exc, SchemaMismatchError):
+            if isinstance(exc, SchemaMismatchError | EmbeddedPostgresError):
                 raise click.ClickException(str(exc)) from None
             raise
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import subprocess
 import threading
 import warnings
 from pathlib import Path
@@ -28,6 +29,7 @@ from zkeb.core.database import (
 from zkeb.settings import Settings, normalize_database_url
 
 __all__ = (
+    "EmbeddedPostgresError",
     "SchemaMismatchError",
     "alembic_commands",
     "current_revision",
@@ -56,16 +58,49 @@ def start_embedded_postgres(data_dir: Path) -> str:
             import pgserver  # noqa: PLC0415 - only needed without DATABASE_URL
     except ImportError:
         msg = "DATABASE_URL is not set and the embedded PostgreSQL is not installed: pip install 'zkeb[embedded]'"
-        raise RuntimeError(msg) from None
+        raise EmbeddedPostgresError(msg) from None
 
     pgdata = data_dir / "pgdata"
     pgdata.parent.mkdir(parents=True, exist_ok=True)
+    pgserver_logger = logging.getLogger("pgserver")
+    failures = _PgserverFailures()
     if not logger.isEnabledFor(logging.DEBUG):
         # pgserver logs initdb's and pg_ctl's whole output at INFO (~90 lines, including initdb's "you can now start
-        # the database server using pg_ctl ..."), which reads like instructions; LOG_LEVEL=DEBUG shows it.
-        logging.getLogger("pgserver").setLevel(logging.WARNING)
-    server = pgserver.get_server(pgdata, cleanup_mode="stop")
+        # the database server using pg_ctl ..."), which reads like instructions, and a failure's at ERROR (~20
+        # lines), of which the error below keeps the line that says why; LOG_LEVEL=DEBUG shows it all.
+        pgserver_logger.setLevel(logging.WARNING)
+        pgserver_logger.propagate = False
+    pgserver_logger.addHandler(failures)
+    try:
+        server = pgserver.get_server(pgdata, cleanup_mode="stop")
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+        program = Path(str(exc.cmd[0])).name if isinstance(exc.cmd, list | tuple) and exc.cmd else "PostgreSQL"
+        how = f"timed out after {exc.timeout:g} s" if isinstance(exc, subprocess.TimeoutExpired) else "failed"
+        why = f": {failures.reason}" if failures.reason else ""
+        msg = f"the embedded PostgreSQL could not start in {pgdata} ({program} {how}){why}"
+        raise EmbeddedPostgresError(msg) from None
+    finally:
+        pgserver_logger.removeHandler(failures)
+        pgserver_logger.propagate = True
     return normalize_database_url(server.get_uri())
+
+
+class EmbeddedPostgresError(RuntimeError):
+    """The embedded PostgreSQL is not installed or could not start; the message says why, in one line."""
+
+
+class _PgserverFailures(logging.Handler):
+    """Keeps why a pgserver command failed: the first line of its stderr (initdb's and pg_ctl's own error line)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.reason = ""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Take the first `...: error: ...` or `FATAL:` line of a failure's logged output."""
+        for line in record.getMessage().splitlines():
+            if not self.reason and (": error: " in line or "FATAL:" in line):
+                self.reason = line.strip()
 
 
 def alembic_commands(settings: Settings, url: str) -> AlembicCommands:

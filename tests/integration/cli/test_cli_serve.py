@@ -110,6 +110,23 @@ def test_unreachable_database_is_a_clear_error_not_a_traceback(tmp_path: Path) -
     assert b"Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("command", [("serve",), ("db", "current")])
+def test_an_embedded_postgresql_that_cannot_start_is_one_line_saying_why(
+    tmp_path: Path, command: tuple[str, ...]
+) -> None:
+    (tmp_path / "pgdata").write_bytes(b"")  # where initdb must make a directory
+    env = _clean_env(ZKEB_DATA_DIR=str(tmp_path), HOST="127.0.0.1", PORT=str(_free_port()))
+    result = subprocess.run([*ZKEB, *command], env=env, capture_output=True, timeout=60, check=False)
+    assert result.returncode == 1
+    lines = result.stderr.decode().strip().splitlines()
+    assert lines[-1] == (
+        f"Error: the embedded PostgreSQL could not start in {tmp_path / 'pgdata'} (initdb failed): "
+        f'initdb: error: could not access directory "{tmp_path / "pgdata"}": Not a directory'
+    ), lines
+    assert "Traceback" not in result.stderr.decode()
+    assert "Failed postgres command" not in result.stderr.decode()  # pgserver's own 20 lines of it
+
+
 @pytest.mark.parametrize(
     "command", [("db", "upgrade"), ("db", "current"), ("db", "history"), ("admin", "create-org", "x")]
 )
