@@ -445,12 +445,26 @@ _MINIMUM_SECRET_LENGTHS = {
 }
 
 
+#: Fewest different characters a production secret may have. A random value has many (`openssl rand -base64 32`:
+#: about 30 of its 44); a placeholder has few (an all-zero master key is `AAAA...A=`, 2; `changeme` repeated, 6).
+_MINIMUM_DISTINCT_CHARACTERS = 8
+
+
 def _refuse_weak_secrets(reader: _EnvReader) -> None:
-    """In production, refuse secrets short enough to guess (a one-byte JWT secret lets anyone mint tokens)."""
+    """In production, refuse secrets short enough to guess (a one-byte JWT secret lets anyone mint tokens) or too
+    regular to be random (an all-zero master key, a repeated placeholder)."""
     for name, minimum in _MINIMUM_SECRET_LENGTHS.items():
         value = reader.optional(name)
         if value is not None and len(value) < minimum:
             msg = f"{name} must be at least {minimum} characters in production (e.g. `openssl rand -base64 32`)"
+            raise SettingsError(msg)
+    for name in ("ZKEB_MASTER_ENCRYPTION_KEY", "ZKEB_MASTER_ENCRYPTION_KEY_NEW", *_MINIMUM_SECRET_LENGTHS):
+        value = reader.optional(name)
+        if value is not None and len(set(value.strip())) < _MINIMUM_DISTINCT_CHARACTERS:
+            msg = (
+                f"{name} is too regular to be a secret (fewer than {_MINIMUM_DISTINCT_CHARACTERS} different "
+                "characters): generate one with `openssl rand -base64 32`"
+            )
             raise SettingsError(msg)
 
 

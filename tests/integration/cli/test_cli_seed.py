@@ -66,8 +66,8 @@ def test_seed_refuses_production(tmp_path: Path) -> None:
         "ZKEB_DATA_DIR": str(tmp_path),
         "DATABASE_URL": "postgresql://postgres@127.0.0.1:1/x",
         "ZKEB_MASTER_ENCRYPTION_KEY": "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=",  # pragma: allowlist secret
-        "JWT_SECRET": "j" * 40,
-        "API_KEY_SALT": "s" * 40,
+        "JWT_SECRET": "a-jwt-secret-for-production-settings-tests",  # pragma: allowlist secret
+        "API_KEY_SALT": "an-api-key-salt-for-production-tests",  # pragma: allowlist secret
     }
     result = _seed(env)
     assert result.returncode != 0

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 import stat
 from pathlib import Path
 
@@ -12,8 +14,8 @@ from zkeb.settings import PayloadStoreSettings, Settings, SettingsError, normali
 
 PROD_SECRETS = {
     "ZKEB_MASTER_ENCRYPTION_KEY": "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=",
-    "JWT_SECRET": "j" * 40,
-    "API_KEY_SALT": "s" * 40,
+    "JWT_SECRET": "a-jwt-secret-for-production-settings-tests",  # pragma: allowlist secret
+    "API_KEY_SALT": "an-api-key-salt-for-production-tests",  # pragma: allowlist secret
 }
 
 
@@ -162,6 +164,28 @@ def test_production_refuses_weak_secrets_without_echoing_them(tmp_path: Path, na
     assert weak not in str(excinfo.value)
     # Development generates its own; a short value there is the developer's choice.
     assert Settings.from_env({"ZKEB_DATA_DIR": str(tmp_path), **PROD_SECRETS, name: weak})
+
+
+@pytest.mark.parametrize(
+    ("name", "placeholder"),
+    [
+        ("ZKEB_MASTER_ENCRYPTION_KEY", "A" * 43 + "="),  # 32 zero bytes, base64
+        ("ZKEB_MASTER_ENCRYPTION_KEY_NEW", "0" * 64),  # 32 zero bytes, hex
+        ("JWT_SECRET", "changeme" * 5),
+        ("API_KEY_SALT_NEW", "ab" * 20),
+        ("METRICS_TOKEN", "x" * 40),
+    ],
+)
+def test_production_refuses_placeholder_secrets_without_echoing_them(
+    tmp_path: Path, name: str, placeholder: str
+) -> None:
+    base = {"ZKEB_ENV": "production", "ZKEB_DATA_DIR": str(tmp_path), "DATABASE_URL": "postgres://u@h/d"}
+    with pytest.raises(SettingsError, match=f"{name} is too regular to be a secret") as excinfo:
+        Settings.from_env({**base, **PROD_SECRETS, name: placeholder})
+    assert placeholder not in str(excinfo.value)
+    # A random value of the documented kind passes (`openssl rand -base64 32`, or hex for the master key).
+    assert Settings.from_env({**base, **PROD_SECRETS, name: base64.b64encode(os.urandom(32)).decode()})
+    assert Settings.from_env({**base, **PROD_SECRETS, name: os.urandom(32).hex()})
 
 
 def test_production_error_never_echoes_secret_values(tmp_path: Path) -> None:
