@@ -135,6 +135,7 @@ async def test_head_reports_offset_length_and_no_store(client: Client, tenant: T
     assert head.headers["upload-offset"] == "0"
     assert head.headers["upload-length"] == "100"
     assert head.headers["cache-control"] == "no-store"
+    assert not head.headers["content-type"].startswith("application/json"), "a HEAD has no JSON body to describe"
     await patch(client, tenant, location, envelope.payload[:40], 0)
     head = await client.head(location, headers=tus_headers(tenant.project_key))
     assert head.headers["upload-offset"] == "40"

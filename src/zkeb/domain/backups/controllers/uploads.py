@@ -168,7 +168,7 @@ class UploadController(Controller):
         upload = await load_upload(db_session, principal_of(request), upload_id)
         headers = base_headers(upload)
         headers["Upload-Length"] = str(upload.upload_length)
-        return Response(None, status_code=200, headers=headers)
+        return Response(b"", status_code=200, headers=headers, media_type=MediaType.TEXT)  # no body: not JSON
 
     @patch(
         "/{upload_id:uuid}",
