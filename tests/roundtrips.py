@@ -130,6 +130,20 @@ def counting_proxy(url: str, *, protocol: str) -> Iterator[tuple[str, WireCounts
     try:
         yield url_through_loopback_port(url, port), counts
     finally:
-        loop.call_soon_threadsafe(server.close)
+        asyncio.run_coroutine_threadsafe(_stop(server), loop).result(5)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=5)
+        loop.close()
+
+
+async def _stop(server: asyncio.Server) -> None:
+    """Close the listener and end every connection's tasks on this loop, so none is left suspended.
+
+    A connection task left suspended when the loop stops is closed by the garbage collector later, inside whatever
+    test runs then, where its clean-up fails on the stopped loop ("Event loop is closed") and fails that test.
+    """
+    server.close()
+    tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
