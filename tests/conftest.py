@@ -31,9 +31,12 @@ from advanced_alchemy.extensions.litestar import SQLAlchemyAsyncConfig
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
 from redis.asyncio import Redis
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from zkeb.app import create_app
+from zkeb.core.database import create_app_engine
 from zkeb.core.migrations import run_alembic
+from zkeb.core.tenancy import install_tenant_setter
 from zkeb.settings import PayloadStoreSettings, Settings, normalize_database_url
 
 from support import embedded_cluster, make_settings, parametrize_stores
@@ -228,6 +231,15 @@ def payload_store_env(request: pytest.FixtureRequest) -> dict[str, str]:
         "S3_ENDPOINT_URL": store.endpoint_url,
         "S3_REGION": store.region,
     }
+
+
+@pytest.fixture
+async def engine(settings: Settings, database_url: str) -> AsyncIterator[AsyncEngine]:
+    """The app's request-serving engine on the test's database (the runtime role, the tenant hook installed)."""
+    install_tenant_setter()
+    engine = create_app_engine(settings, database_url)
+    yield engine
+    await engine.dispose()
 
 
 @pytest.fixture

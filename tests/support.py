@@ -401,3 +401,8 @@ async def assert_bucket_holds_exactly_the_chunks(settings: Settings, owner: Any)
         stored = {item["Key"] async for page in pages for item in page.get("Contents", [])}
     assert stored - expected == set(), "objects with no chunk row are left in the bucket"
     assert expected - stored == set(), "chunk rows have no object"
+
+
+class StandInRequest:
+    """Stands for the request a handler's frames hold (and granian's connection with it): tests that look for a
+    reference cycle keeping a request alive hold one of these where a handler would hold its request."""

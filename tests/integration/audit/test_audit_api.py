@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import datetime
 import uuid
-from collections.abc import AsyncIterator
 
 import asyncpg
 import httpx
@@ -15,17 +14,9 @@ from litestar import Litestar
 from litestar.testing import AsyncTestClient
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from zkeb.core.database import create_app_engine
 from zkeb.settings import Settings
 
 from support import granian_server, problem
-
-
-@pytest.fixture
-async def engine(settings: Settings, database_url: str) -> AsyncIterator[AsyncEngine]:
-    engine = create_app_engine(settings, database_url)
-    yield engine
-    await engine.dispose()
 
 
 def _auth(key: str) -> dict[str, str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
@@ -15,20 +14,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
 from zkeb.app import create_app
 from zkeb.core.audit import chained_fields, record_event, record_event_on_connection
-from zkeb.core.database import create_app_engine
-from zkeb.core.tenancy import install_tenant_setter, tenant_scope
+from zkeb.core.tenancy import tenant_scope
 from zkeb.lib.hashchain import verify_chain
 from zkeb.settings import Settings
 
 from support import make_settings
-
-
-@pytest.fixture
-async def engine(settings: Settings, database_url: str) -> AsyncIterator[AsyncEngine]:
-    install_tenant_setter()
-    engine = create_app_engine(settings, database_url)
-    yield engine
-    await engine.dispose()
 
 
 async def _new_org(owner_connection: asyncpg.Connection, name: str = "acme") -> uuid.UUID:

@@ -15,14 +15,13 @@ import gc
 import os
 import uuid
 import weakref
-from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
 from backups_support import make_tenant, sign_envelope, tus_headers
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from zkeb.domain.backups.chunk_reads import ChunkSpan, StoredPayloadCorruptError, plan_read, stream_plaintext
 from zkeb.domain.backups.store.payloads import PayloadStores, StoredChunksMissingError
@@ -30,18 +29,7 @@ from zkeb.domain.backups.store.s3 import S3ChunkStore, S3PayloadStore
 from zkeb.lib.atrest import ChunkCipher
 from zkeb.settings import Settings
 
-from support import collector_off
-
-
-class _Request:
-    """Stands for the request a handler's frames hold."""
-
-
-@pytest.fixture
-async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
-    engine = create_async_engine(database_url)
-    yield engine
-    await engine.dispose()
+from support import StandInRequest, collector_off
 
 
 async def _stored_payload(
@@ -101,7 +89,7 @@ async def test_a_failed_restore_frees_the_request_without_the_garbage_collector(
     objects = S3ChunkStore(settings.payload_store) if kind == "s3" else None
     stores = PayloadStores(kind, s3=S3PayloadStore(objects) if objects is not None else None)
 
-    async def handle(request: _Request) -> None:  # its frame, like a handler's, holds the request
+    async def handle(request: StandInRequest) -> None:  # its frame, like a handler's, holds the request
         pieces = stream_plaintext(
             engine,
             stores=stores,
@@ -114,7 +102,7 @@ async def test_a_failed_restore_frees_the_request_without_the_garbage_collector(
         async for _ in pieces:
             pass
 
-    request = _Request()
+    request = StandInRequest()
     freed = weakref.ref(request)
     failed = False
     async with objects if objects is not None else contextlib.nullcontext():

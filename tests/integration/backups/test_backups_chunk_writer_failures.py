@@ -14,31 +14,20 @@ import gc
 import os
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import asyncpg
 import pytest
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from zkeb.core.errors import ConflictError
 from zkeb.domain.backups.chunk_writes import ChunkPipeline
 from zkeb.domain.backups.store.payloads import PostgresPayloadStore
 from zkeb.lib.atrest import ChunkCipher
 
-from support import collector_off
+from support import StandInRequest, collector_off
 
 CHUNK = PostgresPayloadStore.chunk_size
-
-
-class _Request:
-    """Stands for the request a handler's frames hold (and granian's connection with it)."""
-
-
-@pytest.fixture
-async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
-    engine = create_async_engine(database_url)
-    yield engine
-    await engine.dispose()
 
 
 async def _taken_over(connection: asyncpg.Connection, next_seq: int, next_offset: int) -> None:
@@ -85,7 +74,7 @@ async def test_a_refused_write_frees_the_request_without_the_garbage_collector(
 ) -> None:
     payload_id = uuid.uuid4()
 
-    async def handle(request: _Request) -> None:  # its frame, like a handler's, holds the request
+    async def handle(request: StandInRequest) -> None:  # its frame, like a handler's, holds the request
         pipeline = ChunkPipeline(
             engine,
             store=PostgresPayloadStore(),
@@ -97,7 +86,7 @@ async def test_a_refused_write_frees_the_request_without_the_garbage_collector(
         async with pipeline:
             await handle_body(pipeline)
 
-    request = _Request()
+    request = StandInRequest()
     freed = weakref.ref(request)
     refused = False
     with collector_off():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 import uuid
-from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
@@ -19,14 +18,6 @@ from zkeb.db.models import ApiKey, AuditEvent, Device, Organization, Project
 from zkeb.settings import Settings
 
 from support import embedded_cluster, make_settings
-
-
-@pytest.fixture
-async def engine(settings: Settings, database_url: str) -> AsyncIterator[AsyncEngine]:
-    install_tenant_setter()
-    engine = create_app_engine(settings, database_url)
-    yield engine
-    await engine.dispose()
 
 
 async def _create_org_with_project(engine: AsyncEngine, name: str) -> uuid.UUID:
