@@ -264,7 +264,8 @@ class Uploader:
     async def _create(self, state: UploadState, container_id: uuid.UUID) -> str | uuid.UUID:
         """Create the upload of ``state``'s envelope: its URL, or the backup it was already committed as (§6.5).
 
-        A retried creation whose first answer was lost leaves that first upload behind (it expires); nothing names it.
+        A creation retried after its answer was lost gets the same upload back (the server finds an identical one that
+        has received nothing), so nothing is left behind.
         """
         fields = {
             "container_id": str(container_id).encode(),

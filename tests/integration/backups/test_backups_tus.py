@@ -346,20 +346,50 @@ async def test_concurrent_uploads_with_one_nonce_commit_once(
     assert counts == {"payloads": 1, "backup_chunks": 1, "backups": 1, "payload_nonces": 1, "upload_sessions": 0}
 
 
+async def test_a_creation_retried_after_its_answer_was_lost_finds_the_same_upload_and_reserves_nothing_twice(
+    client: Client, tenant: Tenant, owner_connection: asyncpg.Connection
+) -> None:
+    envelope = sign_envelope(tenant, os.urandom(1000))
+    first = await create(client, tenant, envelope)
+    retried = await create(client, tenant, envelope)  # its first answer never reached the client
+    assert (first.status_code, retried.status_code) == (201, 201)
+    assert retried.headers["location"] == first.headers["location"]
+    assert retried.headers["upload-offset"] == "0"
+    usage = await client.get(f"/api/v1/projects/{tenant.project_id}/usage", headers=auth(tenant.admin_key))
+    assert (usage.json()["open_uploads"], usage.json()["reserved_bytes"]) == (1, 1000)
+    done = await patch(client, tenant, retried.headers["location"], envelope.payload, 0)
+    assert done.status_code == 204
+    counts = await row_counts(owner_connection)
+    assert counts == {"payloads": 1, "backup_chunks": 1, "backups": 1, "payload_nonces": 1, "upload_sessions": 0}
+
+
+async def test_a_creation_differing_in_length_or_a_field_is_another_upload(client: Client, tenant: Tenant) -> None:
+    nonce = os.urandom(12)
+    envelope = sign_envelope(tenant, os.urandom(100), payload_nonce=nonce)
+    first = (await create(client, tenant, envelope)).headers["location"]
+    longer = await create(client, tenant, envelope, **{"Upload-Length": "101"})
+    other_container = await create(client, tenant, sign_envelope(tenant, envelope.payload, payload_nonce=nonce))
+    assert longer.status_code == other_container.status_code == 201
+    assert len({first, longer.headers["location"], other_container.headers["location"]}) == 3
+
+
 async def test_a_second_upload_of_a_committed_envelope_is_409_naming_its_backup(
     client: Client, tenant: Tenant, owner_connection: asyncpg.Connection
 ) -> None:
-    # A device that lost the first upload's answer started another of the same envelope before it was committed.
-    envelope = sign_envelope(tenant, b"once")
+    # A device that lost the first upload's answer after sending some of it started another of the same envelope
+    # before the first was committed (an upload that has received nothing is found again instead: see below).
+    envelope = sign_envelope(tenant, b"once, in two parts")
     first_location = (await create(client, tenant, envelope)).headers["location"]
+    assert (await patch(client, tenant, first_location, envelope.payload[:5], 0)).status_code == 204
     second_location = (await create(client, tenant, envelope)).headers["location"]
-    committed = await patch(client, tenant, first_location, envelope.payload, 0)
+    assert second_location != first_location
+    committed = await patch(client, tenant, first_location, envelope.payload[5:], 5)
     assert committed.status_code == 204
     refused = await patch(client, tenant, second_location, envelope.payload, 0)
     assert refused.status_code == 409
     assert problem(refused)["backup_id"] == committed.headers["zkeb-backup-id"]
-    counts = await row_counts(owner_connection)
-    assert counts == {"payloads": 1, "backup_chunks": 1, "backups": 1, "payload_nonces": 1, "upload_sessions": 0}
+    counts = await row_counts(owner_connection)  # a chunk per PATCH of the first upload
+    assert counts == {"payloads": 1, "backup_chunks": 2, "backups": 1, "payload_nonces": 1, "upload_sessions": 0}
 
 
 # --- Creation With Upload -----------------------------------------------------------------------------------------

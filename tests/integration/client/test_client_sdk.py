@@ -327,6 +327,28 @@ async def test_a_rerun_whose_upload_is_gone_uploads_again_from_zero_under_the_sa
     assert restored == source.read_bytes()
 
 
+async def test_a_lost_answer_to_the_upload_creation_leaves_no_second_upload_behind(
+    project: Project, keys: KeyFile, tmp_path: Path
+) -> None:
+    data = os.urandom(9 * MIB)
+    proxy = StallingProxy(project.server)
+    proxy.lose_answer_to, proxy.lose_answers = b"POST /api/v1/uploads ", 1
+    try:
+        async with AsyncClient(proxy.url, keys=keys, state_dir=tmp_path / "state") as client:
+            backup = await client.backup_bytes(data, uuid.uuid4(), name="big.bin")
+            restored = await client.restore_bytes(backup.id)
+    finally:
+        proxy.close()
+
+    assert proxy.lost == 1, "the creation's answer was never lost"
+    assert restored == data
+    async with httpx.AsyncClient(base_url=project.server) as http:
+        usage = await http.get(
+            f"/api/v1/projects/{project.project_id}/usage", headers={"Authorization": f"Bearer {project.admin_key}"}
+        )
+    assert (usage.json()["open_uploads"], usage.json()["reserved_bytes"]) == (0, 0), "an upload was left open"
+
+
 async def test_a_lost_answer_to_the_single_shot_post_is_the_committed_backup_not_a_conflict(
     project: Project, keys: KeyFile, tmp_path: Path
 ) -> None:

@@ -106,6 +106,8 @@ class UploadController(Controller):
             "`Upload-Length` (1..`MAX_UPLOAD_SIZE`, else 413) and `Upload-Metadata` with every envelope field but the "
             "payload, validated now: 400 malformed, 422 naming an invalid field, 409 for a reused `payload_nonce` "
             "(naming `backup_id` when this very envelope was committed), "
+            "the same `Location` again for a creation identical to an open upload that has received no byte yet "
+            "(a retry after a lost answer), "
             "507 when `Upload-Length` does not fit under the project's storage quota, which open uploads reserve "
             "their `Upload-Length` from; 429 when the project already has `MAX_OPEN_UPLOADS` uploads open; 400 "
             "without `PUBLIC_URL` configured and without a `Host` header. "
@@ -168,7 +170,7 @@ class UploadController(Controller):
         upload = await load_upload(db_session, principal_of(request), upload_id)
         headers = base_headers(upload)
         headers["Upload-Length"] = str(upload.upload_length)
-        return Response(b"", status_code=200, headers=headers, media_type=MediaType.TEXT)  # no body: not JSON
+        return Response(None, status_code=200, headers=headers, media_type=MediaType.TEXT)  # no body: not JSON
 
     @patch(
         "/{upload_id:uuid}",

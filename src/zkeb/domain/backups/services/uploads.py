@@ -78,6 +78,11 @@ async def create_upload_session(
 ) -> UploadSession:
     """Admit a new upload of `length` bytes (device, nonce, quota, open uploads) and create its session.
 
+    A creation identical to an open upload's that has received nothing yet (the same device, envelope and length)
+    is that upload again: a client retrying a creation whose answer was lost gets the first one's `Location`, and
+    the project does not reserve its length twice nor count a second open upload. An upload that has received bytes
+    is left to its own client (a retried creation cannot know its offset, and a plain tus client starts at 0).
+
     Raises:
         NotFoundError, UnprocessableError: the device is unknown or revoked (see `BackupService.device_for_upload`).
         ConflictError: the payload nonce was used before (409).
@@ -90,6 +95,23 @@ async def create_upload_session(
     await service.ensure_nonce_unused(
         principal.project_id, envelope.device_id_hash, envelope.payload_nonce, signature=envelope.signature
     )
+    columns = envelope_columns(envelope)
+    unsent = await session.scalar(
+        select(UploadSession)
+        .where(
+            UploadSession.organization_id == principal.organization_id,
+            UploadSession.project_id == principal.project_id,
+            UploadSession.device_id == device.id,
+            UploadSession.payload_nonce == envelope.payload_nonce,
+            UploadSession.upload_length == length,
+            UploadSession.upload_offset == 0,
+            UploadSession.expires_at > datetime.now(UTC),
+        )
+        .limit(1)
+    )
+    if unsent is not None and all(getattr(unsent, column) == value for column, value in columns.items()):
+        await session.commit()
+        return unsent
     await LifecycleService(session=session).reserve_upload(
         principal.project_id, length, max_open_uploads=context.settings.max_open_uploads
     )
@@ -107,7 +129,7 @@ async def create_upload_session(
         payload_id=new.id,
         upload_length=length,
         upload_offset=0,
-        **envelope_columns(envelope),
+        **columns,
         expires_at=datetime.now(UTC) + UPLOAD_EXPIRY,
     )
     session.add(upload)
