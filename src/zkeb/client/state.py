@@ -13,6 +13,7 @@ import uuid
 from datetime import datetime
 from pathlib import Path
 
+import httpx
 import msgspec
 
 __all__ = ("StateStore", "UploadState", "default_state_dir")
@@ -42,6 +43,17 @@ class UploadState(msgspec.Struct, frozen=True):
     backup_timestamp: datetime
 
 
+def _server_name(server: str) -> str:
+    """`server` with its scheme and host in lower case, no default port and no trailing slash."""
+    url = httpx.URL(server)
+    host = f"[{url.host}]" if ":" in url.host else url.host
+    port = "" if url.port in {None, _DEFAULT_PORTS.get(url.scheme)} else f":{url.port}"
+    return f"{url.scheme}://{host}{port}{url.path.rstrip('/')}"
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
 class StateStore:
     """Upload records keyed by what is being backed up where."""
 
@@ -50,8 +62,13 @@ class StateStore:
 
     @staticmethod
     def key(*, server: str, project_id: uuid.UUID, container_id: uuid.UUID, device_id_hash: bytes, source: str) -> str:
-        """A stable file name for one source backed up by one device into one container on one server."""
-        text = "\n".join((server, str(project_id), str(container_id), device_id_hash.hex(), source))
+        """A stable file name for one source backed up by one device into one container on one server.
+
+        The server is named as a URL normalizes (`HTTP://Backup.Example:443/` is `https://backup.example`), so
+        the same server typed another way finds the same record; two names for one host (`localhost` and
+        `127.0.0.1`) are two servers to the client.
+        """
+        text = "\n".join((_server_name(server), str(project_id), str(container_id), device_id_hash.hex(), source))
         return hashlib.sha256(text.encode()).hexdigest()
 
     def _path(self, key: str) -> Path:
