@@ -79,3 +79,35 @@ async def test_audit_writing_can_be_turned_off(
         _, admin_key = await create_org(settings, "acme")
         await create_project(client, admin_key, "mobile")
     assert await owner_connection.fetchval("SELECT count(*) FROM audit_events") == 0
+
+
+async def test_a_revoked_key_used_again_and_again_adds_one_audit_event_a_minute_per_key(
+    client: Client, settings: Settings, owner_connection: asyncpg.Connection
+) -> None:
+    org_id, admin_key = await create_org(settings, "acme")
+    project = await create_project(client, admin_key, "mobile")
+    revoked = []
+    for name in ("ci", "laptop"):
+        key = (
+            await client.post(
+                f"/api/v1/projects/{project['id']}/api-keys", json={"name": name}, headers=auth(admin_key)
+            )
+        ).json()
+        assert (await client.delete(f"/api/v1/api-keys/{key['id']}", headers=auth(admin_key))).status_code == 204
+        revoked.append(key)
+
+    for _ in range(12):  # 24 refusals: under the address's 30 a minute (`TOKEN_RATE_LIMIT_PER_MINUTE`)
+        for key in revoked:
+            assert (await client.get("/api/v1/backups", headers=auth(key["key"]))).status_code == 401
+
+    rows = await owner_connection.fetch(
+        "SELECT actor_id, details FROM audit_events WHERE organization_id = $1 AND action = 'auth.failed' ORDER BY seq",
+        org_id,
+    )
+    for key in revoked:
+        events = [row for row in rows if row["actor_id"] == key["id"]]
+        assert 1 <= len(events) <= 2, events  # two only if the tries straddled a minute's end
+        assert '"window_seconds": 60' in events[0]["details"]
+        assert '"failures_in_previous_window": 0' in events[0]["details"]
+    verify = await client.get("/api/v1/audit-events/verify", headers=auth(admin_key))
+    assert verify.json()["valid"] is True

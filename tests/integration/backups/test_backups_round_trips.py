@@ -134,7 +134,7 @@ async def test_a_device_revoked_between_reads_is_refused_at_once_and_audited_on_
     recorded = await owner_connection.fetchval(
         "SELECT count(*) FROM audit_events WHERE action = 'auth.failed' AND actor_id = $1", tenant.device.id
     )
-    assert recorded == 6
+    assert 1 <= recorded <= 2  # the first refusal of each minute (two if the six straddled a minute's end)
     other = await device_token(counted.client, tenant, tenant.devices[1])
     assert (await counted.client.get("/api/v1/backups", headers=auth(other))).status_code == 200
 

@@ -25,6 +25,7 @@ from litestar.exceptions import NotAuthorizedException
 from litestar.middleware import AbstractAuthenticationMiddleware, AuthenticationResult
 from sqlalchemy import text
 
+from zkeb.core import auditthrottle
 from zkeb.core.audit import record_event
 from zkeb.core.auth import Principal, bearer_credential
 from zkeb.core.database import pooled_connection
@@ -200,16 +201,22 @@ async def authenticate_bearer(runtime: Runtime, authorization: str | None) -> Pr
 async def _record_failure(
     runtime: Runtime, connection: ASGIConnection[Any, Any, Any, Any], failure: _AuthenticationFailure
 ) -> None:
+    """Audit a refused credential that names an organization: the first refusal of that credential in each minute,
+    counting the previous minute's (`zkeb.core.auditthrottle`), since whoever holds a revoked key or an expired token
+    can repeat it as often as the rate limiter lets them."""
     if failure.reason == "no credential":
         return
-    if failure.organization_id is None:
+    organization_id = failure.organization_id
+    subject = f"auth-failed:{organization_id}:{failure.actor_type}:{failure.actor_id}"
+    admission = await auditthrottle.admit(runtime.redis, subject) if organization_id is not None else None
+    if organization_id is None or admission is None or not admission.record:
         logger.info("authentication failed: %s (path %s)", failure.reason, request_path(connection))
         return
     try:
         async with runtime.engine.begin() as db:
             await record_event(
                 db,
-                organization_id=failure.organization_id,
+                organization_id=organization_id,
                 action="auth.failed",
                 actor_type=failure.actor_type,
                 actor_id=failure.actor_id,
@@ -218,6 +225,8 @@ async def _record_failure(
                     "reason": failure.reason,
                     "method": connection.scope.get("method"),
                     "path": request_path(connection),
+                    "window_seconds": auditthrottle.WINDOW_SECONDS,
+                    "failures_in_previous_window": admission.previous_window_count,
                 },
                 request=connection,
             )
