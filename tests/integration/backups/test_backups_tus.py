@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import json
 import os
 import uuid
 from collections.abc import Awaitable, Callable
@@ -635,6 +636,14 @@ async def test_termination_deletes_the_upload_and_its_bytes(
     assert response.headers["tus-resumable"] == "1.0.0"
     assert await row_counts(owner_connection) == NOTHING_STORED
     assert (await client.head(location, headers=tus_headers(tenant.project_key))).status_code == 404
+    event = await owner_connection.fetchrow(
+        "SELECT actor_type, actor_id, target_type, target_id, details FROM audit_events WHERE action = $1",
+        "upload.terminated",
+    )
+    assert event is not None, "the termination is not on the audit trail"
+    assert (event["actor_type"], event["target_type"]) == ("project_key", "upload")
+    assert event["target_id"] == location.rsplit("/", 1)[1]
+    assert json.loads(event["details"])["upload_offset"] == MIB + 1
 
 
 _TERMINATE = ("DELETE FROM upload_sessions WHERE payload_id = $1", "DELETE FROM payloads WHERE id = $1")

@@ -225,14 +225,17 @@ class UploadController(Controller):
         "/{upload_id:uuid}",
         guards=[requires_backup_access],
         summary="Abandon an upload (tus termination)",
-        description="204; the upload and its bytes are deleted. A PATCH still open on it stops and answers 404.",
+        description=(
+            "204; the upload and its bytes are deleted (`upload.terminated` in the audit trail). A PATCH still open "
+            "on it stops and answers 404."
+        ),
     )
     async def terminate(
         self, request: Request[Any, Any, Any], db_session: NamedDependency[AsyncSession], upload_id: FromPath[UUID]
     ) -> Response[None]:
         """Delete an upload and what it received."""
         require_tus_resumable(request)
-        await terminate_upload(db_session, principal_of(request), upload_id)
+        await terminate_upload(db_session, principal_of(request), upload_id, request=request)
         return Response(None, status_code=204, headers={"Tus-Resumable": TUS_VERSION})
 
 

@@ -22,6 +22,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 from uuid_utils.compat import uuid7
 
+from zkeb.core.audit import record_event
 from zkeb.core.auth import Principal
 from zkeb.core.errors import NotFoundError
 from zkeb.core.runtime import get_runtime
@@ -138,8 +139,11 @@ async def create_upload_session(
     return upload
 
 
-async def terminate_upload(session: AsyncSession, principal: Principal, upload_id: UUID) -> None:
-    """Delete an upload and what it received (tus termination); a PATCH still open on it stores nothing more.
+async def terminate_upload(
+    session: AsyncSession, principal: Principal, upload_id: UUID, *, request: Request[Any, Any, Any] | None = None
+) -> None:
+    """Delete an upload and what it received (tus termination), recorded as `upload.terminated` in the audit trail;
+    a PATCH still open on it stores nothing more.
 
     Raises:
         NotFoundError: no such upload (404), or it ended meanwhile.
@@ -149,7 +153,24 @@ async def terminate_upload(session: AsyncSession, principal: Principal, upload_i
     # The session row first, as every writer locks it: a PATCH still open on the upload stores nothing more.
     if not await upload_leases.lock_session(session, upload.id):
         raise NotFoundError("upload not found")
+    details = {
+        "project_id": str(upload.project_id),
+        "payload_id": str(upload.payload_id),
+        "upload_length": upload.upload_length,
+        "upload_offset": upload.upload_offset,
+    }
     await upload_leases.delete_payload(session, upload.payload_id)
+    await record_event(
+        session,
+        organization_id=principal.organization_id,
+        action="upload.terminated",
+        actor_type=principal.actor_type,
+        actor_id=principal.actor_id,
+        target_type="upload",
+        target_id=str(upload_id),
+        details=details,
+        request=request,
+    )
     await session.commit()
 
 
