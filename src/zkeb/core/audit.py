@@ -35,6 +35,7 @@ from zkeb.core.errors import request_id_var, trace_id_var
 from zkeb.core.security import client_ip, trusted_proxies
 from zkeb.db.models.audit import AuditChainHead, AuditEvent
 from zkeb.lib.hashchain import GENESIS_HASH, canonical_event_bytes, chain_hash, escape_control_chars
+from zkeb.lib.redaction import redact
 from zkeb.settings import Settings
 
 __all__ = (
@@ -207,7 +208,8 @@ def request_fields(
             settings = getattr(runtime, "settings", None)
         proxies = trusted_proxies(settings.trusted_proxies if settings is not None else ())
         fields["client_ip"] = client_ip(request.scope, proxies)
-        fields["user_agent"] = request.headers.get("user-agent")
+        user_agent = request.headers.get("user-agent")
+        fields["user_agent"] = redact(user_agent) if user_agent is not None else None  # the client's to choose
     return {name: audited_text(name, value) for name, value in fields.items()}
 
 

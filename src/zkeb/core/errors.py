@@ -35,6 +35,8 @@ from litestar.types import ExceptionHandlersMap
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
+from zkeb.lib.redaction import redact
+
 __all__ = (
     "PROBLEM_JSON",
     "BoundedRequest",
@@ -199,9 +201,11 @@ def problem_response(
     if title is None:
         title = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "Error"
     body: dict[str, Any] = {"type": problem_type, "title": title, "status": status}
+    # A detail may quote the request (a field name, a value) and the instance is its path: a credential a client put
+    # there is not sent back (proxies and clients log error bodies).
     if detail and detail != title:
-        body["detail"] = detail
-    body["instance"] = request_path(request)
+        body["detail"] = redact(detail)
+    body["instance"] = redact(request_path(request))
     if extra:
         body.update(extra)
     request_id = request_id_var.get()

@@ -31,6 +31,7 @@ from litestar.types import ASGIApp, HTTPScope, Message, Receive, ReceiveMessage,
 from opentelemetry import trace
 
 from zkeb.core.errors import request_id_var, span_id_var, trace_id_var
+from zkeb.lib.redaction import redact
 
 __all__ = (
     "ACCESS_LOGGER",
@@ -42,7 +43,6 @@ __all__ = (
     "install_access_log",
     "log_format",
     "logging_dictconfig",
-    "redact",
 )
 
 ACCESS_LOGGER = "zkeb.access"
@@ -52,13 +52,6 @@ _SPAN_CONTEXT_SCOPE_KEY = "zkeb.trace"  # kept in sync with zkeb.core.telemetry.
 
 # Attributes every LogRecord has; anything else on a record came from `extra=` and becomes a field.
 _RECORD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName"}
-# API keys, JWTs (device tokens) and bearer credentials, wherever they might have slipped into a line.
-_SECRET_SHAPES = re.compile(
-    r"(?<![A-Za-z0-9_])zkeb_[A-Za-z0-9_\-]{40,}"
-    r"|eyJ[A-Za-z0-9_\-]{6,}\.[A-Za-z0-9_\-]{6,}\.[A-Za-z0-9_\-]{6,}"
-    r"|(?i:bearer)\s+[A-Za-z0-9._~+/=\-]{8,}"
-)
-_REDACTED = "[REDACTED]"
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1 (e.g. CSI, \x9b)
@@ -67,11 +60,6 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1 (e.g. CSI, \x9b
 def _printable(text: str) -> str:
     """`text` with control characters written as escapes: a request path must not drive the developer's terminal."""
     return _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
-
-
-def redact(text: str) -> str:
-    """Mask API keys, JWTs and bearer credentials in `text`."""
-    return _SECRET_SHAPES.sub(_REDACTED, text)
 
 
 def _trace_fields() -> tuple[str | None, str | None]:

@@ -1,4 +1,4 @@
-"""`X-Request-Id`: echoed when the client sends a sane one, generated otherwise, on every response."""
+"""`X-Request-Id`: echoed when the client sends a sane one (short, plain, no credential), generated otherwise."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from litestar.enums import ScopeType
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from zkeb.core.errors import request_id_var
+from zkeb.lib.redaction import holds_credential
 
 __all__ = ("REQUEST_ID_HEADER", "RequestIdMiddleware")
 
@@ -27,7 +28,9 @@ class RequestIdMiddleware:
             await self.app(scope, receive, send)
             return
         incoming = next((v for k, v in scope["headers"] if k == b"x-request-id"), None)
-        request_id = incoming.decode() if incoming and _VALID.match(incoming) else os.urandom(16).hex()
+        request_id = incoming.decode() if incoming and _VALID.match(incoming) else ""
+        if not request_id or holds_credential(request_id):  # it goes into logs, audit events and error bodies
+            request_id = os.urandom(16).hex()
         header_value = request_id.encode()
         token = request_id_var.set(request_id)
 

@@ -64,6 +64,7 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from zkeb.core.errors import span_id_var, trace_id_var
+from zkeb.lib.redaction import redact
 from zkeb.settings import Settings, SettingsError
 
 __all__ = (
@@ -373,7 +374,7 @@ class ServerSpanMiddleware:
             kind=SpanKind.SERVER,
             attributes={
                 "http.request.method": method,
-                "url.path": scope["path"],
+                "url.path": redact(scope["path"]),  # as the access log writes it
                 "url.scheme": scope.get("scheme", "http"),
                 "network.protocol.version": scope.get("http_version", "1.1"),
             },

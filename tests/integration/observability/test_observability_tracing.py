@@ -11,6 +11,8 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import asyncpg
+import msgspec
 import pytest
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
@@ -314,6 +316,40 @@ async def test_no_span_or_log_line_carries_an_api_key_token_or_signature(
     for label, secret in secrets.items():
         assert secret not in span_text, f"{label} found in a span"
         assert secret not in log_text, f"{label} found in a log line"
+
+
+async def test_a_credential_a_client_puts_in_the_path_a_header_or_a_field_name_reaches_no_span_audit_event_or_error(
+    traced_client: tuple[Client, InMemorySpanExporter], settings: Settings, owner_connection: asyncpg.Connection
+) -> None:
+    client, exporter = traced_client
+    _, admin_key = await create_org(settings)
+    project, project_key = await create_project_key(client, admin_key)
+
+    in_path = await client.get(
+        f"/api/v1/backups/{project_key}", headers={**auth(project_key), "X-Request-Id": admin_key}
+    )
+    created = await client.post(
+        f"/api/v1/projects/{project['id']}/api-keys",
+        json={"name": "second"},
+        headers={**auth(admin_key), "User-Agent": f"agent/1 {project_key}", "X-Request-Id": project_key},
+    )
+    as_field_name = await client.post(
+        "/api/v1/backups",
+        content=msgspec.msgpack.encode({project_key: 1}),
+        headers={**auth(project_key), "Content-Type": "application/msgpack"},
+    )
+
+    assert (in_path.status_code, created.status_code, as_field_name.status_code) == (404, 201, 422)
+    assert in_path.headers["x-request-id"] != admin_key
+    assert created.headers["x-request-id"] != project_key
+    assert "unknown field `[REDACTED]`" in problem(as_field_name)["detail"]
+    events = await owner_connection.fetch("SELECT request_id, user_agent, details::text FROM audit_events")
+    assert any(row["user_agent"] == "agent/1 [REDACTED]" for row in events)
+    spans = json.dumps([dict(span.attributes or {}) for span in exporter.get_finished_spans()])
+    assert "/api/v1/backups/[REDACTED]" in spans
+    for text in (in_path.text, as_field_name.text, spans, json.dumps([dict(row) for row in events])):
+        assert project_key not in text
+        assert admin_key not in text
 
 
 async def test_upload_and_restore_are_server_spans_over_phase_spans_over_database_spans_with_no_payload_or_signature(

@@ -10,8 +10,9 @@ import sys
 import pytest
 
 from zkeb.core.errors import request_id_var
-from zkeb.core.logging import ConsoleFormatter, JsonFormatter, log_format, logging_dictconfig, redact
+from zkeb.core.logging import ConsoleFormatter, JsonFormatter, log_format, logging_dictconfig
 from zkeb.core.telemetry import TracingConfig
+from zkeb.lib.redaction import redact
 from zkeb.settings import SettingsError
 
 API_KEY = "zkeb_" + "A1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6Q7r8S9t0U1v"  # pragma: allowlist secret
