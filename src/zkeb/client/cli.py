@@ -370,7 +370,11 @@ def backup(settings: CliSettings, path: Path, container: uuid.UUID, as_json: boo
 @click.option("--latest", is_flag=True, help="Restore the newest backup in --container instead of ID.")
 @click.option("--container", callback=_uuid, metavar="UUID", help=CONTAINER_HELP)
 @click.option(
-    "-o", "--output", required=True, type=click.Path(path_type=Path), help="Where to write it (inside, if a directory)."
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(),  # a string: `restored/` (a folder to make) must keep its trailing slash
+    help="Where to write it (inside, if a directory or written with a trailing /).",
 )
 @JSON_OPTION
 @click.pass_obj
@@ -381,7 +385,7 @@ def restore(
     backup_id: uuid.UUID | None,
     latest: bool,
     container: uuid.UUID | None,
-    output: Path,
+    output: str,
     as_json: bool,
 ) -> None:
     """Download, verify (signature, digest, tag, SHA-256), decrypt and write a backup atomically.

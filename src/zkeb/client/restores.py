@@ -309,9 +309,10 @@ class Restorer:
         )
 
     async def to_path(
-        self, envelope: ServerEnvelope, destination: Path, progress: Progress | None = None
+        self, envelope: ServerEnvelope, destination: str | os.PathLike[str], progress: Progress | None = None
     ) -> RestoreResult:
-        """Restore a backup to ``destination`` (inside it, under the backup's name, when it is a directory).
+        """Restore a backup to ``destination`` (inside it, under the backup's name, when it is a directory, or when
+        it is written with a trailing separator: ``restored/`` is a folder, made if missing).
 
         Raises:
             ConfigurationError: If the destination already exists.
@@ -319,7 +320,7 @@ class Restorer:
         """
         verified = check_envelope(self.keys, envelope)
         meta = verified.metadata
-        target, created = await asyncio.to_thread(_target_and_parents, destination, meta.name)
+        target, created = await asyncio.to_thread(_target_and_parents, os.fspath(destination), meta.name)
         published = False
         try:
             temporary = await asyncio.to_thread(self._prepare, target)
@@ -414,9 +415,11 @@ def _appeared(target: Path) -> ConfigurationError:
     )
 
 
-def _target_and_parents(destination: Path, name: str) -> tuple[Path, list[Path]]:
-    """Where the restore goes (``name`` inside ``destination`` when it is a directory), its missing parents made."""
-    target = destination / name if destination.is_dir() else destination
+def _target_and_parents(destination: str, name: str) -> tuple[Path, list[Path]]:
+    """Where the restore goes (``name`` inside ``destination`` when it is a directory or ends with a separator), its
+    missing parents made."""
+    folder = destination.endswith((os.sep, "/")) or Path(destination).is_dir()
+    target = Path(destination) / name if folder else Path(destination)
     return target, _make_parents(target)
 
 

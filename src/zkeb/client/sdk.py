@@ -228,9 +228,10 @@ class AsyncClient:
         container_id: uuid.UUID | None = None,
         progress: Progress | None = None,
     ) -> RestoreResult:
-        """Restore a backup (``backup_id``, or the latest in ``container_id``) to a path, atomically."""
+        """Restore a backup (``backup_id``, or the latest in ``container_id``) to a path, atomically: inside it, under
+        the backup's name, when it is a directory or is written with a trailing separator (made if missing)."""
         envelope = await self.envelope(backup_id, container_id=container_id)
-        return await self._restorer().to_path(envelope, Path(destination), progress)
+        return await self._restorer().to_path(envelope, destination, progress)
 
     async def restore_stream(
         self, backup_id: uuid.UUID, sink: BinaryIO, progress: Progress | None = None

@@ -253,6 +253,20 @@ def _nothing_written(folder: Path, name: str) -> None:
     assert not [p for p in folder.iterdir() if ".zkeb-part" in p.name], "a temporary file was left behind"
 
 
+async def test_restore_to_a_path_ending_in_a_slash_makes_that_folder_and_restores_inside_it(
+    enrolled: Cli, tmp_path: Path
+) -> None:
+    source = tmp_path / "notes.txt"
+    source.write_bytes(b"hello\n")
+    container = str(uuid.uuid4())
+    enrolled.ok("backup", str(source), "--container", container)
+
+    restored = enrolled.json("restore", "--latest", "--container", container, "-o", f"{tmp_path}/new/folder/")
+
+    assert restored["path"] == str(tmp_path / "new" / "folder" / "notes.txt")
+    assert (tmp_path / "new" / "folder" / "notes.txt").read_bytes() == b"hello\n"
+
+
 async def test_restore_with_a_wrong_backup_key_fails_in_one_line_and_writes_nothing(
     enrolled: Cli, tmp_path: Path
 ) -> None:
