@@ -153,6 +153,39 @@ class CliSettings(msgspec.Struct):
         return AsyncClient(self.server, keys=opened, api_key=self.token, project_id=self.project)
 
 
+#: The group's settings, which each command accepts after its name too (`zkeb-client ls --server URL`).
+_SETTINGS_AFTER_THE_COMMAND: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("server", {"metavar": "URL"}),
+    ("identity", {"metavar": "FILE", "type": click.Path(dir_okay=False, path_type=Path)}),
+    ("token", {"metavar": "KEY"}),
+    ("project", {"metavar": "UUID"}),
+    ("passphrase", {"metavar": "TEXT"}),
+)
+
+
+def _setting(name: str) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    """The callback of a setting given after the command: it overrides the group's flag and the environment."""
+
+    def override(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        if name == "project":
+            value = _uuid(ctx, param, value)
+        if value is not None:
+            setattr(ctx.find_object(CliSettings), name, value)
+        return value
+
+    return override
+
+
+def _settings_after_the_command(command: Callable[..., None]) -> Callable[..., None]:
+    """Accept the group's settings after the command's name as well as before it, as users write them."""
+    for name, attrs in reversed(_SETTINGS_AFTER_THE_COMMAND):
+        option = click.option(
+            f"--{name}", expose_value=False, callback=_setting(name), help="As before the command.", **attrs
+        )
+        command = option(command)
+    return command
+
+
 def _run(coroutine: Callable[[], Coroutine[Any, Any, T]]) -> T:
     return asyncio.run(coroutine())
 
@@ -278,6 +311,7 @@ def cli(
 @cli.command()
 @click.option("--seal/--no-seal", default=None, help="Seal with the passphrase (default: when one is given).")
 @click.option("--from-recovery", is_flag=True, help="Rebuild the key file from a recovery form read on stdin.")
+@_settings_after_the_command
 @click.pass_obj
 @_one_line_errors(INTERRUPTED)
 def keygen(settings: CliSettings, seal: bool | None, from_recovery: bool) -> None:
@@ -305,6 +339,7 @@ def keygen(settings: CliSettings, seal: bool | None, from_recovery: bool) -> Non
 
 
 @cli.command("export-recovery")
+@_settings_after_the_command
 @click.pass_obj
 @_one_line_errors(INTERRUPTED)
 def export_recovery(settings: CliSettings) -> None:
@@ -318,6 +353,7 @@ def export_recovery(settings: CliSettings) -> None:
 
 @cli.command()
 @click.option("--label", required=True, help="A name for this device, shown to the project's admins.")
+@_settings_after_the_command
 @click.pass_obj
 @_one_line_errors(INTERRUPTED)
 def enroll(settings: CliSettings, label: str) -> None:
@@ -344,6 +380,7 @@ def enroll(settings: CliSettings, label: str) -> None:
 @click.argument("path", type=click.Path(exists=True, path_type=Path))
 @click.option("--container", required=True, callback=_uuid, metavar="UUID", help=CONTAINER_HELP)
 @JSON_OPTION
+@_settings_after_the_command
 @click.pass_obj
 @_one_line_errors(INTERRUPTED_BACKUP)
 def backup(settings: CliSettings, path: Path, container: uuid.UUID, as_json: bool) -> None:
@@ -377,6 +414,7 @@ def backup(settings: CliSettings, path: Path, container: uuid.UUID, as_json: boo
     help="Where to write it (inside, if a directory or written with a trailing /).",
 )
 @JSON_OPTION
+@_settings_after_the_command
 @click.pass_obj
 @_one_line_errors(INTERRUPTED_RESTORE)
 def restore(
@@ -411,6 +449,7 @@ def restore(
 @cli.command("ls")
 @click.option("--container", callback=_uuid, metavar="UUID", help="Only this container's backups.")
 @JSON_OPTION
+@_settings_after_the_command
 @click.pass_obj
 @_one_line_errors(INTERRUPTED)
 def list_backups(settings: CliSettings, container: uuid.UUID | None, as_json: bool) -> None:
@@ -432,6 +471,7 @@ def list_backups(settings: CliSettings, container: uuid.UUID | None, as_json: bo
 @cli.command()
 @click.argument("backup_id", callback=_uuid, metavar="ID")
 @JSON_OPTION
+@_settings_after_the_command
 @click.pass_obj
 @_one_line_errors(INTERRUPTED)
 def verify(settings: CliSettings, backup_id: uuid.UUID, as_json: bool) -> None:
@@ -449,6 +489,7 @@ def verify(settings: CliSettings, backup_id: uuid.UUID, as_json: bool) -> None:
 @cli.command("rm")
 @click.argument("backup_id", callback=_uuid, metavar="ID")
 @JSON_OPTION
+@_settings_after_the_command
 @click.pass_obj
 @_one_line_errors(INTERRUPTED)
 def remove(settings: CliSettings, backup_id: uuid.UUID, as_json: bool) -> None:

@@ -83,3 +83,24 @@ def test_the_installed_command_reports_a_usage_error_in_one_line_and_help_as_bef
     assert helped.returncode == 0
     assert helped.stdout.startswith("Usage: zkeb-client backup [OPTIONS] PATH")
     assert helped.stderr == ""
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_every_command_takes_the_settings_after_its_name_too(command: str) -> None:
+    result = CliRunner().invoke(cli, [command, "--help"])
+    for flag in ("--server", "--identity", "--token", "--project", "--passphrase"):
+        assert flag in result.output
+
+
+def test_a_setting_after_the_command_overrides_the_environment_and_the_flag_before_it() -> None:
+    token = "zkeb_" + "a" * 43  # pragma: allowlist secret
+    result = CliRunner().invoke(
+        cli,
+        ["--server", "http://127.0.0.1:9", "ls", "--server", "ftp://after", "--token", token],
+        env={"ZKEB_SERVER": "http://127.0.0.1:8", "ZKEB_PROJECT": "0b5e6a3c-2f51-4f0e-9d54-1f6f1a2b3c4d"},
+    )
+    assert result.exit_code == 2
+    assert result.stderr.strip() == "zkeb-client: error: server must be an http(s) URL, got 'ftp://after'"
+    refused = CliRunner().invoke(cli, ["restore", "--project", "nope", "-o", "x"])
+    assert refused.exit_code == 2
+    assert "Invalid value for '--project': 'nope' is not a UUID" in refused.stderr
