@@ -16,7 +16,8 @@ REDACTED = "[REDACTED]"
 _CREDENTIAL_SHAPES = re.compile(
     r"(?<![A-Za-z0-9_])zkeb_[A-Za-z0-9_\-]{40,}"
     r"|eyJ[A-Za-z0-9_\-]{6,}\.[A-Za-z0-9_\-]{6,}\.[A-Za-z0-9_\-]{6,}"
-    r"|(?i:bearer)\s+[A-Za-z0-9._~+/=\-]{8,}"
+    # A bearer value: long, or holding a digit or symbol, so that prose ("a bearer credential is required") stays.
+    r"|(?i:bearer)\s+(?:[A-Za-z0-9._~+/=\-]{20,}|(?=[A-Za-z]*[0-9._~+/=\-])[A-Za-z0-9._~+/=\-]{8,})"
 )
 
 

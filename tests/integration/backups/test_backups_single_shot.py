@@ -292,7 +292,7 @@ async def test_oversize_body_is_413_before_reading(
 async def test_no_credential_is_401(client: Client, tenant: Tenant) -> None:
     response = await client.post("/api/v1/backups", json=sign_envelope(tenant, b"x").json())
     assert response.status_code == 401
-    problem(response)
+    assert problem(response)["detail"] == "a bearer credential is required"  # said, not masked as a credential
 
 
 async def test_org_admin_key_cannot_upload(client: Client, tenant: Tenant) -> None:

@@ -147,6 +147,18 @@ def test_redaction_leaves_metric_names_and_ids_alone() -> None:
     assert redact(text) == text
 
 
+@pytest.mark.parametrize(
+    "prose", ["a bearer credential is required", "a valid bearer credential is required", "Bearer authentication"]
+)
+def test_redaction_leaves_prose_about_bearer_credentials_alone(prose: str) -> None:
+    assert redact(prose) == prose
+
+
+@pytest.mark.parametrize("value", ["abc123defg", "s3cr3t-t0ken", "OnlyLettersButLongEnough"])
+def test_redaction_masks_a_bearer_value(value: str) -> None:
+    assert redact(f"Authorization: Bearer {value}") == "Authorization: [REDACTED]"
+
+
 def test_log_format_defaults_to_console_in_development_and_json_elsewhere() -> None:
     assert log_format("development", {}) == "console"
     assert log_format("production", {}) == "json"
