@@ -57,6 +57,7 @@ from zkeb.core.audit import record_event_on_connection
 from zkeb.core.auth import Principal, bearer_credential
 from zkeb.core.errors import ProblemError
 from zkeb.core.security import client_ip, trusted_proxies
+from zkeb.lib.redaction import redact
 
 if TYPE_CHECKING:
     from litestar.types import ASGIApp, Message, Receive, Scope, Send
@@ -411,7 +412,7 @@ async def _audit_rate_limit_hit(scope: Scope, principal: Principal, bucket: str)
                 actor_type=principal.actor_type,
                 actor_id=principal.actor_id,
                 outcome="denied",
-                details={"bucket": bucket, "path": scope["path"]},
+                details={"bucket": bucket, "path": redact(scope["path"])},
                 request=request,
                 settings=runtime.settings,
             )

@@ -39,6 +39,7 @@ from zkeb.lib.devicetokens import (
     verification_secrets,
     verify_device_token,
 )
+from zkeb.lib.redaction import redact
 
 __all__ = ("AUTH_EXCLUDED_PATHS", "BearerAuthenticationMiddleware", "authenticate_bearer")
 
@@ -224,7 +225,7 @@ async def _record_failure(
                 details={
                     "reason": failure.reason,
                     "method": connection.scope.get("method"),
-                    "path": request_path(connection),
+                    "path": redact(request_path(connection)),  # the client's to write, a credential too
                     "window_seconds": auditthrottle.WINDOW_SECONDS,
                     "failures_in_previous_window": admission.previous_window_count,
                 },
