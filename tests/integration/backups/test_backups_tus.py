@@ -364,6 +364,22 @@ async def test_a_creation_retried_after_its_answer_was_lost_finds_the_same_uploa
     assert counts == {"payloads": 1, "backup_chunks": 1, "backups": 1, "payload_nonces": 1, "upload_sessions": 0}
 
 
+async def test_an_identical_creation_with_a_body_gets_an_upload_of_its_own(client: Client, tenant: Tenant) -> None:
+    # A refused body discards its creation's upload: it must never be an upload another request is filling.
+    envelope = sign_envelope(tenant, os.urandom(1000))
+    first = (await create(client, tenant, envelope)).headers["location"]
+    with_body = await client.post(
+        "/api/v1/uploads",
+        content=envelope.payload[:10],
+        headers=tus_headers(
+            tenant.project_key,
+            **{"Upload-Length": "1000", "Upload-Metadata": envelope.tus_metadata(), "Content-Type": OCTETS},
+        ),
+    )
+    assert with_body.status_code == 201
+    assert with_body.headers["location"] != first
+
+
 async def test_a_creation_differing_in_length_or_a_field_is_another_upload(client: Client, tenant: Tenant) -> None:
     nonce = os.urandom(12)
     envelope = sign_envelope(tenant, os.urandom(100), payload_nonce=nonce)

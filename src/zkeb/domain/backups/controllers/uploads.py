@@ -106,8 +106,8 @@ class UploadController(Controller):
             "`Upload-Length` (1..`MAX_UPLOAD_SIZE`, else 413) and `Upload-Metadata` with every envelope field but the "
             "payload, validated now: 400 malformed, 422 naming an invalid field, 409 for a reused `payload_nonce` "
             "(naming `backup_id` when this very envelope was committed), "
-            "the same `Location` again for a creation identical to an open upload that has received no byte yet "
-            "(a retry after a lost answer), "
+            "the same `Location` again for a creation (without a body) identical to an open upload that has "
+            "received no byte yet (a retry after a lost answer), "
             "507 when `Upload-Length` does not fit under the project's storage quota, which open uploads reserve "
             "their `Upload-Length` from; 429 when the project already has `MAX_OPEN_UPLOADS` uploads open; 400 "
             "without `PUBLIC_URL` configured and without a `Host` header. "
@@ -148,7 +148,9 @@ class UploadController(Controller):
             headers["Upload-Offset"] = str(whole.length)
             headers[BACKUP_ID_HEADER] = str(whole.backup_id)
             return Response(b"", status_code=201, headers=headers, media_type=MediaType.TEXT)
-        upload = await create_upload_session(db_session, context, principal, envelope, length)
+        upload = await create_upload_session(
+            db_session, context, principal, envelope, length, reuse_unsent=not with_upload
+        )
         headers = base_headers(upload)
         headers["Location"] = f"{collection_url}/{upload.id}"
         if with_upload and request.content_length != 0:

@@ -74,15 +74,45 @@ async def load_upload(session: AsyncSession, principal: Principal, upload_id: UU
     return upload
 
 
+async def _unsent_identical(
+    session: AsyncSession, principal: Principal, device_id: UUID, columns: dict[str, Any], length: int
+) -> UploadSession | None:
+    """An open upload of the device with this envelope (`columns`) and length that has received nothing yet."""
+    candidate = await session.scalar(
+        select(UploadSession)
+        .where(
+            UploadSession.organization_id == principal.organization_id,
+            UploadSession.project_id == principal.project_id,
+            UploadSession.device_id == device_id,
+            UploadSession.payload_nonce == columns["payload_nonce"],
+            UploadSession.upload_length == length,
+            UploadSession.upload_offset == 0,
+            UploadSession.expires_at > datetime.now(UTC),
+        )
+        .limit(1)
+    )
+    if candidate is None or any(getattr(candidate, column) != value for column, value in columns.items()):
+        return None
+    return candidate
+
+
 async def create_upload_session(
-    session: AsyncSession, context: BackupsContext, principal: Principal, envelope: BackupEnvelope, length: int
+    session: AsyncSession,
+    context: BackupsContext,
+    principal: Principal,
+    envelope: BackupEnvelope,
+    length: int,
+    *,
+    reuse_unsent: bool,
 ) -> UploadSession:
     """Admit a new upload of `length` bytes (device, nonce, quota, open uploads) and create its session.
 
-    A creation identical to an open upload's that has received nothing yet (the same device, envelope and length)
-    is that upload again: a client retrying a creation whose answer was lost gets the first one's `Location`, and
-    the project does not reserve its length twice nor count a second open upload. An upload that has received bytes
-    is left to its own client (a retried creation cannot know its offset, and a plain tus client starts at 0).
+    With `reuse_unsent` (a creation without a body), a creation identical to an open upload's that has received
+    nothing yet (the same device, envelope and length) is that upload again: a client retrying a creation whose
+    answer was lost gets the first one's `Location`, and the project does not reserve its length twice nor count a
+    second open upload. An upload that has received bytes is left to its own client (a retried creation cannot know
+    its offset, and a plain tus client starts at 0), and a creation with a body always gets an upload of its own: a
+    refused body discards its upload, which must not be one another request is filling.
 
     Raises:
         NotFoundError, UnprocessableError: the device is unknown or revoked (see `BackupService.device_for_upload`).
@@ -97,20 +127,7 @@ async def create_upload_session(
         principal.project_id, envelope.device_id_hash, envelope.payload_nonce, signature=envelope.signature
     )
     columns = envelope_columns(envelope)
-    unsent = await session.scalar(
-        select(UploadSession)
-        .where(
-            UploadSession.organization_id == principal.organization_id,
-            UploadSession.project_id == principal.project_id,
-            UploadSession.device_id == device.id,
-            UploadSession.payload_nonce == envelope.payload_nonce,
-            UploadSession.upload_length == length,
-            UploadSession.upload_offset == 0,
-            UploadSession.expires_at > datetime.now(UTC),
-        )
-        .limit(1)
-    )
-    if unsent is not None and all(getattr(unsent, column) == value for column, value in columns.items()):
+    if reuse_unsent and (unsent := await _unsent_identical(session, principal, device.id, columns, length)):
         await session.commit()
         return unsent
     await LifecycleService(session=session).reserve_upload(
