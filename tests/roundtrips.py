@@ -130,10 +130,13 @@ def counting_proxy(url: str, *, protocol: str) -> Iterator[tuple[str, WireCounts
     try:
         yield url_through_loopback_port(url, port), counts
     finally:
-        asyncio.run_coroutine_threadsafe(_stop(server), loop).result(5)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=5)
-        loop.close()
+        try:
+            asyncio.run_coroutine_threadsafe(_stop(server), loop).result(5)
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(timeout=5)
+            if not thread.is_alive():
+                loop.close()
 
 
 async def _stop(server: asyncio.Server) -> None:

@@ -63,14 +63,12 @@ def start_embedded_postgres(data_dir: Path) -> str:
     pgdata = data_dir / "pgdata"
     pgdata.parent.mkdir(parents=True, exist_ok=True)
     pgserver_logger = logging.getLogger("pgserver")
-    failures = _PgserverFailures()
+    failures = _PgserverFailures(keep=logger.isEnabledFor(logging.DEBUG))
     if not logger.isEnabledFor(logging.DEBUG):
         # pgserver logs initdb's and pg_ctl's whole output at INFO (~90 lines, including initdb's "you can now start
-        # the database server using pg_ctl ..."), which reads like instructions, and a failure's at ERROR (~20
-        # lines), of which the error below keeps the line that says why; LOG_LEVEL=DEBUG shows it all.
+        # the database server using pg_ctl ..."), which reads like instructions; LOG_LEVEL=DEBUG shows it.
         pgserver_logger.setLevel(logging.WARNING)
-        pgserver_logger.propagate = False
-    pgserver_logger.addHandler(failures)
+    pgserver_logger.addFilter(failures)  # every pgserver module logs as "pgserver" itself
     try:
         server = pgserver.get_server(pgdata, cleanup_mode="stop")
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
@@ -80,8 +78,7 @@ def start_embedded_postgres(data_dir: Path) -> str:
         msg = f"the embedded PostgreSQL could not start in {pgdata} ({program} {how}){why}"
         raise EmbeddedPostgresError(msg) from None
     finally:
-        pgserver_logger.removeHandler(failures)
-        pgserver_logger.propagate = True
+        pgserver_logger.removeFilter(failures)
     return normalize_database_url(server.get_uri())
 
 
@@ -89,18 +86,23 @@ class EmbeddedPostgresError(RuntimeError):
     """The embedded PostgreSQL is not installed or could not start; the message says why, in one line."""
 
 
-class _PgserverFailures(logging.Handler):
-    """Keeps why a pgserver command failed: the first line of its stderr (initdb's and pg_ctl's own error line)."""
+class _PgserverFailures(logging.Filter):
+    """Keeps why a pgserver command failed (the first line of its stderr: initdb's and pg_ctl's own error line) and,
+    unless `keep`, drops the failure's ~20 logged lines, which the raised error sums up; warnings pass."""
 
-    def __init__(self) -> None:
-        super().__init__(logging.ERROR)
+    def __init__(self, *, keep: bool) -> None:
+        super().__init__()
+        self.keep = keep
         self.reason = ""
 
-    def emit(self, record: logging.LogRecord) -> None:
-        """Take the first `...: error: ...` or `FATAL:` line of a failure's logged output."""
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Take the first `...: error: ...` or `FATAL:` line of a failure's output; pass the record on or not."""
+        if record.levelno < logging.ERROR:
+            return True
         for line in record.getMessage().splitlines():
             if not self.reason and (": error: " in line or "FATAL:" in line):
                 self.reason = line.strip()
+        return self.keep
 
 
 def alembic_commands(settings: Settings, url: str) -> AlembicCommands:
