@@ -16,6 +16,7 @@ import contextlib
 import errno
 import os
 import shutil
+import socket
 import tempfile
 import threading
 import uuid
@@ -126,6 +127,7 @@ class _Transfer:
         self._decrypter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zkeb-restore-decrypt")
         self._in_flight: deque[tuple[Future[None], Future[None]]] = deque()
         self._stopping = threading.Event()
+        self._socket: socket.socket | None = None  # the connection the body is being read from, to cut on stop()
 
     def _decrypt(self, block: bytes) -> None:
         plain = self.decryptor.decrypt(block)
@@ -163,6 +165,10 @@ class _Transfer:
         total = self.envelope.encrypted_payload_size
         pieces: list[bytes] = []
         gathered = 0
+        stream = response.extensions.get("network_stream")
+        self._socket = stream.get_extra_info("socket") if stream is not None else None
+        if self._stopping.is_set():
+            raise _StoppedError
         try:
             for piece in response.iter_bytes():
                 if self._stopping.is_set():
@@ -185,8 +191,13 @@ class _Transfer:
             self.progress(self.received, total)
 
     def stop(self) -> None:
-        """Ask `receive` to stop at its next piece (the caller was cancelled; a stalled read ends at its timeout)."""
+        """Make `receive` stop (the caller was cancelled, e.g. by Ctrl-C): at its next piece, or at once when its read
+        has stalled, by shutting its connection down (a read blocked in another thread wakes up with an error)."""
         self._stopping.set()
+        connection = self._socket
+        if connection is not None:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
 
     def finish(self, metadata: BackupMetadata) -> None:
         """Wait for the last block, then check the ciphertext digest, the tag, and the plaintext's SHA-256."""

@@ -356,8 +356,10 @@ def _interrupt_mid_download(cli: Cli, project: Project, *args: str) -> subproces
             text=True,
         )
         assert proxy.answer_held.wait(120), "the download never reached the proxy's hold"
+        time.sleep(2)  # the client reads what came and waits for more: a stalled download
         running.send_signal(signal.SIGINT)
-        stdout, stderr = running.communicate(timeout=60)
+        # At once, not when the stalled read times out (60 s): Ctrl-C cuts the connection the download hangs on.
+        stdout, stderr = running.communicate(timeout=15)
         return subprocess.CompletedProcess(running.args, running.returncode, stdout, stderr)
     finally:
         proxy.close()
