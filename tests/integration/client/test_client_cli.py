@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -343,13 +344,22 @@ async def test_restore_of_a_backup_with_a_replaced_signature_fails_in_one_line_a
     assert list(out.iterdir()) == []
 
 
+#: Runs a command with Ctrl-C's signal at its default, as a terminal's foreground command has it: a job started in
+#: the background by a shell without job control (as CI may run the suite) inherits SIGINT ignored.
+_WITH_CTRL_C = [
+    sys.executable,
+    "-c",
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])",
+]
+
+
 def _interrupt_mid_download(cli: Cli, project: Project, *args: str) -> subprocess.CompletedProcess[str]:
     """Run a download command through a proxy that holds the answer after 2 MiB, and press Ctrl-C there."""
     proxy = StallingProxy(project.server)
     proxy.hold_answer_after = 2 * MIB
     try:
         running = subprocess.Popen(
-            cli.command(*args),
+            [*_WITH_CTRL_C, *cli.command(*args)],
             env=cli.environ(ZKEB_SERVER=proxy.url),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
