@@ -145,6 +145,48 @@ async def test_head_gives_the_payloads_size_and_validators_without_the_body(clie
     assert other.status_code == 404
 
 
+#: Headers every answer carries whatever the operation (core middleware), documented once for the whole API.
+_GENERIC_HEADERS = {
+    "content-type", "content-length", "date", "server", "x-request-id", "x-content-type-options",
+    "strict-transport-security", "x-frame-options", "referrer-policy", "content-security-policy",
+    "permissions-policy", "cross-origin-opener-policy", "cross-origin-resource-policy", "ratelimit",
+    "ratelimit-policy", "vary", "traceresponse", "cache-control",
+}  # fmt: skip
+
+
+async def test_the_openapi_document_names_what_a_restore_reads_and_answers(client: Client, tenant: Tenant) -> None:
+    # An integrator's generated client resumes a download only if the document has `Range`/`If-Range` and the
+    # answers' `ETag`/`Content-Range` (it had neither: an API-integrator review).
+    payload = os.urandom(100)
+    backup = await upload(client, tenant, sign_envelope(tenant, payload))
+    url = f"/api/v1/backups/{backup['id']}/payload"
+    etag = f'"{hashlib.sha256(payload).hexdigest()}"'
+    document = (await client.get("/schema/openapi.json")).json()
+    operations = document["paths"]["/api/v1/backups/{backup_id}/payload"]
+    assert {p["name"] for p in operations["get"]["parameters"] if p["in"] == "header"} == {
+        "Range",
+        "If-Range",
+        "If-None-Match",
+    }
+    assert {p["name"] for p in operations["head"]["parameters"] if p["in"] == "header"} == {"If-None-Match"}
+    for method, extra, status in [
+        ("get", {}, 200),
+        ("get", {"Range": "bytes=10-", "If-Range": etag}, 206),
+        ("get", {"If-None-Match": etag}, 304),
+        ("get", {"Range": "bytes=100-"}, 416),
+        ("head", {}, 200),
+        ("head", {"If-None-Match": etag}, 304),
+    ]:
+        response = await client.request(method.upper(), url, headers={**auth(tenant.project_key), **extra})
+        assert response.status_code == status, (method, extra)
+        documented = operations[method]["responses"][str(status)]
+        named = {name.lower() for name in documented.get("headers", {})}
+        sent = {name.lower() for name in response.headers} - _GENERIC_HEADERS
+        assert sent <= named, (method, status, sent - named)
+        if status in {200, 206}:
+            assert documented["content"]["application/octet-stream"]["schema"]["format"] == "binary"
+
+
 async def test_if_range_resumes_only_the_same_payload(client: Client, tenant: Tenant) -> None:
     # RFC 9110 §13.1.5: a client resuming a download sends the ETag it has; a different one means its bytes are of
     # another payload, so it must get the whole payload (200), not a slice to append (206).

@@ -83,6 +83,14 @@ async def test_tus_operations_document_their_headers(client: AsyncTestClient[Lit
     assert "application/problem+json" in download["416"]["content"]
     assert "Zkeb-Backup-Id" in patch["responses"]["204"]["headers"]
     assert "Location" in create["responses"]["201"]["headers"]
+    # What a client needs to recover: the offset on a 409, the version on a 412, the quota's figures on a 507.
+    assert "Upload-Offset" in patch["responses"]["409"]["headers"]
+    assert "Tus-Version" in patch["responses"]["412"]["headers"]
+    for operation in (create, patch):
+        schemas = operation["responses"]["507"]["content"]["application/problem+json"]["schema"]["anyOf"]
+        assert {"$ref": "#/components/schemas/QuotaProblem"} in schemas
+    assert "nothing is kept" not in patch["responses"]["507"]["description"]
+    assert "Location" in paths["/api/v1/backups"]["post"]["responses"]["201"]["headers"]
     # Discovery is public, and its 204 carries the capabilities and no body (schemathesis found it promising JSON).
     discovery = paths["/api/v1/uploads"]["options"]
     assert discovery["security"] == []

@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from zkeb.core.openapi import Link, add_links, problem_response
+from zkeb.core.openapi import PROBLEM_REF, Link, add_links, problem_response
 from zkeb.domain.backups.envelope import ENVELOPE_FIELD_EXAMPLES, envelope_schema
 from zkeb.domain.backups.schemas import MSGPACK_MEDIA_TYPES
 
@@ -119,6 +119,45 @@ _TUS_RESPONSE_HEADERS: dict[str, dict[str, Any]] = {
         "schema": {"type": "string", "format": "uuid"},
     },
 }
+#: What a restore's request may carry (docs/protocol.md §6.4): conditions and one byte range.
+_IF_NONE_MATCH = _header("If-None-Match", "The payload's `ETag` (or `*`): 304 without a body when it matches.")
+_PAYLOAD_REQUEST_HEADERS = {
+    "get": [
+        _header(
+            "Range",
+            "One range, `bytes=first-last`, `bytes=first-` or `bytes=-suffix`: 206 with that slice (the end clamped "
+            "to the last byte), 416 when it selects no byte. Several ranges, another unit or a malformed value: 200 "
+            "with the whole payload.",
+        ),
+        _header(
+            "If-Range",
+            "The `ETag` of the copy being resumed, beside `Range`: the range is honoured only while the payload is "
+            "that one; another ETag or an HTTP date gets the whole payload (200).",
+        ),
+        _IF_NONE_MATCH,
+    ],
+    "head": [_IF_NONE_MATCH],
+}
+_ETAG = {"description": '`"<payload_sha256 hex>"`, a strong validator.', "schema": {"type": "string"}}
+#: The headers every download answer (GET or HEAD, 200 or 206) carries.
+_PAYLOAD_RESPONSE_HEADERS: dict[str, dict[str, Any]] = {
+    "ETag": _ETAG,
+    "Repr-Digest": {
+        "description": "`sha-256=:<base64 of the payload's SHA-256>:` (RFC 9530).",
+        "schema": {"type": "string"},
+    },
+    "Accept-Ranges": {"description": "`bytes`.", "schema": {"type": "string"}},
+    "Cache-Control": {"description": "`no-store`.", "schema": {"type": "string"}},
+    "Content-Disposition": {"description": '`attachment; filename="<backup id>.bin"`.', "schema": {"type": "string"}},
+    "Content-Length": {
+        "description": "The length of the body (on `HEAD`, the payload's size).",
+        "schema": {"type": "integer"},
+    },
+}
+_CONTENT_RANGE = {"description": "`bytes first-last/size`.", "schema": {"type": "string"}}
+_UNSATISFIABLE_RANGE = {"description": "`bytes */size`.", "schema": {"type": "string"}}
+_BINARY = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+
 _TUS_DISCOVERY = {
     "tags": ["uploads (tus)"],
     "summary": "tus discovery",
@@ -247,31 +286,17 @@ def add_backups_openapi(document: dict[str, Any]) -> None:
             if isinstance(operation, dict) and "responses" in operation and method != "options":
                 _add_upload_problems(operation)
                 _document_tus(operation, method, path)
-    payload = paths.get("/api/v1/backups/{backup_id}/payload", {}).get("get")
-    if isinstance(payload, dict):
-        responses = payload.setdefault("responses", {})
-        responses.setdefault(
-            "206",
-            {
-                "description": "The byte range asked for (`Range`); `Content-Range` names it.",
-                "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
-            },
-        )
-        responses.setdefault("304", {"description": "`If-None-Match` matched the payload's `ETag`; no body."})
-        responses.setdefault(
-            "416", problem_response("416", "The range selects no byte of the payload; `Content-Range: bytes */size`.")
-        )
-    payload_headers = paths.get("/api/v1/backups/{backup_id}/payload", {}).get("head")
-    if isinstance(payload_headers, dict) and "200" in payload_headers.get("responses", {}):
-        # No body, but the `Content-Type` (and `Content-Length`) of the payload a GET would send.
-        payload_headers["responses"]["200"]["content"] = {
-            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
-        }
-        payload_headers["responses"].setdefault("304", {"description": "`If-None-Match` matched the `ETag`."})
+    _document_payload(paths.get("/api/v1/backups/{backup_id}/payload", {}))
     _document_negotiation(paths)
     backups = paths.get("/api/v1/backups", {}).get("post")
     if isinstance(backups, dict):
         _add_upload_problems(backups)
+        created = backups["responses"].get("201")
+        if isinstance(created, dict):
+            created.setdefault("headers", {})["Location"] = {
+                "description": "`/api/v1/backups/{id}`, the new backup.",
+                "schema": {"type": "string"},
+            }
         backups["responses"].setdefault("408", problem_response("408", _STALLED_BODY))
         backups.setdefault(
             "requestBody",
@@ -288,6 +313,31 @@ def add_backups_openapi(document: dict[str, Any]) -> None:
             },
         )
     add_links(document, _backups_links())
+
+
+def _document_payload(item: dict[str, Any]) -> None:
+    """The restore's conditions and range (GET), its validators and digest on every answer, its 206/304/416."""
+    for method, operation in item.items():
+        if method not in _PAYLOAD_REQUEST_HEADERS or not isinstance(operation, dict):
+            continue
+        parameters = operation.setdefault("parameters", [])
+        parameters.extend(copy.deepcopy(_PAYLOAD_REQUEST_HEADERS[method]))
+        responses = operation.setdefault("responses", {})
+        # The ciphertext; on HEAD no body, but the `Content-Type` (and `Content-Length`) a GET would send.
+        responses.setdefault("200", {"description": "The whole payload."})["content"] = copy.deepcopy(_BINARY)
+        responses["200"]["headers"] = copy.deepcopy(_PAYLOAD_RESPONSE_HEADERS)
+        responses["304"] = {
+            "description": "`If-None-Match` matched the payload's `ETag`; no body.",
+            "headers": {k: copy.deepcopy(v) for k, v in _PAYLOAD_RESPONSE_HEADERS.items() if k != "Content-Length"},
+        }
+        if method == "get":
+            responses["206"] = {
+                "description": "The byte range asked for (`Range`); `Content-Range` names it.",
+                "content": copy.deepcopy(_BINARY),
+                "headers": copy.deepcopy(_PAYLOAD_RESPONSE_HEADERS) | {"Content-Range": copy.deepcopy(_CONTENT_RANGE)},
+            }
+            responses["416"] = problem_response("416", "The range selects no byte of the payload.")
+            responses["416"]["headers"] = {"Content-Range": copy.deepcopy(_UNSATISFIABLE_RANGE)}
 
 
 def _document_negotiation(paths: dict[str, Any]) -> None:
@@ -311,6 +361,32 @@ def _document_discovery(item: dict[str, Any]) -> None:
     discovery.setdefault("responses", {}).update(copy.deepcopy(_TUS_DISCOVERY["responses"]))
 
 
+#: What a tus 507 leaves behind (docs/protocol.md §6.3).
+_TUS_QUOTA = {
+    "post": (
+        "`Upload-Length` does not fit the project's storage quota: nothing is created. On a creation with upload, "
+        "a 507 for the storage itself (`Retry-After`) carries the upload's `Location`: it exists, resume it there."
+    ),
+    "patch": (
+        "Over the project's storage quota (the completing PATCH, when concurrent uploads took the room) or the "
+        "server's storage is full (`Retry-After`): the upload stays at the offset `HEAD` gives; make room and send "
+        "the rest again."
+    ),
+}
+
+
+def _quota_response(description: str) -> dict[str, Any]:
+    """A 507: the quota's `used`, `quota` and `requested` (the `QuotaProblem` schema), or a full store's problem."""
+    return {
+        "description": description,
+        "content": {
+            "application/problem+json": {
+                "schema": {"anyOf": [{"$ref": "#/components/schemas/QuotaProblem"}, {"$ref": PROBLEM_REF}]}
+            }
+        },
+    }
+
+
 def _add_upload_problems(operation: dict[str, Any]) -> None:
     responses = operation["responses"]
     for status, description in _UPLOAD_PROBLEMS.items():
@@ -331,18 +407,17 @@ def _document_tus(operation: dict[str, Any], method: str, path: str) -> None:
             "content": {"application/offset+octet-stream": {"schema": {"type": "string", "format": "binary"}}},
         }
         operation["responses"].setdefault("460", problem_response("460", "Checksum mismatch (tus checksum extension)."))
+    responses = operation["responses"]
     if method in {"post", "patch"}:
-        operation["responses"].setdefault("408", problem_response("408", _STALLED_BODY))
-        operation["responses"].setdefault(
-            "507",
-            problem_response(
-                "507", "Over the project's storage quota (`used`, `quota`, `requested` in bytes); nothing is kept."
-            ),
-        )
+        responses.setdefault("408", problem_response("408", _STALLED_BODY))
+        responses["507"] = _quota_response(_TUS_QUOTA[method])
+    if method == "patch":
+        responses["409"]["headers"] = {"Upload-Offset": copy.deepcopy(_TUS_RESPONSE_HEADERS["Upload-Offset"])}
     if method in {"head", "patch"}:
-        operation["responses"].setdefault("410", problem_response("410", "The upload expired."))
+        responses.setdefault("410", problem_response("410", "The upload expired."))
     if method != "options":
-        operation["responses"].setdefault("412", problem_response("412", "Unsupported or missing `Tus-Resumable`."))
+        responses.setdefault("412", problem_response("412", "Unsupported or missing `Tus-Resumable`."))
+        responses["412"]["headers"] = {"Tus-Version": {"description": "`1.0.0`.", "schema": {"type": "string"}}}
     for status, response in operation["responses"].items():
         if status.startswith("2"):
             response.pop("content", None)  # tus answers in headers; its 2xx responses have no body
