@@ -521,3 +521,33 @@ async def test_a_malformed_chunked_body_is_a_400_and_changes_nothing(
     assert b"the request body ended before its end" in body
     assert await row_counts(owner_connection) == before
     assert await owner_connection.fetchval("SELECT count(*) FROM projects") == 1
+
+
+async def test_a_restore_whose_backup_is_purged_while_it_plans_answers_404(
+    http: httpx.AsyncClient, tenant: Tenant, owner_connection: asyncpg.Connection
+) -> None:
+    # A race review found 500s claiming the payload was damaged: the plan read the backup, then its chunk map, in two
+    # statements, and a purge committed between them left a backup with no chunks. The plan is one statement now.
+    # Here the chunk table is locked while the restore plans, and the backup purged before the lock is let go.
+    envelope = sign_envelope(tenant, os.urandom(2 * MIB + 1))
+    created = await http.post("/api/v1/backups", json=envelope.json(), headers=auth(tenant.project_key))
+    assert created.status_code == 201, created.text
+    backup_id = created.json()["id"]
+    payload_id = await owner_connection.fetchval("SELECT payload_id FROM backups WHERE id = $1::uuid", backup_id)
+    waiting = "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'backup_chunks'::regclass"
+    async with owner_connection.transaction():
+        await owner_connection.execute("LOCK TABLE backup_chunks IN ACCESS EXCLUSIVE MODE")
+        restore = asyncio.ensure_future(
+            http.get(f"/api/v1/backups/{backup_id}/payload", headers=auth(tenant.project_key))
+        )
+        for _ in range(500):
+            if await owner_connection.fetchval(waiting):
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError("the restore never waited for the chunk table")
+        await owner_connection.execute("DELETE FROM backups WHERE id = $1::uuid", backup_id)
+        await owner_connection.execute("DELETE FROM backup_chunks WHERE payload_id = $1", payload_id)
+    response = await restore
+    assert response.status_code == 404, response.text
+    assert response.headers["content-type"] == "application/problem+json"

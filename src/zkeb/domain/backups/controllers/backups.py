@@ -51,6 +51,7 @@ from zkeb.domain.backups.schemas import (
 from zkeb.domain.backups.services.backups import (
     backup_read,
     backup_read_msgpack,
+    first_piece,
     get_latest_backup,
     get_restore_source,
     get_visible_backup,
@@ -346,7 +347,7 @@ class BackupController(Controller):
         )
         # The first piece before the answer: a failure to read it (a lost database connection, say) is then this
         # handler's error, a 503 problem, rather than a broken response whose headers granian has not sent yet.
-        first = await anext(content, None)
+        first = await first_piece(context.engine, principal, backup_id, content)
         return Stream(
             _starting_with(first, content),
             status_code=206 if byte_range is not None else 200,

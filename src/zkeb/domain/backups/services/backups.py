@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
@@ -29,7 +30,7 @@ from zkeb.domain.backups.envelope import BackupEnvelope, invalid_field, read_fie
 from zkeb.domain.backups.metrics import record_backup_failed
 from zkeb.domain.backups.repository import BackupRepositoryService
 from zkeb.domain.backups.schemas import BackupRead, BackupReadMsgpack
-from zkeb.domain.backups.store.payloads import StoreKind
+from zkeb.domain.backups.store.payloads import StoredChunksMissingError, StoreKind
 from zkeb.domain.backups.store.reads import (
     RestoreSource,
     Visibility,
@@ -45,6 +46,7 @@ __all__ = (
     "NewPayload",
     "backup_read",
     "backup_read_msgpack",
+    "first_piece",
     "get_latest_backup",
     "get_restore_source",
     "get_visible_backup",
@@ -282,6 +284,23 @@ async def get_restore_source(engine: AsyncEngine, principal: Principal, backup_i
     if source is None:
         raise NotFoundError("backup not found")
     return source
+
+
+async def first_piece(
+    engine: AsyncEngine, principal: Principal, backup_id: UUID, content: AsyncIterator[bytes]
+) -> bytes | None:
+    """The first piece of a restore's stream (None: it is empty), read before the answer is sent.
+
+    Raises:
+        NotFoundError: the payload's chunks vanished because the backup was purged after its plan was read (what a
+            request a moment later gets); chunks that vanished while it is still visible (moved to another store)
+            stay a 503 to retry.
+    """
+    try:
+        return await anext(content, None)
+    except StoredChunksMissingError:
+        await get_visible_backup(engine, principal, backup_id)
+        raise
 
 
 def nonce_conflict(backup_id: UUID | None = None) -> ConflictError:

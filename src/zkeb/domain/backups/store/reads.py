@@ -1,8 +1,8 @@
 """The read paths' SQL: one backup or a page of them as a principal may see them, and what a restore needs.
 
 A read is one raw read-only transaction (`raw_tenant_transaction`: its `BEGIN` carries the tenant), with no ORM
-session: an envelope read or a page is three round trips (`BEGIN` with the tenant, the `SELECT`, `COMMIT`), a
-restore's plan four. The rows come back as transient `Backup` instances (attached to no session), so the schemas and
+session: an envelope read, a page or a restore's plan is three round trips (`BEGIN` with the tenant, one `SELECT`,
+`COMMIT`). The rows come back as transient `Backup` instances (attached to no session), so the schemas and
 headers built from a backup read them as they read one from the ORM.
 """
 
@@ -35,11 +35,16 @@ _COLUMNS = ", ".join(f"b.{column}" for _, column in _ATTRIBUTES)
 #: Visible: the project's, not in the trash, and, when a device hash is given ($3), that device's own.
 _VISIBLE = "b.id = $1 AND b.project_id = $2 AND b.deleted_at IS NULL AND ($3::bytea IS NULL OR b.device_id_hash = $3)"
 _BACKUP = f"SELECT {_COLUMNS} FROM backups b WHERE {_VISIBLE}"  # noqa: S608 - column names from the model
-_BACKUP_AND_PAYLOAD = (
-    f"SELECT {_COLUMNS}, p.key_id AS p_key_id, p.wrapped_key AS p_wrapped_key, p.store AS p_store"  # noqa: S608
-    f" FROM backups b JOIN payloads p ON p.id = b.payload_id WHERE {_VISIBLE}"
+#: A restore's plan in one statement, so in one snapshot: the backup, its payload's key and store, and its chunk map
+#: (in two statements a purge committed between them showed the backup with no chunks, a false "damaged" 500).
+_RESTORE_SOURCE = (
+    f"SELECT {_COLUMNS}, p.key_id AS p_key_id, p.wrapped_key AS p_wrapped_key, p.store AS p_store,"  # noqa: S608
+    " s.seqs, s.offsets, s.sizes"
+    " FROM backups b JOIN payloads p ON p.id = b.payload_id,"
+    " LATERAL (SELECT array_agg(c.seq ORDER BY c.seq) AS seqs, array_agg(c.byte_offset ORDER BY c.seq) AS offsets,"
+    " array_agg(c.plain_size ORDER BY c.seq) AS sizes FROM backup_chunks c WHERE c.payload_id = b.payload_id) s"
+    f" WHERE {_VISIBLE}"
 )
-_SPANS = "SELECT seq, byte_offset, plain_size FROM backup_chunks WHERE payload_id = $1 ORDER BY seq"
 #: A page, newest first: the conditions a listing uses are joined in (each combination is its own prepared statement,
 #: planned on the index it needs: project, container or device, each by (created_at, id) descending).
 _PAGE = "SELECT {columns} FROM backups b WHERE b.project_id = $1 AND b.deleted_at IS NULL{conditions}"
@@ -106,16 +111,11 @@ async def visible_page(
 async def visible_restore_source(
     connection: asyncpg.Connection, visibility: Visibility, backup_id: UUID
 ) -> RestoreSource | None:
-    """The visible backup and its payload's key, chunk map and store, read in one transaction; None if not visible."""
+    """The visible backup and its payload's key, chunk map and store, read in one statement; None if not visible."""
     async with raw_tenant_transaction(connection, visibility.organization_id, readonly=True):
-        row = await connection.fetchrow(
-            _BACKUP_AND_PAYLOAD, backup_id, visibility.project_id, visibility.device_id_hash
-        )
-        if row is None:
-            return None
-        spans = [
-            ChunkSpan(r["seq"], r["byte_offset"], r["plain_size"])
-            for r in await connection.fetch(_SPANS, row["payload_id"])
-        ]
+        row = await connection.fetchrow(_RESTORE_SOURCE, backup_id, visibility.project_id, visibility.device_id_hash)
+    if row is None:
+        return None
+    spans = [ChunkSpan(*span) for span in zip(row["seqs"] or (), row["offsets"] or (), row["sizes"] or (), strict=True)]
     key = PayloadKey(row["p_key_id"], bytes(row["p_wrapped_key"]))
     return RestoreSource(_backup(row), key, spans, row["p_store"])
