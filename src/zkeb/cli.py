@@ -67,6 +67,8 @@ def _friendly_errors(func: F) -> F:
             return func(*args, **kwargs)
         except CommandError as exc:  # e.g. an unknown revision, nothing to downgrade
             raise click.ClickException(f"migration refused: {exc}") from None
+        except TimeoutError:  # asyncpg's connect timeout: no text of its own
+            raise click.ClickException("cannot reach the database: it did not answer in time") from None
         except OSError as exc:
             if exc.filename is not None:  # a file, not the network: say which
                 raise click.ClickException(f"{exc.strerror or exc}: {exc.filename}") from None

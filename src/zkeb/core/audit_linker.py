@@ -37,7 +37,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from uuid_utils.compat import uuid7
 
 from zkeb.core.audit import AuditOutcome, audit_enabled, audited_text, chained_fields, request_fields, sanitize_details
-from zkeb.core.errors import database_connection_lost
+from zkeb.core.errors import database_connection_lost, database_timed_out
 from zkeb.db.models.audit import AuditChainHead, AuditEvent
 from zkeb.lib.hashchain import GENESIS_HASH, chain_hash
 from zkeb.settings import Settings
@@ -226,6 +226,8 @@ class AuditLinker:
             except Exception as exc:
                 if database_connection_lost(exc):  # a restart or failover: expected, and the events wait safely
                     logger.warning("linking audit events failed: the database connection was lost; retrying later")
+                elif database_timed_out(exc):  # a database that hangs: the same
+                    logger.warning("linking audit events failed: the database did not answer in time; retrying later")
                 else:
                     logger.exception("linking audit events failed; retrying at the next sweep")
 

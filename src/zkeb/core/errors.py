@@ -330,9 +330,30 @@ def database_timed_out(exc: BaseException) -> bool:
     """Whether `exc`, or an error it was raised from, is a statement or lock timeout (retryable, not a defect).
 
     `statement_timeout` (asyncpg's command timeout is `REQUEST_TIMEOUT`) and `lock_timeout` cancel the statement: its
-    transaction rolled back, so nothing it wrote is visible, and the same request may succeed a moment later.
+    transaction rolled back, so nothing it wrote is visible, and the same request may succeed a moment later. A
+    connection attempt that got no answer in time is one too.
     """
-    return _raised_from(exc, QueryCanceledError | LockNotAvailableError)
+    return _raised_from(exc, QueryCanceledError | LockNotAvailableError) or _asyncpg_timed_out(exc)
+
+
+def _asyncpg_timed_out(exc: BaseException) -> bool:
+    """Whether `exc`, or an error it was raised from, is a `TimeoutError` raised inside asyncpg.
+
+    asyncpg ends a statement that outlasts its command timeout (after cancelling it on the server), and a connection
+    attempt that gets no answer (a database that accepts connections and hangs), with a bare `TimeoutError`.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, TimeoutError):
+            traceback = current.__traceback__
+            while traceback is not None:
+                if traceback.tb_frame.f_globals.get("__name__", "").startswith("asyncpg."):
+                    return True
+                traceback = traceback.tb_next
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def database_out_of_space(exc: BaseException) -> bool:

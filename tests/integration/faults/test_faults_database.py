@@ -302,6 +302,28 @@ async def test_a_statement_timeout_at_commit_is_503_and_leaves_nothing_half_writ
         await _assert_exactly_the_uploads_are_visible(server.url, tenant, [single, tus_envelope], {})
 
 
+async def test_a_query_that_outlasts_the_request_timeout_is_503_not_500(
+    postgres: OwnPostgres, database_url_of_own: str, base_settings_env: dict[str, str]
+) -> None:
+    # asyncpg ends a statement that outlasts its command timeout (`REQUEST_TIMEOUT`), or a connection attempt that
+    # gets no answer, with a bare `TimeoutError`: a database that accepts connections and then hangs answered 500,
+    # an "unhandled error" with its traceback, as if ZKEB had a bug (an operator review).
+    env = server_env(base_settings_env, database_url_of_own, REQUEST_TIMEOUT="5000")
+    with zkeb_serve(env) as server:
+        tenant = await make_fault_tenant(server.url, make_settings(base_settings_env, DATABASE_URL=database_url_of_own))
+        blocker = await _lock_backups(postgres)
+        try:
+            async with httpx.AsyncClient(base_url=server.url, timeout=REQUEST_BOUND_SECONDS) as client:
+                hung = await client.get("/api/v1/backups", headers=tenant.auth)
+        finally:
+            await blocker.close()
+        assert hung.status_code == 503, hung.text
+        assert hung.headers["content-type"].startswith("application/problem+json")
+        assert hung.headers["retry-after"] == "1"
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            assert (await client.get("/api/v1/backups", headers=tenant.auth)).status_code == 200
+
+
 async def _lock_backups(postgres: OwnPostgres) -> asyncpg.Connection:
     """A superuser transaction holding an exclusive lock on `backups`: every commit of a backup waits on it."""
     connection = await asyncpg.connect(postgres.url.rsplit("/", 1)[0] + "/zkeb")

@@ -26,3 +26,10 @@ def test_a_file_system_error_names_the_file_not_the_database() -> None:
 def test_a_connection_error_is_the_database_that_cannot_be_reached() -> None:
     error = _raising(ConnectionRefusedError(111, "Connection refused"))
     assert error.message == "cannot reach the database: Connection refused"
+
+
+def test_a_database_that_never_answers_says_so() -> None:
+    # asyncpg's connect timeout is a bare `TimeoutError` (an `OSError` with no text): the pre-deploy command of a
+    # deployment whose database hung printed "cannot reach the database: " and nothing more (an operator review).
+    error = _raising(TimeoutError())
+    assert error.message == "cannot reach the database: it did not answer in time"
