@@ -551,3 +551,33 @@ async def test_a_restore_whose_backup_is_purged_while_it_plans_answers_404(
     response = await restore
     assert response.status_code == 404, response.text
     assert response.headers["content-type"] == "application/problem+json"
+
+
+async def test_identical_creations_at_the_same_time_make_one_upload(
+    http: httpx.AsyncClient, tenant: Tenant, owner_connection: asyncpg.Connection
+) -> None:
+    # A creation retried while the first is still running (its answer slow, not lost) made a second upload that
+    # reserved its length of the quota again (a race review: 8 at once made 3). The project row is held here until
+    # all of them wait on it, which made each one its own upload before the fix.
+    envelope = sign_envelope(tenant, os.urandom(1000))
+    headers = tus_headers(
+        tenant.project_key,
+        **{"Upload-Length": str(len(envelope.payload)), "Upload-Metadata": envelope.tus_metadata()},
+    )
+    waiting = "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'projects'::regclass"
+    async with owner_connection.transaction():
+        await owner_connection.execute("SELECT 1 FROM projects WHERE id = $1 FOR UPDATE", tenant.project_id)
+        creations = [asyncio.ensure_future(http.post("/api/v1/uploads", headers=headers)) for _ in range(4)]
+        for _ in range(500):
+            if await owner_connection.fetchval(waiting) >= 2:
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError("the creations never waited for the project row")
+    created = await asyncio.gather(*creations)
+    assert [r.status_code for r in created] == [201] * 4, [r.text for r in created]
+    assert len({r.headers["location"] for r in created}) == 1
+    sessions = await owner_connection.fetch(
+        "SELECT upload_length FROM upload_sessions WHERE project_id = $1", tenant.project_id
+    )
+    assert [r["upload_length"] for r in sessions] == [len(envelope.payload)]

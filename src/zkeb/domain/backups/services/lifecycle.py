@@ -46,7 +46,7 @@ from uuid import UUID
 import asyncpg
 from litestar.connection import ASGIConnection
 from opentelemetry import trace
-from sqlalchemy import and_, delete, func, literal, or_, select, text, tuple_, update
+from sqlalchemy import Row, and_, delete, func, literal, or_, select, text, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from zkeb.core.audit import record_event
@@ -288,6 +288,18 @@ def deleted_by_of(principal: Principal) -> str:
 class LifecycleService(BackupRepositoryService):
     """Quota checks, usage, the trash (delete, list, restore, purge) and append-only rules, for one request."""
 
+    async def lock_project_for_upload(self, project_id: UUID) -> Row[Any]:
+        """Lock the project row until the caller's commit (the lock every creation and commit of the project takes);
+        its used bytes and quota.
+
+        Raises:
+            NotFoundError: no such project.
+        """
+        project = (await self.session.execute(_LOCK_FOR_UPLOAD, {"p": project_id})).first()
+        if project is None:
+            raise NotFoundError("project not found")
+        return project
+
     async def reserve_upload(self, project_id: UUID, length: int, *, max_open_uploads: int) -> None:
         """Check that a new tus upload of `length` bytes may open; the caller then adds it in this transaction.
 
@@ -298,9 +310,7 @@ class LifecycleService(BackupRepositoryService):
             InsufficientStorageError: the length does not fit beside the usage and the open uploads (507).
             TooManyOpenUploadsError: the project has `max_open_uploads` uploads open already (429).
         """
-        project = (await self.session.execute(_LOCK_FOR_UPLOAD, {"p": project_id})).first()
-        if project is None:
-            raise NotFoundError("project not found")
+        project = await self.lock_project_for_upload(project_id)
         uploads = (await self.session.execute(_OPEN_UPLOADS, {"p": project_id})).one()
         if uploads.open >= max_open_uploads:
             raise TooManyOpenUploadsError(
