@@ -581,3 +581,39 @@ async def test_identical_creations_at_the_same_time_make_one_upload(
         "SELECT upload_length FROM upload_sessions WHERE project_id = $1", tenant.project_id
     )
     assert [r["upload_length"] for r in sessions] == [len(envelope.payload)]
+
+
+async def test_a_key_revoked_while_its_patch_streams_commits_nothing(
+    http: httpx.AsyncClient, tenant: Tenant, owner_connection: asyncpg.Connection
+) -> None:
+    # A race review: an API key revoked while its PATCH was still sending committed the backup 0.2-0.4 s after the
+    # revocation answered 204 (a device revoked meanwhile was refused). Now the commit checks the key too: 401, no
+    # backup, and the upload waits for a credential that may finish it.
+    payload = os.urandom(3 * MIB + 5)
+    envelope = sign_envelope(tenant, payload)
+    created = await _create_upload(http, tenant, envelope)
+    admin = auth(tenant.admin_key)
+    keys = (await http.get(f"/api/v1/projects/{tenant.project_id}/api-keys", headers=admin)).json()["items"]
+    half_sent = asyncio.Event()
+    revoked = asyncio.Event()
+
+    async def pieces() -> AsyncIterator[bytes]:
+        yield payload[: 2 * MIB]
+        half_sent.set()
+        await revoked.wait()
+        yield payload[2 * MIB :]
+
+    async def revoke() -> None:
+        await half_sent.wait()
+        await asyncio.sleep(0.2)  # the first half is at the server
+        for key in keys:
+            assert (await http.delete(f"/api/v1/api-keys/{key['id']}", headers=admin)).status_code == 204
+        revoked.set()
+
+    headers = tus_headers(tenant.project_key, **{"Upload-Offset": "0", "Content-Type": OCTETS})
+    patched, _ = await asyncio.gather(
+        http.patch(created.headers["location"], content=pieces(), headers=headers), revoke()
+    )
+    assert patched.status_code == 401, patched.text
+    assert await owner_connection.fetchval("SELECT count(*) FROM backups") == 0
+    assert await owner_connection.fetchval("SELECT count(*) FROM upload_sessions") == 1

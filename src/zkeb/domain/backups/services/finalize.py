@@ -30,6 +30,7 @@ from uuid import UUID
 
 import asyncpg
 from litestar.connection import ASGIConnection
+from litestar.exceptions import NotAuthorizedException
 from opentelemetry import trace
 from uuid_utils.compat import uuid7
 
@@ -189,6 +190,7 @@ async def commit_in_memory(
             very envelope was committed).
         InsufficientStorageError: the payload does not fit under the project's quota (507).
         NotFoundError: the project is gone.
+        NotAuthorizedException: the request's API key was revoked while it ran (401).
     """
     commit = _Commit.of(
         context, principal, envelope, method=method, payload_id=uuid7(), size=len(payload.data), sha256=payload.sha256
@@ -298,6 +300,7 @@ async def _run(
                         device_id_hash=envelope.device_id_hash,
                         nonce=envelope.payload_nonce,
                         upload_id=lease.upload_id if lease is not None else None,
+                        api_key_id=None if commit.principal.kind == "device" else UUID(commit.principal.credential_id),
                     )
                     if lease is not None and admission is not None and admission.upload_lease_id != lease.lease_id:
                         raise _lease_lost(exists=admission.upload_exists)
@@ -487,6 +490,11 @@ def _admit(admission: Admission | None, envelope: BackupEnvelope, size: int, met
     """
     if admission is None:
         raise NotFoundError("project not found")
+    if not admission.key_unrevoked:  # revoked while the body arrived: it may no longer commit what it sent
+        raise NotAuthorizedException(
+            "the API key was revoked while this request ran",
+            headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+        )
     if admission.device_id is None or admission.public_key is None:
         raise invalid_field("device_id_hash", "is not an enrolled, unrevoked device of this project")
     if admission.nonce_used:

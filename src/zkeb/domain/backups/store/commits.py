@@ -75,8 +75,10 @@ def reserved_bytes_sql(*, but: str | None = None) -> str:
 RESERVED_BYTES_SQL = reserved_bytes_sql()
 
 # $4: the upload committing (NULL for none), whose reservation is its own room, and whose lease is read too.
+# $5: the API key the request came with (NULL for a device token, whose device is checked): revoked meanwhile?
 _ADMISSION = f"""
 SELECT p.storage_quota_bytes AS quota,
+       NOT EXISTS (SELECT 1 FROM api_keys k WHERE k.id = $5::uuid AND k.revoked_at IS NOT NULL) AS key_unrevoked,
        (SELECT s.lease_id FROM upload_sessions s WHERE s.id = $4::uuid) AS upload_lease_id,
        EXISTS (SELECT 1 FROM upload_sessions s WHERE s.id = $4::uuid) AS upload_exists,
        CASE WHEN p.storage_quota_bytes IS NULL THEN 0
@@ -215,6 +217,8 @@ class Admission:
     #: The upload committing (`upload_id`): whether its session row exists, and the lease holding it.
     upload_exists: bool = False
     upload_lease_id: UUID | None = None
+    #: False when the request's API key (`api_key_id`) was revoked since the request was authenticated.
+    key_unrevoked: bool = True
 
 
 async def read_admission(
@@ -224,13 +228,14 @@ async def read_admission(
     device_id_hash: bytes,
     nonce: bytes,
     upload_id: UUID | None = None,
+    api_key_id: UUID | None = None,
 ) -> Admission | None:
     """The project's quota, usage and retention, the enrolled unrevoked device, and any earlier use of the nonce.
 
     `used` counts the room open tus uploads reserve, but for that of `upload_id` (the upload committing), whose
     session's lease is read too. None when the project does not exist (in this tenant).
     """
-    row = await connection.fetchrow(_ADMISSION, project_id, device_id_hash, nonce, upload_id)
+    row = await connection.fetchrow(_ADMISSION, project_id, device_id_hash, nonce, upload_id, api_key_id)
     if row is None:
         return None
     return Admission(
@@ -245,6 +250,7 @@ async def read_admission(
         nonce_signature=row["nonce_signature"],
         upload_exists=row["upload_exists"],
         upload_lease_id=row["upload_lease_id"],
+        key_unrevoked=row["key_unrevoked"],
     )
 
 
