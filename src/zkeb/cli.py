@@ -175,6 +175,10 @@ def serve(host: str | None, port: int | None, workers: int | None) -> None:
     configure_logging(settings.log_level, log_format(settings.env))
     _preflight(settings)
     _check_listen_address(host or settings.host, port or settings.port)
+    if settings.metrics_port is not None:
+        if settings.metrics_port == (port or settings.port):
+            raise click.ClickException(f"METRICS_PORT must differ from the API's port ({settings.metrics_port})")
+        _check_listen_address(host or settings.host, settings.metrics_port, what="METRICS_PORT: ")
     _warn_dev_secrets(settings)
     url = _served_database(settings)
     # Workers inherit the resolved database and do not migrate again.
@@ -229,8 +233,9 @@ async def _check_owner_login(settings: Settings, url: str) -> None:
         await engine.dispose()
 
 
-def _check_listen_address(host: str, port: int) -> None:
-    """Refuse in one line when `host:port` cannot be bound (granian would report it in a long traceback)."""
+def _check_listen_address(host: str, port: int, *, what: str = "") -> None:
+    """Refuse in one line, starting with `what`, when `host:port` cannot be bound (granian, or the metrics listener,
+    would report it in a long traceback)."""
     family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as granian: a closing socket's port is free
@@ -238,8 +243,8 @@ def _check_listen_address(host: str, port: int) -> None:
             probe.bind((host, port))
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
-                raise click.ClickException(f"port {port} is already in use on {host}") from None
-            raise click.ClickException(f"cannot listen on {host} port {port}: {exc.strerror or exc}") from None
+                raise click.ClickException(f"{what}port {port} is already in use on {host}") from None
+            raise click.ClickException(f"{what}cannot listen on {host} port {port}: {exc.strerror or exc}") from None
 
 
 def _preflight(settings: Settings) -> None:

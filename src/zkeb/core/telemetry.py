@@ -36,6 +36,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
+from urllib.parse import urlsplit
 
 from litestar import Litestar
 from litestar.config.app import AppConfig
@@ -132,6 +133,8 @@ class TracingConfig:
                 "(zkeb[grpc]; for the image: --build-arg EXTRAS=grpc); the default http/protobuf needs nothing more"
             )
             raise SettingsError(msg)
+        if "otlp" in config.exporters and protocol == "http/protobuf":
+            _check_http_endpoints(env)
         if config.enabled:
             _check_sampler(env)
             _check_excluded_urls(env)
@@ -179,6 +182,15 @@ def _check_excluded_urls(env: Mapping[str, str]) -> None:
 
 _ENDPOINT_VARS = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
 _PROTOCOL_VARS = ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL")
+
+
+def _check_http_endpoints(env: Mapping[str, str]) -> None:
+    """OTLP over HTTP needs URLs: `host:4318` without a scheme started, then lost every batch (logged per batch)."""
+    for name in _ENDPOINT_VARS:
+        value = env.get(name, "").strip()
+        if value and urlsplit(value).scheme not in {"http", "https"}:
+            msg = f"{name} must be an http:// or https:// URL for OTLP over HTTP (got {value!r})"
+            raise SettingsError(msg)
 
 
 def _grpc_exporter_installed() -> bool:

@@ -276,3 +276,28 @@ def test_serve_on_a_port_in_use_is_one_line_before_starting(tmp_path: Path, thro
     assert f"Error: port {port} is already in use".encode() in result.stderr
     assert b"Traceback" not in result.stderr
     assert b"listening" not in result.stderr
+
+
+@pytest.mark.parametrize("clash", ["in use", "the API's"])
+def test_serve_with_a_metrics_port_it_cannot_bind_is_one_line_before_starting(tmp_path: Path, clash: str) -> None:
+    # An operator review: a METRICS_PORT in use printed a 40-line traceback, and one equal to PORT let the metrics
+    # listener take the port, then granian failed with a 137-line backtrace.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        port = _free_port()
+        metrics = str(busy) if clash == "in use" else str(port)
+        env = _clean_env(
+            ZKEB_DATA_DIR=str(tmp_path),
+            DATABASE_URL="postgresql://postgres@127.0.0.1:1/x",
+            HOST="127.0.0.1",
+            PORT=str(port),
+            METRICS_PORT=metrics,
+        )
+        result = subprocess.run([*ZKEB, "serve"], env=env, capture_output=True, timeout=60, check=False)
+    assert result.returncode == 1
+    says = f"METRICS_PORT: port {busy} is already in use" if clash == "in use" else "METRICS_PORT must differ"
+    assert says.encode() in result.stderr, result.stderr
+    assert b"Traceback" not in result.stderr
+    assert b"listening" not in result.stderr

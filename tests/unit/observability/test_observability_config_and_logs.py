@@ -85,6 +85,17 @@ def test_unsupported_tracing_settings_are_refused_naming_the_variable(environ: d
         TracingConfig.from_env(environ)
 
 
+@pytest.mark.parametrize("name", ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"])
+def test_an_otlp_http_endpoint_without_a_scheme_is_a_configuration_error(name: str) -> None:
+    # An operator review: `127.0.0.1:4318` started with "tracing on", then every batch failed ("No connection
+    # adapters were found") and no span arrived.
+    with pytest.raises(SettingsError, match=rf"{name} must be an http:// or https:// URL"):
+        TracingConfig.from_env({name: "127.0.0.1:4318"})
+    assert TracingConfig.from_env({name: "https://collector.internal:4318"}).enabled
+    # gRPC takes `host:port`; a console exporter reads no endpoint.
+    assert TracingConfig.from_env({name: "127.0.0.1:4317", "OTEL_TRACES_EXPORTER": "console"}).enabled
+
+
 def test_valid_sampler_and_exclusions_are_accepted_and_unchecked_while_tracing_is_off() -> None:
     sampled = {"OTEL_TRACES_SAMPLER": "ParentBased_TraceIdRatio", "OTEL_TRACES_SAMPLER_ARG": "0.1"}
     excluded = {"OTEL_PYTHON_EXCLUDED_URLS": "/api/health/,^/metrics$"}
