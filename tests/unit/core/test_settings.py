@@ -303,3 +303,35 @@ def test_a_dev_secret_missing_from_the_file_is_added_and_the_others_kept(tmp_pat
     again = Settings.from_env({"ZKEB_DATA_DIR": str(tmp_path)})
     assert again.secrets.master_key == first.secrets.master_key
     assert dropped in json.loads(path.read_text())
+
+
+class _RecordingEnvironment(dict[str, str]):
+    """An environment that remembers every variable read from it."""
+
+    def __init__(self, *args: object, **kwargs: str) -> None:
+        super().__init__(*args, **kwargs)
+        self.read: set[str] = set()
+
+    def get(self, key: str, default: object = None) -> object:  # type: ignore[override]
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key: str) -> str:
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key: object) -> bool:
+        self.read.add(str(key))
+        return super().__contains__(key)
+
+
+def test_the_example_environment_names_every_variable_the_settings_read(tmp_path: Path) -> None:
+    # An operator review: deploy/.env.example, which the runbook points to for "any tuning variable", lacked
+    # TRUSTED_PROXIES and PUBLIC_URL (so behind a proxy every device shared one rate-limit budget), the payload store
+    # and four more.
+    environment = _RecordingEnvironment(ZKEB_DATA_DIR=str(tmp_path), PAYLOAD_STORE="s3", S3_BUCKET="backups")
+    Settings.from_env(environment)
+    example = (Path(__file__).parents[3] / "deploy" / ".env.example").read_text()
+    named = {line.lstrip("# ").split("=", 1)[0] for line in example.splitlines() if "=" in line}
+    assert len(environment.read) > 30
+    assert environment.read - named == set()
