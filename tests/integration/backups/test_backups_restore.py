@@ -349,6 +349,15 @@ async def test_list_refuses_bad_limit_and_cursor(client: Client, tenant: Tenant)
         )
         assert trash.status_code == 400, cursor
         problem(trash)
+    # A malformed device filter is a bad query parameter like the others (it was a 422 without `errors`).
+    for device_filter in ("xyz", "ab" * 31, "g" * 64):
+        bad_filter = await client.get(
+            "/api/v1/backups", params={"device_id_hash": device_filter}, headers=auth(tenant.project_key)
+        )
+        assert bad_filter.status_code == 400, device_filter
+        assert [e["key"] for e in problem(bad_filter)["errors"]] == ["device_id_hash"]
+    upper = await client.get("/api/v1/backups", params={"device_id_hash": "AB" * 32}, headers=auth(tenant.project_key))
+    assert upper.status_code == 200
 
 
 async def test_latest_of_empty_container_is_404(client: Client, tenant: Tenant) -> None:

@@ -33,7 +33,6 @@ from zkeb.domain.backups.envelope import (
     envelope_from_json,
     envelope_from_msgpack,
     invalid_field,
-    parse_device_id_hash_hex,
 )
 from zkeb.domain.backups.errors import PayloadRangeError
 from zkeb.domain.backups.guards import requires_backup_or_org_admin
@@ -254,14 +253,16 @@ class BackupController(Controller):
         *,
         container_id: FromQuery[UUID | None] = None,
         device_id_hash: str | None = Parameter(
-            default=None, description="SHA-256 of the device id, 64 hex digits (written lowercase; either case is read)"
+            default=None,
+            pattern="^[0-9a-fA-F]{64}$",
+            description="SHA-256 of the device id, 64 hex digits (written lowercase; either case is read)",
         ),
         cursor: str | None = Parameter(default=None, max_length=200),
         limit: int = Parameter(default=50, ge=1, le=100),
     ) -> BackupList:
         """A page of backups."""
         principal = principal_of(request)
-        device_hash = parse_device_id_hash_hex(device_id_hash) if device_id_hash is not None else None
+        device_hash = bytes.fromhex(device_id_hash) if device_id_hash is not None else None  # 400 unless hex
         backups, next_cursor = await list_visible_backups(
             backups_context(state).engine,
             principal,
