@@ -56,6 +56,7 @@ __all__ = (
     "request_id_var",
     "request_path",
     "span_id_var",
+    "status_phrase",
     "storage_full",
     "trace_id_var",
 )
@@ -199,7 +200,7 @@ def problem_response(
 ) -> Response[dict[str, Any]]:
     """A problem+json response for `request`; `title` defaults to the status's phrase ("Error" when it has none)."""
     if title is None:
-        title = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "Error"
+        title = status_phrase(status)
     body: dict[str, Any] = {"type": problem_type, "title": title, "status": status}
     # A detail may quote the request (a field name, a value) and the instance is its path: a credential a client put
     # there is not sent back (proxies and clients log error bodies).
@@ -293,6 +294,17 @@ def _pool_timeout_problem(request: Request[Any, Any, Any], exc: PoolTimeoutError
     return problem_response(
         request, 503, "the server is busy (no database connection free); retry shortly", headers={"Retry-After": "1"}
     )
+
+
+#: Where Python's phrases are older than the ones granian writes on the status line (RFC 9110's, but for 413's name).
+_STATUS_LINE_PHRASES = {413: "Payload Too Large", 414: "URI Too Long", 416: "Range Not Satisfiable"}
+
+
+def status_phrase(status: int) -> str:
+    """The phrase of `status` as the status line carries it ("Error" for a status HTTP names none, e.g. 460)."""
+    if status in _STATUS_LINE_PHRASES:
+        return _STATUS_LINE_PHRASES[status]
+    return HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "Error"
 
 
 def database_connection_lost(exc: BaseException) -> bool:

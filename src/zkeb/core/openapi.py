@@ -23,6 +23,7 @@ from litestar.middleware import AbstractAuthenticationMiddleware, DefineMiddlewa
 from litestar.openapi.plugins import JsonRenderPlugin
 from litestar.routes import HTTPRoute
 
+from zkeb.core.errors import status_phrase
 from zkeb.core.runtime import get_runtime
 
 __all__ = ("PROBLEM_REF", "Link", "ZkebOpenAPIJson", "add_links", "complete_openapi", "problem_response")
@@ -84,7 +85,7 @@ def problem_response(status: str, description: str | None = None) -> dict[str, A
                 "schema": {"$ref": PROBLEM_REF},
                 "example": {
                     "type": "about:blank",
-                    "title": "Not Found" if status == "404" else "Error",
+                    "title": status_phrase(int(status)),
                     "status": int(status),
                     "detail": description,
                     "instance": "/api/v1/backups/0192f5e4-7a3b-7c1d-9e2f-000000000002",

@@ -33,6 +33,8 @@ _RFC3339_PATTERN = re.compile(
     r"(?P<time>[0-9]{2}:[0-9]{2}:[0-9]{2})(?:\.(?P<fraction>[0-9]{1,6}))?"
     r"(?P<offset>[Zz]|[+-][0-9]{2}:[0-9]{2})"
 )
+#: The same with seven or more fractional digits: well-formed, but finer than the microseconds ZKEB signs.
+_TOO_PRECISE = re.compile(_RFC3339_PATTERN.pattern.replace("{1,6}", "{7,}"))
 
 
 def _require_length(field: str, value: bytes, expected: int) -> None:
@@ -163,6 +165,8 @@ def parse_rfc3339_utc(value: str) -> datetime:
     """
     match = _RFC3339_PATTERN.fullmatch(value.strip())
     if match is None:
+        if _TOO_PRECISE.fullmatch(value.strip()):
+            raise ValueError("timestamp has more than 6 fractional digits (the signed message carries microseconds)")
         raise ValueError("timestamp must be RFC 3339 with an offset, e.g. '2026-11-27T10:00:00Z'")
     fraction = (match["fraction"] or "").ljust(6, "0")
     offset = match["offset"]

@@ -10,6 +10,7 @@ import io
 import os
 import socket
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -617,3 +618,25 @@ async def test_a_key_revoked_while_its_patch_streams_commits_nothing(
     assert patched.status_code == 401, patched.text
     assert await owner_connection.fetchval("SELECT count(*) FROM backups") == 0
     assert await owner_connection.fetchval("SELECT count(*) FROM upload_sessions") == 1
+
+
+async def test_a_problems_title_is_the_phrase_of_its_status_line(http: httpx.AsyncClient, tenant: Tenant) -> None:
+    # docs/protocol.md §7: `title` is the status's phrase. An API-integrator review found "Request Entity Too Large"
+    # under a `413 Payload Too Large` line and "Requested Range Not Satisfiable" under `416 Range Not Satisfiable`.
+    envelope = sign_envelope(tenant, b"x" * 10)
+    created = await http.post("/api/v1/backups", json=envelope.json(), headers=auth(tenant.project_key))
+    url = f"/api/v1/backups/{created.json()['id']}/payload"
+    answers = [
+        await http.get(url, headers={**auth(tenant.project_key), "Range": "bytes=10-"}),
+        await http.post(
+            "/api/v1/uploads",
+            headers=tus_headers(
+                tenant.project_key, **{"Upload-Length": str(10**15), "Upload-Metadata": envelope.tus_metadata()}
+            ),
+        ),
+        await http.get(f"/api/v1/backups/{uuid.uuid4()}", headers=auth(tenant.project_key)),
+        await http.get("/api/v1/backups", headers=auth("zkeb_not-a-key")),
+    ]
+    assert [r.status_code for r in answers] == [416, 413, 404, 401]
+    for response in answers:
+        assert response.json()["title"] == response.reason_phrase, response.status_code

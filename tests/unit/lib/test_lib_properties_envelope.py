@@ -176,6 +176,22 @@ def test_rfc3339_parses_to_aware_utc_or_raises_value_error(text: str) -> None:
     assert parsed.utcoffset() == timedelta(0)
 
 
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("2026-12-07T10:00:00.1234567Z", "more than 6 fractional digits"),
+        ("2026-12-07T10:00:00.123456789+02:00", "more than 6 fractional digits"),
+        ("2026-12-07T10:00:00", "must be RFC 3339 with an offset"),
+        ("yesterday", "must be RFC 3339 with an offset"),
+    ],
+)
+def test_a_refused_timestamp_says_why(text: str, says: str) -> None:
+    # An API-integrator review: seven fractional digits were refused as "must be RFC 3339 with an offset", which
+    # the value had.
+    with pytest.raises(ValueError, match=says):
+        parse_rfc3339_utc(text)
+
+
 def test_signed_message_digests_are_over_the_exact_bytes() -> None:
     """The message carries sha256 of the payload; a device that hashes different bytes does not verify."""
     fields = {name: bytes(n) for name, n in LENGTHS.items()}
