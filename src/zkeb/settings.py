@@ -216,7 +216,7 @@ class Settings:
             database_url=normalize_database_url(raw_db_url) if raw_db_url else None,
             redis_url=reader.redis_url("REDIS_URL"),
             secrets=secrets_,
-            max_upload_size=reader.size("MAX_UPLOAD_SIZE", "100MB"),
+            max_upload_size=reader.size("MAX_UPLOAD_SIZE", "100MB", minimum=1),  # 0: every backup refused
             # asyncpg's per-command timeout; shorter than 5 s would cut off legitimate chunk batches and migrations.
             request_timeout_ms=reader.integer("REQUEST_TIMEOUT", 30000, minimum=5000),
             db_pool_size=reader.integer("DB_POOL_SIZE", 10, minimum=1, maximum=500),
@@ -404,13 +404,17 @@ class _EnvReader:
                 raise SettingsError(msg) from None
         return items
 
-    def size(self, name: str, default: str) -> int:
+    def size(self, name: str, default: str, *, minimum: int = 0) -> int:
         raw = self.text(name, default)
         try:
-            return parse_size(raw)
+            value = parse_size(raw)
         except ValueError as exc:
             msg = f"{name} must be a size such as 100MB or 64KiB (got {raw!r}): {exc}"
             raise SettingsError(msg) from None
+        if value < minimum:
+            msg = f"{name} must be at least {minimum} bytes (got {raw!r})"
+            raise SettingsError(msg)
+        return value
 
 
 def _load_secrets(reader: _EnvReader, data_dir: Path, *, production: bool) -> Secrets:

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import uuid
 
 import asyncpg
 import pytest
 from litestar.testing import AsyncTestClient
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 
 from zkeb.app import create_app
 from zkeb.core.audit import chained_fields, record_event, record_event_on_connection
 from zkeb.core.tenancy import tenant_scope
+from zkeb.domain.audit.plugin import ChainHeadLogger
 from zkeb.lib.hashchain import verify_chain
 from zkeb.settings import Settings
 
@@ -143,3 +145,22 @@ async def test_chain_heads_are_logged_at_shutdown(
             pass
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("audit chain head")]
     assert any(f"organization_id={org_id} seq=1 hash={head_hash.hex()}" in line for line in lines)
+
+
+async def test_chain_heads_with_the_database_down_are_one_line(caplog: pytest.LogCaptureFixture) -> None:
+    # An operator review: SIGTERM while PostgreSQL was down logged a 6.5 KB traceback at WARNING from the last
+    # chain-head log. A database that cannot be reached is one line; an unexpected failure keeps its traceback.
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    engine = create_async_engine(f"postgresql+asyncpg://postgres@127.0.0.1:{port}/zkeb")
+    try:
+        with caplog.at_level("WARNING", logger="zkeb.audit"):
+            await ChainHeadLogger.log_once(engine)
+    finally:
+        await engine.dispose()
+    [record] = [r for r in caplog.records if "chain heads" in r.getMessage()]
+    assert (
+        record.getMessage() == "could not log audit chain heads: the database is unreachable (ConnectionRefusedError)"
+    )
+    assert record.exc_info is None

@@ -44,6 +44,7 @@ def test_max_upload_size_accepts_human_sizes(tmp_path: Path, value: str, expecte
     ("name", "value"),
     [
         ("MAX_UPLOAD_SIZE", "lots"),
+        ("MAX_UPLOAD_SIZE", "0"),  # started, advertised Tus-Max-Size: 0 and refused every backup
         ("PORT", "http"),
         ("PORT", "70000"),
         ("HOST", "localhost"),  # granian binds an address: a name was a traceback

@@ -10,7 +10,9 @@ from typing import Any
 from litestar import Litestar
 from litestar.config.app import AppConfig
 from litestar.plugins import InitPluginProtocol
+from sqlalchemy.ext.asyncio import AsyncEngine
 
+from zkeb.core.errors import database_connection_lost, database_timed_out
 from zkeb.core.runtime import get_runtime
 from zkeb.domain.audit.controllers import AuditController
 from zkeb.domain.audit.services import log_chain_heads
@@ -39,16 +41,21 @@ class ChainHeadLogger:
         self.interval = interval
         self._task: asyncio.Task[None] | None = None
 
-    async def _log_once(self, app: Litestar) -> None:
+    @staticmethod
+    async def log_once(engine: AsyncEngine) -> None:
+        """Log every chain head now; a database that cannot be reached is one warning line, not a traceback."""
         try:
-            await log_chain_heads(get_runtime(app.state).engine)
-        except Exception:
-            logger.warning("could not log audit chain heads", exc_info=True)
+            await log_chain_heads(engine)
+        except Exception as exc:
+            if database_connection_lost(exc) or database_timed_out(exc):  # the database is down: one line says so
+                logger.warning("could not log audit chain heads: the database is unreachable (%s)", type(exc).__name__)
+            else:
+                logger.warning("could not log audit chain heads", exc_info=True)
 
     async def _run(self, app: Litestar) -> None:
         while True:
             await asyncio.sleep(self.interval)
-            await self._log_once(app)
+            await self.log_once(get_runtime(app.state).engine)
 
     async def start(self, app: Litestar) -> None:
         """Start the periodic task (startup hook)."""
@@ -67,7 +74,7 @@ class ChainHeadLogger:
             await self._task
         self._task = None
         await get_runtime(app.state).audit_linker.stop()
-        await self._log_once(app)
+        await self.log_once(get_runtime(app.state).engine)
 
 
 class AuditPlugin(InitPluginProtocol):
