@@ -315,7 +315,7 @@ class ServerSpanMiddleware:
             await self._untraced(scope, receive, send)
             return
         method = scope["method"]
-        span = self._start_span(self.tracer, scope, carrier, method)
+        span = self._start_span(self.tracer, scope, carrier, method, host)
         span_context = span.get_span_context()
         trace_id = format_trace_id(span_context.trace_id)
         span_id = format_span_id(span_context.span_id)
@@ -378,19 +378,30 @@ class ServerSpanMiddleware:
             trace_id_var.reset(trace_token)
 
     @staticmethod
-    def _start_span(tracer: trace.Tracer, scope: Scope, carrier: dict[str, str] | None, method: str) -> trace.Span:
+    def _start_span(
+        tracer: trace.Tracer, scope: Scope, carrier: dict[str, str] | None, method: str, host: str
+    ) -> trace.Span:
         parent_context = propagate.extract(carrier) if carrier else None
-        return tracer.start_span(
-            method,
-            context=parent_context,
-            kind=SpanKind.SERVER,
-            attributes={
-                "http.request.method": method,
-                "url.path": redact(scope["path"]),  # as the access log writes it
-                "url.scheme": scope.get("scheme", "http"),
-                "network.protocol.version": scope.get("http_version", "1.1"),
-            },
-        )
+        attributes: dict[str, str | int] = {
+            "http.request.method": method,
+            "url.path": redact(scope["path"]),  # as the access log writes it
+            "url.scheme": scope.get("scheme", "http"),
+            "network.protocol.version": scope.get("http_version", "1.1"),
+        }
+        if query := scope.get("query_string", b""):
+            attributes["url.query"] = redact(query.decode("latin-1"))
+        address, port = _host_and_port(host)
+        if address:
+            attributes["server.address"] = address
+            if port is not None:
+                attributes["server.port"] = port
+        if client := scope.get("client"):  # the socket's peer (behind a proxy, the proxy)
+            attributes["network.peer.address"], attributes["network.peer.port"] = client[0], client[1]
+        for name, value in scope["headers"]:
+            if name == b"user-agent":
+                attributes["user_agent.original"] = redact(value.decode("latin-1"))
+                break
+        return tracer.start_span(method, context=parent_context, kind=SpanKind.SERVER, attributes=attributes)
 
     async def _untraced(self, scope: Scope, receive: Receive, send: Send) -> None:
         # Excluded (OTEL_PYTHON_[LITESTAR_]EXCLUDED_URLS): no server span, and no client spans either, which would
@@ -418,14 +429,24 @@ def _read_headers(scope: Scope) -> tuple[dict[str, str] | None, str]:
     return carrier, host
 
 
+def _host_and_port(host: str) -> tuple[str, int | None]:
+    """The `Host` header's name or address and its port, if it names one (`[::1]:3000`, `example.com`)."""
+    name, _, port = host.rpartition(":") if not host.endswith("]") else (host, "", "")
+    if not name or not port.isdigit():
+        name, port = host, ""
+    return name.strip("[]"), int(port) if port else None
+
+
 def _record_outcome(span: trace.Span, method: str, template: str | None, status: int) -> None:
-    """Name the span after the route template and record the response status (5xx is an error)."""
+    """Name the span after the route template and record the response status (5xx is an error, its `error.type`
+    the status code, as HTTP semantic conventions say when no exception reached the span)."""
     if template:
         span.update_name(f"{method} {template}")
         span.set_attribute(HTTP_ROUTE, template)
     if status:
         span.set_attribute("http.response.status_code", status)
         if status >= 500:
+            span.set_attribute("error.type", str(status))
             span.set_status(Status(StatusCode.ERROR))
 
 

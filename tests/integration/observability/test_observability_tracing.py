@@ -425,3 +425,38 @@ async def test_a_malformed_baggage_header_writes_no_log_line(
     assert response.status_code == 404
     assert not [record for record in caplog.records if record.name.startswith("opentelemetry")]
     assert not [record for record in caplog.records if hostile[:40] in record.getMessage()]
+
+
+async def test_a_server_span_names_its_query_host_peer_and_agent_and_a_5xx_its_error_type(
+    traced_client: tuple[Client, InMemorySpanExporter], settings: Settings, owner_connection: asyncpg.Connection
+) -> None:
+    # An operator review: server spans had no `url.query`, `server.address`, peer or `user_agent.original`, and a
+    # 5xx span no `error.type` (conditionally required by the HTTP semantic conventions).
+    client, exporter = traced_client
+    _, admin_key = await create_org(settings)
+    project, project_key = await create_project_key(client, admin_key)
+    device_id_hash, private_key = await enroll_device(client, admin_key, project["id"])
+    body, _ = signed_envelope(project["id"], device_id_hash, private_key, os.urandom(3000))
+    created = await client.post("/api/v1/backups", json=body, headers=auth(project_key))
+    payload_id = await owner_connection.fetchval(
+        "SELECT payload_id FROM backups WHERE id = $1", uuid.UUID(created.json()["id"])
+    )
+    await owner_connection.execute("DELETE FROM backup_chunks WHERE payload_id = $1", payload_id)  # damaged at rest
+    exporter.clear()
+
+    listed = await client.get(
+        f"/api/v1/backups?limit=5&note={project_key}", headers={**auth(project_key), "User-Agent": "zkeb-client/1.0"}
+    )
+    damaged = await client.get(f"/api/v1/backups/{created.json()['id']}/payload", headers=auth(project_key))
+
+    assert (listed.status_code, damaged.status_code) == (200, 500)
+    by_route = {
+        span.name: dict(span.attributes or {}) for span in exporter.get_finished_spans() if span.kind == SpanKind.SERVER
+    }
+    listing = by_route["GET /api/v1/backups"]
+    assert listing["url.query"] == "limit=5&note=[REDACTED]"
+    assert listing["user_agent.original"] == "zkeb-client/1.0"
+    assert listing["server.address"] == client.base_url.host
+    assert isinstance(listing["network.peer.address"], str)
+    assert "error.type" not in listing
+    assert by_route["GET /api/v1/backups/{backup_id}/payload"]["error.type"] == "500"
