@@ -225,7 +225,7 @@ class Settings:
             enable_audit_logs=reader.flag("ENABLE_AUDIT_LOGS", default=True),
             rate_limit_per_minute=reader.integer("RATE_LIMIT_PER_MINUTE", 600, minimum=1),
             token_rate_limit_per_minute=reader.integer("TOKEN_RATE_LIMIT_PER_MINUTE", 30, minimum=1),
-            cors_origins=tuple(o.strip() for o in reader.text("CORS_ORIGINS", "").split(",") if o.strip()),
+            cors_origins=reader.origins("CORS_ORIGINS"),
             metrics_port=reader.integer("METRICS_PORT", 0, minimum=1, maximum=65535) if metrics_port else None,
             metrics_token=reader.optional("METRICS_TOKEN"),
             shutdown_grace_seconds=reader.number("SHUTDOWN_GRACE_SECONDS", 30.0, minimum=0.0),
@@ -364,6 +364,27 @@ class _EnvReader:
             msg = f"{name} must be an http:// or https:// base URL without query or fragment (got {raw!r})"
             raise SettingsError(msg)
         return raw.rstrip("/")
+
+    def origins(self, name: str) -> tuple[str, ...]:
+        """Comma-separated browser origins (`https://app.example.com`, `http://localhost:5173`) or `*`.
+
+        An origin is a scheme, a host and a port only: a browser's `Origin` never has a path, so `notaurl` or
+        `https://app.example.com/` would match nothing and silently switch CORS off for that app.
+        """
+        values = tuple(o.strip() for o in self.text(name, "").split(",") if o.strip())
+        for value in values:
+            parts = urlsplit(value)
+            if value != "*" and (
+                parts.scheme not in {"http", "https"}
+                or not parts.hostname
+                or parts.path
+                or parts.query
+                or parts.fragment
+                or parts.username is not None
+            ):
+                msg = f"{name} must list origins such as https://app.example.com, without a path (got {value!r})"
+                raise SettingsError(msg)
+        return values
 
     def ip_address(self, name: str, default: str) -> str:
         raw = self.text(name, default)

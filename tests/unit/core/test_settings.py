@@ -65,6 +65,9 @@ def test_max_upload_size_accepts_human_sizes(tmp_path: Path, value: str, expecte
         ("REQUEST_TIMEOUT", "1000"),  # was raised to 5 s without a word
         ("BODY_IDLE_TIMEOUT", "0.5"),
         ("BODY_MIN_RATE", "slow"),
+        ("CORS_ORIGINS", "notaurl"),  # matched no browser's Origin: CORS silently off
+        ("CORS_ORIGINS", "https://app.example.com/"),
+        ("CORS_ORIGINS", "https://app.example.com,ftp://files.example.com"),
     ],
 )
 def test_invalid_values_are_refused_naming_the_variable(tmp_path: Path, name: str, value: str) -> None:
@@ -336,3 +339,10 @@ def test_the_example_environment_names_every_variable_the_settings_read(tmp_path
     named = {line.lstrip("# ").split("=", 1)[0] for line in example.splitlines() if "=" in line}
     assert len(environment.read) > 30
     assert environment.read - named == set()
+
+
+def test_cors_origins_take_origins_and_the_wildcard(tmp_path: Path) -> None:
+    origins = "https://app.example.com, http://localhost:5173,https://[::1]:8443"
+    settings = Settings.from_env({"ZKEB_DATA_DIR": str(tmp_path), "CORS_ORIGINS": origins})
+    assert settings.cors_origins == ("https://app.example.com", "http://localhost:5173", "https://[::1]:8443")
+    assert Settings.from_env({"ZKEB_DATA_DIR": str(tmp_path), "CORS_ORIGINS": "*"}).cors_origins == ("*",)
