@@ -573,9 +573,9 @@ async def test_control_characters_in_text_are_refused(
 QUERY_CASES = [
     pytest.param("/api/v1/backups", "container_id", "'; DROP TABLE backups; --", 400, id="backups-container_id-sql"),
     pytest.param("/api/v1/backups", "container_id", "\x00", 400, id="backups-container_id-nul"),
-    pytest.param("/api/v1/backups", "device_id_hash", "' OR '1'='1", 422, id="backups-device_id_hash-sql"),
-    pytest.param("/api/v1/backups", "device_id_hash", "zz" * 32, 422, id="backups-device_id_hash-not-hex"),
-    pytest.param("/api/v1/backups", "device_id_hash", "a\x00" * 32, 422, id="backups-device_id_hash-nul"),
+    pytest.param("/api/v1/backups", "device_id_hash", "' OR '1'='1", 400, id="backups-device_id_hash-sql"),
+    pytest.param("/api/v1/backups", "device_id_hash", "zz" * 32, 400, id="backups-device_id_hash-not-hex"),
+    pytest.param("/api/v1/backups", "device_id_hash", "a\x00" * 32, 400, id="backups-device_id_hash-nul"),
     pytest.param("/api/v1/backups", "limit", "0", 400, id="backups-limit-zero"),
     pytest.param("/api/v1/backups", "limit", "101", 400, id="backups-limit-101"),
     pytest.param("/api/v1/backups", "limit", "-1", 400, id="backups-limit-negative"),
