@@ -407,7 +407,10 @@ def _unexpected_exception_handler(request: Request[Any, Any, Any], exc: Exceptio
             "database connection lost on %s %s: %s", request.method, request_path(request), type(exc).__name__
         )
         return problem_response(
-            request, 503, "the database connection was lost; retry shortly", headers={"Retry-After": "1"}
+            request,
+            503,
+            "the database cannot be reached or the connection was lost; retry shortly",
+            headers={"Retry-After": "1"},
         )
     if database_timed_out(exc):
         logger.warning("database timeout on %s %s: %s", request.method, request_path(request), type(exc).__name__)
