@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from litestar import Litestar
+from litestar.types import ASGIApp
 
 from zkeb.core import CorePlugin
 from zkeb.core.connection import RequestBodyMiddleware
+from zkeb.core.head import HeadAsGetMiddleware
 from zkeb.core.requestid import RequestIdMiddleware
 from zkeb.core.security import CorsOptionsMiddleware, SecurityHeadersMiddleware
 from zkeb.domain.accounts import AccountsPlugin
@@ -24,7 +26,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         plugins=[CorePlugin(settings, domains=[HealthPlugin(), AccountsPlugin(), AuditPlugin(), BackupsPlugin()])],
         debug=False,
     )
-    handler = app.asgi_handler
+    handler: ASGIApp = HeadAsGetMiddleware(app.asgi_handler, app)
     if app.cors_config is not None:
         handler = CorsOptionsMiddleware(handler, app.cors_config)
     # Outermost, so routing errors (404, 405) carry the request id and the security headers too.

@@ -3,7 +3,8 @@
 Litestar 2 answers `OPTIONS` on any route with `204` and `Allow`, but the answer keeps the methods of the first
 handlers registered on the path (litestar-org/litestar#4169, fixed in Litestar 3): `OPTIONS /api/v1/backups` said
 `OPTIONS, POST` although `GET` lists backups there. This `before_send` hook replaces that `Allow` with every method
-the app routes on the request's path. A `405`'s `Allow` is right already and is left alone.
+the app routes on the request's path, and `HEAD` beside `GET` (`zkeb.core.head` answers it). A `405`'s `Allow` is
+Litestar's and is left alone.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ async def complete_options_allow(message: Message, scope: Scope) -> None:
         return
     routed = scope["litestar_app"].route_handler_method_map
     methods = {method for path in scope["route_handler"].paths for method in routed.get(path, ())}
+    if "GET" in methods:
+        methods.add("HEAD")  # answered as the GET without its body (zkeb.core.head)
     if methods:
         allow = ", ".join(sorted(methods)).encode("latin-1")
         message["headers"] = [(name, allow if name.lower() == b"allow" else value) for name, value in headers]

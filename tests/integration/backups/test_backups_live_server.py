@@ -640,3 +640,15 @@ async def test_a_problems_title_is_the_phrase_of_its_status_line(http: httpx.Asy
     assert [r.status_code for r in answers] == [416, 413, 404, 401]
     for response in answers:
         assert response.json()["title"] == response.reason_phrase, response.status_code
+
+
+async def test_head_on_a_get_route_through_granian_is_its_headers_without_a_body(
+    http: httpx.AsyncClient, tenant: Tenant
+) -> None:
+    for path, headers in (("/api/health/live", {}), ("/api/v1/backups", auth(tenant.project_key))):
+        get, head = await http.get(path, headers=headers), await http.head(path, headers=headers)
+        assert (get.status_code, head.status_code) == (200, 200), path
+        assert head.content == b""
+        assert head.headers["content-length"] == str(len(get.content))
+    # The connection is still good after a HEAD whose Content-Length announced a body it did not carry.
+    assert (await http.get("/api/health/live")).status_code == 200
