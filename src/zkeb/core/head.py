@@ -10,7 +10,7 @@ router whether the path has a handler for `HEAD`; when it has none but has one f
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from litestar.enums import ScopeType
 from litestar.exceptions import MethodNotAllowedException
@@ -42,8 +42,13 @@ class HeadAsGetMiddleware:
                 message = {"type": "http.response.body", "body": b"", "more_body": False}
             await send(message)
 
-        as_get: Any = {**scope, "method": "GET"}
-        await self.app(as_get, receive, send_without_body)
+        # The same scope, so that what the router and the auth middleware record in it (the route template, the
+        # principal) reaches the access log and the span outside; they see `HEAD` again once the answer is sent.
+        scope["method"] = "GET"
+        try:
+            await self.app(scope, receive, send_without_body)
+        finally:
+            scope["method"] = "HEAD"
 
     def _get_only(self, path: str) -> bool:
         """Whether the router has a `GET` handler on `path` but no `HEAD` one."""

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import uuid
 
+import pytest
 from litestar import Litestar
 from litestar.routes import HTTPRoute
 from litestar.testing import AsyncTestClient
@@ -37,8 +39,14 @@ async def test_head_on_every_get_route_is_its_get_without_the_body(
     assert checked >= 15
 
 
-async def test_head_on_health_is_200_with_the_length_of_the_get_body(client: AsyncTestClient[Litestar]) -> None:
-    get, head = await client.get("/api/health/live"), await client.head("/api/health/live")
+async def test_head_on_health_is_200_with_the_length_of_the_get_body(
+    client: AsyncTestClient[Litestar], caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="zkeb.access"):
+        get, head = await client.get("/api/health/live"), await client.head("/api/health/live")
+    # The access line (and the metrics fed from it) names the method sent and the route it took.
+    [line] = [r for r in caplog.records if r.name == "zkeb.access" and getattr(r, "method", "") == "HEAD"]
+    assert getattr(line, "route", "") == "/api/health/live"
     assert (get.status_code, head.status_code) == (200, 200)
     assert head.content == b""
     assert head.headers["content-length"] == str(len(get.content))
