@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Iterator
 from contextvars import ContextVar
 from http import HTTPStatus
+from traceback import walk_tb
 from types import UnionType
 from typing import Any, ClassVar
 
@@ -321,21 +322,14 @@ def database_connection_lost(exc: BaseException) -> bool:
     `InternalClientError` "cannot switch to state …; another operation … is in progress". That connection is lost
     too (a use of one connection by two tasks at once is asyncpg's `InterfaceError`, not this).
     """
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, DBAPIError) and current.connection_invalidated:
-            return True
-        if (
-            isinstance(current, PostgresConnectionError | ConnectionError)
-            or (isinstance(current, OperatorInterventionError) and not isinstance(current, QueryCanceledError))
-            or (isinstance(current, InterfaceError) and "connection is closed" in str(current))
-            or (isinstance(current, InternalClientError) and "another operation" in str(current))
-        ):
-            return True
-        current = current.__cause__ or current.__context__
-    return False
+    return any(
+        (isinstance(current, DBAPIError) and current.connection_invalidated)
+        or isinstance(current, PostgresConnectionError | ConnectionError)
+        or (isinstance(current, OperatorInterventionError) and not isinstance(current, QueryCanceledError))
+        or (isinstance(current, InterfaceError) and "connection is closed" in str(current))
+        or (isinstance(current, InternalClientError) and "another operation" in str(current))
+        for current in _chain(exc)
+    )
 
 
 def database_timed_out(exc: BaseException) -> bool:
@@ -345,27 +339,18 @@ def database_timed_out(exc: BaseException) -> bool:
     transaction rolled back, so nothing it wrote is visible, and the same request may succeed a moment later. A
     connection attempt that got no answer in time is one too.
     """
-    return _raised_from(exc, QueryCanceledError | LockNotAvailableError) or _asyncpg_timed_out(exc)
+    return any(
+        isinstance(current, QueryCanceledError | LockNotAvailableError)
+        or (isinstance(current, TimeoutError) and _raised_in_asyncpg(current))
+        for current in _chain(exc)
+    )
 
 
-def _asyncpg_timed_out(exc: BaseException) -> bool:
-    """Whether `exc`, or an error it was raised from, is a `TimeoutError` raised inside asyncpg.
-
-    asyncpg ends a statement that outlasts its command timeout (after cancelling it on the server), and a connection
-    attempt that gets no answer (a database that accepts connections and hangs), with a bare `TimeoutError`.
-    """
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, TimeoutError):
-            traceback = current.__traceback__
-            while traceback is not None:
-                if traceback.tb_frame.f_globals.get("__name__", "").startswith("asyncpg."):
-                    return True
-                traceback = traceback.tb_next
-        current = current.__cause__ or current.__context__
-    return False
+def _raised_in_asyncpg(exc: BaseException) -> bool:
+    """Whether `exc` passed through asyncpg's code: asyncpg ends a statement that outlasts its command timeout (after
+    cancelling it on the server), and a connection attempt that gets no answer (a database that accepts connections
+    and hangs), with a bare `TimeoutError`."""
+    return any(frame.f_globals.get("__name__", "").startswith("asyncpg.") for frame, _ in walk_tb(exc.__traceback__))
 
 
 def database_out_of_space(exc: BaseException) -> bool:
@@ -379,14 +364,17 @@ def database_out_of_space(exc: BaseException) -> bool:
 
 def _raised_from(exc: BaseException, kind: type[BaseException] | UnionType) -> bool:
     """Whether `exc`, or an error it was raised from (its cause or context, all the way down), is a `kind`."""
+    return any(isinstance(current, kind) for current in _chain(exc))
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """`exc`, then each error it was raised from (its cause, else its context), each once."""
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        if isinstance(current, kind):
-            return True
+        yield current
         current = current.__cause__ or current.__context__
-    return False
 
 
 def storage_full(headers: dict[str, str] | None = None) -> ProblemError:

@@ -300,17 +300,17 @@ class LifecycleService(BackupRepositoryService):
             raise NotFoundError("project not found")
         return project
 
-    async def reserve_upload(self, project_id: UUID, length: int, *, max_open_uploads: int) -> None:
+    async def reserve_upload(self, project: Row[Any], project_id: UUID, length: int, *, max_open_uploads: int) -> None:
         """Check that a new tus upload of `length` bytes may open; the caller then adds it in this transaction.
 
-        Locks the project row until the caller's commit, so the upload's reservation (its `Upload-Length`, counted
-        while it is open) is in place before another creation or commit of the project checks the room.
+        `project` is the row `lock_project_for_upload` returned: locked until the caller's commit, so the upload's
+        reservation (its `Upload-Length`, counted while it is open) is in place before another creation or commit of
+        the project checks the room.
 
         Raises:
             InsufficientStorageError: the length does not fit beside the usage and the open uploads (507).
             TooManyOpenUploadsError: the project has `max_open_uploads` uploads open already (429).
         """
-        project = await self.lock_project_for_upload(project_id)
         uploads = (await self.session.execute(_OPEN_UPLOADS, {"p": project_id})).one()
         if uploads.open >= max_open_uploads:
             raise TooManyOpenUploadsError(

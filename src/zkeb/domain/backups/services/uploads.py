@@ -130,11 +130,13 @@ async def create_upload_session(
     lifecycle = LifecycleService(session=session)
     # The project row is locked first, as every creation and commit of the project locks it: an identical creation
     # running at the same time has committed its upload (found here) or has not begun looking (it will find this one).
-    await lifecycle.lock_project_for_upload(principal.project_id)
+    project = await lifecycle.lock_project_for_upload(principal.project_id)
     if reuse_unsent and (unsent := await _unsent_identical(session, principal, device.id, columns, length)):
         await session.commit()
         return unsent
-    await lifecycle.reserve_upload(principal.project_id, length, max_open_uploads=context.settings.max_open_uploads)
+    await lifecycle.reserve_upload(
+        project, principal.project_id, length, max_open_uploads=context.settings.max_open_uploads
+    )
     new = service.add_payload(
         organization_id=principal.organization_id,
         project_id=principal.project_id,
