@@ -26,7 +26,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from zkeb.core.database import pooled_connection
 from zkeb.core.errors import ServiceUnavailableError
-from zkeb.domain.backups.store.payloads import READ_BATCH, ChunkWrite, PayloadStore, StoredChunksMissingError
+from zkeb.domain.backups.store.payloads import (
+    READ_BATCH,
+    ChunkWrite,
+    PayloadStore,
+    RowsHook,
+    StoredChunksMissingError,
+)
 from zkeb.lib.atrest import ChunkCipher
 
 if TYPE_CHECKING:
@@ -116,11 +122,17 @@ class ChunkPipeline:
         first_offset: int = 0,
         digests: Sequence[Any] = (),
         in_transaction: TransactionHook | None = None,
+        fence: RowsHook | None = None,
     ) -> None:
-        """Prepare to write chunks `first_seq, ...` starting at byte `first_offset` of the payload."""
+        """Prepare to write chunks `first_seq, ...` starting at byte `first_offset` of the payload.
+
+        `in_transaction` runs in each batch's transaction (with the next seq and offset), `fence` where the store
+        needs to know the payload is still the writer's (see `PayloadStore.write_batch`).
+        """
         self._engine = engine
         self._payload_store = store
         self._in_transaction = in_transaction
+        self._fence = fence
         self._organization_id = organization_id
         self._payload_id = payload_id
         self._cipher = cipher
@@ -307,5 +319,6 @@ class ChunkPipeline:
                 payload_id=self._payload_id,
                 chunks=batch,
                 before_rows=before_rows if hook is not None else None,
+                fence=self._fence,
             )
             self.stored_chunks += len(batch)

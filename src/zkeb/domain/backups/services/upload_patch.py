@@ -54,7 +54,7 @@ from zkeb.domain.backups.services.finalize import StoredPayload, commit_stored
 from zkeb.domain.backups.services.uploads import UPLOAD_EXPIRY
 from zkeb.domain.backups.store import upload_leases
 from zkeb.domain.backups.store.connection import raw_tenant_transaction
-from zkeb.domain.backups.store.payloads import PayloadStore
+from zkeb.domain.backups.store.payloads import PayloadStore, RowsHook
 from zkeb.domain.backups.store.upload_leases import UploadLease
 from zkeb.lib.atrest import ChunkCipher
 
@@ -214,6 +214,17 @@ class PatchReceiver:
 
         return in_batch
 
+    def _lease_fence(self, lease: UploadLease) -> RowsHook:
+        upload_id = self.upload.id
+
+        async def still_leased(connection: asyncpg.Connection) -> None:
+            # An UPDATE of the session row under the lease: the row stays locked until the caller's transaction
+            # ends, so no later PATCH can claim the upload meanwhile.
+            if not await upload_leases.keep(connection, lease, expiry=UPLOAD_EXPIRY):
+                raise await _lease_lost(connection, upload_id)
+
+        return still_leased
+
     async def _release(self, lease: UploadLease, payload_id: UUID, *, undo: tuple[int, int] | None) -> None:
         """Give the upload back after a failure, dropping the chunks stored past its recorded offset.
 
@@ -264,6 +275,7 @@ class PatchReceiver:
             first_offset=start,
             digests=[payload_hash] if patch_digest is None else [payload_hash, patch_digest],
             in_transaction=self._batch_hook(lease),
+            fence=self._lease_fence(lease),
         )
         try:
             cut_off = await self._stream_into(pipeline)

@@ -109,11 +109,15 @@ class PayloadStore(ABC):
         payload_id: UUID,
         chunks: Sequence[ChunkWrite],
         before_rows: RowsHook | None = None,
+        fence: RowsHook | None = None,
     ) -> None:
         """Store `chunks` and commit their rows in one short transaction that runs `before_rows` first.
 
         Once this returns, every chunk is durable enough for its row to be acknowledged; a row is never committed
-        for a chunk that was not stored.
+        for a chunk that was not stored. `fence`, run in a transaction of its own, raises unless the writer still
+        owns the payload (a tus PATCH: its lease) and keeps anyone from taking it over until that transaction ends:
+        a store whose chunk bytes live outside the rows uses it before it replaces bytes a writer that lost the
+        payload left behind.
         """
 
     @abstractmethod
@@ -223,6 +227,7 @@ class PostgresPayloadStore(PayloadStore):
         payload_id: UUID,
         chunks: Sequence[ChunkWrite],
         before_rows: RowsHook | None = None,
+        fence: RowsHook | None = None,  # noqa: ARG002 - the interface's: rows carry the bytes, nothing is left behind
     ) -> None:
         """Insert the rows with their bytes (see `PayloadStore.write_batch`)."""
         async with raw_tenant_transaction(connection, organization_id, synchronous_commit=False):

@@ -88,6 +88,9 @@ CREDENTIALS_REUSE = timedelta(minutes=15)
 #: The key a read check GETs, beside the payloads (where a bucket policy scoped to them allows reads): never written,
 #: so a working store answers 404 (a 403 without `s3:ListBucket`, which the store needs anyway for its cleanups).
 _READ_CHECK_KEY = "payloads/zkeb-read-check"
+#: Times a batch's PUTs are tried when keys are taken by a writer that lost the payload (`write_batch`). Such a
+#: writer has one PUT per chunk in flight, which botocore may send again; past this, the client is told to retry.
+CONFLICT_ATTEMPTS = 3
 #: Keys per DeleteObjects request (the S3 API's maximum).
 DELETE_BATCH = 1000
 _SEQ_DIGITS = 8
@@ -313,10 +316,33 @@ class S3ChunkStore:
     async def put_chunks(
         self, organization_id: UUID, payload_id: UUID, chunks: Sequence[tuple[int, bytes | memoryview]]
     ) -> None:
-        """Store several chunks concurrently (see `put_chunk`); all are stored when this returns."""
-        await _gather_limited(
-            [self.put_chunk(organization_id, payload_id, seq, blob) for seq, blob in chunks], CONCURRENCY
-        )
+        """Store several chunks concurrently (see `put_chunk`); all are stored when this returns.
+
+        Raises:
+            ChunkConflictError: a key already holds an object (the others are stored).
+            PayloadStoreUnavailableError: the store failed.
+        """
+        if taken := await self.put_chunks_where_free(organization_id, payload_id, chunks):
+            raise ChunkConflictError(f"chunk {taken[0]} of the payload is already stored")
+
+    async def put_chunks_where_free(
+        self, organization_id: UUID, payload_id: UUID, chunks: Sequence[tuple[int, bytes | memoryview]]
+    ) -> list[int]:
+        """Store several chunks concurrently, none over an existing object; the seqs whose key was taken, in order.
+
+        Raises:
+            PayloadStoreUnavailableError: the store failed.
+        """
+
+        async def put(seq: int, blob: bytes | memoryview) -> int | None:
+            try:
+                await self.put_chunk(organization_id, payload_id, seq, blob)
+            except ChunkConflictError:
+                return seq
+            return None
+
+        stored = await _gather_limited([put(seq, blob) for seq, blob in chunks], CONCURRENCY)
+        return [seq for seq in stored if seq is not None]
 
     async def get_chunk(self, organization_id: UUID, payload_id: UUID, seq: int) -> memoryview:
         """The stored bytes of chunk `seq` (a view of the buffer obstore received them into, no copy).
@@ -381,6 +407,10 @@ class S3ChunkStore:
         await self._delete_keys(keys)
         return len(keys)
 
+    async def delete_chunks(self, organization_id: UUID, payload_id: UUID, seqs: Sequence[int]) -> None:
+        """Delete the payload's chunk objects `seqs` (deleting one that is not there is no error)."""
+        await self._delete_keys([self.key(organization_id, payload_id, seq) for seq in seqs])
+
     async def delete_payload(self, organization_id: UUID, payload_id: UUID) -> int:
         """Delete every chunk object of a payload; how many there were."""
         return await self.delete_chunks_from(organization_id, payload_id, 0)
@@ -444,9 +474,32 @@ class S3PayloadStore(PayloadStore):
         payload_id: UUID,
         chunks: Sequence[ChunkWrite],
         before_rows: RowsHook | None = None,
+        fence: RowsHook | None = None,
     ) -> None:
-        """PUT the objects (conditionally), then commit the rows (see `PayloadStore.write_batch`)."""
-        await self.objects.put_chunks(organization_id, payload_id, [(c.seq, c.blob) for c in chunks])
+        """PUT the objects (conditionally), then commit the rows (see `PayloadStore.write_batch`).
+
+        A key already taken holds what a writer that lost the payload put after this one took it over (a PATCH
+        whose retry claimed the upload while its PUT was in flight: the claim cleared the objects past the offset
+        before that PUT landed), or this writer's own PUT that the client retried after its answer was lost. It has
+        no row, and can get none (that writer's rows fail its lease), so with `fence` it is replaced: deleted while
+        `fence` holds the payload for this writer, so that no later writer's object is ever deleted, then PUT
+        again. A writer that lost the payload itself finds out there, from `fence`.
+        """
+        pending = list(chunks)
+        for attempt in range(CONFLICT_ATTEMPTS):
+            taken = await self.objects.put_chunks_where_free(
+                organization_id, payload_id, [(c.seq, c.blob) for c in pending]
+            )
+            if not taken:
+                break
+            if fence is None or attempt == CONFLICT_ATTEMPTS - 1:
+                raise ChunkConflictError(f"chunk {taken[0]} of the payload is already stored")
+            async with raw_tenant_transaction(connection, organization_id):
+                await fence(connection)
+                await self.objects.delete_chunks(organization_id, payload_id, taken)
+            logger.info("payload %s: replaced %d chunk object(s) left by a writer that lost it", payload_id, len(taken))
+            replaced = set(taken)
+            pending = [chunk for chunk in pending if chunk.seq in replaced]
         # Not flushed here: the synchronous commit that makes the backup visible flushes these rows too.
         async with raw_tenant_transaction(connection, organization_id, synchronous_commit=False):
             if before_rows is not None:
