@@ -1,4 +1,4 @@
-"""Single byte-range requests and ``If-None-Match`` evaluation (RFC 9110 §13.1.2 and §14)."""
+"""Single byte-range requests and ``If-Match``/``If-None-Match`` evaluation (RFC 9110 §13.1.1, §13.1.2 and §14)."""
 
 from __future__ import annotations
 
@@ -119,7 +119,7 @@ def parse_range(header: str | None, total: int) -> ByteRange | None:
 
 
 def _parse_entity_tags(value: str) -> list[str] | None:
-    """Split an entity-tag list into opaque tags (quotes kept, ``W/`` dropped); None if malformed."""
+    """Split an entity-tag list into its tags as sent (quotes and any ``W/`` kept); None if malformed."""
     tags: list[str] = []
     position, length = 0, len(value)
     while position < length:
@@ -127,6 +127,7 @@ def _parse_entity_tags(value: str) -> list[str] | None:
         if char in _OWS or char == ",":
             position += 1
             continue
+        start = position
         if value.startswith("W/", position):
             position += 2
         if position >= length or value[position] != '"':
@@ -134,11 +135,18 @@ def _parse_entity_tags(value: str) -> list[str] | None:
         closing = value.find('"', position + 1)
         if closing == -1:
             return None
-        tags.append(value[position : closing + 1])
+        tags.append(value[start : closing + 1])
         position = closing + 1
         if position < length and value[position] not in _OWS + ",":
             return None
     return tags
+
+
+def _single_entity_tag(etag: str) -> str:
+    current = _parse_entity_tags(etag)
+    if current is None or len(current) != 1:
+        raise ValueError("etag must be a single quoted entity tag")
+    return current[0]
 
 
 def etag_matches(if_none_match: str | None, etag: str) -> bool:
@@ -155,12 +163,32 @@ def etag_matches(if_none_match: str | None, etag: str) -> bool:
     Raises:
         ValueError: If ``etag`` itself is not a single entity tag.
     """
-    current = _parse_entity_tags(etag)
-    if current is None or len(current) != 1:
-        raise ValueError("etag must be a single quoted entity tag")
+    opaque = _single_entity_tag(etag).removeprefix("W/")
     if if_none_match is None:
         return False
     if if_none_match.strip(_OWS) == "*":
         return True
     listed = _parse_entity_tags(if_none_match)
-    return listed is not None and current[0] in listed
+    return listed is not None and any(tag.removeprefix("W/") == opaque for tag in listed)
+
+
+def if_match_holds(if_match: str | None, etag: str) -> bool:
+    """Evaluate ``If-Match`` with the strong comparison function: False means answer 412 (RFC 9110 §13.1.1).
+
+    Args:
+        if_match: The header value: ``*`` or a list of entity tags; None if absent.
+        etag: The current entity tag, quoted, optionally with a ``W/`` prefix.
+
+    Returns:
+        True if the header is absent, ``*`` (the representation exists), or lists a strong tag equal to ``etag``,
+        itself strong. A weak tag on either side never matches, and a malformed header never holds: the client
+        asked for the request to be carried out only on a representation it names.
+
+    Raises:
+        ValueError: If ``etag`` itself is not a single entity tag.
+    """
+    current = _single_entity_tag(etag)
+    if if_match is None or if_match.strip(_OWS) == "*":
+        return True
+    listed = _parse_entity_tags(if_match)
+    return listed is not None and not current.startswith("W/") and current in listed

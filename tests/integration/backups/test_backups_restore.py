@@ -97,6 +97,38 @@ async def test_if_none_match_answers_304(client: Client, tenant: Tenant) -> None
     assert other.content == payload
 
 
+async def test_if_match_naming_another_payload_answers_412_before_any_other_condition(
+    client: Client, tenant: Tenant
+) -> None:
+    # RFC 9110 §13.1.1: a client that names the payload it expects (a download manager checking it still resumes
+    # the same file) must not get another one's bytes; the condition was ignored and the payload sent.
+    payload = os.urandom(100)
+    backup = await upload(client, tenant, sign_envelope(tenant, payload))
+    url = f"/api/v1/backups/{backup['id']}/payload"
+    etag = f'"{hashlib.sha256(payload).hexdigest()}"'
+    for method in ("GET", "HEAD"):
+        for if_match, status in [
+            (etag, 200),
+            ("*", 200),
+            (f'"other", {etag}', 200),
+            ('"another-payload"', 412),
+            (f"W/{etag}", 412),  # the strong comparison: a weak tag never matches
+            ("not-a-tag", 412),
+        ]:
+            headers = {**auth(tenant.project_key), "If-Match": if_match}
+            response = await client.request(method, url, headers=headers)
+            assert response.status_code == status, (method, if_match, response.text)
+            assert response.headers["etag"] == etag
+            if status == 412 and method == "GET":
+                assert problem(response)["detail"] == "If-Match names another payload: this one's ETag is in the answer"
+        # Evaluated first: a failed If-Match is 412 even where Range or If-None-Match alone would answer otherwise.
+        conditions = {"If-Match": '"another-payload"', "If-None-Match": etag, "Range": "bytes=0-9"}
+        response = await client.request(method, url, headers={**auth(tenant.project_key), **conditions})
+        assert response.status_code == 412, method
+    ranged = await client.get(url, headers={**auth(tenant.project_key), "If-Match": etag, "Range": "bytes=0-9"})
+    assert (ranged.status_code, ranged.content) == (206, payload[:10])
+
+
 @pytest.mark.parametrize(
     ("header", "start", "end"),
     [
@@ -166,16 +198,19 @@ async def test_the_openapi_document_names_what_a_restore_reads_and_answers(clien
     assert {p["name"] for p in operations["get"]["parameters"] if p["in"] == "header"} == {
         "Range",
         "If-Range",
+        "If-Match",
         "If-None-Match",
     }
-    assert {p["name"] for p in operations["head"]["parameters"] if p["in"] == "header"} == {"If-None-Match"}
+    assert {p["name"] for p in operations["head"]["parameters"] if p["in"] == "header"} == {"If-Match", "If-None-Match"}
     for method, extra, status in [
         ("get", {}, 200),
         ("get", {"Range": "bytes=10-", "If-Range": etag}, 206),
         ("get", {"If-None-Match": etag}, 304),
         ("get", {"Range": "bytes=100-"}, 416),
+        ("get", {"If-Match": '"other"'}, 412),
         ("head", {}, 200),
         ("head", {"If-None-Match": etag}, 304),
+        ("head", {"If-Match": '"other"'}, 412),
     ]:
         response = await client.request(method.upper(), url, headers={**auth(tenant.project_key), **extra})
         assert response.status_code == status, (method, extra)

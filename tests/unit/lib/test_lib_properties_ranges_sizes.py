@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from zkeb.lib.ranges import ByteRange, RangeNotSatisfiableError, etag_matches, parse_range
+from zkeb.lib.ranges import ByteRange, RangeNotSatisfiableError, etag_matches, if_match_holds, parse_range
 from zkeb.lib.sizes import format_size, parse_size
 
 # No per-example deadline: the suite shares a busy machine, and a slow example is not a wrong one.
@@ -78,6 +78,19 @@ def test_if_none_match_never_raises_and_matches_its_own_tag(tag: str, header: st
     assert etag_matches(etag, etag)
     assert etag_matches(f'W/{etag}, "other"', etag)
     assert etag_matches("*", etag)
+
+
+@bounded
+@given(
+    tag=st.text(alphabet=st.characters(min_codepoint=0x23, max_codepoint=0x7E), max_size=20),
+    header=st.text(max_size=60),
+)
+def test_if_match_never_raises_and_holds_for_its_own_strong_tag_only(tag: str, header: str) -> None:
+    etag = f'"{tag}"'
+    assert isinstance(if_match_holds(header, etag), bool)
+    assert if_match_holds(etag, etag)
+    assert if_match_holds(f'"other", {etag}', etag)
+    assert not if_match_holds(f"W/{etag}", etag)
 
 
 @bounded

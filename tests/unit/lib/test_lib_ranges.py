@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from zkeb.lib.ranges import ByteRange, RangeNotSatisfiableError, etag_matches, parse_range
+from zkeb.lib.ranges import ByteRange, RangeNotSatisfiableError, etag_matches, if_match_holds, parse_range
 
 
 def test_byte_range_length_and_content_range() -> None:
@@ -181,3 +181,29 @@ def test_etag_with_comma_inside_quotes_is_one_tag() -> None:
 def test_etag_matches_requires_a_single_quoted_current_etag(etag: str) -> None:
     with pytest.raises(ValueError, match="etag"):
         etag_matches('"abc"', etag)
+
+
+@pytest.mark.parametrize("header", [None, ETAG, "*", " * ", f'"other", {ETAG}', f'W/"other",{ETAG}', f" {ETAG} "])
+def test_if_match_holds(header: str | None) -> None:
+    assert if_match_holds(header, ETAG) is True
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "",
+        '"other"',
+        f"W/{ETAG}",  # the strong comparison: a weak tag never matches
+        ETAG.strip('"'),  # unquoted: malformed, so the condition does not hold
+        f'"unterminated, {ETAG}',
+        f"*, {ETAG}",
+    ],
+)
+def test_if_match_does_not_hold(header: str) -> None:
+    assert if_match_holds(header, ETAG) is False
+
+
+def test_if_match_never_holds_for_a_weak_current_tag() -> None:
+    assert if_match_holds('W/"abc"', 'W/"abc"') is False
+    assert if_match_holds('"abc"', 'W/"abc"') is False
+    assert if_match_holds("*", 'W/"abc"') is True

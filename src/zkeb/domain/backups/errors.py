@@ -100,3 +100,9 @@ class PayloadRangeError(ProblemError):
     """The requested byte range selects nothing of the payload."""
 
     status_code: int = 416
+
+
+class PayloadPreconditionError(ProblemError):
+    """`If-Match` names no entity tag of this payload: the client meant another one (412)."""
+
+    status_code: int = 412

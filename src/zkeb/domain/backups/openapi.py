@@ -121,6 +121,9 @@ _TUS_RESPONSE_HEADERS: dict[str, dict[str, Any]] = {
 }
 #: What a restore's request may carry (docs/protocol.md §6.4): conditions and one byte range.
 _IF_NONE_MATCH = _header("If-None-Match", "The payload's `ETag` (or `*`): 304 without a body when it matches.")
+_IF_MATCH = _header(
+    "If-Match", "The `ETag` (or `*`) the client expects: 412 when it names another payload (strong comparison)."
+)
 _PAYLOAD_REQUEST_HEADERS = {
     "get": [
         _header(
@@ -134,9 +137,10 @@ _PAYLOAD_REQUEST_HEADERS = {
             "The `ETag` of the copy being resumed, beside `Range`: the range is honoured only while the payload is "
             "that one; another ETag or an HTTP date gets the whole payload (200).",
         ),
+        _IF_MATCH,
         _IF_NONE_MATCH,
     ],
-    "head": [_IF_NONE_MATCH],
+    "head": [_IF_MATCH, _IF_NONE_MATCH],
 }
 _ETAG = {"description": '`"<payload_sha256 hex>"`, a strong validator.', "schema": {"type": "string"}}
 #: The headers every download answer (GET or HEAD, 200 or 206) carries.
@@ -330,6 +334,8 @@ def _document_payload(item: dict[str, Any]) -> None:
             "description": "`If-None-Match` matched the payload's `ETag`; no body.",
             "headers": {k: copy.deepcopy(v) for k, v in _PAYLOAD_RESPONSE_HEADERS.items() if k != "Content-Length"},
         }
+        responses["412"] = problem_response("412", "`If-Match` names another payload; `ETag` is this one's.")
+        responses["412"]["headers"] = {"ETag": copy.deepcopy(_ETAG)}
         if method == "get":
             responses["206"] = {
                 "description": "The byte range asked for (`Range`); `Content-Range` names it.",

@@ -34,7 +34,7 @@ from zkeb.domain.backups.envelope import (
     envelope_from_msgpack,
     invalid_field,
 )
-from zkeb.domain.backups.errors import PayloadRangeError
+from zkeb.domain.backups.errors import PayloadPreconditionError, PayloadRangeError
 from zkeb.domain.backups.guards import requires_backup_or_org_admin
 from zkeb.domain.backups.schemas import (
     MSGPACK,
@@ -59,7 +59,7 @@ from zkeb.domain.backups.services.backups import (
 from zkeb.domain.backups.services.finalize import InMemoryPayload, commit_in_memory
 from zkeb.domain.backups.services.lifecycle import LifecycleService
 from zkeb.lib.negotiation import negotiate
-from zkeb.lib.ranges import RangeNotSatisfiableError, etag_matches, parse_range
+from zkeb.lib.ranges import RangeNotSatisfiableError, etag_matches, if_match_holds, parse_range
 
 __all__ = (
     "BackupController",
@@ -73,9 +73,18 @@ SINGLE_SHOT_MAX_BODY = 16 * 1024 * 1024
 _JSON = "application/json"
 
 
-def _payload_headers(backup: Backup) -> tuple[str, dict[str, str]]:
-    """A payload's strong ETag and the headers a download (GET or HEAD) carries."""
+def _payload_headers(request: Request[Any, Any, Any], backup: Backup) -> tuple[str, dict[str, str]]:
+    """A payload's strong ETag and the headers a download (GET or HEAD) carries.
+
+    Raises:
+        PayloadPreconditionError: `If-Match` names no entity tag of this payload (RFC 9110 §13.1.1, evaluated
+            before any other condition).
+    """
     etag = f'"{backup.payload_sha256.hex()}"'
+    if not if_match_holds(request.headers.get("if-match"), etag):
+        raise PayloadPreconditionError(
+            "If-Match names another payload: this one's ETag is in the answer", headers={"ETag": etag}
+        )
     # `X-Content-Type-Options: nosniff` comes from the core security-headers middleware, on every response.
     return etag, {
         "ETag": etag,
@@ -294,7 +303,8 @@ class BackupController(Controller):
             "Streams the ciphertext as `application/octet-stream`. `ETag` is the payload's SHA-256 (hex); "
             "`If-None-Match` answers 304; one `Range` answers 206 (only the chunks it needs are decrypted), an "
             "unsatisfiable one 416 with `Content-Range: bytes */size`; with `If-Range` naming another ETag (or a "
-            "date) the whole payload comes back, 200. Several ranges are served whole."
+            "date) the whole payload comes back, 200. Several ranges are served whole. `If-Match` naming another "
+            "ETag answers 412."
         ),
         media_type="application/octet-stream",
     )
@@ -310,7 +320,7 @@ class BackupController(Controller):
         source = await get_restore_source(context.engine, principal, backup_id)
         backup = source.backup
         size = backup.encrypted_payload_size
-        etag, headers = _payload_headers(backup)
+        etag, headers = _payload_headers(request, backup)
         if etag_matches(request.headers.get("if-none-match"), etag):
             return Response(b"", status_code=304, headers=headers)
         range_header = request.headers.get("range")
@@ -362,7 +372,8 @@ class BackupController(Controller):
         summary="A backup's payload headers",
         description=(
             "What `GET` would answer, without the body: `Content-Length` (the payload's size), `ETag`, "
-            "`Repr-Digest`, `Accept-Ranges`; 304 when `If-None-Match` matches."
+            "`Repr-Digest`, `Accept-Ranges`; 304 when `If-None-Match` matches, 412 when `If-Match` names another "
+            "ETag."
         ),
     )
     async def payload_headers(
@@ -370,7 +381,7 @@ class BackupController(Controller):
     ) -> Response[None]:
         """The payload's size and validators, for a client planning ranged reads."""
         backup = await get_visible_backup(backups_context(state).engine, principal_of(request), backup_id)
-        etag, headers = _payload_headers(backup)
+        etag, headers = _payload_headers(request, backup)
         if etag_matches(request.headers.get("if-none-match"), etag):
             return Response(None, status_code=304, headers=headers)
         # Set as headers: Litestar sends a HEAD response's headers as given (no body to measure or type).
