@@ -11,7 +11,7 @@ from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme, Server
 from litestar.plugins import InitPluginProtocol
 
-from zkeb.core.allow import complete_options_allow
+from zkeb.core.allow import complete_allow
 from zkeb.core.apidocs import scalar_assets_router, scalar_render_plugin
 from zkeb.core.database import create_app_engine
 from zkeb.core.errors import BoundedRequest, exception_handlers
@@ -85,7 +85,7 @@ class CorePlugin(InitPluginProtocol):
         install_metrics(app_config, runtime)
         install_access_log(app_config, on_complete=[observe_request])
         app_config.cors_config = cors_config(settings)
-        app_config.before_send.append(complete_options_allow)
+        app_config.before_send.append(complete_allow)
         # Before the domains' middleware, so it runs ahead of authentication (see zkeb.core.ratelimit).
         app_config.middleware.extend(rate_limit_middleware(settings, runtime.redis))
         app_config.plugins.extend(self.domains)
