@@ -19,6 +19,8 @@ from litestar.handlers.base import BaseRouteHandler
 from zkeb.core.errors import NotFoundError
 
 __all__ = (
+    "BEARER_CHALLENGE",
+    "INVALID_TOKEN_CHALLENGE",
     "MAX_CREDENTIAL_LENGTH",
     "Principal",
     "PrincipalKind",
@@ -31,6 +33,11 @@ __all__ = (
 PrincipalKind = Literal["org_admin", "project", "device"]
 #: Longer `Authorization` credentials are refused unread.
 MAX_CREDENTIAL_LENGTH = 4096
+#: A 401's `WWW-Authenticate` when the request presented no bearer credential: no error code (RFC 6750 §3.1).
+BEARER_CHALLENGE = 'Bearer realm="zkeb"'
+#: A 401's `WWW-Authenticate` when the bearer credential it presented was refused: an unknown, revoked, expired or
+#: malformed API key or device token (RFC 6750 §3.1).
+INVALID_TOKEN_CHALLENGE = f'{BEARER_CHALLENGE}, error="invalid_token"'
 
 
 def bearer_credential(authorization: str) -> str | None:
@@ -100,7 +107,9 @@ def principal_of(connection: ASGIConnection[Any, Any, Any, Any]) -> Principal:
     """
     user = connection.scope.get("user")
     if not isinstance(user, Principal):
-        raise NotAuthorizedException("a valid bearer credential is required", headers={"WWW-Authenticate": "Bearer"})
+        raise NotAuthorizedException(
+            "a valid bearer credential is required", headers={"WWW-Authenticate": BEARER_CHALLENGE}
+        )
     return user
 
 

@@ -24,6 +24,9 @@ Client = AsyncTestClient[Litestar]
 
 OLD_SALT = "test-api-key-salt-0123456789abcdef"  # base_settings_env's API_KEY_SALT
 NEW_SALT = "rotated-api-key-salt-fedcba9876543210"
+#: RFC 6750 §3's challenges: for a bearer token that was refused, and for a request that presented none.
+INVALID_TOKEN_CHALLENGE = 'Bearer realm="zkeb", error="invalid_token"'
+NO_CREDENTIAL_CHALLENGE = 'Bearer realm="zkeb"'
 
 
 async def _new_key(client: Client, admin_key: str, project_id: str, name: str = "ci") -> dict[str, Any]:
@@ -220,6 +223,49 @@ async def test_malformed_authorization_headers_are_401(client: Client, settings:
     await create_org(settings, "acme")
     response = await client.get("/api/v1/projects", headers={"Authorization": header})
     assert response.status_code == 401
+    problem(response)
+
+
+async def test_a_refused_api_key_is_challenged_as_an_invalid_token(client: Client, settings: Settings) -> None:
+    # RFC 6750 §3.1: a bearer token was presented and is no good, so the challenge says `error="invalid_token"`
+    # (the device tokens' refusals said so; the API keys' did not).
+    _, admin_key = await create_org(settings, "acme")
+    project = await create_project(client, admin_key, "mobile")
+    revoked = await _new_key(client, admin_key, project["id"])
+    assert (await client.delete(f"/api/v1/api-keys/{revoked['id']}", headers=auth(admin_key))).status_code == 204
+    keys = {
+        "unknown": "zkeb_" + "A" * 43,
+        "malformed": "zkeb_short",
+        "revoked": revoked["key"],
+        "too long to read": "zkeb_" + "A" * 5000,
+    }
+    for name, key in keys.items():
+        response = await client.get("/api/v1/projects", headers=auth(key))
+        assert response.status_code == 401, name
+        assert response.headers["www-authenticate"] == INVALID_TOKEN_CHALLENGE, name
+        problem(response)
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": ""},
+        {"Authorization": "Bearer"},
+        {"Authorization": "Bearer  "},
+        {"Authorization": "Basic abc"},
+    ],
+    ids=["no header", "empty", "bearer without a token", "bearer and blanks", "another scheme"],
+)
+async def test_a_request_without_a_bearer_credential_is_challenged_without_an_error(
+    client: Client, settings: Settings, headers: dict[str, str]
+) -> None:
+    # RFC 6750 §3.1: "If the request lacks any authentication information, the resource server SHOULD NOT include
+    # an error code".
+    await create_org(settings, "acme")
+    response = await client.get("/api/v1/projects", headers=headers)
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"] == NO_CREDENTIAL_CHALLENGE
     problem(response)
 
 

@@ -149,6 +149,7 @@ async def test_a_revoked_device_loses_its_live_token_and_gets_no_new_one(client:
     assert revoked.status_code == 204
     refused = await client.get(url, headers=auth(token))
     assert refused.status_code == 401
+    assert refused.headers["www-authenticate"] == 'Bearer realm="zkeb", error="invalid_token"'
     problem(refused)
     no_token = await client.post("/api/v1/auth/token", json=proof(device))
     assert no_token.status_code == 401

@@ -723,6 +723,7 @@ async def test_a_key_revoked_while_its_patch_streams_commits_nothing(
         http.patch(created.headers["location"], content=pieces(), headers=headers), revoke()
     )
     assert patched.status_code == 401, patched.text
+    assert patched.headers["www-authenticate"] == 'Bearer realm="zkeb", error="invalid_token"'
     assert await owner_connection.fetchval("SELECT count(*) FROM backups") == 0
     assert await owner_connection.fetchval("SELECT count(*) FROM upload_sessions") == 1
 

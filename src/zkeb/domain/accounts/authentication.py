@@ -8,8 +8,9 @@ way, in one statement through the SECURITY DEFINER function `zkeb_device_state` 
 device id, project and device hash). `last_used_at` is written at most once a minute per key and process (and only
 when the stored value is older), so a busy key does not turn every request into a write.
 
-Failures answer 401. A failure that can be attributed to an organization (a revoked key, a token of a
-revoked device) is recorded in that organization's audit log; any other goes to the application log.
+Failures answer 401, challenged with RFC 6750's `error="invalid_token"` when a bearer credential was presented and
+refused, and without an error code when none was. A failure that can be attributed to an organization (a revoked key,
+a token of a revoked device) is recorded in that organization's audit log; any other goes to the application log.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from sqlalchemy import text
 
 from zkeb.core import auditthrottle
 from zkeb.core.audit import record_event
-from zkeb.core.auth import Principal, bearer_credential
+from zkeb.core.auth import BEARER_CHALLENGE, INVALID_TOKEN_CHALLENGE, Principal, bearer_credential
 from zkeb.core.database import pooled_connection
 from zkeb.core.errors import request_path
 from zkeb.core.runtime import Runtime, get_runtime
@@ -63,8 +64,6 @@ _TOUCH = text(
 _DEVICE_STATE = "SELECT revoked_at FROM zkeb_device_state($1, $2, $3, $4)"
 
 _last_used_written: dict[UUID, float] = {}
-#: RFC 6750's challenge for a bearer token that is expired, revoked, malformed or otherwise invalid.
-_INVALID_TOKEN = ', error="invalid_token"'  # noqa: S105 - an RFC 6750 error code, not a secret
 
 
 class _AuthenticationFailure(NotAuthorizedException):
@@ -78,9 +77,9 @@ class _AuthenticationFailure(NotAuthorizedException):
         organization_id: UUID | None = None,
         actor_type: str = "anonymous",
         actor_id: str | None = None,
-        challenge: str = "",
+        challenge: str = INVALID_TOKEN_CHALLENGE,
     ) -> None:
-        super().__init__(detail, headers={"WWW-Authenticate": f'Bearer realm="zkeb"{challenge}'})
+        super().__init__(detail, headers={"WWW-Authenticate": challenge})
         self.reason = reason
         self.organization_id = organization_id
         self.actor_type = actor_type
@@ -152,12 +151,10 @@ async def _authenticate_device_token(runtime: Runtime, token: str) -> Principal:
         raise _AuthenticationFailure(
             "device token expired: get a new one from POST /api/v1/auth/token",
             reason="device token expired",
-            challenge=f'{_INVALID_TOKEN}, error_description="the token expired"',
+            challenge=f'{INVALID_TOKEN_CHALLENGE}, error_description="the token expired"',
         ) from None
     except InvalidDeviceTokenError as exc:
-        raise _AuthenticationFailure(
-            "invalid device token", reason=f"invalid device token: {exc}", challenge=_INVALID_TOKEN
-        ) from None
+        raise _AuthenticationFailure("invalid device token", reason=f"invalid device token: {exc}") from None
     rows = await _lookup(
         runtime, _DEVICE_STATE, claims.organization_id, claims.device_id, claims.project_id, claims.device_id_hash
     )
@@ -169,7 +166,6 @@ async def _authenticate_device_token(runtime: Runtime, token: str) -> Principal:
             organization_id=claims.organization_id if state is not None else None,
             actor_type="device",
             actor_id=str(claims.device_id),
-            challenge=_INVALID_TOKEN,
         )
     return Principal(
         kind="device",
@@ -188,11 +184,18 @@ async def authenticate_bearer(runtime: Runtime, authorization: str | None) -> Pr
         NotAuthorizedException: missing, malformed, unknown, revoked or expired credential (401).
     """
     if not authorization:
-        raise _AuthenticationFailure("a bearer credential is required", reason="no credential")
+        raise _AuthenticationFailure(
+            "a bearer credential is required", reason="no credential", challenge=BEARER_CHALLENGE
+        )
     credential = bearer_credential(authorization)
     if credential is None:
+        scheme, _, presented = authorization.partition(" ")
+        if scheme.lower() == "bearer" and presented.strip():  # a token, but longer than any we issue
+            raise _AuthenticationFailure("invalid bearer credential", reason="credential too long")
         raise _AuthenticationFailure(
-            "use 'Authorization: Bearer <API key or device token>'", reason="malformed authorization header"
+            "use 'Authorization: Bearer <API key or device token>'",
+            reason="malformed authorization header",
+            challenge=BEARER_CHALLENGE,
         )
     if credential.startswith(API_KEY_PREFIX):
         return await _authenticate_api_key(runtime, credential)

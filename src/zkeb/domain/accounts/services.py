@@ -34,7 +34,7 @@ from uuid_utils.compat import uuid7
 
 from zkeb.core import auditthrottle
 from zkeb.core.audit import AuditOutcome, record_event
-from zkeb.core.auth import Principal
+from zkeb.core.auth import BEARER_CHALLENGE, Principal
 from zkeb.core.errors import ConflictError, NotFoundError, UnprocessableError
 from zkeb.core.tenancy import TENANT_INFO_KEY
 from zkeb.db.models import ApiKey, Device, DeviceProof, Organization, Project
@@ -638,4 +638,4 @@ class DeviceTokenService(SQLAlchemyAsyncRepositoryService[DeviceProof]):
 
 
 def _invalid_proof() -> NotAuthorizedException:
-    return NotAuthorizedException(_INVALID_PROOF, headers={"WWW-Authenticate": 'Bearer realm="zkeb"'})
+    return NotAuthorizedException(_INVALID_PROOF, headers={"WWW-Authenticate": BEARER_CHALLENGE})

@@ -35,7 +35,7 @@ from opentelemetry import trace
 from uuid_utils.compat import uuid7
 
 from zkeb.core.audit_linker import append_unchained_event
-from zkeb.core.auth import Principal
+from zkeb.core.auth import INVALID_TOKEN_CHALLENGE, Principal
 from zkeb.core.database import pooled_connection
 from zkeb.core.errors import ConflictError, NotFoundError
 from zkeb.db.models import Backup
@@ -493,7 +493,7 @@ def _admit(admission: Admission | None, envelope: BackupEnvelope, size: int, met
     if not admission.key_unrevoked:  # revoked while the body arrived: it may no longer commit what it sent
         raise NotAuthorizedException(
             "the API key was revoked while this request ran",
-            headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+            headers={"WWW-Authenticate": INVALID_TOKEN_CHALLENGE},
         )
     if admission.device_id is None or admission.public_key is None:
         raise invalid_field("device_id_hash", "is not an enrolled, unrevoked device of this project")
