@@ -7,6 +7,10 @@ It decodes only for the listing that made it, and only if encoding what it decod
 (padding aside), so nothing a client makes up, truncates, appends to or carries over from another listing reaches
 a query; anything else is `InvalidCursorError`, one 400 body for every endpoint. A cursor carries no authority:
 the query it resumes is scoped to the caller like the first page.
+
+A listing is a name and the filters its pages are read with (`listing_name`): a cursor passed back with other
+filters (another container, project, action or time window) would resume a position in a different list, skipping
+or repeating rows without a word, so it is refused like any other cursor that is not the listing's.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime
+import hashlib
 from typing import TypeVar
 from uuid import UUID
 
@@ -26,10 +31,13 @@ __all__ = (
     "decode_sequence_cursor",
     "encode_keyset_cursor",
     "encode_sequence_cursor",
+    "listing_name",
 )
 
-#: Longer than any cursor this codec makes (a keyset cursor of a 12-letter listing is 82 characters).
+#: Longer than any cursor this codec makes (a keyset cursor of a 12-letter listing with filters is 102 characters).
 MAX_CURSOR_LENGTH = 128
+#: Hex digits of the filters' digest in a listing's name: enough that two filters of one caller never share one.
+_FILTER_DIGEST_LENGTH = 12
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 _ONE_MICROSECOND = datetime.timedelta(microseconds=1)
 _Field = datetime.datetime | UUID | int
@@ -44,9 +52,31 @@ class InvalidCursorError(ProblemError):
     def __init__(self) -> None:
         """The one refusal, naming the parameter."""
         super().__init__(
-            "cursor: not a cursor returned by this endpoint; pass back next_cursor unchanged",
+            "cursor: not a cursor returned by this endpoint with these filters; pass back next_cursor unchanged, "
+            "with the query parameters of the page that returned it",
             extra={"errors": [{"key": "cursor", "message": "invalid cursor", "source": "query"}]},
         )
+
+
+def listing_name(name: str, *filters: object) -> str:
+    """The listing `name` read with `filters` (the values of its filter parameters, None for one not given).
+
+    Two listings differ when any filter does; without filters, the listing is `name` itself.
+    """
+    if not filters:
+        return name
+    text = "\x1f".join(_filter_text(value) for value in filters)
+    return f"{name}-{hashlib.sha256(text.encode()).hexdigest()[:_FILTER_DIGEST_LENGTH]}"
+
+
+def _filter_text(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, datetime.datetime):
+        return value.isoformat()
+    return f"{type(value).__name__}:{value}"
 
 
 def encode_keyset_cursor(listing: str, at: datetime.datetime, row_id: UUID) -> str:

@@ -136,6 +136,12 @@ async def test_devices_are_listed_by_keyset_cursor(client: Client, settings: Set
     ).json()
     assert [d["id"] for d in second["items"]] == enrolled[2:]
     assert second["next_cursor"] is None
+    # Another project's listing refuses the cursor (it went on from its position there).
+    elsewhere = await client.get(
+        f"/api/v1/projects/{other['id']}/devices", params={"cursor": first["next_cursor"]}, headers=auth(admin_key)
+    )
+    assert elsewhere.status_code == 400
+    assert [e["key"] for e in elsewhere.json()["errors"]] == ["cursor"]
 
 
 async def test_a_revoked_device_loses_its_live_token_and_gets_no_new_one(client: Client, settings: Settings) -> None:

@@ -50,6 +50,13 @@ async def test_listing_pages_newest_first_with_a_cursor_and_filters(
     assert rest.json()["next_cursor"] is None
     assert sorted(all_seqs) == list(range(1, max(all_seqs) + 1))
 
+    for other in ({"action": "test.one"}, {"since": "2000-01-01T00:00:00Z"}):  # the cursor of an unfiltered listing
+        reused = await client.get(
+            "/api/v1/audit-events", params={**other, "cursor": body["next_cursor"]}, headers=_auth(key)
+        )
+        assert reused.status_code == 400, other
+        assert [e["key"] for e in reused.json()["errors"]] == ["cursor"]
+
     two = await client.get("/api/v1/audit-events", params={"action": "test.two"}, headers=_auth(key))
     assert [item["action"] for item in two.json()["items"]] == ["test.two"] * 3
     item = two.json()["items"][0]

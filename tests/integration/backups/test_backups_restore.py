@@ -356,6 +356,22 @@ async def test_list_is_newest_first_with_filters_and_keyset_cursor(client: Clien
         await client.get("/api/v1/backups", params={"container_id": str(container)}, headers=auth(tenant.project_key))
     ).json()
     assert [item["id"] for item in in_container["items"]] == list(reversed(ids[:4]))
+    # A cursor resumes only the listing that made it: passed back with other filters, it continued from its position
+    # in another list (the rows before it there silently skipped); now it is the cursor's 400.
+    filtered = {"container_id": str(container), "limit": "2"}
+    first = (await client.get("/api/v1/backups", params=filtered, headers=auth(tenant.project_key))).json()
+    device_filter = {"device_id_hash": tenant.devices[0].device_id_hash.hex()}
+    others: list[dict[str, str]] = [{}, {"container_id": str(uuid.uuid4())}, device_filter, filtered | device_filter]
+    for other in others:
+        reused = await client.get(
+            "/api/v1/backups", params={**other, "cursor": first["next_cursor"]}, headers=auth(tenant.project_key)
+        )
+        assert reused.status_code == 400, other
+        assert [e["key"] for e in problem(reused)["errors"]] == ["cursor"]
+    resumed = await client.get(
+        "/api/v1/backups", params={**filtered, "cursor": first["next_cursor"]}, headers=auth(tenant.project_key)
+    )
+    assert [item["id"] for item in resumed.json()["items"]] == [ids[1], ids[0]]
     assert in_container["next_cursor"] is None
     for device_id_hash in (tenant.devices[1].device_id_hash.hex(), tenant.devices[1].device_id_hash.hex().upper()):
         by_device = (

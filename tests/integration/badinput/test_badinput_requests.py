@@ -696,6 +696,28 @@ async def test_cursor_of_another_listing_is_refused(client: Client, tenant: Tena
     assert response.status_code == 400
 
 
+@pytest.mark.parametrize(
+    ("listing", "other_filter"),
+    [
+        pytest.param("backups", {"container_id": "01a21ca0-e7ad-722a-9585-e64cb0b11adb"}, id="backups-container"),
+        pytest.param("audit-events", {"action": "auth.failed"}, id="audit-events-action"),
+    ],
+)
+async def test_cursor_of_the_listing_read_with_other_filters_is_refused(
+    client: Client, tenant: Tenant, owner_connection: asyncpg.Connection, listing: str, other_filter: dict[str, str]
+) -> None:
+    # It resumed its position in the other list, skipping the rows before it there without a word.
+    cursor = await _next_cursor(client, tenant, listing)
+    before = await snapshot(owner_connection)
+    principal = tenant.project_key if listing == "backups" else tenant.admin_key
+    response = await client.get(
+        f"/api/v1/{listing}", params={**other_filter, "cursor": cursor}, headers=auth(principal)
+    )
+    assert_refused(response, 400)
+    assert [e["key"] for e in problem(response)["errors"]] == ["cursor"]
+    assert await snapshot(owner_connection) == before
+
+
 # --- Host ------------------------------------------------------------------------------------------------------------
 
 #: Host values whose port is no port: the URL Litestar builds from them cannot be parsed (port out of range or not a

@@ -17,6 +17,7 @@ from zkeb.core.cursors import (
     decode_sequence_cursor,
     encode_keyset_cursor,
     encode_sequence_cursor,
+    listing_name,
 )
 
 ID = UUID("01a21ca0-e7ad-722a-9585-e64cb0b11adb")
@@ -104,3 +105,31 @@ def test_a_keyset_cursor_is_not_a_sequence_cursor_nor_the_reverse() -> None:
         decode_sequence_cursor("backups", GENUINE)
     with pytest.raises(InvalidCursorError):
         decode_keyset_cursor("backups", encode_sequence_cursor("backups", 42))
+
+
+def test_a_listing_is_its_name_and_its_filters() -> None:
+    assert listing_name("backups") == "backups"
+    container = UUID(int=1)
+    same = listing_name("backups", container, None)
+    assert same == listing_name("backups", UUID(int=1), None)
+    others = {
+        listing_name("backups", None, None),
+        listing_name("backups", UUID(int=2), None),
+        listing_name("backups", container, b"\x01"),
+        listing_name("backups", None, container),
+        listing_name("trash", container, None),
+        listing_name("audit_events", None, datetime(2026, 1, 1, tzinfo=UTC), None),
+        listing_name("audit_events", None, None, datetime(2026, 1, 1, tzinfo=UTC)),
+        listing_name("audit_events", "", None, None),
+    }
+    assert same not in others
+    assert len(others) == 8
+
+
+def test_a_cursor_of_a_listing_read_with_other_filters_is_refused() -> None:
+    cursor = encode_keyset_cursor(listing_name("backups", UUID(int=1)), datetime(2026, 1, 1, tzinfo=UTC), ID)
+    assert len(cursor) <= MAX_CURSOR_LENGTH
+    assert decode_keyset_cursor(listing_name("backups", UUID(int=1)), cursor)[1] == ID
+    for other in (listing_name("backups", UUID(int=2)), listing_name("backups"), "backups"):
+        with pytest.raises(InvalidCursorError):
+            decode_keyset_cursor(other, cursor)

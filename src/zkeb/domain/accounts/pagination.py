@@ -13,7 +13,7 @@ from advanced_alchemy.base import UUIDv7AuditBase
 from sqlalchemy import Select, literal, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from zkeb.core.cursors import decode_keyset_cursor, encode_keyset_cursor
+from zkeb.core.cursors import decode_keyset_cursor, encode_keyset_cursor, listing_name
 
 __all__ = ("Page", "fetch_page")
 
@@ -29,14 +29,22 @@ class Page(Generic[T]):
 
 
 async def fetch_page(
-    session: AsyncSession, statement: Select[tuple[T]], model: type[T], *, limit: int, cursor: str | None
+    session: AsyncSession,
+    statement: Select[tuple[T]],
+    model: type[T],
+    *,
+    limit: int,
+    cursor: str | None,
+    scope: tuple[object, ...] = (),
 ) -> Page[T]:
     """Run `statement` (a select of `model` rows, already filtered) as one page ordered by `(created_at, id)`.
 
+    `scope` is what selects the rows besides the caller (a project's id): a cursor is refused by another listing.
+
     Raises:
-        InvalidCursorError: the cursor is malformed.
+        InvalidCursorError: the cursor is malformed, or another listing's.
     """
-    listing = str(model.__tablename__)  # a cursor of one listing is refused by another
+    listing = listing_name(str(model.__tablename__), *scope)
     if cursor:
         created_at, after_id = decode_keyset_cursor(listing, cursor)
         statement = statement.where(tuple_(model.created_at, model.id) > tuple_(literal(created_at), literal(after_id)))

@@ -370,7 +370,9 @@ class ApiKeyService(SQLAlchemyAsyncRepositoryService[ApiKey]):
     async def page(self, *, organization_id: UUID, project_id: UUID, limit: int, cursor: str | None) -> Page[ApiKey]:
         """One page of a project's keys, oldest first."""
         statement = select(ApiKey).where(ApiKey.organization_id == organization_id, ApiKey.project_id == project_id)
-        return await fetch_page(self.repository.session, statement, ApiKey, limit=limit, cursor=cursor)
+        return await fetch_page(
+            self.repository.session, statement, ApiKey, limit=limit, cursor=cursor, scope=(project_id,)
+        )
 
     async def revoke(self, key_id: UUID, *, organization_id: UUID) -> tuple[ApiKey, bool]:
         """Revoke a key at once; returns the key and whether this call revoked it (False: already revoked).
@@ -444,7 +446,9 @@ class DeviceService(SQLAlchemyAsyncRepositoryService[Device]):
     async def page(self, *, organization_id: UUID, project_id: UUID, limit: int, cursor: str | None) -> Page[Device]:
         """One page of a project's devices, oldest first."""
         statement = select(Device).where(Device.organization_id == organization_id, Device.project_id == project_id)
-        return await fetch_page(self.repository.session, statement, Device, limit=limit, cursor=cursor)
+        return await fetch_page(
+            self.repository.session, statement, Device, limit=limit, cursor=cursor, scope=(project_id,)
+        )
 
     async def revoke(self, device_id: UUID, *, organization_id: UUID) -> tuple[Device, bool]:
         """Revoke a device: it gets no new token and its live tokens stop working at once.

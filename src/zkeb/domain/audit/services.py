@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from zkeb.core.audit import chained_fields
 from zkeb.core.audit_linker import LINK_BATCH, link_pending_events
-from zkeb.core.cursors import InvalidCursorError, decode_sequence_cursor, encode_sequence_cursor
+from zkeb.core.cursors import InvalidCursorError, decode_sequence_cursor, encode_sequence_cursor, listing_name
 from zkeb.core.tenancy import tenant_transaction
 from zkeb.db.models.audit import AuditChainHead, AuditEvent
 from zkeb.lib.hashchain import GENESIS_HASH, chain_hash
@@ -136,7 +136,7 @@ class AuditEventService(SQLAlchemyAsyncRepositoryService[AuditEvent]):
         `since` is inclusive, `until` exclusive (both on `occurred_at`).
 
         Raises:
-            InvalidCursorError: a malformed cursor (400).
+            InvalidCursorError: a malformed cursor, or one given out with other filters (400).
         """
         conditions: list[ColumnElement[bool]] = []
         if action is not None:
@@ -145,14 +145,15 @@ class AuditEventService(SQLAlchemyAsyncRepositoryService[AuditEvent]):
             conditions.append(AuditEvent.occurred_at >= since)
         if until is not None:
             conditions.append(AuditEvent.occurred_at < until)
+        listing = listing_name("audit_events", action, since, until)
         if cursor is not None:
-            after = decode_sequence_cursor("audit_events", cursor)
+            after = decode_sequence_cursor(listing, cursor)
             if not 1 <= after <= _MAX_SEQ:
                 raise InvalidCursorError
             conditions.append(AuditEvent.seq < after)
         rows = await self.get_many(*conditions, OrderBy("seq", "desc"), LimitOffset(limit=limit + 1, offset=0))
         items = list(rows[:limit])
-        next_cursor = encode_sequence_cursor("audit_events", items[-1].seq) if len(rows) > limit else None
+        next_cursor = encode_sequence_cursor(listing, items[-1].seq) if len(rows) > limit else None
         return items, next_cursor
 
     async def link_waiting(self, organization_id: UUID) -> None:

@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from uuid_utils.compat import uuid7
 
 from zkeb.core.auth import Principal
-from zkeb.core.cursors import decode_keyset_cursor, encode_keyset_cursor
+from zkeb.core.cursors import decode_keyset_cursor, encode_keyset_cursor, listing_name
 from zkeb.core.database import pooled_connection
 from zkeb.core.errors import ConflictError, NotFoundError
 from zkeb.db.models import Backup, Device, Payload, PayloadNonce
@@ -243,9 +243,10 @@ async def list_visible_backups(
     """A page of visible backups, newest first, and the cursor of the next page (None on the last).
 
     Raises:
-        InvalidCursorError: `cursor` is not one this listing gave out (400).
+        InvalidCursorError: `cursor` is not one this listing gave out with these filters (400).
     """
-    after = decode_keyset_cursor("backups", cursor) if cursor else None
+    listing = listing_name("backups", container_id, device_id_hash)
+    after = decode_keyset_cursor(listing, cursor) if cursor else None
     visibility = _visibility(principal, device_id_hash)
     if visibility is None:
         return [], None
@@ -253,7 +254,7 @@ async def list_visible_backups(
         rows = await visible_page(connection, visibility, container_id=container_id, after=after, limit=limit + 1)
     if len(rows) > limit:
         last = rows[limit - 1]
-        return rows[:limit], encode_keyset_cursor("backups", last.created_at, last.id)
+        return rows[:limit], encode_keyset_cursor(listing, last.created_at, last.id)
     return rows, None
 
 

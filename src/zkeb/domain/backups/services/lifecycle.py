@@ -52,7 +52,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from zkeb.core.audit import record_event
 from zkeb.core.audit_linker import append_unchained_event
 from zkeb.core.auth import Principal
-from zkeb.core.cursors import decode_keyset_cursor, encode_keyset_cursor
+from zkeb.core.cursors import decode_keyset_cursor, encode_keyset_cursor, listing_name
 from zkeb.core.errors import NotFoundError
 from zkeb.db.models import Backup, Payload, Project
 from zkeb.domain.backups.errors import AppendOnlyError, InsufficientStorageError, TooManyOpenUploadsError
@@ -377,15 +377,16 @@ class LifecycleService(BackupRepositoryService):
         """
         await self._project(principal, project_id)
         query = select(Backup).where(Backup.project_id == project_id, Backup.deleted_at.is_not(None))
+        listing = listing_name("trash", project_id)
         if cursor:
-            deleted_at, after_id = decode_keyset_cursor("trash", cursor)
+            deleted_at, after_id = decode_keyset_cursor(listing, cursor)
             query = query.where(tuple_(Backup.deleted_at, Backup.id) < tuple_(literal(deleted_at), literal(after_id)))
         query = query.order_by(Backup.deleted_at.desc(), Backup.id.desc()).limit(limit + 1)
         rows = list((await self.session.scalars(query)).all())
         if len(rows) > limit:
             last = rows[limit - 1]
             assert last.deleted_at is not None
-            return rows[:limit], encode_keyset_cursor("trash", last.deleted_at, last.id)
+            return rows[:limit], encode_keyset_cursor(listing, last.deleted_at, last.id)
         return rows, None
 
     async def _find(self, principal: Principal, backup_id: UUID, *, include_trashed: bool) -> Backup:
