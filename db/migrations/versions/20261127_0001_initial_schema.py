@@ -531,13 +531,31 @@ def _drop_runtime_role_and_policies() -> None:
         op.execute(f"REVOKE ALL ON {table} FROM {RUNTIME_ROLE}")
     op.execute(f"REVOKE ALL ON alembic_version FROM {RUNTIME_ROLE}")
     op.execute(f"REVOKE USAGE ON SCHEMA public FROM {RUNTIME_ROLE}")
-    # Roles are cluster-wide: another database of this cluster may still use it, so keep it then.
+    # Roles are cluster-wide: another database of this cluster may still use it, so keep it then. Refusing, DROP ROLE
+    # names those databases, and one dropped meanwhile fails that with an internal error ("cache lookup failed for
+    # database N": a `zkeb db downgrade base` while tests dropped their databases); the next attempt lists the others.
     op.execute(
         f"""
-        DO $$ BEGIN
-            DROP ROLE {RUNTIME_ROLE};
-        EXCEPTION WHEN dependent_objects_still_exist THEN
-            RAISE NOTICE '{RUNTIME_ROLE} is still used elsewhere in this cluster; kept';
+        DO $$
+        DECLARE
+            attempt integer := 1;
+        BEGIN
+            LOOP
+                BEGIN
+                    DROP ROLE {RUNTIME_ROLE};
+                    RETURN;
+                EXCEPTION
+                    WHEN dependent_objects_still_exist THEN
+                        RAISE NOTICE '{RUNTIME_ROLE} is still used elsewhere in this cluster; kept';
+                        RETURN;
+                    WHEN internal_error THEN
+                        IF attempt = 5 THEN
+                            RAISE;
+                        END IF;
+                        attempt := attempt + 1;
+                        PERFORM pg_sleep(0.05 * attempt);
+                END;
+            END LOOP;
         END $$
         """
     )
