@@ -1,4 +1,4 @@
-"""A request body on its connection: how long the server waits for it, and closing a connection it leaves unread.
+"""A request body on its connection: how long the server waits for it, and ending a connection it leaves unread.
 
 granian bounds how long a request's head may take (`http1_settings.header_read_timeout`, 30 s: trickled headers are
 cut off there), but not its body (emmett-framework/granian#728, closed as won't-fix): a client that sends its headers
@@ -8,6 +8,7 @@ and then a byte now and then would hold its request open for as long as it likes
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 from litestar.enums import ScopeType
@@ -19,6 +20,11 @@ from zkeb.settings import Settings
 __all__ = ("RequestBodyMiddleware",)
 
 _CLOSE = (b"connection", b"close")
+#: How much of a body the app answered without reading is still read, and dropped, before the connection ends, so
+#: that a client still sending it can read the answer. Bounded: a refusal costs at most this (about 0.7 ms of CPU a
+#: MiB) and a client sending more, or more slowly, gets the reset it got before.
+DRAIN_BYTES = 64 << 20
+DRAIN_SECONDS = 5.0
 
 
 def _has_body(scope: Scope) -> bool:
@@ -53,6 +59,12 @@ class RequestBodyMiddleware:
     client, which already has its answer, for the end of the connection (see
     `zkeb.domain.backups.chunk_writes._writer_failure`).
 
+    Before it ends such a connection, the rest of the body is read and dropped (up to `DRAIN_BYTES`, within
+    `DRAIN_SECONDS`, unless the body was cut off for stalling), as nginx's lingering close does. Reset while still
+    sending, a client never reads the answer waiting for it: httpx's async client reports `ReadError` for a 429
+    (and so never sees its `Retry-After`), a 401 or a tus 409 (and its `Upload-Offset`) answered to a PATCH of a
+    few MiB from its headers alone.
+
     Requests without a body pass straight through: the cost is the header scan, on the hot path of every request.
     A request with a body arms one timer (not one per `receive()`), looked at only when it fires.
     """
@@ -78,6 +90,7 @@ class RequestBodyMiddleware:
                 await send(message)
 
             await self.app(scope, watch.receive, send_with_close)
+            await watch.drain(DRAIN_BYTES, DRAIN_SECONDS)
         finally:
             watch.stop()
 
@@ -154,6 +167,20 @@ class _BodyWatch:
         else:
             self._budget -= loop.time() - started
         return message
+
+    async def drain(self, limit: int, seconds: float) -> None:
+        """Read and drop what is left of the body, up to `limit` bytes and for `seconds` at most.
+
+        Nothing when the body ended or was cut off for stalling; a body that stalls now ends the drain the same way.
+        """
+        if self.ended or self._expired:
+            return
+        with contextlib.suppress(TimeoutError, RequestBodyTimeoutError):
+            async with asyncio.timeout(seconds):
+                while not self.ended and limit > 0:
+                    message = await self.receive()
+                    if message["type"] == "http.request":
+                        limit -= len(message["body"])
 
     def stop(self) -> None:
         """Disarm the timer (the body ended, the request is over, or the body was cut off)."""

@@ -182,6 +182,33 @@ async def test_a_patch_refused_before_its_body_is_read_does_not_break_the_client
         assert "connection" not in done.headers  # a body read to its end keeps the connection
 
 
+async def test_a_client_still_sending_a_body_refused_from_its_headers_reads_the_answer(
+    live_url: str, tenant: Tenant
+) -> None:
+    # A PATCH of a few MiB refused before its body is read (a wrong offset, a bad credential; a 429 the same way):
+    # granian reset the connection while the client was still sending, and httpx's async client reported ReadError,
+    # never the answer, so a device could not learn its offset, that its token had expired, or a 429's Retry-After
+    # (a review over a lossy network: a tight rate limit livelocked an upload). The rest of the body is read and
+    # dropped first now.
+    payload = os.urandom(16 * MIB)
+
+    async def pieces() -> AsyncIterator[bytes]:
+        for start in range(0, len(payload), MIB):
+            yield payload[start : start + MIB]
+
+    async with httpx.AsyncClient(base_url=live_url, timeout=60) as http:
+        location = (await _create_upload(http, tenant, sign_envelope(tenant, payload))).headers["location"]
+        headers = tus_headers(tenant.project_key, **{"Content-Type": OCTETS, "Upload-Offset": "5"})
+        wrong_offset = await http.patch(location, content=pieces(), headers=headers)
+        assert wrong_offset.status_code == 409, wrong_offset.text
+        assert wrong_offset.headers["upload-offset"] == "0"
+        assert wrong_offset.headers["connection"] == "close"
+        bad_key = await http.patch(location, content=payload, headers={**headers, "Authorization": "Bearer zkeb_nope"})
+        assert bad_key.status_code == 401, bad_key.text
+        done = await http.patch(location, content=pieces(), headers={**headers, "Upload-Offset": "0"})
+        assert done.status_code == 204, done.text
+
+
 async def test_head_of_a_payload_reports_its_size_through_granian(http: httpx.AsyncClient, tenant: Tenant) -> None:
     payload = os.urandom(MIB + 3)
     created = await http.post(

@@ -6,7 +6,6 @@ import base64
 import hashlib
 import os
 import uuid
-from collections.abc import AsyncIterator
 from datetime import timedelta
 
 import asyncpg
@@ -22,16 +21,6 @@ from zkeb.settings import Settings
 from support import POSTGRES_ONLY, problem
 
 Client = AsyncTestClient[Litestar]
-
-
-class _Unreadable:
-    """A request body that fails the test if the server reads any of it."""
-
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        return self
-
-    async def __anext__(self) -> bytes:
-        raise AssertionError("the body was read")
 
 
 @pytest.fixture
@@ -270,12 +259,14 @@ async def test_malformed_bodies_are_400_and_other_content_types_415(
     assert await row_counts(owner_connection) == NOTHING_STORED
 
 
-async def test_oversize_body_is_413_before_reading(
+async def test_oversize_body_is_413_from_its_headers_and_then_dropped(
     client: Client, tenant: Tenant, owner_connection: asyncpg.Connection
 ) -> None:
+    # Refused from Content-Length alone; the body is then read and dropped (zkeb.core.connection's drain, shown
+    # through granian in test_backups_live_server.py), so that a client still sending it reads the 413.
     response = await client.post(
         "/api/v1/backups",
-        content=_Unreadable(),
+        content=bytes(16 * MIB + 1),
         headers={
             **auth(tenant.project_key),
             "Content-Type": "application/msgpack",
