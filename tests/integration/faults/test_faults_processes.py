@@ -60,6 +60,39 @@ async def test_redis_stopped_under_traffic_fails_open_then_the_limiter_recovers(
                 assert remaining[0] > remaining[1] > remaining[2], remaining
 
 
+async def test_a_patch_refused_by_the_rate_limit_gets_its_429_while_still_sending_its_body(
+    base_settings_env: dict[str, str], database_url: str
+) -> None:
+    # The limiter answers before the body is read; granian reset the connection under a client still sending, so
+    # httpx reported ReadError and the device never saw Retry-After (it HEADed at once, which took the slot the
+    # next PATCH needed: a livelock under a tight limit, found over a lossy network). zkeb.core.connection drains.
+    with own_redis() as redis:
+        env = server_env(
+            base_settings_env, database_url, ZKEB_AUTO_MIGRATE="false", REDIS_URL=redis.url,
+            ENABLE_RATE_LIMITING="true", RATE_LIMIT_PER_MINUTE="5",
+        )  # fmt: skip
+        with zkeb_serve(env) as server:
+            tenant = await make_fault_tenant(server.url, make_settings(base_settings_env, DATABASE_URL=database_url))
+            async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+                for _ in range(20):
+                    if (await client.get("/api/v1/backups", headers=tenant.auth)).status_code == 429:
+                        break
+                else:
+                    raise AssertionError("the limit of 5 a minute never answered 429")
+
+                async def body() -> AsyncIterator[bytes]:
+                    for _ in range(16):
+                        yield os.urandom(1 << 20)
+
+                refused = await client.patch(
+                    "/api/v1/uploads/01a21ca0-e7ad-722a-9585-e64cb0b11adb",
+                    content=body(),
+                    headers={**tenant.auth, "Tus-Resumable": "1.0.0", "Upload-Offset": "0", "Content-Type": OCTETS},
+                )
+    assert refused.status_code == 429, refused.text
+    assert int(refused.headers["retry-after"]) > 0
+
+
 async def test_sigkill_during_20_concurrent_tus_uploads_then_each_resumes_and_restores_byte_identical(
     base_settings_env: dict[str, str], database_url: str
 ) -> None:
