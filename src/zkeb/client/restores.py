@@ -270,12 +270,19 @@ class Restorer:
             return None
 
     async def _fetch(self, transfer: _Transfer) -> None:
-        """Receive the whole payload, resuming with `Range`/`If-Range` after connection loss, 429 and 503."""
+        """Receive the whole payload, resuming with `Range`/`If-Range` after connection loss, 408, 429 and 503.
+
+        Only failures in a row that received nothing count against the retry policy's attempts: a link that drops
+        every few MiB still delivers the payload, while one that delivers nothing fails after ``attempts`` tries.
+        """
         envelope = transfer.envelope
         policy = self.transport.retry
         url = self.transport.url(f"/api/v1/backups/{envelope.id}/payload")
         failures = 0
+        received_before = transfer.received
         while transfer.received < envelope.encrypted_payload_size:
+            if transfer.received > received_before:
+                failures, received_before = 0, transfer.received
             headers = await self.transport.authorization()
             if transfer.received:
                 headers |= {"Range": f"bytes={transfer.received}-", "If-Range": f'"{envelope.payload_sha256}"'}

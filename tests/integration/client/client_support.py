@@ -118,7 +118,12 @@ class StallingProxy:
     server's answer to the next `lose_answers` requests starting with `lose_answer_to` (e.g. ``b"PATCH "``): the
     request reaches the server, which acts on it, and the connection drops as its answer arrives. With
     `hold_answer_after`, the first answer to pass that many bytes stops there, its connection kept open
-    (`answer_held` is set): a download in progress, for as long as the test wants.
+    (`answer_held` is set): a download in progress, for as long as the test wants. `cut_answers` answers are cut
+    that way (one unless set), and `cut_requests` requests are cut once they pass `cut_request_after` bytes (a
+    connection lost mid-upload, the server keeping what arrived). The first request to pass `stall_request_after`
+    bytes stalls there: its further bytes are read and dropped, so the server sees its body stop. The next
+    `refusals` requests starting with `refuse` are answered by the proxy with `refusal` (a whole response), their
+    bytes dropped: a refusal before the body is read, as a rate limiter gives, without a race against the upload.
     """
 
     def __init__(self, upstream: str) -> None:
@@ -127,6 +132,16 @@ class StallingProxy:
         self.budget: int | None = None
         self.busy_answers = 0  # this many connections get a 503 with Retry-After instead of being forwarded
         self.cut_response_after: int | None = None  # drop the next connection whose answer passes this many bytes
+        self.cut_answers = 1
+        self.cut_request_after: int | None = None  # drop the connection of a request that passes this many bytes
+        self.cut_requests = 0
+        self.request_cuts = 0
+        self.stall_request_after: int | None = None
+        self.refuse: bytes | None = None
+        self.refusals = 0
+        self.refusal = b""
+        self.refused = 0
+        self.answers: list[bytes] = []  # the status lines of the server's answers
         self.flip_response_byte: int | None = None  # flip a bit of this byte (counted from the answer's start)
         self.flips = 0
         self.lose_answer_to: bytes | None = None
@@ -185,21 +200,45 @@ class StallingProxy:
     def _pump(self, source: socket.socket, sink: socket.socket, counted: bool, losing: threading.Event) -> None:
         dropping = False  # once over budget, this connection's further bytes are read and thrown away
         answered = 0
+        request_bytes = 0  # of the request being sent on this connection, from its request line
         try:
             while data := source.recv(256 * 1024):
                 if counted and not dropping:
+                    cut = False
                     with self._lock:
                         if data[:8].split(b" ")[0] in {b"GET", b"HEAD", b"POST", b"PATCH", b"DELETE", b"OPTIONS"}:
                             self.requests.append(data[:2048])
+                            request_bytes = 0
                             if self.lose_answer_to and self.lose_answers > 0 and data.startswith(self.lose_answer_to):
                                 self.lose_answers -= 1
                                 losing.set()
+                            if self.refuse and self.refusals > 0 and data.startswith(self.refuse):
+                                self.refusals -= 1
+                                self.refused += 1
+                                source.sendall(self.refusal)
+                                dropping = True
+                                continue
+                        request_bytes += len(data)
+                        limit = self.cut_request_after
+                        if limit is not None and self.cut_requests > 0 and request_bytes > limit:
+                            data = data[: len(data) - (request_bytes - limit)]
+                            self.cut_requests -= 1
+                            self.request_cuts += 1
+                            cut = True
+                        stall = self.stall_request_after
+                        if stall is not None and request_bytes > stall:
+                            data = data[: len(data) - (request_bytes - stall)]
+                            self.stall_request_after = None
+                            dropping = True
+                            self.stalled.set()
                         if self.budget is not None and self.forwarded + len(data) > self.budget:
                             data = data[: max(self.budget - self.forwarded, 0)]
                             dropping = True
                             self.stalled.set()
                         self.forwarded += len(data)
                     sink.sendall(data)
+                    if cut:
+                        return  # the connection drops mid-request (closed below)
                 elif not counted:
                     if losing.is_set():
                         with self._lock:
@@ -213,10 +252,14 @@ class StallingProxy:
                             data = bytes(altered)
                             self.flip_response_byte = None
                             self.flips += 1
+                        if data.startswith(b"HTTP/1.1 "):
+                            self.answers.append(data.split(b"\r\n", 1)[0])
                         answered += len(data)
                         cut = self.cut_response_after is not None and answered > self.cut_response_after
                         if cut:
-                            self.cut_response_after = None
+                            self.cut_answers -= 1
+                            if self.cut_answers <= 0:
+                                self.cut_response_after = None
                             self.cuts += 1
                         held = self.hold_answer_after is not None and answered > self.hold_answer_after
                         if held:

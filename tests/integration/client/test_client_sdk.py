@@ -29,6 +29,7 @@ from zkeb.client import (
     TransferError,
     ZkebClientError,
 )
+from zkeb.client.restores import Restorer
 from zkeb.client.state import UploadState
 
 from support import granian_server, make_settings
@@ -492,3 +493,28 @@ async def test_a_directory_holding_the_clients_state_directory_is_packed_without
     assert [(entry.path, entry.reason) for entry in backup.left_out] == [
         ("home/.local/state/zkeb-client", "the client's own state directory: upload records and packs")
     ]
+
+
+async def test_a_download_cut_again_and_again_completes_while_each_attempt_progresses_and_fails_when_none_does(
+    project: Project, keys: KeyFile, tmp_path: Path
+) -> None:
+    data = os.urandom(12 * MIB)
+    async with AsyncClient(project.server, keys=keys, state_dir=tmp_path / "state") as direct:
+        backup = await direct.backup_bytes(data, uuid.uuid4(), name="cut.bin")
+    proxy = StallingProxy(project.server)
+    retry = RetryPolicy(attempts=3, base_delay=0.05)
+    try:
+        async with AsyncClient(proxy.url, keys=keys, state_dir=tmp_path / "state", retry=retry) as client:
+            envelope = await client.envelope(backup.id)
+            proxy.cut_response_after, proxy.cut_answers = MIB, 8  # each attempt gets about 1 MiB, then is cut
+            restored = await client.restore_bytes(backup.id)
+            cuts_while_progressing = proxy.cuts
+            proxy.cut_response_after, proxy.cut_answers = 0, 100  # now no attempt receives a byte
+            with pytest.raises(TransferError, match="the download kept failing"):
+                await Restorer(client.transport, keys).to_stream(envelope, io.BytesIO())
+    finally:
+        proxy.close()
+
+    assert restored == data
+    assert cuts_while_progressing == 8, "the download was not cut as often as planned"
+    assert proxy.cuts - cuts_while_progressing == retry.attempts, "attempts that received nothing were not bounded"
