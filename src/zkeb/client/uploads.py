@@ -418,7 +418,9 @@ class Uploader:
         """PATCH the ciphertext from ``offset`` until the server commits, resuming after each failure.
 
         An upload found gone after a failure (its completing PATCH's answer lost, or expired) is asked about again by
-        `_resume_point`: the backup it became, or a new upload of the same envelope from 0.
+        `_resume_point`: the backup it became, or a new upload of the same envelope from 0. Only failures in a row
+        after which the server's offset did not advance count against the retry policy's attempts: a link that drops
+        every few MiB still delivers the upload, while one that delivers nothing fails after ``attempts`` tries.
         """
         policy = self.transport.retry
         failures = 0
@@ -438,8 +440,6 @@ class Uploader:
                     raise api_error(response)
                 error = api_error(response)
                 wait = policy.delay(failures, retry_after_seconds(response))
-                if response.status_code == 204:
-                    failures = -1  # progress was made: the server kept what was sent
             failures += 1
             if failures >= policy.attempts:
                 raise TransferError(f"the upload kept failing ({error}); run the same command again to resume")
@@ -447,7 +447,9 @@ class Uploader:
             point = await self._resume_point(state, container_id, key)
             if isinstance(point, uuid.UUID):
                 return point
-            state, offset = point
+            previous, (state, offset) = offset, point
+            if offset > previous:
+                failures = 0  # the server kept what the failed PATCH sent: progress, not a failure
 
     async def _patch(
         self, state: UploadState, source: Source, offset: int, progress: Progress | None

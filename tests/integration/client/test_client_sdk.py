@@ -518,3 +518,24 @@ async def test_a_download_cut_again_and_again_completes_while_each_attempt_progr
     assert restored == data
     assert cuts_while_progressing == 8, "the download was not cut as often as planned"
     assert proxy.cuts - cuts_while_progressing == retry.attempts, "attempts that received nothing were not bounded"
+
+
+async def test_an_upload_cut_again_and_again_completes_while_the_server_offset_advances(
+    project: Project, keys: KeyFile, tmp_path: Path
+) -> None:
+    data = os.urandom(16 * MIB)
+    proxy = StallingProxy(project.server)
+    proxy.cut_request_after, proxy.cut_requests = 2 * MIB, 6  # each PATCH delivers about 2 MiB, then is cut
+    try:
+        async with AsyncClient(
+            proxy.url, keys=keys, state_dir=tmp_path / "state", retry=RetryPolicy(attempts=3, base_delay=0.05)
+        ) as client:
+            backup = await client.backup_bytes(data, uuid.uuid4(), name="cut.bin")
+            restored = await client.restore_bytes(backup.id)
+    finally:
+        proxy.close()
+
+    patches = [head for head in proxy.requests if head.startswith(b"PATCH ")]
+    assert proxy.request_cuts == 6, "the upload was not cut as often as planned"
+    assert len(patches) == 7
+    assert restored == data
