@@ -2,8 +2,10 @@
 
 Device commands authenticate with a device token the transport fetches itself (a fresh Ed25519 proof of possession)
 and refreshes before it expires or when the server answers 401; org-admin work (enrolment) uses the API key.
-Requests whose body can be sent again are retried on connection loss, 429 and 503, waiting as `Retry-After` says
-(or backing off exponentially with jitter when it says nothing); streamed bodies are resumed by their callers.
+Requests whose body can be sent again are retried on connection loss, 408, 429, 502, 503 and 504, waiting as
+`Retry-After` says (or backing off exponentially with jitter when it says nothing); streamed bodies are resumed by
+their callers. A 408 (the server cut off a body that stalled) is safe to answer by sending the same request again:
+nothing of it was acted on, and an envelope whose first sending did commit answers 409 with its backup's id.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ __all__ = ("Credential", "RetryPolicy", "Transport", "api_error", "credential", 
 #: Which credential a request carries: the device token, the API key, or none.
 Credential = Literal["device", "api_key", "none"]
 
-RETRYABLE_STATUS = frozenset({429, 502, 503, 504})
+RETRYABLE_STATUS = frozenset({408, 429, 502, 503, 504})
 #: Connection failures that happen before a request goes out: the server cannot have acted on it.
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 _HEADER_SAFE = re.compile(r"[\x21-\x7e]+")
@@ -251,7 +253,7 @@ class Transport:
         json_per_attempt: Callable[[], Any] | None = None,
         **kwargs: Any,
     ) -> tuple[httpx.Response, bool]:
-        """Send a request with a replayable body, retrying connection loss, 429 and 503.
+        """Send a request with a replayable body, retrying connection loss and the `RETRYABLE_STATUS` answers.
 
         Args:
             json_per_attempt: Makes a new JSON body for each attempt (a single-use proof), in place of ``json=``.

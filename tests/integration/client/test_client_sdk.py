@@ -539,3 +539,50 @@ async def test_an_upload_cut_again_and_again_completes_while_the_server_offset_a
     assert proxy.request_cuts == 6, "the upload was not cut as often as planned"
     assert len(patches) == 7
     assert restored == data
+
+
+@pytest.fixture
+def impatient_url(base_settings_env: dict[str, str], database_url: str) -> Iterator[str]:
+    """A server that cuts off a request body after one second without progress (408)."""
+    with granian_server({**base_settings_env, "DATABASE_URL": database_url, "BODY_IDLE_TIMEOUT": "1"}) as url:
+        yield url
+
+
+@pytest.fixture
+async def impatient_project(impatient_url: str, base_settings_env: dict[str, str], database_url: str) -> Project:
+    return await make_project(impatient_url, make_settings(base_settings_env, DATABASE_URL=database_url))
+
+
+async def _enrolled(project: Project) -> KeyFile:
+    keys = KeyFile.generate().with_project(project.project_id)
+    async with AsyncClient(project.server, keys=keys, api_key=project.admin_key) as admin:
+        await admin.enroll("sdk-test")
+    return keys
+
+
+@pytest.mark.parametrize(("size", "transfer"), [(4 * MIB, "single-shot"), (12 * MIB, "tus")])
+async def test_a_body_the_server_cut_off_with_408_is_sent_again_or_resumed(
+    impatient_project: Project, tmp_path: Path, size: int, transfer: str
+) -> None:
+    keys = await _enrolled(impatient_project)
+    data = os.urandom(size)
+    container = uuid.uuid4()
+    proxy = StallingProxy(impatient_project.server)
+    proxy.stall_request_after = 2 * MIB  # the upload's body stops there once; the server answers 408 a second later
+    try:
+        async with AsyncClient(proxy.url, keys=keys, state_dir=tmp_path / "state") as client:
+            backup = await client.backup_bytes(data, container, name="stalled.bin")
+            listed = await client.list(container)
+            restored = await client.restore_bytes(backup.id)
+    finally:
+        proxy.close()
+
+    uploads = [head for head in proxy.requests if head.startswith((b"POST /api/v1/backups ", b"PATCH "))]
+    assert proxy.stalled.is_set(), "the upload never stalled"
+    assert any(answer.startswith(b"HTTP/1.1 408") for answer in proxy.answers), "the server never answered 408"
+    assert backup.transfer == transfer
+    assert len(uploads) == 2
+    if transfer == "tus":
+        assert b"upload-offset: 0\r\n" not in uploads[1].lower(), "the PATCH after the 408 started over"
+    assert [record.id for record in listed] == [backup.id]
+    assert restored == data
