@@ -49,13 +49,16 @@ class RetryPolicy:
     """How hard to try: ``attempts`` in all, waits from ``base_delay`` doubling up to ``max_delay`` seconds.
 
     A `Retry-After` is honoured as the server sent it, up to ``max_retry_after`` seconds (10 minutes); a server
-    asking for longer is not retried early: the call fails saying when to try again.
+    asking for longer is not retried early: the call fails saying when to try again. A 429 is the server pacing the
+    client, not a failure: it does not count against ``attempts``, and up to ``max_rate_limited`` of them in a row
+    are waited out before the call fails.
     """
 
     attempts: int = 6
     base_delay: float = 0.5
     max_delay: float = 30.0
     max_retry_after: float = 600.0
+    max_rate_limited: int = 30
 
     def delay(self, attempt: int, retry_after: float | None) -> float:
         """Seconds to wait before attempt ``attempt + 1`` (``Retry-After`` wins when the server sent one).
@@ -263,6 +266,7 @@ class Transport:
             after the request went out, so the server may have acted on it).
         """
         attempt = 0
+        rate_limited = 0
         maybe_arrived = False
         while True:
             try:
@@ -277,9 +281,17 @@ class Transport:
                 maybe_arrived |= not isinstance(exc, _NOT_SENT)
                 await asyncio.sleep(self.retry.delay(attempt, None))
             else:
-                if response.status_code not in RETRYABLE_STATUS or attempt + 1 >= self.retry.attempts:
+                if response.status_code not in RETRYABLE_STATUS:
+                    return response, maybe_arrived
+                paced = response.status_code == 429
+                if paced and rate_limited + 1 >= self.retry.max_rate_limited:
+                    return response, maybe_arrived
+                if not paced and attempt + 1 >= self.retry.attempts:
                     return response, maybe_arrived
                 await asyncio.sleep(self.retry.delay(attempt, retry_after_seconds(response)))
+                if paced:
+                    rate_limited += 1
+                    continue
             attempt += 1
 
     async def request(

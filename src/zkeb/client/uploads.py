@@ -421,35 +421,66 @@ class Uploader:
         `_resume_point`: the backup it became, or a new upload of the same envelope from 0. Only failures in a row
         after which the server's offset did not advance count against the retry policy's attempts: a link that drops
         every few MiB still delivers the upload, while one that delivers nothing fails after ``attempts`` tries.
+
+        A 429 or 503 refuses a PATCH before storing any of it, so the offset is still the one sent: once the wait is
+        over, the PATCH goes again from there without a HEAD (under a tight rate limit the HEAD would take the slot
+        the wait freed, and the PATCH after it be refused again). A 429 does not count as a failure either (the server
+        is pacing the client); ``max_rate_limited`` of them in a row end the upload.
         """
         policy = self.transport.retry
         failures = 0
+        rate_limited = 0
         while True:
-            try:
-                response = await self._patch(state, source, offset, progress)
-            except httpx.LocalProtocolError as exc:
-                raise TransferError(transport_failure(exc)) from None  # sending it again cannot help
-            except httpx.TransportError as exc:
-                error: Exception | str = transport_failure(exc)
-                wait = policy.delay(failures, None)
+            outcome = await self._attempt(state, source, offset, progress)
+            if isinstance(outcome, uuid.UUID):
+                return outcome
+            error, status, retry_after = outcome
+            if status == 429:
+                wait = policy.delay(rate_limited, retry_after)
+                rate_limited += 1
+                if rate_limited >= policy.max_rate_limited:
+                    raise TransferError(
+                        f"the upload was refused as rate limited {rate_limited} times in a row ({error}); "
+                        "run the same command again later to resume"
+                    )
             else:
-                backup_id = response.headers.get(BACKUP_ID_HEADER)
-                if response.status_code == 204 and backup_id is not None:
-                    return uuid.UUID(backup_id)
-                if response.status_code not in {*RETRYABLE_STATUS, 204, 404, 409, 410}:
-                    raise api_error(response)
-                error = api_error(response)
-                wait = policy.delay(failures, retry_after_seconds(response))
-            failures += 1
-            if failures >= policy.attempts:
-                raise TransferError(f"the upload kept failing ({error}); run the same command again to resume")
+                wait = policy.delay(failures, retry_after)
+                rate_limited = 0
+                failures += 1
+                if failures >= policy.attempts:
+                    raise TransferError(f"the upload kept failing ({error}); run the same command again to resume")
             await asyncio.sleep(wait)
+            if status in {429, 503}:
+                continue
             point = await self._resume_point(state, container_id, key)
             if isinstance(point, uuid.UUID):
                 return point
             previous, (state, offset) = offset, point
             if offset > previous:
                 failures = 0  # the server kept what the failed PATCH sent: progress, not a failure
+
+    async def _attempt(
+        self, state: UploadState, source: Source, offset: int, progress: Progress | None
+    ) -> uuid.UUID | tuple[str, int | None, float | None]:
+        """One PATCH from ``offset``: the backup it committed, or why to retry (the error, the answer's status or None
+        for a lost connection, and its `Retry-After`).
+
+        Raises:
+            ApiError: If the server refused the PATCH for good.
+            TransferError: If the request cannot be sent at all.
+        """
+        try:
+            response = await self._patch(state, source, offset, progress)
+        except httpx.LocalProtocolError as exc:
+            raise TransferError(transport_failure(exc)) from None  # sending it again cannot help
+        except httpx.TransportError as exc:
+            return transport_failure(exc), None, None
+        backup_id = response.headers.get(BACKUP_ID_HEADER)
+        if response.status_code == 204 and backup_id is not None:
+            return uuid.UUID(backup_id)
+        if response.status_code not in {*RETRYABLE_STATUS, 204, 404, 409, 410}:
+            raise api_error(response)
+        return str(api_error(response)), response.status_code, retry_after_seconds(response)
 
     async def _patch(
         self, state: UploadState, source: Source, offset: int, progress: Progress | None

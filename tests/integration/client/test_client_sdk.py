@@ -586,3 +586,37 @@ async def test_a_body_the_server_cut_off_with_408_is_sent_again_or_resumed(
         assert b"upload-offset: 0\r\n" not in uploads[1].lower(), "the PATCH after the 408 started over"
     assert [record.id for record in listed] == [backup.id]
     assert restored == data
+
+
+async def test_a_rate_limited_patch_is_sent_again_at_the_known_offset_without_counting_as_a_failure(
+    project: Project, keys: KeyFile, tmp_path: Path
+) -> None:
+    data = os.urandom(12 * MIB)
+    body = b'{"status": 429, "title": "Too Many Requests", "detail": "rate limit exceeded"}'
+    proxy = StallingProxy(project.server)
+    proxy.refuse, proxy.refusals = b"PATCH ", 4
+    proxy.refusal = (
+        b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 0\r\nConnection: close\r\n"
+        b"Content-Type: application/problem+json\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
+    try:
+        async with AsyncClient(
+            proxy.url, keys=keys, state_dir=tmp_path / "state", retry=RetryPolicy(attempts=2, base_delay=0.05)
+        ) as client:
+            backup = await client.backup_bytes(data, uuid.uuid4(), name="paced.bin")
+            restored = await client.restore_bytes(backup.id)
+        tus = [head.split(b" ")[0] for head in proxy.requests if b"/api/v1/uploads/" in head.split(b"\r\n")[0]]
+        refused_while_paced = proxy.refused
+        proxy.refusals = 100  # a server that never lets the upload through
+        async with AsyncClient(
+            proxy.url, keys=keys, state_dir=tmp_path / "state", retry=RetryPolicy(max_rate_limited=5)
+        ) as client:
+            with pytest.raises(TransferError, match="refused as rate limited 5 times in a row"):
+                await client.backup_bytes(data, uuid.uuid4(), name="never.bin")
+    finally:
+        proxy.close()
+
+    assert refused_while_paced == 4, "the PATCHes were not refused"
+    assert tus == [b"PATCH"] * 5, "a HEAD was sent after a refusal that changed nothing"
+    assert restored == data
+    assert proxy.refused - refused_while_paced == 5, "the rate-limited waits were not bounded"
