@@ -5,7 +5,9 @@ envelope and the server's payload digest (before any download); the metadata dec
 ciphertext's SHA-256 matches the signed digest and the server's `Repr-Digest`; at the end the AES-GCM tag verifies
 and the plaintext's SHA-256 and size match the metadata. The plaintext goes to a temporary file beside the
 destination and is renamed into place (a directory is extracted into a temporary folder first), so a failure leaves
-nothing at the destination. A dropped connection resumes with `Range` and `If-Range` (the payload's ETag).
+nothing at the destination. Their names carry the restoring process's id (``.NAME.<pid>.<random>.zkeb-part``): a
+restore to NAME removes those a killed restore left, whose process is gone. A dropped connection resumes with
+`Range` and `If-Range` (the payload's ETag).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from zkeb.client.crypto import (
 from zkeb.client.errors import ConfigurationError, IntegrityError, TransferError
 from zkeb.client.keys import KeyFile
 from zkeb.client.models import LeftOut, RestoreResult, ServerEnvelope, VerifyResult
+from zkeb.client.state import process_alive
 from zkeb.client.transport import RETRYABLE_STATUS, Transport, api_error, retry_after_seconds, transport_failure
 
 __all__ = ("Restorer", "Verified", "check_envelope")
@@ -367,7 +370,8 @@ class Restorer:
         """An empty temporary file beside ``target``, which must not exist yet."""
         if target.exists() or target.is_symlink():
             raise ConfigurationError(f"{target} already exists; refusing to overwrite it")
-        fd, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".zkeb-part", dir=target.parent)
+        _remove_stale_parts(target)
+        fd, temporary = tempfile.mkstemp(prefix=_part_prefix(target), suffix=PART_SUFFIX, dir=target.parent)
         os.close(fd)
         return Path(temporary)
 
@@ -398,7 +402,7 @@ class Restorer:
 
     @staticmethod
     def _publish_directory(archive: Path, target: Path, name: str) -> list[LeftOut]:
-        folder = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".zkeb-part", dir=target.parent))
+        folder = Path(tempfile.mkdtemp(prefix=_part_prefix(target), suffix=PART_SUFFIX, dir=target.parent))
         try:
             left_out = extract_tar(archive, folder)
             entries = list(folder.iterdir())
@@ -421,6 +425,33 @@ class Restorer:
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         return left_out
+
+
+#: What ends the name of a restore's temporary file or folder beside its destination.
+PART_SUFFIX = ".zkeb-part"
+
+
+def _part_prefix(target: Path) -> str:
+    return f".{target.name}.{os.getpid()}."
+
+
+def _remove_stale_parts(target: Path) -> None:
+    """Remove the temporary files and folders that killed restores to ``target`` left beside it: named
+    ``.NAME.<pid>.<random>.zkeb-part`` with a process id that no longer runs. A running restore's part, a part of
+    another name (``.NAME.1.<pid>.<random>`` is NAME.1's) and one without a process id are left alone."""
+    prefix = f".{target.name}."
+    with os.scandir(target.parent) as entries:
+        for entry in entries:
+            if not (entry.name.startswith(prefix) and entry.name.endswith(PART_SUFFIX)):
+                continue
+            middle = entry.name[len(prefix) : -len(PART_SUFFIX)].split(".")
+            if len(middle) != 2 or not middle[0].isdigit() or process_alive(int(middle[0])):
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
 
 
 #: What `os.link` fails with on a file system that has no hard links.

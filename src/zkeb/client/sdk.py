@@ -160,6 +160,7 @@ class AsyncClient:
     ) -> tuple[Source, str | None, list[LeftOut]]:
         """A file as it is; a directory packed (reproducibly) into a tar file in the state directory, its key, and
         the special files left out of it."""
+        self.states.remove_stale_packs()
         absolute = path.absolute()
         if not absolute.is_dir():
             if not absolute.is_file():

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import msgspec
 
-__all__ = ("StateStore", "UploadState", "default_state_dir")
+__all__ = ("StateStore", "UploadState", "default_state_dir", "process_alive")
 
 
 def default_state_dir() -> Path:
@@ -80,6 +80,14 @@ class StateStore:
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         return folder / f"{key}.tar"
 
+    def remove_stale_packs(self) -> None:
+        """Delete the partial packs (``<key>.<pid>.tmp``) of backups killed while packing: those whose process is
+        gone. A running backup's is left alone."""
+        for partial in (self.root / "packs").glob("*.*.tmp"):
+            pid = partial.name.rsplit(".", 2)[1]
+            if pid.isdigit() and not process_alive(int(pid)):
+                partial.unlink(missing_ok=True)
+
     def load(self, key: str) -> UploadState | None:
         """The record, or None when there is none (or it is unreadable, which is treated as none)."""
         try:
@@ -99,3 +107,16 @@ class StateStore:
         """Forget the record (and any scratch file)."""
         self._path(key).unlink(missing_ok=True)
         (self.root / "packs" / f"{key}.tar").unlink(missing_ok=True)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine; when that cannot be told, it is taken to run."""
+    if os.name != "posix":
+        return True  # Windows' os.kill would terminate the process instead of probing it
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # another user's process (or an id out of range): not ours to judge
+    return True

@@ -6,6 +6,8 @@ import asyncio
 import errno
 import io
 import os
+import subprocess
+import sys
 import tarfile
 import threading
 import time
@@ -620,3 +622,44 @@ async def test_a_rate_limited_patch_is_sent_again_at_the_known_offset_without_co
     assert tus == [b"PATCH"] * 5, "a HEAD was sent after a refusal that changed nothing"
     assert restored == data
     assert proxy.refused - refused_while_paced == 5, "the rate-limited waits were not bounded"
+
+
+def _dead_pid() -> int:
+    """The id of a process that has exited."""
+    process = subprocess.Popen([sys.executable, "-c", ""])
+    process.wait()
+    return process.pid
+
+
+async def test_a_restore_and_a_backup_remove_what_killed_runs_left_behind_and_nothing_a_live_one_owns(
+    project: Project, keys: KeyFile, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = _dead_pid()
+    stale_part = out / f".late.bin.{dead}.k1ll3d00.zkeb-part"  # a restore killed while downloading
+    stale_folder = out / f".late.bin.{dead}.k1ll3d01.zkeb-part"  # one killed while extracting a directory
+    live_part = out / f".late.bin.{os.getpid()}.runn1ng0.zkeb-part"  # a restore still running
+    other_part = out / f".late.bin.1.{dead}.k1ll3d02.zkeb-part"  # a live restore to 'late.bin.1', not to 'late.bin'
+    stale_part.write_bytes(b"unverified plaintext")
+    stale_folder.mkdir()
+    (stale_folder / "late.bin").write_bytes(b"unverified plaintext")
+    live_part.write_bytes(b"being written")
+    other_part.write_bytes(b"being written")
+    state = tmp_path / "state"
+    (state / "packs").mkdir(parents=True)
+    stale_pack = state / "packs" / f"{'a' * 64}.{dead}.tmp"  # a backup killed while packing a directory
+    live_pack = state / "packs" / f"{'b' * 64}.{os.getpid()}.tmp"
+    stale_pack.write_bytes(b"half a tar")
+    live_pack.write_bytes(b"half a tar")
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "a.bin").write_bytes(b"a photo")
+
+    async with AsyncClient(project.server, keys=keys, state_dir=state) as client:
+        backup = await client.backup_bytes(b"late", uuid.uuid4(), name="late.bin")
+        await client.restore_file(backup.id, out / "late.bin")
+        await client.backup_file(folder, uuid.uuid4())
+
+    assert sorted(entry.name for entry in out.iterdir()) == sorted(["late.bin", live_part.name, other_part.name])
+    assert sorted(entry.name for entry in (state / "packs").iterdir()) == [live_pack.name]
