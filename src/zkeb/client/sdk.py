@@ -75,7 +75,7 @@ class AsyncClient:
         api_key: An org-admin key (for `enroll`) or a project key (for ls/rm without a key file).
         project_id: The project; defaults to the one the key file was enrolled in.
         state_dir: Where unfinished uploads are recorded for resume (default: the XDG state directory).
-        retry: Retry policy for connection loss, 429 and 503.
+        retry: Retry policy for connection loss, 408, 429, 502, 503 and 504.
         single_shot_threshold: Payloads up to this size go in one request; larger ones by tus.
     """
 
