@@ -422,10 +422,12 @@ class Uploader:
         after which the server's offset did not advance count against the retry policy's attempts: a link that drops
         every few MiB still delivers the upload, while one that delivers nothing fails after ``attempts`` tries.
 
-        A 429 or 503 refuses a PATCH before storing any of it, so the offset is still the one sent: once the wait is
-        over, the PATCH goes again from there without a HEAD (under a tight rate limit the HEAD would take the slot
-        the wait freed, and the PATCH after it be refused again). A 429 does not count as a failure either (the server
-        is pacing the client); ``max_rate_limited`` of them in a row end the upload.
+        A 429 refuses a PATCH before storing any of it, and a 503 usually does, so the offset is still the one sent:
+        once the wait is over, the PATCH goes again from there without a HEAD (under a tight rate limit the HEAD
+        would take the slot the wait freed, and the PATCH after it be refused again). A PATCH that stored some of its
+        bytes before its 503 is answered 409 at the old offset, and the HEAD after that resumes it. A 429 does not
+        count as a failure either (the server is pacing the client); ``max_rate_limited`` of them in a row end the
+        upload.
         """
         policy = self.transport.retry
         failures = 0
