@@ -81,13 +81,9 @@ RUN groupadd --system --gid 10001 zkeb \
        --shell /usr/sbin/nologin zkeb \
     && install -d -o zkeb -g zkeb -m 0750 /var/lib/zkeb
 
-# glibc's malloc: buffers of 128 KiB and more (a payload's chunks) get mappings of their own, given back once freed,
-# from the interpreter's first allocation on (zkeb.core.memory: a worker's peak RSS grows less over large transfers).
 ENV PATH="/app/.venv/bin:${PATH}" \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    MALLOC_MMAP_THRESHOLD_=131072 \
-    MALLOC_TRIM_THRESHOLD_=131072 \
     PORT=3000 \
     ZKEB_ENV=production \
     ZKEB_DATA_DIR=/var/lib/zkeb \

@@ -17,7 +17,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from zkeb.core.audit_linker import AuditLinker
 from zkeb.core.database import check_runtime_role, sqlalchemy_config
-from zkeb.core.memory import map_large_buffers
 from zkeb.core.migrations import head_revision, known_revisions, provision_runtime_login, run_alembic
 from zkeb.settings import Settings
 
@@ -62,7 +61,6 @@ class Runtime:
         A database that is unreachable at start is not fatal: readiness answers 503 and the role check
         runs once the database answers. A role that could bypass row-level security is fatal.
         """
-        map_large_buffers()  # this worker's chunk buffers go back to the system once freed (zkeb.core.memory)
         if self.settings.auto_migrate:
             await asyncio.to_thread(run_alembic, self.settings, self.database_url, "upgrade", "head")
         try:
