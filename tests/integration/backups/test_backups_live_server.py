@@ -476,9 +476,12 @@ async def test_a_retry_takes_over_from_a_patch_gone_silent_which_then_stores_not
     assert restored.content == payload
 
 
-@contextlib.asynccontextmanager
-async def _s3_server(env: dict[str, str]) -> AsyncIterator[tuple[str, httpx.AsyncClient, Tenant]]:
-    """A granian server storing payloads in the bucket `env` names, a client of it and a tenant."""
+@pytest.fixture
+async def s3_live(
+    base_settings_env: dict[str, str], database_url: str, payload_store_env: dict[str, str]
+) -> AsyncIterator[tuple[str, httpx.AsyncClient, Tenant]]:
+    """A granian server storing payloads in the bucket `payload_store_env` names, a client of it and a tenant."""
+    env = {**base_settings_env, "DATABASE_URL": database_url, **payload_store_env}
     with granian_server(env) as live_url:
         async with httpx.AsyncClient(base_url=live_url, timeout=60) as http:
             yield live_url, http, await make_tenant(http, make_settings(env))
@@ -500,9 +503,7 @@ async def _objects_in(settings: PayloadStoreSettings) -> int:
 
 @S3_ONLY
 async def test_a_retry_stores_its_chunk_over_an_object_its_predecessor_put_after_the_takeover(
-    base_settings_env: dict[str, str],
-    database_url: str,
-    payload_store_env: dict[str, str],
+    s3_live: tuple[str, httpx.AsyncClient, Tenant],
     s3_store_settings: PayloadStoreSettings,
     owner_connection: asyncpg.Connection,
 ) -> None:
@@ -511,72 +512,68 @@ async def test_a_retry_stores_its_chunk_over_an_object_its_predecessor_put_after
     # retry's own conditional PUT of that chunk then found the key taken and answered 503, every time the race was
     # lost (5 of 6 rounds of three concurrent PATCHes). Here the late object is put between the retry's claim and
     # its first chunk; the retry must replace it, since it still holds the upload.
-    env = {**base_settings_env, "DATABASE_URL": database_url, **payload_store_env}
-    async with _s3_server(env) as (live_url, http, tenant):
-        payload = os.urandom(S3PayloadStore.chunk_size + 1000)
-        location = (await _create_upload(http, tenant, sign_envelope(tenant, payload))).headers["location"]
-        payload_id = await owner_connection.fetchval("SELECT payload_id FROM upload_sessions")
-        sent = MIB  # less than a chunk: nothing is stored until the rest comes
-        reader, writer = await _open_patch(
-            live_url, location, tenant.project_key, offset=0, length=len(payload), first=payload[:sent]
-        )
-        try:
-            await _wait_for_a_claim(owner_connection)
-            late_key = f"{s3_store_settings.prefix}payloads/{tenant.organization_id}/{payload_id}/00000000"
-            async with raw_s3_client(s3_store_settings) as bucket:
-                await bucket.put_object(Bucket=s3_store_settings.bucket, Key=late_key, Body=b"a late PUT")
-            writer.write(payload[sent:])
-            async with asyncio.timeout(RESPONSE_WAIT_SECONDS):
-                await writer.drain()
-            status, head, body = await _read_response(reader)
-        finally:
-            writer.close()
-        assert status == 204, body
-        backup_id = head.split("zkeb-backup-id:", 1)[1].split("\r\n", 1)[0].strip()
-        restored = await http.get(f"/api/v1/backups/{backup_id}/payload", headers=auth(tenant.project_key))
-        assert restored.status_code == 200, restored.text
-        assert restored.content == payload
+    live_url, http, tenant = s3_live
+    payload = os.urandom(S3PayloadStore.chunk_size + 1000)
+    location = (await _create_upload(http, tenant, sign_envelope(tenant, payload))).headers["location"]
+    payload_id = await owner_connection.fetchval("SELECT payload_id FROM upload_sessions")
+    sent = MIB  # less than a chunk: nothing is stored until the rest comes
+    reader, writer = await _open_patch(
+        live_url, location, tenant.project_key, offset=0, length=len(payload), first=payload[:sent]
+    )
+    try:
+        await _wait_for_a_claim(owner_connection)
+        late_key = f"{s3_store_settings.prefix}payloads/{tenant.organization_id}/{payload_id}/00000000"
+        async with raw_s3_client(s3_store_settings) as bucket:
+            await bucket.put_object(Bucket=s3_store_settings.bucket, Key=late_key, Body=b"a late PUT")
+        writer.write(payload[sent:])
+        async with asyncio.timeout(RESPONSE_WAIT_SECONDS):
+            await writer.drain()
+        status, head, body = await _read_response(reader)
+    finally:
+        writer.close()
+    assert status == 204, body
+    backup_id = head.split("zkeb-backup-id:", 1)[1].split("\r\n", 1)[0].strip()
+    restored = await http.get(f"/api/v1/backups/{backup_id}/payload", headers=auth(tenant.project_key))
+    assert restored.status_code == 200, restored.text
+    assert restored.content == payload
     assert await _objects_in(s3_store_settings) == 2  # the chunk that replaced the late object, and the last one
 
 
 @S3_ONLY
 async def test_a_patch_whose_chunk_key_its_retry_took_learns_it_lost_the_upload_and_deletes_nothing(
-    base_settings_env: dict[str, str],
-    database_url: str,
-    payload_store_env: dict[str, str],
+    s3_live: tuple[str, httpx.AsyncClient, Tenant],
     s3_store_settings: PayloadStoreSettings,
     owner_connection: asyncpg.Connection,
 ) -> None:
     # The other side of the race: the first PATCH's PUT finds the key taken by its retry's. It must neither delete
     # the retry's object (the backup is committed on it) nor answer 503, which asks for a retry that cannot help.
-    env = {**base_settings_env, "DATABASE_URL": database_url, **payload_store_env}
-    async with _s3_server(env) as (live_url, http, tenant):
-        payload = os.urandom(S3PayloadStore.chunk_size + 1000)
-        location = (await _create_upload(http, tenant, sign_envelope(tenant, payload))).headers["location"]
-        sent = MIB
-        reader, writer = await _open_patch(
-            live_url, location, tenant.project_key, offset=0, length=len(payload), first=payload[:sent]
+    live_url, http, tenant = s3_live
+    payload = os.urandom(S3PayloadStore.chunk_size + 1000)
+    location = (await _create_upload(http, tenant, sign_envelope(tenant, payload))).headers["location"]
+    sent = MIB
+    reader, writer = await _open_patch(
+        live_url, location, tenant.project_key, offset=0, length=len(payload), first=payload[:sent]
+    )
+    try:
+        await _wait_for_a_claim(owner_connection)
+        retried = await http.patch(
+            location,
+            content=payload,
+            headers=tus_headers(tenant.project_key, **{"Upload-Offset": "0", "Content-Type": OCTETS}),
         )
-        try:
-            await _wait_for_a_claim(owner_connection)
-            retried = await http.patch(
-                location,
-                content=payload,
-                headers=tus_headers(tenant.project_key, **{"Upload-Offset": "0", "Content-Type": OCTETS}),
-            )
-            assert retried.status_code == 204, retried.text
-            writer.write(payload[sent:])
-            async with asyncio.timeout(RESPONSE_WAIT_SECONDS):
-                await writer.drain()
-            status, _, body = await _read_response(reader)
-        finally:
-            writer.close()
-        assert status == 404, body  # the upload ended: its retry completed it
-        assert b"already stored" not in body
-        backup_id = retried.headers["zkeb-backup-id"]
-        restored = await http.get(f"/api/v1/backups/{backup_id}/payload", headers=auth(tenant.project_key))
-        assert restored.status_code == 200, restored.text
-        assert restored.content == payload
+        assert retried.status_code == 204, retried.text
+        writer.write(payload[sent:])
+        async with asyncio.timeout(RESPONSE_WAIT_SECONDS):
+            await writer.drain()
+        status, _, body = await _read_response(reader)
+    finally:
+        writer.close()
+    assert status == 404, body  # the upload ended: its retry completed it
+    assert b"already stored" not in body
+    backup_id = retried.headers["zkeb-backup-id"]
+    restored = await http.get(f"/api/v1/backups/{backup_id}/payload", headers=auth(tenant.project_key))
+    assert restored.status_code == 200, restored.text
+    assert restored.content == payload
     assert await _objects_in(s3_store_settings) == 2
 
 
