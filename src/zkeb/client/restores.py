@@ -103,6 +103,15 @@ def check_envelope(keys: KeyFile, envelope: ServerEnvelope) -> Verified:
     return Verified(envelope, metadata)
 
 
+@dataclass(frozen=True, slots=True)
+class _Refusal:
+    """A retryable answer to a download request: its status, `Retry-After` in seconds, and what it said."""
+
+    status: int
+    retry_after: float | None
+    error: str
+
+
 class _StoppedError(Exception):
     """The download was abandoned by its caller: the worker thread stops reading."""
 
@@ -263,12 +272,12 @@ class Restorer:
         finally:
             transfer.close()
 
-    def _receive_once(self, transfer: _Transfer, url: str, headers: dict[str, str]) -> tuple[float | None, str] | None:
+    def _receive_once(self, transfer: _Transfer, url: str, headers: dict[str, str]) -> _Refusal | None:
         """One request for the rest of the payload, in a worker thread: None once its body is in, or why to retry."""
         with self.transport.blocking_stream("GET", url, headers) as response:
             if response.status_code in RETRYABLE_STATUS:
                 response.read()
-                return retry_after_seconds(response), str(api_error(response))
+                return _Refusal(response.status_code, retry_after_seconds(response), str(api_error(response)))
             transfer.receive(response)
             return None
 
@@ -276,12 +285,14 @@ class Restorer:
         """Receive the whole payload, resuming with `Range`/`If-Range` after connection loss, 408, 429 and 503.
 
         Only failures in a row that received nothing count against the retry policy's attempts: a link that drops
-        every few MiB still delivers the payload, while one that delivers nothing fails after ``attempts`` tries.
+        every few MiB still delivers the payload, while one that delivers nothing fails after ``attempts`` tries. A
+        429 is the server pacing the client, not a failure: ``max_rate_limited`` of them in a row end the download.
         """
         envelope = transfer.envelope
         policy = self.transport.retry
         url = self.transport.url(f"/api/v1/backups/{envelope.id}/payload")
         failures = 0
+        rate_limited = 0
         received_before = transfer.received
         while transfer.received < envelope.encrypted_payload_size:
             if transfer.received > received_before:
@@ -305,7 +316,18 @@ class Restorer:
             else:
                 if refused is None:
                     continue
-                wait, error = policy.delay(failures, refused[0]), refused[1]
+                if refused.status == 429:
+                    wait = policy.delay(rate_limited, refused.retry_after)
+                    rate_limited += 1
+                    if rate_limited >= policy.max_rate_limited:
+                        raise TransferError(
+                            f"the download was refused as rate limited {rate_limited} times in a row "
+                            f"({refused.error.strip()}); try again later"
+                        )
+                    await asyncio.sleep(wait)
+                    continue
+                wait, error = policy.delay(failures, refused.retry_after), refused.error
+            rate_limited = 0
             failures += 1
             if failures >= policy.attempts:
                 raise TransferError(f"the download kept failing ({error.strip()})")

@@ -75,6 +75,17 @@ class Source:
     current: Callable[[], tuple[int, int]] | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class _Retry:
+    """Why a PATCH is to be sent again: the error, the answer's status (None: the connection was lost), its
+    `Retry-After` in seconds, and the server's offset a 409 named."""
+
+    error: str
+    status: int | None = None
+    retry_after: float | None = None
+    server_offset: int | None = None
+
+
 def _chunks(handle: IO[bytes]) -> Iterator[bytes]:
     while chunk := handle.read(CHUNK_SIZE):
         yield chunk
@@ -428,6 +439,10 @@ class Uploader:
         bytes before its 503 is answered 409 at the old offset, and the HEAD after that resumes it. A 429 does not
         count as a failure either (the server is pacing the client); ``max_rate_limited`` of them in a row end the
         upload.
+
+        A 409 names the server's offset: the PATCH goes again from there at once. One ahead of the offset sent is
+        progress, not a failure: the HEAD after a lost connection can answer before the server has recorded what the
+        cut PATCH stored, and the PATCH sent from that stale offset learns the true one this way.
         """
         policy = self.transport.retry
         failures = 0
@@ -436,7 +451,10 @@ class Uploader:
             outcome = await self._attempt(state, source, offset, progress)
             if isinstance(outcome, uuid.UUID):
                 return outcome
-            error, status, retry_after = outcome
+            error, status, retry_after = outcome.error, outcome.status, outcome.retry_after
+            if outcome.server_offset is not None and outcome.server_offset > offset:
+                offset, failures, rate_limited = outcome.server_offset, 0, 0
+                continue
             if status == 429:
                 wait = policy.delay(rate_limited, retry_after)
                 rate_limited += 1
@@ -463,9 +481,8 @@ class Uploader:
 
     async def _attempt(
         self, state: UploadState, source: Source, offset: int, progress: Progress | None
-    ) -> uuid.UUID | tuple[str, int | None, float | None]:
-        """One PATCH from ``offset``: the backup it committed, or why to retry (the error, the answer's status or None
-        for a lost connection, and its `Retry-After`).
+    ) -> uuid.UUID | _Retry:
+        """One PATCH from ``offset``: the backup it committed, or why to retry.
 
         Raises:
             ApiError: If the server refused the PATCH for good.
@@ -476,13 +493,19 @@ class Uploader:
         except httpx.LocalProtocolError as exc:
             raise TransferError(transport_failure(exc)) from None  # sending it again cannot help
         except httpx.TransportError as exc:
-            return transport_failure(exc), None, None
+            return _Retry(transport_failure(exc))
         backup_id = response.headers.get(BACKUP_ID_HEADER)
         if response.status_code == 204 and backup_id is not None:
             return uuid.UUID(backup_id)
         if response.status_code not in {*RETRYABLE_STATUS, 204, 404, 409, 410}:
             raise api_error(response)
-        return str(api_error(response)), response.status_code, retry_after_seconds(response)
+        server_offset = response.headers.get("upload-offset") if response.status_code == 409 else None
+        return _Retry(
+            str(api_error(response)),
+            response.status_code,
+            retry_after_seconds(response),
+            int(server_offset) if server_offset is not None and server_offset.isdigit() else None,
+        )
 
     async def _patch(
         self, state: UploadState, source: Source, offset: int, progress: Progress | None

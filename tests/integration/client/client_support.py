@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,6 +125,8 @@ class StallingProxy:
     bytes stalls there: its further bytes are read and dropped, so the server sees its body stop. The next
     `refusals` requests starting with `refuse` are answered by the proxy with `refusal` (a whole response), their
     bytes dropped: a refusal before the body is read, as a rate limiter gives, without a race against the upload.
+    The answers to the next `rewrites` requests starting with `rewrite_answer_to` pass through `rewrite` (their
+    first piece, which holds the status line and headers): e.g. an `Upload-Offset` the server had not yet moved.
     """
 
     def __init__(self, upstream: str) -> None:
@@ -147,6 +150,10 @@ class StallingProxy:
         self.lose_answer_to: bytes | None = None
         self.lose_answers = 0
         self.lost = 0  # answers lost so far
+        self.rewrite_answer_to: bytes | None = None
+        self.rewrites = 0
+        self.rewrite: Callable[[bytes], bytes] = lambda answer: answer
+        self.rewritten = 0
         self.forwarded = 0
         self.answered = 0  # bytes forwarded from the server to the client
         self.cuts = 0
@@ -178,8 +185,9 @@ class StallingProxy:
                 continue
             upstream = socket.create_connection(self.upstream)
             losing = threading.Event()  # set once this connection carries a request whose answer is to be lost
-            threading.Thread(target=self._pump, args=(downstream, upstream, True, losing), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, downstream, False, losing), daemon=True).start()
+            rewriting = threading.Event()  # set while this connection's next answer is to be rewritten
+            for pump in ((downstream, upstream, True), (upstream, downstream, False)):
+                threading.Thread(target=self._pump, args=(*pump, losing, rewriting), daemon=True).start()
 
     @staticmethod
     def _answer_busy(downstream: socket.socket) -> None:
@@ -197,7 +205,14 @@ class StallingProxy:
                 + body
             )
 
-    def _pump(self, source: socket.socket, sink: socket.socket, counted: bool, losing: threading.Event) -> None:
+    def _pump(
+        self,
+        source: socket.socket,
+        sink: socket.socket,
+        counted: bool,
+        losing: threading.Event,
+        rewriting: threading.Event,
+    ) -> None:
         dropping = False  # once over budget, this connection's further bytes are read and thrown away
         answered = 0
         request_bytes = 0  # of the request being sent on this connection, from its request line
@@ -212,6 +227,9 @@ class StallingProxy:
                             if self.lose_answer_to and self.lose_answers > 0 and data.startswith(self.lose_answer_to):
                                 self.lose_answers -= 1
                                 losing.set()
+                            if self.rewrite_answer_to and self.rewrites > 0 and data.startswith(self.rewrite_answer_to):
+                                self.rewrites -= 1
+                                rewriting.set()
                             if self.refuse and self.refusals > 0 and data.startswith(self.refuse):
                                 self.refusals -= 1
                                 self.refused += 1
@@ -254,6 +272,10 @@ class StallingProxy:
                             self.flips += 1
                         if data.startswith(b"HTTP/1.1 "):
                             self.answers.append(data.split(b"\r\n", 1)[0])
+                            if rewriting.is_set():
+                                rewriting.clear()
+                                data = self.rewrite(data)
+                                self.rewritten += 1
                         answered += len(data)
                         cut = self.cut_response_after is not None and answered > self.cut_response_after
                         if cut:
