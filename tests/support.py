@@ -308,8 +308,11 @@ def free_port() -> int:
 
 
 @contextmanager
-def granian_server(env: dict[str, str], *, workers: int = 1) -> Iterator[str]:
-    """Run `granian --interface asgi --factory zkeb.app:create_app` on a free port; yields its base URL."""
+def granian_server(env: dict[str, str], *, workers: int = 1, log_path: Path | None = None) -> Iterator[str]:
+    """Run `granian --interface asgi --factory zkeb.app:create_app` on a free port; yields its base URL.
+
+    The server's output goes to `log_path` when given (for a test to read), else to a temporary file.
+    """
     port = free_port()
     command = [
         sys.executable,
@@ -328,7 +331,7 @@ def granian_server(env: dict[str, str], *, workers: int = 1) -> Iterator[str]:
         "10",
         "zkeb.app:create_app",
     ]
-    log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in the finally below
+    log = log_path.open("w+b") if log_path is not None else tempfile.TemporaryFile()  # noqa: SIM115 - closed below
     process = subprocess.Popen(command, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
     base_url = f"http://127.0.0.1:{port}"
     try:

@@ -6,7 +6,8 @@ so the store is already sending the next batch while this one is decrypted and s
 whatever the payload's size. A chunk that fails authentication ends the restore with a 500
 (`StoredPayloadCorruptError`): changed or damaged at rest, neither transient nor the client's doing. A payload that
 `zkeb storage migrate` moves to the other store while it is read is followed there: the chunks are the same
-ciphertexts in both stores, so the read goes on from the first chunk not yet fetched.
+ciphertexts in both stores, so the read goes on from the first chunk not yet fetched. One deleted while it is read
+(a purge) ends the restore with a warning, not an error: the organization asked for it.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from zkeb.domain.backups.store.payloads import Blob, PayloadStores, StoredChunks
 from zkeb.lib.atrest import ChunkCipher, ChunkIntegrityError
 from zkeb.lib.ranges import ByteRange
 
-__all__ = ("ChunkSpan", "ReadStep", "StoredPayloadCorruptError", "plan_read", "stream_plaintext")
+__all__ = ("ChunkSpan", "PayloadDeletedError", "ReadStep", "StoredPayloadCorruptError", "plan_read", "stream_plaintext")
 
 logger = logging.getLogger("zkeb.backups.storage")
 tracer = trace.get_tracer("zkeb.backups")
@@ -45,6 +46,10 @@ class StoredPayloadCorruptError(ProblemError):
     """A stored chunk failed authentication: changed or damaged at rest; neither transient nor the client's (500)."""
 
     status_code: int = 500
+
+
+class PayloadDeletedError(StoredChunksMissingError):
+    """The payload was deleted (purged) while it was being restored: no store holds it any more."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,7 +164,9 @@ class _PayloadReader:
             except StoredChunksMissingError:
                 # Deleted (no store holds it), or switched by `zkeb storage migrate`, which frees the old copy.
                 holder = await self._stores.holder_of(self._engine, self._organization_id, self._payload_id)
-                if holder is None or holder is store or moves == MOVES_FOLLOWED:
+                if holder is None:
+                    raise PayloadDeletedError("the backup was deleted while it was being restored") from None
+                if holder is store or moves == MOVES_FOLLOWED:
                     raise
                 logger.info(
                     "payload %s moved to %s while being restored; reading on from chunk %d there",
@@ -274,7 +281,10 @@ async def stream_plaintext(
             if isinstance(item, BaseException):
                 # The text, not the exception: a handler that keeps records (a test's capture, a buffer) would
                 # keep the exception, its traceback and this request's frames with it.
-                logger.error("restore of payload %s failed after %d bytes: %s", payload_id, sent, str(item))
+                if isinstance(item, PayloadDeletedError):
+                    logger.warning("restore of payload %s cut after %d bytes: %s", payload_id, sent, item.detail)
+                else:
+                    logger.error("restore of payload %s failed after %d bytes: %s", payload_id, sent, str(item))
                 span.set_attribute("zkeb.outcome", "error")
                 span.record_exception(item)
                 span.set_status(trace.Status(trace.StatusCode.ERROR, type(item).__name__))

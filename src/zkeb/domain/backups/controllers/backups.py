@@ -96,11 +96,19 @@ def _payload_headers(request: Request[Any, Any, Any], backup: Backup) -> tuple[s
 
 
 async def _starting_with(first: bytes | None, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """`first` (None: nothing), then the rest of the stream it was taken from."""
+    """`first` (None: nothing), then the rest of the stream it was taken from.
+
+    A failure once the headers are out ends the body short of its `Content-Length`: the server then closes the
+    connection and the client sees a cut response, as it would if this raised, but without the traceback Litestar
+    and granian log for a raise, on top of the one line `stream_plaintext` logs.
+    """
     if first is not None:
         yield first
-    async for piece in rest:
-        yield piece
+    try:
+        async for piece in rest:
+            yield piece
+    except Exception:  # noqa: BLE001 - logged by `stream_plaintext`; the answer can only be cut short
+        return
 
 
 QUOTA_RESPONSE = {
