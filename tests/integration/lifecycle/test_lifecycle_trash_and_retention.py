@@ -233,6 +233,16 @@ async def test_admins_page_through_the_trash_and_restore(lclient: Client, tenant
     bad_cursor = await lclient.get(trash_url, params={"cursor": "nope"}, headers=auth(tenant.admin_key))
     assert bad_cursor.status_code == 400
     problem(bad_cursor)
+    # Another project's trash refuses the cursor (it would go on from its position there, skipping rows).
+    other = await lclient.post("/api/v1/projects", json={"name": "other"}, headers=auth(tenant.admin_key))
+    assert other.status_code == 201, other.text
+    elsewhere = await lclient.get(
+        f"/api/v1/projects/{other.json()['id']}/trash",
+        params={"cursor": first["next_cursor"]},
+        headers=auth(tenant.admin_key),
+    )
+    assert elsewhere.status_code == 400
+    assert [e["key"] for e in problem(elsewhere)["errors"]] == ["cursor"]
 
 
 async def test_trash_and_restore_are_for_the_owning_org_admin_only(
