@@ -3,27 +3,36 @@
 The accounts domain's authentication middleware resolves `Authorization: Bearer ...` into a
 `Principal` (`request.user`) and sets the tenant for the request; domains protect routes with the
 guards below. Unknown or other-tenant resources answer 404 (never 403), which services ensure by
-looking rows up under row-level security.
+looking rows up under row-level security. Each guard names the credentials it lets through (`accepts`), and the
+OpenAPI document lists those as the operation's security schemes (`CREDENTIAL_SCHEMES`, `zkeb.core.openapi`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 from uuid import UUID
 
 from litestar.connection import ASGIConnection
 from litestar.exceptions import NotAuthorizedException
 from litestar.handlers.base import BaseRouteHandler
+from litestar.openapi.spec import SecurityScheme
 
 from zkeb.core.errors import NotFoundError
 
 __all__ = (
     "BEARER_CHALLENGE",
+    "CREDENTIAL_SCHEMES",
+    "DEVICE_TOKEN",
     "INVALID_TOKEN_CHALLENGE",
     "MAX_CREDENTIAL_LENGTH",
+    "ORG_ADMIN_KEY",
+    "PROJECT_KEY",
     "Principal",
     "PrincipalKind",
+    "accepted_credentials",
+    "accepts",
     "bearer_credential",
     "principal_of",
     "requires_backup_access",
@@ -38,6 +47,61 @@ BEARER_CHALLENGE = 'Bearer realm="zkeb"'
 #: A 401's `WWW-Authenticate` when the bearer credential it presented was refused: an unknown, revoked, expired or
 #: malformed API key or device token (RFC 6750 §3.1).
 INVALID_TOKEN_CHALLENGE = f'{BEARER_CHALLENGE}, error="invalid_token"'
+
+
+#: The OpenAPI security schemes of the three bearer credentials, by the principal kind each one authenticates.
+ORG_ADMIN_KEY, PROJECT_KEY, DEVICE_TOKEN = "OrgAdminKey", "ProjectKey", "DeviceToken"
+CREDENTIAL_SCHEMES: dict[str, SecurityScheme] = {
+    ORG_ADMIN_KEY: SecurityScheme(
+        type="http",
+        scheme="bearer",
+        bearer_format="zkeb_...",
+        description=(
+            "An organization admin API key (`zkeb_...`, from `zkeb admin create-org`): manages the organization's "
+            "projects, keys, devices and trash, reads the audit trail."
+        ),
+    ),
+    PROJECT_KEY: SecurityScheme(
+        type="http",
+        scheme="bearer",
+        bearer_format="zkeb_...",
+        description=(
+            "A project API key (`zkeb_...`, from `POST /api/v1/projects/{project_id}/api-keys`): every backup of "
+            "its project."
+        ),
+    ),
+    DEVICE_TOKEN: SecurityScheme(
+        type="http",
+        scheme="bearer",
+        bearer_format="JWT",
+        description=(
+            "A device token from `POST /api/v1/auth/token` (the device's signed proof): that device's own backups."
+        ),
+    ),
+}
+
+_Guard = TypeVar("_Guard", bound=Callable[..., Any])
+_GUARD_CREDENTIALS: dict[Callable[..., Any], tuple[str, ...]] = {}
+
+
+def accepts(*schemes: str) -> Callable[[_Guard], _Guard]:
+    """Declare the credentials (`CREDENTIAL_SCHEMES` names) a guard lets through, for the OpenAPI document."""
+
+    def register(guard: _Guard) -> _Guard:
+        _GUARD_CREDENTIALS[guard] = schemes
+        return guard
+
+    return register
+
+
+def accepted_credentials(guards: list[Callable[..., Any]]) -> tuple[str, ...]:
+    """The credentials an operation with `guards` accepts: those every guard lets through (all, without one)."""
+    accepted = tuple(CREDENTIAL_SCHEMES)
+    for guard in guards:
+        declared = _GUARD_CREDENTIALS.get(guard)
+        if declared is not None:
+            accepted = tuple(scheme for scheme in accepted if scheme in declared)
+    return accepted
 
 
 def bearer_credential(authorization: str) -> str | None:
@@ -113,6 +177,7 @@ def principal_of(connection: ASGIConnection[Any, Any, Any, Any]) -> Principal:
     return user
 
 
+@accepts(ORG_ADMIN_KEY)
 async def requires_org_admin(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
     """Guard: only an organization admin key.
 
@@ -126,6 +191,7 @@ async def requires_org_admin(connection: ASGIConnection[Any, Any, Any, Any], _: 
         raise NotFoundError("not found")
 
 
+@accepts(PROJECT_KEY, DEVICE_TOKEN)
 async def requires_backup_access(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
     """Guard: a project key or a device token (backups belong to a project)."""
     if principal_of(connection).kind not in ("project", "device"):

@@ -4,7 +4,9 @@ Litestar builds the document from handler signatures; this render plugin (it ser
 Scalar and Swagger UI load) adds, once per process:
 - the `ProblemDetails` schema and the problem+json error responses every operation can answer (401/429/503 and
   the rest), replacing Litestar's generic 400 (whose body is not what ZKEB sends);
-- `security: []` on public operations (those the authentication middleware skips), bearer security elsewhere;
+- `security: []` on public operations (those the authentication middleware skips); elsewhere the bearer
+  credentials the operation's guards let through (`zkeb.core.auth.accepted_credentials`): an org admin key, a
+  project key, a device token;
 - a description from the handler's docstring where an operation has none, and tag descriptions;
 - no content on 204 and 304 responses (Litestar declares its default media type there);
 - then what each domain registers in `Runtime.openapi_additions` (e.g. the backups domain's tus headers and
@@ -23,6 +25,7 @@ from litestar.middleware import AbstractAuthenticationMiddleware, DefineMiddlewa
 from litestar.openapi.plugins import JsonRenderPlugin
 from litestar.routes import HTTPRoute
 
+from zkeb.core.auth import accepted_credentials
 from zkeb.core.errors import status_phrase
 from zkeb.core.runtime import get_runtime
 
@@ -185,6 +188,9 @@ def complete_openapi(schema: dict[str, Any], app: Litestar) -> dict[str, Any]:
             ) and not operation.get("security")
             if is_public:
                 operation["security"] = []
+            elif handler is not None and not operation.get("security"):
+                guards = handler.resolve_guards()
+                operation["security"] = [{scheme: []} for scheme in accepted_credentials(list(guards))]
             if not operation.get("description") and handler is not None and getattr(handler.fn, "__doc__", None):
                 operation["description"] = handler.fn.__doc__.strip().split("\n\n")[0]
             responses = operation.setdefault("responses", {})

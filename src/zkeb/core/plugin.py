@@ -8,11 +8,12 @@ from advanced_alchemy.extensions.litestar import SQLAlchemyPlugin
 from litestar.config.app import AppConfig
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
-from litestar.openapi.spec import Components, SecurityScheme, Server
+from litestar.openapi.spec import Components, Server
 from litestar.plugins import InitPluginProtocol
 
 from zkeb.core.allow import complete_allow
 from zkeb.core.apidocs import scalar_assets_router, scalar_render_plugin
+from zkeb.core.auth import CREDENTIAL_SCHEMES
 from zkeb.core.database import create_app_engine
 from zkeb.core.errors import BoundedRequest, exception_handlers
 from zkeb.core.logging import configure_logging, install_access_log, log_format
@@ -69,15 +70,7 @@ class CorePlugin(InitPluginProtocol):
             path="/schema",
             render_plugins=[scalar_render_plugin(), SwaggerRenderPlugin(), ZkebOpenAPIJson()],
             servers=[Server(url="/", description="This server")],
-            components=Components(
-                security_schemes={
-                    "BearerAuth": SecurityScheme(
-                        type="http",
-                        scheme="bearer",
-                        description="An API key (`zkeb_...`) or a device token from `POST /api/v1/auth/token`.",
-                    )
-                }
-            ),
+            components=Components(security_schemes=dict(CREDENTIAL_SCHEMES)),
         )
         app_config.route_handlers.append(scalar_assets_router())
         app_config.plugins.append(SQLAlchemyPlugin(config=runtime.db_config))

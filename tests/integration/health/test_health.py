@@ -241,7 +241,7 @@ async def test_openapi_document_lists_the_health_routes(client: AsyncTestClient[
     document = response.json()
     assert document["openapi"].startswith("3.1")
     assert {"/api/health", "/api/health/ready", "/api/version"} <= set(document["paths"])
-    assert "BearerAuth" in document["components"]["securitySchemes"]
+    assert {"OrgAdminKey", "ProjectKey", "DeviceToken"} <= set(document["components"]["securitySchemes"])
 
 
 async def test_an_unknown_revision_on_a_schema_lacking_this_releases_columns_is_not_taken_for_ahead(

@@ -42,7 +42,9 @@ async def test_every_operation_is_described_tagged_secured_and_lists_its_problem
 ) -> None:
     document = await _document(client)
     schemes = document["components"]["securitySchemes"]
-    assert schemes["BearerAuth"]["scheme"] == "bearer"
+    for scheme in ("OrgAdminKey", "ProjectKey", "DeviceToken"):
+        assert schemes[scheme]["scheme"] == "bearer", scheme
+        assert schemes[scheme]["description"], scheme
     operations = _operations(document)
     assert len(operations) >= 25
     for method, path, operation in operations:
@@ -64,6 +66,29 @@ async def test_every_operation_is_described_tagged_secured_and_lists_its_problem
     assert {"/api/health/live", "/api/version", "/api/v1/auth/token"} <= public
     assert "/api/v1/backups" not in public
     assert document["paths"]["/metrics"]["get"]["security"] == [{"MetricsToken": []}]
+
+
+async def test_each_operation_names_the_credentials_its_guards_let_through(client: AsyncTestClient[Litestar]) -> None:
+    # One `BearerAuth` scheme for every operation left integrators guessing which credential an operation takes.
+    paths = (await _document(client))["paths"]
+
+    def accepted(method: str, path: str) -> list[str]:
+        return [scheme for requirement in paths[path][method]["security"] for scheme in requirement]
+
+    admin, backups, anyone = (
+        ["OrgAdminKey"],
+        ["ProjectKey", "DeviceToken"],
+        ["OrgAdminKey", "ProjectKey", "DeviceToken"],
+    )
+    assert accepted("post", "/api/v1/projects") == admin
+    assert accepted("get", "/api/v1/audit-events") == admin
+    assert accepted("post", "/api/v1/backups/{backup_id}/restore") == admin
+    assert accepted("get", "/api/v1/backups") == backups
+    assert accepted("patch", "/api/v1/uploads/{upload_id}") == backups
+    assert accepted("get", "/api/v1/backups/{backup_id}/payload") == backups
+    assert accepted("delete", "/api/v1/backups/{backup_id}") == anyone
+    assert accepted("get", "/api/v1/projects/{project_id}") == anyone
+    assert accepted("options", "/api/v1/uploads") == []
 
 
 async def test_tus_operations_document_their_headers(client: AsyncTestClient[Litestar]) -> None:

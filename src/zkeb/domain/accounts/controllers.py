@@ -52,7 +52,6 @@ from zkeb.lib.apikeys import hashing_salt
 __all__ = ("ApiKeyController", "AuthTokenController", "DeviceController", "ProjectController")
 
 _NO_STORE = {"Cache-Control": "no-store"}
-_BEARER: list[dict[str, list[str]]] = [{"BearerAuth": []}]
 
 Limit = Annotated[
     int, Parameter(ge=1, le=MAX_LIST_LIMIT, description=f"page size, at most {MAX_LIST_LIMIT}", required=False)
@@ -134,7 +133,6 @@ class ProjectController(Controller):
 
     path = "/api/v1/projects"
     tags = ["projects"]  # noqa: RUF012 - Litestar's declared attribute
-    security = _BEARER
 
     @post(
         "/",
@@ -360,7 +358,6 @@ class ApiKeyController(Controller):
 
     path = "/api/v1/api-keys"
     tags = ["api keys"]  # noqa: RUF012
-    security = _BEARER
 
     @delete(
         "/{key_id:uuid}",
@@ -396,7 +393,6 @@ class DeviceController(Controller):
 
     path = "/api/v1/devices"
     tags = ["devices"]  # noqa: RUF012
-    security = _BEARER
 
     @delete(
         "/{device_id:uuid}",

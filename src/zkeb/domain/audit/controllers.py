@@ -53,7 +53,6 @@ class AuditController(Controller):
     path = "/api/v1/audit-events"
     tags = ["audit"]  # noqa: RUF012 - Litestar's declared attribute
     guards = [requires_org_admin]  # noqa: RUF012
-    security = [{"BearerAuth": []}]  # noqa: RUF012
 
     @get(
         "/",

@@ -206,7 +206,6 @@ class BackupController(Controller):
 
     path = "/api/v1/backups"
     tags = ["backups"]  # noqa: RUF012 - Litestar's declared attribute
-    security = [{"BearerAuth": []}]  # noqa: RUF012
 
     @post(
         "/",
@@ -447,7 +446,6 @@ class ContainerController(Controller):
 
     path = "/api/v1/containers"
     tags = ["backups"]  # noqa: RUF012
-    security = [{"BearerAuth": []}]  # noqa: RUF012
 
     @get(
         "/{container_id:uuid}/backups/latest",

@@ -38,7 +38,6 @@ class ProjectStorageController(Controller):
 
     path = "/api/v1/projects"
     tags = ["backups"]  # noqa: RUF012
-    security = [{"BearerAuth": []}]  # noqa: RUF012
 
     @get(
         "/{project_id:uuid}/usage",

@@ -68,7 +68,6 @@ class UploadController(Controller):
 
     path = UPLOADS_PATH
     tags = ["uploads (tus)"]  # noqa: RUF012 - Litestar's declared attribute
-    security = [{"BearerAuth": []}]  # noqa: RUF012
     exception_handlers = TUS_EXCEPTION_HANDLERS
 
     @route(
