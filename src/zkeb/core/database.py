@@ -133,13 +133,16 @@ def create_app_engine(settings: Settings, url: str) -> AsyncEngine:
         pool_timeout=POOL_TIMEOUT_SECONDS,
         pool_pre_ping=False,
         pool_recycle=1800,
+        # A failed statement's exception text would otherwise carry its parameters (ciphertext, nonces, signatures,
+        # wrapped keys) into the logged traceback.
+        hide_parameters=True,
         connect_args=_connect_args(settings),
     )
 
 
 def create_owner_engine(settings: Settings, url: str) -> AsyncEngine:
     """An unpooled engine as the `DATABASE_URL` user (the schema owner) for migrations and the CLI."""
-    return create_async_engine(url, poolclass=pool.NullPool, connect_args=_connect_args(settings))
+    return create_async_engine(url, poolclass=pool.NullPool, hide_parameters=True, connect_args=_connect_args(settings))
 
 
 def sqlalchemy_config(engine: AsyncEngine) -> SQLAlchemyAsyncConfig:
