@@ -52,6 +52,7 @@ from zkeb.core.auth import bearer_credential
 from zkeb.core.errors import NotFoundError
 from zkeb.core.logging import AccessRecord
 from zkeb.core.runtime import Runtime, get_runtime
+from zkeb.lib.httpmethods import method_label
 from zkeb.prometheus_multiprocess import multiprocess_dir
 from zkeb.settings import Settings
 
@@ -111,7 +112,7 @@ BUILD_INFO = Gauge(
     "zkeb_build_info", "Version and commit of the running build.", ["version", "commit"], multiprocess_mode="max"
 )
 
-#: How many label combinations are kept resolved (methods come from clients: the set is not closed).
+#: How many label combinations are kept resolved.
 _SERIES_CACHE_SIZE = 4096
 _series_cache: dict[tuple[Any, ...], Any] = {}
 
@@ -129,9 +130,9 @@ def _series(metric: Any, *labels: str) -> Any:
 
 def observe_request(record: AccessRecord) -> None:
     """Record one finished request (an access-log observer)."""
-    status = str(record.status)
-    _series(HTTP_REQUESTS, record.method, record.route, status).inc()
-    _series(HTTP_REQUEST_DURATION, record.method, record.route, status).observe(record.duration_s)
+    status, method = str(record.status), method_label(record.method)
+    _series(HTTP_REQUESTS, method, record.route, status).inc()
+    _series(HTTP_REQUEST_DURATION, method, record.route, status).observe(record.duration_s)
     if record.bytes_in:
         _series(HTTP_REQUEST_BYTES, record.route).inc(record.bytes_in)
     if record.bytes_out:

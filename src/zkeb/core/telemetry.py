@@ -65,6 +65,7 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from zkeb.core.errors import span_id_var, trace_id_var
+from zkeb.lib.httpmethods import OTHER_METHOD, method_label
 from zkeb.lib.redaction import redact
 from zkeb.settings import Settings, SettingsError
 
@@ -314,8 +315,8 @@ class ServerSpanMiddleware:
         if self.excluded.url_disabled(f"{scope.get('scheme', 'http')}://{host}{scope['path']}"):
             await self._untraced(scope, receive, send)
             return
-        method = scope["method"]
-        span = self._start_span(self.tracer, scope, carrier, method, host)
+        method = method_label(scope["method"])
+        span = self._start_span(self.tracer, scope, carrier, scope["method"], host)
         span_context = span.get_span_context()
         trace_id = format_trace_id(span_context.trace_id)
         span_id = format_span_id(span_context.span_id)
@@ -379,9 +380,10 @@ class ServerSpanMiddleware:
 
     @staticmethod
     def _start_span(
-        tracer: trace.Tracer, scope: Scope, carrier: dict[str, str] | None, method: str, host: str
+        tracer: trace.Tracer, scope: Scope, carrier: dict[str, str] | None, original_method: str, host: str
     ) -> trace.Span:
         parent_context = propagate.extract(carrier) if carrier else None
+        method = method_label(original_method)
         attributes: dict[str, str | int] = {
             "http.request.method": method,
             "url.path": redact(scope["path"]),  # as the access log writes it
@@ -401,7 +403,10 @@ class ServerSpanMiddleware:
             if name == b"user-agent":
                 attributes["user_agent.original"] = redact(value.decode("latin-1"))
                 break
-        return tracer.start_span(method, context=parent_context, kind=SpanKind.SERVER, attributes=attributes)
+        if method == OTHER_METHOD:
+            attributes["http.request.method_original"] = redact(original_method)
+        span_name = "HTTP" if method == OTHER_METHOD else method  # low-cardinality, as HTTP conventions ask
+        return tracer.start_span(span_name, context=parent_context, kind=SpanKind.SERVER, attributes=attributes)
 
     async def _untraced(self, scope: Scope, receive: Receive, send: Send) -> None:
         # Excluded (OTEL_PYTHON_[LITESTAR_]EXCLUDED_URLS): no server span, and no client spans either, which would
@@ -441,7 +446,7 @@ def _record_outcome(span: trace.Span, method: str, template: str | None, status:
     """Name the span after the route template and record the response status (5xx is an error, its `error.type`
     the status code, as HTTP semantic conventions say when no exception reached the span)."""
     if template:
-        span.update_name(f"{method} {template}")
+        span.update_name(f"{'HTTP' if method == OTHER_METHOD else method} {template}")
         span.set_attribute(HTTP_ROUTE, template)
     if status:
         span.set_attribute("http.response.status_code", status)

@@ -101,6 +101,26 @@ async def test_request_counters_latency_and_pool_gauges_move_as_requests_happen(
         assert (name, ()) in after
 
 
+async def test_a_method_a_client_invents_is_counted_as_other_and_mints_no_series(
+    metrics_client: AsyncTestClient[Litestar],
+) -> None:
+    # Any client could add series without end (16 per invented method with the histogram's buckets).
+    before = await _scrape(metrics_client)
+    for method in ("XYZZY-1", "XYZZY-2"):
+        response = await metrics_client.request(method, "/api/v1/projects")
+        assert response.status_code in {404, 405}, (method, response.status_code)
+    after = await _scrape(metrics_client)
+
+    invented = [labels for (name, labels) in after if name.startswith("zkeb_http_") and "XYZZY" in str(labels)]
+    assert invented == []
+    counted = sum(
+        _delta(before, after, "zkeb_http_requests_total", method="_OTHER", route=route, status=status)
+        for route in ("/api/v1/projects", "unmatched")
+        for status in ("404", "405")
+    )
+    assert counted == 2
+
+
 async def test_the_pool_in_use_gauge_counts_connections_actually_checked_out(
     metrics_client: AsyncTestClient[Litestar],
 ) -> None:

@@ -211,6 +211,22 @@ async def test_excluded_urls_make_no_spans_at_all_and_other_requests_stay_traced
     assert [s for s in spans if (s.attributes or {}).get("db.system") == "postgresql"]
 
 
+async def test_a_method_a_client_invents_names_no_span(traced_client: tuple[Client, InMemorySpanExporter]) -> None:
+    # Span names are low-cardinality: an invented method is `_OTHER` (HTTP conventions), kept as its original.
+    client, exporter = traced_client
+    exporter.clear()
+    response = await client.request("XYZZY-42", "/api/v1/projects")
+    servers = [s for s in exporter.get_finished_spans() if s.kind == SpanKind.SERVER]
+
+    assert response.status_code in {404, 405}
+    assert len(servers) == 1
+    assert "XYZZY" not in servers[0].name
+    assert servers[0].name.startswith("HTTP")
+    attributes = servers[0].attributes or {}
+    assert attributes["http.request.method"] == "_OTHER"
+    assert attributes["http.request.method_original"] == "XYZZY-42"
+
+
 async def test_redis_commands_are_client_spans_of_the_request(
     base_settings_env: dict[str, str], database_url: str, redis_url: str
 ) -> None:
