@@ -14,7 +14,7 @@ from contextvars import ContextVar
 from http import HTTPStatus
 from traceback import walk_tb
 from types import UnionType
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 from advanced_alchemy.exceptions import IntegrityError as RepositoryIntegrityError
 from advanced_alchemy.exceptions import NotFoundError as RepositoryNotFoundError
@@ -32,13 +32,14 @@ from litestar import MediaType, Request, Response
 from litestar.connection import ASGIConnection
 from litestar.exceptions import HTTPException, InternalServerException, ValidationException
 from litestar.handlers import HTTPRouteHandler
-from litestar.types import ExceptionHandlersMap
+from litestar.types import ExceptionHandlersMap, Scope
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from zkeb.lib.redaction import redact
 
 __all__ = (
+    "FAILED_RESPONSE_SCOPE_KEY",
     "PROBLEM_JSON",
     "BoundedRequest",
     "ConflictError",
@@ -53,7 +54,9 @@ __all__ = (
     "database_out_of_space",
     "database_timed_out",
     "exception_handlers",
+    "failed_response",
     "problem_response",
+    "record_failed_response",
     "request_id_var",
     "request_path",
     "span_id_var",
@@ -71,6 +74,26 @@ request_id_var: ContextVar[str | None] = ContextVar("zkeb_request_id", default=N
 trace_id_var: ContextVar[str | None] = ContextVar("zkeb_trace_id", default=None)
 #: The server's span id (hex) of the current request when tracing is off (no SDK span carries it then).
 span_id_var: ContextVar[str | None] = ContextVar("zkeb_span_id", default=None)
+
+
+#: Where a handler whose streamed body failed after its status was sent records why (see `record_failed_response`).
+FAILED_RESPONSE_SCOPE_KEY = "zkeb.failed_response"
+
+
+def record_failed_response(scope: Scope, exc: BaseException) -> None:
+    """Note that this request's answer failed after its status went out (its body ends short of `Content-Length`).
+
+    The status line cannot change any more, so the access log (`failed`), the request metrics
+    (`zkeb_http_responses_failed_total`) and the server span (an error, `error.type` the exception's class) say it
+    instead: otherwise a restore cut by a server fault would count as one more 200.
+    """
+    cast("dict[str, Any]", scope)[FAILED_RESPONSE_SCOPE_KEY] = type(exc).__name__
+
+
+def failed_response(scope: Scope) -> str | None:
+    """Why this request's answer failed after its status went out (an exception's class name), or None."""
+    reason: str | None = cast("dict[str, Any]", scope).get(FAILED_RESPONSE_SCOPE_KEY)
+    return reason
 
 
 class ProblemError(HTTPException):

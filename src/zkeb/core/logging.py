@@ -30,7 +30,7 @@ from litestar.enums import ScopeType
 from litestar.types import ASGIApp, HTTPScope, Message, Receive, ReceiveMessage, Scope, Send
 from opentelemetry import trace
 
-from zkeb.core.errors import request_id_var, span_id_var, trace_id_var
+from zkeb.core.errors import failed_response, request_id_var, span_id_var, trace_id_var
 from zkeb.lib.redaction import redact
 
 __all__ = (
@@ -218,6 +218,10 @@ class AccessRecord:
     client: str | None
     principal_id: str | None
     principal_kind: str | None
+    #: Why the answer failed after its status went out (an exception's class), or None (`record_failed_response`).
+    failed: str | None = None
+    #: Whether the body sent falls short of the `Content-Length` the response declared (failed, or the client left).
+    incomplete: bool = False
 
 
 @dataclass(slots=True)
@@ -226,6 +230,7 @@ class _Counts:
     bytes_in: int
     bytes_out: int
     request_id: str | None
+    declared_length: int | None = None
 
 
 class AccessLogMiddleware:
@@ -248,6 +253,7 @@ class AccessLogMiddleware:
         bytes_in = 0
         bytes_out = 0
         request_id: str | None = None
+        declared_length: int | None = None
 
         async def counting_receive() -> ReceiveMessage:
             nonlocal bytes_in
@@ -257,12 +263,15 @@ class AccessLogMiddleware:
             return message
 
         async def counting_send(message: Message) -> None:
-            nonlocal status, bytes_out, request_id
+            nonlocal status, bytes_out, request_id, declared_length
             if message["type"] == "http.response.start":
                 status = message["status"]
                 for name, value in message.get("headers", ()):
-                    if name.lower() == b"x-request-id":
+                    lowered = name.lower()
+                    if lowered == b"x-request-id":
                         request_id = value.decode("latin-1")
+                    elif lowered == b"content-length" and value.isdigit():
+                        declared_length = int(value)
             elif message["type"] == "http.response.body":
                 bytes_out += len(message.get("body", b""))
             await send(message)
@@ -270,7 +279,7 @@ class AccessLogMiddleware:
         try:
             await self.app(scope, counting_receive, counting_send)
         finally:
-            self._finish(scope, started, _Counts(status, bytes_in, bytes_out, request_id))
+            self._finish(scope, started, _Counts(status, bytes_in, bytes_out, request_id, declared_length))
 
     def _finish(self, scope: HTTPScope, started: float, counts: _Counts) -> None:
         user = scope.get("user")
@@ -286,18 +295,36 @@ class AccessLogMiddleware:
             client=client[0] if client else None,
             principal_id=getattr(user, "credential_id", None),
             principal_kind=getattr(user, "kind", None),
+            failed=failed_response(scope),
+            incomplete=(
+                counts.declared_length is not None
+                and scope["method"] != "HEAD"
+                and counts.status not in (204, 304)
+                and counts.bytes_out < counts.declared_length
+            ),
         )
         for observer in self.on_complete:
             observer(record)
         if not _access_logger.isEnabledFor(logging.INFO):
             return
         span_ids: tuple[str, str] | None = scope.get(_SPAN_CONTEXT_SCOPE_KEY)  # type: ignore[assignment]
+        outcome: dict[str, object] = {}
+        if record.failed is not None:
+            outcome["failed"] = record.failed
+        if record.incomplete:
+            outcome["incomplete"] = True
         _access_logger.info(
-            "%s %s %s",
+            "%s %s %s%s",
             record.method,
             record.route,
             record.status,
+            " (failed after the status was sent)"
+            if record.failed
+            else " (body incomplete)"
+            if record.incomplete
+            else "",
             extra={
+                **outcome,
                 "method": record.method,
                 "route": record.route,
                 "path": record.path,

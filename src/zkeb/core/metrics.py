@@ -83,6 +83,11 @@ HTTP_REQUEST_DURATION = Histogram(
 )
 HTTP_REQUEST_BYTES = Counter("zkeb_http_request_body_bytes_total", "Request body bytes received.", ["route"])
 HTTP_RESPONSE_BYTES = Counter("zkeb_http_response_body_bytes_total", "Response body bytes sent.", ["route"])
+HTTP_RESPONSES_FAILED = Counter(
+    "zkeb_http_responses_failed_total",
+    "Answers that failed after their status was sent (a body cut short by a server fault), by route template.",
+    ["route"],
+)
 
 # --- dependencies -----------------------------------------------------------------------------------------------
 DB_POOL_IN_USE = Gauge(
@@ -137,6 +142,8 @@ def observe_request(record: AccessRecord) -> None:
         _series(HTTP_REQUEST_BYTES, record.route).inc(record.bytes_in)
     if record.bytes_out:
         _series(HTTP_RESPONSE_BYTES, record.route).inc(record.bytes_out)
+    if record.failed is not None:
+        _series(HTTP_RESPONSES_FAILED, record.route).inc()
 
 
 class _ProcessSampler:

@@ -64,7 +64,7 @@ from opentelemetry.util.http import ExcludeList, get_excluded_urls, parse_exclud
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from zkeb.core.errors import span_id_var, trace_id_var
+from zkeb.core.errors import failed_response, span_id_var, trace_id_var
 from zkeb.lib.httpmethods import OTHER_METHOD, method_label
 from zkeb.lib.redaction import redact
 from zkeb.settings import Settings, SettingsError
@@ -349,6 +349,10 @@ class ServerSpanMiddleware:
         finally:
             if span.is_recording():
                 _record_outcome(span, method, scope.get("path_template"), status)
+                if (failed := failed_response(scope)) is not None:
+                    # The status went out, then the body failed: an error whatever the status (HTTP conventions).
+                    span.set_attribute("error.type", failed)
+                    span.set_status(Status(StatusCode.ERROR, f"the response failed after its status: {failed}"))
             span.end()
             trace_id_var.reset(trace_token)
             context.detach(context_token)

@@ -707,7 +707,8 @@ async def test_a_restore_whose_backup_is_purged_mid_stream_is_cut_short_with_one
     # granian logged a traceback at ERROR for every restore cut by a purge (the stream raised after its headers were
     # sent), and so did ours: a deletion the organization asked for is not a server error.
     log_path = tmp_path / "server.log"
-    with granian_server({**base_settings_env, "DATABASE_URL": database_url}, log_path=log_path) as url:
+    env = {**base_settings_env, "DATABASE_URL": database_url, "LOG_LEVEL": "INFO"}
+    with granian_server(env, log_path=log_path) as url:
         async with httpx.AsyncClient(base_url=url, timeout=60) as http:
             tenant = await make_tenant(http, make_settings(base_settings_env, DATABASE_URL=database_url))
             envelope = sign_envelope(tenant, os.urandom(40 * MIB))
@@ -732,6 +733,10 @@ async def test_a_restore_whose_backup_is_purged_mid_stream_is_cut_short_with_one
     assert "[ERROR]" not in log, log[-3000:]
     assert '"level":"error"' not in log, log[-3000:]
     assert "deleted while it was being restored" in log, log[-3000:]
+    access = [line for line in log.splitlines() if '"logger":"zkeb.access"' in line and "/payload" in line]
+    assert len(access) == 1, access
+    assert '"failed":"PayloadDeletedError"' in access[0]
+    assert '"incomplete":true' in access[0]
 
 
 async def test_identical_creations_at_the_same_time_make_one_upload(

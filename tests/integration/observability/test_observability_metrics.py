@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
+import json
+import logging
 import os
 import time
 from collections.abc import AsyncIterator
 
+import asyncpg
 import pytest
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
-from observability_support import auth, create_org, create_project_key, enroll_device, signed_envelope
+from observability_support import auth, create_org, create_project_key, enroll_device, signed_envelope, traced
+from opentelemetry.trace import SpanKind, StatusCode
 from prometheus_client.parser import text_string_to_metric_families
 
 from zkeb.app import create_app
+from zkeb.core.logging import JsonFormatter
 from zkeb.core.runtime import get_runtime
 
 from support import make_settings, problem
@@ -169,11 +175,63 @@ async def test_backup_counters_move_as_a_backup_is_uploaded_refused_and_restored
     after = await _scrape(metrics_client)
 
     assert _delta(before, after, "zkeb_backups_created_total", method="single") == 1
-    assert _delta(before, after, "zkeb_backups_failed_total", method="any", reason="signature") == 1
+    assert _delta(before, after, "zkeb_backups_failed_total", method="single", reason="signature") == 1
     assert _delta(before, after, "zkeb_backup_bytes_uploaded_total") == len(payload)
     assert _delta(before, after, "zkeb_backup_bytes_restored_total") == len(payload)
     assert _delta(before, after, "zkeb_backup_payload_size_bytes_count") == 1
     assert _delta(before, after, "zkeb_backup_payload_size_bytes_bucket", le="16384.0") == 1
+
+
+async def test_a_restore_that_fails_after_its_status_is_an_error_in_the_metrics_the_span_and_the_access_log(
+    base_settings_env: dict[str, str],
+    database_url: str,
+    owner_connection: asyncpg.Connection,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Its status said 200, so it counted as one more success everywhere (an operator's review): error-rate alerts
+    # and error-span queries missed restores that a server fault cut short.
+    settings = make_settings(base_settings_env, DATABASE_URL=database_url, METRICS_TOKEN=METRICS_TOKEN)
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    try:
+        with traced() as exporter:
+            async with AsyncTestClient(app=create_app(settings)) as client:
+                logging.getLogger().addHandler(handler)  # after the app configured logging
+                caplog.set_level(logging.INFO, logger="zkeb.access")
+                _, admin_key = await create_org(settings)
+                project, project_key = await create_project_key(client, admin_key)
+                device_id_hash, private_key = await enroll_device(client, admin_key, project["id"])
+                payload = os.urandom(3 * 1024 * 1024)
+                body, _ = signed_envelope(project["id"], device_id_hash, private_key, payload)
+                created = await client.post("/api/v1/backups", json=body, headers=auth(project_key))
+                assert created.status_code == 201, created.text
+                await owner_connection.execute(  # a chunk damaged at rest: the restore stops where it starts
+                    "UPDATE backup_chunks SET data = overlay(data placing '\\x00'::bytea from 40 for 1) WHERE seq = 1"
+                )
+                before = await _scrape(client)
+                exporter.clear()
+                restore = await client.get(f"/api/v1/backups/{created.json()['id']}/payload", headers=auth(project_key))
+                spans = exporter.get_finished_spans()
+                after = await _scrape(client)
+    finally:
+        logging.getLogger().removeHandler(handler)
+    route = "/api/v1/backups/{backup_id}/payload"
+    access = [
+        line
+        for line in map(json.loads, stream.getvalue().splitlines())
+        if line.get("logger") == "zkeb.access" and line.get("route") == route
+    ]
+    server = next(span for span in spans if span.kind == SpanKind.SERVER and span.name == f"GET {route}")
+
+    assert restore.status_code == 200
+    assert len(restore.content) < len(payload)
+    assert _delta(before, after, "zkeb_http_responses_failed_total", route=route) == 1
+    assert server.status.status_code == StatusCode.ERROR
+    assert (server.attributes or {})["error.type"] == "StoredPayloadCorruptError"
+    assert [(line["status"], line["failed"], line["incomplete"]) for line in access] == [
+        (200, "StoredPayloadCorruptError", True)
+    ]
 
 
 async def test_tus_session_counters_move_when_an_upload_is_created(

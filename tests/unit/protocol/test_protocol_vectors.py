@@ -88,6 +88,7 @@ def _verify(vectors: dict[str, Any], envelope: BackupEnvelope, payload: bytes) -
         public_key=_public_key(vectors),
         payload_sha256=hashlib.sha256(payload).digest(),
         payload_size=len(payload),
+        method="single",
     )
 
 

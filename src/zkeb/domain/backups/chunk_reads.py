@@ -23,7 +23,7 @@ from uuid import UUID
 from opentelemetry import trace
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from zkeb.core.errors import ProblemError
+from zkeb.core.errors import ProblemError, database_connection_lost
 from zkeb.domain.backups.metrics import record_bytes_restored
 from zkeb.domain.backups.store.payloads import Blob, PayloadStores, StoredChunksMissingError
 from zkeb.lib.atrest import ChunkCipher, ChunkIntegrityError
@@ -283,6 +283,13 @@ async def stream_plaintext(
                 # keep the exception, its traceback and this request's frames with it.
                 if isinstance(item, PayloadDeletedError):
                     logger.warning("restore of payload %s cut after %d bytes: %s", payload_id, sent, item.detail)
+                elif database_connection_lost(item):  # a failover or restart, as for any other request
+                    logger.warning(
+                        "restore of payload %s cut after %d bytes: database connection lost (%s)",
+                        payload_id,
+                        sent,
+                        type(item).__name__,
+                    )
                 else:
                     logger.error("restore of payload %s failed after %d bytes: %s", payload_id, sent, str(item))
                 span.set_attribute("zkeb.outcome", "error")

@@ -93,8 +93,8 @@ def record_backup_created(method: str, payload_size: int) -> None:
     BACKUP_PAYLOAD_SIZE.observe(payload_size)
 
 
-def record_backup_failed(reason: str, method: str = "any") -> None:
-    """Count one refused or failed upload (`reason`: signature, nonce_reuse, quota, validation, checksum, error)."""
+def record_backup_failed(reason: str, method: str) -> None:
+    """Count one refused upload (`reason`: signature, nonce_reuse, quota; `method`: `single` or `tus`)."""
     BACKUPS_FAILED.labels(method=method, reason=reason).inc()
 
 

@@ -23,7 +23,7 @@ from zkeb.core.auth import (
     requires_backup_access,
     requires_org_admin,
 )
-from zkeb.core.errors import ProblemError, UnsupportedMediaTypeError
+from zkeb.core.errors import ProblemError, UnsupportedMediaTypeError, record_failed_response
 from zkeb.core.runtime import get_runtime
 from zkeb.db.models import Backup
 from zkeb.domain.backups.chunk_reads import plan_read, stream_plaintext
@@ -95,20 +95,23 @@ def _payload_headers(request: Request[Any, Any, Any], backup: Backup) -> tuple[s
     }
 
 
-async def _starting_with(first: bytes | None, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+async def _starting_with(
+    request: Request[Any, Any, Any], first: bytes | None, rest: AsyncIterator[bytes]
+) -> AsyncIterator[bytes]:
     """`first` (None: nothing), then the rest of the stream it was taken from.
 
     A failure once the headers are out ends the body short of its `Content-Length`: the server then closes the
     connection and the client sees a cut response, as it would if this raised, but without the traceback Litestar
-    and granian log for a raise, on top of the one line `stream_plaintext` logs.
+    and granian log for a raise, on top of the one line `stream_plaintext` logs. The request is recorded as failed
+    (access log, metrics, server span), since its status says 200.
     """
     if first is not None:
         yield first
     try:
         async for piece in rest:
             yield piece
-    except Exception:  # noqa: BLE001 - logged by `stream_plaintext`; the answer can only be cut short
-        return
+    except Exception as exc:  # noqa: BLE001 - logged by `stream_plaintext`; the answer can only be cut short
+        record_failed_response(request.scope, exc)
 
 
 QUOTA_RESPONSE = {
@@ -367,7 +370,7 @@ class BackupController(Controller):
         # handler's error, a 503 problem, rather than a broken response whose headers granian has not sent yet.
         first = await first_piece(context.engine, principal, backup_id, content)
         return Stream(
-            _starting_with(first, content),
+            _starting_with(request, first, content),
             status_code=206 if byte_range is not None else 200,
             media_type="application/octet-stream",
             headers=headers,

@@ -68,9 +68,17 @@ class NewPayload:
 
 
 def verify_backup_signature(
-    envelope: BackupEnvelope, *, project_id: UUID, public_key: bytes, payload_sha256: bytes, payload_size: int
+    envelope: BackupEnvelope,
+    *,
+    project_id: UUID,
+    public_key: bytes,
+    payload_sha256: bytes,
+    payload_size: int,
+    method: str,
 ) -> None:
     """Check the device's Ed25519 signature over the signed message (docs/protocol.md §4; it binds the project id).
+
+    `method` (`single` or `tus`) labels the refusal's metric.
 
     Raises:
         UnprocessableError: the signature does not verify (422 naming `signature`).
@@ -95,7 +103,7 @@ def verify_backup_signature(
         valid = verify_ed25519(public_key, envelope.signature, message)
         span.set_attribute("zkeb.outcome", "valid" if valid else "invalid")
     if not valid:
-        record_backup_failed("signature")
+        record_backup_failed("signature", method)
         raise invalid_field(
             "signature", "does not verify with the device's public key over this envelope, project and payload"
         )

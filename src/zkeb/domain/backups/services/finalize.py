@@ -311,6 +311,7 @@ async def _run(
                         public_key=public_key,
                         payload_sha256=commit.sha256,
                         payload_size=commit.size,
+                        method=commit.method,
                     )
                     assert admission is not None
                     await _lock(connection, commit, admission, before_other_locks=lease is not None)
@@ -321,7 +322,7 @@ async def _run(
                 if exc.constraint_name != _NONCE_CONSTRAINT:
                     raise
                 span.set_attribute("zkeb.outcome", "conflict")
-                record_backup_failed("nonce_reuse")
+                record_backup_failed("nonce_reuse", commit.method)
                 # Committed meanwhile: by this very envelope (a concurrent retry), the conflict names its backup.
                 async with raw_tenant_transaction(connection, commit.organization_id, readonly=True):
                     owner = await nonce_owner(
