@@ -32,7 +32,11 @@ from uuid import UUID
 
 import msgspec
 from litestar.connection import ASGIConnection
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.instrumentation.utils import suppress_instrumentation
 from sqlalchemy import Table, insert, text, update
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from uuid_utils.compat import uuid7
 
@@ -48,6 +52,7 @@ if TYPE_CHECKING:
 __all__ = ("LINK_BATCH", "AuditLinker", "append_unchained_event", "link_pending_events")
 
 logger = logging.getLogger("zkeb.audit")
+tracer = trace.get_tracer("zkeb.audit")
 
 #: Most events one linking transaction moves into the chain.
 LINK_BATCH = 500
@@ -199,9 +204,11 @@ class AuditLinker:
         return again
 
     async def _unannounced(self) -> list[UUID]:
-        async with self._engine.connect() as connection:
-            rows = (await connection.execute(_PENDING_ORGANIZATIONS, {"limit": 1000})).all()
-            await connection.rollback()
+        # A poll every few seconds: no client spans, which would each be a trace of their own.
+        with suppress_instrumentation():
+            async with self._engine.connect() as connection:
+                rows = (await connection.execute(_PENDING_ORGANIZATIONS, {"limit": 1000})).all()
+                await connection.rollback()
         return [row.organization_id for row in rows]
 
     async def _run(self) -> None:
@@ -218,8 +225,14 @@ class AuditLinker:
                 await asyncio.sleep(LINK_GATHER_SECONDS)
                 self._wake.clear()
                 organizations, self._announced = sorted(self._announced), set()
-                # A skipped head is busy: retried at the next wake-up or sweep, never in a tight loop.
-                left = await self.link(organizations, wait=False)
+                if not organizations:
+                    continue
+                # One trace per pass, its statements beneath (not a root span each).
+                with tracer.start_as_current_span(
+                    "audit.link", context=Context(), attributes={"zkeb.organizations": len(organizations)}
+                ):
+                    # A skipped head is busy: retried at the next wake-up or sweep, never in a tight loop.
+                    left = await self.link(organizations, wait=False)
                 self._announced.update(left)
             except asyncio.CancelledError:
                 raise
@@ -228,6 +241,8 @@ class AuditLinker:
                     logger.warning("linking audit events failed: the database connection was lost; retrying later")
                 elif database_timed_out(exc):  # a database that hangs: the same
                     logger.warning("linking audit events failed: the database did not answer in time; retrying later")
+                elif isinstance(exc, PoolTimeoutError):  # every pooled connection busy: requests get 503s meanwhile
+                    logger.warning("linking audit events failed: no database connection was free; retrying later")
                 else:
                     logger.exception("linking audit events failed; retrying at the next sweep")
 

@@ -34,6 +34,7 @@ from litestar.config.app import AppConfig
 from litestar.datastructures import State
 from litestar.exceptions import NotAuthorizedException
 from litestar.openapi.spec import Components, SecurityScheme
+from opentelemetry.instrumentation.utils import suppress_instrumentation
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
@@ -277,7 +278,8 @@ def install_metrics(app_config: AppConfig, runtime: Runtime) -> None:
     async def sample_forever() -> None:
         while True:
             _sampler.sample()
-            await _run_samplers(runtime.metric_samplers)
+            with suppress_instrumentation():  # a poll: its statements would each be a trace of their own
+                await _run_samplers(runtime.metric_samplers)
             await asyncio.sleep(15)
 
     async def start_sampler() -> None:

@@ -11,6 +11,7 @@ from typing import Any
 
 from advanced_alchemy.extensions.litestar import SQLAlchemyAsyncConfig
 from litestar.datastructures import State
+from opentelemetry.instrumentation.utils import suppress_instrumentation
 from redis.asyncio import Redis
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -65,7 +66,8 @@ class Runtime:
             await asyncio.to_thread(run_alembic, self.settings, self.database_url, "upgrade", "head")
         try:
             try:
-                await self.ensure_role_checked()
+                with suppress_instrumentation():  # start-up's own statements: no trace of their own
+                    await self.ensure_role_checked()
             except DBAPIError as exc:
                 if _sqlstate(exc) not in _LOGIN_REFUSED:
                     raise

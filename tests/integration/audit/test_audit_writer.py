@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async
 
 from zkeb.app import create_app
 from zkeb.core.audit import chained_fields, record_event, record_event_on_connection
+from zkeb.core.audit_linker import AuditLinker
 from zkeb.core.tenancy import tenant_scope
 from zkeb.domain.audit.plugin import ChainHeadLogger
 from zkeb.lib.hashchain import verify_chain
@@ -164,3 +165,30 @@ async def test_chain_heads_with_the_database_down_are_one_line(caplog: pytest.Lo
         record.getMessage() == "could not log audit chain heads: the database is unreachable (ConnectionRefusedError)"
     )
     assert record.exc_info is None
+
+
+async def test_a_linker_finding_the_pool_busy_says_so_in_one_warning(
+    database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An operator review: every pooled connection busy (requests answering 503) made the linker log an ERROR with a
+    # full traceback, while requests logged the same condition as one warning.
+    engine = create_async_engine(
+        database_url.replace("postgresql://", "postgresql+asyncpg://", 1), pool_size=1, max_overflow=0, pool_timeout=0.1
+    )
+    linker = AuditLinker(engine, sweep_interval=0.05)
+    try:
+        with caplog.at_level("WARNING", logger="zkeb.audit"):
+            async with engine.connect() as held:  # the only connection: the linker's sweep waits in vain
+                await held.execute(text("SELECT 1"))
+                linker.start()
+                await asyncio.sleep(0.5)
+            await linker.stop()
+    finally:
+        await engine.dispose()
+    failures = [r for r in caplog.records if r.name == "zkeb.audit" and "linking audit events failed" in r.getMessage()]
+
+    assert failures, "the linker never found the pool busy"
+    assert {r.getMessage() for r in failures} == {
+        "linking audit events failed: no database connection was free; retrying later"
+    }
+    assert all(r.levelname == "WARNING" and r.exc_info is None for r in failures)

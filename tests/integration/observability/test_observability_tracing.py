@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -32,11 +33,13 @@ from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
 from opentelemetry.trace import SpanKind
 
 from zkeb.app import create_app
+from zkeb.core.audit_linker import AuditLinker
 from zkeb.core.logging import JsonFormatter
+from zkeb.core.runtime import get_runtime
 from zkeb.core.telemetry import active_tracer_provider, install_tracer_provider, uninstall_tracer_provider
 from zkeb.settings import Settings
 
-from support import make_settings, problem
+from support import audit_linked, make_settings, problem
 
 Client = AsyncTestClient[Litestar]
 
@@ -225,6 +228,43 @@ async def test_a_method_a_client_invents_names_no_span(traced_client: tuple[Clie
     attributes = servers[0].attributes or {}
     assert attributes["http.request.method"] == "_OTHER"
     assert attributes["http.request.method_original"] == "XYZZY-42"
+
+
+async def test_background_work_starts_no_trace_of_a_single_statement(
+    base_settings_env: dict[str, str], database_url: str, owner_connection: asyncpg.Connection
+) -> None:
+    # An operator's review counted 285 of 452 traces that were one statement each: the audit linker's poll, a
+    # linking pass split into a trace per statement, the start-up check, the metrics sampler.
+    settings = make_settings(base_settings_env, DATABASE_URL=database_url, MAINTENANCE_INTERVAL="0")
+    organization_id, admin_key = await create_org(settings)
+    with traced() as exporter:
+        async with AsyncTestClient(app=create_app(settings)) as client:
+            project, project_key = await create_project_key(client, admin_key)
+            device_id_hash, private_key = await enroll_device(client, admin_key, project["id"])
+            body, _ = signed_envelope(project["id"], device_id_hash, private_key, b"a backup, audited")
+            created = await client.post("/api/v1/backups", json=body, headers=auth(project_key))
+            assert created.status_code == 201, created.text
+            await audit_linked(owner_connection, organization_id)  # a linking pass ran
+
+            async def sweep_a_while() -> None:  # in the app's event loop, through its (traced) engine
+                # A linker sweeping every 50 ms for waiting events, as each process's does every few seconds.
+                linker = AuditLinker(get_runtime(client.app.state).engine, sweep_interval=0.05)
+                linker.start()
+                await asyncio.sleep(0.3)
+                await linker.stop()
+
+            await asyncio.to_thread(client.blocking_portal.call, sweep_a_while)
+        spans = exporter.get_finished_spans()
+
+    roots = [span for span in spans if span.parent is None]
+    assert {span.name for span in roots if span.kind != SpanKind.SERVER} <= {"audit.link"}, [
+        (span.kind, span.name, (span.attributes or {}).get("db.statement"))
+        for span in roots
+        if span.kind != SpanKind.SERVER
+    ]
+    links = [span for span in roots if span.name == "audit.link"]
+    assert links, "no linking pass was traced"
+    assert any(span.parent is not None and span.parent.span_id == links[0].context.span_id for span in spans)
 
 
 async def test_redis_commands_are_client_spans_of_the_request(

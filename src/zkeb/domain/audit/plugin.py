@@ -10,6 +10,7 @@ from typing import Any
 from litestar import Litestar
 from litestar.config.app import AppConfig
 from litestar.plugins import InitPluginProtocol
+from opentelemetry.instrumentation.utils import suppress_instrumentation
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from zkeb.core.errors import database_connection_lost, database_timed_out
@@ -45,7 +46,8 @@ class ChainHeadLogger:
     async def log_once(engine: AsyncEngine) -> None:
         """Log every chain head now; a database that cannot be reached is one warning line, not a traceback."""
         try:
-            await log_chain_heads(engine)
+            with suppress_instrumentation():  # a periodic log line, not a trace of one statement
+                await log_chain_heads(engine)
         except Exception as exc:
             if database_connection_lost(exc) or database_timed_out(exc):  # the database is down: one line says so
                 logger.warning("could not log audit chain heads: the database is unreachable (%s)", type(exc).__name__)
