@@ -222,6 +222,8 @@ class AccessRecord:
     failed: str | None = None
     #: Whether the body sent falls short of the `Content-Length` the response declared (failed, or the client left).
     incomplete: bool = False
+    #: Whether the client went away before the request ended (the app read `http.disconnect`).
+    disconnected: bool = False
 
 
 @dataclass(slots=True)
@@ -231,6 +233,7 @@ class _Counts:
     bytes_out: int
     request_id: str | None
     declared_length: int | None = None
+    disconnected: bool = False
 
 
 class AccessLogMiddleware:
@@ -254,12 +257,15 @@ class AccessLogMiddleware:
         bytes_out = 0
         request_id: str | None = None
         declared_length: int | None = None
+        disconnected = False
 
         async def counting_receive() -> ReceiveMessage:
-            nonlocal bytes_in
+            nonlocal bytes_in, disconnected
             message = await receive()
             if message["type"] == "http.request":
                 bytes_in += len(message.get("body", b""))
+            elif message["type"] == "http.disconnect":
+                disconnected = True
             return message
 
         async def counting_send(message: Message) -> None:
@@ -279,7 +285,9 @@ class AccessLogMiddleware:
         try:
             await self.app(scope, counting_receive, counting_send)
         finally:
-            self._finish(scope, started, _Counts(status, bytes_in, bytes_out, request_id, declared_length))
+            self._finish(
+                scope, started, _Counts(status, bytes_in, bytes_out, request_id, declared_length, disconnected)
+            )
 
     def _finish(self, scope: HTTPScope, started: float, counts: _Counts) -> None:
         user = scope.get("user")
@@ -302,6 +310,7 @@ class AccessLogMiddleware:
                 and counts.status not in (204, 304)
                 and counts.bytes_out < counts.declared_length
             ),
+            disconnected=counts.disconnected,
         )
         for observer in self.on_complete:
             observer(record)
@@ -313,6 +322,8 @@ class AccessLogMiddleware:
             outcome["failed"] = record.failed
         if record.incomplete:
             outcome["incomplete"] = True
+        if record.disconnected:
+            outcome["disconnected"] = True
         _access_logger.info(
             "%s %s %s%s",
             record.method,

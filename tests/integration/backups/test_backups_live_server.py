@@ -7,6 +7,7 @@ import base64
 import contextlib
 import hashlib
 import io
+import json
 import os
 import socket
 import time
@@ -737,6 +738,48 @@ async def test_a_restore_whose_backup_is_purged_mid_stream_is_cut_short_with_one
     assert len(access) == 1, access
     assert '"failed":"PayloadDeletedError"' in access[0]
     assert '"incomplete":true' in access[0]
+
+
+async def test_the_access_log_tells_requests_a_client_abandoned_from_complete_ones(
+    base_settings_env: dict[str, str], database_url: str, tmp_path: Path
+) -> None:
+    # An operator's review: a PATCH whose client was cut off at 15 MB logged `204`, and a download the client gave
+    # up logged `200` with the bytes handed to granian, both as if complete.
+    log_path = tmp_path / "server.log"
+    env = {**base_settings_env, "DATABASE_URL": database_url, "LOG_LEVEL": "INFO"}
+    with granian_server(env, log_path=log_path) as url:
+        async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+            tenant = await make_tenant(http, make_settings(base_settings_env, DATABASE_URL=database_url))
+            envelope = sign_envelope(tenant, os.urandom(24 * MIB))
+            location = (await _create_upload(http, tenant, envelope)).headers["location"]
+            await asyncio.to_thread(
+                _send_partial,
+                url,
+                f"PATCH {location} HTTP/1.1\r\nHost: test\r\nTus-Resumable: 1.0.0\r\n"
+                f"Authorization: Bearer {tenant.project_key}\r\nContent-Type: {OCTETS}\r\nUpload-Offset: 0\r\n"
+                f"Content-Length: {len(envelope.payload)}\r\n\r\n",
+                envelope.payload[: 2 * MIB],
+            )
+            offset = await _wait_for_offset(http, location, tenant.project_key)
+            completed = await http.patch(
+                location,
+                content=envelope.payload[offset:],
+                headers=tus_headers(tenant.project_key, **{"Upload-Offset": str(offset), "Content-Type": OCTETS}),
+            )
+            assert completed.status_code == 204, completed.text
+            payload_url = f"/api/v1/backups/{completed.headers['zkeb-backup-id']}/payload"
+            whole = await http.get(payload_url, headers=auth(tenant.project_key))
+            assert whole.content == envelope.payload
+            async with http.stream("GET", payload_url, headers=auth(tenant.project_key)) as response:
+                async for _ in response.aiter_raw(MIB):
+                    break  # the client gives up after its first MiB
+            await asyncio.sleep(1.0)  # the server notices when it next sends
+    lines = [json.loads(line) for line in log_path.read_text().splitlines() if '"logger":"zkeb.access"' in line]
+    patches = [line for line in lines if line["method"] == "PATCH"]
+    downloads = [line for line in lines if line["route"] == "/api/v1/backups/{backup_id}/payload"]
+
+    assert [(line.get("disconnected"), line.get("incomplete")) for line in patches] == [(True, None), (None, None)]
+    assert [(line.get("incomplete"), line.get("failed")) for line in downloads] == [(None, None), (True, None)]
 
 
 async def test_identical_creations_at_the_same_time_make_one_upload(
