@@ -33,6 +33,7 @@ from litestar.connection import ASGIConnection
 from litestar.exceptions import HTTPException, InternalServerException, ValidationException
 from litestar.handlers import HTTPRouteHandler
 from litestar.types import ExceptionHandlersMap, Scope
+from opentelemetry import trace
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
@@ -314,6 +315,7 @@ def _too_large_detail(request: Request[Any, Any, Any]) -> str:
 
 def _pool_timeout_problem(request: Request[Any, Any, Any], exc: PoolTimeoutError) -> Response[dict[str, Any]]:
     """Every pooled database connection stayed busy for the pool's whole timeout: overloaded, retry shortly."""
+    _record_on_span(exc)
     logger.warning("database pool exhausted on %s %s: %s", request.method, request_path(request), exc)
     return problem_response(
         request, 503, "the server is busy (no database connection free); retry shortly", headers={"Retry-After": "1"}
@@ -412,7 +414,21 @@ def storage_full(headers: dict[str, str] | None = None) -> ProblemError:
     )
 
 
+def _record_on_span(exc: BaseException) -> None:
+    """Record a server-side failure on the request's server span (the current one while a handler answers it).
+
+    Its exception event and `error.type` (the deepest cause's class: `ConnectionDoesNotExistError`, not the
+    wrappers around it) say in the trace what the log line says; the server span would otherwise carry only the
+    status code.
+    """
+    span = trace.get_current_span()
+    if span.is_recording():
+        span.record_exception(exc)
+        span.set_attribute("error.type", type(list(_chain(exc))[-1]).__name__)
+
+
 def _unexpected_exception_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
+    _record_on_span(exc)
     if database_connection_lost(exc):
         logger.warning(
             "database connection lost on %s %s: %s", request.method, request_path(request), type(exc).__name__

@@ -455,7 +455,8 @@ def _record_outcome(span: trace.Span, method: str, template: str | None, status:
     if status:
         span.set_attribute("http.response.status_code", status)
         if status >= 500:
-            span.set_attribute("error.type", str(status))
+            if not (getattr(span, "attributes", None) or {}).get("error.type"):  # a handler may have named the cause
+                span.set_attribute("error.type", str(status))
             span.set_status(Status(StatusCode.ERROR))
 
 

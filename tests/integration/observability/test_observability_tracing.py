@@ -30,10 +30,11 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import SpanKind, StatusCode
 
 from zkeb.app import create_app
 from zkeb.core.audit_linker import AuditLinker
+from zkeb.core.database import RUNTIME_ROLE
 from zkeb.core.logging import JsonFormatter
 from zkeb.core.runtime import get_runtime
 from zkeb.core.telemetry import active_tracer_provider, install_tracer_provider, uninstall_tracer_provider
@@ -265,6 +266,27 @@ async def test_background_work_starts_no_trace_of_a_single_statement(
     links = [span for span in roots if span.name == "audit.link"]
     assert links, "no linking pass was traced"
     assert any(span.parent is not None and span.parent.span_id == links[0].context.span_id for span in spans)
+
+
+async def test_a_server_error_names_its_cause_on_the_server_span(
+    traced_client: tuple[Client, InMemorySpanExporter], settings: Settings, owner_connection: asyncpg.Connection
+) -> None:
+    # An operator's review: a handled 500 or 503 left the server span with only `error.type` = the status code; the
+    # cause was in the log line alone.
+    client, exporter = traced_client
+    _, admin_key = await create_org(settings)
+    await owner_connection.execute(f"REVOKE SELECT ON projects FROM {RUNTIME_ROLE}")
+    try:
+        exporter.clear()
+        response = await client.get("/api/v1/projects", headers=auth(admin_key))
+    finally:
+        await owner_connection.execute(f"GRANT SELECT ON projects TO {RUNTIME_ROLE}")
+    server = next(s for s in exporter.get_finished_spans() if s.kind == SpanKind.SERVER)
+
+    assert response.status_code == 500
+    assert server.status.status_code == StatusCode.ERROR
+    assert (server.attributes or {})["error.type"] == "InsufficientPrivilegeError"
+    assert [event.name for event in server.events] == ["exception"]
 
 
 async def test_redis_commands_are_client_spans_of_the_request(
