@@ -26,8 +26,8 @@ full again); a 429 adds `Retry-After` (seconds) and is RFC 9457 problem+json. Ro
 `exclude_from_rate_limit=True` and the health, version, schema and metrics paths are exempt.
 
 When Redis fails the limiter fails open: the request proceeds without rate-limit headers, a warning is logged
-at most once a minute, `REDIS_FAILURES` (`zkeb_ratelimit_redis_failures_total`) counts each failure, and Redis
-is not tried again for a few seconds, so an outage adds no latency to every request.
+at most once a minute, `REDIS_FAILURES` (`zkeb_ratelimit_redis_failures_total`) counts each check that failed
+open, and Redis is not tried again for a few seconds, so an outage adds no latency to every request.
 
 A limited request of a known principal (this process has seen the credential authenticate) is recorded in
 the organization's audit log as `rate_limit.exceeded`, at most once per bucket per window and process;
@@ -232,6 +232,7 @@ class RateLimiter:
                 return True, probe
             return False, self._memory.charge(key, quota, commit=commit)
         if time.monotonic() < self._redis_retry_at:
+            REDIS_FAILURES.inc()  # a check that fails open while Redis is given a rest is counted too
             return None
         keys = [_KEY_PREFIX + key]
         args = [quota.limit, quota.window * 1000, int(commit)]

@@ -283,6 +283,7 @@ async def test_requests_still_succeed_when_redis_stops_and_the_failure_is_counte
             after = [await client.get(AUDIT, headers=_auth(key)) for _ in range(3)]
     assert [r.status_code for r in after] == [200, 200, 200]
     assert all("ratelimit" not in r.headers for r in after)
-    assert REDIS_FAILURES._value.get() >= failures_before + 1
+    # Every check that failed open, including those made while Redis is not retried (it counted only the first).
+    assert REDIS_FAILURES._value.get() >= failures_before + 3
     warnings = [r for r in caplog.records if "failing open" in r.getMessage()]
     assert len(warnings) <= 1
