@@ -144,8 +144,11 @@ async def test_chain_heads_are_logged_at_shutdown(
     with caplog.at_level("INFO", logger="zkeb.audit"):
         async with AsyncTestClient(app=create_app(settings)):
             pass
-    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("audit chain head")]
-    assert any(f"organization_id={org_id} seq=1 hash={head_hash.hex()}" in line for line in lines)
+    records = [r for r in caplog.records if r.getMessage().startswith("audit chain head")]
+    assert any(f"organization_id={org_id} seq=1 hash={head_hash.hex()}" in r.getMessage() for r in records)
+    # The same values as fields of the JSON line, for a pipeline that anchors them.
+    [ours] = [r for r in records if getattr(r, "organization_id", None) == str(org_id)]
+    assert (getattr(ours, "seq", None), getattr(ours, "hash", None)) == (1, head_hash.hex())
 
 
 async def test_chain_heads_with_the_database_down_are_one_line(caplog: pytest.LogCaptureFixture) -> None:

@@ -242,13 +242,14 @@ async def log_chain_heads(engine: AsyncEngine) -> int:
     """Log every organization's chain head (one line each) so an operator can anchor it outside the database."""
     heads = await read_chain_heads(engine)
     for head in heads:
-        logger.info(
-            "audit chain head organization_id=%s seq=%d hash=%s updated_at=%s",
-            head.organization_id,
-            head.seq,
-            head.hash.hex(),
-            head.updated_at.isoformat(),
-        )
+        fields = {
+            "organization_id": str(head.organization_id),
+            "seq": head.seq,
+            "hash": head.hash.hex(),
+            "updated_at": head.updated_at.isoformat(),
+        }
+        # The values also as fields of the JSON line, for a log pipeline that anchors them.
+        logger.info("audit chain head organization_id=%s seq=%d hash=%s updated_at=%s", *fields.values(), extra=fields)
     return len(heads)
 
 
