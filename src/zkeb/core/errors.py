@@ -424,14 +424,19 @@ def _record_on_span(exc: BaseException) -> None:
     span = trace.get_current_span()
     if span.is_recording():
         span.record_exception(exc)
-        span.set_attribute("error.type", type(list(_chain(exc))[-1]).__name__)
+        span.set_attribute("error.type", _root_cause_name(exc))
+
+
+def _root_cause_name(exc: BaseException) -> str:
+    """The class name of the deepest error `exc` was raised from (the cause, not the wrappers around it)."""
+    return type(list(_chain(exc))[-1]).__name__
 
 
 def _unexpected_exception_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
     _record_on_span(exc)
     if database_connection_lost(exc):
         logger.warning(
-            "database connection lost on %s %s: %s", request.method, request_path(request), type(exc).__name__
+            "database connection lost on %s %s: %s", request.method, request_path(request), _root_cause_name(exc)
         )
         return problem_response(
             request,
@@ -440,7 +445,7 @@ def _unexpected_exception_handler(request: Request[Any, Any, Any], exc: Exceptio
             headers={"Retry-After": "1"},
         )
     if database_timed_out(exc):
-        logger.warning("database timeout on %s %s: %s", request.method, request_path(request), type(exc).__name__)
+        logger.warning("database timeout on %s %s: %s", request.method, request_path(request), _root_cause_name(exc))
         return problem_response(
             request, 503, "the database did not answer in time; retry shortly", headers={"Retry-After": "1"}
         )

@@ -14,6 +14,7 @@ import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -39,9 +40,15 @@ PUBLIC_URL = "https://backups.example.com"
 
 
 @pytest.fixture
-def live_url(base_settings_env: dict[str, str], database_url: str) -> Iterator[str]:
+def server_log(tmp_path: Path) -> Path:
+    """Where the live server writes its log."""
+    return tmp_path / "server.log"
+
+
+@pytest.fixture
+def live_url(base_settings_env: dict[str, str], database_url: str, server_log: Path) -> Iterator[str]:
     env = {**base_settings_env, "DATABASE_URL": database_url, "PUBLIC_URL": PUBLIC_URL, "MAX_OPEN_UPLOADS": "3"}
-    with granian_server(env) as url:
+    with granian_server(env, log_path=server_log) as url:
         yield url
 
 
@@ -105,7 +112,7 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, s
 
 
 async def test_a_patch_whose_database_connection_is_terminated_answers_503_and_resumes_byte_identically(
-    http: httpx.AsyncClient, live_url: str, tenant: Tenant, owner_connection: asyncpg.Connection
+    http: httpx.AsyncClient, live_url: str, tenant: Tenant, owner_connection: asyncpg.Connection, server_log: Path
 ) -> None:
     payload = os.urandom(40 * MIB)
     envelope = sign_envelope(tenant, payload)
@@ -132,6 +139,9 @@ async def test_a_patch_whose_database_connection_is_terminated_answers_503_and_r
     assert status == 503, body[:500]
     assert headers["content-type"].startswith("application/problem+json")
     assert int(headers["retry-after"]) >= 1
+    lost = [line for line in server_log.read_text().splitlines() if "database connection lost on PATCH" in line]
+    assert lost, "the lost connection was not logged"
+    assert not [line for line in lost if "PipelineError" in line], "the log names a wrapper, not the cause"
 
     head = await _retrying(lambda: http.head(location, headers=tus_headers(tenant.project_key)))
     assert head.status_code == 200
