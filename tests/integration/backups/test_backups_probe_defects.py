@@ -139,7 +139,8 @@ async def test_a_patch_whose_database_connection_is_terminated_answers_503_and_r
     assert status == 503, body[:500]
     assert headers["content-type"].startswith("application/problem+json")
     assert int(headers["retry-after"]) >= 1
-    lost = [line for line in server_log.read_text().splitlines() if "database connection lost on PATCH" in line]
+    log = await asyncio.to_thread(server_log.read_text)
+    lost = [line for line in log.splitlines() if "database connection lost on PATCH" in line]
     assert lost, "the lost connection was not logged"
     assert not [line for line in lost if "PipelineError" in line], "the log names a wrapper, not the cause"
 
