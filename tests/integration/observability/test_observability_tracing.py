@@ -289,6 +289,36 @@ async def test_a_server_error_names_its_cause_on_the_server_span(
     assert [event.name for event in server.events] == ["exception"]
 
 
+async def test_backup_reads_on_the_driver_connection_show_their_database_time(
+    traced_client: tuple[Client, InMemorySpanExporter], settings: Settings
+) -> None:
+    # An operator's review: a listing and an envelope read (raw asyncpg, no SQLAlchemy) had no database span, so
+    # their database time was invisible in a trace.
+    client, exporter = traced_client
+    _, admin_key = await create_org(settings)
+    project, project_key = await create_project_key(client, admin_key)
+    device_id_hash, private_key = await enroll_device(client, admin_key, project["id"])
+    body, _ = signed_envelope(project["id"], device_id_hash, private_key, b"a backup to read")
+    created = await client.post("/api/v1/backups", json=body, headers=auth(project_key))
+    assert created.status_code == 201, created.text
+    for url in ("/api/v1/backups", f"/api/v1/backups/{created.json()['id']}"):
+        exporter.clear()
+        response = await client.get(url, headers=auth(project_key))
+        assert response.status_code == 200
+        spans = exporter.get_finished_spans()
+        server = next(s for s in spans if s.kind == SpanKind.SERVER)
+        database = [
+            s
+            for s in spans
+            if s.kind == SpanKind.CLIENT
+            and (s.attributes or {}).get("db.system") == "postgresql"
+            and s.parent is not None
+            and server.context is not None
+            and s.parent.span_id == server.context.span_id
+        ]
+        assert [s.name for s in database] == ["postgresql.transaction"], (url, [(s.kind, s.name) for s in spans])
+
+
 async def test_redis_commands_are_client_spans_of_the_request(
     base_settings_env: dict[str, str], database_url: str, redis_url: str
 ) -> None:
@@ -468,14 +498,16 @@ async def test_upload_and_restore_are_server_spans_over_phase_spans_over_databas
         assert parent.span_id == server.context.span_id, phase
     commit = phases["backups.commit"]
     assert commit.context is not None
-    # A backup in memory is admitted, verified and stored in the commit's one transaction (docs/backups-commit.md).
-    verify_parent = phases["backups.verify_signature"].parent
-    assert verify_parent is not None
-    assert verify_parent.span_id == commit.context.span_id
+    # A backup in memory is admitted, verified and stored in the commit's one transaction (docs/backups-commit.md):
+    # the commit's one `postgresql.transaction` span (a raw asyncpg connection), and the phases beneath it.
+    [transaction] = [s for s in upload_spans if s.parent is not None and s.parent.span_id == commit.context.span_id]
+    assert transaction.name == "postgresql.transaction"
+    assert transaction.context is not None
     assert (commit.attributes or {})["zkeb.backup_id"] == created.json()["id"]
-    # The one transaction runs on a raw asyncpg connection: its statements show as the phase spans beneath it.
-    under_commit = {s.name for s in upload_spans if s.parent is not None and s.parent.span_id == commit.context.span_id}
-    assert {"backups.verify_signature", "backups.store"} <= under_commit, under_commit
+    under_transaction = {
+        s.name for s in upload_spans if s.parent is not None and s.parent.span_id == transaction.context.span_id
+    }
+    assert {"backups.verify_signature", "backups.store"} <= under_transaction, under_transaction
     assert all(s.context is not None and s.context.trace_id == server.context.trace_id for s in by_id.values())
 
     restore_server = next(s for s in restore_spans if s.kind == SpanKind.SERVER)
