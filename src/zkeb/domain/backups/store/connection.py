@@ -48,6 +48,10 @@ async def raw_tenant_transaction(
         organization_id=UUID(int=organization_id.int),  # canonical text, whatever UUID subclass came in
         async_commit="" if synchronous_commit else _ASYNC_COMMIT,
     )
+    if not trace.get_current_span().is_recording():  # tracing off, or this request not sampled: no span to make
+        async with _transaction(connection, begin):
+            yield connection
+        return
     with tracer.start_as_current_span(
         "postgresql.transaction",
         kind=SpanKind.CLIENT,
