@@ -192,8 +192,10 @@ def _proof_cases() -> list[Any]:
         pytest.param({"timestamp_ms": "now"}, 422, id="timestamp-string"),
         pytest.param({"timestamp_ms": str(int(time.time() * 1000))}, 422, id="timestamp-numeric-string"),
         pytest.param({"timestamp_ms": 0}, 401, id="timestamp-stale"),
-        pytest.param({"signature": "@" * 88}, 401, id="signature-not-base64"),
-        pytest.param({"signature": base64.b64encode(bytes(63)).decode()}, 401, id="signature-short"),
+        pytest.param({"signature": "@" * 88}, 422, id="signature-not-base64"),
+        pytest.param({"signature": base64.b64encode(bytes(63)).decode()}, 422, id="signature-short"),
+        pytest.param({"signature": base64.urlsafe_b64encode(b"\xff" * 64).decode()}, 422, id="signature-base64url"),
+        pytest.param({"signature": base64.b64encode(bytes(64)).decode().rstrip("=")}, 422, id="signature-unpadded"),
         pytest.param({"project_id": "not-a-uuid"}, 422, id="project-id-garbage"),
         pytest.param({"device_id_hash": "zz" * 32}, 422, id="device-id-hash-not-hex"),
     ]
@@ -205,7 +207,9 @@ async def test_malformed_token_request_is_refused(
 ) -> None:
     before = await snapshot(owner_connection)
     response = await client.post("/api/v1/auth/token", json={**tenant.proof(), **changes})
-    assert_refused(response, status)
+    body = assert_refused(response, status)
+    if status == 422:
+        assert [error["key"] for error in body["errors"]] == list(changes)
     assert await snapshot(owner_connection) == before
 
 

@@ -170,7 +170,15 @@ class TokenRequest(_Body):
     project_id: UUID
     device_id_hash: DeviceIdHashHex
     timestamp_ms: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1, description="the device clock, Unix ms")]
-    signature: Annotated[str, msgspec.Meta(max_length=128, description="base64 of the 64-byte signature")]
+    signature: Annotated[
+        str,
+        msgspec.Meta(
+            # Standard base64 of exactly 64 bytes: its shape is the client's own, so a wrong one is a 422 naming the
+            # field, not the uniform 401 that says nothing of which check failed.
+            pattern="^[A-Za-z0-9+/]{85}[AQgw]==$",
+            description="standard base64 (with padding) of the 64-byte Ed25519 signature",
+        ),
+    ]
 
 
 class TokenResponse(msgspec.Struct, kw_only=True):
