@@ -213,6 +213,17 @@ def request_path(connection: ASGIConnection[Any, Any, Any, Any]) -> str:
     return str(connection.scope.get("root_path", "")) + connection.scope["path"]
 
 
+def _masked(value: Any) -> Any:
+    """`value` with every string in it (through dicts and lists) masked by `redact`."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {key: _masked(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_masked(item) for item in value]
+    return value
+
+
 def problem_response(
     request: Request[Any, Any, Any],
     status: int,
@@ -227,13 +238,14 @@ def problem_response(
     if title is None:
         title = status_phrase(status)
     body: dict[str, Any] = {"type": problem_type, "title": title, "status": status}
-    # A detail may quote the request (a field name, a value) and the instance is its path: a credential a client put
-    # there is not sent back (proxies and clients log error bodies).
+    # A detail may quote the request (a field name, a value) and the instance is its path, as may the members that
+    # name a field (`field`, `errors`): a credential a client put there is not sent back (proxies and clients log
+    # error bodies).
     if detail and detail != title:
         body["detail"] = redact(detail)
     body["instance"] = redact(request_path(request))
     if extra:
-        body.update(extra)
+        body.update(_masked(extra))
     request_id = request_id_var.get()
     if request_id:
         body["request_id"] = request_id

@@ -319,3 +319,26 @@ async def test_resending_a_committed_envelope_is_409_naming_the_backup(
     body = problem(retried)
     assert (body["field"], body["backup_id"]) == ("payload_nonce", first.json()["id"])
     assert await row_counts(owner_connection) == before
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        pytest.param({"filename": "notes.txt"}, "filename", id="unknown-key"),
+        pytest.param({"payload_nonce": base64.b64encode(bytes(11)).decode()}, "payload_nonce", id="short-nonce"),
+        pytest.param({"signature": None}, "signature", id="null-signature"),
+    ],
+)
+async def test_an_invalid_envelope_names_its_field_in_errors_as_every_other_422_does(
+    client: Client, tenant: Tenant, change: dict[str, object], field: str
+) -> None:
+    # An integrator's review: the token and accounts 422s named the field in `errors`, the envelope's only in
+    # `field`, and an unknown key in neither.
+    body = {**sign_envelope(tenant, b"named").json(), **change}
+    response = await client.post("/api/v1/backups", json=body, headers=auth(tenant.project_key))
+
+    assert response.status_code == 422
+    refused = problem(response)
+    assert refused["field"] == field
+    assert [error["key"] for error in refused["errors"]] == [field]
+    assert refused["errors"][0]["message"]

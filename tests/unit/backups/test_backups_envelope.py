@@ -100,5 +100,6 @@ def test_validation_names_the_field_at_fault(field: str, value: object, detail: 
     values = {name: getattr(_ENVELOPE, name) for name in _NAMES} | {"backup_timestamp": "2026-11-27T10:00:00Z"}
     with pytest.raises(UnprocessableError) as caught:
         validate_envelope({**values, field: value})
-    assert caught.value.problem_extra == {"field": field}
+    assert caught.value.problem_extra["field"] == field
+    assert [error["key"] for error in caught.value.problem_extra["errors"]] == [field]
     assert detail in str(caught.value.detail)

@@ -103,7 +103,8 @@ def test_envelope_from_metadata_names_a_missing_field(key: str) -> None:
     header = ",".join(part for part in _metadata().split(",") if not part.startswith(f"{key} "))
     with pytest.raises(UnprocessableError) as caught:
         envelope_from_metadata(header)
-    assert caught.value.problem_extra == {"field": key}
+    assert caught.value.problem_extra["field"] == key
+    assert [error["key"] for error in caught.value.problem_extra["errors"]] == [key]
 
 
 def test_envelope_from_metadata_malformed_header_is_400() -> None:
@@ -128,7 +129,8 @@ def test_validate_envelope_checks_lengths_and_timestamp() -> None:
     for field, bad in [("signature", b"\0" * 63), ("metadata", b"\0" * 8193), ("backup_timestamp", "2026-01-01")]:
         with pytest.raises(UnprocessableError) as caught:
             validate_envelope({**good, field: bad})
-        assert caught.value.problem_extra == {"field": field}
+        assert caught.value.problem_extra["field"] == field
+        assert [error["key"] for error in caught.value.problem_extra["errors"]] == [field]
 
 
 def _settings(**env: str) -> Settings:

@@ -147,7 +147,12 @@ class BackupEnvelope:
         ),
     ]
     backup_timestamp: Annotated[
-        datetime, FieldSpec(FieldKind.TIMESTAMP, "RFC 3339 UTC.", example="2026-11-27T10:00:00.123456Z")
+        datetime,
+        FieldSpec(
+            FieldKind.TIMESTAMP,
+            "RFC 3339 with `Z` or an offset, at most 6 fractional digits; ZKEB answers it in UTC (`Z`).",
+            example="2026-11-27T10:00:00.123456Z",
+        ),
     ]
 
 
@@ -210,8 +215,10 @@ else:
 
 
 def invalid_field(field: str, detail: str) -> UnprocessableError:
-    """A 422 naming the envelope field at fault (`field` member of the problem body)."""
-    return UnprocessableError(f"{field}: {detail}", extra={"field": field})
+    """A 422 naming the envelope field at fault: `field`, and `errors` shaped as every other 400/422 of the API."""
+    return UnprocessableError(
+        f"{field}: {detail}", extra={"field": field, "errors": [{"key": field, "message": detail}]}
+    )
 
 
 def parse_device_id_hash_hex(value: str) -> bytes:
@@ -345,8 +352,8 @@ def _schema_of(field: EnvelopeField) -> dict[str, Any]:
     if field.kind is FieldKind.DIGEST:
         return {
             "type": "string",
-            "pattern": f"^[0-9a-f]{{{2 * (field.spec.length or 0)}}}$",
-            "description": description,
+            "pattern": f"^[0-9a-fA-F]{{{2 * (field.spec.length or 0)}}}$",
+            "description": f"{description} Hex: ZKEB writes lower case and reads either case.",
         }
     if field.kind is FieldKind.TIMESTAMP:
         return {"type": "string", "format": "date-time", "description": description}

@@ -114,10 +114,19 @@ _TUS_RESPONSE_HEADERS: dict[str, dict[str, Any]] = {
     "Upload-Length": {"description": "Declared payload size.", "schema": {"type": "integer"}},
     "Upload-Expires": {"description": "RFC 9110 date after which the upload is purged.", "schema": {"type": "string"}},
     "Location": {"description": "The new upload's URL.", "schema": {"type": "string"}},
+    "Cache-Control": {"description": "`no-store`.", "schema": {"type": "string"}},
     "Zkeb-Backup-Id": {
         "description": "On the request that completes the upload: the committed backup's id.",
         "schema": {"type": "string", "format": "uuid"},
     },
+}
+#: The headers each tus operation's success carries (a creation's `Upload-Offset` and `Zkeb-Backup-Id` when it came
+#: with a body; a PATCH's `Zkeb-Backup-Id` when it completed the upload, which then has no `Upload-Expires`).
+_TUS_SUCCESS_HEADERS: dict[str, tuple[str, ...]] = {
+    "post": ("Tus-Resumable", "Location", "Upload-Offset", "Upload-Expires", "Zkeb-Backup-Id"),
+    "head": ("Tus-Resumable", "Upload-Offset", "Upload-Length", "Upload-Expires", "Cache-Control"),
+    "patch": ("Tus-Resumable", "Upload-Offset", "Upload-Expires", "Zkeb-Backup-Id"),
+    "delete": ("Tus-Resumable",),
 }
 #: What a restore's request may carry (docs/protocol.md §6.4): conditions and one byte range.
 _IF_NONE_MATCH = _header("If-None-Match", "The payload's `ETag` (or `*`): 304 without a body when it matches.")
@@ -412,9 +421,9 @@ def _document_tus(operation: dict[str, Any], method: str, path: str) -> None:
             "required": True,
             "content": {"application/offset+octet-stream": {"schema": {"type": "string", "format": "binary"}}},
         }
-        operation["responses"].setdefault("460", problem_response("460", "Checksum mismatch (tus checksum extension)."))
     responses = operation["responses"]
-    if method in {"post", "patch"}:
+    if method in {"post", "patch"}:  # a creation with upload checks its body's `Upload-Checksum` too
+        responses.setdefault("460", problem_response("460", "Checksum mismatch (tus checksum extension)."))
         responses.setdefault("408", problem_response("408", _STALLED_BODY))
         responses["507"] = _quota_response(_TUS_QUOTA[method])
     if method == "patch":
@@ -428,5 +437,5 @@ def _document_tus(operation: dict[str, Any], method: str, path: str) -> None:
         if status.startswith("2"):
             response.pop("content", None)  # tus answers in headers; its 2xx responses have no body
             headers = response.setdefault("headers", {})
-            for name, header in _TUS_RESPONSE_HEADERS.items():
-                headers.setdefault(name, header)
+            for name in _TUS_SUCCESS_HEADERS.get(method, ("Tus-Resumable",)):
+                headers.setdefault(name, _TUS_RESPONSE_HEADERS[name])

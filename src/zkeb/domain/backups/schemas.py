@@ -45,8 +45,8 @@ def field_of_validation_error(exc: msgspec.ValidationError) -> str | None:
     match = _FIELD_PATH.search(str(exc))
     if match:
         return match["field"]
-    missing = re.search(r"missing required field `(?P<field>[A-Za-z_]+)`", str(exc))
-    return missing["field"] if missing else None
+    named = re.search(r"(?:missing required|unknown) field `(?P<field>[^`]{1,64})`", str(exc))
+    return named["field"] if named else None
 
 
 class EnvelopeMsgpack(MsgpackEnvelopeFields, forbid_unknown_fields=True):

@@ -220,7 +220,7 @@ class BackupController(Controller):
         summary="Upload a backup in one request",
         description=(
             "The whole envelope in one body of at most 16 MiB: `application/msgpack` (bytes as `bin`) or "
-            "`application/json` (bytes as standard base64, `device_id_hash` as lowercase hex). The device's "
+            "`application/json` (bytes as standard base64, `device_id_hash` as hex in either case). The device's "
             "signature is verified before anything is stored. 201 with the backup (no payload); 409 when the "
             "device already used `payload_nonce` in this project (naming `backup_id` when this very envelope was "
             "committed: a retry after a lost response); 413 over 16 MiB (before the body is read when "
