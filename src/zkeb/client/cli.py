@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
 import sys
 import uuid
 from collections.abc import Callable, Coroutine, Iterator, Sequence
@@ -71,6 +72,8 @@ def _one_line_errors(interrupted: str) -> Callable[[Callable[..., None]], Callab
                 _fail(str(exc), _exit_code(exc))
             except KeyboardInterrupt:
                 _fail(interrupted, 130)
+            except click.Abort:  # Ctrl-C (or end of input) at a prompt: nothing had started yet
+                _fail(INTERRUPTED, 130)
             except OSError as exc:
                 _fail(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc), EXIT_FAILURE)
             except Exception as exc:  # noqa: BLE001 - the contract is one stderr line, even for a bug of ours
@@ -144,7 +147,7 @@ class CliSettings(msgspec.Struct):
         return KeyFile.from_bytes(data, self.passphrase)
 
     def client(self, *, keys: bool = True) -> AsyncClient:
-        """An SDK client from these settings."""
+        """An SDK client from these settings; made outside the event loop, as it may prompt for the passphrase."""
         if not self.server:
             raise ConfigurationError("no server: pass --server or set ZKEB_SERVER")
         opened = self.keys() if keys else None
@@ -186,8 +189,29 @@ def _settings_after_the_command(command: Callable[..., None]) -> Callable[..., N
     return command
 
 
-def _run(coroutine: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    return asyncio.run(coroutine())
+def _run(client: AsyncClient, work: Callable[[AsyncClient], Coroutine[Any, Any, T]]) -> T:
+    """Run ``work`` with ``client`` in an event loop, closing the client after.
+
+    The client (and so the key file, and its passphrase prompt) is made by the caller, before the loop: a prompt
+    inside it would block the loop, whose Ctrl-C handler only cancels a task, so the first Ctrl-C would go unnoticed.
+    """
+
+    async def go() -> T:
+        async with client:
+            return await work(client)
+
+    return asyncio.run(go())
+
+
+def _can_prompt() -> bool:
+    """Whether a hidden prompt has a terminal: getpass (under click's) reads the controlling one, else stdin."""
+    if sys.stdin.isatty():
+        return True
+    try:
+        os.close(os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY))
+    except OSError:
+        return False
+    return True
 
 
 @contextmanager
@@ -325,6 +349,8 @@ def keygen(settings: CliSettings, seal: bool | None, from_recovery: bool) -> Non
         raise ConfigurationError("no key file: pass --identity or set ZKEB_IDENTITY")
     passphrase = settings.passphrase
     if seal and passphrase is None:
+        if not _can_prompt():
+            raise ConfigurationError("--seal needs a terminal for its prompt; use --passphrase or ZKEB_PASSPHRASE")
         passphrase = click.prompt("New passphrase", hide_input=True, confirmation_prompt=True, err=True)
     if seal is False:
         passphrase = None
@@ -364,15 +390,16 @@ def enroll(settings: CliSettings, label: str) -> None:
     if settings.project is None:
         raise ConfigurationError("enroll needs the project: pass --project or set ZKEB_PROJECT")
 
-    async def go() -> Any:
-        async with settings.client() as client:
-            return await client.enroll(label)
+    async def go(client: AsyncClient) -> Any:
+        return await client.enroll(label)
 
-    keys = settings.keys()
-    enrollment = _run(go)
-    assert settings.identity is not None  # settings.keys() checked it
-    sealed = KeyFile.is_sealed(settings.identity.read_bytes())
-    keys.with_project(settings.project).rewrite(settings.identity, settings.passphrase if sealed else None)
+    client = settings.client()
+    keys, identity = client.keys, settings.identity
+    assert keys is not None  # settings.client() opened them
+    assert identity is not None
+    enrollment = _run(client, go)
+    sealed = KeyFile.is_sealed(identity.read_bytes())
+    keys.with_project(settings.project).rewrite(identity, settings.passphrase if sealed else None)
     click.echo(f"enrolled device {enrollment.id} ({enrollment.device_id_hash}) in project {settings.project}")
 
 
@@ -391,12 +418,11 @@ def backup(settings: CliSettings, path: Path, container: uuid.UUID, as_json: boo
     special files (FIFOs, sockets, devices) hold no data and are left out, each named on stderr.
     """
 
-    async def go() -> Any:
-        async with settings.client() as client:
-            with _progress(f"backup {path.name}", not as_json) as progress:
-                return await client.backup_file(path, container, progress)
+    async def go(client: AsyncClient) -> Any:
+        with _progress(f"backup {path.name}", not as_json) as progress:
+            return await client.backup_file(path, container, progress)
 
-    result = _run(go)
+    result = _run(settings.client(), go)
     _report_left_out(result.left_out, "left out")
     note = f", resumed at byte {result.resumed_from}" if result.resumed_from else ""
     _emit(as_json, result, f"backed up {result.name} ({result.size} bytes{note}) as {result.id}")
@@ -436,12 +462,11 @@ def restore(
     if latest and container is None:
         raise ConfigurationError("--latest needs --container")
 
-    async def go() -> Any:
-        async with settings.client() as client:
-            with _progress("restore", not as_json) as progress:
-                return await client.restore_file(backup_id, output, container_id=container, progress=progress)
+    async def go(client: AsyncClient) -> Any:
+        with _progress("restore", not as_json) as progress:
+            return await client.restore_file(backup_id, output, container_id=container, progress=progress)
 
-    result = _run(go)
+    result = _run(settings.client(), go)
     _report_left_out(result.left_out, "did not restore")
     _emit(as_json, result, f"restored {result.name} ({result.size} bytes) to {result.path}")
 
@@ -455,11 +480,10 @@ def restore(
 def list_backups(settings: CliSettings, container: uuid.UUID | None, as_json: bool) -> None:
     """List backups, newest first (names shown for those this key file can open)."""
 
-    async def go() -> Any:
-        async with settings.client(keys=settings.identity is not None) as client:
-            return await client.list(container)
+    async def go(client: AsyncClient) -> Any:
+        return await client.list(container)
 
-    records = _run(go)
+    records = _run(settings.client(keys=settings.identity is not None), go)
     if as_json:
         _emit(True, {"items": records}, "")
         return
@@ -477,12 +501,11 @@ def list_backups(settings: CliSettings, container: uuid.UUID | None, as_json: bo
 def verify(settings: CliSettings, backup_id: uuid.UUID, as_json: bool) -> None:
     """Download a backup and check its signature, digest and decryption; writes nothing."""
 
-    async def go() -> Any:
-        async with settings.client() as client:
-            with _progress("verify", not as_json) as progress:
-                return await client.verify(backup_id, progress)
+    async def go(client: AsyncClient) -> Any:
+        with _progress("verify", not as_json) as progress:
+            return await client.verify(backup_id, progress)
 
-    result = _run(go)
+    result = _run(settings.client(), go)
     _emit(as_json, result, f"backup {result.id} verified: {result.name} ({result.size} bytes)")
 
 
@@ -495,11 +518,10 @@ def verify(settings: CliSettings, backup_id: uuid.UUID, as_json: bool) -> None:
 def remove(settings: CliSettings, backup_id: uuid.UUID, as_json: bool) -> None:
     """Move a backup to the project's trash (an org admin can restore or purge it)."""
 
-    async def go() -> None:
-        async with settings.client(keys=settings.identity is not None) as client:
-            await client.delete(backup_id)
+    async def go(client: AsyncClient) -> None:
+        await client.delete(backup_id)
 
-    _run(go)
+    _run(settings.client(keys=settings.identity is not None), go)
     _emit(as_json, {"id": str(backup_id), "deleted": True}, f"moved {backup_id} to the trash")
 
 
