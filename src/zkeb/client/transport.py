@@ -32,7 +32,7 @@ from zkeb.client.crypto import auth_message
 from zkeb.client.errors import ApiError, ConfigurationError, TransferError
 from zkeb.client.keys import KeyFile
 
-__all__ = ("Credential", "RetryPolicy", "Transport", "api_error", "credential", "transport_failure")
+__all__ = ("Credential", "RetryPolicy", "Transport", "api_error", "credential", "redact", "transport_failure")
 
 #: Which credential a request carries: the device token, the API key, or none.
 Credential = Literal["device", "api_key", "none"]
@@ -110,6 +110,14 @@ def transport_failure(exc: httpx.TransportError) -> str:
     return f"{type(exc).__name__} {exc}".strip()
 
 
+def redact(server: str) -> str:
+    """A server URL as a message may show it: its user name and password (what comes before an ``@``) as ``***``.
+
+    Up to the last ``@``, so that one inside an unencoded password is covered too (and one in a path, harmlessly).
+    """
+    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)?.*@", r"\1***@", server, flags=re.DOTALL)
+
+
 def credential(value: str | None, what: str) -> str | None:
     """An API key as given, without surrounding whitespace (a pasted line's end); None when empty.
 
@@ -178,8 +186,10 @@ class Transport:
         timeout: float = 60.0,
     ) -> None:
         if not server.startswith(("http://", "https://")):
-            raise ConfigurationError(f"server must be an http(s) URL, got {server!r}")
+            raise ConfigurationError(f"server must be an http(s) URL, got {redact(server)!r}")
         self.server = server.rstrip("/")
+        #: The server as messages name it: no user name or password.
+        self.shown = redact(self.server)
         self.api_key = credential(api_key, "the API key (--token or ZKEB_TOKEN)")
         self.keys = keys
         self.project_id = project_id
@@ -277,7 +287,7 @@ class Transport:
                 raise TransferError(transport_failure(exc)) from None  # sending it again cannot help
             except httpx.TransportError as exc:
                 if attempt + 1 >= self.retry.attempts:
-                    raise TransferError(f"cannot reach {self.server}: {transport_failure(exc)}") from exc
+                    raise TransferError(f"cannot reach {self.shown}: {transport_failure(exc)}") from exc
                 maybe_arrived |= not isinstance(exc, _NOT_SENT)
                 await asyncio.sleep(self.retry.delay(attempt, None))
             else:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 CLI = str(Path(sys.executable).with_name("zkeb-client"))
 
@@ -53,3 +56,28 @@ def test_keygen_refuses_to_overwrite_and_recovery_rebuilds_the_same_identity(tmp
     assert (again.returncode, again.stderr.count("\n")) == (4, 1)
     assert "refusing to overwrite" in again.stderr
     assert rebuilt.stdout == first.stdout  # the same device id hash
+
+
+def _closed_port() -> int:
+    with socket.socket() as probe:  # bound, never listening: connections to it are refused
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+@pytest.mark.parametrize(
+    ("server", "fragment"),
+    [
+        ("http://alice:s3cretpw@127.0.0.1:{port}", "cannot reach http://***@127.0.0.1:"),
+        ("ftp://alice:s3cretpw@127.0.0.1:{port}", "server must be an http(s) URL, got 'ftp://***@127.0.0.1:"),
+        ("alice:s3cretpw@127.0.0.1:{port}", "server must be an http(s) URL, got '***@127.0.0.1:"),
+    ],
+)
+def test_a_password_in_the_server_url_is_never_shown(server: str, fragment: str) -> None:
+    result = _run("ls", ZKEB_SERVER=server.format(port=_closed_port()), ZKEB_TOKEN="zkeb_x")
+
+    assert result.returncode in {1, 2}, result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert fragment in result.stderr
+    assert "s3cretpw" not in result.stderr
+    assert "alice" not in result.stderr
