@@ -167,9 +167,17 @@ def _tls_verification(server: str) -> ssl.SSLContext | bool:
     empty context fails verification (it still requires a certificate and checks the host name) instead of skipping
     it.
     """
-    if server.startswith("https://"):
+    if _scheme(server) == "https":
         return True
     return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+
+
+def _scheme(url: str) -> str:
+    """A URL's scheme in lower case (`HTTPS://Host` is `https://host`: RFC 3986), or "" when it is no URL."""
+    try:
+        return httpx.URL(url).scheme
+    except httpx.InvalidURL:
+        return ""
 
 
 class Transport:
@@ -185,7 +193,7 @@ class Transport:
         retry: RetryPolicy | None = None,
         timeout: float = 60.0,
     ) -> None:
-        if not server.startswith(("http://", "https://")):
+        if _scheme(server) not in {"http", "https"}:
             raise ConfigurationError(f"server must be an http(s) URL, got {redact(server)!r}")
         self.server = server.rstrip("/")
         #: The server as messages name it: no user name or password.

@@ -473,3 +473,17 @@ async def test_a_token_ending_in_a_space_and_carriage_return_works_and_one_with_
     assert_one_line_failure(refused, 2, "the API key (--token or ZKEB_TOKEN) holds a space")
     assert project.project_key[10:] not in refused.stderr
     assert elapsed < 5, "the refusal was retried"
+
+
+async def test_a_server_url_with_an_upper_case_scheme_is_the_same_server(enrolled: Cli, tmp_path: Path) -> None:
+    source = tmp_path / "notes.txt"
+    source.write_bytes(b"some notes")
+    container = str(uuid.uuid4())
+    server = enrolled.env["ZKEB_SERVER"].replace("http://", "HTTP://")
+
+    backup = enrolled.run("backup", str(source), "--container", container, "--json", ZKEB_SERVER=server)
+    listed = enrolled.run("ls", "--container", container, "--json", ZKEB_SERVER=server)
+
+    assert backup.returncode == 0, backup.stderr
+    assert listed.returncode == 0, listed.stderr
+    assert [item["name"] for item in json.loads(listed.stdout)["items"]] == ["notes.txt"]

@@ -87,6 +87,7 @@ def test_a_plain_http_server_gets_a_tls_context_that_trusts_no_certificate_and_h
     assert context.check_hostname
     assert context.cert_store_stats()["x509_ca"] == 0
     assert _tls_verification("https://backup.example") is True
+    assert _tls_verification("HTTPS://Backup.Example:443/") is True  # the same server (RFC 3986: case-insensitive)
 
 
 def test_an_api_key_is_stripped_of_a_line_end_and_one_with_a_space_inside_is_refused_without_showing_it() -> None:
