@@ -16,9 +16,11 @@ from __future__ import annotations
 import os
 import stat
 import tarfile
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 
-from zkeb.client.errors import IntegrityError
+from zkeb.client.errors import IntegrityError, ZkebClientError
 from zkeb.client.models import LeftOut
 
 __all__ = ("extract_tar", "pack_directory")
@@ -33,23 +35,49 @@ def _special_kind(mode: int) -> str | None:
     return None
 
 
-def pack_directory(source: Path, destination: Path, *, state_dir: Path | None = None) -> list[LeftOut]:
-    """Write ``source`` (a directory) as a PAX tar file at ``destination``, its top entry named after it.
+@dataclass(frozen=True)
+class _Packing:
+    """What `_add` checks as it goes: what to leave out, and when to stop."""
+
+    left_out: list[LeftOut]
+    state: tuple[int, int] | None
+    limit: int | None
+    stop: threading.Event | None
+    name: str
+
+
+def pack_directory(
+    source: Path,
+    destination: Path,
+    *,
+    state_dir: Path | None = None,
+    limit: int | None = None,
+    stop: threading.Event | None = None,
+) -> list[LeftOut]:
+    """Write ``source`` (a directory) as a PAX tar file at ``destination`` (mode 0600), its top entry named after it.
 
     Args:
         source: The directory.
         destination: The tar file to write (left out, should it lie inside ``source``).
         state_dir: The client's own state directory (upload records and packs), left out should it lie inside
             ``source``: packing it would put earlier packs into this one, which then never matches the last run's.
+        limit: The server's largest payload: packing stops as soon as the tar file would pass it.
+        stop: Packing stops once it is set (the backup was cancelled).
 
     Returns:
         What was left out (special files; the state directory), in the order met.
+
+    Raises:
+        ZkebClientError: If the tar file would pass ``limit``, or ``stop`` was set; ``destination`` is then partial.
     """
-    left_out: list[LeftOut] = []
-    state = _identity(state_dir) if state_dir is not None else None
-    with tarfile.open(destination, "w", format=tarfile.PAX_FORMAT) as archive:
-        _add(archive, str(source), source.name, left_out, state)
-    return left_out
+    packing = _Packing([], _identity(state_dir) if state_dir is not None else None, limit, stop, source.name)
+    # A copy of the user's plaintext: readable by its owner only, whatever the umask.
+    with (
+        open(destination, "wb", opener=lambda path, flags: os.open(path, flags, 0o600)) as file,
+        tarfile.open(fileobj=file, mode="w", format=tarfile.PAX_FORMAT) as archive,
+    ):
+        _add(archive, str(source), source.name, packing)
+    return packing.left_out
 
 
 def _identity(path: Path) -> tuple[int, int] | None:
@@ -61,21 +89,28 @@ def _identity(path: Path) -> tuple[int, int] | None:
     return found.st_dev, found.st_ino
 
 
-def _add(
-    archive: tarfile.TarFile, path: str, arcname: str, left_out: list[LeftOut], state: tuple[int, int] | None
-) -> None:
+def _add(archive: tarfile.TarFile, path: str, arcname: str, packing: _Packing) -> None:
     """Add ``path`` as `TarFile.add` would (recursively, sorted), leaving special files and the state out."""
     if archive.name is not None and os.path.abspath(path) == archive.name:
         return  # the archive being written, should it lie inside the tree
+    if packing.stop is not None and packing.stop.is_set():
+        raise ZkebClientError("packing was stopped")
     found = os.lstat(path)
-    if state is not None and stat.S_ISDIR(found.st_mode) and (found.st_dev, found.st_ino) == state:
-        left_out.append(LeftOut(path=arcname, reason="the client's own state directory: upload records and packs"))
+    if packing.state is not None and stat.S_ISDIR(found.st_mode) and (found.st_dev, found.st_ino) == packing.state:
+        reason = "the client's own state directory: upload records and packs"
+        packing.left_out.append(LeftOut(path=arcname, reason=reason))
         return
     kind = _special_kind(found.st_mode)
     info = None if kind is not None else archive.gettarinfo(path, arcname)
     if info is None:
-        left_out.append(LeftOut(path=arcname, reason=f"{kind or 'an unsupported file type'}: it holds no data"))
+        reason = f"{kind or 'an unsupported file type'}: it holds no data"
+        packing.left_out.append(LeftOut(path=arcname, reason=reason))
         return
+    if packing.limit is not None and archive.offset + tarfile.BLOCKSIZE + info.size > packing.limit:
+        raise ZkebClientError(
+            f"{packing.name} is more than {packing.limit} bytes as a tar stream; "
+            f"the server takes at most {packing.limit} bytes"
+        )
     if info.isreg():
         with open(path, "rb") as handle:
             archive.addfile(info, handle)
@@ -83,7 +118,7 @@ def _add(
         archive.addfile(info)
     if info.isdir():
         for name in sorted(os.listdir(path)):
-            _add(archive, os.path.join(path, name), os.path.join(arcname, name), left_out, state)
+            _add(archive, os.path.join(path, name), os.path.join(arcname, name), packing)
 
 
 class _SafeMembers:

@@ -12,6 +12,7 @@ import io
 import os
 import shutil
 import tempfile
+import threading
 import uuid
 from collections.abc import Callable, Coroutine
 from contextlib import AbstractContextManager, nullcontext
@@ -149,17 +150,35 @@ class AsyncClient:
         result's ``left_out``.
         """
         uploader = self._uploader()
-        source, pack_key, left_out = await asyncio.to_thread(self._source, Path(path), uploader, container_id)
-        result = await uploader.backup(source, container_id, progress)
+        limit = None
+        if await asyncio.to_thread(Path(path).is_dir):
+            # Packing copies the whole tree: a server that is down, a device it refuses or a tree over its size limit
+            # fails first, not after the copy.
+            limit = await uploader.max_upload_size()
+            await self.transport.authorization()
+        stop = threading.Event()
+        try:
+            source, pack_key, left_out = await asyncio.to_thread(
+                self._source, Path(path), uploader, container_id, limit, stop
+            )
+        except BaseException:
+            stop.set()  # cancelled: the packing thread stops at its next entry and removes its partial pack
+            raise
+        try:
+            result = await uploader.backup(source, container_id, progress)
+        except BaseException:
+            if pack_key is not None and self.states.load(pack_key) is None:
+                self.states.discard(pack_key)  # no upload to resume: the plaintext copy goes
+            raise
         if pack_key is not None:
             self.states.discard(pack_key)  # the directory's tar stream, once backed up
         return msgspec.structs.replace(result, left_out=left_out) if left_out else result
 
     def _source(
-        self, path: Path, uploader: Uploader, container_id: uuid.UUID
+        self, path: Path, uploader: Uploader, container_id: uuid.UUID, limit: int | None, stop: threading.Event
     ) -> tuple[Source, str | None, list[LeftOut]]:
         """A file as it is; a directory packed (reproducibly) into a tar file in the state directory, its key, and
-        the special files left out of it."""
+        the special files left out of it. Packing stops once the pack would pass ``limit`` or ``stop`` is set."""
         self.states.remove_stale_packs()
         absolute = path.absolute()
         if not absolute.is_dir():
@@ -176,7 +195,11 @@ class AsyncClient:
         )
         pack = self.states.scratch(key)
         temporary = pack.with_suffix(f".{os.getpid()}.tmp")
-        left_out = pack_directory(absolute, temporary, state_dir=self.states.root)
+        try:
+            left_out = pack_directory(absolute, temporary, state_dir=self.states.root, limit=limit, stop=stop)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
         # The same bytes as the last run's pack give the same ciphertext: keep the old pack (and its mtime) to resume.
         if pack.exists() and _same_content(pack, temporary):
             temporary.unlink()

@@ -11,6 +11,7 @@ import base64
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -452,10 +453,16 @@ async def test_a_file_over_the_server_limit_is_refused_before_any_upload(
         cli.ok("enroll", "--label", "laptop")
         source = tmp_path / "big.bin"
         source.write_bytes(os.urandom(3 * MIB))
+        tree = tmp_path / "tree"
+        tree.mkdir()
+        (tree / "big.bin").write_bytes(os.urandom(3 * MIB))
 
         result = cli.run("backup", str(source), "--container", str(uuid.uuid4()))
+        directory = cli.run("backup", str(tree), "--container", str(uuid.uuid4()))
 
     assert_one_line_failure(result, 1, "the server takes at most 2000000 bytes")
+    assert_one_line_failure(directory, 1, "the server takes at most 2000000 bytes")
+    assert _packs(tmp_path / "state") == [], "the directory's plaintext pack was left behind"
     assert await owner_connection.fetchval("SELECT count(*) FROM upload_sessions") == 0
     assert await owner_connection.fetchval("SELECT count(*) FROM payloads") == 0
 
@@ -487,3 +494,45 @@ async def test_a_server_url_with_an_upper_case_scheme_is_the_same_server(enrolle
     assert backup.returncode == 0, backup.stderr
     assert listed.returncode == 0, listed.stderr
     assert [item["name"] for item in json.loads(listed.stdout)["items"]] == ["notes.txt"]
+
+
+def _packs(state_home: Path) -> list[str]:
+    """The files in the client's pack folder: plaintext copies of directories."""
+    folder = state_home / "zkeb-client" / "packs"
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+def _a_tree(tmp_path: Path) -> Path:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "secret.txt").write_bytes(b"plaintext" * 1000)
+    return tree
+
+
+async def test_a_directory_backup_to_an_unreachable_server_leaves_no_plaintext_pack(
+    enrolled: Cli, tmp_path: Path
+) -> None:
+    with socket.socket() as probe:  # bound, never listening: connections to it are refused
+        probe.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{probe.getsockname()[1]}"
+
+    result = enrolled.run("backup", str(_a_tree(tmp_path)), "--container", str(uuid.uuid4()), ZKEB_SERVER=closed)
+
+    assert_one_line_failure(result, 1, "cannot reach")
+    assert _packs(tmp_path / "state") == [], "a pack was left when the server could not be reached"
+
+
+async def test_a_directory_backup_by_a_revoked_device_leaves_no_plaintext_pack(
+    enrolled: Cli, project: Project, tmp_path: Path
+) -> None:
+    async with httpx.AsyncClient(
+        base_url=project.server, headers={"Authorization": f"Bearer {project.admin_key}"}
+    ) as admin:
+        device = (await admin.get(f"/api/v1/projects/{project.project_id}/devices")).json()["items"][0]["id"]
+        revoked = await admin.delete(f"/api/v1/devices/{device}")
+    assert revoked.status_code == 204, revoked.text
+
+    result = enrolled.run("backup", str(_a_tree(tmp_path)), "--container", str(uuid.uuid4()))
+
+    assert_one_line_failure(result, 1, "401")
+    assert _packs(tmp_path / "state") == [], "a pack was left when the server refused the device"

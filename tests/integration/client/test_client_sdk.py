@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import msgspec
@@ -732,3 +733,25 @@ async def test_a_restore_and_a_backup_remove_what_killed_runs_left_behind_and_no
 
     assert sorted(entry.name for entry in out.iterdir()) == sorted(["late.bin", live_part.name, other_part.name])
     assert sorted(entry.name for entry in (state / "packs").iterdir()) == [live_pack.name]
+
+
+async def test_a_directory_that_fails_to_pack_leaves_no_partial_pack(
+    project: Project, keys: KeyFile, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "a.txt").write_bytes(b"readable" * 1000)
+    (tree / "b.txt").write_bytes(b"unreadable")
+
+    def unreadable(path: str, *args: Any, **kwargs: Any) -> Any:  # as a file of another user's is to us
+        if str(path).endswith("b.txt"):
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        return open(path, *args, **kwargs)  # the builtin, for every other file
+
+    monkeypatch.setattr("zkeb.client.archive.open", unreadable, raising=False)
+    state = tmp_path / "state"
+    async with AsyncClient(project.server, keys=keys, state_dir=state) as client:
+        with pytest.raises(PermissionError):
+            await client.backup_file(tree, uuid.uuid4())
+
+    assert list((state / "packs").iterdir()) == [], "the partial pack was left behind"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from zkeb.client import IntegrityError, LeftOut
+from zkeb.client import IntegrityError, LeftOut, ZkebClientError
 from zkeb.client.archive import extract_tar, pack_directory
 
 
@@ -113,3 +113,27 @@ def test_extraction_skips_links_leaving_the_target_and_special_files(
     assert [entry.path for entry in left_out] == [name]
     assert [p.name for p in target.iterdir()] == ["kept.txt"]
     assert not (tmp_path / "outside").exists()
+
+
+def test_a_pack_is_readable_by_its_owner_only_whatever_the_umask(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "secret.txt").write_bytes(b"plaintext")
+    previous = os.umask(0o022)
+    try:
+        pack_directory(tree, tmp_path / "pack.tar")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "pack.tar").stat().st_mode & 0o777 == 0o600
+
+
+def test_packing_stops_before_the_pack_passes_the_limit(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "a.bin").write_bytes(os.urandom(3000))
+    (tree / "b.bin").write_bytes(os.urandom(3000))
+
+    with pytest.raises(ZkebClientError, match=r"^tree is more than 5000 bytes .*the server takes at most 5000 bytes$"):
+        pack_directory(tree, tmp_path / "pack.tar", limit=5000)
+
+    assert (tmp_path / "pack.tar").stat().st_size < 5000, "packing went on past the limit"
