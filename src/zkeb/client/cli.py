@@ -372,7 +372,8 @@ def export_recovery(settings: CliSettings) -> None:
     """Print the keys as a recovery form (base32 with a checksum) to keep offline, e.g. on paper.
 
     Anyone holding it can read and forge your backups. Rebuild a key file from it with
-    `zkeb-client keygen --from-recovery < form.txt` (then `enroll` again, or pass --project).
+    `zkeb-client keygen --from-recovery < form.txt`, then `enroll` it again (the server knows the device: the file
+    then remembers the project) or pass --project.
     """
     click.echo(settings.keys().recovery_text())
 
@@ -385,7 +386,8 @@ def export_recovery(settings: CliSettings) -> None:
 def enroll(settings: CliSettings, label: str) -> None:
     """Register this device's public key in the project (needs an org-admin key as --token).
 
-    The key file then remembers the project, so later commands need no --project.
+    The key file then remembers the project, so later commands need no --project. A device the project already has
+    with this key (enrolled before, or a key file rebuilt from its recovery form) is enrolled already: that is no error.
     """
     if settings.project is None:
         raise ConfigurationError("enroll needs the project: pass --project or set ZKEB_PROJECT")
@@ -397,9 +399,11 @@ def enroll(settings: CliSettings, label: str) -> None:
     keys, identity = client.keys, settings.identity
     assert keys is not None  # settings.client() opened them
     assert identity is not None
-    enrollment = _run(client, go)
     sealed = KeyFile.is_sealed(identity.read_bytes())
-    keys.with_project(settings.project).rewrite(identity, settings.passphrase if sealed else None)
+    # The key file that remembers the project is written first, and put in place once the server enrolled the device:
+    # a disk that cannot take it fails before the device is enrolled.
+    with keys.with_project(settings.project).rewriting(identity, settings.passphrase if sealed else None):
+        enrollment = _run(client, go)
     click.echo(f"enrolled device {enrollment.id} ({enrollment.device_id_hash}) in project {settings.project}")
 
 

@@ -25,6 +25,8 @@ import hashlib
 import os
 import re
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -205,6 +207,16 @@ class KeyFile:
         A file sealed with scrypt parameters of its own is sealed again with the same ones, never the defaults (which
         may be weaker).
         """
+        with self.rewriting(path, passphrase):
+            pass
+
+    @contextmanager
+    def rewriting(self, path: Path, passphrase: str | None = None) -> Iterator[None]:
+        """`rewrite` in two steps: the new file is written (and synced) beside ``path`` on entry, and put in its place
+        when the block succeeds; if the block (or the write) fails, it is removed and ``path`` is unchanged.
+
+        What the block does (`enroll`'s request) thus happens only once the new file is known to fit on the disk.
+        """
         params = None
         try:
             sealed = msgspec.json.decode(path.read_bytes(), type=_Document).sealed
@@ -215,9 +227,16 @@ class KeyFile:
         data = self.to_bytes(passphrase, params)
         temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        temporary.replace(path)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            yield
+            temporary.replace(path)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
 
     def recovery_text(self) -> str:
         """The keys as grouped base32 text with a checksum: what to print and keep offline."""

@@ -16,6 +16,7 @@ import threading
 import uuid
 from collections.abc import Callable, Coroutine
 from contextlib import AbstractContextManager, nullcontext
+from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, BinaryIO, Literal, Self, TypeVar
@@ -24,7 +25,7 @@ import msgspec
 
 from zkeb.client.archive import pack_directory
 from zkeb.client.crypto import decrypt_metadata
-from zkeb.client.errors import ConfigurationError, ZkebClientError
+from zkeb.client.errors import ApiError, ConfigurationError, ZkebClientError
 from zkeb.client.keys import KeyFile
 from zkeb.client.models import (
     BackupRecord,
@@ -47,6 +48,16 @@ T = TypeVar("T")
 
 class _Page(msgspec.Struct):
     items: list[ServerEnvelope]
+    next_cursor: str | None
+
+
+class _Device(Enrollment, frozen=True, kw_only=True):
+    public_key: str
+    revoked_at: datetime | None = None
+
+
+class _DevicePage(msgspec.Struct):
+    items: list[_Device]
     next_cursor: str | None
 
 
@@ -122,20 +133,54 @@ class AsyncClient:
         return Restorer(self.transport, self._device()[0])
 
     async def enroll(self, label: str | None = None) -> Enrollment:
-        """Register this key file's device in the project (needs an org-admin API key)."""
+        """Register this key file's device in the project (needs an org-admin API key).
+
+        A device the project already has with this same public key (enrolled before, or a key file rebuilt from its
+        recovery form) is that enrollment, not an error; another key under the same device id stays a 409 `ApiError`.
+
+        Raises:
+            ZkebClientError: If this device was enrolled and has since been revoked.
+        """
         keys, project_id = self._device()
-        response = await self.transport.request(
-            "POST",
-            f"/api/v1/projects/{project_id}/devices",
-            credential="api_key",
-            json={
-                "device_id_hash": keys.device_id_hash.hex(),
-                "public_key": base64.b64encode(keys.public_key).decode(),
-                "label": label,
-            },
-            expect=(201,),
-        )
+        public_key = base64.b64encode(keys.public_key).decode()
+        try:
+            response = await self.transport.request(
+                "POST",
+                f"/api/v1/projects/{project_id}/devices",
+                credential="api_key",
+                json={"device_id_hash": keys.device_id_hash.hex(), "public_key": public_key, "label": label},
+                expect=(201,),
+            )
+        except ApiError as exc:
+            # The server's 409 says only that the device id is taken: whether by this key, its device list tells.
+            if exc.status != 409:
+                raise
+            found = await self._enrolled(project_id, keys.device_id_hash.hex(), public_key)
+            if found is None:
+                raise
+            if found.revoked_at is not None:
+                raise ZkebClientError(
+                    f"this device was enrolled in project {project_id} and has been revoked; it cannot enroll again"
+                ) from None
+            return Enrollment(
+                id=found.id, project_id=found.project_id, device_id_hash=found.device_id_hash, label=found.label
+            )
         return msgspec.json.decode(response.content, type=Enrollment)
+
+    async def _enrolled(self, project_id: uuid.UUID, device_id_hash: str, public_key: str) -> _Device | None:
+        """The project's device with this id hash and public key, revoked or not; None when it has none."""
+        params = {"limit": "100"}
+        while True:
+            response = await self.transport.request(
+                "GET", f"/api/v1/projects/{project_id}/devices", credential="api_key", params=params
+            )
+            page = msgspec.json.decode(response.content, type=_DevicePage)
+            for device in page.items:
+                if device.device_id_hash == device_id_hash and device.public_key == public_key:
+                    return device
+            if page.next_cursor is None:
+                return None
+            params["cursor"] = page.next_cursor
 
     async def max_upload_size(self) -> int:
         """The largest payload the server takes."""

@@ -10,6 +10,7 @@ import asyncio
 import base64
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -536,3 +537,73 @@ async def test_a_directory_backup_by_a_revoked_device_leaves_no_plaintext_pack(
 
     assert_one_line_failure(result, 1, "401")
     assert _packs(tmp_path / "state") == [], "a pack was left when the server refused the device"
+
+
+async def _devices(project: Project) -> list[dict[str, Any]]:
+    async with httpx.AsyncClient(
+        base_url=project.server, headers={"Authorization": f"Bearer {project.admin_key}"}
+    ) as admin:
+        items: list[dict[str, Any]] = (await admin.get(f"/api/v1/projects/{project.project_id}/devices")).json()[
+            "items"
+        ]
+    return items
+
+
+def _on_a_full_disk(cli: Cli, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run the CLI with every file write failing (EFBIG, from a file size limit of 0), as on a full disk."""
+    return subprocess.run(
+        cli.command(*args), env=cli.environ(), capture_output=True, text=True, check=False, timeout=60,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0)),
+    )  # fmt: skip
+
+
+def _temporaries(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp"))
+
+
+async def test_enroll_that_cannot_write_the_key_file_does_not_enroll_and_leaves_no_temporary_file(
+    cli: Cli, project: Project, tmp_path: Path
+) -> None:
+    cli.ok("keygen")
+    before = (tmp_path / "device.key").read_bytes()
+
+    failed = _on_a_full_disk(cli, "enroll", "--label", "laptop")
+    devices = await _devices(project)
+    after = (tmp_path / "device.key").read_bytes()
+    temporaries = _temporaries(tmp_path)
+    again = cli.run("enroll", "--label", "laptop")
+
+    assert_one_line_failure(failed, 1, "File too large")
+    assert devices == [], "the device was enrolled although its key file could not be written"
+    assert temporaries == [], "a temporary key file was left behind"
+    assert after == before
+    assert again.returncode == 0, again.stderr
+    assert json.loads((tmp_path / "device.key").read_bytes())["project_id"] == str(project.project_id)
+
+
+async def test_a_key_file_rebuilt_from_its_recovery_form_enrolls_again_and_remembers_the_project(
+    enrolled: Cli, project: Project, tmp_path: Path
+) -> None:
+    form = enrolled.ok("export-recovery").stdout
+    rebuilt = tmp_path / "rebuilt.key"
+    made = enrolled.run("keygen", "--from-recovery", input_text=form, ZKEB_IDENTITY=str(rebuilt))
+    assert made.returncode == 0, made.stderr
+
+    again = enrolled.run("enroll", "--label", "laptop", ZKEB_IDENTITY=str(rebuilt))
+
+    assert again.returncode == 0, again.stderr
+    assert json.loads(rebuilt.read_bytes())["project_id"] == str(project.project_id)
+    assert len(await _devices(project)) == 1
+
+
+async def test_enroll_of_another_key_under_an_enrolled_device_id_is_still_refused(
+    enrolled: Cli, tmp_path: Path
+) -> None:
+    real = KeyFile.from_bytes((tmp_path / "device.key").read_bytes())
+    impostor = KeyFile(real.device_id, KeyFile.generate().signing_key, os.urandom(32))
+    impostor.write_new(tmp_path / "impostor.key")
+
+    result = enrolled.run("enroll", "--label", "impostor", ZKEB_IDENTITY=str(tmp_path / "impostor.key"))
+
+    assert_one_line_failure(result, 1, "409")
+    assert "project_id" not in json.loads((tmp_path / "impostor.key").read_bytes())
