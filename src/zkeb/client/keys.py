@@ -189,17 +189,24 @@ class KeyFile:
     def write_new(self, path: Path, passphrase: str | None = None) -> None:
         """Create ``path`` with mode 0600; never replaces an existing file.
 
+        The file is written and synced under a temporary name beside ``path``, then linked to ``path`` (which fails
+        if it exists): a failed write (a full disk) leaves nothing, never an empty key file.
+
         Raises:
             KeyFileError: If the file already exists.
         """
         data = self.to_bytes(passphrase)
         path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = _temporary(path)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            raise KeyFileError(f"{path} already exists; refusing to overwrite a key file") from None
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            _write_synced(temporary, data)
+            try:
+                os.link(temporary, path)
+            except FileExistsError:
+                raise KeyFileError(f"{path} already exists; refusing to overwrite a key file") from None
+            _sync_directory(path.parent)
+        finally:
+            temporary.unlink(missing_ok=True)
 
     def rewrite(self, path: Path, passphrase: str | None = None) -> None:
         """Replace ``path`` atomically (same mode 0600), e.g. to remember the enrolled project.
@@ -216,7 +223,9 @@ class KeyFile:
         when the block succeeds; if the block (or the write) fails, it is removed and ``path`` is unchanged.
 
         What the block does (`enroll`'s request) thus happens only once the new file is known to fit on the disk.
+        A symbolic link is followed: the file it points to is rewritten, and the link kept.
         """
+        path = path.resolve()
         params = None
         try:
             sealed = msgspec.json.decode(path.read_bytes(), type=_Document).sealed
@@ -225,15 +234,12 @@ class KeyFile:
         if sealed is not None:
             params = ScryptParameters(n=sealed.n, r=sealed.r, p=sealed.p)
         data = self.to_bytes(passphrase, params)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        temporary = _temporary(path)
         try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
+            _write_synced(temporary, data)
             yield
             temporary.replace(path)
+            _sync_directory(path.parent)
         except BaseException:
             temporary.unlink(missing_ok=True)
             raise
@@ -272,6 +278,31 @@ class KeyFile:
             signing_key=Ed25519PrivateKey.from_private_bytes(body[16 : 16 + KEY_LENGTH]),
             backup_key=body[16 + KEY_LENGTH :],
         )
+
+
+def _temporary(path: Path) -> Path:
+    """Where a key file is written before it takes ``path``'s place: beside it, named after this process."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    """Create ``path`` (mode 0600; it must not exist) holding ``data``, flushed to the disk."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _sync_directory(folder: Path) -> None:
+    """Flush a directory's entries (a new or renamed key file) to the disk, where the system allows it (POSIX)."""
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _replace_document(document: _Document, **changes: object) -> _Document:

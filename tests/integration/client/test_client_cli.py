@@ -607,3 +607,19 @@ async def test_enroll_of_another_key_under_an_enrolled_device_id_is_still_refuse
 
     assert_one_line_failure(result, 1, "409")
     assert "project_id" not in json.loads((tmp_path / "impostor.key").read_bytes())
+
+
+async def test_enroll_through_a_symlinked_key_file_rewrites_its_target_and_keeps_the_link(
+    cli: Cli, project: Project, tmp_path: Path
+) -> None:
+    (tmp_path / "keys").mkdir()
+    target = tmp_path / "keys" / "device.key"
+    cli.ok("keygen", ZKEB_IDENTITY=str(target))
+    link = tmp_path / "device.key"
+    link.symlink_to(target)
+
+    cli.ok("enroll", "--label", "laptop", ZKEB_IDENTITY=str(link))
+
+    assert link.is_symlink(), "the link was replaced by a file"
+    assert json.loads(target.read_bytes())["project_id"] == str(project.project_id)
+    assert target.stat().st_mode & 0o777 == 0o600

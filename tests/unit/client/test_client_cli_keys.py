@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -81,3 +83,20 @@ def test_a_password_in_the_server_url_is_never_shown(server: str, fragment: str)
     assert fragment in result.stderr
     assert "s3cretpw" not in result.stderr
     assert "alice" not in result.stderr
+
+
+def test_keygen_on_a_full_disk_leaves_no_file_and_a_later_keygen_works(tmp_path: Path) -> None:
+    identity = tmp_path / "device.key"
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("ZKEB_")} | {"ZKEB_IDENTITY": str(identity)}
+    full = subprocess.run(
+        [CLI, "keygen"], env=environ, capture_output=True, text=True, check=False, stdin=subprocess.DEVNULL,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0)),  # every write fails, as on a full disk
+    )  # fmt: skip
+    left = sorted(p.name for p in tmp_path.iterdir())
+    again = _run("keygen", ZKEB_IDENTITY=str(identity))
+
+    assert (full.returncode, full.stderr.count("\n")) == (1, 1), full.stderr
+    assert "File too large" in full.stderr
+    assert left == [], "keygen left a file behind"
+    assert again.returncode == 0, again.stderr
+    assert json.loads(identity.read_bytes())["format"] == "zkeb-client-key/1"
