@@ -181,6 +181,10 @@ class Uploader:
         encryptor = PayloadEncryptor(self.keys.backup_key, nonce)
         payload = b"".join(encryptor.update(chunk) for chunk in _read_all(source))
         tag = encryptor.finish()
+        if encryptor.size != source.size or (
+            source.current is not None and source.current() != (source.size, source.mtime_ns)
+        ):
+            raise ZkebClientError(f"{source.name} changed while it was being backed up; run the command again")
         plain_sha256 = encryptor.plain_sha256.hexdigest()
         metadata = encrypt_metadata(
             self.keys.backup_key,
@@ -226,7 +230,7 @@ class Uploader:
             container_id=container_id,
             name=source.name,
             kind=source.kind,
-            size=source.size,
+            size=encryptor.size,  # what was read and stored
             encrypted_size=len(payload),
             sha256=plain_sha256,
             transfer="single-shot",

@@ -35,6 +35,7 @@ from zkeb.client import (
 )
 from zkeb.client.restores import Restorer
 from zkeb.client.state import UploadState
+from zkeb.client.uploads import Uploader
 
 from support import granian_server, make_settings
 
@@ -755,3 +756,27 @@ async def test_a_directory_that_fails_to_pack_leaves_no_partial_pack(
             await client.backup_file(tree, uuid.uuid4())
 
     assert list((state / "packs").iterdir()) == [], "the partial pack was left behind"
+
+
+async def test_a_small_file_that_changes_during_its_backup_is_refused_not_stored_torn(
+    project: Project, keys: KeyFile, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = tmp_path / "notes.txt"
+    source.write_bytes(b"the first version")
+    size_limit = Uploader.max_upload_size
+
+    async def meanwhile_the_file_changes(uploader: Uploader) -> int:  # between the file's stat and its read
+        source.write_bytes(b"the second version, written while the backup ran")
+        return await size_limit(uploader)
+
+    monkeypatch.setattr(Uploader, "max_upload_size", meanwhile_the_file_changes)
+    container = uuid.uuid4()
+    async with AsyncClient(project.server, keys=keys, state_dir=tmp_path / "state") as client:
+        with pytest.raises(ZkebClientError, match=r"^notes\.txt changed while it was being backed up"):
+            await client.backup_file(source, container)
+        monkeypatch.undo()
+        stored = await client.list(container)
+        backup = await client.backup_file(source, container)
+
+    assert stored == [], "the changed file was stored"
+    assert backup.size == len(b"the second version, written while the backup ran")
