@@ -354,6 +354,10 @@ def keygen(settings: CliSettings, seal: bool | None, from_recovery: bool) -> Non
         passphrase = click.prompt("New passphrase", hide_input=True, confirmation_prompt=True, err=True)
     if seal is False:
         passphrase = None
+    if passphrase == "":
+        raise ConfigurationError(
+            "an empty passphrase protects nothing; give one, or --no-seal for an unsealed key file"
+        )
     keys = KeyFile.from_recovery_text(sys.stdin.read()) if from_recovery else KeyFile.generate()
     keys.write_new(settings.identity, passphrase)
     click.echo(f"device id hash: {keys.device_id_hash.hex()}")

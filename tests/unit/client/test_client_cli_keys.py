@@ -100,3 +100,14 @@ def test_keygen_on_a_full_disk_leaves_no_file_and_a_later_keygen_works(tmp_path:
     assert left == [], "keygen left a file behind"
     assert again.returncode == 0, again.stderr
     assert json.loads(identity.read_bytes())["format"] == "zkeb-client-key/1"
+
+
+def test_keygen_refuses_an_empty_passphrase(tmp_path: Path) -> None:
+    identity = tmp_path / "device.key"
+    result = _run("keygen", "--passphrase", "", ZKEB_IDENTITY=str(identity))
+
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == (
+        "zkeb-client: error: an empty passphrase protects nothing; give one, or --no-seal for an unsealed key file\n"
+    )
+    assert not identity.exists()
