@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+import signal
 import sys
 import uuid
 from collections.abc import Callable, Coroutine, Iterator, Sequence
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
 __all__ = ("main",)
 
 EXIT_FAILURE, EXIT_USAGE, EXIT_INTEGRITY, EXIT_KEYFILE = 1, 2, 3, 4
+#: Ctrl-C (SIGINT) and SIGTERM, as a shell reports a command those signals killed: 128 + the signal's number.
+EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
 T = TypeVar("T")
 
 
@@ -70,10 +73,10 @@ def _one_line_errors(interrupted: str) -> Callable[[Callable[..., None]], Callab
                 command(*args, **kwargs)
             except ZkebClientError as exc:
                 _fail(str(exc), _exit_code(exc))
-            except KeyboardInterrupt:
-                _fail(interrupted, 130)
+            except KeyboardInterrupt as exc:
+                _fail(interrupted, EXIT_TERMINATED if isinstance(exc, _Terminated) else EXIT_INTERRUPTED)
             except click.Abort:  # Ctrl-C (or end of input) at a prompt: nothing had started yet
-                _fail(INTERRUPTED, 130)
+                _fail(INTERRUPTED, EXIT_INTERRUPTED)
             except OSError as exc:
                 _fail(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc), EXIT_FAILURE)
             except Exception as exc:  # noqa: BLE001 - the contract is one stderr line, even for a bug of ours
@@ -120,7 +123,7 @@ class _OneLineGroup(click.Group):
         except click.ClickException as exc:
             _fail(exc.format_message(), exc.exit_code)
         except click.Abort:
-            _fail(INTERRUPTED, 130)
+            _fail(INTERRUPTED, EXIT_INTERRUPTED)
         sys.exit(status if isinstance(status, int) else 0)
 
 
@@ -189,6 +192,10 @@ def _settings_after_the_command(command: Callable[..., None]) -> Callable[..., N
     return command
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM ended the command: reported as Ctrl-C is, with exit status 143 (128 + SIGTERM)."""
+
+
 def _run(client: AsyncClient, work: Callable[[AsyncClient], Coroutine[Any, Any, T]]) -> T:
     """Run ``work`` with ``client`` in an event loop, closing the client after.
 
@@ -197,10 +204,17 @@ def _run(client: AsyncClient, work: Callable[[AsyncClient], Coroutine[Any, Any, 
     """
 
     async def go() -> T:
+        task = asyncio.current_task()
+        if task is not None and os.name == "posix":  # an event loop takes signals on POSIX only
+            # As Ctrl-C does: cancel the command, so that it cleans up (a restore's temporary files and folders).
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
         async with client:
             return await work(client)
 
-    return asyncio.run(go())
+    try:
+        return asyncio.run(go())
+    except asyncio.CancelledError:
+        raise _Terminated from None  # asyncio.run raises KeyboardInterrupt for Ctrl-C, CancelledError for SIGTERM
 
 
 def _can_prompt() -> bool:

@@ -355,8 +355,11 @@ _WITH_CTRL_C = [
 ]
 
 
-def _interrupt_mid_download(cli: Cli, project: Project, *args: str) -> subprocess.CompletedProcess[str]:
-    """Run a download command through a proxy that holds the answer after 2 MiB, and press Ctrl-C there."""
+def _interrupt_mid_download(
+    cli: Cli, project: Project, *args: str, signal_number: int = signal.SIGINT
+) -> subprocess.CompletedProcess[str]:
+    """Run a download command through a proxy that holds the answer after 2 MiB, and press Ctrl-C there (or send
+    ``signal_number``)."""
     proxy = StallingProxy(project.server)
     proxy.hold_answer_after = 2 * MIB
     try:
@@ -369,7 +372,7 @@ def _interrupt_mid_download(cli: Cli, project: Project, *args: str) -> subproces
         )
         assert proxy.answer_held.wait(120), "the download never reached the proxy's hold"
         time.sleep(2)  # the client reads what came and waits for more: a stalled download
-        running.send_signal(signal.SIGINT)
+        running.send_signal(signal_number)
         # At once, not when the stalled read times out (60 s): Ctrl-C cuts the connection the download hangs on.
         stdout, stderr = running.communicate(timeout=15)
         return subprocess.CompletedProcess(running.args, running.returncode, stdout, stderr)
@@ -623,3 +626,22 @@ async def test_enroll_through_a_symlinked_key_file_rewrites_its_target_and_keeps
     assert link.is_symlink(), "the link was replaced by a file"
     assert json.loads(target.read_bytes())["project_id"] == str(project.project_id)
     assert target.stat().st_mode & 0o777 == 0o600
+
+
+async def test_sigterm_during_a_restore_is_handled_as_ctrl_c_and_leaves_nothing(
+    enrolled: Cli, project: Project, tmp_path: Path
+) -> None:
+    source = tmp_path / "large.bin"
+    source.write_bytes(os.urandom(12 * MIB))
+    container = str(uuid.uuid4())
+    backup = enrolled.json("backup", str(source), "--container", container)
+    out = tmp_path / "out"
+    out.mkdir()
+
+    result = await asyncio.to_thread(
+        _interrupt_mid_download, enrolled, project, "restore", backup["id"], "-o", f"{out}/new/folder/",
+        signal_number=signal.SIGTERM,
+    )  # fmt: skip
+
+    assert_one_line_failure(result, 143, "interrupted; nothing was restored")
+    assert list(out.iterdir()) == [], "the restore's temporary file or the folders it made were left"
