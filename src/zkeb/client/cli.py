@@ -142,8 +142,14 @@ class CliSettings(msgspec.Struct):
             raise ConfigurationError("no key file: pass --identity or set ZKEB_IDENTITY")
         try:
             data = self.identity.read_bytes()
+            mode = self.identity.stat().st_mode & 0o777
         except FileNotFoundError:
             raise KeyFileError(f"{self.identity} does not exist (create it with `zkeb-client keygen`)") from None
+        if os.name == "posix" and mode & 0o077:  # as ssh refuses a private key others can use
+            raise KeyFileError(
+                f"{self.identity} is open to other users (mode {mode:04o}): its keys open every backup; "
+                f"restrict it with `chmod 600 {self.identity}`"
+            )
         if self.passphrase is None and KeyFile.is_sealed(data) and sys.stdin.isatty():
             # Kept for the run: `enroll` rewrites the file and must seal it again with the same passphrase.
             self.passphrase = click.prompt("Key file passphrase", hide_input=True, err=True)

@@ -111,3 +111,21 @@ def test_keygen_refuses_an_empty_passphrase(tmp_path: Path) -> None:
         "zkeb-client: error: an empty passphrase protects nothing; give one, or --no-seal for an unsealed key file\n"
     )
     assert not identity.exists()
+
+
+def test_a_key_file_other_users_can_read_is_refused_saying_how_to_fix_it(tmp_path: Path) -> None:
+    identity = tmp_path / "device.key"
+    assert _run("keygen", ZKEB_IDENTITY=str(identity)).returncode == 0
+    identity.chmod(0o644)
+
+    refused = _run("export-recovery", ZKEB_IDENTITY=str(identity))
+    identity.chmod(0o600)
+    accepted = _run("export-recovery", ZKEB_IDENTITY=str(identity))
+
+    assert refused.returncode == 4, refused.stderr
+    assert refused.stderr == (
+        f"zkeb-client: error: {identity} is open to other users (mode 0644): its keys open every backup; "
+        f"restrict it with `chmod 600 {identity}`\n"
+    )
+    assert refused.stdout == ""
+    assert accepted.returncode == 0, accepted.stderr
