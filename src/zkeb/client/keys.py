@@ -190,7 +190,8 @@ class KeyFile:
         """Create ``path`` with mode 0600; never replaces an existing file.
 
         The file is written and synced under a temporary name beside ``path``, then linked to ``path`` (which fails
-        if it exists): a failed write (a full disk) leaves nothing, never an empty key file.
+        if it exists): a failed write (a full disk) leaves nothing, never an empty key file. On a file system without
+        hard links (FAT) it is created at ``path`` exclusively instead, and removed if writing it fails.
 
         Raises:
             KeyFileError: If the file already exists.
@@ -204,6 +205,11 @@ class KeyFile:
                 os.link(temporary, path)
             except FileExistsError:
                 raise KeyFileError(f"{path} already exists; refusing to overwrite a key file") from None
+            except OSError:  # no hard links here
+                try:
+                    _write_synced(path, data)
+                except FileExistsError:
+                    raise KeyFileError(f"{path} already exists; refusing to overwrite a key file") from None
             _sync_directory(path.parent)
         finally:
             temporary.unlink(missing_ok=True)
@@ -286,12 +292,16 @@ def _temporary(path: Path) -> Path:
 
 
 def _write_synced(path: Path, data: bytes) -> None:
-    """Create ``path`` (mode 0600; it must not exist) holding ``data``, flushed to the disk."""
+    """Create ``path`` (mode 0600; it must not exist) holding ``data``, flushed to the disk; removed if that fails."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException:
+        path.unlink(missing_ok=True)  # created by this call (O_EXCL): ours to remove
+        raise
 
 
 def _sync_directory(folder: Path) -> None:

@@ -99,3 +99,22 @@ def test_rewriting_a_sealed_key_file_keeps_its_own_stronger_scrypt_parameters(tm
     sealed = json.loads(path.read_bytes())["sealed"]
     assert (sealed["n"], sealed["r"], sealed["p"]) == (2**18, 8, 2)
     assert KeyFile.from_bytes(path.read_bytes(), "a long passphrase").project_id is not None
+
+
+def test_keygen_on_a_file_system_without_hard_links_still_writes_and_never_overwrites(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_hard_links(*_: object) -> None:
+        raise PermissionError(1, "Operation not permitted")  # what Linux answers on FAT
+
+    monkeypatch.setattr("zkeb.client.keys.os.link", no_hard_links)
+    path = tmp_path / "device.key"
+    keys = KeyFile.generate()
+    keys.write_new(path)
+
+    with pytest.raises(KeyFileError, match="refusing to overwrite"):
+        KeyFile.generate().write_new(path)
+
+    assert KeyFile.from_bytes(path.read_bytes()).device_id == keys.device_id
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["device.key"]
