@@ -15,6 +15,7 @@ import base64
 import math
 import random
 import re
+import socket
 import ssl
 import time
 import uuid
@@ -38,6 +39,8 @@ __all__ = ("Credential", "RetryPolicy", "Transport", "api_error", "credential", 
 Credential = Literal["device", "api_key", "none"]
 
 RETRYABLE_STATUS = frozenset({408, 429, 502, 503, 504})
+#: Name-resolution answers that another try would repeat (a name server that did not answer is retried).
+_NO_SUCH_HOST = frozenset(code for name in ("EAI_NONAME", "EAI_NODATA") if (code := getattr(socket, name, None)))
 #: Connection failures that happen before a request goes out: the server cannot have acted on it.
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 _HEADER_SAFE = re.compile(r"[\x21-\x7e]+")
@@ -97,6 +100,30 @@ def retry_after_seconds(response: httpx.Response) -> float | None:
         return float(moment.timestamp()) - time.time()
     except (TypeError, ValueError):
         return None
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """``exc`` and what it was raised from (cause, else context), each once."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and all(current is not seen for seen in chain):
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+def hopeless_failure(exc: httpx.TransportError, server: str) -> str | None:
+    """Why sending again cannot help, for a connection failure no retry fixes (TLS, a host name that does not
+    exist); None for one worth retrying (refused, reset, timed out, a name server that did not answer)."""
+    for cause in _causes(exc):
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return f"the TLS certificate of {server} is not trusted ({cause.verify_message})"
+        if isinstance(cause, ssl.SSLError):
+            hint = " (is it plain http? then use an http:// URL)" if "WRONG_VERSION_NUMBER" in str(cause) else ""
+            return f"TLS with {server} failed: {cause.reason or type(cause).__name__}{hint}"
+        if isinstance(cause, socket.gaierror) and cause.errno in _NO_SUCH_HOST:
+            return f"the host name of {server} does not resolve ({cause.strerror})"
+    return None
 
 
 def transport_failure(exc: httpx.TransportError) -> str:
@@ -294,6 +321,8 @@ class Transport:
             except httpx.LocalProtocolError as exc:
                 raise TransferError(transport_failure(exc)) from None  # sending it again cannot help
             except httpx.TransportError as exc:
+                if (hopeless := hopeless_failure(exc, self.shown)) is not None:
+                    raise ConfigurationError(hopeless) from None
                 if attempt + 1 >= self.retry.attempts:
                     raise TransferError(f"cannot reach {self.shown}: {transport_failure(exc)}") from exc
                 maybe_arrived |= not isinstance(exc, _NOT_SENT)
@@ -341,9 +370,34 @@ class Transport:
                 method, path, await self._headers(credential, headers, refresh=True), **kwargs
             )
             maybe_arrived |= again
+        self._check_is_zkeb(response)
         if response.status_code not in expect and not (maybe_arrived and response.status_code in after_lost_answer):
             raise api_error(response)
         return response
+
+    def _check_is_zkeb(self, response: httpx.Response) -> None:
+        """Refuse an answer that cannot be ZKEB's: a redirect, or one without the `X-Request-Id` ZKEB always sends.
+
+        A 5xx or a retryable status without it passes (a proxy or balancer in front of ZKEB answering for it: a 502,
+        a 429 of its own): its status says more.
+
+        Raises:
+            ConfigurationError: Naming where the server redirects, or that it is no ZKEB server.
+        """
+        if response.is_redirect:
+            location = response.headers.get("location", "")
+            target = redact(str(response.url.join(location))) if location else "another address"
+            raise ConfigurationError(f"{self.shown} redirects to {target}; use that URL as the server")
+        if (
+            "x-request-id" not in response.headers
+            and response.status_code < 500
+            and response.status_code not in RETRYABLE_STATUS
+        ):
+            kind = response.headers.get("content-type", "no content type").split(";")[0]
+            raise ConfigurationError(
+                f"{self.shown} does not answer as a ZKEB server ({response.status_code} {response.reason_phrase}, "
+                f"{kind}, no X-Request-Id); check the server URL"
+            )
 
     async def authorization(self, credential: Credential = "device") -> dict[str, str]:
         """The headers carrying ``credential``, for a request the caller sends itself (a streamed body)."""

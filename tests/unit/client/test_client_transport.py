@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import http.server
 import socket
 import ssl
+import threading
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
@@ -114,3 +117,68 @@ async def test_a_header_httpx_refuses_to_send_fails_at_once_without_quoting_it()
     assert elapsed < 1.0, "a request httpx refuses to send was retried"
     assert "secret" not in str(failed.value)
     assert "header" in str(failed.value)
+
+
+class _Foreign(http.server.BaseHTTPRequestHandler):
+    """Another HTTP server: a web page for every request, or a redirect to https for paths under /moved."""
+
+    def _answer(self) -> None:
+        if self.path.startswith("/moved"):
+            self.send_response(301)
+            self.send_header("Location", "https://backups.example.com" + self.path)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        body = b"<html><body>It works!</body></html>"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = do_OPTIONS = do_HEAD = _answer  # noqa: N815 - http.server dispatches on these names
+
+    def log_message(self, *_: object) -> None:
+        return
+
+
+@pytest.fixture
+def foreign_server() -> Iterator[str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Foreign)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+async def test_a_server_that_is_not_zkeb_is_named_as_such_and_a_redirect_names_its_target(foreign_server: str) -> None:
+    # A reviewer pointed the CLI at another web server: `unexpected DecodeError`, `unexpected KeyError:
+    # 'tus-max-size'`, "server answered 200 OK", and "server answered 301 Moved Permanently" without the target.
+    transport = Transport(foreign_server)
+    try:
+        with pytest.raises(ConfigurationError, match=r"does not answer as a ZKEB server \(200 OK, text/html"):
+            await transport.request("OPTIONS", "/api/v1/uploads", credential="none", expect=(204,))
+        with pytest.raises(ConfigurationError, match=r"redirects to https://backups.example.com/moved/api; use that"):
+            await transport.request("GET", "/moved/api", credential="none")
+    finally:
+        await transport.aclose()
+
+
+async def test_failures_no_retry_can_fix_fail_at_once_saying_why(foreign_server: str) -> None:
+    # TLS to a plain-http port and a host name that does not exist were retried for about 11 s.
+    policy = RetryPolicy(attempts=6, base_delay=1.0)
+    cases = {
+        foreign_server.replace("http://", "https://"): r"TLS with .* failed: .*is it plain http\?",
+        "http://no-such-host.invalid": r"does not resolve",
+    }
+    for server, reason in cases.items():
+        transport = Transport(server, retry=policy)
+        started = time.monotonic()
+        try:
+            with pytest.raises(ConfigurationError, match=reason):
+                await transport.request("GET", "/api/health", credential="none")
+        finally:
+            await transport.aclose()
+        assert time.monotonic() - started < 1.0, f"{server} was retried"
