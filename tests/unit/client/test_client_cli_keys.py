@@ -67,12 +67,16 @@ def _closed_port() -> int:
     return port
 
 
+#: A user name and password put in a server URL (made up for the test, never a real one).
+_USERINFO = "alice:s3cretpw"  # pragma: allowlist secret
+
+
 @pytest.mark.parametrize(
     ("server", "fragment"),
     [
-        ("http://alice:s3cretpw@127.0.0.1:{port}", "cannot reach http://***@127.0.0.1:"),
-        ("ftp://alice:s3cretpw@127.0.0.1:{port}", "server must be an http(s) URL, got 'ftp://***@127.0.0.1:"),
-        ("alice:s3cretpw@127.0.0.1:{port}", "server must be an http(s) URL, got '***@127.0.0.1:"),
+        (f"http://{_USERINFO}@127.0.0.1:{{port}}", "cannot reach http://***@127.0.0.1:"),
+        (f"ftp://{_USERINFO}@127.0.0.1:{{port}}", "server must be an http(s) URL, got 'ftp://***@127.0.0.1:"),
+        (f"{_USERINFO}@127.0.0.1:{{port}}", "server must be an http(s) URL, got '***@127.0.0.1:"),
     ],
 )
 def test_a_password_in_the_server_url_is_never_shown(server: str, fragment: str) -> None:
