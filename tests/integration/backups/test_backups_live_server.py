@@ -687,6 +687,20 @@ async def test_a_restore_whose_backup_is_purged_while_it_plans_answers_404(
     assert response.headers["content-type"] == "application/problem+json"
 
 
+@contextlib.asynccontextmanager
+async def _logged_server(
+    base_settings_env: dict[str, str], database_url: str, log_path: Path
+) -> AsyncIterator[tuple[str, httpx.AsyncClient, Tenant]]:
+    """A granian server writing its INFO log (access lines included) to `log_path`, a client and a tenant of it.
+
+    Read the log once the block has ended: the server has stopped, so everything it wrote is in the file.
+    """
+    env = {**base_settings_env, "DATABASE_URL": database_url, "LOG_LEVEL": "INFO"}
+    with granian_server(env, log_path=log_path) as url:
+        async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+            yield url, http, await make_tenant(http, make_settings(base_settings_env, DATABASE_URL=database_url))
+
+
 async def _restore_purging_after_the_first_piece(
     http: httpx.AsyncClient, tenant: Tenant, backup_id: str, received: list[bytes]
 ) -> None:
@@ -708,24 +722,21 @@ async def test_a_restore_whose_backup_is_purged_mid_stream_is_cut_short_with_one
     # granian logged a traceback at ERROR for every restore cut by a purge (the stream raised after its headers were
     # sent), and so did ours: a deletion the organization asked for is not a server error.
     log_path = tmp_path / "server.log"
-    env = {**base_settings_env, "DATABASE_URL": database_url, "LOG_LEVEL": "INFO"}
-    with granian_server(env, log_path=log_path) as url:
-        async with httpx.AsyncClient(base_url=url, timeout=60) as http:
-            tenant = await make_tenant(http, make_settings(base_settings_env, DATABASE_URL=database_url))
-            envelope = sign_envelope(tenant, os.urandom(40 * MIB))
-            created = await _create_upload(http, tenant, envelope)
-            completed = await http.patch(
-                created.headers["location"],
-                content=envelope.payload,
-                headers=tus_headers(tenant.project_key, **{"Upload-Offset": "0", "Content-Type": OCTETS}),
-            )
-            assert completed.status_code == 204, completed.text
-            backup_id = completed.headers["zkeb-backup-id"]
-            received: list[bytes] = []
-            with pytest.raises(httpx.RemoteProtocolError, match=r"incomplete|without sending complete"):
-                await _restore_purging_after_the_first_piece(http, tenant, backup_id, received)
-            health = await http.get("/api/health/live")
-            assert health.status_code == 200
+    async with _logged_server(base_settings_env, database_url, log_path) as (_, http, tenant):
+        envelope = sign_envelope(tenant, os.urandom(40 * MIB))
+        created = await _create_upload(http, tenant, envelope)
+        completed = await http.patch(
+            created.headers["location"],
+            content=envelope.payload,
+            headers=tus_headers(tenant.project_key, **{"Upload-Offset": "0", "Content-Type": OCTETS}),
+        )
+        assert completed.status_code == 204, completed.text
+        backup_id = completed.headers["zkeb-backup-id"]
+        received: list[bytes] = []
+        with pytest.raises(httpx.RemoteProtocolError, match=r"incomplete|without sending complete"):
+            await _restore_purging_after_the_first_piece(http, tenant, backup_id, received)
+        health = await http.get("/api/health/live")
+        assert health.status_code == 200
     log = log_path.read_text()
 
     assert 0 < len(b"".join(received)) < len(envelope.payload), "the restore was not cut mid-stream"
@@ -746,34 +757,31 @@ async def test_the_access_log_tells_requests_a_client_abandoned_from_complete_on
     # An operator's review: a PATCH whose client was cut off at 15 MB logged `204`, and a download the client gave
     # up logged `200` with the bytes handed to granian, both as if complete.
     log_path = tmp_path / "server.log"
-    env = {**base_settings_env, "DATABASE_URL": database_url, "LOG_LEVEL": "INFO"}
-    with granian_server(env, log_path=log_path) as url:
-        async with httpx.AsyncClient(base_url=url, timeout=60) as http:
-            tenant = await make_tenant(http, make_settings(base_settings_env, DATABASE_URL=database_url))
-            envelope = sign_envelope(tenant, os.urandom(24 * MIB))
-            location = (await _create_upload(http, tenant, envelope)).headers["location"]
-            await asyncio.to_thread(
-                _send_partial,
-                url,
-                f"PATCH {location} HTTP/1.1\r\nHost: test\r\nTus-Resumable: 1.0.0\r\n"
-                f"Authorization: Bearer {tenant.project_key}\r\nContent-Type: {OCTETS}\r\nUpload-Offset: 0\r\n"
-                f"Content-Length: {len(envelope.payload)}\r\n\r\n",
-                envelope.payload[: 2 * MIB],
-            )
-            offset = await _wait_for_offset(http, location, tenant.project_key)
-            completed = await http.patch(
-                location,
-                content=envelope.payload[offset:],
-                headers=tus_headers(tenant.project_key, **{"Upload-Offset": str(offset), "Content-Type": OCTETS}),
-            )
-            assert completed.status_code == 204, completed.text
-            payload_url = f"/api/v1/backups/{completed.headers['zkeb-backup-id']}/payload"
-            whole = await http.get(payload_url, headers=auth(tenant.project_key))
-            assert whole.content == envelope.payload
-            async with http.stream("GET", payload_url, headers=auth(tenant.project_key)) as response:
-                async for _ in response.aiter_raw(MIB):
-                    break  # the client gives up after its first MiB
-            await asyncio.sleep(1.0)  # the server notices when it next sends
+    async with _logged_server(base_settings_env, database_url, log_path) as (url, http, tenant):
+        envelope = sign_envelope(tenant, os.urandom(24 * MIB))
+        location = (await _create_upload(http, tenant, envelope)).headers["location"]
+        await asyncio.to_thread(
+            _send_partial,
+            url,
+            f"PATCH {location} HTTP/1.1\r\nHost: test\r\nTus-Resumable: 1.0.0\r\n"
+            f"Authorization: Bearer {tenant.project_key}\r\nContent-Type: {OCTETS}\r\nUpload-Offset: 0\r\n"
+            f"Content-Length: {len(envelope.payload)}\r\n\r\n",
+            envelope.payload[: 2 * MIB],
+        )
+        offset = await _wait_for_offset(http, location, tenant.project_key)
+        completed = await http.patch(
+            location,
+            content=envelope.payload[offset:],
+            headers=tus_headers(tenant.project_key, **{"Upload-Offset": str(offset), "Content-Type": OCTETS}),
+        )
+        assert completed.status_code == 204, completed.text
+        payload_url = f"/api/v1/backups/{completed.headers['zkeb-backup-id']}/payload"
+        whole = await http.get(payload_url, headers=auth(tenant.project_key))
+        assert whole.content == envelope.payload
+        async with http.stream("GET", payload_url, headers=auth(tenant.project_key)) as response:
+            async for _ in response.aiter_raw(MIB):
+                break  # the client gives up after its first MiB
+        await asyncio.sleep(1.0)  # the server notices when it next sends
     lines = [json.loads(line) for line in log_path.read_text().splitlines() if '"logger":"zkeb.access"' in line]
     patches = [line for line in lines if line["method"] == "PATCH"]
     downloads = [line for line in lines if line["route"] == "/api/v1/backups/{backup_id}/payload"]

@@ -39,6 +39,13 @@ from zkeb.client.uploads import Uploader
 
 from support import granian_server, make_settings
 
+_PACED = b'{"status": 429, "title": "Too Many Requests", "detail": "rate limit exceeded"}'
+#: What a rate limiter in front of the server answers, whole (the proxy sends it in place of the server's answer).
+_RATE_LIMITED = (
+    b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 0\r\nConnection: close\r\n"
+    b"Content-Type: application/problem+json\r\nContent-Length: " + str(len(_PACED)).encode() + b"\r\n\r\n" + _PACED
+)
+
 
 @pytest.fixture
 def live_url(base_settings_env: dict[str, str], database_url: str) -> Iterator[str]:
@@ -587,15 +594,11 @@ async def test_a_rate_limited_download_is_waited_out_without_counting_as_a_failu
     project: Project, keys: KeyFile, tmp_path: Path
 ) -> None:
     data = os.urandom(3 * MIB)
-    body = b'{"status": 429, "title": "Too Many Requests", "detail": "rate limit exceeded"}'
     async with AsyncClient(project.server, keys=keys, state_dir=tmp_path / "state") as direct:
         backup = await direct.backup_bytes(data, uuid.uuid4(), name="paced.bin")
     proxy = StallingProxy(project.server)
     proxy.refuse, proxy.refusals = f"GET /api/v1/backups/{backup.id}/payload".encode(), 4
-    proxy.refusal = (
-        b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 0\r\nConnection: close\r\n"
-        b"Content-Type: application/problem+json\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
-    )
+    proxy.refusal = _RATE_LIMITED
     try:
         async with AsyncClient(
             proxy.url, keys=keys, state_dir=tmp_path / "state", retry=RetryPolicy(attempts=2, base_delay=0.05)
@@ -665,13 +668,9 @@ async def test_a_rate_limited_patch_is_sent_again_at_the_known_offset_without_co
     project: Project, keys: KeyFile, tmp_path: Path
 ) -> None:
     data = os.urandom(12 * MIB)
-    body = b'{"status": 429, "title": "Too Many Requests", "detail": "rate limit exceeded"}'
     proxy = StallingProxy(project.server)
     proxy.refuse, proxy.refusals = b"PATCH ", 4
-    proxy.refusal = (
-        b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 0\r\nConnection: close\r\n"
-        b"Content-Type: application/problem+json\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
-    )
+    proxy.refusal = _RATE_LIMITED
     try:
         async with AsyncClient(
             proxy.url, keys=keys, state_dir=tmp_path / "state", retry=RetryPolicy(attempts=2, base_delay=0.05)

@@ -24,6 +24,7 @@ from support import create_org, sign_backup
 
 __all__ = (
     "auth",
+    "committed_backup",
     "create_org",
     "create_project_key",
     "enroll_device",
@@ -94,3 +95,14 @@ def signed_envelope(
         private_key, project_id=uuid.UUID(project_id), device_id_hash=device_id_hash, payload=payload
     )
     return envelope.json(), envelope.signature
+
+
+async def committed_backup(client: Client, admin_key: str, payload: bytes) -> tuple[str, dict[str, Any]]:
+    """A new project's key and a backup of `payload` committed with it (single shot, JSON) for a new device of it."""
+    project, project_key = await create_project_key(client, admin_key)
+    device_id_hash, private_key = await enroll_device(client, admin_key, project["id"])
+    body, _ = signed_envelope(project["id"], device_id_hash, private_key, payload)
+    created = await client.post("/api/v1/backups", json=body, headers=auth(project_key))
+    assert created.status_code == 201, created.text
+    backup: dict[str, Any] = created.json()
+    return project_key, backup

@@ -15,7 +15,15 @@ import asyncpg
 import pytest
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
-from observability_support import auth, create_org, create_project_key, enroll_device, signed_envelope, traced
+from observability_support import (
+    auth,
+    committed_backup,
+    create_org,
+    create_project_key,
+    enroll_device,
+    signed_envelope,
+    traced,
+)
 from opentelemetry.trace import SpanKind, StatusCode
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -200,18 +208,14 @@ async def test_a_restore_that_fails_after_its_status_is_an_error_in_the_metrics_
                 logging.getLogger().addHandler(handler)  # after the app configured logging
                 caplog.set_level(logging.INFO, logger="zkeb.access")
                 _, admin_key = await create_org(settings)
-                project, project_key = await create_project_key(client, admin_key)
-                device_id_hash, private_key = await enroll_device(client, admin_key, project["id"])
                 payload = os.urandom(3 * 1024 * 1024)
-                body, _ = signed_envelope(project["id"], device_id_hash, private_key, payload)
-                created = await client.post("/api/v1/backups", json=body, headers=auth(project_key))
-                assert created.status_code == 201, created.text
+                project_key, backup = await committed_backup(client, admin_key, payload)
                 await owner_connection.execute(  # a chunk damaged at rest: the restore stops where it starts
                     "UPDATE backup_chunks SET data = overlay(data placing '\\x00'::bytea from 40 for 1) WHERE seq = 1"
                 )
                 before = await _scrape(client)
                 exporter.clear()
-                restore = await client.get(f"/api/v1/backups/{created.json()['id']}/payload", headers=auth(project_key))
+                restore = await client.get(f"/api/v1/backups/{backup['id']}/payload", headers=auth(project_key))
                 spans = exporter.get_finished_spans()
                 after = await _scrape(client)
     finally:

@@ -19,6 +19,7 @@ from litestar import Litestar
 from litestar.testing import AsyncTestClient
 from observability_support import (
     auth,
+    committed_backup,
     create_org,
     create_project_key,
     enroll_device,
@@ -240,11 +241,7 @@ async def test_background_work_starts_no_trace_of_a_single_statement(
     organization_id, admin_key = await create_org(settings)
     with traced() as exporter:
         async with AsyncTestClient(app=create_app(settings)) as client:
-            project, project_key = await create_project_key(client, admin_key)
-            device_id_hash, private_key = await enroll_device(client, admin_key, project["id"])
-            body, _ = signed_envelope(project["id"], device_id_hash, private_key, b"a backup, audited")
-            created = await client.post("/api/v1/backups", json=body, headers=auth(project_key))
-            assert created.status_code == 201, created.text
+            await committed_backup(client, admin_key, b"a backup, audited")
             await audit_linked(owner_connection, organization_id)  # a linking pass ran
 
             async def sweep_a_while() -> None:  # in the app's event loop, through its (traced) engine
@@ -296,12 +293,8 @@ async def test_backup_reads_on_the_driver_connection_show_their_database_time(
     # their database time was invisible in a trace.
     client, exporter = traced_client
     _, admin_key = await create_org(settings)
-    project, project_key = await create_project_key(client, admin_key)
-    device_id_hash, private_key = await enroll_device(client, admin_key, project["id"])
-    body, _ = signed_envelope(project["id"], device_id_hash, private_key, b"a backup to read")
-    created = await client.post("/api/v1/backups", json=body, headers=auth(project_key))
-    assert created.status_code == 201, created.text
-    for url in ("/api/v1/backups", f"/api/v1/backups/{created.json()['id']}"):
+    project_key, backup = await committed_backup(client, admin_key, b"a backup to read")
+    for url in ("/api/v1/backups", f"/api/v1/backups/{backup['id']}"):
         exporter.clear()
         response = await client.get(url, headers=auth(project_key))
         assert response.status_code == 200
